@@ -1,0 +1,208 @@
+"""SQLAlchemy 2.0 models of the PhenoScreen store.
+
+experiment -> plate -> well (plate-map metadata) -> field (image files);
+run (config, status, timings) -> field_result (per-field status and QC) and
+cell (objects found in a field) -> cell_vector (one float32 vector per cell and
+feature_set: classical features or a CNN embedding).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SCHEMA_VERSION = 1
+
+_NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """Return the current time, timezone-aware (UTC)."""
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with a naming convention for constraints."""
+
+    metadata = MetaData(naming_convention=_NAMING)
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class SchemaInfo(Base):
+    """One row: the schema version this store was created with."""
+
+    __tablename__ = "schema_info"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[int]
+
+
+class Experiment(Base):
+    """A set of plates imaged with one layout and channel map."""
+
+    __tablename__ = "experiment"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    image_root: Mapped[str] = mapped_column(Text)
+    channels: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow
+    )
+
+
+class Plate(Base):
+    """One physical plate (barcode)."""
+
+    __tablename__ = "plate"
+    __table_args__ = (UniqueConstraint("experiment_id", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(
+        ForeignKey("experiment.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(200))
+    plate_format: Mapped[int]
+
+
+class Well(Base):
+    """A well with its plate-map metadata."""
+
+    __tablename__ = "well"
+    __table_args__ = (UniqueConstraint("plate_id", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    plate_id: Mapped[int] = mapped_column(
+        ForeignKey("plate.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(4))
+    row_index: Mapped[int]
+    column_index: Mapped[int]
+    compound: Mapped[str] = mapped_column(String(300), index=True)
+    concentration: Mapped[float | None] = mapped_column(Float)
+    concentration_unit: Mapped[str | None] = mapped_column(String(20))
+    role: Mapped[str] = mapped_column(String(20))
+    moa: Mapped[str | None] = mapped_column(Text)
+    smiles: Mapped[str | None] = mapped_column(Text)
+    extra: Mapped[dict[str, Any]]
+
+
+class Field(Base):
+    """One site of a well: its image files, relative to the experiment's image root."""
+
+    __tablename__ = "field"
+    __table_args__ = (UniqueConstraint("well_id", "site"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    well_id: Mapped[int] = mapped_column(
+        ForeignKey("well.id", ondelete="CASCADE"), index=True
+    )
+    site: Mapped[int]
+    files: Mapped[dict[str, Any]]
+
+
+class Run(Base):
+    """One analysis of an experiment with one config; reruns resume it."""
+
+    __tablename__ = "run"
+    __table_args__ = (UniqueConstraint("experiment_id", "analysis_key"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(
+        ForeignKey("experiment.id", ondelete="CASCADE"), index=True
+    )
+    analysis_key: Mapped[str] = mapped_column(String(64))
+    config_toml: Mapped[str] = mapped_column(Text)
+    segmenter: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(20))
+    message: Mapped[str | None] = mapped_column(Text)
+    versions: Mapped[dict[str, Any]]
+    timings: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow
+    )
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class FieldResult(Base):
+    """Outcome of one field in one run, written in the transaction of its cells."""
+
+    __tablename__ = "field_result"
+    __table_args__ = (UniqueConstraint("run_id", "field_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
+    field_id: Mapped[int] = mapped_column(
+        ForeignKey("field.id", ondelete="CASCADE"), index=True
+    )
+    status: Mapped[str] = mapped_column(String(20))
+    error: Mapped[str | None] = mapped_column(Text)
+    n_cells: Mapped[int] = mapped_column(Integer, default=0)
+    qc: Mapped[dict[str, Any]]
+    seconds: Mapped[dict[str, Any]]
+    finished_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow
+    )
+
+
+class FeatureSet(Base):
+    """A named per-cell vector space of a run: classical features or an embedding."""
+
+    __tablename__ = "feature_set"
+    __table_args__ = (UniqueConstraint("run_id", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("run.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(100))
+    kind: Mapped[str] = mapped_column(String(20))
+    feature_names: Mapped[list[Any]]
+    config: Mapped[dict[str, Any]]
+    model_name: Mapped[str | None] = mapped_column(String(200))
+    weights: Mapped[str | None] = mapped_column(Text)
+
+
+class Cell(Base):
+    """One object (nucleus and its cell) of a field in a run."""
+
+    __tablename__ = "cell"
+    __table_args__ = (UniqueConstraint("run_id", "field_id", "object_number"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
+    field_id: Mapped[int] = mapped_column(
+        ForeignKey("field.id", ondelete="CASCADE"), index=True
+    )
+    object_number: Mapped[int]
+    centroid_y: Mapped[float]
+    centroid_x: Mapped[float]
+    bbox_min_y: Mapped[int]
+    bbox_min_x: Mapped[int]
+    bbox_max_y: Mapped[int]
+    bbox_max_x: Mapped[int]
+    area_px: Mapped[int]
+
+
+class CellVector(Base):
+    """float32 little-endian bytes of one cell's vector in one feature set."""
+
+    __tablename__ = "cell_vector"
+    cell_id: Mapped[int] = mapped_column(
+        ForeignKey("cell.id", ondelete="CASCADE"), primary_key=True
+    )
+    feature_set_id: Mapped[int] = mapped_column(
+        ForeignKey("feature_set.id", ondelete="CASCADE"), primary_key=True
+    )
+    values: Mapped[bytes] = mapped_column(LargeBinary)

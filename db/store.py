@@ -1,0 +1,657 @@
+"""Bulk writes and streaming reads of the store.
+
+Writes are Core bulk inserts (no per-row ORM objects), one transaction per unit of
+work: registering an experiment, or one field's cells + vectors + result row. Reads
+stream plate by plate; nothing loads all cells of an experiment.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Engine, delete, func, insert, select, update
+
+from db.schema import (
+    Cell,
+    CellVector,
+    Experiment,
+    FeatureSet,
+    Field,
+    FieldResult,
+    Plate,
+    Run,
+    Well,
+    utcnow,
+)
+from db.session import session_scope
+from pipeline.platemap import parse_well
+
+logger = logging.getLogger(__name__)
+
+CELL_COLUMNS = (
+    "object_number",
+    "centroid_y",
+    "centroid_x",
+    "bbox_min_y",
+    "bbox_min_x",
+    "bbox_max_y",
+    "bbox_max_x",
+    "area_px",
+)
+_WELL_COLUMNS = {
+    "Metadata_Compound": "compound",
+    "Metadata_Concentration": "concentration",
+    "Metadata_ConcentrationUnit": "concentration_unit",
+    "Metadata_Role": "role",
+    "Metadata_MoA": "moa",
+    "Metadata_SMILES": "smiles",
+}
+
+
+def _none_if_nan(value: Any) -> Any:
+    return (
+        None
+        if value is None or (isinstance(value, float) and np.isnan(value))
+        else value
+    )
+
+
+def _well_row(record: Mapping[str, Any]) -> dict[str, Any]:
+    row = {
+        column: _none_if_nan(record.get(key)) for key, column in _WELL_COLUMNS.items()
+    }
+    row["extra"] = {
+        key: _none_if_nan(value)
+        for key, value in record.items()
+        if key.startswith("Metadata_")
+        and key not in _WELL_COLUMNS
+        and key not in ("Metadata_Plate", "Metadata_Well")
+    }
+    return row
+
+
+def register_experiment(
+    engine: Engine,
+    *,
+    name: str,
+    image_root: str,
+    channels: Mapping[str, str],
+    wells: pd.DataFrame,
+    fields: pd.DataFrame,
+    plate_formats: Mapping[str, int],
+) -> tuple[int, pd.DataFrame]:
+    """Create or update an experiment's plates, wells and fields in one transaction.
+
+    Well metadata is replaced by the plate map's (a corrected plate map takes effect
+    on rerun); new wells and fields are added; nothing is deleted.
+
+    Parameters
+    ----------
+    engine : Engine
+    name : str
+        Experiment name, unique in the store.
+    image_root : str
+        Absolute folder the field file names are relative to.
+    channels : mapping of str to str
+        Channel name -> token, saved for the record.
+    wells : DataFrame
+        From `pipeline.platemap.check_platemap_against_fields`.
+    fields : DataFrame
+        From `pipeline.io.discover_fields`.
+    plate_formats : mapping of str to int
+        Plate name -> 96, 384 or 1536.
+
+    Returns
+    -------
+    experiment_id : int
+    fields : DataFrame
+        `fields` with a ``field_id`` column, same row order.
+    """
+    file_columns = [c for c in fields.columns if c.startswith("FileName_")]
+    with session_scope(engine) as session:
+        experiment = session.scalar(select(Experiment).where(Experiment.name == name))
+        if experiment is None:
+            experiment = Experiment(
+                name=name, image_root=image_root, channels=dict(channels)
+            )
+            session.add(experiment)
+            session.flush()
+        else:
+            experiment.image_root = image_root
+            experiment.channels = dict(channels)
+        field_ids: dict[tuple[str, str, int], int] = {}
+        for plate_name, plate_wells in wells.groupby("Metadata_Plate", sort=True):
+            plate_id = session.scalar(
+                select(Plate.id).where(
+                    Plate.experiment_id == experiment.id, Plate.name == plate_name
+                )
+            )
+            if plate_id is None:
+                plate_id = session.scalar(
+                    insert(Plate).returning(Plate.id),
+                    [
+                        {
+                            "experiment_id": experiment.id,
+                            "name": plate_name,
+                            "plate_format": plate_formats[str(plate_name)],
+                        }
+                    ],
+                )
+            existing = dict(
+                session.execute(
+                    select(Well.name, Well.id).where(Well.plate_id == plate_id)
+                ).all()
+            )
+            new_rows, changed_rows = [], []
+            for record in plate_wells.to_dict("records"):
+                row_index, column_index = parse_well(record["Metadata_Well"])
+                row = _well_row(record) | {
+                    "row_index": row_index,
+                    "column_index": column_index,
+                }
+                if record["Metadata_Well"] in existing:
+                    changed_rows.append(row | {"id": existing[record["Metadata_Well"]]})
+                else:
+                    new_rows.append(
+                        row | {"plate_id": plate_id, "name": record["Metadata_Well"]}
+                    )
+            if new_rows:
+                session.execute(insert(Well), new_rows)
+            if changed_rows:
+                session.execute(update(Well), changed_rows)
+            well_ids = dict(
+                session.execute(
+                    select(Well.name, Well.id).where(Well.plate_id == plate_id)
+                ).all()
+            )
+            plate_fields = fields[fields["Metadata_Plate"] == plate_name]
+            known = {
+                (well_id, site): field_id
+                for well_id, site, field_id in session.execute(
+                    select(Field.well_id, Field.site, Field.id)
+                    .join(Well, Field.well_id == Well.id)
+                    .where(Well.plate_id == plate_id)
+                ).all()
+            }
+            new_fields, changed_fields = [], []
+            for record in plate_fields.to_dict("records"):
+                files = {c.removeprefix("FileName_"): record[c] for c in file_columns}
+                key = (well_ids[record["Metadata_Well"]], int(record["Metadata_Site"]))
+                if key in known:
+                    changed_fields.append({"id": known[key], "files": files})
+                else:
+                    new_fields.append(
+                        {"well_id": key[0], "site": key[1], "files": files}
+                    )
+            if new_fields:
+                session.execute(insert(Field), new_fields)
+            if changed_fields:
+                session.execute(update(Field), changed_fields)
+            by_name = {v: k for k, v in well_ids.items()}
+            for well_id, site, field_id in session.execute(
+                select(Field.well_id, Field.site, Field.id)
+                .join(Well, Field.well_id == Well.id)
+                .where(Well.plate_id == plate_id)
+            ).all():
+                field_ids[(str(plate_name), by_name[well_id], site)] = field_id
+    keys = zip(
+        fields["Metadata_Plate"].astype(str),
+        fields["Metadata_Well"],
+        fields["Metadata_Site"].astype(int),
+        strict=True,
+    )
+    return experiment.id, fields.assign(field_id=[field_ids[key] for key in keys])
+
+
+def open_run(
+    engine: Engine,
+    *,
+    experiment_id: int,
+    analysis_key: str,
+    config_toml: str,
+    segmenter: str,
+    versions: Mapping[str, str],
+) -> tuple[int, bool]:
+    """Return the run of this experiment and analysis key, creating it if new.
+
+    Returns
+    -------
+    run_id : int
+    resumed : bool
+        True when the run existed (a rerun resumes it).
+    """
+    with session_scope(engine) as session:
+        run = session.scalar(
+            select(Run).where(
+                Run.experiment_id == experiment_id, Run.analysis_key == analysis_key
+            )
+        )
+        resumed = run is not None
+        if run is None:
+            run = Run(
+                experiment_id=experiment_id,
+                analysis_key=analysis_key,
+                config_toml=config_toml,
+                segmenter=segmenter,
+                versions=dict(versions),
+                timings={},
+                status="running",
+            )
+            session.add(run)
+            session.flush()
+        else:
+            run.status, run.message, run.config_toml = "running", None, config_toml
+            run.versions = dict(versions)
+        return run.id, resumed
+
+
+def ensure_feature_set(
+    engine: Engine,
+    *,
+    run_id: int,
+    name: str,
+    kind: str,
+    feature_names: list[str],
+    config: Mapping[str, Any],
+    model_name: str | None = None,
+    weights: str | None = None,
+) -> int:
+    """Return the id of a run's feature set, creating it if new.
+
+    Raises
+    ------
+    ValueError
+        If the set exists with other feature names (the run's code changed).
+    """
+    with session_scope(engine) as session:
+        existing = session.scalar(
+            select(FeatureSet).where(
+                FeatureSet.run_id == run_id, FeatureSet.name == name
+            )
+        )
+        if existing is not None:
+            if list(existing.feature_names) != list(feature_names):
+                raise ValueError(
+                    f"feature set {name!r} of run {run_id} was stored with other feature "
+                    "names; results of different code versions cannot be mixed. Use a new "
+                    "database or experiment name."
+                )
+            return existing.id
+        return session.scalar(
+            insert(FeatureSet).returning(FeatureSet.id),
+            [
+                {
+                    "run_id": run_id,
+                    "name": name,
+                    "kind": kind,
+                    "feature_names": list(feature_names),
+                    "config": dict(config),
+                    "model_name": model_name,
+                    "weights": weights,
+                }
+            ],
+        )
+
+
+def completed_field_ids(engine: Engine, run_id: int) -> set[int]:
+    """Return the ids of the fields this run has finished successfully."""
+    with session_scope(engine) as session:
+        return set(
+            session.scalars(
+                select(FieldResult.field_id).where(
+                    FieldResult.run_id == run_id, FieldResult.status == "complete"
+                )
+            )
+        )
+
+
+def _clear_field(session: Any, run_id: int, field_id: int) -> None:
+    session.execute(
+        delete(FieldResult).where(
+            FieldResult.run_id == run_id, FieldResult.field_id == field_id
+        )
+    )
+    session.execute(
+        delete(Cell).where(Cell.run_id == run_id, Cell.field_id == field_id)
+    )
+
+
+def write_field_cells(
+    engine: Engine,
+    *,
+    run_id: int,
+    field_id: int,
+    feature_set_id: int,
+    cells: pd.DataFrame,
+    features: np.ndarray,
+    qc: Mapping[str, Any],
+    seconds: Mapping[str, float],
+) -> None:
+    """Write one field's cells, their vectors and its result row in one transaction.
+
+    Parameters
+    ----------
+    engine : Engine
+    run_id, field_id, feature_set_id : int
+    cells : DataFrame
+        `CELL_COLUMNS`, one row per cell.
+    features : ndarray of shape (N, F)
+        Row i belongs to ``cells.iloc[i]``; stored as float32 bytes.
+    qc : mapping
+        Per-field QC values (JSON-serializable).
+    seconds : mapping of str to float
+        Time per step for this field.
+
+    Raises
+    ------
+    ValueError
+        If `cells` and `features` differ in length or `cells` lacks columns.
+    """
+    missing = [c for c in CELL_COLUMNS if c not in cells.columns]
+    if missing:
+        raise ValueError(f"cells lacks columns {missing}.")
+    if len(cells) != len(features):
+        raise ValueError(
+            f"cells has {len(cells)} rows but features has {len(features)}; they must "
+            "describe the same cells in the same order."
+        )
+    vectors = np.ascontiguousarray(features, dtype="<f4")
+    rows = cells[list(CELL_COLUMNS)].assign(run_id=run_id, field_id=field_id)
+    records = [
+        {
+            key: value.item() if hasattr(value, "item") else value
+            for key, value in row.items()
+        }
+        for row in rows.to_dict("records")
+    ]
+    with session_scope(engine) as session:
+        _clear_field(session, run_id, field_id)
+        if records:
+            cell_ids = session.scalars(
+                insert(Cell).returning(Cell.id, sort_by_parameter_order=True), records
+            ).all()
+            session.execute(
+                insert(CellVector),
+                [
+                    {
+                        "cell_id": cell_id,
+                        "feature_set_id": feature_set_id,
+                        "values": v.tobytes(),
+                    }
+                    for cell_id, v in zip(cell_ids, vectors, strict=True)
+                ],
+            )
+        session.execute(
+            insert(FieldResult),
+            [
+                {
+                    "run_id": run_id,
+                    "field_id": field_id,
+                    "status": "complete",
+                    "n_cells": len(records),
+                    "qc": dict(qc),
+                    "seconds": dict(seconds),
+                }
+            ],
+        )
+
+
+def write_field_failure(
+    engine: Engine, *, run_id: int, field_id: int, error: str
+) -> None:
+    """Record that a field could not be processed (its cells are removed)."""
+    with session_scope(engine) as session:
+        _clear_field(session, run_id, field_id)
+        session.execute(
+            insert(FieldResult),
+            [
+                {
+                    "run_id": run_id,
+                    "field_id": field_id,
+                    "status": "failed",
+                    "error": error,
+                    "n_cells": 0,
+                    "qc": {},
+                    "seconds": {},
+                }
+            ],
+        )
+
+
+def finish_run(
+    engine: Engine,
+    run_id: int,
+    *,
+    status: str,
+    message: str | None,
+    timings: Mapping[str, Any],
+) -> None:
+    """Set a run's final status, message and timings."""
+    with session_scope(engine) as session:
+        session.execute(
+            update(Run)
+            .where(Run.id == run_id)
+            .values(
+                status=status,
+                message=message,
+                timings=dict(timings),
+                finished_at=utcnow(),
+            )
+        )
+
+
+def read_wells(engine: Engine, experiment_id: int) -> pd.DataFrame:
+    """Return the plate-map metadata of every well of an experiment.
+
+    Returns
+    -------
+    DataFrame
+        ``well_id``, ``Metadata_Plate``, ``Metadata_Well``, ``Metadata_Compound``,
+        ``Metadata_Concentration``, ``Metadata_ConcentrationUnit``, ``Metadata_Role``,
+        ``Metadata_MoA``, ``Metadata_SMILES`` and the plate map's other columns;
+        sorted by plate and well.
+    """
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(Well, Plate.name)
+            .join(Plate, Well.plate_id == Plate.id)
+            .where(Plate.experiment_id == experiment_id)
+            .order_by(Plate.name, Well.row_index, Well.column_index)
+        ).all()
+    records = []
+    for well, plate_name in rows:
+        record = {
+            "well_id": well.id,
+            "Metadata_Plate": plate_name,
+            "Metadata_Well": well.name,
+        }
+        record |= {key: getattr(well, column) for key, column in _WELL_COLUMNS.items()}
+        record |= well.extra
+        records.append(record)
+    columns = ["well_id", "Metadata_Plate", "Metadata_Well", *_WELL_COLUMNS]
+    wells = pd.DataFrame.from_records(records, columns=None if records else columns)
+    wells["Metadata_Concentration"] = wells["Metadata_Concentration"].astype(float)
+    return wells
+
+
+def read_feature_set(engine: Engine, run_id: int, name: str) -> tuple[int, list[str]]:
+    """Return the id and feature names of a run's feature set.
+
+    Raises
+    ------
+    ValueError
+        If the run has no feature set of that name; the message lists those it has.
+    """
+    with session_scope(engine) as session:
+        found = session.execute(
+            select(FeatureSet.id, FeatureSet.feature_names).where(
+                FeatureSet.run_id == run_id, FeatureSet.name == name
+            )
+        ).first()
+        if found is None:
+            names = session.scalars(
+                select(FeatureSet.name).where(FeatureSet.run_id == run_id)
+            ).all()
+            raise ValueError(
+                f"run {run_id} has no feature set {name!r}; it has {', '.join(names) or 'none'}."
+            )
+        return found[0], list(found[1])
+
+
+def iter_plate_cells(
+    engine: Engine, run_id: int, feature_set: str
+) -> Iterator[tuple[str, pd.DataFrame, pd.DataFrame]]:
+    """Stream a run's cells plate by plate, from completed fields only.
+
+    Yields
+    ------
+    plate : str
+    cells : DataFrame
+        One row per cell, ordered by well, site and object number:
+        ``Metadata_Plate``, ``Metadata_Well``, ``Metadata_Site``,
+        ``Metadata_ObjectNumber``, ``Metadata_CentroidY``, ``Metadata_CentroidX``,
+        ``Metadata_AreaPx``, ``well_id``.
+    features : DataFrame
+        Same rows; float32 columns named by the feature set.
+    """
+    feature_set_id, names = read_feature_set(engine, run_id, feature_set)
+    with session_scope(engine) as session:
+        plates = session.execute(
+            select(Plate.id, Plate.name)
+            .join(Run, Run.experiment_id == Plate.experiment_id)
+            .where(Run.id == run_id)
+            .order_by(Plate.name)
+        ).all()
+    for plate_id, plate_name in plates:
+        stmt = (
+            select(
+                Well.name,
+                Field.site,
+                Cell.object_number,
+                Cell.centroid_y,
+                Cell.centroid_x,
+                Cell.area_px,
+                Well.id,
+                CellVector.values,
+            )
+            .join(Field, Cell.field_id == Field.id)
+            .join(Well, Field.well_id == Well.id)
+            .join(
+                FieldResult,
+                (FieldResult.field_id == Cell.field_id)
+                & (FieldResult.run_id == Cell.run_id),
+            )
+            .join(
+                CellVector,
+                (CellVector.cell_id == Cell.id)
+                & (CellVector.feature_set_id == feature_set_id),
+            )
+            .where(Cell.run_id == run_id, Well.plate_id == plate_id)
+            .where(FieldResult.status == "complete")
+            .order_by(Well.row_index, Well.column_index, Field.site, Cell.object_number)
+        )
+        with engine.connect() as connection:
+            rows = connection.execute(stmt).all()
+        if not rows:
+            continue
+        columns = list(zip(*rows, strict=True))
+        cells = pd.DataFrame(
+            {
+                "Metadata_Plate": plate_name,
+                "Metadata_Well": columns[0],
+                "Metadata_Site": columns[1],
+                "Metadata_ObjectNumber": columns[2],
+                "Metadata_CentroidY": columns[3],
+                "Metadata_CentroidX": columns[4],
+                "Metadata_AreaPx": columns[5],
+                "well_id": columns[6],
+            }
+        )
+        matrix = np.frombuffer(b"".join(columns[7]), dtype="<f4").reshape(
+            len(rows), len(names)
+        )
+        yield plate_name, cells, pd.DataFrame(matrix, columns=names)
+
+
+def summarize_runs(engine: Engine) -> pd.DataFrame:
+    """Return one row per run: experiment, status, fields done/failed/total, cells.
+
+    Returns
+    -------
+    DataFrame
+        ``run_id``, ``experiment``, ``status``, ``n_fields``, ``n_complete``,
+        ``n_failed``, ``n_cells``, ``created_at``, ``finished_at``, ``message``,
+        ``fields_per_s``.
+    """
+    with session_scope(engine) as session:
+        runs = session.execute(
+            select(Run, Experiment.name).join(Experiment).order_by(Run.id)
+        ).all()
+        totals = dict(
+            session.execute(
+                select(Plate.experiment_id, func.count(Field.id))
+                .join(Well, Well.plate_id == Plate.id)
+                .join(Field, Field.well_id == Well.id)
+                .group_by(Plate.experiment_id)
+            ).all()
+        )
+        counts = {
+            (run_id, status): (n, cells)
+            for run_id, status, n, cells in session.execute(
+                select(
+                    FieldResult.run_id,
+                    FieldResult.status,
+                    func.count(),
+                    func.coalesce(func.sum(FieldResult.n_cells), 0),
+                ).group_by(FieldResult.run_id, FieldResult.status)
+            ).all()
+        }
+    records = []
+    for run, experiment_name in runs:
+        complete, n_cells = counts.get((run.id, "complete"), (0, 0))
+        records.append(
+            {
+                "run_id": run.id,
+                "experiment": experiment_name,
+                "status": run.status,
+                "n_fields": totals.get(run.experiment_id, 0),
+                "n_complete": complete,
+                "n_failed": counts.get((run.id, "failed"), (0, 0))[0],
+                "n_cells": int(n_cells),
+                "fields_per_s": run.timings.get("fields_per_s"),
+                "created_at": run.created_at,
+                "finished_at": run.finished_at,
+                "message": run.message,
+            }
+        )
+    return pd.DataFrame.from_records(records)
+
+
+def resolve_run(engine: Engine, run_id: int | None = None) -> tuple[int, int]:
+    """Return (run_id, experiment_id): the given run, or the latest complete one.
+
+    Raises
+    ------
+    ValueError
+        If the run does not exist, or no run is complete; the message lists runs.
+    """
+    with session_scope(engine) as session:
+        runs = session.execute(
+            select(Run.id, Run.experiment_id, Run.status).order_by(Run.id)
+        ).all()
+    listing = ", ".join(f"{r} ({s})" for r, _, s in runs) or "none"
+    if run_id is not None:
+        for rid, experiment_id, _ in runs:
+            if rid == run_id:
+                return rid, experiment_id
+        raise ValueError(f"run {run_id} does not exist; runs: {listing}.")
+    complete = [(rid, eid) for rid, eid, status in runs if status == "complete"]
+    if not complete:
+        raise ValueError(
+            f"no complete run in the store (runs: {listing}); run a plate first."
+        )
+    return complete[-1]

@@ -1,0 +1,363 @@
+"""The ``phenoscreen`` command line.
+
+Exit codes: 0 success, 2 bad input (nothing written), 1 a run that failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.config import InputConfig, RunConfig, load_config, with_overrides
+from pipeline.errors import InputError, PipelineError
+from pipeline.io import LAYOUTS, parse_channels
+
+logger = logging.getLogger("phenoscreen")
+
+DEFAULT_DB_URL = "sqlite:///phenoscreen.db"
+DEMO_DIR = "demo_output"
+
+
+def _db_url(args: argparse.Namespace) -> str:
+    return args.db or os.environ.get("PHENOSCREEN_DB_URL") or DEFAULT_DB_URL
+
+
+def _add_db(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        help=f"SQLAlchemy URL of the store (default: $PHENOSCREEN_DB_URL or {DEFAULT_DB_URL})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of all subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="phenoscreen",
+        description="Image-based screening: plate images to cells, profiles and hits.",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log per-field detail"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo_data = sub.add_parser("demo-data", help="generate the synthetic demo plate(s)")
+    demo_data.add_argument("out_dir", type=Path)
+    demo_data.add_argument("--plates", type=int, default=2, help="replicate plates (2)")
+    demo_data.add_argument("--fields-per-well", type=int, default=3)
+    demo_data.add_argument("--field-size", type=int, default=256, help="pixels (256)")
+    demo_data.add_argument("--seed", type=int, default=0)
+
+    run = sub.add_parser("run", help="segment and measure every field into the store")
+    run.add_argument("images_dir", type=Path)
+    run.add_argument("--platemap", type=Path, required=True, help="plate-map CSV")
+    layout = run.add_mutually_exclusive_group()
+    layout.add_argument("--layout", choices=list(LAYOUTS), help="file-name preset")
+    layout.add_argument("--pattern", help="file-name regex with named groups")
+    run.add_argument("--channels", help="NAME=TOKEN,... e.g. DNA=w1,Actin=w2")
+    run.add_argument("--nuclei-channel", help="channel with the nuclear stain (DNA)")
+    run.add_argument("--config", type=Path, help="run config TOML")
+    run.add_argument(
+        "--experiment", help="experiment name (default: image folder name)"
+    )
+    run.add_argument("--scheduler", help="address of a running Dask scheduler")
+    run.add_argument(
+        "--workers", type=int, help="local worker processes (one per core)"
+    )
+    run.add_argument(
+        "--allow-unimaged-wells",
+        action="store_true",
+        default=None,
+        help="accept plate-map wells without images",
+    )
+    _add_db(run)
+
+    export = sub.add_parser("export", help="write a cells/wells/compounds table")
+    _add_db(export)
+    export.add_argument(
+        "--table", choices=["cells", "wells", "compounds"], required=True
+    )
+    export.add_argument("--format", choices=["csv", "parquet"], default=None)
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--run", type=int, help="run id (default: latest complete)")
+
+    status = sub.add_parser("status", help="runs in the store and their progress")
+    _add_db(status)
+
+    hits = sub.add_parser("hits", help="ranked compound-doses of a run")
+    _add_db(hits)
+    hits.add_argument("--run", type=int, help="run id (default: latest complete)")
+    hits.add_argument("--top", type=int, default=15, help="rows to print (15)")
+    hits.add_argument(
+        "--out", type=Path, help="write the full table (.csv or .parquet)"
+    )
+
+    demo = sub.add_parser("demo", help="demo plate -> run -> hits, into SQLite")
+    demo.add_argument("--out-dir", type=Path, default=Path(DEMO_DIR))
+    demo.add_argument(
+        "--workers", type=int, help="local worker processes (one per core)"
+    )
+
+    dashboard = sub.add_parser("dashboard", help="start the Streamlit dashboard")
+    _add_db(dashboard)
+    dashboard.add_argument("--port", type=int, default=8501)
+    dashboard.add_argument(
+        "--host", default="127.0.0.1", help="bind address (localhost)"
+    )
+    return parser
+
+
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    """Return the config file (or defaults) with the command-line flags applied."""
+    config = load_config(args.config) if args.config else RunConfig()
+    current = config.input
+    layout, pattern = current.layout, current.pattern
+    if args.layout or args.pattern:
+        layout, pattern = args.layout, args.pattern
+    input_config = InputConfig(
+        layout=layout,
+        pattern=pattern,
+        channels=parse_channels(args.channels) or current.channels,
+        nuclei_channel=args.nuclei_channel or current.nuclei_channel,
+        allow_unimaged_wells=bool(
+            args.allow_unimaged_wells or current.allow_unimaged_wells
+        ),
+    )
+    return with_overrides(
+        replace(config, input=input_config),
+        execution={"scheduler": args.scheduler, "n_workers": args.workers},
+    )
+
+
+def _print_table(table: pd.DataFrame) -> None:
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    """Generate the demo plate."""
+    from pipeline.demo import write_demo_plate
+
+    paths = write_demo_plate(
+        args.out_dir,
+        n_plates=args.plates,
+        fields_per_well=args.fields_per_well,
+        field_size_px=args.field_size,
+        seed=args.seed,
+    )
+    print(f"demo plate written to {args.out_dir}:")
+    for name, path in paths.items():
+        print(f"  {name:9s} {path}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the pipeline on an image folder."""
+    from pipeline.run import run_experiment
+
+    summary = run_experiment(
+        args.images_dir,
+        args.platemap,
+        config=_run_config(args),
+        db_url=_db_url(args),
+        experiment_name=args.experiment,
+    )
+    print(
+        f"run {summary.run_id} {summary.status}: {summary.n_fields} fields "
+        f"({summary.n_processed} processed, {summary.n_skipped} already done, "
+        f"{summary.n_failed} failed), {summary.n_cells} new cells, "
+        f"{summary.timings['fields_per_s']:.2f} fields/s"
+    )
+    return 0
+
+
+def _hit_table(db_url: str, run_id: int | None) -> pd.DataFrame:
+    from db.session import make_engine
+    from db.store import resolve_run
+    from pipeline.export import compound_table, read_well_profiles
+
+    engine = make_engine(db_url, create=False)
+    run_id, experiment_id = resolve_run(engine, run_id)
+    return compound_table(read_well_profiles(engine, run_id, experiment_id))
+
+
+_HIT_COLUMNS = [
+    "rank",
+    "Metadata_Compound",
+    "Metadata_Concentration",
+    "Metadata_Role",
+    "n_wells",
+    "activity",
+    "activity_z",
+    "cell_count_ratio",
+]
+
+
+def cmd_hits(args: argparse.Namespace) -> int:
+    """Print (and write) the ranked compound-doses."""
+    from pipeline.export import write_tables
+
+    table = _hit_table(_db_url(args), args.run)
+    print("compound-doses ranked by baseline activity (RMS robust z vs DMSO):")
+    _print_table(table[_HIT_COLUMNS].head(args.top))
+    if args.out:
+        fmt = "parquet" if args.out.suffix == ".parquet" else "csv"
+        write_tables(iter([table]), args.out, fmt=fmt)
+        print(f"{len(table)} rows written to {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a table."""
+    from db.session import make_engine
+    from pipeline.export import export_table
+
+    fmt = args.format or ("parquet" if args.out.suffix == ".parquet" else "csv")
+    engine = make_engine(_db_url(args), create=False)
+    n_rows = export_table(
+        engine, table=args.table, out=args.out, fmt=fmt, run_id=args.run
+    )
+    print(f"{n_rows} rows of {args.table} written to {args.out} ({fmt})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the runs of a store."""
+    from db.session import make_engine
+    from db.store import summarize_runs
+
+    runs = summarize_runs(make_engine(_db_url(args), create=False))
+    if runs.empty:
+        print("no runs in this store yet")
+        return 0
+    _print_table(runs.drop(columns=["created_at"]))
+    return 0
+
+
+def _dashboard_command(
+    db_url: str, *, host: str = "127.0.0.1", port: int = 8501
+) -> list[str]:
+    app = Path(__file__).resolve().parent.parent / "app" / "streamlit_app.py"
+    return [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.address",
+        host,
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--",
+        "--db",
+        db_url,
+    ]
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Start the dashboard (blocks until interrupted)."""
+    from db.session import make_engine
+
+    db_url = _db_url(args)
+    make_engine(db_url, create=False)
+    print(f"PhenoScreen dashboard on http://{args.host}:{args.port} (Ctrl+C stops it)")
+    return subprocess.call(_dashboard_command(db_url, host=args.host, port=args.port))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Generate the demo plate if needed, run it into SQLite and print the hits."""
+    from pipeline.config import config_from_dict
+    from pipeline.demo import CHANNELS, write_demo_plate
+    from pipeline.run import run_experiment
+
+    out = args.out_dir
+    if not (out / "ground_truth" / "truth.json").is_file():
+        print(f"[1/3] generating the demo plates in {out} ...")
+        write_demo_plate(out)
+    else:
+        print(f"[1/3] demo plates already in {out}")
+    db_url = f"sqlite:///{(out / 'phenoscreen.db').resolve()}"
+    print(f"[2/3] running the pipeline into {db_url} ...")
+    config = config_from_dict(
+        {
+            "input": {
+                "layout": "imagexpress",
+                "channels": CHANNELS,
+                "nuclei_channel": "DNA",
+            },
+            "execution": {"n_workers": args.workers} if args.workers else {},
+        }
+    )
+    summary = run_experiment(
+        out / "images",
+        out / "platemap.csv",
+        config=config,
+        db_url=db_url,
+        experiment_name="demo",
+    )
+    print(
+        f"      {summary.n_fields} fields, {summary.n_processed} processed now "
+        f"({summary.timings['fields_per_s']:.1f} fields/s), {summary.n_failed} failed"
+    )
+    print(
+        "[3/3] top compound-doses (true actives and EC50s: "
+        f"{out / 'ground_truth' / 'truth.json'}):"
+    )
+    _print_table(_hit_table(db_url, summary.run_id)[_HIT_COLUMNS].head(15))
+    print(
+        "\nOpen the dashboard:\n"
+        f"  phenoscreen dashboard --db {db_url}\n"
+        "  then browse http://127.0.0.1:8501\n"
+        f"Export tables: phenoscreen export --db {db_url} --table compounds --out hits.csv"
+    )
+    return 0
+
+
+_COMMANDS = {
+    "demo-data": cmd_demo_data,
+    "run": cmd_run,
+    "export": cmd_export,
+    "status": cmd_status,
+    "hits": cmd_hits,
+    "demo": cmd_demo,
+    "dashboard": cmd_dashboard,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``phenoscreen``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if not args.verbose:  # read by dask's config when distributed is first imported
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return _COMMANDS[args.command](args)
+    except (InputError, FileNotFoundError) as exc:
+        print(f"phenoscreen {args.command}: error: {exc}", file=sys.stderr)
+        print("nothing was written.", file=sys.stderr)
+        return 2
+    except PipelineError as exc:
+        print(f"phenoscreen {args.command}: run failed: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"phenoscreen {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Profile tables from the store, and their export to CSV or Parquet.
+
+Cells are streamed plate by plate (never all in memory); well profiles are the
+per-plate median of cells; compound tables are built from well profiles.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sqlalchemy import Engine
+
+from db import store
+from pipeline.features import FEATURE_SET_NAME
+from pipeline.profiles import aggregate_cells, normalize_to_controls, rank_compounds
+
+TABLES = ("cells", "wells", "compounds")
+FORMATS = ("csv", "parquet")
+
+
+def _with_well_metadata(table: pd.DataFrame, wells: pd.DataFrame) -> pd.DataFrame:
+    """Join plate-map metadata on ``well_id`` and put ``Metadata_*`` columns first."""
+    extra = wells.drop(columns=["Metadata_Plate", "Metadata_Well"])
+    merged = table.merge(extra, on="well_id", how="left", validate="many_to_one")
+    merged = merged.drop(columns="well_id")
+    meta = [c for c in merged.columns if c.startswith("Metadata_")]
+    rest = [c for c in merged.columns if not c.startswith("Metadata_")]
+    merged = merged[meta + rest]
+    text = [
+        c
+        for c in meta
+        if merged[c].dtype == object or pd.api.types.is_string_dtype(merged[c])
+    ]
+    return merged.astype({c: "string" for c in text})
+
+
+def iter_cell_tables(
+    engine: Engine,
+    run_id: int,
+    experiment_id: int,
+    *,
+    feature_set: str = FEATURE_SET_NAME,
+) -> Iterator[pd.DataFrame]:
+    """Yield one single-cell table per plate: ``Metadata_*`` columns and features."""
+    wells = store.read_wells(engine, experiment_id)
+    for _, cells, features in store.iter_plate_cells(engine, run_id, feature_set):
+        yield _with_well_metadata(pd.concat([cells, features], axis=1), wells)
+
+
+def read_well_profiles(
+    engine: Engine,
+    run_id: int,
+    experiment_id: int,
+    *,
+    feature_set: str = FEATURE_SET_NAME,
+) -> pd.DataFrame:
+    """Return per-well median profiles of a run, aggregated plate by plate.
+
+    Returns
+    -------
+    DataFrame
+        One row per imaged well with cells: ``Metadata_Plate``, ``Metadata_Well``,
+        ``Metadata_CellCount``, the plate-map metadata and the features.
+    """
+    wells = store.read_wells(engine, experiment_id)
+    per_plate = [
+        aggregate_cells(cells, features, by=["well_id"])
+        for _, cells, features in store.iter_plate_cells(engine, run_id, feature_set)
+    ]
+    if not per_plate:
+        raise ValueError(f"run {run_id} has no cells yet; run the plate first.")
+    profiles = pd.concat(per_plate, ignore_index=True)
+    ids = wells[["well_id", "Metadata_Plate", "Metadata_Well"]]
+    profiles = ids.merge(profiles, on="well_id", how="inner")
+    return _with_well_metadata(profiles, wells)
+
+
+def compound_table(well_profiles: pd.DataFrame) -> pd.DataFrame:
+    """Return the ranked compound-dose table from well profiles.
+
+    Consensus profile (median of robust-z-normalized replicate wells) per
+    compound-dose, joined to the baseline activity ranking
+    (`pipeline.profiles.rank_compounds`).
+    """
+    normalized = normalize_to_controls(well_profiles)
+    ranking = rank_compounds(normalized)
+    keys = ["Metadata_Compound", "Metadata_Concentration", "Metadata_Role"]
+    features = [c for c in normalized.columns if not c.startswith("Metadata_")]
+    consensus = normalized.groupby(keys, dropna=False)[features].median().reset_index()
+    return ranking.merge(consensus, on=keys, how="left")
+
+
+def _write_tmp(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(path.name + ".tmp")
+
+
+def write_tables(tables: Iterator[pd.DataFrame], out: str | Path, *, fmt: str) -> int:
+    """Write a stream of same-column tables to one CSV or Parquet file atomically.
+
+    The file appears only when complete (written to ``<out>.tmp``, then renamed).
+
+    Returns
+    -------
+    int
+        Rows written.
+
+    Raises
+    ------
+    ValueError
+        If `fmt` is unknown or the stream is empty.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r} is unknown; use one of {', '.join(FORMATS)}.")
+    out = Path(out)
+    tmp = _write_tmp(out)
+    n_rows, writer = 0, None
+    try:
+        for table in tables:
+            if fmt == "csv":
+                table.to_csv(
+                    tmp, mode="a" if n_rows else "w", header=not n_rows, index=False
+                )
+            else:
+                arrow = pa.Table.from_pandas(table, preserve_index=False)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, arrow.schema)
+                writer.write_table(arrow.cast(writer.schema))
+            n_rows += len(table)
+        if writer is not None:
+            writer.close()
+            writer = None
+        if not n_rows:
+            raise ValueError("nothing to write: the table is empty.")
+        os.replace(tmp, out)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+    return n_rows
+
+
+def export_table(
+    engine: Engine, *, table: str, out: str | Path, fmt: str, run_id: int | None = None
+) -> int:
+    """Export the cells, wells or compounds table of a run (default: latest complete).
+
+    Returns
+    -------
+    int
+        Rows written.
+
+    Raises
+    ------
+    ValueError
+        If `table` or `fmt` is unknown, or the run does not exist.
+    """
+    if table not in TABLES:
+        raise ValueError(f"table {table!r} is unknown; use one of {', '.join(TABLES)}.")
+    run_id, experiment_id = store.resolve_run(engine, run_id)
+    if table == "cells":
+        stream = iter_cell_tables(engine, run_id, experiment_id)
+    else:
+        wells = read_well_profiles(engine, run_id, experiment_id)
+        stream = iter([wells if table == "wells" else compound_table(wells)])
+    return write_tables(stream, out, fmt=fmt)

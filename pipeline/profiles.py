@@ -1,0 +1,200 @@
+"""Well profiles, DMSO normalization and a baseline compound ranking.
+
+Pure functions on DataFrames. Profiles follow pycytominer: ``Metadata_*`` columns
+plus feature columns. The ranking here is the simplest honest activity score (root
+mean square of robust z-scores against the plate's negative controls), kept until the
+hit-calling issue brings mAP, permutation p-values and FDR.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+MAD_SCALE = 1.4826
+
+
+def metadata_columns(table: pd.DataFrame) -> list[str]:
+    """Return the ``Metadata_*`` columns of a profile table, in order."""
+    return [c for c in table.columns if c.startswith("Metadata_")]
+
+
+def feature_columns(table: pd.DataFrame) -> list[str]:
+    """Return the feature columns (all but ``Metadata_*``), in order."""
+    return [c for c in table.columns if not c.startswith("Metadata_")]
+
+
+def aggregate_cells(
+    cells: pd.DataFrame,
+    features: pd.DataFrame,
+    *,
+    by: Sequence[str],
+    method: str = "median",
+) -> pd.DataFrame:
+    """Aggregate single cells into one profile per group (usually per well).
+
+    Parameters
+    ----------
+    cells : DataFrame
+        One row per cell holding the `by` columns.
+    features : DataFrame
+        Same rows as `cells`; numeric feature columns.
+    by : sequence of str
+        Grouping columns of `cells` (e.g. ``["Metadata_Plate", "Metadata_Well"]``).
+    method : {"median", "mean"}
+
+    Returns
+    -------
+    DataFrame
+        One row per group: the `by` columns, ``Metadata_CellCount`` and the
+        aggregated features; sorted by `by`.
+
+    Raises
+    ------
+    ValueError
+        If lengths differ, a `by` column is missing, or `method` is unknown.
+    """
+    if method not in ("median", "mean"):
+        raise ValueError(f"method {method!r} is unknown; use 'median' or 'mean'.")
+    if len(cells) != len(features):
+        raise ValueError(
+            f"cells has {len(cells)} rows but features has {len(features)}."
+        )
+    missing = [c for c in by if c not in cells.columns]
+    if missing:
+        raise ValueError(f"cells lacks the grouping columns {missing}.")
+    keys = [cells[c].to_numpy() for c in by]
+    grouped = features.set_axis(
+        pd.MultiIndex.from_arrays(keys, names=list(by))
+    ).groupby(level=list(range(len(by))), sort=True)
+    profiles = grouped.median() if method == "median" else grouped.mean()
+    profiles.insert(0, "Metadata_CellCount", grouped.size().to_numpy())
+    return profiles.reset_index()
+
+
+def normalize_to_controls(
+    profiles: pd.DataFrame,
+    *,
+    method: str = "robust_z",
+    control_role: str = "negative_control",
+    min_spread: float = 1e-6,
+) -> pd.DataFrame:
+    """Normalize each plate's profiles to that plate's negative-control wells.
+
+    Parameters
+    ----------
+    profiles : DataFrame
+        ``Metadata_Plate``, ``Metadata_Role`` and feature columns.
+    method : {"robust_z", "z"}
+        ``robust_z``: (x - median) / (1.4826 MAD) of the controls; ``z``: (x - mean)
+        / std of the controls.
+    control_role : str
+        Value of ``Metadata_Role`` that marks the controls.
+    min_spread : float
+        Features whose control spread is at most this on any plate are dropped
+        (they would divide by zero).
+
+    Returns
+    -------
+    DataFrame
+        Same rows and metadata; the kept features, normalized.
+
+    Raises
+    ------
+    ValueError
+        If `method` is unknown, columns are missing, or a plate has no control wells.
+    """
+    if method not in ("robust_z", "z"):
+        raise ValueError(f"method {method!r} is unknown; use 'robust_z' or 'z'.")
+    missing = {"Metadata_Plate", "Metadata_Role"} - set(profiles.columns)
+    if missing:
+        raise ValueError(f"profiles lacks columns {sorted(missing)}.")
+    features = feature_columns(profiles)
+    centres, spreads = [], []
+    for plate, group in profiles.groupby("Metadata_Plate", sort=False):
+        controls = group.loc[group["Metadata_Role"] == control_role, features]
+        if controls.empty:
+            raise ValueError(
+                f"plate {plate!r} has no {control_role} wells; normalization is fitted "
+                "on them."
+            )
+        if method == "robust_z":
+            centre = controls.median()
+            spread = (controls - centre).abs().median() * MAD_SCALE
+        else:
+            centre, spread = controls.mean(), controls.std(ddof=1)
+        centres.append(pd.DataFrame([centre] * len(group), index=group.index))
+        spreads.append(pd.DataFrame([spread] * len(group), index=group.index))
+    centre_all = pd.concat(centres).loc[profiles.index]
+    spread_all = pd.concat(spreads).loc[profiles.index]
+    keep = [f for f in features if (spread_all[f] > min_spread).all()]
+    normalized = (profiles[keep] - centre_all[keep]) / spread_all[keep]
+    return pd.concat([profiles[metadata_columns(profiles)], normalized], axis=1)
+
+
+def rank_compounds(normalized: pd.DataFrame) -> pd.DataFrame:
+    """Rank compound-doses by a baseline activity score against DMSO.
+
+    The score of a well is the root mean square of its normalized features; a
+    compound-dose's ``activity`` is the median over its wells. ``activity_z`` says how
+    many robust standard deviations it lies above the negative-control wells'
+    scores, and ``cell_count_ratio`` compares its cell count with theirs.
+
+    Parameters
+    ----------
+    normalized : DataFrame
+        From `normalize_to_controls`; needs ``Metadata_Compound``,
+        ``Metadata_Concentration``, ``Metadata_Role`` and ``Metadata_CellCount``.
+
+    Returns
+    -------
+    DataFrame
+        One row per non-control (compound, concentration), sorted by ``activity``
+        descending: ``Metadata_Compound``, ``Metadata_Concentration``,
+        ``Metadata_Role``, ``n_wells``, ``activity``, ``activity_z``,
+        ``cell_count_ratio``, ``rank``.
+
+    Raises
+    ------
+    ValueError
+        If columns are missing or there are no negative-control wells.
+    """
+    needed = {
+        "Metadata_Compound",
+        "Metadata_Concentration",
+        "Metadata_Role",
+        "Metadata_CellCount",
+    }
+    if not needed <= set(normalized.columns):
+        raise ValueError(
+            f"normalized lacks columns {sorted(needed - set(normalized.columns))}."
+        )
+    values = normalized[feature_columns(normalized)].to_numpy(np.float64)
+    scores = np.sqrt(np.nanmean(values**2, axis=1))
+    wells = normalized[list(needed)].assign(score=scores)
+    controls = wells[wells["Metadata_Role"] == "negative_control"]
+    if controls.empty:
+        raise ValueError("normalized has no negative_control wells to compare with.")
+    centre = controls["score"].median()
+    spread = max(MAD_SCALE * (controls["score"] - centre).abs().median(), 1e-9)
+    count_ref = controls["Metadata_CellCount"].median()
+    treated = wells[wells["Metadata_Role"] != "negative_control"]
+    ranked = (
+        treated.groupby(
+            ["Metadata_Compound", "Metadata_Concentration", "Metadata_Role"],
+            dropna=False,
+        )
+        .agg(
+            n_wells=("score", "size"),
+            activity=("score", "median"),
+            cell_count=("Metadata_CellCount", "median"),
+        )
+        .reset_index()
+    )
+    ranked["activity_z"] = (ranked["activity"] - centre) / spread
+    ranked["cell_count_ratio"] = ranked.pop("cell_count") / count_ref
+    ranked = ranked.sort_values("activity", ascending=False, ignore_index=True)
+    ranked["rank"] = np.arange(1, len(ranked) + 1)
+    return ranked

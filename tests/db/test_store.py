@@ -1,0 +1,269 @@
+import numpy as np
+import pandas as pd
+import pytest
+from sqlalchemy import func, select, text
+
+from db import store
+from db.schema import Cell, CellVector, FieldResult, Well
+from db.session import make_engine, session_scope
+
+
+def register(engine, *, compound="x"):
+    wells = pd.DataFrame(
+        {
+            "Metadata_Plate": ["P1", "P1"],
+            "Metadata_Well": ["A01", "B02"],
+            "Metadata_Compound": ["DMSO", compound],
+            "Metadata_Concentration": [np.nan, 1.0],
+            "Metadata_ConcentrationUnit": ["uM", "uM"],
+            "Metadata_Role": ["negative_control", "treatment"],
+            "Metadata_batch": ["b1", "b1"],
+        }
+    )
+    fields = pd.DataFrame(
+        {
+            "Metadata_Plate": ["P1", "P1", "P1"],
+            "Metadata_Well": ["A01", "A01", "B02"],
+            "Metadata_Site": [1, 2, 1],
+            "FileName_DNA": ["a1.tif", "a2.tif", "b1.tif"],
+        }
+    )
+    return store.register_experiment(
+        engine,
+        name="exp",
+        image_root="/data",
+        channels={"DNA": "w1"},
+        wells=wells,
+        fields=fields,
+        plate_formats={"P1": 96},
+    )
+
+
+def cells_of(n, start=0.0):
+    rng = np.random.default_rng(n)
+    cells = pd.DataFrame(
+        {
+            "object_number": np.arange(1, n + 1),
+            "centroid_y": rng.uniform(0, 100, n),
+            "centroid_x": rng.uniform(0, 100, n),
+            "bbox_min_y": np.zeros(n, int),
+            "bbox_min_x": np.zeros(n, int),
+            "bbox_max_y": np.full(n, 5),
+            "bbox_max_x": np.full(n, 5),
+            "area_px": np.full(n, 25),
+        }
+    )
+    return cells, (np.arange(n * 3, dtype=np.float32).reshape(n, 3) + start)
+
+
+def open_run(engine, experiment_id):
+    run_id, _ = store.open_run(
+        engine,
+        experiment_id=experiment_id,
+        analysis_key="k",
+        config_toml="",
+        segmenter="otsu_expand",
+        versions={},
+    )
+    fs = store.ensure_feature_set(
+        engine,
+        run_id=run_id,
+        name="classical_baseline",
+        kind="classical",
+        feature_names=["a", "b", "c"],
+        config={},
+    )
+    return run_id, fs
+
+
+def test_register_write_and_stream_roundtrip(db_url):
+    engine = make_engine(db_url)
+    experiment_id, fields = register(engine)
+    assert fields["field_id"].is_unique and len(fields) == 3
+    run_id, fs = open_run(engine, experiment_id)
+    for i, field_id in enumerate(fields["field_id"]):
+        cells, features = cells_of(4 + i, start=100 * i)
+        store.write_field_cells(
+            engine,
+            run_id=run_id,
+            field_id=int(field_id),
+            feature_set_id=fs,
+            cells=cells,
+            features=features,
+            qc={"n_cells": 4 + i},
+            seconds={"read": 0.1},
+        )
+    assert store.completed_field_ids(engine, run_id) == set(fields["field_id"])
+    plates = list(store.iter_plate_cells(engine, run_id, "classical_baseline"))
+    assert len(plates) == 1
+    plate, cells, features = plates[0]
+    assert plate == "P1" and len(cells) == 4 + 5 + 6
+    assert list(features.columns) == ["a", "b", "c"]
+    assert list(cells["Metadata_Well"].unique()) == ["A01", "B02"]
+    first = cells_of(4, 0.0)[1]
+    np.testing.assert_array_equal(features.to_numpy()[:4], first)
+    assert features.dtypes.eq(np.float32).all()
+    wells = store.read_wells(engine, experiment_id)
+    assert (
+        wells.loc[1, "Metadata_Compound"] == "x"
+        and wells.loc[1, "Metadata_batch"] == "b1"
+    )
+    summary = store.summarize_runs(engine)
+    assert summary.loc[0, "n_complete"] == 3 and summary.loc[0, "n_cells"] == 15
+
+
+def test_register_experiment_is_idempotent_and_updates_metadata(db_url):
+    engine = make_engine(db_url)
+    _, first = register(engine)
+    _, second = register(engine, compound="renamed")
+    assert list(first["field_id"]) == list(second["field_id"])
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Well)) == 2
+        assert (
+            session.scalar(select(Well.compound).where(Well.name == "B02")) == "renamed"
+        )
+
+
+def test_rewriting_a_field_replaces_its_cells(db_url):
+    engine = make_engine(db_url)
+    experiment_id, fields = register(engine)
+    run_id, fs = open_run(engine, experiment_id)
+    field_id = int(fields["field_id"].iloc[0])
+    store.write_field_failure(
+        engine, run_id=run_id, field_id=field_id, error="bad file x.tif"
+    )
+    for n in (5, 3):
+        cells, features = cells_of(n)
+        store.write_field_cells(
+            engine,
+            run_id=run_id,
+            field_id=field_id,
+            feature_set_id=fs,
+            cells=cells,
+            features=features,
+            qc={},
+            seconds={},
+        )
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Cell)) == 3
+        assert session.scalar(select(func.count()).select_from(CellVector)) == 3
+        assert session.scalar(select(FieldResult.status)) == "complete"
+
+
+def test_write_field_cells_is_all_or_nothing(db_url, monkeypatch):
+    """A failure midway (after cells, before vectors) commits nothing."""
+    engine = make_engine(db_url)
+    experiment_id, fields = register(engine)
+    run_id, fs = open_run(engine, experiment_id)
+    cells, features = cells_of(5)
+    real_insert = store.insert
+
+    def failing_insert(table):
+        if table is CellVector:
+            raise RuntimeError("disk full")
+        return real_insert(table)
+
+    monkeypatch.setattr(store, "insert", failing_insert)
+    with pytest.raises(RuntimeError, match="disk full"):
+        store.write_field_cells(
+            engine,
+            run_id=run_id,
+            field_id=int(fields["field_id"].iloc[0]),
+            feature_set_id=fs,
+            cells=cells,
+            features=features,
+            qc={},
+            seconds={},
+        )
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Cell)) == 0
+        assert session.scalar(select(func.count()).select_from(FieldResult)) == 0
+
+
+def test_write_field_cells_rejects_mismatched_rows(sqlite_url):
+    engine = make_engine(sqlite_url)
+    cells, features = cells_of(3)
+    with pytest.raises(ValueError, match="cells has 3 rows but features has 2"):
+        store.write_field_cells(
+            engine,
+            run_id=1,
+            field_id=1,
+            feature_set_id=1,
+            cells=cells,
+            features=features[:2],
+            qc={},
+            seconds={},
+        )
+    with pytest.raises(ValueError, match="lacks columns"):
+        store.write_field_cells(
+            engine,
+            run_id=1,
+            field_id=1,
+            feature_set_id=1,
+            cells=cells.drop(columns="area_px"),
+            features=features,
+            qc={},
+            seconds={},
+        )
+
+
+def test_ensure_feature_set_rejects_changed_names(sqlite_url):
+    engine = make_engine(sqlite_url)
+    experiment_id, _ = register(engine)
+    run_id, fs = open_run(engine, experiment_id)
+    assert (
+        store.ensure_feature_set(
+            engine,
+            run_id=run_id,
+            name="classical_baseline",
+            kind="classical",
+            feature_names=["a", "b", "c"],
+            config={},
+        )
+        == fs
+    )
+    with pytest.raises(ValueError, match="other feature names"):
+        store.ensure_feature_set(
+            engine,
+            run_id=run_id,
+            name="classical_baseline",
+            kind="classical",
+            feature_names=["a"],
+            config={},
+        )
+
+
+def test_resolve_run_and_rejects(sqlite_url):
+    engine = make_engine(sqlite_url)
+    with pytest.raises(ValueError, match="no complete run"):
+        store.resolve_run(engine)
+    experiment_id, _ = register(engine)
+    run_id, _ = open_run(engine, experiment_id)
+    store.finish_run(engine, run_id, status="complete", message=None, timings={})
+    assert store.resolve_run(engine) == (run_id, experiment_id)
+    with pytest.raises(ValueError, match="run 99 does not exist"):
+        store.resolve_run(engine, 99)
+
+
+def test_read_feature_set_rejects_unknown(sqlite_url):
+    engine = make_engine(sqlite_url)
+    experiment_id, _ = register(engine)
+    run_id, _ = open_run(engine, experiment_id)
+    with pytest.raises(
+        ValueError, match="has no feature set 'resnet'; it has classical_baseline"
+    ):
+        store.read_feature_set(engine, run_id, "resnet")
+
+
+def test_sqlite_store_uses_wal(sqlite_url):
+    engine = make_engine(sqlite_url)
+    with engine.connect() as connection:
+        assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
+
+
+def test_make_engine_rejects(tmp_path):
+    with pytest.raises(ValueError, match="not a database URL"):
+        make_engine("phenoscreen.db")
+    with pytest.raises(ValueError, match="no such file"):
+        make_engine(f"sqlite:///{tmp_path}/missing.db", create=False)

@@ -1,0 +1,121 @@
+import inspect
+from dataclasses import asdict, fields
+
+import pytest
+
+from pipeline.config import (
+    ExecutionConfig,
+    InputConfig,
+    MeasureConfig,
+    RunConfig,
+    SegmentConfig,
+    analysis_key,
+    config_from_dict,
+    dump_config,
+    load_config,
+    with_overrides,
+)
+from pipeline.errors import InputError
+from pipeline.features import measure_cells
+from pipeline.segment import segment_field
+
+
+@pytest.mark.parametrize(
+    ("cls", "function"),
+    [(SegmentConfig, segment_field), (MeasureConfig, measure_cells)],
+)
+def test_step_configs_match_function_keywords(cls, function):
+    keywords = {
+        name: p.default
+        for name, p in inspect.signature(function).parameters.items()
+        if p.kind is p.KEYWORD_ONLY and name != "channel_names"
+    }
+    assert keywords == asdict(cls())
+
+
+def test_dump_and_load_roundtrip(tmp_path):
+    config = RunConfig(
+        input=InputConfig(
+            layout=None,
+            pattern=r"(?P<well>\w+)_(?P<channel>\d)\.tif",
+            channels={"DNA": "1", "Actin": "2"},
+        ),
+        segment=SegmentConfig(cell_expansion_px=12),
+        execution=ExecutionConfig(n_workers=2),
+    )
+    path = tmp_path / "run.toml"
+    path.write_text(dump_config(config))
+    assert load_config(path) == config
+
+
+def test_load_config_rejects_unknown_keys(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[segment]\nsigma = 2\n[segmentation]\n")
+    with pytest.raises(InputError) as info:
+        load_config(path)
+    assert "unknown section [segmentation]" in str(info.value)
+    assert "[segment] has unknown key 'sigma'; valid: smoothing_sigma_px" in str(
+        info.value
+    )
+
+
+def test_load_config_rejects_bad_toml(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[segment\n")
+    with pytest.raises(InputError, match="not valid TOML"):
+        load_config(path)
+
+
+def test_load_config_rejects_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "none.toml")
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (
+            {"segment": {"min_nucleus_area_px": 0}},
+            r"min_nucleus_area_px = 0 must lie in",
+        ),
+        ({"execution": {"max_failed_fields_frac": 2}}, "max_failed_fields_frac"),
+        (
+            {"input": {"channels": {"Hoechst": "w1"}}},
+            "nuclei_channel 'DNA' is not among",
+        ),
+        (
+            {"input": {"layout": "phenix", "pattern": "x"}},
+            "exactly one of layout and pattern",
+        ),
+    ],
+)
+def test_config_from_dict_rejects_bad_values(data, match):
+    with pytest.raises(InputError, match=match):
+        config_from_dict(data)
+
+
+def test_analysis_key_ignores_execution_only():
+    base = RunConfig()
+    assert analysis_key(base) == analysis_key(
+        with_overrides(base, execution={"n_workers": 7})
+    )
+    changed = with_overrides(base, segment={"cell_expansion_px": 3})
+    assert analysis_key(base) != analysis_key(changed)
+
+
+def test_with_overrides_ignores_none_and_rejects_unknown_section():
+    config = with_overrides(
+        RunConfig(), execution={"n_workers": None, "scheduler": "tcp://x:1"}
+    )
+    assert (
+        config.execution.n_workers is None and config.execution.scheduler == "tcp://x:1"
+    )
+    with pytest.raises(ValueError, match="unknown section"):
+        with_overrides(RunConfig(), exec={"n_workers": 1})
+
+
+def test_every_section_is_a_frozen_dataclass():
+    for field in fields(RunConfig):
+        section = getattr(RunConfig(), field.name)
+        with pytest.raises(AttributeError):
+            section.__setattr__(fields(section)[0].name, None)

@@ -1,0 +1,151 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.profiles import (
+    MAD_SCALE,
+    aggregate_cells,
+    feature_columns,
+    metadata_columns,
+    normalize_to_controls,
+    rank_compounds,
+)
+
+
+def make_profiles(rng=0, *, hit="cmpd_1", n_features=20):
+    """Two plates: 8 DMSO wells, 3 compounds x 2 doses; `hit` shifts all features."""
+    generator = np.random.default_rng(rng)
+    rows = []
+    for plate in ("P1", "P2"):
+        offset = 5.0 if plate == "P2" else 0.0  # plate effect, removed by normalization
+        for i in range(8):
+            rows.append(
+                (plate, f"A{i + 1:02d}", "DMSO", np.nan, "negative_control", offset)
+            )
+        for c in range(3):
+            for dose in (1.0, 10.0):
+                shift = offset + (4.0 if f"cmpd_{c}" == hit else 0.0)
+                rows.append(
+                    (
+                        plate,
+                        f"B{c * 2 + int(dose > 1) + 1:02d}",
+                        f"cmpd_{c}",
+                        dose,
+                        "treatment",
+                        shift,
+                    )
+                )
+    meta = pd.DataFrame(
+        rows,
+        columns=[
+            "Metadata_Plate",
+            "Metadata_Well",
+            "Metadata_Compound",
+            "Metadata_Concentration",
+            "Metadata_Role",
+            "shift",
+        ],
+    )
+    values = (
+        generator.normal(0, 1, (len(meta), n_features))
+        + meta.pop("shift").to_numpy()[:, None]
+    )
+    features = pd.DataFrame(values, columns=[f"f{i}" for i in range(n_features)])
+    meta["Metadata_CellCount"] = 100
+    return pd.concat([meta, features], axis=1)
+
+
+def test_aggregate_cells_median_and_count():
+    cells = pd.DataFrame({"Metadata_Well": ["A01", "A01", "A01", "B02"]})
+    features = pd.DataFrame({"f": [1.0, 2.0, 10.0, 5.0]})
+    wells = aggregate_cells(cells, features, by=["Metadata_Well"])
+    assert list(wells["Metadata_Well"]) == ["A01", "B02"]
+    assert list(wells["Metadata_CellCount"]) == [3, 1]
+    assert list(wells["f"]) == [2.0, 5.0]
+    assert list(
+        aggregate_cells(cells, features, by=["Metadata_Well"], method="mean")["f"]
+    ) == [pytest.approx(13 / 3), 5.0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"method": "mode"}, "unknown"), ({"by": ["Metadata_Plate"]}, "grouping columns")],
+)
+def test_aggregate_cells_rejects(kwargs, match):
+    cells = pd.DataFrame({"Metadata_Well": ["A01"]})
+    with pytest.raises(ValueError, match=match):
+        aggregate_cells(
+            cells, pd.DataFrame({"f": [1.0]}), **({"by": ["Metadata_Well"]} | kwargs)
+        )
+
+
+def test_aggregate_cells_rejects_length_mismatch():
+    with pytest.raises(ValueError, match="rows"):
+        aggregate_cells(
+            pd.DataFrame({"w": [1, 2]}), pd.DataFrame({"f": [1.0]}), by=["w"]
+        )
+
+
+def test_normalize_to_controls_robust_z_matches_formula():
+    profiles = make_profiles()
+    normalized = normalize_to_controls(profiles)
+    for plate in ("P1", "P2"):
+        rows = profiles["Metadata_Plate"] == plate
+        controls = profiles.loc[
+            rows & (profiles["Metadata_Role"] == "negative_control"), "f3"
+        ]
+        median = controls.median()
+        mad = np.median(np.abs(controls - median)) * 1.4826
+        expected = (profiles.loc[rows, "f3"] - median) / mad
+        np.testing.assert_allclose(normalized.loc[rows, "f3"], expected)
+    assert MAD_SCALE == 1.4826
+    assert metadata_columns(normalized) == metadata_columns(profiles)
+
+
+def test_normalize_to_controls_z_and_drops_constant_features():
+    profiles = make_profiles().assign(const=1.0)
+    normalized = normalize_to_controls(profiles, method="z")
+    assert "const" not in feature_columns(normalized)
+    controls = normalized[normalized["Metadata_Role"] == "negative_control"]
+    np.testing.assert_allclose(
+        controls.groupby("Metadata_Plate")["f0"].mean(), 0, atol=1e-12
+    )
+
+
+def test_normalize_to_controls_rejects_plate_without_controls():
+    profiles = make_profiles()
+    profiles = profiles[
+        ~(
+            (profiles["Metadata_Plate"] == "P2")
+            & (profiles["Metadata_Role"] == "negative_control")
+        )
+    ]
+    with pytest.raises(ValueError, match="plate 'P2' has no negative_control wells"):
+        normalize_to_controls(profiles)
+
+
+def test_normalize_to_controls_rejects_unknown_method():
+    with pytest.raises(ValueError, match="unknown"):
+        normalize_to_controls(make_profiles(), method="minmax")
+
+
+def test_rank_compounds_finds_the_planted_hit_only():
+    ranked = rank_compounds(normalize_to_controls(make_profiles(hit="cmpd_2")))
+    top = ranked.head(2)
+    assert set(top["Metadata_Compound"]) == {"cmpd_2"}
+    assert (top["activity_z"] > 5).all()
+    assert (ranked.iloc[2:]["activity_z"] < 5).all()
+    assert list(ranked["rank"]) == list(range(1, len(ranked) + 1))
+    assert (ranked["n_wells"] == 2).all()
+    np.testing.assert_allclose(ranked["cell_count_ratio"], 1.0)
+
+
+def test_rank_compounds_rejects_missing_controls():
+    normalized = normalize_to_controls(make_profiles())
+    with pytest.raises(ValueError, match="no negative_control"):
+        rank_compounds(normalized[normalized["Metadata_Role"] != "negative_control"])
+
+
+def test_rank_compounds_rejects_missing_columns():
+    with pytest.raises(ValueError, match="lacks columns"):
+        rank_compounds(pd.DataFrame({"f": [1.0]}))

@@ -1,0 +1,157 @@
+import shutil
+
+import pandas as pd
+import pytest
+from distributed import LocalCluster
+from sqlalchemy import func, select
+
+from db.schema import Cell, FieldResult, Run
+from db.session import make_engine, session_scope
+from pipeline.config import config_from_dict
+from pipeline.demo import CHANNELS
+from pipeline.errors import InputError, PipelineError
+from pipeline.run import prepare_run, run_experiment
+
+
+def demo_config(**execution):
+    return config_from_dict(
+        {
+            "input": {"layout": "imagexpress", "channels": CHANNELS},
+            "execution": {"n_workers": 2, "processes": False} | execution,
+        }
+    )
+
+
+def counts(url):
+    with session_scope(make_engine(url, create=False)) as session:
+        return (
+            session.scalar(select(func.count()).select_from(Cell)),
+            session.scalar(select(func.count()).select_from(FieldResult)),
+        )
+
+
+@pytest.fixture
+def plate_copy(demo_plate, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(demo_plate["images"], images)
+    return images, demo_plate["platemap"]
+
+
+def test_run_experiment_then_rerun_skips_everything(demo_plate, db_url):
+    summary = run_experiment(
+        demo_plate["images"],
+        demo_plate["platemap"],
+        config=demo_config(),
+        db_url=db_url,
+    )
+    assert summary.status == "complete"
+    assert (summary.n_fields, summary.n_processed, summary.n_failed) == (96, 96, 0)
+    assert summary.n_cells > 96 * 4
+    assert counts(db_url) == (summary.n_cells, 96)
+    again = run_experiment(
+        demo_plate["images"],
+        demo_plate["platemap"],
+        config=demo_config(),
+        db_url=db_url,
+    )
+    assert again.run_id == summary.run_id
+    assert (again.n_processed, again.n_skipped, again.n_cells) == (0, 96, 0)
+    assert counts(db_url) == (summary.n_cells, 96)
+    with session_scope(make_engine(db_url)) as session:
+        run = session.scalar(select(Run))
+        assert run.status == "complete"
+        assert "[input.channels]" in run.config_toml and 'DNA = "w1"' in run.config_toml
+        assert run.versions["numpy"] and run.timings["fields_per_s"] >= 0
+
+
+def test_run_records_and_skips_a_corrupt_field(plate_copy, sqlite_url):
+    images, platemap = plate_copy
+    bad = images / "DEMO-P1" / "DEMO-P1_C05_s1_w2.tif"
+    original = bad.read_bytes()
+    bad.write_bytes(original[:300])
+    summary = run_experiment(images, platemap, config=demo_config(), db_url=sqlite_url)
+    assert summary.status == "complete" and summary.n_failed == 1
+    with session_scope(make_engine(sqlite_url)) as session:
+        error = session.scalar(
+            select(FieldResult.error).where(FieldResult.status == "failed")
+        )
+        assert "DEMO-P1_C05_s1_w2.tif: cannot read the TIFF" in error
+        assert "skipped" in session.scalar(select(Run.message))
+    bad.write_bytes(original)  # the user fixes the file and reruns
+    again = run_experiment(images, platemap, config=demo_config(), db_url=sqlite_url)
+    assert (again.n_processed, again.n_failed, again.n_skipped) == (1, 0, 95)
+    with session_scope(make_engine(sqlite_url)) as session:
+        assert (
+            session.scalar(select(func.count()).where(FieldResult.status == "failed"))
+            == 0
+        )
+
+
+def test_run_fails_when_too_many_fields_fail(plate_copy, sqlite_url):
+    images, platemap = plate_copy
+    for path in sorted((images / "DEMO-P1").glob("*_w3.tif"))[:10]:
+        path.write_bytes(b"not a tiff")
+    with pytest.raises(
+        PipelineError, match=r"10 of 96 fields failed \(10.4% > max_failed"
+    ):
+        run_experiment(images, platemap, config=demo_config(), db_url=sqlite_url)
+    with session_scope(make_engine(sqlite_url)) as session:
+        assert session.scalar(select(Run.status)) == "failed"
+
+
+def test_bad_input_writes_nothing(plate_copy, tmp_path):
+    images, platemap = plate_copy
+    table = pd.read_csv(platemap)
+    table[table["well"] != "D04"].to_csv(tmp_path / "short.csv", index=False)
+    for path in (images / "DEMO-P1").glob("DEMO-P1_H11_s1_w2.tif"):
+        path.unlink()
+    url = f"sqlite:///{tmp_path}/never.db"
+    with pytest.raises(InputError) as info:
+        run_experiment(images, tmp_path / "short.csv", config=demo_config(), db_url=url)
+    message = str(info.value)
+    assert "well H11 site 1: no file for channel Actin" in message
+    assert not (tmp_path / "never.db").exists()
+
+
+def test_prepare_run_rejects_unmapped_and_multichannel_tokens(demo_plate):
+    no_channels = config_from_dict({"input": {"layout": "imagexpress"}})
+    with pytest.raises(InputError, match="no channel map"):
+        prepare_run(demo_plate["images"], demo_plate["platemap"], config=no_channels)
+    multi = config_from_dict(
+        {"input": {"layout": "multichannel", "channels": {"DNA": "w1"}}}
+    )
+    with pytest.raises(InputError, match="token is the 0-based channel index"):
+        prepare_run(demo_plate["images"], demo_plate["platemap"], config=multi)
+
+
+@pytest.mark.slow
+def test_run_on_dask_with_two_worker_processes(demo_plate, sqlite_url):
+    threaded = run_experiment(
+        demo_plate["images"],
+        demo_plate["platemap"],
+        config=demo_config(),
+        db_url=sqlite_url,
+        experiment_name="threads",
+    )
+    processes = run_experiment(
+        demo_plate["images"],
+        demo_plate["platemap"],
+        config=demo_config(processes=True),
+        db_url=sqlite_url,
+        experiment_name="processes",
+    )
+    assert processes.n_processed == 96 and processes.n_cells == threaded.n_cells
+
+
+@pytest.mark.slow
+def test_run_on_an_existing_dask_scheduler(demo_plate, sqlite_url):
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster:
+        summary = run_experiment(
+            demo_plate["images"],
+            demo_plate["platemap"],
+            config=demo_config(scheduler=cluster.scheduler_address),
+            db_url=sqlite_url,
+        )
+    assert summary.n_processed == 96 and summary.n_cells > 0
