@@ -478,6 +478,25 @@ def read_wells(engine: Engine, experiment_id: int) -> pd.DataFrame:
     return wells
 
 
+def read_completed_field_counts(engine: Engine, run_id: int) -> pd.DataFrame:
+    """Return, per well, how many of its fields this run completed.
+
+    Returns
+    -------
+    DataFrame
+        ``well_id``, ``Metadata_FieldCount``; wells without a completed field are
+        absent.
+    """
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(Field.well_id, func.count())
+            .join(FieldResult, FieldResult.field_id == Field.id)
+            .where(FieldResult.run_id == run_id, FieldResult.status == "complete")
+            .group_by(Field.well_id)
+        ).all()
+    return pd.DataFrame(rows, columns=["well_id", "Metadata_FieldCount"])
+
+
 def read_feature_set(engine: Engine, run_id: int, name: str) -> tuple[int, list[str]]:
     """Return the id and feature names of a run's feature set.
 

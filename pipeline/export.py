@@ -64,19 +64,38 @@ def read_well_profiles(
     Returns
     -------
     DataFrame
-        One row per imaged well with cells: ``Metadata_Plate``, ``Metadata_Well``,
-        ``Metadata_CellCount``, the plate-map metadata and the features.
+        One row per well with at least one completed field: ``Metadata_Plate``,
+        ``Metadata_Well``, ``Metadata_FieldCount``, ``Metadata_CellCount`` (0 where
+        no cell was found, e.g. after cell loss; features are then NaN), the
+        plate-map metadata and the features.
+
+    Raises
+    ------
+    ValueError
+        If the run has no completed field.
     """
     wells = store.read_wells(engine, experiment_id)
+    field_counts = store.read_completed_field_counts(engine, run_id)
+    if field_counts.empty:
+        raise ValueError(
+            f"run {run_id} has no completed field yet; run the plate first."
+        )
     per_plate = [
         aggregate_cells(cells, features, by=["well_id"])
         for _, cells, features in store.iter_plate_cells(engine, run_id, feature_set)
     ]
-    if not per_plate:
-        raise ValueError(f"run {run_id} has no cells yet; run the plate first.")
-    profiles = pd.concat(per_plate, ignore_index=True)
-    ids = wells[["well_id", "Metadata_Plate", "Metadata_Well"]]
-    profiles = ids.merge(profiles, on="well_id", how="inner")
+    ids = wells[["well_id", "Metadata_Plate", "Metadata_Well"]].merge(
+        field_counts, on="well_id"
+    )
+    if per_plate:
+        profiles = ids.merge(
+            pd.concat(per_plate, ignore_index=True), on="well_id", how="left"
+        )
+    else:
+        profiles = ids.assign(Metadata_CellCount=0)
+    profiles["Metadata_CellCount"] = (
+        profiles["Metadata_CellCount"].fillna(0).astype(int)
+    )
     return _with_well_metadata(profiles, wells)
 
 

@@ -137,8 +137,9 @@ def normalize_to_controls(
 def rank_compounds(normalized: pd.DataFrame) -> pd.DataFrame:
     """Rank compound-doses by a baseline activity score against DMSO.
 
-    The score of a well is the root mean square of its normalized features; a
-    compound-dose's ``activity`` is the median over its wells. ``activity_z`` says how
+    The score of a well is the root mean square of its normalized features (NaN for
+    a well without cells); a compound-dose's ``activity`` is the median over its
+    wells. ``activity_z`` says how
     many robust standard deviations it lies above the negative-control wells'
     scores, and ``cell_count_ratio`` compares its cell count with theirs.
 
@@ -172,7 +173,13 @@ def rank_compounds(normalized: pd.DataFrame) -> pd.DataFrame:
             f"normalized lacks columns {sorted(needed - set(normalized.columns))}."
         )
     values = normalized[feature_columns(normalized)].to_numpy(np.float64)
-    scores = np.sqrt(np.nanmean(values**2, axis=1))
+    n_values = np.isfinite(values).sum(axis=1)
+    sum_squares = np.nansum(values**2, axis=1)
+    scores = np.sqrt(
+        np.divide(
+            sum_squares, n_values, out=np.full(len(values), np.nan), where=n_values > 0
+        )
+    )
     wells = normalized[list(needed)].assign(score=scores)
     controls = wells[wells["Metadata_Role"] == "negative_control"]
     if controls.empty:
