@@ -8,12 +8,22 @@ stream plate by plate; nothing loads all cells of an experiment.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 
 from db.schema import (
     Cell,
@@ -320,6 +330,44 @@ def _clear_field(session: Any, run_id: int, field_id: int) -> None:
     )
 
 
+def _allocate_cell_ids(connection: Connection, n: int) -> list[int]:
+    """Reserve `n` consecutive-or-not cell ids inside the current write transaction.
+
+    PostgreSQL draws them from the id sequence (safe with concurrent writers); SQLite
+    continues after the largest id, which is safe because the caller already holds
+    the database's write lock.
+    """
+    if connection.dialect.name == "postgresql":
+        return list(
+            connection.scalars(
+                text(
+                    "SELECT nextval(pg_get_serial_sequence('cell', 'id')) "
+                    "FROM generate_series(1, :n)"
+                ),
+                {"n": n},
+            )
+        )
+    start = connection.scalar(select(func.coalesce(func.max(Cell.id), 0)))
+    return list(range(start + 1, start + n + 1))
+
+
+def _copy_rows(
+    connection: Connection, table: Table, columns: list[str], rows: Iterable[tuple]
+) -> None:
+    """Bulk-insert rows: COPY on PostgreSQL, executemany elsewhere."""
+    if connection.dialect.name == "postgresql":
+        cursor = connection.connection.driver_connection.cursor()
+        with cursor.copy(
+            f"COPY {table.name} ({', '.join(columns)}) FROM STDIN"
+        ) as copy:
+            for row in rows:
+                copy.write_row(row)
+        return
+    connection.execute(
+        insert(table), [dict(zip(columns, row, strict=True)) for row in rows]
+    )
+
+
 def write_field_cells(
     engine: Engine,
     *,
@@ -360,30 +408,33 @@ def write_field_cells(
             "describe the same cells in the same order."
         )
     vectors = np.ascontiguousarray(features, dtype="<f4")
-    rows = cells[list(CELL_COLUMNS)].assign(run_id=run_id, field_id=field_id)
-    records = [
-        {
-            key: value.item() if hasattr(value, "item") else value
-            for key, value in row.items()
-        }
-        for row in rows.to_dict("records")
-    ]
+    n_cells = len(cells)
+    columns = [cells[c].to_numpy().tolist() for c in CELL_COLUMNS]  # Python scalars
     with session_scope(engine) as session:
-        _clear_field(session, run_id, field_id)
-        if records:
-            cell_ids = session.scalars(
-                insert(Cell).returning(Cell.id, sort_by_parameter_order=True), records
-            ).all()
-            session.execute(
-                insert(CellVector),
-                [
-                    {
-                        "cell_id": cell_id,
-                        "feature_set_id": feature_set_id,
-                        "values": v.tobytes(),
-                    }
-                    for cell_id, v in zip(cell_ids, vectors, strict=True)
-                ],
+        _clear_field(session, run_id, field_id)  # also takes SQLite's write lock
+        if n_cells:
+            connection = session.connection()
+            cell_ids = _allocate_cell_ids(connection, n_cells)
+            _copy_rows(
+                connection,
+                Cell.__table__,
+                ["id", "run_id", "field_id", *CELL_COLUMNS],
+                zip(
+                    cell_ids,
+                    [run_id] * n_cells,
+                    [field_id] * n_cells,
+                    *columns,
+                    strict=True,
+                ),
+            )
+            _copy_rows(
+                connection,
+                CellVector.__table__,
+                ["cell_id", "feature_set_id", "values"],
+                (
+                    (i, feature_set_id, v.tobytes())
+                    for i, v in zip(cell_ids, vectors, strict=True)
+                ),
             )
         session.execute(
             insert(FieldResult),
@@ -392,7 +443,7 @@ def write_field_cells(
                     "run_id": run_id,
                     "field_id": field_id,
                     "status": "complete",
-                    "n_cells": len(records),
+                    "n_cells": n_cells,
                     "qc": dict(qc),
                     "seconds": dict(seconds),
                 }

@@ -241,28 +241,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dashboard_command(
-    db_url: str, *, host: str = "127.0.0.1", port: int = 8501
-) -> list[str]:
+def dashboard_command(*, host: str, port: int) -> list[str]:
+    """Return the command that serves the Streamlit app (the store URL comes by env)."""
     app = Path(__file__).resolve().parent.parent / "app" / "streamlit_app.py"
     return [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(app),
-        "--server.address",
-        host,
-        "--server.port",
-        str(port),
-        "--server.headless",
-        "true",
-        "--browser.gatherUsageStats",
-        "false",
-        "--",
-        "--db",
-        db_url,
-    ]
+        sys.executable, "-m", "streamlit", "run", str(app),
+        "--server.address", host, "--server.port", str(port),
+        "--server.headless", "true", "--browser.gatherUsageStats", "false",
+    ]  # fmt: skip
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
@@ -272,7 +258,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     db_url = _db_url(args)
     make_engine(db_url, create=False)
     print(f"PhenoScreen dashboard on http://{args.host}:{args.port} (Ctrl+C stops it)")
-    return subprocess.call(_dashboard_command(db_url, host=args.host, port=args.port))
+    env = os.environ | {"PHENOSCREEN_DB_URL": db_url}
+    return subprocess.call(dashboard_command(host=args.host, port=args.port), env=env)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -156,14 +156,14 @@ def test_write_field_cells_is_all_or_nothing(db_url, monkeypatch):
     experiment_id, fields = register(engine)
     run_id, fs = open_run(engine, experiment_id)
     cells, features = cells_of(5)
-    real_insert = store.insert
+    real_copy = store._copy_rows
 
-    def failing_insert(table):
-        if table is CellVector:
+    def failing_copy(connection, table, columns, rows):
+        if table.name == "cell_vector":
             raise RuntimeError("disk full")
-        return real_insert(table)
+        return real_copy(connection, table, columns, rows)
 
-    monkeypatch.setattr(store, "insert", failing_insert)
+    monkeypatch.setattr(store, "_copy_rows", failing_copy)
     with pytest.raises(RuntimeError, match="disk full"):
         store.write_field_cells(
             engine,

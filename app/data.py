@@ -1,0 +1,46 @@
+"""Cached, read-only loaders over the store for the dashboard views."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import streamlit as st
+from sqlalchemy import Engine
+
+from db.session import make_engine
+from db.store import resolve_run, summarize_runs
+from pipeline.export import compound_table, read_well_profiles
+
+DEFAULT_DB_URL = "sqlite:///phenoscreen.db"
+
+
+def db_url() -> str:
+    """Return the store URL the dashboard was started with."""
+    return os.environ.get("PHENOSCREEN_DB_URL", DEFAULT_DB_URL)
+
+
+@st.cache_resource
+def get_engine(url: str) -> Engine:
+    """Open the store once per server (never creates one)."""
+    return make_engine(url, create=False)
+
+
+@st.cache_data(ttl=30)
+def load_runs(url: str) -> pd.DataFrame:
+    """Return every run with its progress (refreshed every 30 s)."""
+    return summarize_runs(get_engine(url))
+
+
+@st.cache_data
+def load_well_profiles(url: str, run_id: int) -> pd.DataFrame:
+    """Return the per-well profiles of a complete run."""
+    engine = get_engine(url)
+    run_id, experiment_id = resolve_run(engine, run_id)
+    return read_well_profiles(engine, run_id, experiment_id)
+
+
+@st.cache_data
+def load_hits(url: str, run_id: int) -> pd.DataFrame:
+    """Return the ranked compound-dose table of a complete run."""
+    return compound_table(load_well_profiles(url, run_id))

@@ -1,0 +1,85 @@
+"""Reusable dashboard pieces: run picker and plate heatmap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from app import data
+from pipeline.platemap import PLATE_FORMATS, parse_well
+
+
+def pick_run() -> int | None:
+    """Select box over complete runs; shows why when there is none.
+
+    Returns
+    -------
+    int or None
+        The chosen run id, None when the store has no complete run (the view then
+        shows only the message).
+    """
+    url = data.db_url()
+    try:
+        runs = data.load_runs(url)
+    except ValueError as exc:
+        st.error(f"Cannot open the store {url}: {exc}")
+        return None
+    complete = runs[runs["status"] == "complete"] if not runs.empty else runs
+    if complete.empty:
+        st.info(
+            f"No complete run in {url} yet. Run `phenoscreen run` or `phenoscreen demo`."
+        )
+        return None
+    labels = {
+        int(r.run_id): f"run {r.run_id} - {r.experiment} ({r.n_cells:,} cells)"
+        for r in complete.itertuples()
+    }
+    return st.selectbox("Run", list(labels)[::-1], format_func=labels.get, key="run_id")
+
+
+def plate_heatmap(wells: pd.DataFrame, metric: str, *, title: str) -> go.Figure:
+    """Return a plate-shaped heatmap of one per-well metric.
+
+    Parameters
+    ----------
+    wells : DataFrame
+        One plate: ``Metadata_Well``, ``Metadata_Compound`` and `metric`.
+    metric : str
+        Numeric column to colour by.
+    title : str
+
+    Returns
+    -------
+    plotly Figure
+        Rows A.., columns 1.. of the smallest plate format holding the wells.
+    """
+    positions = np.array([parse_well(w) for w in wells["Metadata_Well"]])
+    n_rows, n_cols = next(
+        shape
+        for shape in PLATE_FORMATS.values()
+        if positions[:, 0].max() < shape[0] and positions[:, 1].max() < shape[1]
+    )
+    grid = np.full((n_rows, n_cols), np.nan)
+    text = np.full((n_rows, n_cols), "", dtype=object)
+    grid[positions[:, 0], positions[:, 1]] = wells[metric].to_numpy(float)
+    for (r, c), well, compound in zip(
+        positions, wells["Metadata_Well"], wells["Metadata_Compound"], strict=True
+    ):
+        text[r, c] = f"{well}: {compound}"
+    row_names = [chr(65 + r) if r < 26 else "A" + chr(39 + r) for r in range(n_rows)]
+    figure = go.Figure(
+        go.Heatmap(
+            z=grid,
+            x=list(range(1, n_cols + 1)),
+            y=row_names,
+            text=text,
+            hovertemplate="%{text}<br>" + metric + ": %{z:.3g}<extra></extra>",
+            colorscale="Viridis",
+        )
+    )
+    figure.update_layout(
+        title=title, yaxis_autorange="reversed", height=140 + 28 * n_rows
+    )
+    return figure

@@ -1,0 +1,92 @@
+"""Every dashboard view renders on an empty store and on a store with a run."""
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from db.session import make_engine
+from pipeline.config import config_from_dict
+from pipeline.demo import CHANNELS
+from pipeline.run import run_experiment
+
+APP = Path(__file__).resolve().parents[2] / "app"
+VIEWS = ["hits.py", "plate.py", "runs.py"]
+
+
+@pytest.fixture(scope="module")
+def demo_store(demo_plate, tmp_path_factory):
+    url = f"sqlite:///{tmp_path_factory.mktemp('store')}/demo.db"
+    config = config_from_dict(
+        {
+            "input": {"layout": "imagexpress", "channels": CHANNELS},
+            "execution": {"n_workers": 2, "processes": False},
+        }
+    )
+    run_experiment(
+        demo_plate["images"], demo_plate["platemap"], config=config, db_url=url
+    )
+    return url
+
+
+def run_view(view, url, monkeypatch):
+    monkeypatch.setenv("PHENOSCREEN_DB_URL", url)
+    app = AppTest.from_file(str(APP / "views" / view), default_timeout=60)
+    return app.run()
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_view_on_empty_store(view, tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path}/empty.db"
+    make_engine(url)
+    app = run_view(view, url, monkeypatch)
+    assert not app.exception
+    assert "No" in " ".join(m.value for m in app.info)
+
+
+def test_view_on_missing_store_shows_error(tmp_path, monkeypatch):
+    app = run_view("hits.py", f"sqlite:///{tmp_path}/none.db", monkeypatch)
+    assert not app.exception
+    assert "Cannot open the store" in app.error[0].value
+
+
+def test_hits_view_lists_the_strongest_compound(demo_store, monkeypatch):
+    app = run_view("hits.py", demo_store, monkeypatch)
+    assert not app.exception
+    table = app.dataframe[0].value
+    assert table.iloc[0]["Metadata_Compound"] != "DMSO"
+    assert table["rank"].tolist()[:3] == [1, 2, 3]
+
+
+def test_plate_view_draws_one_heatmap_per_plate(demo_store, monkeypatch):
+    app = run_view("plate.py", demo_store, monkeypatch)
+    assert not app.exception
+    assert len(app.get("plotly_chart")) == 1
+
+
+def test_runs_view_shows_the_run(demo_store, monkeypatch):
+    app = run_view("runs.py", demo_store, monkeypatch)
+    assert not app.exception
+    assert app.dataframe[0].value.loc[0, "status"] == "complete"
+
+
+def test_app_entry_navigates_to_hits(demo_store, monkeypatch):
+    monkeypatch.setenv("PHENOSCREEN_DB_URL", demo_store)
+    app = AppTest.from_file(str(APP / "streamlit_app.py"), default_timeout=60).run()
+    assert not app.exception
+    assert app.header[0].value == "Ranked compounds"
+
+
+def test_app_never_imports_torch_or_models():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, app.data, app.widgets; "
+        "bad = [m for m in ('torch', 'timm', 'models') if m in sys.modules]; "
+        "sys.exit(f'app imported {bad}' if bad else 0)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
