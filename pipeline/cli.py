@@ -19,6 +19,7 @@ import pandas as pd
 from pipeline.config import InputConfig, RunConfig, load_config, with_overrides
 from pipeline.errors import InputError, PipelineError
 from pipeline.io import LAYOUTS, parse_channels
+from pipeline.profiles import RANKING_COLUMNS
 
 logger = logging.getLogger("phenoscreen")
 
@@ -188,25 +189,13 @@ def _hit_table(db_url: str, run_id: int | None) -> pd.DataFrame:
     return compound_table(read_well_profiles(engine, run_id, experiment_id))
 
 
-_HIT_COLUMNS = [
-    "rank",
-    "Metadata_Compound",
-    "Metadata_Concentration",
-    "Metadata_Role",
-    "n_wells",
-    "activity",
-    "activity_z",
-    "cell_count_ratio",
-]
-
-
 def cmd_hits(args: argparse.Namespace) -> int:
     """Print (and write) the ranked compound-doses."""
     from pipeline.export import write_tables
 
     table = _hit_table(_db_url(args), args.run)
     print("compound-doses ranked by baseline activity (RMS robust z vs DMSO):")
-    _print_table(table[_HIT_COLUMNS].head(args.top))
+    _print_table(table[RANKING_COLUMNS].head(args.top))
     if args.out:
         fmt = "parquet" if args.out.suffix == ".parquet" else "csv"
         write_tables(iter([table]), args.out, fmt=fmt)
@@ -301,12 +290,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "[3/3] top compound-doses (true actives and EC50s: "
         f"{out / 'ground_truth' / 'truth.json'}):"
     )
-    _print_table(_hit_table(db_url, summary.run_id)[_HIT_COLUMNS].head(15))
+    _print_table(_hit_table(db_url, summary.run_id)[RANKING_COLUMNS].head(15))
+    script = Path(sys.executable).parent / "phenoscreen"
+    command = str(script) if script.exists() else "phenoscreen"
     print(
         "\nOpen the dashboard:\n"
-        f"  phenoscreen dashboard --db {db_url}\n"
+        f"  {command} dashboard --db {db_url}\n"
         "  then browse http://127.0.0.1:8501\n"
-        f"Export tables: phenoscreen export --db {db_url} --table compounds --out hits.csv"
+        f"Export tables: {command} export --db {db_url} --table compounds --out hits.csv"
     )
     return 0
 

@@ -36,7 +36,7 @@ LAYOUTS: dict[str, str] = {
     ),
     # [<plate>_]<well>[_s<site>].tif / .ome.tif: one multi-channel file per field.
     "multichannel": (
-        r"^(?:(?P<plate>.+)_)?(?P<well>[A-Za-z]{1,2}\d{1,2})(?:_s(?P<site>\d+))?"
+        r"^(?:(?P<plate>.+?)_)?(?P<well>[A-Za-z]{1,2}\d{1,2})(?:_s(?P<site>\d+))?"
         r"\.(?:ome\.)?tiff?$"
     ),
 }

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from distributed import Client, LocalCluster, as_completed
+from sqlalchemy import Engine
 from tqdm.auto import tqdm
 
 from db import store
@@ -205,9 +206,23 @@ def process_field(
 def dask_client(
     scheduler: str | None, *, n_workers: int, processes: bool
 ) -> Iterator[Client]:
-    """Connect to `scheduler`, or start a LocalCluster of single-threaded workers."""
+    """Connect to `scheduler`, or start a LocalCluster of single-threaded workers.
+
+    Raises
+    ------
+    InputError
+        If `scheduler` does not answer within 10 s.
+    """
     if scheduler:
-        with Client(scheduler) as client:
+        try:
+            client = Client(scheduler, timeout="10s")
+        except OSError as exc:
+            raise InputError(
+                f"cannot reach the Dask scheduler {scheduler!r} ({exc}); start one with "
+                "`dask scheduler` and workers with `dask worker ADDRESS`, or omit "
+                "--scheduler to use a local cluster."
+            ) from exc
+        with client:
             yield client
         return
     with (
@@ -221,6 +236,80 @@ def dask_client(
         Client(cluster) as client,
     ):
         yield client
+
+
+def _process_fields(
+    client: Client,
+    engine: Engine,
+    pending: pd.DataFrame,
+    *,
+    run_id: int,
+    feature_set_id: int,
+    image_root: Path,
+    task_options: dict[str, Any],
+) -> tuple[int, list[tuple[int, str]], dict[str, float]]:
+    """Run `process_field` on Dask for each pending field; commit each as it returns.
+
+    At most four tasks per worker are in flight, so the client holds few results.
+
+    Returns
+    -------
+    n_cells : int
+    failures : list of (field_id, error)
+    step_seconds : dict
+        Summed seconds of read, segment, measure (on workers) and write (here).
+    """
+    file_columns = [f"FileName_{name}" for name in task_options["channel_names"]]
+    n_cells, failures = 0, []
+    step_seconds = {"read": 0.0, "segment": 0.0, "measure": 0.0, "write": 0.0}
+    field_of_key: dict[str, int] = {}
+    queue = iter(pending.itertuples(index=False))
+
+    def submit(row: Any) -> Any:
+        paths = [str(image_root / getattr(row, c)) for c in file_columns]
+        key = f"field-{run_id}-{row.field_id}"
+        field_of_key[key] = row.field_id
+        return client.submit(process_field, paths, **task_options, key=key, pure=False)
+
+    window = 4 * max(len(client.scheduler_info()["workers"]), 1)
+    futures = as_completed(
+        [submit(row) for _, row in zip(range(window), queue, strict=False)]
+    )
+    with tqdm(total=len(pending), unit="field", disable=None) as bar:
+        for future in futures:
+            next_row = next(queue, None)
+            if next_row is not None:
+                futures.add(submit(next_row))
+            field_id = field_of_key.pop(future.key)
+            try:
+                result = future.result()
+            except Exception as exc:  # noqa: BLE001 - one field must not stop the plate
+                result = {"error": f"{type(exc).__name__}: {exc}"}
+            future.release()
+            t_write = time.perf_counter()
+            if "error" in result:
+                failures.append((field_id, result["error"]))
+                logger.warning("field %d failed: %s", field_id, result["error"])
+                store.write_field_failure(
+                    engine, run_id=run_id, field_id=field_id, error=result["error"]
+                )
+            else:
+                store.write_field_cells(
+                    engine,
+                    run_id=run_id,
+                    field_id=field_id,
+                    feature_set_id=feature_set_id,
+                    cells=result["cells"],
+                    features=result["features"],
+                    qc=result["qc"],
+                    seconds=result["seconds"],
+                )
+                n_cells += len(result["cells"])
+                for step, seconds in result["seconds"].items():
+                    step_seconds[step] += seconds
+            step_seconds["write"] += time.perf_counter() - t_write
+            bar.update()
+    return n_cells, failures, step_seconds
 
 
 def run_experiment(
@@ -253,7 +342,7 @@ def run_experiment(
     Raises
     ------
     InputError
-        Before any write, if inputs are wrong.
+        Before any write, if inputs are wrong or the Dask scheduler does not answer.
     PipelineError
         After recording the run as failed, if more than
         ``config.execution.max_failed_fields_frac`` of the fields failed.
@@ -262,116 +351,65 @@ def run_experiment(
     prepared = prepare_run(
         images_dir, platemap_path, config=config, experiment_name=experiment_name
     )
-    engine = make_engine(db_url)
-    experiment_id, fields = store.register_experiment(
-        engine,
-        name=prepared.experiment_name,
-        image_root=str(prepared.image_root),
-        channels=config.input.channels,
-        wells=prepared.wells,
-        fields=prepared.fields,
-        plate_formats=prepared.plate_formats,
-    )
-    run_id, resumed = store.open_run(
-        engine,
-        experiment_id=experiment_id,
-        analysis_key=analysis_key(config),
-        config_toml=dump_config(config),
-        segmenter=SEGMENTER_NAME,
-        versions=package_versions(),
-    )
-    names = feature_names(prepared.channel_names, **asdict(config.measure))
-    feature_set_id = store.ensure_feature_set(
-        engine,
-        run_id=run_id,
-        name=FEATURE_SET_NAME,
-        kind="classical",
-        feature_names=names,
-        config={"segment": asdict(config.segment), "measure": asdict(config.measure)},
-    )
-    done = store.completed_field_ids(engine, run_id)
-    pending = fields[~fields["field_id"].isin(done)]
-    logger.info(
-        "run %d of experiment %r: %s, %d of %d fields done, %d to process",
-        run_id,
-        prepared.experiment_name,
-        "resuming" if resumed else "new",
-        len(done),
-        len(fields),
-        len(pending),
-    )
-    file_columns = [f"FileName_{name}" for name in prepared.channel_names]
-    task_options = {
-        "channel_indexes": prepared.channel_indexes,
-        "channel_names": prepared.channel_names,
-        "nuclei_channel": config.input.nuclei_channel,
-        "segment": asdict(config.segment),
-        "measure": asdict(config.measure),
-    }
-    n_cells, failures = 0, []
-    step_seconds = {"read": 0.0, "segment": 0.0, "measure": 0.0, "write": 0.0}
-    t_process = time.perf_counter()
-    if len(pending):
-        exe = config.execution
-        n_workers = exe.resolved_n_workers()
-        with dask_client(
-            exe.scheduler, n_workers=n_workers, processes=exe.processes
-        ) as client:
-            logger.info(
-                "processing on Dask %s",
-                client.dashboard_link or client.scheduler.address,
-            )
-            window = 4 * max(len(client.scheduler_info()["workers"]), 1)
-            queue = iter(pending.itertuples(index=False))
-
-            def submit(row: Any) -> Any:
-                paths = [
-                    str(prepared.image_root / getattr(row, c)) for c in file_columns
-                ]
-                key = f"field-{run_id}-{row.field_id}"
-                field_of_key[key] = row.field_id
-                return client.submit(process_field, paths, **task_options, key=key)
-
-            field_of_key: dict[str, int] = {}
-            first = [submit(row) for _, row in zip(range(window), queue, strict=False)]
-            futures = as_completed(first)
-            with tqdm(total=len(pending), unit="field", disable=None) as bar:
-                for future in futures:
-                    next_row = next(queue, None)
-                    if next_row is not None:
-                        futures.add(submit(next_row))
-                    field_id = field_of_key.pop(future.key)
-                    try:
-                        result = future.result()
-                    except Exception as exc:  # noqa: BLE001 - one field must not stop the plate
-                        result = {"error": f"{type(exc).__name__}: {exc}"}
-                    future.release()
-                    t_write = time.perf_counter()
-                    if "error" in result:
-                        failures.append((field_id, result["error"]))
-                        logger.warning("field %d failed: %s", field_id, result["error"])
-                        store.write_field_failure(
-                            engine,
-                            run_id=run_id,
-                            field_id=field_id,
-                            error=result["error"],
-                        )
-                    else:
-                        store.write_field_cells(
-                            engine,
-                            run_id=run_id,
-                            field_id=field_id,
-                            feature_set_id=feature_set_id,
-                            cells=result["cells"],
-                            features=result["features"],
-                            qc=result["qc"],
-                            seconds=result["seconds"],
-                        )
-                        n_cells += len(result["cells"])
-                        for step, seconds in result["seconds"].items():
-                            step_seconds[step] += seconds
-                    step_seconds["write"] += time.perf_counter() - t_write
-                    bar.update()
+    exe = config.execution
+    with dask_client(
+        exe.scheduler, n_workers=exe.resolved_n_workers(), processes=exe.processes
+    ) as client:
+        engine = make_engine(db_url)
+        experiment_id, fields = store.register_experiment(
+            engine,
+            name=prepared.experiment_name,
+            image_root=str(prepared.image_root),
+            channels=config.input.channels,
+            wells=prepared.wells,
+            fields=prepared.fields,
+            plate_formats=prepared.plate_formats,
+        )
+        run_id, resumed = store.open_run(
+            engine,
+            experiment_id=experiment_id,
+            analysis_key=analysis_key(config),
+            config_toml=dump_config(config),
+            segmenter=SEGMENTER_NAME,
+            versions=package_versions(),
+        )
+        feature_set_id = store.ensure_feature_set(
+            engine,
+            run_id=run_id,
+            name=FEATURE_SET_NAME,
+            kind="classical",
+            feature_names=feature_names(
+                prepared.channel_names, **asdict(config.measure)
+            ),
+            config={
+                "segment": asdict(config.segment),
+                "measure": asdict(config.measure),
+            },
+        )
+        done = store.completed_field_ids(engine, run_id)
+        pending = fields[~fields["field_id"].isin(done)]
+        logger.info(
+            "run %d of experiment %r (%s): %d of %d fields done, %d to process on Dask %s",
+            run_id, prepared.experiment_name, "resumed" if resumed else "new",
+            len(done), len(fields), len(pending),
+            client.dashboard_link or client.scheduler.address,
+        )  # fmt: skip
+        t_process = time.perf_counter()
+        n_cells, failures, step_seconds = _process_fields(
+            client,
+            engine,
+            pending,
+            run_id=run_id,
+            feature_set_id=feature_set_id,
+            image_root=prepared.image_root,
+            task_options={
+                "channel_indexes": prepared.channel_indexes,
+                "channel_names": prepared.channel_names,
+                "nuclei_channel": config.input.nuclei_channel,
+                "segment": asdict(config.segment),
+                "measure": asdict(config.measure),
+            },
+        )
     elapsed = time.perf_counter() - t_process
     n_processed = len(pending)
     timings = {
@@ -382,11 +420,11 @@ def run_experiment(
         **{f"{step}_s": seconds for step, seconds in step_seconds.items()},
     }
     failed_frac = len(failures) / max(len(fields), 1)
-    if failed_frac > config.execution.max_failed_fields_frac:
+    if failed_frac > exe.max_failed_fields_frac:
         shown = "; ".join(f"field {fid}: {err}" for fid, err in failures[:5])
         message = (
             f"{len(failures)} of {len(fields)} fields failed ({failed_frac:.1%} > "
-            f"max_failed_fields_frac {config.execution.max_failed_fields_frac:.1%}): {shown}"
+            f"max_failed_fields_frac {exe.max_failed_fields_frac:.1%}): {shown}"
         )
         store.finish_run(
             engine, run_id, status="failed", message=message, timings=timings
@@ -396,22 +434,17 @@ def run_experiment(
     store.finish_run(
         engine, run_id, status="complete", message=message, timings=timings
     )
+    failed_ids = {fid for fid, _ in failures}
     for plate, group in fields.groupby("Metadata_Plate"):
         logger.info(
             "plate %s: %d fields, %d processed now, %d failed",
-            plate,
-            len(group),
-            group["field_id"].isin(pending["field_id"]).sum(),
-            sum(fid in set(group["field_id"]) for fid, _ in failures),
-        )
+            plate, len(group), group["field_id"].isin(pending["field_id"]).sum(),
+            group["field_id"].isin(failed_ids).sum(),
+        )  # fmt: skip
     logger.info(
-        "run %d complete: %d fields processed (%.2f fields/s), %d cells, %d skipped as done",
-        run_id,
-        n_processed,
-        timings["fields_per_s"],
-        n_cells,
-        len(done),
-    )
+        "run %d complete: %d fields processed (%.2f fields/s), %d cells, %d already done",
+        run_id, n_processed, timings["fields_per_s"], n_cells, len(done),
+    )  # fmt: skip
     return RunSummary(
         run_id=run_id,
         experiment_id=experiment_id,

@@ -3,6 +3,7 @@
 import streamlit as st
 
 from app import data, widgets
+from pipeline.profiles import RANKING_COLUMNS
 
 st.header("Ranked compounds")
 st.caption(
@@ -12,17 +13,7 @@ st.caption(
 run_id = widgets.pick_run()
 if run_id is not None:
     hits = data.load_hits(data.db_url(), run_id)
-    columns = [
-        "rank",
-        "Metadata_Compound",
-        "Metadata_Concentration",
-        "Metadata_Role",
-        "n_wells",
-        "activity",
-        "activity_z",
-        "cell_count_ratio",
-    ]
-    st.dataframe(hits[columns], hide_index=True)
+    st.dataframe(hits[RANKING_COLUMNS], hide_index=True)
     st.download_button(
         "Download the full table (CSV)", hits.to_csv(index=False), file_name="hits.csv"
     )

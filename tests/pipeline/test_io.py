@@ -243,3 +243,16 @@ def test_read_field_rejects_bad_channel_index(tmp_path):
 def test_read_field_rejects_empty_paths():
     with pytest.raises(ValueError, match="paths is empty"):
         read_field([])
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("PLATE-1_B03_s2.ome.tif", ("PLATE-1", "B03", "2")),
+        ("B03.tif", (None, "B03", None)),
+        ("my_plate_C11_s10.tiff", ("my_plate", "C11", "10")),
+    ],
+)
+def test_multichannel_layout_parses_plate_well_site(name, expected):
+    match = compile_pattern(layout="multichannel", pattern=None).match(name)
+    assert (match["plate"], match["well"], match["site"]) == expected

@@ -1,7 +1,9 @@
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 from distributed import LocalCluster
 from sqlalchemy import func, select
 
@@ -155,3 +157,61 @@ def test_run_on_an_existing_dask_scheduler(demo_plate, sqlite_url):
             db_url=sqlite_url,
         )
     assert summary.n_processed == 96 and summary.n_cells > 0
+
+
+def test_unreachable_scheduler_is_an_input_error_before_any_write(demo_plate, tmp_path):
+    url = f"sqlite:///{tmp_path}/never.db"
+    config = demo_config(scheduler="tcp://127.0.0.1:9")
+    with pytest.raises(InputError, match="cannot reach the Dask scheduler"):
+        run_experiment(
+            demo_plate["images"], demo_plate["platemap"], config=config, db_url=url
+        )
+    assert not (tmp_path / "never.db").exists()
+
+
+def test_multichannel_files_give_the_same_cells_as_per_channel_files(
+    demo_plate, tmp_path
+):
+    """One OME-TIFF per field (channels stacked) == one TIFF per channel."""
+    wells = [f"A{c:02d}" for c in range(1, 13)]
+    table = pd.read_csv(demo_plate["platemap"])
+    table = table[table["well"].isin(wells)]
+    table.to_csv(tmp_path / "row_a.csv", index=False)
+    per_channel, multi = tmp_path / "per_channel" / "DEMO-P1", tmp_path / "multi"
+    per_channel.mkdir(parents=True)
+    multi.mkdir()
+    source = demo_plate["images"] / "DEMO-P1"
+    for well in wells:
+        planes = []
+        for token in CHANNELS.values():
+            name = f"DEMO-P1_{well}_s1_{token}.tif"
+            shutil.copy(source / name, per_channel / name)
+            planes.append(tifffile.imread(source / name))
+        tifffile.imwrite(
+            multi / f"DEMO-P1_{well}_s1.ome.tif",
+            np.stack(planes),
+            metadata={"axes": "CYX"},
+        )
+    first = run_experiment(
+        per_channel.parent,
+        tmp_path / "row_a.csv",
+        config=demo_config(),
+        db_url=f"sqlite:///{tmp_path}/a.db",
+    )
+    config = config_from_dict(
+        {
+            "input": {
+                "layout": "multichannel",
+                "channels": {"DNA": "0", "Actin": "1", "Mito": "2"},
+            },
+            "execution": {"n_workers": 2, "processes": False},
+        }
+    )
+    second = run_experiment(
+        multi,
+        tmp_path / "row_a.csv",
+        config=config,
+        db_url=f"sqlite:///{tmp_path}/b.db",
+    )
+    assert second.n_fields == first.n_fields == 12
+    assert second.n_cells == first.n_cells > 0
