@@ -13,6 +13,7 @@ class InputError(PipelineError, ValueError):
 
     def __init__(self, problems: list[str] | str, *, source: str | None = None) -> None:
         self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.source = source
         head = f"{source}: " if source else ""
         if len(self.problems) == 1:
             message = head + self.problems[0]
@@ -20,3 +21,13 @@ class InputError(PipelineError, ValueError):
             lines = "\n".join(f"  - {p}" for p in self.problems)
             message = f"{head}{len(self.problems)} problems found:\n{lines}"
         super().__init__(message)
+
+
+def collect_input_errors(errors: list[InputError]) -> InputError:
+    """Merge several input errors into one listing every problem with its source."""
+    problems = [
+        f"{error.source}: {problem}" if error.source else problem
+        for error in errors
+        for problem in error.problems
+    ]
+    return InputError(problems)

@@ -377,8 +377,15 @@ def check_platemap_against_fields(
             f"{len(unimaged)} plate-map well(s) have no images: {shown}{more}; remove "
             "those rows, or pass --allow-unimaged-wells if they were not imaged on purpose."
         )
+    pairs = zip(expanded["Metadata_Plate"], expanded["Metadata_Well"], strict=True)
+    wells = expanded[[pair in imaged for pair in pairs]].reset_index(drop=True)
+    for plate in plates:
+        roles = wells.loc[wells["Metadata_Plate"] == plate, "Metadata_Role"]
+        if plate in known_plates and not (roles == "negative_control").any():
+            problems.append(
+                f"plate {plate!r} has no imaged negative_control well; profiles are "
+                "normalized to them, so image at least one."
+            )
     if problems:
         raise InputError(problems, source="plate map vs images")
-    pairs = zip(expanded["Metadata_Plate"], expanded["Metadata_Well"], strict=True)
-    keep = [pair in imaged for pair in pairs]
-    return expanded[keep].reset_index(drop=True)
+    return wells

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from db import store
 from db.session import make_engine
 from pipeline.config import RunConfig, analysis_key, dump_config
-from pipeline.errors import InputError, PipelineError
+from pipeline.errors import InputError, PipelineError, collect_input_errors
 from pipeline.features import FEATURE_SET_NAME, feature_names, measure_cells
 from pipeline.io import compile_pattern, discover_fields, read_field
 from pipeline.platemap import (
@@ -130,8 +130,17 @@ def prepare_run(
                 "token is the 0-based channel index, e.g. DNA=0,Actin=1."
             )
         indexes = [int(t) for t in cfg.channels.values()]
-    platemap = read_platemap(platemap_path)
-    fields = discover_fields(images_dir, regex=regex, channels=cfg.channels)
+    errors: list[InputError] = []
+    try:
+        platemap = read_platemap(platemap_path)
+    except InputError as exc:
+        errors.append(exc)
+    try:
+        fields = discover_fields(images_dir, regex=regex, channels=cfg.channels)
+    except InputError as exc:
+        errors.append(exc)
+    if errors:  # plate-map and file problems are reported together
+        raise collect_input_errors(errors)
     wells = check_platemap_against_fields(
         platemap, fields, allow_unimaged_wells=cfg.allow_unimaged_wells
     )

@@ -241,3 +241,15 @@ def test_check_platemap_against_fields_allows_unimaged_wells():
 def test_check_platemap_against_fields_rejects_bad_fields_table():
     with pytest.raises(ValueError, match="lacks columns"):
         check_platemap_against_fields(_platemap([]), pd.DataFrame({"x": [1]}))
+
+
+def test_check_platemap_against_fields_rejects_plate_without_imaged_controls():
+    platemap = _platemap(
+        [(None, "A01", "DMSO", "negative_control"), (None, "A02", "x", "treatment")]
+    )
+    with pytest.raises(
+        InputError, match="plate 'P1' has no imaged negative_control well"
+    ):
+        check_platemap_against_fields(
+            platemap, _fields([("P1", "A02")]), allow_unimaged_wells=True
+        )

@@ -215,3 +215,20 @@ def test_multichannel_files_give_the_same_cells_as_per_channel_files(
     )
     assert second.n_fields == first.n_fields == 12
     assert second.n_cells == first.n_cells > 0
+
+
+def test_plate_map_and_file_problems_are_reported_together(plate_copy, tmp_path):
+    images, platemap = plate_copy
+    table = pd.read_csv(platemap)
+    table["concentration_uM"] = table["concentration_uM"].astype(object)
+    table.loc[5, "concentration_uM"] = "1 uM"
+    table.to_csv(tmp_path / "bad.csv", index=False)
+    (images / "DEMO-P1" / "DEMO-P1_B02_s1_w3.tif").unlink()
+    with pytest.raises(InputError) as info:
+        prepare_run(images, tmp_path / "bad.csv", config=demo_config())
+    message = str(info.value)
+    assert "2 problems found" in message
+    assert (
+        "bad.csv: line 7: column 'concentration_uM': '1 uM' is not a number" in message
+    )
+    assert "well B02 site 1: no file for channel Mito" in message
