@@ -139,6 +139,28 @@ def normalize_to_controls(
     return pd.concat([profiles[metadata_columns(profiles)], normalized], axis=1)
 
 
+def score_wells(normalized: pd.DataFrame) -> pd.Series:
+    """Return each well's baseline activity: RMS of its normalized features.
+
+    Parameters
+    ----------
+    normalized : DataFrame
+        From `normalize_to_controls`.
+
+    Returns
+    -------
+    Series
+        Same index; NaN for a well without finite features (e.g. no cells).
+    """
+    values = normalized[feature_columns(normalized)].to_numpy(np.float64)
+    n_values = np.isfinite(values).sum(axis=1)
+    sum_squares = np.nansum(values**2, axis=1)
+    scores = np.divide(
+        sum_squares, n_values, out=np.full(len(values), np.nan), where=n_values > 0
+    )
+    return pd.Series(np.sqrt(scores), index=normalized.index, name="activity")
+
+
 def rank_compounds(normalized: pd.DataFrame) -> pd.DataFrame:
     """Rank compound-doses by a baseline activity score against DMSO.
 
@@ -177,15 +199,7 @@ def rank_compounds(normalized: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(
             f"normalized lacks columns {sorted(needed - set(normalized.columns))}."
         )
-    values = normalized[feature_columns(normalized)].to_numpy(np.float64)
-    n_values = np.isfinite(values).sum(axis=1)
-    sum_squares = np.nansum(values**2, axis=1)
-    scores = np.sqrt(
-        np.divide(
-            sum_squares, n_values, out=np.full(len(values), np.nan), where=n_values > 0
-        )
-    )
-    wells = normalized[list(needed)].assign(score=scores)
+    wells = normalized[list(needed)].assign(score=score_wells(normalized))
     controls = wells[wells["Metadata_Role"] == "negative_control"]
     if controls.empty:
         raise ValueError("normalized has no negative_control wells to compare with.")
