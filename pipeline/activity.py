@@ -7,7 +7,11 @@ A query's average precision (AP) is the mean precision at the rank of each posit
 a treatment's mAP is the mean over its queries. Its p-value compares the mAP with
 the AP of random rankings of the same numbers of positives and negatives (the
 permutation null, `null_size` samples), and Benjamini-Hochberg q-values correct
-over treatments. Vectorized with NumPy: one matrix product per treatment, no
+over treatments. One deliberate difference from copairs 0.5.5: null samples *equal*
+to the observed mAP count as at least as extreme (``>=``, a valid permutation
+p-value). copairs counts only larger ones, which for few replicates (e.g. two wells,
+where AP = 1 has probability 1 / (1 + n_controls)) reports p ~ 1 / null_size instead
+of ~ 1 / (1 + n_controls). Vectorized with NumPy: one matrix product per treatment, no
 pairwise tables.
 """
 
@@ -206,7 +210,7 @@ def mean_average_precision(
             [nulls[c] for c in zip(group["n_pos"], group["n_total"], strict=True)],
             axis=0,
         )
-        p_value = ((null > score).sum() + 1) / (null_size + 1)
+        p_value = ((null >= score).sum() + 1) / (null_size + 1)
         keys = keys if isinstance(keys, tuple) else (keys,)
         rows.append((*keys, score, len(group), p_value))
     result = pd.DataFrame(

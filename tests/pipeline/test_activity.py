@@ -78,7 +78,9 @@ def test_mean_average_precision_finds_the_planted_hit_only():
     active = result.loc[result["is_active"], "Metadata_Compound"].tolist()
     assert active == ["cmpd_7"]
     hit = result.set_index("Metadata_Compound").loc["cmpd_7"]
-    assert hit["mean_average_precision"] > 0.9 and hit["q_value"] < 0.01
+    assert hit["mean_average_precision"] > 0.9 and hit["q_value"] < 0.05
+    # AP = 1 for 3 positives among 19 items has null probability 1 / C(19, 3)
+    assert hit["p_value"] == pytest.approx(1 / 969, rel=0.2)
     assert (result["q_value"] >= result["p_value"]).all()
     assert (result["n_replicates"] == 4).all()
 
@@ -144,3 +146,20 @@ def test_mean_average_precision_rejects_bad_input():
         mean_average_precision(ap.drop(columns="n_pos"), group_by=["Metadata_Compound"])
     with pytest.raises(ValueError, match="fdr"):
         mean_average_precision(ap, group_by=["Metadata_Compound"], fdr=1.5)
+
+
+def test_p_value_counts_ties_with_the_null():
+    """Two replicates that retrieve each other first among 20 controls: AP = 1 has
+    probability 1/21 under the null, so p must be about 1/21, not 1/null_size."""
+    ap = pd.DataFrame(
+        {
+            "Metadata_Compound": ["x", "x"],
+            "average_precision": [1.0, 1.0],
+            "n_pos": [1, 1],
+            "n_total": [21, 21],
+        }
+    )
+    result = mean_average_precision(
+        ap, group_by=["Metadata_Compound"], null_size=50_000, rng=0
+    )
+    assert result.loc[0, "p_value"] == pytest.approx(1 / 21, rel=0.1)
