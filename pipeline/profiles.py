@@ -139,6 +139,63 @@ def normalize_to_controls(
     return pd.concat([profiles[metadata_columns(profiles)], normalized], axis=1)
 
 
+def sphere_to_controls(
+    normalized: pd.DataFrame,
+    *,
+    epsilon: float = 1e-2,
+    control_role: str = "negative_control",
+) -> pd.DataFrame:
+    """Whiten each plate's profiles with ZCA fitted on its negative controls.
+
+    After `normalize_to_controls` (so features are on the controls' scale), the
+    controls' covariance C = U diag(l) U^T gives W = U diag(1 / sqrt(l + epsilon)) U^T
+    and every profile becomes (x - mean_controls) W: correlated control variation is
+    removed while the features keep their axes (ZCA, as pycytominer's Spherize).
+
+    Parameters
+    ----------
+    normalized : DataFrame
+        ``Metadata_Plate``, ``Metadata_Role`` and feature columns.
+    epsilon : float
+        Ridge added to the eigenvalues; needed when controls are fewer than
+        features (their covariance is then singular).
+    control_role : str
+        ``Metadata_Role`` of the controls.
+
+    Returns
+    -------
+    DataFrame
+        Same shape, index and columns; rows with NaN features stay NaN.
+
+    Raises
+    ------
+    ValueError
+        If `epsilon` is not positive, columns are missing, or a plate has fewer than
+        two finite control wells.
+    """
+    if epsilon <= 0:
+        raise ValueError(f"epsilon = {epsilon} must be > 0.")
+    missing = {"Metadata_Plate", "Metadata_Role"} - set(normalized.columns)
+    if missing:
+        raise ValueError(f"normalized lacks columns {sorted(missing)}.")
+    features = feature_columns(normalized)
+    out = normalized.copy()
+    for plate, group in normalized.groupby("Metadata_Plate", sort=False):
+        values = group[features].to_numpy(np.float64)
+        is_control = (group["Metadata_Role"] == control_role).to_numpy()
+        controls = values[is_control & np.isfinite(values).all(axis=1)]
+        if len(controls) < 2:
+            raise ValueError(
+                f"plate {plate!r} has {len(controls)} finite {control_role} wells; "
+                "sphering needs at least two."
+            )
+        eigenvalues, eigenvectors = np.linalg.eigh(np.cov(controls, rowvar=False))
+        scale = 1 / np.sqrt(np.clip(eigenvalues, 0, None) + epsilon)
+        whitening = (eigenvectors * scale) @ eigenvectors.T
+        out.loc[group.index, features] = (values - controls.mean(axis=0)) @ whitening
+    return out
+
+
 def score_wells(normalized: pd.DataFrame) -> pd.Series:
     """Return each well's baseline activity: RMS of its normalized features.
 
