@@ -4,7 +4,7 @@ Runs the same demo experiment side by side: SQLite with 1 and 2 local Dask worke
 processes, and PostgreSQL with 2 (unless --no-postgres). Each run starts from an empty
 store, so the figures include Dask start-up and experiment registration.
 
-    python benchmarks/bench_run.py [--plates 2] [--fields-per-well 3] [--field-size 256]
+    python benchmarks/bench_run.py [--plates 3] [--fields-per-well 2] [--field-size 256]
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from pipeline.run import run_experiment  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--plates", type=int, default=2)
-    parser.add_argument("--fields-per-well", type=int, default=3)
+    parser.add_argument("--plates", type=int, default=3)
+    parser.add_argument("--fields-per-well", type=int, default=2)
     parser.add_argument("--field-size", type=int, default=256)
     parser.add_argument("--no-postgres", action="store_true")
     args = parser.parse_args()

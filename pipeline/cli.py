@@ -18,13 +18,19 @@ import pandas as pd
 
 from pipeline.config import InputConfig, RunConfig, load_config, with_overrides
 from pipeline.errors import InputError, PipelineError
+from pipeline.export import TABLES
+from pipeline.hits import HIT_COLUMNS
 from pipeline.io import LAYOUTS, parse_channels
-from pipeline.profiles import RANKING_COLUMNS
 
 logger = logging.getLogger("phenoscreen")
 
 DEFAULT_DB_URL = "sqlite:///phenoscreen.db"
 DEMO_DIR = "demo_output"
+HITS_HEADER = (
+    "hits: compounds active at any dose (mAP of replicate wells vs DMSO, Simes over "
+    "doses, BH q < 0.05);\nactivity_z: distance from DMSO; EC50 from a 4PL fit of "
+    "activity vs dose (uM); toxic: cell count < 50% of DMSO"
+)
 
 
 def _db_url(args: argparse.Namespace) -> str:
@@ -51,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_data = sub.add_parser("demo-data", help="generate the synthetic demo plate(s)")
     demo_data.add_argument("out_dir", type=Path)
-    demo_data.add_argument("--plates", type=int, default=2, help="replicate plates (2)")
-    demo_data.add_argument("--fields-per-well", type=int, default=3)
+    demo_data.add_argument("--plates", type=int, default=3, help="replicate plates (3)")
+    demo_data.add_argument("--fields-per-well", type=int, default=2)
     demo_data.add_argument("--field-size", type=int, default=256, help="pixels (256)")
     demo_data.add_argument("--seed", type=int, default=0)
 
@@ -82,9 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write a cells/wells/compounds table")
     _add_db(export)
-    export.add_argument(
-        "--table", choices=["cells", "wells", "compounds"], required=True
-    )
+    export.add_argument("--table", choices=list(TABLES), required=True)
     export.add_argument("--format", choices=["csv", "parquet"], default=None)
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--run", type=int, help="run id (default: latest complete)")
@@ -92,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="runs in the store and their progress")
     _add_db(status)
 
-    hits = sub.add_parser("hits", help="ranked compound-doses of a run")
+    hits = sub.add_parser("hits", help="the compound hit list of a run")
     _add_db(hits)
     hits.add_argument("--run", type=int, help="run id (default: latest complete)")
     hits.add_argument("--top", type=int, default=15, help="rows to print (15)")
@@ -179,23 +183,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _hit_table(db_url: str, run_id: int | None) -> pd.DataFrame:
+def _hit_list(db_url: str, run_id: int | None) -> pd.DataFrame:
     from db.session import make_engine
     from db.store import resolve_run
-    from pipeline.export import compound_table, read_well_profiles
+    from pipeline.export import hit_tables, read_well_profiles
 
     engine = make_engine(db_url, create=False)
     run_id, experiment_id = resolve_run(engine, run_id)
-    return compound_table(read_well_profiles(engine, run_id, experiment_id))
+    return hit_tables(read_well_profiles(engine, run_id, experiment_id))[0]
 
 
 def cmd_hits(args: argparse.Namespace) -> int:
     """Print (and write) the ranked compound-doses."""
     from pipeline.export import write_tables
 
-    table = _hit_table(_db_url(args), args.run)
-    print("compound-doses ranked by baseline activity (RMS robust z vs DMSO):")
-    _print_table(table[RANKING_COLUMNS].head(args.top))
+    table = _hit_list(_db_url(args), args.run)
+    print(HITS_HEADER)
+    _print_table(table[HIT_COLUMNS].head(args.top))
     if args.out:
         fmt = "parquet" if args.out.suffix == ".parquet" else "csv"
         write_tables(iter([table]), args.out, fmt=fmt)
@@ -287,17 +291,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"({summary.timings['fields_per_s']:.1f} fields/s), {summary.n_failed} failed"
     )
     print(
-        "[3/3] top compound-doses (true actives and EC50s: "
+        "[3/3] hit list (the true actives and EC50s are in "
         f"{out / 'ground_truth' / 'truth.json'}):"
     )
-    _print_table(_hit_table(db_url, summary.run_id)[RANKING_COLUMNS].head(15))
+    print(HITS_HEADER)
+    _print_table(_hit_list(db_url, summary.run_id)[HIT_COLUMNS].head(15))
     script = Path(sys.executable).parent / "phenoscreen"
     command = str(script) if script.exists() else "phenoscreen"
     print(
         "\nOpen the dashboard:\n"
         f"  {command} dashboard --db {db_url}\n"
         "  then browse http://127.0.0.1:8501\n"
-        f"Export tables: {command} export --db {db_url} --table compounds --out hits.csv"
+        f"Export tables: {command} export --db {db_url} --table hits --out hits.csv"
     )
     return 0
 

@@ -56,6 +56,8 @@ POSITIVE_CONTROL = DemoCompound(
     "Nucleomax", "nuclear_size_up", 0.3, 1.5, "DNA synthesis inhibitor"
 )
 POSITIVE_CONTROL_DOSE_UM = 10.0
+#: A compound is truly active when its effect at the top dose reaches this fraction.
+MIN_TRUE_EFFECT = 0.1
 
 
 def demo_platemap(plates: list[str]) -> pd.DataFrame:
@@ -229,8 +231,8 @@ def _illumination(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarra
 def write_demo_plate(
     out_dir: str | Path,
     *,
-    n_plates: int = 2,
-    fields_per_well: int = 3,
+    n_plates: int = 3,
+    fields_per_well: int = 2,
     field_size_px: int = 256,
     cells_per_field: int = 30,
     seed: int = 0,
@@ -331,7 +333,8 @@ def write_demo_plate(
                 "ec50_uM": c.ec50_um if np.isfinite(c.ec50_um) else None,
                 "hill": c.hill,
                 "moa": c.moa,
-                "is_active": c.effect != "none" and c.ec50_um <= max(DOSES_UM),
+                "effect_at_top_dose": round(effect_size(c, max(DOSES_UM)), 3),
+                "is_active": effect_size(c, max(DOSES_UM)) >= MIN_TRUE_EFFECT,
             }
             for c in COMPOUNDS
         ],

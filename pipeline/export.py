@@ -17,9 +17,10 @@ from sqlalchemy import Engine
 
 from db import store
 from pipeline.features import FEATURE_SET_NAME
-from pipeline.profiles import aggregate_cells, normalize_to_controls, rank_compounds
+from pipeline.hits import DOSE_KEYS, call_hits
+from pipeline.profiles import aggregate_cells, normalize_to_controls
 
-TABLES = ("cells", "wells", "compounds")
+TABLES = ("cells", "wells", "compounds", "hits")
 FORMATS = ("csv", "parquet")
 
 
@@ -99,19 +100,20 @@ def read_well_profiles(
     return _with_well_metadata(profiles, wells)
 
 
-def compound_table(well_profiles: pd.DataFrame) -> pd.DataFrame:
-    """Return the ranked compound-dose table from well profiles.
+def hit_tables(well_profiles: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return the compound hit list and the compound-dose table of well profiles.
 
-    Consensus profile (median of robust-z-normalized replicate wells) per
-    compound-dose, joined to the baseline activity ranking
-    (`pipeline.profiles.rank_compounds`).
+    Profiles are robust-z normalized to each plate's negative controls, then
+    `pipeline.hits.call_hits` runs; the compound-dose table also carries each
+    compound-dose's consensus profile (median of its normalized wells).
     """
     normalized = normalize_to_controls(well_profiles)
-    ranking = rank_compounds(normalized)
-    keys = ["Metadata_Compound", "Metadata_Concentration", "Metadata_Role"]
+    hits, doses = call_hits(normalized)
     features = [c for c in normalized.columns if not c.startswith("Metadata_")]
-    consensus = normalized.groupby(keys, dropna=False)[features].median().reset_index()
-    return ranking.merge(consensus, on=keys, how="left")
+    consensus = (
+        normalized.groupby(DOSE_KEYS, dropna=False)[features].median().reset_index()
+    )
+    return hits, doses.merge(consensus, on=DOSE_KEYS, how="left")
 
 
 def _write_tmp(path: Path) -> Path:
@@ -167,7 +169,11 @@ def write_tables(tables: Iterator[pd.DataFrame], out: str | Path, *, fmt: str) -
 def export_table(
     engine: Engine, *, table: str, out: str | Path, fmt: str, run_id: int | None = None
 ) -> int:
-    """Export the cells, wells or compounds table of a run (default: latest complete).
+    """Export a table of a run (default: the latest complete run).
+
+    ``cells``: one row per cell; ``wells``: per-well median profiles; ``compounds``:
+    per compound-dose activity, q-value and consensus profile; ``hits``: the
+    per-compound hit list.
 
     Returns
     -------
@@ -186,5 +192,9 @@ def export_table(
         stream = iter_cell_tables(engine, run_id, experiment_id)
     else:
         wells = read_well_profiles(engine, run_id, experiment_id)
-        stream = iter([wells if table == "wells" else compound_table(wells)])
+        if table == "wells":
+            stream = iter([wells])
+        else:
+            hits, doses = hit_tables(wells)
+            stream = iter([doses if table == "compounds" else hits])
     return write_tables(stream, out, fmt=fmt)

@@ -14,11 +14,6 @@ import numpy as np
 import pandas as pd
 
 MAD_SCALE = 1.4826
-#: Columns of `rank_compounds` shown to users, in display order.
-RANKING_COLUMNS = [
-    "rank", "Metadata_Compound", "Metadata_Concentration", "Metadata_Role", "n_wells",
-    "activity", "activity_z", "cell_count_ratio",
-]  # fmt: skip
 
 
 def metadata_columns(table: pd.DataFrame) -> list[str]:

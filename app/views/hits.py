@@ -1,19 +1,30 @@
-"""Hits view: compound-doses ranked by baseline activity against DMSO."""
+"""Hits view: compounds active against DMSO, with potency, toxicity and per-dose detail."""
 
 import streamlit as st
 
 from app import data, widgets
-from pipeline.profiles import RANKING_COLUMNS
+from pipeline.hits import DOSE_COLUMNS, HIT_COLUMNS
 
-st.header("Ranked compounds")
+st.header("Hits")
 st.caption(
-    "Baseline activity: root mean square of robust z-scores against the plate's DMSO "
-    "wells; activity_z is its distance from the DMSO wells' own scores."
+    "A compound is a hit when one of its doses is phenotypically active: its replicate "
+    "wells retrieve each other before the DMSO wells (mAP), p-values from a permutation "
+    "null, combined over doses (Simes) and corrected over compounds (Benjamini-Hochberg, "
+    "q < 0.05). activity_z: distance from DMSO. EC50: 4PL fit of activity vs dose. "
+    "Toxic: a dose with fewer than half the DMSO cell count."
 )
 run_id = widgets.pick_run()
 if run_id is not None:
-    hits = data.load_hits(data.db_url(), run_id)
-    st.dataframe(hits[RANKING_COLUMNS], hide_index=True)
+    hits, doses = data.load_hits(data.db_url(), run_id)
+    st.subheader(f"{int(hits['is_hit'].sum())} of {len(hits)} compounds are hits")
+    st.dataframe(hits[HIT_COLUMNS], hide_index=True)
     st.download_button(
-        "Download the full table (CSV)", hits.to_csv(index=False), file_name="hits.csv"
+        "Download the hit list (CSV)", hits.to_csv(index=False), file_name="hits.csv"
+    )
+    st.subheader("Compound-doses")
+    st.dataframe(doses[DOSE_COLUMNS], hide_index=True)
+    st.download_button(
+        "Download compound-doses with consensus profiles (CSV)",
+        doses.to_csv(index=False),
+        file_name="compound_doses.csv",
     )

@@ -50,12 +50,14 @@ def test_view_on_missing_store_shows_error(tmp_path, monkeypatch):
     assert "Cannot open the store" in app.error[0].value
 
 
-def test_hits_view_lists_the_strongest_compound(demo_store, monkeypatch):
+def test_hits_view_lists_compounds_and_doses(demo_store, monkeypatch):
     app = run_view("hits.py", demo_store, monkeypatch)
     assert not app.exception
-    table = app.dataframe[0].value
-    assert table.iloc[0]["Metadata_Compound"] != "DMSO"
-    assert table["rank"].tolist()[:3] == [1, 2, 3]
+    hits, doses = app.dataframe[0].value, app.dataframe[1].value
+    assert hits["rank"].tolist()[:3] == [1, 2, 3]
+    assert "DMSO" not in set(hits["Metadata_Compound"])
+    assert set(hits["Metadata_Compound"]) <= set(doses["Metadata_Compound"])
+    assert "compounds are hits" in app.subheader[0].value
 
 
 def test_plate_view_draws_one_heatmap_per_plate(demo_store, monkeypatch):
@@ -74,7 +76,7 @@ def test_app_entry_navigates_to_hits(demo_store, monkeypatch):
     monkeypatch.setenv("PHENOSCREEN_DB_URL", demo_store)
     app = AppTest.from_file(str(APP / "streamlit_app.py"), default_timeout=60).run()
     assert not app.exception
-    assert app.header[0].value == "Ranked compounds"
+    assert app.header[0].value == "Hits"
 
 
 def test_app_never_imports_torch_or_models():
