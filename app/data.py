@@ -10,7 +10,7 @@ from sqlalchemy import Engine
 
 from db.session import make_engine
 from db.store import resolve_run, summarize_runs
-from pipeline.export import hit_tables, read_well_profiles
+from pipeline.export import hit_tables, plate_qc_table, read_well_profiles
 
 DEFAULT_DB_URL = "sqlite:///phenoscreen.db"
 
@@ -44,3 +44,9 @@ def load_well_profiles(url: str, run_id: int) -> pd.DataFrame:
 def load_hits(url: str, run_id: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return the compound hit list and the compound-dose table of a run."""
     return hit_tables(load_well_profiles(url, run_id))
+
+
+@st.cache_data
+def load_plate_qc(url: str, run_id: int) -> pd.DataFrame:
+    """Return per-plate Z' and edge effect of a run."""
+    return plate_qc_table(load_well_profiles(url, run_id))

@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, help="write the full table (.csv or .parquet)"
     )
 
+    qc = sub.add_parser("qc", help="per-plate Z' and edge effect of a run")
+    _add_db(qc)
+    qc.add_argument("--run", type=int, help="run id (default: latest complete)")
+
     demo = sub.add_parser("demo", help="demo plate -> run -> hits, into SQLite")
     demo.add_argument("--out-dir", type=Path, default=Path(DEMO_DIR))
     demo.add_argument(
@@ -204,6 +208,23 @@ def cmd_hits(args: argparse.Namespace) -> int:
         fmt = "parquet" if args.out.suffix == ".parquet" else "csv"
         write_tables(iter([table]), args.out, fmt=fmt)
         print(f"{len(table)} rows written to {args.out}")
+    return 0
+
+
+def cmd_qc(args: argparse.Namespace) -> int:
+    """Print per-plate QC."""
+    from db.session import make_engine
+    from db.store import resolve_run
+    from pipeline.export import plate_qc_table, read_well_profiles
+
+    engine = make_engine(_db_url(args), create=False)
+    run_id, experiment_id = resolve_run(engine, args.run)
+    table = plate_qc_table(read_well_profiles(engine, run_id, experiment_id))
+    print(
+        "plate QC: Z' of the activity score (positive controls vs DMSO; > 0.5 is good),"
+    )
+    print("Z' of the cell count, DMSO cell count on the outer ring / inner wells:")
+    _print_table(table)
     return 0
 
 
@@ -313,6 +334,7 @@ _COMMANDS = {
     "export": cmd_export,
     "status": cmd_status,
     "hits": cmd_hits,
+    "qc": cmd_qc,
     "demo": cmd_demo,
     "dashboard": cmd_dashboard,
 }

@@ -18,7 +18,13 @@ from sqlalchemy import Engine
 from db import store
 from pipeline.features import FEATURE_SET_NAME
 from pipeline.hits import DOSE_KEYS, call_hits
-from pipeline.profiles import aggregate_cells, normalize_to_controls
+from pipeline.plateqc import edge_effect, plate_z_prime
+from pipeline.profiles import (
+    aggregate_cells,
+    metadata_columns,
+    normalize_to_controls,
+    score_wells,
+)
 
 TABLES = ("cells", "wells", "compounds", "hits")
 FORMATS = ("csv", "parquet")
@@ -114,6 +120,54 @@ def hit_tables(well_profiles: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]
         normalized.groupby(DOSE_KEYS, dropna=False)[features].median().reset_index()
     )
     return hits, doses.merge(consensus, on=DOSE_KEYS, how="left")
+
+
+def plate_qc_table(well_profiles: pd.DataFrame) -> pd.DataFrame:
+    """Return per-plate QC: Z' of the activity score and of the cell count, and edges.
+
+    Activity is the distance of each well from DMSO (`pipeline.profiles.score_wells`
+    after robust-z normalization), so Z' says how well positive controls separate
+    from DMSO in the profile, the usual > 0.5 bar. ``edge_to_inner_cell_count``
+    compares DMSO wells on the plate's outer ring with inner ones (1 = no edge
+    effect).
+
+    Returns
+    -------
+    DataFrame
+        One row per plate: ``Metadata_Plate``, ``z_prime_activity``,
+        ``robust_z_prime_activity``, ``z_prime_cell_count``, ``n_positive``,
+        ``n_negative``, ``edge_to_inner_cell_count``; Z' columns are NaN on plates
+        without two positive and two negative control wells.
+    """
+    normalized = normalize_to_controls(well_profiles)
+    wells = normalized[metadata_columns(normalized)].assign(
+        activity=score_wells(normalized)
+    )
+    plates = pd.DataFrame({"Metadata_Plate": sorted(wells["Metadata_Plate"].unique())})
+    try:
+        activity = plate_z_prime(wells, "activity")
+        counts = plate_z_prime(wells, "Metadata_CellCount")
+    except ValueError:  # no plate has both control kinds: Z' is undefined
+        activity = counts = pd.DataFrame(columns=["Metadata_Plate", "z_prime",
+                                                  "robust_z_prime", "n_positive",
+                                                  "n_negative"])  # fmt: skip
+    table = plates.merge(
+        activity[["Metadata_Plate", "z_prime", "robust_z_prime", "n_positive", "n_negative"]]
+        .rename(columns={"z_prime": "z_prime_activity",
+                         "robust_z_prime": "robust_z_prime_activity"}),
+        on="Metadata_Plate", how="left",
+    ).merge(
+        counts[["Metadata_Plate", "z_prime"]].rename(columns={"z_prime": "z_prime_cell_count"}),
+        on="Metadata_Plate", how="left",
+    )  # fmt: skip
+    edges = edge_effect(wells, "Metadata_CellCount")[
+        ["Metadata_Plate", "edge_to_inner_ratio"]
+    ]
+    return table.merge(
+        edges.rename(columns={"edge_to_inner_ratio": "edge_to_inner_cell_count"}),
+        on="Metadata_Plate",
+        how="left",
+    )
 
 
 def _write_tmp(path: Path) -> Path:

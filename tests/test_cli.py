@@ -61,6 +61,8 @@ def test_cli_run_status_hits_export(demo_plate, tmp_path, config_file, capsys):
     hits = pd.read_csv(tmp_path / "hits.csv")
     assert list(hits["rank"]) == list(range(1, 10))
     assert "DMSO" not in set(hits["Metadata_Compound"]) and "is_hit" in hits.columns
+    assert main(["qc", "--db", url]) == 0
+    assert "z_prime_activity" in capsys.readouterr().out
     for table in ("cells", "wells", "compounds", "hits"):
         for fmt in ("csv", "parquet"):
             out_path = tmp_path / f"{table}.{fmt}"

@@ -64,6 +64,8 @@ def test_plate_view_draws_one_heatmap_per_plate(demo_store, monkeypatch):
     app = run_view("plate.py", demo_store, monkeypatch)
     assert not app.exception
     assert len(app.get("plotly_chart")) == 1
+    qc = app.dataframe[0].value
+    assert qc.loc[0, "Metadata_Plate"] == "DEMO-P1" and qc.loc[0, "n_positive"] == 8
 
 
 def test_runs_view_shows_the_run(demo_store, monkeypatch):

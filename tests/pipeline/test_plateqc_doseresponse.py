@@ -153,3 +153,30 @@ def test_fit_dose_responses_real_lincs_58_compounds():
 def test_fit_dose_responses_rejects_missing_columns():
     with pytest.raises(ValueError, match="lacks columns"):
         fit_dose_responses(pd.DataFrame({"a": [1]}), response="activity")
+
+
+def test_plate_qc_table_on_the_demo_plate(demo_plate, sqlite_url):
+    from db.session import make_engine
+    from db.store import resolve_run
+    from pipeline.config import config_from_dict
+    from pipeline.demo import CHANNELS
+    from pipeline.export import plate_qc_table, read_well_profiles
+    from pipeline.run import run_experiment
+
+    config = config_from_dict(
+        {
+            "input": {"layout": "imagexpress", "channels": CHANNELS},
+            "execution": {"n_workers": 2, "processes": False},
+        }
+    )
+    run_experiment(
+        demo_plate["images"], demo_plate["platemap"], config=config, db_url=sqlite_url
+    )
+    engine = make_engine(sqlite_url)
+    table = plate_qc_table(read_well_profiles(engine, *resolve_run(engine)))
+    row = table.iloc[0]
+    assert (row["n_positive"], row["n_negative"]) == (8, 16)
+    # 8 cells per well on this tiny plate: Z' is defined but far from assay quality
+    assert -np.inf < row["z_prime_activity"] <= 1
+    assert -np.inf < row["robust_z_prime_activity"] <= 1
+    assert np.isnan(row["edge_to_inner_cell_count"])  # all DMSO wells are on the edge
