@@ -219,3 +219,91 @@ def mean_average_precision(
     result["q_value"] = false_discovery_control(result["p_value"], method="bh")
     result["is_active"] = result["q_value"] < fdr
     return result
+
+
+def percent_replicating(
+    profiles: pd.DataFrame,
+    *,
+    group_by: Sequence[str],
+    control_role: str = "negative_control",
+    n_null: int = 10_000,
+    quantile: float = 0.95,
+    rng: np.random.Generator | int | None = None,
+) -> tuple[float, pd.DataFrame]:
+    """Return Percent Replicating and each treatment's replicate correlation.
+
+    The JUMP definition: a treatment replicates when the median Pearson correlation
+    among its replicate wells exceeds the `quantile` of a null of median
+    correlations among the same number of wells drawn from distinct treatments.
+
+    Parameters
+    ----------
+    profiles : DataFrame
+        Well profiles with ``Metadata_Role``, the `group_by` columns and finite
+        features; negative controls are left out.
+    group_by : sequence of str
+        Columns that define a treatment (e.g. ``["Metadata_Compound"]``).
+    control_role : str
+        ``Metadata_Role`` of the wells to leave out.
+    n_null : int
+        Null samples per replicate count.
+    quantile : float
+        Null quantile a treatment must exceed.
+    rng : Generator, int or None
+
+    Returns
+    -------
+    percent : float
+        Percent of treatments (with two or more replicates) that replicate.
+    per_treatment : DataFrame
+        `group_by` columns, ``n_replicates``, ``median_correlation``, ``threshold``,
+        ``is_replicating``.
+
+    Raises
+    ------
+    ValueError
+        If columns are missing, features are not finite, or fewer than two
+        treatments have replicates.
+    """
+    missing = [c for c in [*group_by, "Metadata_Role"] if c not in profiles.columns]
+    if missing:
+        raise ValueError(f"profiles lacks columns {missing}.")
+    treated = profiles[profiles["Metadata_Role"] != control_role].reset_index(drop=True)
+    values = treated[feature_columns(treated)].to_numpy(np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError(
+            "profiles has NaN or infinite features; drop those wells first."
+        )
+    corr = np.corrcoef(values)
+    groups = treated.groupby(list(group_by), sort=True, dropna=False).indices
+    groups = {key: members for key, members in groups.items() if len(members) >= 2}
+    if len(groups) < 2:
+        raise ValueError("fewer than two treatments have two or more replicates.")
+    generator = np.random.default_rng(rng)
+    members_of = list(groups.values())
+    flat = np.concatenate(members_of)
+    sizes = np.array([len(m) for m in members_of])
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    thresholds = {}
+    for size in sorted(set(sizes.tolist())):
+        k = min(size, len(members_of))
+        chosen = generator.random((n_null, len(members_of))).argsort(axis=1)[:, :k]
+        picks = (generator.random((n_null, k)) * sizes[chosen]).astype(np.int64)
+        wells = flat[offsets[chosen] + picks]  # (n_null, k), one well per treatment
+        upper = np.triu_indices(k, 1)
+        null = np.median(
+            corr[wells[:, :, None], wells[:, None, :]][:, upper[0], upper[1]], axis=1
+        )
+        thresholds[size] = np.quantile(null, quantile)
+    rows = []
+    for key, members in groups.items():
+        median = float(
+            np.median(corr[np.ix_(members, members)][np.triu_indices(len(members), 1)])
+        )
+        keys = key if isinstance(key, tuple) else (key,)
+        rows.append((*keys, len(members), median, thresholds[len(members)]))
+    table = pd.DataFrame(
+        rows, columns=[*group_by, "n_replicates", "median_correlation", "threshold"]
+    )
+    table["is_replicating"] = table["median_correlation"] > table["threshold"]
+    return 100.0 * float(table["is_replicating"].mean()), table

@@ -9,7 +9,9 @@ from pipeline.activity import (
     average_precision,
     mean_average_precision,
     null_average_precision,
+    percent_replicating,
 )
+from pipeline.profiles import sphere_to_controls
 from tests.conftest import shared_data
 
 
@@ -163,3 +165,53 @@ def test_p_value_counts_ties_with_the_null():
         ap, group_by=["Metadata_Compound"], null_size=50_000, rng=0
     )
     assert result.loc[0, "p_value"] == pytest.approx(1 / 21, rel=0.1)
+
+
+def test_percent_replicating_separates_replicating_from_random_groups():
+    generator = np.random.default_rng(0)
+    rows, values = [], []
+    for c in range(20):
+        centre = generator.normal(size=40) * (3 if c < 10 else 0)  # 10 with a signature
+        for _ in range(4):
+            rows.append((f"cmpd_{c}", "treatment"))
+            values.append(centre + generator.normal(size=40))
+    meta = pd.DataFrame(rows, columns=["Metadata_Compound", "Metadata_Role"])
+    profiles = pd.concat([meta, pd.DataFrame(values).add_prefix("f")], axis=1)
+    percent, table = percent_replicating(
+        profiles, group_by=["Metadata_Compound"], rng=0
+    )
+    assert percent == pytest.approx(50.0, abs=10)
+    replicating = set(table.loc[table["is_replicating"], "Metadata_Compound"])
+    assert {f"cmpd_{c}" for c in range(10)} <= replicating
+    assert (table["n_replicates"] == 4).all()
+
+
+def test_percent_replicating_rejects():
+    with pytest.raises(ValueError, match="lacks columns"):
+        percent_replicating(make_wells(), group_by=["Metadata_Dose"])
+    with pytest.raises(ValueError, match="fewer than two treatments"):
+        percent_replicating(make_wells(n_compounds=1), group_by=["Metadata_Compound"])
+
+
+def test_percent_replicating_real_jump_moa_plate_matches_published():
+    """Published for BR00117060a10x (sphered profiles): Percent Replicating 42.2."""
+    path = shared_data("profiles/jump_moa_cpg0002_plate_BR00117060a10x")
+    raw = pd.read_csv(
+        path / "BR00117060a10x_normalized_feature_select_negcon_plate.csv.gz"
+    )
+    is_negcon = raw["Metadata_control_type"] == "negcon"
+    meta = pd.DataFrame(
+        {
+            "Metadata_Plate": raw["Metadata_Plate"],
+            "Metadata_Compound": raw["Metadata_broad_sample"],
+            "Metadata_Role": np.where(is_negcon, "negative_control", "treatment"),
+        }
+    )
+    profiles = pd.concat(
+        [meta, raw.loc[:, ~raw.columns.str.startswith("Metadata_")]], axis=1
+    )
+    percent, table = percent_replicating(
+        sphere_to_controls(profiles), group_by=["Metadata_Compound"], rng=0
+    )
+    assert len(table) == 88
+    assert percent == pytest.approx(42.2, abs=5)

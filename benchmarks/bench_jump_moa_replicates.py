@@ -1,0 +1,81 @@
+"""Replicate reproducibility on a real JUMP-MOA plate vs its published figures.
+
+Plate BR00117060a10x (../shared/data/profiles/jump_moa_cpg0002_plate_BR00117060a10x):
+88 compounds x 4 replicate wells and 24 DMSO wells, 357 features. Reports Percent
+Replicating (published 42.2 on sphered profiles) on the profiles as given and after
+our ZCA sphering on DMSO, and the replicate activity (mAP of each compound's wells
+against DMSO, q < 0.05; copairs 0.5.5 gave mean mAP 0.441 and 25 % active, see the
+folder's SOURCE.txt).
+
+    python benchmarks/bench_jump_moa_replicates.py
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import save  # noqa: E402
+
+from pipeline.activity import (  # noqa: E402
+    average_precision,
+    mean_average_precision,
+    percent_replicating,
+)
+from pipeline.profiles import sphere_to_controls  # noqa: E402
+
+PLATE = (
+    Path(__file__).resolve().parents[2]
+    / "shared/data/profiles/jump_moa_cpg0002_plate_BR00117060a10x"
+    / "BR00117060a10x_normalized_feature_select_negcon_plate.csv.gz"
+)
+
+
+def main() -> None:
+    raw = pd.read_csv(PLATE)
+    is_negcon = raw["Metadata_control_type"] == "negcon"
+    meta = pd.DataFrame(
+        {
+            "Metadata_Plate": raw["Metadata_Plate"],
+            "Metadata_Compound": raw["Metadata_broad_sample"],
+            "Metadata_Role": np.where(is_negcon, "negative_control", "treatment"),
+        }
+    )
+    profiles = pd.concat(
+        [meta, raw.loc[:, ~raw.columns.str.startswith("Metadata_")]], axis=1
+    )
+    start = time.perf_counter()
+    sphered = sphere_to_controls(profiles)
+    pr_raw, _ = percent_replicating(profiles, group_by=["Metadata_Compound"], rng=0)
+    pr_sphered, table = percent_replicating(
+        sphered, group_by=["Metadata_Compound"], rng=0
+    )
+    ap = average_precision(profiles, group_by=["Metadata_Compound"])
+    activity = mean_average_precision(ap, group_by=["Metadata_Compound"], rng=0)
+    figures = {
+        "n_compounds": len(table),
+        "percent_replicating_published": 42.2,
+        "percent_replicating_as_given": round(pr_raw, 1),
+        "percent_replicating_sphered": round(pr_sphered, 1),
+        "activity_mean_map": round(float(activity["mean_average_precision"].mean()), 3),
+        "activity_mean_map_copairs_reference": 0.441,
+        "activity_percent_q_below_0.05": round(
+            100 * float(activity["is_active"].mean()), 1
+        ),
+        "activity_percent_copairs_reference": 25,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    for key, value in figures.items():
+        print(f"{key:38s} {value}")
+    save("jump_moa_replicates", figures)
+
+
+if __name__ == "__main__":
+    main()
