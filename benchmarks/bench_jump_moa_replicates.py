@@ -5,7 +5,8 @@ Plate BR00117060a10x (../shared/data/profiles/jump_moa_cpg0002_plate_BR00117060a
 Replicating (published 42.2 on sphered profiles) on the profiles as given and after
 our ZCA sphering on DMSO, and the replicate activity (mAP of each compound's wells
 against DMSO, q < 0.05; copairs 0.5.5 gave mean mAP 0.441 and 25 % active, see the
-folder's SOURCE.txt).
+folder's SOURCE.txt), and 1-NN MoA accuracy with the same compound left out (NSC;
+one plate, so no NSCB).
 
     python benchmarks/bench_jump_moa_replicates.py
 """
@@ -29,6 +30,7 @@ from pipeline.activity import (  # noqa: E402
     mean_average_precision,
     percent_replicating,
 )
+from pipeline.moa import consensus_profiles, predict_moa  # noqa: E402
 from pipeline.profiles import sphere_to_controls  # noqa: E402
 
 PLATE = (
@@ -45,7 +47,9 @@ def main() -> None:
         {
             "Metadata_Plate": raw["Metadata_Plate"],
             "Metadata_Compound": raw["Metadata_broad_sample"],
+            "Metadata_Concentration": 3.0,  # JUMP-MOA: every compound at 3 uM
             "Metadata_Role": np.where(is_negcon, "negative_control", "treatment"),
+            "Metadata_MoA": raw["Metadata_moa"],
         }
     )
     profiles = pd.concat(
@@ -59,6 +63,16 @@ def main() -> None:
     )
     ap = average_precision(profiles, group_by=["Metadata_Compound"])
     activity = mean_average_precision(ap, group_by=["Metadata_Compound"], rng=0)
+    moa_accuracy = {}
+    for name, table_in in (("as_given", profiles), ("sphered", sphered)):
+        consensus = consensus_profiles(
+            table_in, batch_column="Metadata_Plate", carry=["Metadata_MoA"]
+        )
+        _, accuracy = predict_moa(
+            consensus, reference_column="Metadata_MoA", batch_column="Metadata_Plate"
+        )
+        moa_accuracy[name] = round(accuracy["nsc"], 3)
+        moa_accuracy["chance"] = round(accuracy["chance_nsc"], 3)
     figures = {
         "n_compounds": len(table),
         "percent_replicating_published": 42.2,
@@ -70,6 +84,9 @@ def main() -> None:
             100 * float(activity["is_active"].mean()), 1
         ),
         "activity_percent_copairs_reference": 25,
+        "moa_1nn_nsc_accuracy_as_given": moa_accuracy["as_given"],
+        "moa_1nn_nsc_accuracy_sphered": moa_accuracy["sphered"],
+        "moa_1nn_chance_level": moa_accuracy["chance"],
         "seconds": round(time.perf_counter() - start, 2),
     }
     for key, value in figures.items():

@@ -104,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, help="write the full table (.csv or .parquet)"
     )
 
+    moa = sub.add_parser("moa", help="1-NN prediction of an annotation (NSC, NSCB)")
+    _add_db(moa)
+    moa.add_argument("--reference-column", required=True, help="e.g. moa or target")
+    moa.add_argument("--run", type=int, help="run id (default: latest complete)")
+    moa.add_argument(
+        "--out", type=Path, help="write the predictions (.csv or .parquet)"
+    )
+
     qc = sub.add_parser("qc", help="per-plate Z' and edge effect of a run")
     _add_db(qc)
     qc.add_argument("--run", type=int, help="run id (default: latest complete)")
@@ -228,6 +236,28 @@ def cmd_qc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_moa(args: argparse.Namespace) -> int:
+    """Print 1-NN annotation accuracies (and write the predictions)."""
+    from db.session import make_engine
+    from db.store import resolve_run
+    from pipeline.export import moa_table, read_well_profiles, write_tables
+
+    engine = make_engine(_db_url(args), create=False)
+    run_id, experiment_id = resolve_run(engine, args.run)
+    wells = read_well_profiles(engine, run_id, experiment_id)
+    predictions, accuracy = moa_table(wells, reference_column=args.reference_column)
+    print(
+        f"1-NN {args.reference_column} accuracy over {len(predictions)} compound-doses: "
+        f"same compound left out (NSC) {accuracy['nsc']:.3f}, also same batch left out "
+        f"(NSCB) {accuracy['nscb']:.3f}; a random other compound: {accuracy['chance_nsc']:.3f}"
+    )
+    if args.out:
+        fmt = "parquet" if args.out.suffix == ".parquet" else "csv"
+        write_tables(iter([predictions]), args.out, fmt=fmt)
+        print(f"{len(predictions)} predictions written to {args.out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a table."""
     from db.session import make_engine
@@ -335,6 +365,7 @@ _COMMANDS = {
     "status": cmd_status,
     "hits": cmd_hits,
     "qc": cmd_qc,
+    "moa": cmd_moa,
     "demo": cmd_demo,
     "dashboard": cmd_dashboard,
 }

@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 from db import store
 from pipeline.features import FEATURE_SET_NAME
 from pipeline.hits import DOSE_KEYS, call_hits
+from pipeline.moa import consensus_profiles, predict_moa
 from pipeline.plateqc import edge_effect, plate_z_prime
 from pipeline.profiles import (
     aggregate_cells,
@@ -168,6 +169,45 @@ def plate_qc_table(well_profiles: pd.DataFrame) -> pd.DataFrame:
         on="Metadata_Plate",
         how="left",
     )
+
+
+def moa_table(
+    well_profiles: pd.DataFrame, *, reference_column: str
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Predict an annotation (e.g. MoA) of every compound-dose by 1-NN, NSC and NSCB.
+
+    Parameters
+    ----------
+    well_profiles : DataFrame
+        From `read_well_profiles`.
+    reference_column : str
+        ``moa`` finds the plate map's ``Metadata_MoA`` (or an imported
+        ``Metadata_moa``); any other name ``X`` finds ``Metadata_X`` or ``X``,
+        case-insensitively. Batches are ``Metadata_Batch`` when present, else plates.
+
+    Returns
+    -------
+    predictions : DataFrame
+    accuracy : dict
+        See `pipeline.moa.predict_moa`.
+
+    Raises
+    ------
+    ValueError
+        If the column is not found (the message lists the metadata columns).
+    """
+    lower = {c.lower(): c for c in well_profiles.columns if c.startswith("Metadata_")}
+    name = reference_column.lower().removeprefix("metadata_")
+    column = lower.get(f"metadata_{name}")
+    if column is None:
+        raise ValueError(
+            f"reference column {reference_column!r} is not among the metadata columns "
+            f"({', '.join(sorted(lower.values()))}); add it to the plate map."
+        )
+    batch = lower.get("metadata_batch", "Metadata_Plate")
+    normalized = normalize_to_controls(well_profiles)
+    consensus = consensus_profiles(normalized, batch_column=batch, carry=[column])
+    return predict_moa(consensus, reference_column=column, batch_column=batch)
 
 
 def _write_tmp(path: Path) -> Path:

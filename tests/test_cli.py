@@ -63,6 +63,15 @@ def test_cli_run_status_hits_export(demo_plate, tmp_path, config_file, capsys):
     assert "DMSO" not in set(hits["Metadata_Compound"]) and "is_hit" in hits.columns
     assert main(["qc", "--db", url]) == 0
     assert "z_prime_activity" in capsys.readouterr().out
+    moa_out = tmp_path / "moa.csv"
+    assert (
+        main(["moa", "--db", url, "--reference-column", "moa", "--out", str(moa_out)])
+        == 0
+    )
+    assert "same compound left out (NSC)" in capsys.readouterr().out
+    assert {"predicted_nsc", "is_correct_nsc"} <= set(pd.read_csv(moa_out).columns)
+    assert main(["moa", "--db", url, "--reference-column", "target"]) == 2
+    assert "'target' is not among the metadata columns" in capsys.readouterr().err
     for table in ("cells", "wells", "compounds", "hits"):
         for fmt in ("csv", "parquet"):
             out_path = tmp_path / f"{table}.{fmt}"

@@ -1,0 +1,120 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.moa import consensus_profiles, nearest_neighbors, predict_moa
+
+
+def make_wells(rng=0, n_batches=2):
+    """3 MoAs x 2 compounds x 2 doses x 2 wells per batch, plus DMSO."""
+    generator = np.random.default_rng(rng)
+    signatures = {moa: generator.normal(size=30) * 3 for moa in ("a", "b", "c")}
+    rows, values = [], []
+    for batch in range(n_batches):
+        for _ in range(4):
+            rows.append(("DMSO", np.nan, "negative_control", "", f"B{batch}"))
+            values.append(generator.normal(size=30))
+        for moa, signature in signatures.items():
+            for c in range(2):
+                for dose in (1.0, 10.0):
+                    for _ in range(2):
+                        rows.append((f"{moa}{c}", dose, "treatment", moa, f"B{batch}"))
+                        values.append(signature * dose / 10 + generator.normal(size=30))
+    meta = pd.DataFrame(
+        rows,
+        columns=[
+            "Metadata_Compound",
+            "Metadata_Concentration",
+            "Metadata_Role",
+            "Metadata_MoA",
+            "Metadata_Batch",
+        ],
+    )
+    return pd.concat([meta, pd.DataFrame(values).add_prefix("f")], axis=1)
+
+
+def test_consensus_profiles_median_per_compound_dose_and_batch():
+    wells = make_wells()
+    consensus = consensus_profiles(
+        wells, batch_column="Metadata_Batch", carry=["Metadata_MoA"]
+    )
+    assert len(consensus) == 6 * 2 * 2
+    assert (consensus["n_wells"] == 2).all()
+    assert "DMSO" not in set(consensus["Metadata_Compound"])
+    first = consensus.iloc[0]
+    members = wells[
+        (wells["Metadata_Compound"] == first["Metadata_Compound"])
+        & (wells["Metadata_Concentration"] == first["Metadata_Concentration"])
+        & (wells["Metadata_Batch"] == first["Metadata_Batch"])
+    ]
+    assert first["f0"] == pytest.approx(members["f0"].median())
+
+
+def test_predict_moa_nsc_and_nscb():
+    consensus = consensus_profiles(
+        make_wells(), batch_column="Metadata_Batch", carry=["Metadata_MoA"]
+    )
+    predictions, accuracy = predict_moa(
+        consensus, reference_column="Metadata_MoA", batch_column="Metadata_Batch"
+    )
+    top = predictions[predictions["Metadata_Concentration"] == 10.0]
+    assert top["is_correct_nsc"].all() and top["is_correct_nscb"].all()
+    assert (top["neighbor_nsc"] != top["Metadata_Compound"]).all()
+    assert accuracy["nsc"] > accuracy["chance_nsc"]
+    assert accuracy["chance_nsc"] == pytest.approx(
+        2 / 10
+    )  # 2 same-MoA rows of 10 others
+    single = consensus_profiles(
+        make_wells(n_batches=1), batch_column="Metadata_Batch", carry=["Metadata_MoA"]
+    )
+    _, accuracy = predict_moa(
+        single, reference_column="Metadata_MoA", batch_column="Metadata_Batch"
+    )
+    assert np.isnan(accuracy["nscb"])
+
+
+def test_predict_moa_multilabel_counts_one_shared_label():
+    consensus = consensus_profiles(
+        make_wells(), batch_column="Metadata_Batch", carry=["Metadata_MoA"]
+    )
+    consensus["Metadata_MoA"] = consensus["Metadata_MoA"].replace({"a": "a|x"})
+    _, accuracy = predict_moa(
+        consensus, reference_column="Metadata_MoA", batch_column="Metadata_Batch"
+    )
+    assert accuracy["nsc"] > 0.5
+
+
+def test_nearest_neighbors_are_other_compounds_of_the_same_moa_first():
+    consensus = consensus_profiles(
+        make_wells(), batch_column="Metadata_Batch", carry=["Metadata_MoA"]
+    )
+    neighbors = nearest_neighbors(consensus, k=3)
+    first = neighbors[
+        (neighbors["query_compound"] == "a0")
+        & (neighbors["query_concentration"] == 10.0)
+        & (neighbors["neighbor_rank"] == 1)
+    ]
+    assert set(first["neighbor_compound"]) == {"a1"}
+    assert (neighbors["query_compound"] != neighbors["neighbor_compound"]).all()
+    assert len(neighbors) == 3 * len(consensus)  # one query per consensus row
+
+
+def test_moa_functions_reject_bad_input():
+    wells = make_wells()
+    with pytest.raises(ValueError, match="lacks columns"):
+        consensus_profiles(wells, batch_column="Metadata_Plate")
+    consensus = consensus_profiles(
+        wells, batch_column="Metadata_Batch", carry=["Metadata_MoA"]
+    )
+    with pytest.raises(ValueError, match="lacks columns"):
+        predict_moa(
+            consensus, reference_column="Metadata_Target", batch_column="Metadata_Batch"
+        )
+    with pytest.raises(ValueError, match="fewer than two compounds"):
+        predict_moa(
+            consensus.assign(Metadata_MoA=""),
+            reference_column="Metadata_MoA",
+            batch_column="Metadata_Batch",
+        )
+    with pytest.raises(ValueError, match="k = 0"):
+        nearest_neighbors(consensus, k=0)
