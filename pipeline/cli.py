@@ -195,39 +195,42 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _hit_list(db_url: str, run_id: int | None) -> pd.DataFrame:
+def _well_profiles(db_url: str, run_id: int | None) -> pd.DataFrame:
+    """Well profiles of a run (None: the latest complete one)."""
     from db.session import make_engine
     from db.store import resolve_run
-    from pipeline.export import hit_tables, read_well_profiles
+    from pipeline.export import read_well_profiles
 
     engine = make_engine(db_url, create=False)
-    run_id, experiment_id = resolve_run(engine, run_id)
-    return hit_tables(read_well_profiles(engine, run_id, experiment_id))[0]
+    return read_well_profiles(engine, *resolve_run(engine, run_id))
+
+
+def _write_out(table: pd.DataFrame, out: Path, what: str) -> None:
+    from pipeline.export import write_tables
+
+    write_tables(
+        iter([table]), out, fmt="parquet" if out.suffix == ".parquet" else "csv"
+    )
+    print(f"{len(table)} {what} written to {out}")
 
 
 def cmd_hits(args: argparse.Namespace) -> int:
-    """Print (and write) the ranked compound-doses."""
-    from pipeline.export import write_tables
+    """Print (and write) the compound hit list."""
+    from pipeline.export import hit_tables
 
-    table = _hit_list(_db_url(args), args.run)
+    table = hit_tables(_well_profiles(_db_url(args), args.run))[0]
     print(HITS_HEADER)
     _print_table(table[HIT_COLUMNS].head(args.top))
     if args.out:
-        fmt = "parquet" if args.out.suffix == ".parquet" else "csv"
-        write_tables(iter([table]), args.out, fmt=fmt)
-        print(f"{len(table)} rows written to {args.out}")
+        _write_out(table, args.out, "rows")
     return 0
 
 
 def cmd_qc(args: argparse.Namespace) -> int:
     """Print per-plate QC."""
-    from db.session import make_engine
-    from db.store import resolve_run
-    from pipeline.export import plate_qc_table, read_well_profiles
+    from pipeline.export import plate_qc_table
 
-    engine = make_engine(_db_url(args), create=False)
-    run_id, experiment_id = resolve_run(engine, args.run)
-    table = plate_qc_table(read_well_profiles(engine, run_id, experiment_id))
+    table = plate_qc_table(_well_profiles(_db_url(args), args.run))
     print(
         "plate QC: Z' of the activity score (positive controls vs DMSO; > 0.5 is good),"
     )
@@ -238,23 +241,18 @@ def cmd_qc(args: argparse.Namespace) -> int:
 
 def cmd_moa(args: argparse.Namespace) -> int:
     """Print 1-NN annotation accuracies (and write the predictions)."""
-    from db.session import make_engine
-    from db.store import resolve_run
-    from pipeline.export import moa_table, read_well_profiles, write_tables
+    from pipeline.export import moa_table
 
-    engine = make_engine(_db_url(args), create=False)
-    run_id, experiment_id = resolve_run(engine, args.run)
-    wells = read_well_profiles(engine, run_id, experiment_id)
-    predictions, accuracy = moa_table(wells, reference_column=args.reference_column)
+    predictions, accuracy = moa_table(
+        _well_profiles(_db_url(args), args.run), reference_column=args.reference_column
+    )
     print(
         f"1-NN {args.reference_column} accuracy over {len(predictions)} compound-doses: "
         f"same compound left out (NSC) {accuracy['nsc']:.3f}, also same batch left out "
         f"(NSCB) {accuracy['nscb']:.3f}; a random other compound: {accuracy['chance_nsc']:.3f}"
     )
     if args.out:
-        fmt = "parquet" if args.out.suffix == ".parquet" else "csv"
-        write_tables(iter([predictions]), args.out, fmt=fmt)
-        print(f"{len(predictions)} predictions written to {args.out}")
+        _write_out(predictions, args.out, "predictions")
     return 0
 
 
@@ -310,6 +308,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Generate the demo plate if needed, run it into SQLite and print the hits."""
     from pipeline.config import config_from_dict
     from pipeline.demo import CHANNELS, write_demo_plate
+    from pipeline.export import hit_tables
     from pipeline.run import run_experiment
 
     out = args.out_dir
@@ -346,7 +345,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{out / 'ground_truth' / 'truth.json'}):"
     )
     print(HITS_HEADER)
-    _print_table(_hit_list(db_url, summary.run_id)[HIT_COLUMNS].head(15))
+    hits = hit_tables(_well_profiles(db_url, summary.run_id))[0]
+    _print_table(hits[HIT_COLUMNS].head(15))
     script = Path(sys.executable).parent / "phenoscreen"
     command = str(script) if script.exists() else "phenoscreen"
     print(
