@@ -9,7 +9,7 @@ import streamlit as st
 from sqlalchemy import Engine
 
 from db.session import make_engine
-from db.store import resolve_run, summarize_runs
+from db.store import read_phenotype_map, resolve_run, summarize_runs
 from pipeline.export import hit_tables, plate_qc_table, read_well_profiles
 
 DEFAULT_DB_URL = "sqlite:///phenoscreen.db"
@@ -50,3 +50,9 @@ def load_hits(url: str, run_id: int) -> tuple[pd.DataFrame, pd.DataFrame]:
 def load_plate_qc(url: str, run_id: int) -> pd.DataFrame:
     """Return per-plate Z' and edge effect of a run."""
     return plate_qc_table(load_well_profiles(url, run_id))
+
+
+@st.cache_data(ttl=30)
+def load_phenotype_map(url: str, run_id: int) -> pd.DataFrame:
+    """Return the stored phenotype map of a run (empty until `phenoscreen map`)."""
+    return read_phenotype_map(get_engine(url), run_id)

@@ -10,6 +10,7 @@ st.navigation(
     [
         st.Page(views / "hits.py", title="Hits", default=True),
         st.Page(views / "plate.py", title="Plates"),
+        st.Page(views / "phenotype_map.py", title="Phenotype map"),
         st.Page(views / "runs.py", title="Runs"),
     ]
 ).run()

@@ -25,7 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -206,3 +206,26 @@ class CellVector(Base):
         ForeignKey("feature_set.id", ondelete="CASCADE"), primary_key=True
     )
     values: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class PhenotypeMapPoint(Base):
+    """One point of a run's stored phenotype map (a well or a compound-dose)."""
+
+    __tablename__ = "phenotype_map_point"
+    __table_args__ = (UniqueConstraint("run_id", "level", "label"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("run.id", ondelete="CASCADE"), index=True
+    )
+    level: Mapped[str] = mapped_column(String(20))
+    label: Mapped[str] = mapped_column(String(400))
+    plate: Mapped[str | None] = mapped_column(String(200))
+    well: Mapped[str | None] = mapped_column(String(4))
+    compound: Mapped[str] = mapped_column(String(300))
+    concentration: Mapped[float | None] = mapped_column(Float)
+    role: Mapped[str] = mapped_column(String(20))
+    moa: Mapped[str | None] = mapped_column(Text)
+    activity: Mapped[float | None] = mapped_column(Float)
+    umap_x: Mapped[float]
+    umap_y: Mapped[float]
+    cluster: Mapped[int]

@@ -32,6 +32,7 @@ from db.schema import (
     FeatureSet,
     Field,
     FieldResult,
+    PhenotypeMapPoint,
     Plate,
     Run,
     Well,
@@ -725,3 +726,45 @@ def resolve_run(engine: Engine, run_id: int | None = None) -> tuple[int, int]:
             f"no complete run in the store (runs: {listing}); run a plate first."
         )
     return complete[-1]
+
+
+MAP_COLUMNS = (
+    "level", "label", "plate", "well", "compound", "concentration", "role", "moa",
+    "activity", "umap_x", "umap_y", "cluster",
+)  # fmt: skip
+
+
+def write_phenotype_map(engine: Engine, run_id: int, points: pd.DataFrame) -> None:
+    """Replace a run's stored phenotype map in one transaction.
+
+    Raises
+    ------
+    ValueError
+        If `points` lacks a column of `MAP_COLUMNS`.
+    """
+    missing = [c for c in MAP_COLUMNS if c not in points.columns]
+    if missing:
+        raise ValueError(f"points lacks columns {missing}.")
+    records = [
+        {key: _none_if_nan(value) for key, value in record.items()}
+        for record in points[list(MAP_COLUMNS)].astype(object).to_dict("records")
+    ]
+    with session_scope(engine) as session:
+        session.execute(
+            delete(PhenotypeMapPoint).where(PhenotypeMapPoint.run_id == run_id)
+        )
+        if records:
+            session.execute(
+                insert(PhenotypeMapPoint), [r | {"run_id": run_id} for r in records]
+            )
+
+
+def read_phenotype_map(engine: Engine, run_id: int) -> pd.DataFrame:
+    """Return a run's stored phenotype map (empty when none was made)."""
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(*(getattr(PhenotypeMapPoint, c) for c in MAP_COLUMNS))
+            .where(PhenotypeMapPoint.run_id == run_id)
+            .order_by(PhenotypeMapPoint.id)
+        ).all()
+    return pd.DataFrame(rows, columns=list(MAP_COLUMNS))

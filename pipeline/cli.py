@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, help="write the predictions (.csv or .parquet)"
     )
 
+    phenomap = sub.add_parser("map", help="compute and store the UMAP phenotype map")
+    _add_db(phenomap)
+    phenomap.add_argument("--run", type=int, help="run id (default: latest complete)")
+
     qc = sub.add_parser("qc", help="per-plate Z' and edge effect of a run")
     _add_db(qc)
     qc.add_argument("--run", type=int, help="run id (default: latest complete)")
@@ -256,6 +260,27 @@ def cmd_moa(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_map(db_url: str, run_id: int | None) -> pd.DataFrame:
+    from db.session import make_engine
+    from db.store import resolve_run, write_phenotype_map
+    from pipeline.export import phenotype_map_table, read_well_profiles
+
+    engine = make_engine(db_url, create=False)
+    run_id, experiment_id = resolve_run(engine, run_id)
+    points = phenotype_map_table(read_well_profiles(engine, run_id, experiment_id))
+    write_phenotype_map(engine, run_id, points)
+    return points
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    """Compute the phenotype map of a run and store it for the dashboard."""
+    points = _store_map(_db_url(args), args.run)
+    for level, group in points.groupby("level"):
+        n_clusters = group.loc[group["cluster"] >= 0, "cluster"].nunique()
+        print(f"{level}: {len(group)} points, {n_clusters} clusters (HDBSCAN on UMAP)")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a table."""
     from db.session import make_engine
@@ -347,6 +372,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(HITS_HEADER)
     hits = hit_tables(_well_profiles(db_url, summary.run_id))[0]
     _print_table(hits[HIT_COLUMNS].head(15))
+    print("      storing the phenotype map (UMAP + HDBSCAN) for the dashboard ...")
+    _store_map(db_url, summary.run_id)
     script = Path(sys.executable).parent / "phenoscreen"
     command = str(script) if script.exists() else "phenoscreen"
     print(
@@ -366,6 +393,7 @@ _COMMANDS = {
     "hits": cmd_hits,
     "qc": cmd_qc,
     "moa": cmd_moa,
+    "map": cmd_map,
     "demo": cmd_demo,
     "dashboard": cmd_dashboard,
 }

@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,6 +27,7 @@ from pipeline.profiles import (
     normalize_to_controls,
     score_wells,
 )
+from pipeline.reduce import cluster_coordinates, umap_coordinates
 
 TABLES = ("cells", "wells", "compounds", "hits")
 FORMATS = ("csv", "parquet")
@@ -208,6 +210,72 @@ def moa_table(
     normalized = normalize_to_controls(well_profiles)
     consensus = consensus_profiles(normalized, batch_column=batch, carry=[column])
     return predict_moa(consensus, reference_column=column, batch_column=batch)
+
+
+def _role_suffix(role: str) -> str:
+    return "" if role == "treatment" else f" ({role})"
+
+
+def phenotype_map_table(well_profiles: pd.DataFrame, *, rng: int = 0) -> pd.DataFrame:
+    """Return UMAP coordinates and HDBSCAN clusters of wells and of compound-doses.
+
+    Wells are robust-z normalized to their plate's negative controls; a
+    compound-dose's point is the median of its wells over all plates. Wells without
+    cells are left out.
+
+    Returns
+    -------
+    DataFrame
+        `db.store.MAP_COLUMNS`: ``level`` (``well`` or ``compound_dose``), ``label``,
+        ``plate`` and ``well`` (wells only), ``compound``, ``concentration``,
+        ``role``, ``moa``, ``activity`` (distance from DMSO), ``umap_x``,
+        ``umap_y``, ``cluster`` (-1 = unassigned).
+    """
+    normalized = normalize_to_controls(well_profiles)
+    features = [c for c in normalized.columns if not c.startswith("Metadata_")]
+    normalized = normalized[
+        np.isfinite(normalized[features].to_numpy(float)).all(axis=1)
+    ]
+    normalized = normalized.assign(Metadata_Activity=score_wells(normalized))
+    moa = normalized.get("Metadata_MoA")
+    doses = normalized.assign(Metadata_MoA=moa).groupby(DOSE_KEYS, dropna=False)
+    consensus = pd.concat(
+        [
+            doses[["Metadata_MoA"]].first(),
+            doses[["Metadata_Activity", *features]].median(),
+        ],
+        axis=1,
+    ).reset_index()
+    levels = []
+    for level, table in (("well", normalized), ("compound_dose", consensus)):
+        coordinates = umap_coordinates(table[features], rng=rng)
+        is_well = level == "well"
+        levels.append(
+            pd.DataFrame(
+                {
+                    "level": level,
+                    "label": (
+                        table["Metadata_Plate"] + "/" + table["Metadata_Well"]
+                        if is_well
+                        else table["Metadata_Compound"]
+                        + " @ "
+                        + table["Metadata_Concentration"].map("{:g}".format)
+                        + table["Metadata_Role"].map(_role_suffix)
+                    ),
+                    "plate": table["Metadata_Plate"] if is_well else None,
+                    "well": table["Metadata_Well"] if is_well else None,
+                    "compound": table["Metadata_Compound"],
+                    "concentration": table["Metadata_Concentration"],
+                    "role": table["Metadata_Role"],
+                    "moa": table.get("Metadata_MoA"),
+                    "activity": table["Metadata_Activity"],
+                    "umap_x": coordinates["umap_x"],
+                    "umap_y": coordinates["umap_y"],
+                    "cluster": cluster_coordinates(coordinates),
+                }
+            )
+        )
+    return pd.concat(levels, ignore_index=True)
 
 
 def _write_tmp(path: Path) -> Path:

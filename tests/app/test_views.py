@@ -3,15 +3,18 @@
 from pathlib import Path
 
 import pytest
+import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from db.session import make_engine
+from db.store import resolve_run, write_phenotype_map
 from pipeline.config import config_from_dict
 from pipeline.demo import CHANNELS
+from pipeline.export import phenotype_map_table, read_well_profiles
 from pipeline.run import run_experiment
 
 APP = Path(__file__).resolve().parents[2] / "app"
-VIEWS = ["hits.py", "plate.py", "runs.py"]
+VIEWS = ["hits.py", "plate.py", "phenotype_map.py", "runs.py"]
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +69,24 @@ def test_plate_view_draws_one_heatmap_per_plate(demo_store, monkeypatch):
     assert len(app.get("plotly_chart")) == 1
     qc = app.dataframe[0].value
     assert qc.loc[0, "Metadata_Plate"] == "DEMO-P1" and qc.loc[0, "n_positive"] == 8
+
+
+def test_phenotype_map_view_before_and_after_the_map_is_stored(demo_store, monkeypatch):
+    app = run_view("phenotype_map.py", demo_store, monkeypatch)
+    assert not app.exception
+    assert "phenoscreen map" in app.info[0].value
+    engine = make_engine(demo_store)
+    run_id, experiment_id = resolve_run(engine)
+    points = phenotype_map_table(read_well_profiles(engine, run_id, experiment_id))
+    write_phenotype_map(engine, run_id, points)
+    st.cache_data.clear()  # the dashboard re-reads within its 30 s cache lifetime
+    app = run_view("phenotype_map.py", demo_store, monkeypatch)
+    assert not app.exception
+    assert len(app.get("plotly_chart")) == 1
+    shown = app.dataframe[0].value
+    assert set(shown["level"]) == {"compound_dose"} and "Nucleomax" in set(
+        shown["compound"]
+    )
 
 
 def test_runs_view_shows_the_run(demo_store, monkeypatch):

@@ -267,3 +267,32 @@ def test_make_engine_rejects(tmp_path):
         make_engine("phenoscreen.db")
     with pytest.raises(ValueError, match="no such file"):
         make_engine(f"sqlite:///{tmp_path}/missing.db", create=False)
+
+
+def test_phenotype_map_roundtrip_replaces_previous(db_url):
+    engine = make_engine(db_url)
+    experiment_id, _ = register(engine)
+    run_id, _ = open_run(engine, experiment_id)
+    points = pd.DataFrame(
+        {
+            "level": ["well", "compound_dose"],
+            "label": ["P1/A01", "x @ 1"],
+            "plate": ["P1", None],
+            "well": ["A01", None],
+            "compound": ["DMSO", "x"],
+            "concentration": [np.nan, 1.0],
+            "role": ["negative_control", "treatment"],
+            "moa": [None, "m"],
+            "activity": [0.9, 3.0],
+            "umap_x": [0.0, 1.0],
+            "umap_y": [1.0, 0.0],
+            "cluster": [0, -1],
+        }
+    )
+    store.write_phenotype_map(engine, run_id, points)
+    store.write_phenotype_map(engine, run_id, points.iloc[1:])
+    stored = store.read_phenotype_map(engine, run_id)
+    assert len(stored) == 1 and stored.loc[0, "label"] == "x @ 1"
+    assert stored.loc[0, "cluster"] == -1 and stored.loc[0, "plate"] is None
+    with pytest.raises(ValueError, match="lacks columns"):
+        store.write_phenotype_map(engine, run_id, points.drop(columns="cluster"))
