@@ -81,7 +81,7 @@ def cluster_coordinates(
     if missing:
         raise ValueError(f"coordinates lacks columns {sorted(missing)}.")
     size = min(min_cluster_size, max(len(coordinates), 2))
-    labels = HDBSCAN(min_cluster_size=size).fit_predict(
+    labels = HDBSCAN(min_cluster_size=size, copy=True).fit_predict(
         coordinates[["umap_x", "umap_y"]]
     )
     return pd.Series(labels, index=coordinates.index, name="cluster")
