@@ -1,7 +1,8 @@
 """SQLAlchemy 2.0 models of the PhenoScreen store.
 
 experiment -> plate -> well (plate-map metadata) -> field (image files);
-run (config, status, timings) -> field_result (per-field status and QC) and
+run (config, status, timings) -> field_result (per-field status, QC and flags),
+illumination_function (per plate and channel) and
 cell (objects found in a field) -> cell_vector (one float32 vector per cell and
 feature_set: classical features or a CNN embedding).
 """
@@ -25,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -152,10 +153,26 @@ class FieldResult(Base):
     error: Mapped[str | None] = mapped_column(Text)
     n_cells: Mapped[int] = mapped_column(Integer, default=0)
     qc: Mapped[dict[str, Any]]
+    qc_flags: Mapped[str] = mapped_column(Text, default="")
     seconds: Mapped[dict[str, Any]]
     finished_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow
     )
+
+
+class IlluminationFunction(Base):
+    """A run's illumination function of one plate and channel (float32 bytes)."""
+
+    __tablename__ = "illumination_function"
+    __table_args__ = (UniqueConstraint("run_id", "plate_id", "channel"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
+    plate_id: Mapped[int] = mapped_column(ForeignKey("plate.id", ondelete="CASCADE"))
+    channel: Mapped[str] = mapped_column(String(100))
+    height: Mapped[int]
+    width: Mapped[int]
+    n_fields: Mapped[int]
+    values: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class FeatureSet(Base):

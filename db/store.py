@@ -32,6 +32,7 @@ from db.schema import (
     FeatureSet,
     Field,
     FieldResult,
+    IlluminationFunction,
     PhenotypeMapPoint,
     Plate,
     Run,
@@ -120,7 +121,7 @@ def register_experiment(
     -------
     experiment_id : int
     fields : DataFrame
-        `fields` with a ``field_id`` column, same row order.
+        `fields` with ``field_id`` and ``plate_id`` columns, same row order.
     """
     file_columns = [c for c in fields.columns if c.startswith("FileName_")]
     with session_scope(engine) as session:
@@ -135,6 +136,7 @@ def register_experiment(
             experiment.image_root = image_root
             experiment.channels = dict(channels)
         field_ids: dict[tuple[str, str, int], int] = {}
+        plate_ids: dict[str, int] = {}
         for plate_name, plate_wells in wells.groupby("Metadata_Plate", sort=True):
             plate_id = session.scalar(
                 select(Plate.id).where(
@@ -209,13 +211,17 @@ def register_experiment(
                 .where(Well.plate_id == plate_id)
             ).all():
                 field_ids[(str(plate_name), by_name[well_id], site)] = field_id
+            plate_ids[str(plate_name)] = plate_id
     keys = zip(
         fields["Metadata_Plate"].astype(str),
         fields["Metadata_Well"],
         fields["Metadata_Site"].astype(int),
         strict=True,
     )
-    return experiment.id, fields.assign(field_id=[field_ids[key] for key in keys])
+    return experiment.id, fields.assign(
+        field_id=[field_ids[key] for key in keys],
+        plate_id=fields["Metadata_Plate"].astype(str).map(plate_ids),
+    )
 
 
 def open_run(
@@ -474,6 +480,130 @@ def write_field_failure(
         )
 
 
+def write_illumination(
+    engine: Engine,
+    *,
+    run_id: int,
+    plate_id: int,
+    channel_names: list[str],
+    functions: np.ndarray,
+    n_fields: int,
+) -> None:
+    """Store one plate's illumination functions, shape (C, h, w), in one transaction."""
+    if functions.ndim != 3 or functions.shape[0] != len(channel_names):
+        raise ValueError(
+            f"functions has shape {functions.shape}; expected (C, h, w) with C = "
+            f"{len(channel_names)} channels."
+        )
+    with session_scope(engine) as session:
+        session.execute(
+            delete(IlluminationFunction).where(
+                IlluminationFunction.run_id == run_id,
+                IlluminationFunction.plate_id == plate_id,
+            )
+        )
+        session.execute(
+            insert(IlluminationFunction),
+            [
+                {
+                    "run_id": run_id,
+                    "plate_id": plate_id,
+                    "channel": name,
+                    "height": plane.shape[0],
+                    "width": plane.shape[1],
+                    "n_fields": n_fields,
+                    "values": np.ascontiguousarray(plane, dtype="<f4").tobytes(),
+                }
+                for name, plane in zip(channel_names, functions, strict=True)
+            ],
+        )
+
+
+def read_illumination(
+    engine: Engine, run_id: int, channel_names: list[str]
+) -> dict[int, np.ndarray]:
+    """Return a run's illumination functions: plate id -> (C, h, w) float32.
+
+    Plates missing any of `channel_names` are left out (they are recomputed).
+    """
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(
+                IlluminationFunction.plate_id,
+                IlluminationFunction.channel,
+                IlluminationFunction.height,
+                IlluminationFunction.width,
+                IlluminationFunction.values,
+            ).where(IlluminationFunction.run_id == run_id)
+        ).all()
+    planes: dict[int, dict[str, np.ndarray]] = {}
+    for plate_id, channel, height, width, values in rows:
+        planes.setdefault(plate_id, {})[channel] = np.frombuffer(
+            values, dtype="<f4"
+        ).reshape(height, width)
+    return {
+        plate_id: np.stack([found[c] for c in channel_names])
+        for plate_id, found in planes.items()
+        if all(c in found for c in channel_names)
+    }
+
+
+def read_field_qc(engine: Engine, run_id: int) -> pd.DataFrame:
+    """Return the QC values and flags of a run's completed fields.
+
+    Returns
+    -------
+    DataFrame
+        ``field_id``, ``Metadata_Plate``, ``Metadata_Well``, ``Metadata_Site``,
+        ``qc_flags`` and one column per QC value.
+    """
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(
+                FieldResult.field_id,
+                Plate.name,
+                Well.name,
+                Field.site,
+                FieldResult.qc_flags,
+                FieldResult.qc,
+            )
+            .join(Field, Field.id == FieldResult.field_id)
+            .join(Well, Well.id == Field.well_id)
+            .join(Plate, Plate.id == Well.plate_id)
+            .where(FieldResult.run_id == run_id, FieldResult.status == "complete")
+            .order_by(Plate.name, Well.row_index, Well.column_index, Field.site)
+        ).all()
+    meta = pd.DataFrame(
+        [row[:5] for row in rows],
+        columns=[
+            "field_id",
+            "Metadata_Plate",
+            "Metadata_Well",
+            "Metadata_Site",
+            "qc_flags",
+        ],
+    )
+    values = pd.DataFrame([row[5] for row in rows], index=meta.index)
+    return pd.concat([meta, values], axis=1)
+
+
+def write_field_flags(engine: Engine, run_id: int, flags: pd.Series) -> None:
+    """Set the QC flags of a run's fields (index: field id) in one transaction."""
+    with session_scope(engine) as session:
+        session.execute(
+            update(FieldResult).where(FieldResult.run_id == run_id).values(qc_flags="")
+        )
+        flagged = flags[flags.astype(bool)]
+        for field_id, value in flagged.items():
+            session.execute(
+                update(FieldResult)
+                .where(
+                    FieldResult.run_id == run_id, FieldResult.field_id == int(field_id)
+                )
+                .values(qc_flags=str(value))
+            )
+
+
 def finish_run(
     engine: Engine,
     run_id: int,
@@ -530,8 +660,10 @@ def read_wells(engine: Engine, experiment_id: int) -> pd.DataFrame:
     return wells
 
 
-def read_completed_field_counts(engine: Engine, run_id: int) -> pd.DataFrame:
-    """Return, per well, how many of its fields this run completed.
+def read_completed_field_counts(
+    engine: Engine, run_id: int, *, include_flagged: bool = False
+) -> pd.DataFrame:
+    """Return, per well, how many of its fields this run completed (and passed QC).
 
     Returns
     -------
@@ -544,6 +676,7 @@ def read_completed_field_counts(engine: Engine, run_id: int) -> pd.DataFrame:
             select(Field.well_id, func.count())
             .join(FieldResult, FieldResult.field_id == Field.id)
             .where(FieldResult.run_id == run_id, FieldResult.status == "complete")
+            .where(include_flagged or FieldResult.qc_flags == "")
             .group_by(Field.well_id)
         ).all()
     return pd.DataFrame(rows, columns=["well_id", "Metadata_FieldCount"])
@@ -574,9 +707,11 @@ def read_feature_set(engine: Engine, run_id: int, name: str) -> tuple[int, list[
 
 
 def iter_plate_cells(
-    engine: Engine, run_id: int, feature_set: str
+    engine: Engine, run_id: int, feature_set: str, *, include_flagged: bool = False
 ) -> Iterator[tuple[str, pd.DataFrame, pd.DataFrame]]:
     """Stream a run's cells plate by plate, from completed fields only.
+
+    Fields flagged by QC are left out unless `include_flagged`.
 
     Yields
     ------
@@ -623,6 +758,7 @@ def iter_plate_cells(
             )
             .where(Cell.run_id == run_id, Well.plate_id == plate_id)
             .where(FieldResult.status == "complete")
+            .where(include_flagged or FieldResult.qc_flags == "")
             .order_by(Well.row_index, Well.column_index, Field.site, Cell.object_number)
         )
         with engine.connect() as connection:
@@ -768,3 +904,56 @@ def read_phenotype_map(engine: Engine, run_id: int) -> pd.DataFrame:
             .order_by(PhenotypeMapPoint.id)
         ).all()
     return pd.DataFrame(rows, columns=list(MAP_COLUMNS))
+
+
+def read_run_fields(engine: Engine, run_id: int) -> tuple[str, str, pd.DataFrame]:
+    """Return a run's config TOML, image root and completed fields.
+
+    Returns
+    -------
+    config_toml : str
+    image_root : str
+    fields : DataFrame
+        ``field_id``, ``plate_id``, ``Metadata_Plate``, ``Metadata_Well``,
+        ``Metadata_Site``, ``qc_flags`` and ``files`` (dict channel -> file name
+        relative to the image root), ordered by plate, well and site.
+
+    Raises
+    ------
+    ValueError
+        If the run does not exist.
+    """
+    with session_scope(engine) as session:
+        found = session.execute(
+            select(Run.config_toml, Experiment.image_root)
+            .join(Experiment, Experiment.id == Run.experiment_id)
+            .where(Run.id == run_id)
+        ).first()
+        if found is None:
+            raise ValueError(f"run {run_id} does not exist; see `phenoscreen status`.")
+        rows = session.execute(
+            select(
+                Field.id,
+                Plate.id,
+                Plate.name,
+                Well.name,
+                Field.site,
+                FieldResult.qc_flags,
+                Field.files,
+            )
+            .join(FieldResult, FieldResult.field_id == Field.id)
+            .join(Well, Well.id == Field.well_id)
+            .join(Plate, Plate.id == Well.plate_id)
+            .where(FieldResult.run_id == run_id, FieldResult.status == "complete")
+            .order_by(Plate.name, Well.row_index, Well.column_index, Field.site)
+        ).all()
+    columns = [
+        "field_id",
+        "plate_id",
+        "Metadata_Plate",
+        "Metadata_Well",
+        "Metadata_Site",
+        "qc_flags",
+        "files",
+    ]
+    return found[0], found[1], pd.DataFrame(rows, columns=columns)

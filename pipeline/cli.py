@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     layout.add_argument("--pattern", help="file-name regex with named groups")
     run.add_argument("--channels", help="NAME=TOKEN,... e.g. DNA=w1,Actin=w2")
     run.add_argument("--nuclei-channel", help="channel with the nuclear stain (DNA)")
+    run.add_argument(
+        "--cytoplasm-channel",
+        help="channel cells are grown over (default: a ring around each nucleus)",
+    )
     run.add_argument("--config", type=Path, help="run config TOML")
     run.add_argument(
         "--experiment", help="experiment name (default: image folder name)"
@@ -86,12 +90,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_db(run)
 
+    segment = sub.add_parser(
+        "segment", help="segment TIFFs and write their instance-label TIFFs"
+    )
+    segment.add_argument("images", type=Path, nargs="+", help="nuclear-stain TIFFs")
+    segment.add_argument("--out-dir", type=Path, required=True)
+    segment.add_argument(
+        "--nucleus-diameter", type=float, help="typical diameter in px (default: auto)"
+    )
+    segment.add_argument(
+        "--cytoplasm",
+        type=Path,
+        nargs="+",
+        help="one cytoplasm TIFF per image, same order: also writes <stem>_cells.tif",
+    )
+    segment.add_argument(
+        "--nuclei-index", type=int, help="plane of the nuclei in multi-channel TIFFs"
+    )
+    segment.add_argument(
+        "--cytoplasm-index", type=int, help="plane of the cytoplasm stain"
+    )
+    segment.add_argument(
+        "--method", default="classical", help="classical (default), cellpose, stardist"
+    )
+
     export = sub.add_parser("export", help="write a cells/wells/compounds table")
     _add_db(export)
     export.add_argument("--table", choices=list(TABLES), required=True)
     export.add_argument("--format", choices=["csv", "parquet"], default=None)
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--run", type=int, help="run id (default: latest complete)")
+    _add_include_flagged(export)
 
     status = sub.add_parser("status", help="runs in the store and their progress")
     _add_db(status)
@@ -99,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     hits = sub.add_parser("hits", help="the compound hit list of a run")
     _add_db(hits)
     hits.add_argument("--run", type=int, help="run id (default: latest complete)")
+    _add_include_flagged(hits)
     hits.add_argument("--top", type=int, default=15, help="rows to print (15)")
     hits.add_argument(
         "--out", type=Path, help="write the full table (.csv or .parquet)"
@@ -108,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(moa)
     moa.add_argument("--reference-column", required=True, help="e.g. moa or target")
     moa.add_argument("--run", type=int, help="run id (default: latest complete)")
+    _add_include_flagged(moa)
     moa.add_argument(
         "--out", type=Path, help="write the predictions (.csv or .parquet)"
     )
@@ -115,10 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     phenomap = sub.add_parser("map", help="compute and store the UMAP phenotype map")
     _add_db(phenomap)
     phenomap.add_argument("--run", type=int, help="run id (default: latest complete)")
+    _add_include_flagged(phenomap)
 
     qc = sub.add_parser("qc", help="per-plate Z' and edge effect of a run")
     _add_db(qc)
     qc.add_argument("--run", type=int, help="run id (default: latest complete)")
+    _add_include_flagged(qc)
 
     demo = sub.add_parser("demo", help="demo plate -> run -> hits, into SQLite")
     demo.add_argument("--out-dir", type=Path, default=Path(DEMO_DIR))
@@ -135,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_include_flagged(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--include-flagged",
+        action="store_true",
+        help="keep fields flagged by image QC (left out by default)",
+    )
+
+
 def _run_config(args: argparse.Namespace) -> RunConfig:
     """Return the config file (or defaults) with the command-line flags applied."""
     config = load_config(args.config) if args.config else RunConfig()
@@ -147,6 +188,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         pattern=pattern,
         channels=parse_channels(args.channels) or current.channels,
         nuclei_channel=args.nuclei_channel or current.nuclei_channel,
+        cytoplasm_channel=args.cytoplasm_channel or current.cytoplasm_channel,
         allow_unimaged_wells=bool(
             args.allow_unimaged_wells or current.allow_unimaged_wells
         ),
@@ -199,14 +241,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _well_profiles(db_url: str, run_id: int | None) -> pd.DataFrame:
+def _well_profiles(
+    db_url: str, run_id: int | None, *, include_flagged: bool = False
+) -> pd.DataFrame:
     """Well profiles of a run (None: the latest complete one)."""
     from db.session import make_engine
     from db.store import resolve_run
     from pipeline.export import read_well_profiles
 
     engine = make_engine(db_url, create=False)
-    return read_well_profiles(engine, *resolve_run(engine, run_id))
+    return read_well_profiles(
+        engine, *resolve_run(engine, run_id), include_flagged=include_flagged
+    )
 
 
 def _write_out(table: pd.DataFrame, out: Path, what: str) -> None:
@@ -222,7 +268,9 @@ def cmd_hits(args: argparse.Namespace) -> int:
     """Print (and write) the compound hit list."""
     from pipeline.export import hit_tables
 
-    table = hit_tables(_well_profiles(_db_url(args), args.run))[0]
+    table = hit_tables(
+        _well_profiles(_db_url(args), args.run, include_flagged=args.include_flagged)
+    )[0]
     print(HITS_HEADER)
     _print_table(table[HIT_COLUMNS].head(args.top))
     if args.out:
@@ -234,7 +282,9 @@ def cmd_qc(args: argparse.Namespace) -> int:
     """Print per-plate QC."""
     from pipeline.export import plate_qc_table
 
-    table = plate_qc_table(_well_profiles(_db_url(args), args.run))
+    table = plate_qc_table(
+        _well_profiles(_db_url(args), args.run, include_flagged=args.include_flagged)
+    )
     print(
         "plate QC: Z' of the activity score (positive controls vs DMSO; > 0.5 is good),"
     )
@@ -248,7 +298,8 @@ def cmd_moa(args: argparse.Namespace) -> int:
     from pipeline.export import moa_table
 
     predictions, accuracy = moa_table(
-        _well_profiles(_db_url(args), args.run), reference_column=args.reference_column
+        _well_profiles(_db_url(args), args.run, include_flagged=args.include_flagged),
+        reference_column=args.reference_column,
     )
     print(
         f"1-NN {args.reference_column} accuracy over {len(predictions)} compound-doses: "
@@ -260,24 +311,48 @@ def cmd_moa(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store_map(db_url: str, run_id: int | None) -> pd.DataFrame:
+def _store_map(
+    db_url: str, run_id: int | None, *, include_flagged: bool = False
+) -> pd.DataFrame:
     from db.session import make_engine
     from db.store import resolve_run, write_phenotype_map
     from pipeline.export import phenotype_map_table, read_well_profiles
 
     engine = make_engine(db_url, create=False)
     run_id, experiment_id = resolve_run(engine, run_id)
-    points = phenotype_map_table(read_well_profiles(engine, run_id, experiment_id))
+    points = phenotype_map_table(
+        read_well_profiles(
+            engine, run_id, experiment_id, include_flagged=include_flagged
+        )
+    )
     write_phenotype_map(engine, run_id, points)
     return points
 
 
 def cmd_map(args: argparse.Namespace) -> int:
     """Compute the phenotype map of a run and store it for the dashboard."""
-    points = _store_map(_db_url(args), args.run)
+    points = _store_map(_db_url(args), args.run, include_flagged=args.include_flagged)
     for level, group in points.groupby("level"):
         n_clusters = group.loc[group["cluster"] >= 0, "cluster"].nunique()
         print(f"{level}: {len(group)} points, {n_clusters} clusters (HDBSCAN on UMAP)")
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    """Segment image files into label TIFFs."""
+    from pipeline.run import segment_files
+
+    table = segment_files(
+        args.images,
+        args.out_dir,
+        cytoplasm=args.cytoplasm,
+        nuclei_index=args.nuclei_index,
+        cytoplasm_index=args.cytoplasm_index,
+        segment={"method": args.method, "nucleus_diameter_px": args.nucleus_diameter},
+    )
+    for row in table.itertuples(index=False):
+        cells = f", {row.cells_labels}" if row.cells_labels else ""
+        print(f"{row.image}: {row.n_nuclei} nuclei -> {row.nuclei_labels}{cells}")
     return 0
 
 
@@ -289,7 +364,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     fmt = args.format or ("parquet" if args.out.suffix == ".parquet" else "csv")
     engine = make_engine(_db_url(args), create=False)
     n_rows = export_table(
-        engine, table=args.table, out=args.out, fmt=fmt, run_id=args.run
+        engine,
+        table=args.table,
+        out=args.out,
+        fmt=fmt,
+        run_id=args.run,
+        include_flagged=args.include_flagged,
     )
     print(f"{n_rows} rows of {args.table} written to {args.out} ({fmt})")
     return 0
@@ -350,6 +430,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 "layout": "imagexpress",
                 "channels": CHANNELS,
                 "nuclei_channel": "DNA",
+                "cytoplasm_channel": "Actin",
             },
             "execution": {"n_workers": args.workers} if args.workers else {},
         }
@@ -388,6 +469,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "demo-data": cmd_demo_data,
     "run": cmd_run,
+    "segment": cmd_segment,
     "export": cmd_export,
     "status": cmd_status,
     "hits": cmd_hits,

@@ -1,8 +1,9 @@
 """Run configuration: one frozen dataclass per step, loaded from and saved as TOML.
 
-Field names of `SegmentConfig` and `MeasureConfig` match the keyword arguments of
-`pipeline.segment.segment_field` and `pipeline.features.measure_cells`, so
-``segment_field(image, **asdict(config.segment))`` works (a test checks this).
+Field names of `SegmentConfig` match the keyword arguments of
+`pipeline.segment.segment_field`, so ``segment_field(plane, **asdict(config.segment))``
+works (a test checks this); `MeasureConfig` is passed whole to
+`pipeline.features.measure_cells`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class InputConfig:
         multi-channel file.
     nuclei_channel : str
         The nuclear stain; must be a key of `channels`.
+    cytoplasm_channel : str or None
+        A cytoplasm or cell-body stain that cells are grown over; None makes each
+        cell a ring around its nucleus.
     allow_unimaged_wells : bool
         Accept plate-map wells without images.
     """
@@ -43,48 +47,176 @@ class InputConfig:
     pattern: str | None = None
     channels: dict[str, str] = field(default_factory=dict)
     nuclei_channel: str = "DNA"
+    cytoplasm_channel: str | None = None
     allow_unimaged_wells: bool = False
 
     def __post_init__(self) -> None:
         if (self.layout is None) == (self.pattern is None):
             raise InputError("input: give exactly one of layout and pattern.")
-        if self.channels and self.nuclei_channel not in self.channels:
-            raise InputError(
-                f"input: nuclei_channel {self.nuclei_channel!r} is not among the channels "
-                f"{', '.join(self.channels)}; pass --nuclei-channel NAME or name the "
-                "nuclear stain DNA in --channels."
-            )
+        for key, flag in (
+            ("nuclei_channel", "--nuclei-channel"),
+            ("cytoplasm_channel", "--cytoplasm-channel"),
+        ):
+            name = getattr(self, key)
+            if self.channels and name is not None and name not in self.channels:
+                raise InputError(
+                    f"input: {key} {name!r} is not among the channels "
+                    f"{', '.join(self.channels)}; pass {flag} NAME with one of them."
+                )
+
+
+@dataclass(frozen=True, kw_only=True)
+class IlluminationConfig:
+    """Per-plate, per-channel illumination correction (see `pipeline.illumination`).
+
+    Attributes
+    ----------
+    enabled : bool
+        Divide every field by its plate's illumination function.
+    max_fields_per_plate : int
+        Fields (evenly spread over the plate) averaged into the function.
+    size_px : int
+        Longer side of the stored, block-averaged function.
+    smoothing_frac : float
+        Gaussian smoothing of the function, as a fraction of `size_px`.
+    """
+
+    enabled: bool = True
+    max_fields_per_plate: int = 200
+    size_px: int = 128
+    smoothing_frac: float = 0.06
+
+    def __post_init__(self) -> None:
+        _check_range(
+            "illumination", "max_fields_per_plate", self.max_fields_per_plate, 1, 10**6
+        )  # noqa: E501
+        _check_range("illumination", "size_px", self.size_px, 8, 4096)
+        _check_range("illumination", "smoothing_frac", self.smoothing_frac, 0, 1)
 
 
 @dataclass(frozen=True, kw_only=True)
 class SegmentConfig:
-    """Options of `pipeline.segment.segment_field` (baseline Otsu segmenter)."""
+    """Options of `pipeline.segment.segment_field` (same names)."""
 
-    smoothing_sigma_px: float = 1.0
-    min_nucleus_area_px: int = 20
-    declump_min_distance_px: int = 5
-    cell_expansion_px: int = 8
+    method: str = "classical"
+    nucleus_diameter_px: float | None = None
+    background_diameters: float = 1.0
+    hysteresis_fraction: float = 0.7
+    declump_min_distance_diameters: float = 0.3
+    intensity_weight: float = 0.5
+    min_nucleus_area_fraction: float = 0.1
+    exclude_border_nuclei: bool = False
+    ring_width_px: float | None = None
 
     def __post_init__(self) -> None:
-        _check_range("segment", "smoothing_sigma_px", self.smoothing_sigma_px, 0, 50)
+        from pipeline.segment import SEGMENTERS  # noqa: PLC0415 - avoid a cycle
+
+        if self.method not in SEGMENTERS:
+            raise InputError(
+                f"segment.method = {self.method!r} is unknown; choose one of "
+                f"{', '.join(SEGMENTERS)}."
+            )
+        if self.nucleus_diameter_px is not None:
+            _check_range(
+                "segment", "nucleus_diameter_px", self.nucleus_diameter_px, 2, 1000
+            )  # noqa: E501
         _check_range(
-            "segment", "min_nucleus_area_px", self.min_nucleus_area_px, 1, 10**6
+            "segment", "background_diameters", self.background_diameters, 0, 100
+        )  # noqa: E501
+        _check_range(
+            "segment", "hysteresis_fraction", self.hysteresis_fraction, 0.01, 1
         )
         _check_range(
-            "segment", "declump_min_distance_px", self.declump_min_distance_px, 0, 1000
-        )
-        _check_range("segment", "cell_expansion_px", self.cell_expansion_px, 0, 1000)
+            "segment",
+            "declump_min_distance_diameters",
+            self.declump_min_distance_diameters,
+            0,
+            10,
+        )  # noqa: E501
+        _check_range("segment", "intensity_weight", self.intensity_weight, 0, 100)
+        _check_range(
+            "segment",
+            "min_nucleus_area_fraction",
+            self.min_nucleus_area_fraction,
+            0,
+            10,
+        )  # noqa: E501
+        if self.ring_width_px is not None:
+            _check_range("segment", "ring_width_px", self.ring_width_px, 0, 1000)
 
 
 @dataclass(frozen=True, kw_only=True)
 class MeasureConfig:
-    """Options of `pipeline.features.measure_cells`."""
+    """What `pipeline.features.measure_cells` measures.
 
-    intensity_quantiles: tuple[float, ...] = (0.25, 0.5, 0.75)
+    Attributes
+    ----------
+    zernike_degree : int
+        Zernike moments up to this degree (9 gives CellProfiler's 30).
+    texture_scales : tuple of int
+        Pixel distances of the grey-level co-occurrence pairs.
+    texture_levels : int
+        Grey levels of the co-occurrence matrices.
+    radial_bins : int
+        Rings from the nucleus centre to the cell edge.
+    granularity_scales : int
+        Openings of the granular spectrum.
+    neighbor_distance_px : int
+        Also count nuclei within this distance; 0 for none.
+    """
+
+    zernike_degree: int = 9
+    texture_scales: tuple[int, ...] = (3, 5)
+    texture_levels: int = 16
+    radial_bins: int = 4
+    granularity_scales: int = 8
+    neighbor_distance_px: int = 0
 
     def __post_init__(self) -> None:
-        for q in self.intensity_quantiles:
-            _check_range("measure", "intensity_quantiles", q, 0, 1)
+        _check_range("measure", "zernike_degree", self.zernike_degree, 0, 20)
+        for scale in self.texture_scales:
+            _check_range("measure", "texture_scales", scale, 1, 100)
+        _check_range("measure", "texture_levels", self.texture_levels, 2, 256)
+        _check_range("measure", "radial_bins", self.radial_bins, 1, 32)
+        _check_range("measure", "granularity_scales", self.granularity_scales, 0, 32)
+        _check_range(
+            "measure", "neighbor_distance_px", self.neighbor_distance_px, 0, 10**4
+        )  # noqa: E501
+
+
+@dataclass(frozen=True, kw_only=True)
+class QCConfig:
+    """Thresholds that flag a field.
+
+    Flagged fields stay stored but leave profiles (exports and hit calling) unless
+    asked for with ``--include-flagged``.
+
+    Attributes
+    ----------
+    max_saturated_frac : float
+        Flag a field where more than this fraction of a channel's pixels are at the
+        maximum value.
+    focus_mad : float
+        Flag a field whose nuclear-channel focus score (power-spectrum log-log
+        slope) lies more than this many robust standard deviations below its
+        plate's median (blurred); 0 turns it off.
+    intensity_mad : float
+        Flag a field whose median intensity in any channel lies more than this many
+        robust standard deviations from its plate's median; 0 turns it off.
+    min_cells : int
+        Flag a field with fewer cells; 0 turns it off.
+    """
+
+    max_saturated_frac: float = 0.01
+    focus_mad: float = 5.0
+    intensity_mad: float = 0.0
+    min_cells: int = 0
+
+    def __post_init__(self) -> None:
+        _check_range("qc", "max_saturated_frac", self.max_saturated_frac, 0, 1)
+        _check_range("qc", "focus_mad", self.focus_mad, 0, 1000)
+        _check_range("qc", "intensity_mad", self.intensity_mad, 0, 1000)
+        _check_range("qc", "min_cells", self.min_cells, 0, 10**6)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,15 +258,19 @@ class RunConfig:
     """Everything a run needs besides the images and the plate map."""
 
     input: InputConfig = field(default_factory=InputConfig)
+    illumination: IlluminationConfig = field(default_factory=IlluminationConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    qc: QCConfig = field(default_factory=QCConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
 
 _SECTION_CLASSES = {
     "input": InputConfig,
+    "illumination": IlluminationConfig,
     "segment": SegmentConfig,
     "measure": MeasureConfig,
+    "qc": QCConfig,
     "execution": ExecutionConfig,
 }
 
@@ -174,8 +310,8 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config") -> RunConf
             continue
         if name == "input" and "pattern" in values:
             values.setdefault("layout", None)  # a pattern replaces the default layout
-        if "intensity_quantiles" in values:
-            values["intensity_quantiles"] = tuple(values["intensity_quantiles"])
+        if "texture_scales" in values:
+            values["texture_scales"] = tuple(values["texture_scales"])
         try:
             sections[name] = cls(**values)
         except TypeError as exc:
@@ -219,12 +355,13 @@ def dump_config(config: RunConfig) -> str:
 
 
 def analysis_key(config: RunConfig) -> str:
-    """Return a hash of what determines results (input, segment, measure).
+    """Return a hash of what determines cells (input, illumination, segment, measure).
 
     Two runs of one experiment with the same key are the same run: a rerun resumes
-    it. Execution settings are left out, since they do not change results.
+    it. Execution settings and QC thresholds are left out: they do not change the
+    cells (flags are recomputed at the end of every run).
     """
-    payload = {k: v for k, v in asdict(config).items() if k != "execution"}
+    payload = {k: v for k, v in asdict(config).items() if k not in ("execution", "qc")}
     payload["input"].pop("allow_unimaged_wells")
     text = json.dumps(payload, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -55,10 +55,16 @@ def iter_cell_tables(
     experiment_id: int,
     *,
     feature_set: str = FEATURE_SET_NAME,
+    include_flagged: bool = False,
 ) -> Iterator[pd.DataFrame]:
-    """Yield one single-cell table per plate: ``Metadata_*`` columns and features."""
+    """Yield one single-cell table per plate: ``Metadata_*`` columns and features.
+
+    Cells of QC-flagged fields are left out unless `include_flagged`.
+    """
     wells = store.read_wells(engine, experiment_id)
-    for _, cells, features in store.iter_plate_cells(engine, run_id, feature_set):
+    for _, cells, features in store.iter_plate_cells(
+        engine, run_id, feature_set, include_flagged=include_flagged
+    ):
         yield _with_well_metadata(pd.concat([cells, features], axis=1), wells)
 
 
@@ -68,8 +74,11 @@ def read_well_profiles(
     experiment_id: int,
     *,
     feature_set: str = FEATURE_SET_NAME,
+    include_flagged: bool = False,
 ) -> pd.DataFrame:
     """Return per-well median profiles of a run, aggregated plate by plate.
+
+    Fields flagged by QC are left out (and not counted) unless `include_flagged`.
 
     Returns
     -------
@@ -85,14 +94,19 @@ def read_well_profiles(
         If the run has no completed field.
     """
     wells = store.read_wells(engine, experiment_id)
-    field_counts = store.read_completed_field_counts(engine, run_id)
+    field_counts = store.read_completed_field_counts(
+        engine, run_id, include_flagged=include_flagged
+    )
     if field_counts.empty:
         raise ValueError(
-            f"run {run_id} has no completed field yet; run the plate first."
+            f"run {run_id} has no completed field that passed QC yet; run the plate "
+            "first, or pass --include-flagged."
         )
     per_plate = [
         aggregate_cells(cells, features, by=["well_id"])
-        for _, cells, features in store.iter_plate_cells(engine, run_id, feature_set)
+        for _, cells, features in store.iter_plate_cells(
+            engine, run_id, feature_set, include_flagged=include_flagged
+        )
     ]
     ids = wells[["well_id", "Metadata_Plate", "Metadata_Well"]].merge(
         field_counts, on="well_id"
@@ -329,7 +343,13 @@ def write_tables(tables: Iterator[pd.DataFrame], out: str | Path, *, fmt: str) -
 
 
 def export_table(
-    engine: Engine, *, table: str, out: str | Path, fmt: str, run_id: int | None = None
+    engine: Engine,
+    *,
+    table: str,
+    out: str | Path,
+    fmt: str,
+    run_id: int | None = None,
+    include_flagged: bool = False,
 ) -> int:
     """Export a table of a run (default: the latest complete run).
 
@@ -351,9 +371,13 @@ def export_table(
         raise ValueError(f"table {table!r} is unknown; use one of {', '.join(TABLES)}.")
     run_id, experiment_id = store.resolve_run(engine, run_id)
     if table == "cells":
-        stream = iter_cell_tables(engine, run_id, experiment_id)
+        stream = iter_cell_tables(
+            engine, run_id, experiment_id, include_flagged=include_flagged
+        )
     else:
-        wells = read_well_profiles(engine, run_id, experiment_id)
+        wells = read_well_profiles(
+            engine, run_id, experiment_id, include_flagged=include_flagged
+        )
         if table == "wells":
             stream = iter([wells])
         else:

@@ -1,109 +1,114 @@
-"""Baseline per-cell features: shape and intensity of nuclei and cells.
+"""Classical per-cell features of nucleus, cell and cytoplasm, vectorized per field.
 
-Names follow CellProfiler (``Nuclei_AreaShape_Area``,
-``Cells_Intensity_MeanIntensity_DNA``) so users recognise them. The segmentation
-issue extends this set (texture, radial distribution, neighbours, cytoplasm).
+Names follow CellProfiler, ``<Compartment>_<Category>_<Name>[_<Channel>]``
+(``Nuclei_AreaShape_Area``, ``Cells_Texture_Contrast_Actin_3``), so that users of
+CellProfiler recognise them. Every measurement is computed for all objects of a
+field at once from pixel coordinates with `numpy.bincount`, `scipy.ndimage` label
+reductions and one sort per channel, never in a Python loop over pixels; only
+convex hulls loop over objects.
+
+Categories: AreaShape (size, moments, Hu and Zernike moments, convex hull and
+Feret diameter, radii), Intensity (statistics over the object and its edge, mass
+displacement), Texture (Haralick features of a grey-level co-occurrence matrix
+averaged over four directions), RadialDistribution (intensity in rings from the
+nucleus centre to the cell edge), Granularity (fraction of signal removed by
+openings of growing size), Neighbors, and nucleus/cell ratios.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from skimage.measure import regionprops_table
+from scipy import ndimage as ndi
+from scipy.spatial import ConvexHull, QhullError, cKDTree
+from scipy.spatial.distance import pdist
 
-FEATURE_SET_NAME = "classical_baseline"
-_SHAPE = {
-    "area": "Area",
-    "perimeter": "Perimeter",
-    "eccentricity": "Eccentricity",
-    "solidity": "Solidity",
-    "axis_major_length": "MajorAxisLength",
-    "axis_minor_length": "MinorAxisLength",
-}
-_QUANTILE_NAMES = {
-    0.25: "LowerQuartileIntensity",
-    0.5: "MedianIntensity",
-    0.75: "UpperQuartileIntensity",
-}
+from pipeline.config import MeasureConfig
+
+FEATURE_SET_NAME = "classical"
+COMPARTMENTS = ("Nuclei", "Cells", "Cytoplasm")
+ZERNIKE_COMPARTMENTS = ("Nuclei", "Cells")  # a ring's moments say little
+SHAPE_NAMES = (
+    "Area",
+    "Perimeter",
+    "FormFactor",
+    "Eccentricity",
+    "MajorAxisLength",
+    "MinorAxisLength",
+    "Orientation",
+    "EquivalentDiameter",
+    "Extent",
+    "Solidity",
+    "MaxFeretDiameter",
+    "MaximumRadius",
+    "MeanRadius",
+    *(f"HuMoment_{k}" for k in range(7)),
+)
+INTENSITY_NAMES = (
+    "IntegratedIntensity",
+    "MeanIntensity",
+    "StdIntensity",
+    "MinIntensity",
+    "MaxIntensity",
+    "LowerQuartileIntensity",
+    "MedianIntensity",
+    "UpperQuartileIntensity",
+    "MADIntensity",
+    "IntegratedIntensityEdge",
+    "MeanIntensityEdge",
+    "StdIntensityEdge",
+    "MinIntensityEdge",
+    "MaxIntensityEdge",
+    "MassDisplacement",
+)
+HARALICK_NAMES = (
+    "AngularSecondMoment",
+    "Contrast",
+    "Correlation",
+    "Variance",
+    "InverseDifferenceMoment",
+    "SumAverage",
+    "SumVariance",
+    "SumEntropy",
+    "Entropy",
+    "DifferenceVariance",
+    "DifferenceEntropy",
+    "InfoMeas1",
+    "InfoMeas2",
+)
+RADIAL_NAMES = ("FracAtD", "MeanFrac", "RadialCV")
+NEIGHBOR_NAMES = (
+    "Cells_Neighbors_NumberOfNeighbors_Adjacent",
+    "Cells_Neighbors_PercentTouching_Adjacent",
+    "Nuclei_Neighbors_FirstClosestDistance",
+    "Nuclei_Neighbors_SecondClosestDistance",
+)
+_EPS = np.finfo(np.float64).eps
+_OFFSETS_4 = ((0, 1), (1, 0))
+_RADIAL_WEDGES = 8
 
 
-def _quantile_name(q: float) -> str:
-    return _QUANTILE_NAMES.get(q, f"Quantile{round(q * 100):02d}Intensity")
+def zernike_indices(degree: int) -> list[tuple[int, int]]:
+    """Return the (n, m) pairs of Zernike moments up to `degree`, m >= 0, n - m even.
 
-
-def _label_quantiles(
-    values: np.ndarray, labels: np.ndarray, n_labels: int, quantiles: Sequence[float]
-) -> np.ndarray:
-    """Per-label quantiles (lower interpolation) of `values`; shape (n_labels, len(q))."""
-    inside = labels > 0
-    lab, val = labels[inside], values[inside]
-    order = np.lexsort((val, lab))
-    lab, val = lab[order], val[order]
-    counts = np.bincount(lab, minlength=n_labels + 1)[1:]
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    out = np.full((n_labels, len(quantiles)), np.nan, dtype=np.float32)
-    present = counts > 0
-    for j, q in enumerate(quantiles):
-        index = starts + np.floor(q * (counts - 1)).astype(np.int64)
-        out[present, j] = val[index[present]]
-    return out
-
-
-def _compartment(
-    prefix: str,
-    labels: np.ndarray,
-    image: np.ndarray,
-    channel_names: Sequence[str],
-    n_labels: int,
-    quantiles: Sequence[float],
-) -> dict[str, np.ndarray]:
-    """Shape and intensity columns of one compartment, rows = labels 1..n_labels."""
-    table = regionprops_table(
-        labels,
-        intensity_image=np.moveaxis(image, 0, -1),
-        properties=[
-            "label",
-            *_SHAPE,
-            "intensity_mean",
-            "intensity_std",
-            "intensity_max",
-        ],
-    )
-    rows = np.searchsorted(np.arange(1, n_labels + 1), table["label"])
-    columns: dict[str, np.ndarray] = {}
-
-    def put(name: str, values: np.ndarray) -> None:
-        full = np.full(n_labels, np.nan, dtype=np.float32)
-        full[rows] = values
-        columns[name] = full
-
-    for prop, name in _SHAPE.items():
-        put(f"{prefix}_AreaShape_{name}", table[prop])
-    area = table["area"]
-    perimeter = np.maximum(table["perimeter"], 1e-6)
-    put(f"{prefix}_AreaShape_FormFactor", 4 * np.pi * area / perimeter**2)
-    for c, channel in enumerate(channel_names):
-        mean = table[f"intensity_mean-{c}"]
-        put(f"{prefix}_Intensity_MeanIntensity_{channel}", mean)
-        put(f"{prefix}_Intensity_StdIntensity_{channel}", table[f"intensity_std-{c}"])
-        put(f"{prefix}_Intensity_MaxIntensity_{channel}", table[f"intensity_max-{c}"])
-        put(f"{prefix}_Intensity_IntegratedIntensity_{channel}", mean * area)
-        per_label = _label_quantiles(image[c], labels, n_labels, quantiles)
-        for j, q in enumerate(quantiles):
-            columns[f"{prefix}_Intensity_{_quantile_name(q)}_{channel}"] = per_label[
-                :, j
-            ]
-    return columns
+    Raises
+    ------
+    ValueError
+        If `degree` is negative.
+    """
+    if degree < 0:
+        raise ValueError(f"zernike degree {degree} must be >= 0.")
+    return [(n, m) for n in range(degree + 1) for m in range(n % 2, n + 1, 2)]
 
 
 def feature_names(
-    channel_names: Sequence[str],
-    *,
-    intensity_quantiles: Sequence[float] = (0.25, 0.5, 0.75),
+    channel_names: Sequence[str], options: MeasureConfig | None = None
 ) -> list[str]:
-    """Return the feature names `measure_cells` produces, in its column order.
+    """Return the names `measure_cells` produces, in its column order.
 
     Raises
     ------
@@ -114,62 +119,641 @@ def feature_names(
         raise ValueError(
             f"channel_names {list(channel_names)} must be non-empty and unique."
         )
+    opt = options or MeasureConfig()
+    zernike = [f"Zernike_{n}_{m}" for n, m in zernike_indices(opt.zernike_degree)]
     names = []
-    for prefix in ("Nuclei", "Cells"):
-        names += [f"{prefix}_AreaShape_{name}" for name in _SHAPE.values()]
-        names.append(f"{prefix}_AreaShape_FormFactor")
-        for channel in channel_names:
+    for comp in COMPARTMENTS:
+        names += [f"{comp}_AreaShape_{name}" for name in SHAPE_NAMES]
+        if comp in ZERNIKE_COMPARTMENTS:
+            names += [f"{comp}_AreaShape_{name}" for name in zernike]
+        for ch in channel_names:
+            names += [f"{comp}_Intensity_{name}_{ch}" for name in INTENSITY_NAMES]
+            for scale in opt.texture_scales:
+                names += [f"{comp}_Texture_{n}_{ch}_{scale}" for n in HARALICK_NAMES]
+    for ch in channel_names:
+        for kind in RADIAL_NAMES:
             names += [
-                f"{prefix}_Intensity_{kind}_{channel}"
-                for kind in (
-                    "MeanIntensity",
-                    "StdIntensity",
-                    "MaxIntensity",
-                    "IntegratedIntensity",
-                )
+                f"Cells_RadialDistribution_{kind}_{ch}_{b + 1}of{opt.radial_bins}"
+                for b in range(opt.radial_bins)
             ]
-            names += [
-                f"{prefix}_Intensity_{_quantile_name(q)}_{channel}"
-                for q in intensity_quantiles
-            ]
-    return [*names, "Nuclei_AreaShape_NucleusCellAreaRatio"]
+        names += [
+            f"Cells_Granularity_{s + 1}_{ch}" for s in range(opt.granularity_scales)
+        ]
+        names.append(f"Nuclei_Ratio_NucleusCellIntegratedIntensity_{ch}")
+    names += [*NEIGHBOR_NAMES, "Nuclei_Ratio_NucleusCellArea"]
+    if opt.neighbor_distance_px:
+        names.append(f"Nuclei_Neighbors_NumberOfNeighbors_{opt.neighbor_distance_px}")
+    return names
 
 
-def measure_cells(
-    image: np.ndarray,
-    nuclei_labels: np.ndarray,
-    cell_labels: np.ndarray,
-    *,
-    channel_names: Sequence[str],
-    intensity_quantiles: Sequence[float] = (0.25, 0.5, 0.75),
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Measure every cell of a field: position, nucleus and cell shape and intensity.
+# --- pixel-level helpers ---------------------------------------------------------
+
+
+def _sums(labels: np.ndarray, n: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Per-label sums over flat arrays, labels 1..n; shape (n,)."""
+    return np.bincount(labels, weights=weights, minlength=n + 1)[1 : n + 1]
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def _edge_mask(labels: np.ndarray) -> np.ndarray:
+    """Pixels of an object whose 4-neighbour is another label or outside the image."""
+    padded = np.pad(labels, 1, mode="constant")
+    core = padded[1:-1, 1:-1]
+    edge = np.zeros(labels.shape, dtype=bool)
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        edge |= (
+            padded[1 + dy : padded.shape[0] - 1 + dy, 1 + dx : padded.shape[1] - 1 + dx]
+            != core
+        )  # noqa: E501
+    return edge & (labels > 0)
+
+
+def _exposed_edges(labels: np.ndarray, n: int) -> np.ndarray:
+    """Count pixel sides of each object facing another label or the outside."""
+    padded = np.pad(labels, 1, mode="constant")
+    counts = np.zeros(n, dtype=np.float64)
+    for axis in (0, 1):
+        a = padded[:-1, :] if axis == 0 else padded[:, :-1]
+        b = padded[1:, :] if axis == 0 else padded[:, 1:]
+        differ = a != b
+        counts += _sums(a[differ], n) + _sums(b[differ], n)
+    return counts
+
+
+def _label_quantiles(
+    values: np.ndarray, labels: np.ndarray, n: int, quantiles: Sequence[float]
+) -> np.ndarray:
+    """Per-label quantiles (lower interpolation) of flat `values`; shape (n, q).
+
+    One float sort on the key ``label + rescaled value`` orders pixels by label,
+    then by value.
+    """
+    out = np.full((n, len(quantiles)), np.nan)
+    if not len(values):
+        return out
+    low, high = float(values.min()), float(values.max())
+    key = labels + (values - low) * (0.5 / max(high - low, _EPS))
+    order = np.argsort(key)
+    val = values[order]
+    counts = np.bincount(labels, minlength=n + 1)[1 : n + 1]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    present = counts > 0
+    for j, q in enumerate(quantiles):
+        index = starts + np.floor(q * (counts - 1)).astype(np.int64)
+        out[present, j] = val[index[present]]
+    return out
+
+
+def _label_max(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """Per-label maximum of flat `values` (NaN for absent labels); shape (n,)."""
+    out = np.full(n + 1, np.nan)
+    if len(values):
+        order = np.argsort(labels, kind="stable")
+        lab = labels[order]
+        starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+        out[lab[starts]] = np.maximum.reduceat(values[order], starts)
+    return out[1:]
+
+
+# --- AreaShape -------------------------------------------------------------------
+
+
+def _hull_features(
+    labels: np.ndarray, edge: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Convex-hull area and maximum Feret diameter per object.
+
+    The hull is taken over the centres of the edge pixels; the area of the hull of
+    the pixel squares is that area plus the hull's x and y extents plus 1
+    (Minkowski sum with a unit square).
+    """
+    hull_area = np.full(n, np.nan)
+    feret = np.full(n, np.nan)
+    for k, sl in enumerate(ndi.find_objects(labels, max_label=n)):
+        if sl is None:
+            continue
+        ys, xs = np.nonzero(edge[sl] & (labels[sl] == k + 1))
+        points = np.column_stack([ys, xs]).astype(np.float64)
+        extent = np.ptp(points, axis=0)
+        try:
+            hull = ConvexHull(points)
+        except QhullError:  # a line of pixels
+            hull_area[k] = extent.sum() + 1
+            feret[k] = float(np.hypot(*extent))
+            continue
+        hull_area[k] = hull.volume + extent.sum() + 1
+        feret[k] = pdist(points[hull.vertices]).max()
+    return hull_area, feret
+
+
+def _hu_moments(eta: dict[tuple[int, int], np.ndarray]) -> list[np.ndarray]:
+    """Return the seven Hu invariants from normalized central moments eta[p, q]."""
+    n20, n02, n11 = eta[2, 0], eta[0, 2], eta[1, 1]
+    n30, n03, n21, n12 = eta[3, 0], eta[0, 3], eta[2, 1], eta[1, 2]
+    a, b = n30 + n12, n21 + n03
+    return [
+        n20 + n02,
+        (n20 - n02) ** 2 + 4 * n11**2,
+        (n30 - 3 * n12) ** 2 + (3 * n21 - n03) ** 2,
+        a**2 + b**2,
+        (n30 - 3 * n12) * a * (a**2 - 3 * b**2)
+        + (3 * n21 - n03) * b * (3 * a**2 - b**2),
+        (n20 - n02) * (a**2 - b**2) + 4 * n11 * a * b,
+        (3 * n21 - n03) * a * (a**2 - 3 * b**2)
+        - (n30 - 3 * n12) * b * (3 * a**2 - b**2),
+    ]
+
+
+def _zernike_coefficients(order: int, m: int) -> list[tuple[int, float]]:
+    """(power of rho, coefficient) terms of the radial polynomial R_order^m."""
+    return [
+        (
+            order - 2 * s,
+            (-1) ** s
+            * math.factorial(order - s)
+            / (
+                math.factorial(s)
+                * math.factorial((order + m) // 2 - s)
+                * math.factorial((order - m) // 2 - s)
+            ),
+        )
+        for s in range((order - m) // 2 + 1)
+    ]
+
+
+def _zernike(
+    lab: np.ndarray,
+    dy: np.ndarray,
+    dx: np.ndarray,
+    n: int,
+    area: np.ndarray,
+    degree: int,
+) -> list[np.ndarray]:
+    """Zernike magnitudes on each object's enclosing circle about its centroid.
+
+    Sums of ``rho^k exp(i m theta) = z^m |z|^(k-m)`` are taken once per (k, m)
+    and combined into each polynomial.
+    """
+    r2 = dy**2 + dx**2
+    radius = np.sqrt(_label_max(r2, lab, n)) + 0.5
+    scale = 1.0 / radius[lab - 1]
+    z = ((dx + 1j * dy) * scale).astype(np.complex64)  # unit disc coordinates
+    r2 = (r2 * scale**2).astype(np.float32)
+    moments: dict[tuple[int, int], np.ndarray] = {}
+    z_power = np.ones_like(z)
+    for m in range(degree + 1):
+        r2_power = np.ones_like(r2)
+        for k in range(m, degree + 1, 2):
+            term = z_power * r2_power
+            moments[k, m] = _sums(lab, n, term.real) + 1j * _sums(lab, n, term.imag)
+            r2_power = r2_power * r2
+        z_power = z_power * z
+    out = []
+    for order, m in zernike_indices(degree):
+        total = sum(c * moments[k, m] for k, c in _zernike_coefficients(order, m))
+        out.append(np.abs(total) * (order + 1) / np.pi / np.maximum(area, 1))
+    return out
+
+
+def _area_shape(
+    labels: np.ndarray,
+    edge: np.ndarray,
+    n: int,
+    degree: int,
+    distance: np.ndarray,
+    hull: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Return AreaShape columns of one compartment (rows = labels 1..n).
+
+    Zernike moments up to `degree` unless it is negative; `hull` is (area, Feret)
+    when already known.
+    """
+    flat = labels.ravel()
+    inside = flat > 0
+    lab = flat[inside]
+    yy, xx = np.divmod(np.flatnonzero(inside), labels.shape[1])
+    area = _sums(lab, n).astype(np.float64)
+    cy = _safe_div(_sums(lab, n, yy), area)
+    cx = _safe_div(_sums(lab, n, xx), area)
+    dy = yy - cy[lab - 1]
+    dx = xx - cx[lab - 1]
+    mu = {
+        (p, q): _sums(lab, n, dx**p * dy**q)
+        for p, q in ((2, 0), (0, 2), (1, 1), (3, 0), (0, 3), (2, 1), (1, 2))
+    }
+    eta = {pq: _safe_div(value, area ** (1 + sum(pq) / 2)) for pq, value in mu.items()}
+    cov_xx = _safe_div(mu[2, 0], area) + 1 / 12
+    cov_yy = _safe_div(mu[0, 2], area) + 1 / 12
+    cov_xy = _safe_div(mu[1, 1], area)
+    half_diff = np.sqrt(((cov_xx - cov_yy) / 2) ** 2 + cov_xy**2)
+    l1 = (cov_xx + cov_yy) / 2 + half_diff
+    l2 = np.maximum((cov_xx + cov_yy) / 2 - half_diff, 0)
+    perimeter = _exposed_edges(labels, n) * np.pi / 4
+    slices = ndi.find_objects(labels, max_label=n)
+    bbox_area = np.array(
+        [
+            np.nan if s is None else (s[0].stop - s[0].start) * (s[1].stop - s[1].start)
+            for s in slices
+        ]
+    )
+    hull_area, feret = hull if hull is not None else _hull_features(labels, edge, n)
+    radii = distance.ravel()[inside]
+    columns = {
+        "Area": area,
+        "Perimeter": perimeter,
+        "FormFactor": _safe_div(4 * np.pi * area, perimeter**2),
+        "Eccentricity": np.sqrt(1 - _safe_div(l2, l1)),
+        "MajorAxisLength": 4 * np.sqrt(l1),
+        "MinorAxisLength": 4 * np.sqrt(l2),
+        "Orientation": np.degrees(0.5 * np.arctan2(-2 * cov_xy, cov_yy - cov_xx)),
+        "EquivalentDiameter": np.sqrt(4 * area / np.pi),
+        "Extent": _safe_div(area, bbox_area),
+        "Solidity": np.minimum(_safe_div(area, hull_area), 1.0),
+        "MaxFeretDiameter": feret,
+        "MaximumRadius": _label_max(radii, lab, n),
+        "MeanRadius": _safe_div(_sums(lab, n, radii), area),
+    }
+    for k, hu in enumerate(_hu_moments(eta)):
+        columns[f"HuMoment_{k}"] = hu
+    if degree >= 0:
+        names = zernike_indices(degree)
+        zernike = _zernike(lab, dy, dx, n, area, degree)
+        for (order, m), value in zip(names, zernike, strict=True):
+            columns[f"Zernike_{order}_{m}"] = value
+    return columns
+
+
+# --- Intensity -------------------------------------------------------------------
+
+
+def _intensity(
+    labels: np.ndarray,
+    edge: np.ndarray,
+    n: int,
+    plane: np.ndarray,
+    centroid: tuple[np.ndarray, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """Intensity columns of one compartment and channel."""
+    flat = labels.ravel()
+    inside = flat > 0
+    lab = flat[inside]
+    val = plane.ravel()[inside].astype(np.float64)
+    area = _sums(lab, n).astype(np.float64)
+    total = _sums(lab, n, val)
+    mean = _safe_div(total, area)
+    var = np.maximum(_safe_div(_sums(lab, n, val**2), area) - mean**2, 0)
+    quantiles = _label_quantiles(val, lab, n, (0.0, 0.25, 0.5, 0.75, 1.0))
+    median = quantiles[:, 2]
+    mad = _label_quantiles(np.abs(val - median[lab - 1]), lab, n, (0.5,))[:, 0]
+    edge_lab = np.where(edge, labels, 0).ravel()
+    on_edge = edge_lab > 0
+    elab, eval_ = edge_lab[on_edge], plane.ravel()[on_edge].astype(np.float64)
+    edge_n = _sums(elab, n).astype(np.float64)
+    edge_total = _sums(elab, n, eval_)
+    edge_mean = _safe_div(edge_total, edge_n)
+    edge_var = np.maximum(_safe_div(_sums(elab, n, eval_**2), edge_n) - edge_mean**2, 0)
+    edge_max = _label_max(eval_, elab, n)
+    edge_min = -_label_max(-eval_, elab, n)
+    yy, xx = np.divmod(np.flatnonzero(inside), labels.shape[1])
+    wy = _safe_div(_sums(lab, n, yy * val), total)
+    wx = _safe_div(_sums(lab, n, xx * val), total)
+    return {
+        "IntegratedIntensity": total,
+        "MeanIntensity": mean,
+        "StdIntensity": np.sqrt(var),
+        "MinIntensity": quantiles[:, 0],
+        "MaxIntensity": quantiles[:, 4],
+        "LowerQuartileIntensity": quantiles[:, 1],
+        "MedianIntensity": median,
+        "UpperQuartileIntensity": quantiles[:, 3],
+        "MADIntensity": mad,
+        "IntegratedIntensityEdge": edge_total,
+        "MeanIntensityEdge": edge_mean,
+        "StdIntensityEdge": np.sqrt(edge_var),
+        "MinIntensityEdge": edge_min,
+        "MaxIntensityEdge": edge_max,
+        "MassDisplacement": np.hypot(wy - centroid[0], wx - centroid[1]),
+    }
+
+
+# --- Texture ---------------------------------------------------------------------
+
+
+def quantize(plane: np.ndarray, mask: np.ndarray, levels: int) -> np.ndarray:
+    """Map a plane to grey levels 0..levels-1 between its 0.1 and 99.9 percentiles in `mask`.
 
     Parameters
     ----------
-    image : ndarray of shape (C, Y, X)
-        The field, any numeric dtype.
-    nuclei_labels, cell_labels : ndarray of shape (Y, X), int
-        From `pipeline.segment.segment_field`: labels 1..N, the same object in both.
-    channel_names : sequence of str
-        One name per channel of `image`, used in feature names.
-    intensity_quantiles : sequence of float
-        Per-compartment intensity quantiles in [0, 1].
+    plane : ndarray of shape (Y, X)
+    mask : ndarray of shape (Y, X), bool
+        Pixels that set the range (the objects).
+    levels : int
+        Number of grey levels, >= 2.
 
     Returns
     -------
-    cells : DataFrame
-        One row per object 1..N: ``object_number``, ``centroid_y``, ``centroid_x``,
-        ``bbox_min_y``, ``bbox_min_x``, ``bbox_max_y``, ``bbox_max_x``, ``area_px``
-        (nucleus).
-    features : DataFrame
-        Same rows, float32 feature columns named ``<Compartment>_<Category>_<Name>``.
+    ndarray of shape (Y, X), int32
 
     Raises
     ------
     ValueError
-        If shapes disagree, `channel_names` does not match C, or the labels are not
-        numbered 1..N.
+        If `levels` < 2 or the shapes differ.
+    """
+    if levels < 2:
+        raise ValueError(f"levels {levels} must be >= 2.")
+    if plane.shape != mask.shape:
+        raise ValueError(f"plane {plane.shape} and mask {mask.shape} shapes differ.")
+    values = plane[mask] if mask.any() else plane.ravel()
+    low, high = np.percentile(values, [0.1, 99.9])
+    scaled = (plane.astype(np.float64) - low) / max(high - low, _EPS)
+    return np.clip(scaled * levels, 0, levels - 1).astype(np.int32)
+
+
+def glcm(
+    labels: np.ndarray, grey: np.ndarray, n: int, levels: int, scale: int
+) -> np.ndarray:
+    """Symmetric, normalized co-occurrence matrices per object, channel and angle.
+
+    Parameters
+    ----------
+    labels : ndarray of shape (Y, X), int
+        Objects 1..n.
+    grey : ndarray of shape (C, Y, X), int
+        Grey levels 0..levels-1 per channel (see `quantize`).
+    n, levels, scale : int
+        Number of objects, grey levels and pixel distance of the pairs.
+
+    Returns
+    -------
+    ndarray of shape (C, n, 4, levels, levels)
+        One matrix per channel, object and direction (0, 45, 90, 135 degrees); all
+        zeros where an object has no pair at that distance.
+
+    Raises
+    ------
+    ValueError
+        If `grey` is not (C, Y, X) matching `labels`, or `scale` < 1.
+    """
+    if grey.ndim != 3 or grey.shape[1:] != labels.shape:
+        raise ValueError(
+            f"grey {grey.shape} must be (C, Y, X) with (Y, X) = {labels.shape}."
+        )
+    if scale < 1:
+        raise ValueError(f"texture scale {scale} must be >= 1 px.")
+    out = np.zeros((grey.shape[0], n, 4, levels, levels))
+    height, width = labels.shape
+    for d, (dy, dx) in enumerate(
+        ((0, scale), (scale, scale), (scale, 0), (scale, -scale))
+    ):  # noqa: E501
+        ys, ye = slice(0, max(height - dy, 0)), slice(dy, height)
+        xs = slice(max(0, -dx), max(width - max(0, dx), 0))
+        xe = slice(max(0, dx), max(width - max(0, -dx), 0))
+        la, lb = labels[ys, xs], labels[ye, xe]
+        same = (la == lb) & (la > 0)
+        base = (la[same] - 1).astype(np.int64) * (levels * levels)
+        for c, plane in enumerate(grey):
+            code = base + plane[ys, xs][same] * levels + plane[ye, xe][same]
+            counts = np.bincount(code, minlength=n * levels * levels)
+            out[c, :, d] = counts.reshape(n, levels, levels)
+    out = out + out.swapaxes(-1, -2)
+    total = out.sum(axis=(-2, -1), keepdims=True)
+    return np.divide(out, total, out=np.zeros_like(out), where=total > 0)
+
+
+def haralick(p: np.ndarray) -> np.ndarray:
+    """Return the 13 Haralick features of normalized co-occurrence matrices.
+
+    Parameters
+    ----------
+    p : ndarray of shape (..., L, L)
+        Each matrix sums to 1 (or is all zeros: features are NaN).
+
+    Returns
+    -------
+    ndarray of shape (..., 13)
+        In the order of `HARALICK_NAMES`.
+    """
+    levels = p.shape[-1]
+    i = np.arange(levels, dtype=np.float64)
+    px = p.sum(axis=-1)
+    py = p.sum(axis=-2)
+    mux = (px * i).sum(-1)
+    muy = (py * i).sum(-1)
+    sdx = np.sqrt(np.maximum((px * i**2).sum(-1) - mux**2, 0))
+    sdy = np.sqrt(np.maximum((py * i**2).sum(-1) - muy**2, 0))
+    ii, jj = np.meshgrid(i, i, indexing="ij")
+    diff = np.abs(ii - jj).astype(np.int64)
+    total = (ii + jj).astype(np.int64)
+    flat = p.reshape(*p.shape[:-2], levels * levels)
+    p_sum = flat @ np.eye(2 * levels - 1)[total.ravel()]
+    p_diff = flat @ np.eye(levels)[diff.ravel()]
+
+    def entropy(q: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+        return -(q * np.log2(q + _EPS)).sum(axes)
+
+    k_sum = np.arange(2 * levels - 1, dtype=np.float64)
+    k_diff = np.arange(levels, dtype=np.float64)
+    sum_avg = (p_sum * k_sum).sum(-1)
+    sum_ent = entropy(p_sum, (-1,))
+    ent = entropy(p, (-2, -1))
+    diff_mean = (p_diff * k_diff).sum(-1)
+    hx = entropy(px, (-1,))
+    hy = entropy(py, (-1,))
+    pxpy = px[..., :, None] * py[..., None, :]
+    hxy1 = -(p * np.log2(pxpy + _EPS)).sum((-2, -1))
+    hxy2 = entropy(pxpy, (-2, -1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        correlation = ((p * ii * jj).sum((-2, -1)) - mux * muy) / (sdx * sdy)
+        info1 = (ent - hxy1) / np.maximum(hx, hy)
+    info2 = np.sqrt(np.maximum(1 - np.exp(-2 * (hxy2 - ent)), 0))
+    features = np.stack(
+        [
+            (p**2).sum((-2, -1)),
+            (p * (ii - jj) ** 2).sum((-2, -1)),
+            correlation,
+            (p * (ii - mux[..., None, None]) ** 2).sum((-2, -1)),
+            (p / (1 + (ii - jj) ** 2)).sum((-2, -1)),
+            sum_avg,
+            (p_sum * (k_sum - sum_avg[..., None]) ** 2).sum(-1),
+            sum_ent,
+            ent,
+            (p_diff * (k_diff - diff_mean[..., None]) ** 2).sum(-1),
+            entropy(p_diff, (-1,)),
+            info1,
+            info2,
+        ],
+        axis=-1,
+    )
+    empty = p.sum((-2, -1)) == 0
+    features[empty] = np.nan
+    return features
+
+
+def _texture(
+    labels: np.ndarray, grey: np.ndarray, n: int, levels: int, scale: int
+) -> np.ndarray:
+    """Haralick features averaged over 4 directions; shape (C, n, 13)."""
+    per_direction = haralick(glcm(labels, grey, n, levels, scale))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # objects without pairs
+        return np.nanmean(per_direction, axis=2)
+
+
+# --- Radial distribution, granularity, neighbours --------------------------------
+
+
+def _radial(
+    cells: np.ndarray,
+    n: int,
+    centre: tuple[np.ndarray, np.ndarray],
+    distance_to_edge: np.ndarray,
+    planes: np.ndarray,
+    bins: int,
+) -> np.ndarray:
+    """FracAtD, MeanFrac and RadialCV per cell, channel and ring; shape (n, C, 3, bins)."""
+    flat = cells.ravel()
+    inside = flat > 0
+    lab = flat[inside]
+    yy, xx = np.divmod(np.flatnonzero(inside), cells.shape[1])
+    dy = yy - centre[0][lab - 1]
+    dx = xx - centre[1][lab - 1]
+    from_centre = np.hypot(dy, dx)
+    to_edge = distance_to_edge.ravel()[inside]
+    relative = from_centre / np.maximum(from_centre + to_edge, _EPS)
+    ring = np.minimum((relative * bins).astype(np.int64), bins - 1)
+    wedge = ((np.arctan2(dy, dx) + np.pi) / (2 * np.pi) * _RADIAL_WEDGES).astype(
+        np.int64
+    ) % _RADIAL_WEDGES
+    ring_code = (lab - 1) * bins + ring
+    pixels = np.bincount(ring_code, minlength=n * bins).reshape(n, bins)
+    pixel_frac = _safe_div(pixels, pixels.sum(1, keepdims=True))
+    wedge_code = ring_code * _RADIAL_WEDGES + wedge
+    wedge_pixels = np.bincount(wedge_code, minlength=n * bins * _RADIAL_WEDGES)
+    out = np.full((n, planes.shape[0], 3, bins), np.nan)
+    for c, plane in enumerate(planes):
+        val = plane.ravel()[inside].astype(np.float64)
+        ring_sum = np.bincount(ring_code, val, minlength=n * bins).reshape(n, bins)
+        frac = _safe_div(ring_sum, ring_sum.sum(1, keepdims=True))
+        wedge_sum = np.bincount(wedge_code, val, minlength=n * bins * _RADIAL_WEDGES)
+        wedge_mean = _safe_div(wedge_sum, wedge_pixels).reshape(n, bins, _RADIAL_WEDGES)
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)  # empty rings
+            cv = np.nanstd(wedge_mean, axis=2) / np.nanmean(wedge_mean, axis=2)
+        out[:, c, 0] = frac
+        out[:, c, 1] = _safe_div(frac, pixel_frac)
+        out[:, c, 2] = cv
+    return out
+
+
+def _granularity(
+    cells: np.ndarray, n: int, planes: np.ndarray, scales: int
+) -> np.ndarray:
+    """CellProfiler-style granular spectrum per cell and channel; shape (n, C, scales).
+
+    As in CellProfiler (which subsamples by 4 by default) the plane is first
+    averaged over 2x2 blocks; it is background-subtracted by an opening larger than
+    the scales, then opened with growing square elements (3, 5, ... px at half
+    resolution); scale k is the percentage of the cell's signal removed between
+    openings k-1 and k.
+    """
+    out = np.full((n, planes.shape[0], scales), np.nan)
+    if not scales:
+        return out
+    height, width = (cells.shape[0] // 2) * 2, (cells.shape[1] // 2) * 2
+    small_cells = cells[:height:2, :width:2].ravel()
+    inside = small_cells > 0
+    lab = small_cells[inside]
+    for c, plane in enumerate(planes):
+        values = (
+            plane[:height, :width]
+            .astype(np.float32)
+            .reshape(height // 2, 2, width // 2, 2)
+            .mean(axis=(1, 3))
+        )
+        current = values - ndi.grey_opening(values, size=(2 * scales + 3,) * 2)
+        start = _sums(lab, n, current.ravel()[inside].astype(np.float64))
+        previous = start
+        for k in range(scales):
+            current = ndi.grey_opening(current, size=(2 * k + 3,) * 2)
+            now = _sums(lab, n, current.ravel()[inside].astype(np.float64))
+            out[:, c, k] = 100 * _safe_div(previous - now, start)
+            previous = now
+    return out
+
+
+def _neighbors(
+    cells: np.ndarray, n: int, centre: tuple[np.ndarray, np.ndarray], within_px: int
+) -> dict[str, np.ndarray]:
+    """Touching neighbours of cells and nearest-nucleus distances."""
+    padded = np.pad(cells, 1, mode="constant")
+    pairs = []
+    touching_sides = np.zeros(n)
+    all_sides = np.zeros(n)
+    for axis in (0, 1):
+        a = padded[:-1, :] if axis == 0 else padded[:, :-1]
+        b = padded[1:, :] if axis == 0 else padded[:, 1:]
+        differ = a != b
+        both = differ & (a > 0) & (b > 0)
+        pairs.append(np.stack([a[both], b[both]], 1))
+        touching_sides += _sums(a[both], n) + _sums(b[both], n)
+        all_sides += _sums(a[differ], n) + _sums(b[differ], n)
+    edges = np.unique(np.sort(np.concatenate(pairs), axis=1), axis=0)
+    degree = (
+        np.bincount(edges.ravel(), minlength=n + 1)[1:] if len(edges) else np.zeros(n)
+    )  # noqa: E501
+    columns = {
+        "Cells_Neighbors_NumberOfNeighbors_Adjacent": degree.astype(np.float64),
+        "Cells_Neighbors_PercentTouching_Adjacent": 100
+        * _safe_div(touching_sides, all_sides),
+    }
+    points = np.column_stack(centre)
+    first = np.full(n, np.nan)
+    second = np.full(n, np.nan)
+    if n >= 2:
+        k = min(3, n)
+        distances, _ = cKDTree(points).query(points, k=k)
+        first = distances[:, 1]
+        second = distances[:, 2] if k == 3 else second
+    columns["Nuclei_Neighbors_FirstClosestDistance"] = first
+    columns["Nuclei_Neighbors_SecondClosestDistance"] = second
+    if within_px:
+        counts = np.zeros(n)
+        if n:
+            counts = (
+                np.array(
+                    [
+                        len(x)
+                        for x in cKDTree(points).query_ball_point(points, within_px)
+                    ]
+                )
+                - 1
+            )
+        columns[f"Nuclei_Neighbors_NumberOfNeighbors_{within_px}"] = counts
+    return columns
+
+
+def _distance_inside(labels: np.ndarray, edge: np.ndarray) -> np.ndarray:
+    """Distance of each object pixel to the nearest pixel outside its object."""
+    return ndi.distance_transform_edt(edge ^ (labels > 0)) + (labels > 0)
+
+
+# --- public API ------------------------------------------------------------------
+
+
+def check_labels(
+    image: np.ndarray, nuclei_labels: np.ndarray, cell_labels: np.ndarray
+) -> int:
+    """Validate a field and its labels; return the number of objects N.
+
+    Raises
+    ------
+    ValueError
+        If shapes disagree, labels are negative or not numbered 1..N, or a cell does
+        not contain its nucleus label.
     """
     if image.ndim != 3:
         raise ValueError(f"image has shape {image.shape}; expected (C, Y, X).")
@@ -178,42 +762,137 @@ def measure_cells(
             f"labels have shapes {nuclei_labels.shape} and {cell_labels.shape} but image "
             f"is {image.shape}; labels must match image in (Y, X)."
         )
+    if nuclei_labels.min(initial=0) < 0 or cell_labels.min(initial=0) < 0:
+        raise ValueError("labels must be >= 0 (0 = background).")
+    n = int(nuclei_labels.max(initial=0))
+    present = np.bincount(nuclei_labels.ravel(), minlength=n + 1)[1:] > 0
+    if not present.all():
+        raise ValueError(
+            "nuclei_labels must be numbered 1..N without gaps (relabel them)."
+        )
+    if int(cell_labels.max(initial=0)) > n:
+        raise ValueError("cell_labels has labels without a nucleus; use the same ids.")
+    return n
+
+
+def measure_cells(
+    image: np.ndarray,
+    nuclei_labels: np.ndarray,
+    cell_labels: np.ndarray,
+    *,
+    channel_names: Sequence[str],
+    options: MeasureConfig | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Measure every cell of a field in three compartments and every channel.
+
+    Parameters
+    ----------
+    image : ndarray of shape (C, Y, X)
+        The (illumination-corrected) field, any real dtype.
+    nuclei_labels, cell_labels : ndarray of shape (Y, X), int
+        Labels 1..N, the same object in both (see `pipeline.segment`). The
+        cytoplasm is the cell minus its nucleus.
+    channel_names : sequence of str
+        One name per channel, used in feature names.
+    options : MeasureConfig, optional
+        Zernike degree, texture scales and grey levels, radial bins, granularity
+        scales, neighbour distance; defaults if None.
+
+    Returns
+    -------
+    cells : DataFrame
+        One row per object 1..N: ``object_number``, ``centroid_y``, ``centroid_x``,
+        ``bbox_min_y``, ``bbox_min_x``, ``bbox_max_y``, ``bbox_max_x``, ``area_px``
+        (nucleus).
+    features : DataFrame, float32
+        Same rows, the columns of `feature_names`.
+
+    Raises
+    ------
+    ValueError
+        If shapes or labels are inconsistent or `channel_names` does not match C.
+    """
+    opt = options or MeasureConfig()
+    n = check_labels(image, nuclei_labels, cell_labels)
     if len(channel_names) != image.shape[0]:
         raise ValueError(
             f"channel_names has {len(channel_names)} names but image has "
             f"{image.shape[0]} channels."
         )
-    n_labels = int(nuclei_labels.max())
-    present = np.unique(nuclei_labels)
-    if n_labels and len(present[present > 0]) != n_labels:
-        raise ValueError(
-            "nuclei_labels must be numbered 1..N without gaps (relabel them)."
+    names = feature_names(channel_names, opt)
+    planes = image.astype(np.float32, copy=False)
+    nuclei = nuclei_labels.astype(np.int32, copy=False)
+    cells = np.where(cell_labels > 0, cell_labels, nuclei).astype(np.int32)
+    cytoplasm = np.where(nuclei > 0, 0, cells)
+    compartments = {"Nuclei": nuclei, "Cells": cells, "Cytoplasm": cytoplasm}
+    columns: dict[str, np.ndarray] = {}
+    nucleus_shape = None
+    for comp, labels in compartments.items():
+        edge = _edge_mask(labels)
+        distance = _distance_inside(labels, edge)
+        degree = opt.zernike_degree if comp in ZERNIKE_COMPARTMENTS else -1
+        if comp == "Cells":  # the cytoplasm's convex hull is its cell's
+            cell_hull = _hull_features(labels, edge, n)
+        hull = cell_hull if comp != "Nuclei" else None
+        shape = _area_shape(labels, edge, n, degree, distance, hull)
+        columns |= {f"{comp}_AreaShape_{k}": v for k, v in shape.items()}
+        area = shape["Area"]
+        flat = labels.ravel()
+        inside = flat > 0
+        yy, xx = np.divmod(np.flatnonzero(inside), labels.shape[1])
+        centroid = (
+            _safe_div(_sums(flat[inside], n, yy), area),
+            _safe_div(_sums(flat[inside], n, xx), area),
         )
-    values = image.astype(np.float32, copy=False)
-    nucleus = regionprops_table(
-        nuclei_labels, properties=["label", "centroid", "bbox", "area"]
+        if comp == "Nuclei":
+            nucleus_shape = centroid
+        for c, ch in enumerate(channel_names):
+            stats = _intensity(labels, edge, n, planes[c], centroid)
+            columns |= {f"{comp}_Intensity_{k}_{ch}": v for k, v in stats.items()}
+        grey = np.stack([quantize(p, labels > 0, opt.texture_levels) for p in planes])
+        for scale in opt.texture_scales:
+            texture = _texture(labels, grey, n, opt.texture_levels, scale)
+            for c, ch in enumerate(channel_names):
+                for j, name in enumerate(HARALICK_NAMES):
+                    columns[f"{comp}_Texture_{name}_{ch}_{scale}"] = texture[c, :, j]
+        if comp == "Cells":
+            cell_distance = distance
+    radial = _radial(cells, n, nucleus_shape, cell_distance, planes, opt.radial_bins)
+    granularity = _granularity(cells, n, planes, opt.granularity_scales)
+    for c, ch in enumerate(channel_names):
+        for k, kind in enumerate(RADIAL_NAMES):
+            for b in range(opt.radial_bins):
+                columns[
+                    f"Cells_RadialDistribution_{kind}_{ch}_{b + 1}of{opt.radial_bins}"
+                ] = radial[:, c, k, b]
+        for s in range(opt.granularity_scales):
+            columns[f"Cells_Granularity_{s + 1}_{ch}"] = granularity[:, c, s]
+        columns[f"Nuclei_Ratio_NucleusCellIntegratedIntensity_{ch}"] = _safe_div(
+            columns[f"Nuclei_Intensity_IntegratedIntensity_{ch}"],
+            columns[f"Cells_Intensity_IntegratedIntensity_{ch}"],
+        )
+    columns |= _neighbors(cells, n, nucleus_shape, opt.neighbor_distance_px)
+    columns["Nuclei_Ratio_NucleusCellArea"] = _safe_div(
+        columns["Nuclei_AreaShape_Area"], columns["Cells_AreaShape_Area"]
     )
-    cells = pd.DataFrame(
+    slices = ndi.find_objects(nuclei_labels, max_label=n)
+    bbox = np.array(
+        [[s[0].start, s[1].start, s[0].stop, s[1].stop] for s in slices], dtype=np.int64
+    ).reshape(n, 4)
+    table = pd.DataFrame(
         {
-            "object_number": nucleus["label"].astype(np.int64),
-            "centroid_y": nucleus["centroid-0"],
-            "centroid_x": nucleus["centroid-1"],
-            "bbox_min_y": nucleus["bbox-0"],
-            "bbox_min_x": nucleus["bbox-1"],
-            "bbox_max_y": nucleus["bbox-2"],
-            "bbox_max_x": nucleus["bbox-3"],
-            "area_px": nucleus["area"].astype(np.int64),
+            "object_number": np.arange(1, n + 1, dtype=np.int64),
+            "centroid_y": nucleus_shape[0],
+            "centroid_x": nucleus_shape[1],
+            "bbox_min_y": bbox[:, 0],
+            "bbox_min_x": bbox[:, 1],
+            "bbox_max_y": bbox[:, 2],
+            "bbox_max_x": bbox[:, 3],
+            "area_px": columns["Nuclei_AreaShape_Area"].astype(np.int64),
         }
     )
-    columns = _compartment(
-        "Nuclei", nuclei_labels, values, channel_names, n_labels, intensity_quantiles
-    )
-    columns |= _compartment(
-        "Cells", cell_labels, values, channel_names, n_labels, intensity_quantiles
-    )
-    cell_area = columns["Cells_AreaShape_Area"]
-    columns["Nuclei_AreaShape_NucleusCellAreaRatio"] = columns[
-        "Nuclei_AreaShape_Area"
-    ] / np.where(cell_area > 0, cell_area, np.nan)
-    features = pd.DataFrame(columns).astype(np.float32)
-    return cells, features
+    matrix = np.empty((n, len(names)), dtype=np.float32)
+    for j, name in enumerate(names):
+        matrix[:, j] = columns[name]
+    features = pd.DataFrame(matrix, columns=names)
+    return table, features

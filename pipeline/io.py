@@ -347,3 +347,35 @@ def read_field(
             "all channels of a field must be the same size."
         )
     return np.stack(planes)
+
+
+def write_labels(path: str | Path, labels: np.ndarray) -> Path:
+    """Write an instance-label image as a compressed TIFF, atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+    labels : ndarray of shape (Y, X), int
+        0 = background; stored as uint16 when the labels fit, else int32.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    ValueError
+        If `labels` is not a 2-D integer array with values >= 0.
+    """
+    if labels.ndim != 2 or labels.dtype.kind not in "ui":
+        raise ValueError(
+            f"labels must be a 2-D integer array, got {labels.shape} {labels.dtype}."
+        )
+    if labels.size and labels.min() < 0:
+        raise ValueError("labels must be >= 0 (0 = background).")
+    path = Path(path)
+    dtype = np.uint16 if labels.max(initial=0) <= np.iinfo(np.uint16).max else np.int32
+    partial = path.with_name(path.name + ".partial")
+    tifffile.imwrite(partial, labels.astype(dtype), compression="zlib")
+    partial.replace(path)
+    return path

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
+import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -21,25 +22,37 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import dask
 import numpy as np
 import pandas as pd
 from distributed import Client, LocalCluster, as_completed
+from scipy import ndimage as ndi
 from sqlalchemy import Engine
 from tqdm.auto import tqdm
 
 from db import store
 from db.session import make_engine
-from pipeline.config import RunConfig, analysis_key, dump_config
+from pipeline.config import (
+    IlluminationConfig,
+    MeasureConfig,
+    RunConfig,
+    analysis_key,
+    config_from_dict,
+    dump_config,
+)
+from pipeline.crops import crop_cells, default_crop_size
 from pipeline.errors import InputError, PipelineError, collect_input_errors
 from pipeline.features import FEATURE_SET_NAME, feature_names, measure_cells
-from pipeline.io import compile_pattern, discover_fields, read_field
+from pipeline.illumination import correct as correct_illumination
+from pipeline.illumination import downsample, illumination_function
+from pipeline.io import compile_pattern, discover_fields, read_field, write_labels
 from pipeline.platemap import (
     check_platemap_against_fields,
     infer_plate_format,
     read_platemap,
 )
-from pipeline.qc import measure_field_qc
-from pipeline.segment import SEGMENTER_NAME, segment_field
+from pipeline.qc import flag_fields, measure_field_qc
+from pipeline.segment import check_segmenter, segment_field
 
 logger = logging.getLogger(__name__)
 
@@ -168,36 +181,93 @@ def prepare_run(
     )
 
 
+def load_field(
+    paths: list[str],
+    *,
+    channel_indexes: list[int | None],
+    illumination: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read a field and divide it by its plate's illumination function.
+
+    Returns
+    -------
+    raw : ndarray of shape (C, Y, X)
+        As stored.
+    corrected : ndarray of shape (C, Y, X), float32
+        ``raw`` / illumination function, or ``raw`` as float32 without one.
+
+    Raises
+    ------
+    OSError, ValueError
+        If a file cannot be read or the planes disagree (the message names the
+        file).
+    """
+    raw = read_field(paths, channel_indexes=channel_indexes)
+    if illumination is None:
+        return raw, raw.astype(np.float32)
+    return raw, correct_illumination(raw, illumination)
+
+
+def segment_image(
+    image: np.ndarray,
+    *,
+    channel_names: list[str],
+    nuclei_channel: str,
+    cytoplasm_channel: str | None,
+    segment: Mapping[str, Any],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Segment nuclei and cells of a (C, Y, X) field by channel name."""
+    cytoplasm = (
+        image[channel_names.index(cytoplasm_channel)] if cytoplasm_channel else None
+    )
+    return segment_field(
+        image[channel_names.index(nuclei_channel)], cytoplasm, **segment
+    )
+
+
 def process_field(
     paths: list[str],
     *,
     channel_indexes: list[int | None],
     channel_names: list[str],
     nuclei_channel: str,
+    cytoplasm_channel: str | None,
+    illumination: np.ndarray | None,
     segment: Mapping[str, Any],
-    measure: Mapping[str, Any],
+    measure: MeasureConfig,
 ) -> dict[str, Any]:
-    """Read, segment and measure one field (runs on a Dask worker).
+    """Read, correct, segment and measure one field (runs on a Dask worker).
 
     Returns
     -------
     dict
-        ``cells`` (DataFrame), ``features`` (ndarray (N, F) float32), ``qc`` and
-        ``seconds`` per step; or ``error`` (str naming the file) when the field's
-        files cannot be read or are inconsistent.
+        ``cells`` (DataFrame), ``features`` (ndarray (N, F) float32), ``qc`` (of
+        the raw field) and ``seconds`` per step; or ``error`` (str naming the file)
+        when the field's files cannot be read or are inconsistent.
     """
     start = time.perf_counter()
     try:
-        image = read_field(paths, channel_indexes=channel_indexes)
+        raw, image = load_field(
+            paths, channel_indexes=channel_indexes, illumination=illumination
+        )
     except (OSError, ValueError) as exc:
         return {"error": str(exc)}
     read_s = time.perf_counter()
-    nuclei, cells = segment_field(image[channel_names.index(nuclei_channel)], **segment)
+    try:
+        nuclei, cells = segment_image(
+            image,
+            channel_names=channel_names,
+            nuclei_channel=nuclei_channel,
+            cytoplasm_channel=cytoplasm_channel,
+            segment=segment,
+        )
+    except ValueError as exc:  # e.g. NaN pixels in a float TIFF
+        return {"error": f"{paths[0]}: {exc}"}
     segment_s = time.perf_counter()
     table, features = measure_cells(
-        image, nuclei, cells, channel_names=channel_names, **measure
+        image, nuclei, cells, channel_names=channel_names, options=measure
     )
-    qc = measure_field_qc(image, channel_names=channel_names, n_cells=len(table))
+    qc = measure_field_qc(raw, channel_names=channel_names, n_cells=len(table))
     end = time.perf_counter()
     return {
         "cells": table,
@@ -209,6 +279,82 @@ def process_field(
             "measure": end - segment_s,
         },
     }
+
+
+def downsample_field(
+    paths: list[str], *, channel_indexes: list[int | None], size_px: int
+) -> np.ndarray | None:
+    """Read a field and block-average it for the illumination function.
+
+    Returns None when the field cannot be read (it fails later, with its message).
+    """
+    try:
+        image = read_field(paths, channel_indexes=channel_indexes)
+        return downsample(image, size_px)
+    except (OSError, ValueError):
+        return None
+
+
+def _illumination_functions(
+    client: Client,
+    engine: Engine,
+    fields: pd.DataFrame,
+    *,
+    run_id: int,
+    image_root: Path,
+    channel_names: list[str],
+    channel_indexes: list[int | None],
+    config: IlluminationConfig,
+) -> dict[int, np.ndarray]:
+    """Compute (on Dask) and store each plate's functions, or read stored ones.
+
+    One transaction per plate, so a rerun recomputes only plates not yet stored.
+    """
+    functions = store.read_illumination(engine, run_id, channel_names)
+    file_columns = [f"FileName_{name}" for name in channel_names]
+    for plate_id, plate_fields in fields.groupby("plate_id", sort=True):
+        if plate_id in functions:
+            continue
+        n = len(plate_fields)
+        take = np.unique(np.linspace(0, n - 1, min(n, config.max_fields_per_plate)))
+        sample = plate_fields.iloc[take.astype(int)]
+        futures = [
+            client.submit(
+                downsample_field,
+                [str(image_root / getattr(row, c)) for c in file_columns],
+                channel_indexes=channel_indexes,
+                size_px=config.size_px,
+                pure=False,
+            )
+            for row in sample.itertuples(index=False)
+        ]
+        small = [x for x in client.gather(futures) if x is not None]
+        shapes = {x.shape for x in small}
+        if not small or len(shapes) != 1:
+            logger.warning(
+                "plate %s: no illumination function (%s); fields are not corrected",
+                plate_fields["Metadata_Plate"].iloc[0],
+                "no readable field" if not small else f"field shapes differ: {shapes}",
+            )
+            continue
+        function = illumination_function(
+            np.stack(small), smoothing_frac=config.smoothing_frac
+        )
+        store.write_illumination(
+            engine,
+            run_id=run_id,
+            plate_id=int(plate_id),
+            channel_names=channel_names,
+            functions=function,
+            n_fields=len(small),
+        )
+        functions[plate_id] = function
+        logger.info(
+            "plate %s: illumination function from %d fields",
+            plate_fields["Metadata_Plate"].iloc[0],
+            len(small),
+        )
+    return functions
 
 
 @contextmanager
@@ -234,7 +380,13 @@ def dask_client(
         with client:
             yield client
         return
+    # Dask sets MALLOC_TRIM_THRESHOLD_ in its workers, which also freezes glibc's
+    # mmap threshold: every array over 128 KiB is then mmapped and page-faulted
+    # afresh (measured 1.6x slower per field). A 32 MiB mmap threshold undoes that.
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
+    environ.setdefault("MALLOC_MMAP_THRESHOLD_", 32 * 2**20)
     with (
+        dask.config.set({"distributed.nanny.pre-spawn-environ": environ}),
         LocalCluster(
             n_workers=n_workers,
             threads_per_worker=1,
@@ -256,10 +408,12 @@ def _process_fields(
     feature_set_id: int,
     image_root: Path,
     task_options: dict[str, Any],
+    illumination: Mapping[int, Any],
 ) -> tuple[int, list[tuple[int, str]], dict[str, float]]:
     """Run `process_field` on Dask for each pending field; commit each as it returns.
 
     At most four tasks per worker are in flight, so the client holds few results.
+    `illumination` maps plate id to its (scattered) function, or is empty.
 
     Returns
     -------
@@ -278,7 +432,14 @@ def _process_fields(
         paths = [str(image_root / getattr(row, c)) for c in file_columns]
         key = f"field-{run_id}-{row.field_id}"
         field_of_key[key] = row.field_id
-        return client.submit(process_field, paths, **task_options, key=key, pure=False)
+        return client.submit(
+            process_field,
+            paths,
+            **task_options,
+            illumination=illumination.get(row.plate_id),
+            key=key,
+            pure=False,
+        )
 
     window = 4 * max(len(client.scheduler_info()["workers"]), 1)
     futures = as_completed(
@@ -321,6 +482,29 @@ def _process_fields(
     return n_cells, failures, step_seconds
 
 
+def _flag_fields(
+    engine: Engine, run_id: int, config: RunConfig, prepared: PreparedRun
+) -> int:
+    """Flag the run's completed fields against their plates; return how many."""
+    qc = store.read_field_qc(engine, run_id)
+    if qc.empty:
+        return 0
+    flags = flag_fields(
+        qc,
+        channel_names=prepared.channel_names,
+        nuclei_channel=config.input.nuclei_channel,
+        config=config.qc,
+    )
+    store.write_field_flags(engine, run_id, flags.set_axis(qc["field_id"]))
+    flagged = qc.assign(flags=flags.to_numpy())[flags.astype(bool).to_numpy()]
+    for row in flagged.head(10).itertuples(index=False):
+        logger.warning(
+            "QC: plate %s well %s site %s flagged %s",
+            row.Metadata_Plate, row.Metadata_Well, row.Metadata_Site, row.flags,
+        )  # fmt: skip
+    return len(flagged)
+
+
 def run_experiment(
     images_dir: str | Path,
     platemap_path: str | Path,
@@ -357,6 +541,7 @@ def run_experiment(
         ``config.execution.max_failed_fields_frac`` of the fields failed.
     """
     t_start = time.perf_counter()
+    check_segmenter(config.segment.method)
     prepared = prepare_run(
         images_dir, platemap_path, config=config, experiment_name=experiment_name
     )
@@ -379,7 +564,7 @@ def run_experiment(
             experiment_id=experiment_id,
             analysis_key=analysis_key(config),
             config_toml=dump_config(config),
-            segmenter=SEGMENTER_NAME,
+            segmenter=config.segment.method,
             versions=package_versions(),
         )
         feature_set_id = store.ensure_feature_set(
@@ -387,10 +572,9 @@ def run_experiment(
             run_id=run_id,
             name=FEATURE_SET_NAME,
             kind="classical",
-            feature_names=feature_names(
-                prepared.channel_names, **asdict(config.measure)
-            ),
+            feature_names=feature_names(prepared.channel_names, config.measure),
             config={
+                "illumination": asdict(config.illumination),
                 "segment": asdict(config.segment),
                 "measure": asdict(config.measure),
             },
@@ -403,6 +587,23 @@ def run_experiment(
             len(done), len(fields), len(pending),
             client.dashboard_link or client.scheduler.address,
         )  # fmt: skip
+        t_illum = time.perf_counter()
+        illumination = {}
+        if config.illumination.enabled and len(pending):
+            functions = _illumination_functions(
+                client,
+                engine,
+                fields,
+                run_id=run_id,
+                image_root=prepared.image_root,
+                channel_names=prepared.channel_names,
+                channel_indexes=prepared.channel_indexes,
+                config=config.illumination,
+            )
+            illumination = {
+                plate_id: client.scatter(function, broadcast=True)
+                for plate_id, function in functions.items()
+            }
         t_process = time.perf_counter()
         n_cells, failures, step_seconds = _process_fields(
             client,
@@ -415,14 +616,18 @@ def run_experiment(
                 "channel_indexes": prepared.channel_indexes,
                 "channel_names": prepared.channel_names,
                 "nuclei_channel": config.input.nuclei_channel,
+                "cytoplasm_channel": config.input.cytoplasm_channel,
                 "segment": asdict(config.segment),
-                "measure": asdict(config.measure),
+                "measure": config.measure,
             },
+            illumination=illumination,
         )
     elapsed = time.perf_counter() - t_process
     n_processed = len(pending)
+    n_flagged = _flag_fields(engine, run_id, config, prepared)
     timings = {
         "total_s": time.perf_counter() - t_start,
+        "illumination_s": t_process - t_illum,
         "process_s": elapsed,
         "fields_per_s": n_processed / elapsed if n_processed and elapsed > 0 else 0.0,
         "cells_per_s": n_cells / elapsed if n_cells and elapsed > 0 else 0.0,
@@ -439,7 +644,12 @@ def run_experiment(
             engine, run_id, status="failed", message=message, timings=timings
         )
         raise PipelineError(message)
-    message = f"{len(failures)} fields failed and were skipped" if failures else None
+    notes = []
+    if failures:
+        notes.append(f"{len(failures)} fields failed and were skipped")
+    if n_flagged:
+        notes.append(f"{n_flagged} fields flagged by QC (left out of profiles)")
+    message = "; ".join(notes) or None
     store.finish_run(
         engine, run_id, status="complete", message=message, timings=timings
     )
@@ -465,3 +675,189 @@ def run_experiment(
         n_cells=n_cells,
         timings=timings,
     )
+
+
+def segment_files(
+    images: list[Path],
+    out_dir: Path,
+    *,
+    cytoplasm: list[Path] | None = None,
+    nuclei_index: int | None = None,
+    cytoplasm_index: int | None = None,
+    segment: Mapping[str, Any] | None = None,
+) -> pd.DataFrame:
+    """Segment image files and write their label TIFFs (``phenoscreen segment``).
+
+    Parameters
+    ----------
+    images : list of Path
+        Nuclear-stain TIFFs (or multi-channel TIFFs with `nuclei_index`).
+    out_dir : Path
+        Receives ``<stem>_nuclei.tif`` per image and ``<stem>_cells.tif`` when a
+        cytoplasm plane is given.
+    cytoplasm : list of Path, optional
+        One cytoplasm TIFF per image, in the same order.
+    nuclei_index, cytoplasm_index : int, optional
+        Plane indexes inside multi-channel files; `cytoplasm_index` without
+        `cytoplasm` takes the cytoplasm from the image file itself.
+    segment : mapping, optional
+        Keyword options of `pipeline.segment.segment_field`.
+
+    Returns
+    -------
+    DataFrame
+        One row per image: ``image``, ``n_nuclei``, ``nuclei_labels``,
+        ``cells_labels`` (path or empty).
+
+    Raises
+    ------
+    InputError
+        If the lists differ in length, a file is missing or unreadable, or a stem
+        repeats (outputs would overwrite each other); nothing is written then.
+    """
+    options = dict(segment or {})
+    check_segmenter(options.get("method", "classical"))
+    if cytoplasm is not None and len(cytoplasm) != len(images):
+        raise InputError(
+            f"{len(images)} images but {len(cytoplasm)} cytoplasm files; give one "
+            "--cytoplasm file per image, in the same order."
+        )
+    problems = [
+        f"{p}: no such file" for p in [*images, *(cytoplasm or [])] if not p.is_file()
+    ]  # noqa: E501
+    stems = pd.Series([p.stem for p in images])
+    problems += [
+        f"{stem}: several images have this name; their masks would overwrite each other"
+        for stem in stems[stems.duplicated()].unique()
+    ]
+    if problems:
+        raise InputError(problems)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, path in enumerate(tqdm(images, unit="image", disable=None)):
+        if cytoplasm is not None:
+            paths, indexes = [path, cytoplasm[k]], [nuclei_index, cytoplasm_index]
+        elif cytoplasm_index is not None:
+            paths, indexes = [path, path], [nuclei_index or 0, cytoplasm_index]
+        else:
+            paths, indexes = [path], [nuclei_index]
+        try:
+            image = read_field(paths, channel_indexes=indexes)
+            nuclei, cells = segment_field(
+                image[0], image[1] if len(image) > 1 else None, **options
+            )
+        except (OSError, ValueError) as exc:
+            raise InputError(str(exc), source=str(path)) from exc
+        nuclei_path = write_labels(out_dir / f"{path.stem}_nuclei.tif", nuclei)
+        cells_path = ""
+        if len(image) > 1:
+            cells_path = str(write_labels(out_dir / f"{path.stem}_cells.tif", cells))
+        rows.append(
+            {
+                "image": str(path),
+                "n_nuclei": int(nuclei.max(initial=0)),
+                "nuclei_labels": str(nuclei_path),
+                "cells_labels": cells_path,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class FieldCrops:
+    """The single-cell crops of one field (see `iter_field_crops`)."""
+
+    field_id: int
+    plate: str
+    well: str
+    site: int
+    object_numbers: np.ndarray
+    crops: np.ndarray
+    masks: np.ndarray
+
+
+def iter_field_crops(
+    engine: Engine,
+    run_id: int,
+    *,
+    size: int | None = None,
+    include_flagged: bool = False,
+) -> Iterator[FieldCrops]:
+    """Stream crops of a run's cells field by field, without writing them to disk.
+
+    Each field is read again, corrected with the run's stored illumination
+    functions and segmented with the run's config (deterministic, so object k is
+    the stored cell k); crops are centred on the nuclei.
+
+    Parameters
+    ----------
+    engine : Engine
+    run_id : int
+    size : int, optional
+        Crop side; default `pipeline.crops.default_crop_size` of the first field
+        with cells.
+    include_flagged : bool
+        Also crop fields flagged by QC.
+
+    Yields
+    ------
+    FieldCrops
+        ``crops`` (N, C, size, size) float32 and ``masks`` (N, size, size) bool.
+
+    Raises
+    ------
+    ValueError
+        If the run does not exist.
+    """
+    config_toml, image_root, fields = store.read_run_fields(engine, run_id)
+    config = config_from_dict(tomllib.loads(config_toml), source=f"run {run_id}")
+    channel_names = list(config.input.channels)
+    per_channel = (
+        "channel"
+        in compile_pattern(
+            layout=config.input.layout, pattern=config.input.pattern
+        ).groupindex
+    )
+    indexes = (
+        [None] * len(channel_names)
+        if per_channel
+        else [int(t) for t in config.input.channels.values()]
+    )
+    illumination = store.read_illumination(engine, run_id, channel_names)
+    if not include_flagged:
+        fields = fields[fields["qc_flags"] == ""]
+    for row in fields.itertuples(index=False):
+        paths = [str(Path(image_root) / row.files[name]) for name in channel_names]
+        _, image = load_field(
+            paths, channel_indexes=indexes, illumination=illumination.get(row.plate_id)
+        )
+        nuclei, cells = segment_image(
+            image,
+            channel_names=channel_names,
+            nuclei_channel=config.input.nuclei_channel,
+            cytoplasm_channel=config.input.cytoplasm_channel,
+            segment=asdict(config.segment),
+        )
+        n = int(nuclei.max(initial=0))
+        numbers = np.arange(1, n + 1)
+        centroids = np.array(ndi.center_of_mass(nuclei > 0, nuclei, numbers)).reshape(
+            n, 2
+        )
+        if size is None and n:
+            size = default_crop_size(np.bincount(nuclei.ravel())[1:])
+        crops, masks = crop_cells(
+            image,
+            centroids,
+            size or 64,
+            cell_labels=cells,
+            object_numbers=numbers,
+        )
+        yield FieldCrops(
+            field_id=int(row.field_id),
+            plate=row.Metadata_Plate,
+            well=row.Metadata_Well,
+            site=int(row.Metadata_Site),
+            object_numbers=numbers,
+            crops=crops,
+            masks=masks,
+        )

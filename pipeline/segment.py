@@ -1,98 +1,398 @@
-"""Baseline nuclei and cell segmentation (Otsu + distance watershed + expansion).
+"""Nuclei and cell segmentation: a size-adaptive classical segmenter, and adapters.
 
-This is the simplest honest segmenter, kept until the segmentation issue brings
-illumination correction, size-adaptive declumping and propagation over a cytoplasm
-channel. It is named ``otsu_expand`` in run records.
+The default ``classical`` segmenter needs no per-image tuning: it estimates the
+typical nucleus diameter ``d`` of each field from the scale-normalized Laplacian of
+Gaussian and scales everything else by it: a local background (grey opening of
+width ``d``) is subtracted, nuclei are thresholded by Otsu with hysteresis down to
+half the threshold, and touching nuclei are split by a watershed whose markers
+combine the distance transform and the smoothed intensity, at least ``0.3 d``
+apart. Cells grow from the nuclei over a cytoplasm channel by watershed
+(CellProfiler's "propagation"), or as a ring around each nucleus when there is none.
+The cytoplasm is the cell minus its nucleus.
+
+``cellpose`` and ``stardist`` are used only when those packages and their weights
+are installed; otherwise choosing them is an error that says how to install them.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Callable
+
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
-from skimage.filters import threshold_otsu
+from skimage.filters import apply_hysteresis_threshold, threshold_li, threshold_otsu
 from skimage.segmentation import expand_labels, relabel_sequential, watershed
 
-SEGMENTER_NAME = "otsu_expand"
+from pipeline.errors import InputError
+
+DEFAULT_SEGMENTER = "classical"
+_LOG_SIGMAS = 2.0 ** np.arange(0, 5.01, 1 / 3)  # 1 .. 32 px
+_MIN_DIAMETER, _MAX_DIAMETER = 4.0, 400.0
 
 
-def _drop_small(labels: np.ndarray, min_area_px: int) -> np.ndarray:
-    areas = np.bincount(labels.ravel())
-    small = areas < min_area_px
-    small[0] = False
-    out = labels.copy()
-    out[small[labels]] = 0
-    return relabel_sequential(out)[0]
+def _check_plane(plane: np.ndarray, name: str) -> np.ndarray:
+    if plane.ndim != 2:
+        raise ValueError(f"{name} has shape {plane.shape}; expected one (Y, X) plane.")
+    if plane.dtype.kind not in "uif":
+        raise ValueError(f"{name} has dtype {plane.dtype}; expected a numeric image.")
+    values = plane.astype(np.float32, copy=False)
+    if not np.isfinite(values).all():
+        raise ValueError(f"{name} holds NaN or infinite values; clean the image first.")
+    return values
 
 
-def segment_field(
-    nuclei: np.ndarray,
-    *,
-    smoothing_sigma_px: float = 1.0,
-    min_nucleus_area_px: int = 20,
-    declump_min_distance_px: int = 5,
-    cell_expansion_px: int = 8,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Segment nuclei by Otsu thresholding and cells by expanding them.
+def _block_mean(plane: np.ndarray, factor: int) -> np.ndarray:
+    if factor == 1:
+        return plane
+    height = plane.shape[0] // factor * factor
+    width = plane.shape[1] // factor * factor
+    blocks = plane[:height, :width].reshape(
+        height // factor, factor, width // factor, factor
+    )
+    return blocks.mean(axis=(1, 3))
 
-    The threshold is Otsu's, raised to at least the median + 5 robust standard
-    deviations of the field so that empty or sparse fields do not yield noise objects.
+
+def estimate_nucleus_diameter(plane: np.ndarray) -> float:
+    """Estimate the typical nucleus diameter of a nuclear-stain plane, in pixels.
+
+    The diameter is ``2 sqrt(2) sigma`` for the sigma (1 to 32 px) whose
+    scale-normalized Laplacian of Gaussian has the strongest 99.5th-percentile
+    response; large sigmas are evaluated on block-averaged planes.
 
     Parameters
     ----------
-    nuclei : ndarray of shape (Y, X)
-        The nuclear-stain plane, any numeric dtype.
-    smoothing_sigma_px : float
-        Gaussian smoothing before thresholding; 0 for none.
-    min_nucleus_area_px : int
-        Objects smaller than this are removed as debris.
-    declump_min_distance_px : int
-        Minimum distance between seeds of the distance-transform watershed that
-        splits touching nuclei; 0 turns declumping off.
-    cell_expansion_px : int
-        Each nucleus grows by this many pixels (without overlap) into its cell.
+    plane : ndarray of shape (Y, X)
 
     Returns
     -------
-    nuclei_labels, cell_labels : ndarray of shape (Y, X), int32
-        0 is background; label k is the same object in both, numbered 1..N.
+    float
+        Between 4 and 400 px; 4 for a constant plane.
 
     Raises
     ------
     ValueError
-        If `nuclei` is not 2-D or holds non-finite values.
+        If `plane` is not a finite numeric 2-D array.
     """
-    if nuclei.ndim != 2:
-        raise ValueError(f"nuclei has shape {nuclei.shape}; expected one (Y, X) plane.")
-    plane = nuclei.astype(np.float32, copy=False)
-    if not np.isfinite(plane).all():
-        raise ValueError("nuclei holds NaN or infinite values; clean the image first.")
-    smoothed = (
-        ndi.gaussian_filter(plane, smoothing_sigma_px) if smoothing_sigma_px else plane
-    )
-    empty = np.zeros(plane.shape, dtype=np.int32)
-    if smoothed.max() <= smoothed.min():
-        return empty, empty.copy()
-    # Otsu alone splits background noise when a field has few or no nuclei; the
-    # foreground must also stand clear of the background (median + 5 robust sd).
-    median = float(np.median(smoothed))
-    noise = 1.4826 * float(np.median(np.abs(smoothed - median)))
-    threshold = max(float(threshold_otsu(smoothed)), median + 5.0 * noise)
-    mask = ndi.binary_fill_holes(smoothed > threshold)
-    if declump_min_distance_px:
-        distance = ndi.gaussian_filter(ndi.distance_transform_edt(mask), 1.0)
-        components, _ = ndi.label(mask)
+    values = _check_plane(plane, "plane")
+    if values.size == 0 or values.max() <= values.min():
+        return _MIN_DIAMETER
+    responses = []
+    cache: dict[int, np.ndarray] = {}
+    for sigma in _LOG_SIGMAS:
+        factor = max(1, int(sigma // 2))
+        if min(values.shape) // factor < 8:
+            responses.append(-np.inf)
+            continue
+        small = cache.setdefault(factor, _block_mean(values, factor))
+        s = sigma / factor
+        response = -(s**2) * ndi.gaussian_laplace(small, s)
+        step = 2 if response.size > 2**18 else 1  # a subsample sets the percentile
+        responses.append(float(np.percentile(response[::step, ::step], 99.5)))
+    sigma = _LOG_SIGMAS[int(np.argmax(responses))]
+    return float(np.clip(2 * np.sqrt(2) * sigma, _MIN_DIAMETER, _MAX_DIAMETER))
+
+
+def _smoothed_noise(plane: np.ndarray, sigma: float) -> float:
+    """Return the standard deviation of pixel noise after smoothing by `sigma`.
+
+    Estimated from differences of horizontally adjacent pixels (robust to the
+    objects, which are smooth), scaled by the noise reduction of the smoothing.
+    """
+    if plane.shape[1] < 2:
+        return 0.0
+    diff = np.diff(plane, axis=1)
+    raw = 1.4826 * float(np.median(np.abs(diff - np.median(diff)))) / np.sqrt(2)
+    return raw / (2 * np.sqrt(np.pi) * sigma)
+
+
+def segment_nuclei(
+    plane: np.ndarray,
+    *,
+    nucleus_diameter_px: float | None = None,
+    background_diameters: float = 1.0,
+    hysteresis_fraction: float = 0.7,
+    declump_min_distance_diameters: float = 0.3,
+    intensity_weight: float = 0.5,
+    min_nucleus_area_fraction: float = 0.1,
+    exclude_border_nuclei: bool = False,
+) -> np.ndarray:
+    """Segment nuclei in a nuclear-stain plane (the ``classical`` segmenter).
+
+    Parameters
+    ----------
+    plane : ndarray of shape (Y, X)
+        Nuclear stain, any real dtype, finite.
+    nucleus_diameter_px : float
+        Typical nucleus diameter ``d``; None estimates it per plane
+        (`estimate_nucleus_diameter`).
+    background_diameters : float
+        Width of the grey opening, in units of ``d``, whose result is subtracted as
+        local background; 0 subtracts the plane's median instead.
+    hysteresis_fraction : float
+        Objects are seeded above the Otsu threshold (at least 6 standard deviations
+        of the smoothed pixel noise above background) and grow down to this
+        fraction of it.
+    declump_min_distance_diameters : float
+        Minimum distance between the seeds of touching nuclei, in units of ``d``;
+        0 turns declumping off.
+    intensity_weight : float
+        Weight of the smoothed intensity against the distance transform in the
+        declumping landscape; 0 is purely shape-based.
+    min_nucleus_area_fraction : float
+        Objects smaller than this fraction of a disc of diameter ``d`` are debris.
+    exclude_border_nuclei : bool
+        Remove nuclei touching the image border.
+
+    Returns
+    -------
+    ndarray of shape (Y, X), int32
+        Labels 1..N, 0 = background.
+
+    Raises
+    ------
+    ValueError
+        If `plane` is not a finite numeric 2-D array or an option is out of range.
+    """
+    values = _check_plane(plane, "nuclei plane")
+    if not 0 < hysteresis_fraction <= 1:
+        raise ValueError(
+            f"hysteresis_fraction {hysteresis_fraction} must be in (0, 1]."
+        )
+    if (nucleus_diameter_px is not None and nucleus_diameter_px <= 0) or (
+        background_diameters < 0
+    ):
+        raise ValueError(
+            "nucleus_diameter_px must be > 0 (or None) and background_diameters >= 0."
+        )
+    empty = np.zeros(values.shape, dtype=np.int32)
+    if values.size == 0 or values.max() <= values.min():
+        return empty
+    d = nucleus_diameter_px or estimate_nucleus_diameter(values)
+    smoothed = ndi.gaussian_filter(values, max(1.0, 0.05 * d))
+    if background_diameters:
+        width = max(3, int(round(background_diameters * d)))
+        background = ndi.uniform_filter(ndi.grey_opening(smoothed, size=width), width)
+        signal = smoothed - background
+    else:
+        signal = smoothed - np.median(smoothed)
+    median = float(np.median(signal))
+    noise = _smoothed_noise(values, max(1.0, 0.05 * d))
+    high = max(float(threshold_otsu(signal)), median + 6 * noise)
+    low = max(hysteresis_fraction * high, median + 2 * noise)
+    mask = ndi.binary_fill_holes(apply_hysteresis_threshold(signal, low, high))
+    components, n = ndi.label(mask)
+    if n == 0:
+        return empty
+    if declump_min_distance_diameters:
+        distance = ndi.gaussian_filter(
+            ndi.distance_transform_edt(mask), max(1.0, 0.1 * d)
+        )
+        landscape = distance / (d / 2)
+        if intensity_weight:
+            intensity = ndi.gaussian_filter(values, max(1.0, 0.15 * d))
+            scale = float(np.percentile(intensity[mask], 95)) or 1.0
+            landscape = landscape + intensity_weight * intensity / scale
         peaks = peak_local_max(
-            distance,
-            min_distance=declump_min_distance_px,
+            landscape,
+            min_distance=max(1, int(round(declump_min_distance_diameters * d))),
             labels=components,
             exclude_border=False,
         )
-        markers = np.zeros(plane.shape, dtype=np.int32)
+        markers = np.zeros(values.shape, dtype=np.int32)
         markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-        labels = watershed(-distance, markers, mask=mask)
+        labels = watershed(-landscape, markers, mask=mask)
     else:
-        labels, _ = ndi.label(mask)
-    nuclei_labels = _drop_small(labels.astype(np.int32), min_nucleus_area_px)
-    cell_labels = expand_labels(nuclei_labels, cell_expansion_px).astype(np.int32)
-    return nuclei_labels, cell_labels
+        labels = components
+    areas = np.bincount(labels.ravel())
+    drop = areas < min_nucleus_area_fraction * np.pi * (d / 2) ** 2
+    if exclude_border_nuclei:
+        border = np.unique(
+            np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+        )
+        drop[border] = True
+    drop[0] = False
+    labels[drop[labels]] = 0
+    return relabel_sequential(labels.astype(np.int32))[0]
+
+
+def segment_cells(
+    nuclei: np.ndarray,
+    cytoplasm: np.ndarray | None = None,
+    *,
+    ring_width_px: float | None = None,
+) -> np.ndarray:
+    """Grow cells from nuclei over a cytoplasm plane, or as rings without one.
+
+    With `cytoplasm`, the cell foreground is the smoothed plane above its minimum
+    cross-entropy (Li) threshold, which keeps dim cell bodies that Otsu's drops, joined
+    with the nuclei; each foreground pixel joins the nucleus it reaches by a
+    watershed on the inverted intensity, so borders between touching cells follow
+    dim valleys. Without, each nucleus grows by `ring_width_px` without overlap.
+
+    Parameters
+    ----------
+    nuclei : ndarray of shape (Y, X), int
+        Labels 1..N.
+    cytoplasm : ndarray of shape (Y, X), optional
+        A cytoplasm or cell-body stain.
+    ring_width_px : float
+        Ring width when `cytoplasm` is None; None uses half the median nucleus
+        equivalent diameter.
+
+    Returns
+    -------
+    ndarray of shape (Y, X), int32
+        Cell labels; cell k contains nucleus k.
+
+    Raises
+    ------
+    ValueError
+        If shapes differ or `cytoplasm` is not a finite numeric plane.
+    """
+    if nuclei.ndim != 2:
+        raise ValueError(f"nuclei has shape {nuclei.shape}; expected (Y, X) labels.")
+    if nuclei.max(initial=0) == 0:
+        return np.zeros(nuclei.shape, dtype=np.int32)
+    if cytoplasm is None:
+        if not ring_width_px:
+            areas = np.bincount(nuclei.ravel())[1:]
+            ring_width_px = 0.5 * np.sqrt(4 * np.median(areas[areas > 0]) / np.pi)
+        return expand_labels(nuclei, int(round(ring_width_px))).astype(np.int32)
+    values = _check_plane(cytoplasm, "cytoplasm plane")
+    if values.shape != nuclei.shape:
+        raise ValueError(
+            f"cytoplasm plane {values.shape} and nuclei {nuclei.shape} shapes differ."
+        )
+    smoothed = ndi.gaussian_filter(values, 1.0)
+    threshold = smoothed.max()
+    if smoothed.max() > smoothed.min():
+        step = 2 if smoothed.size > 2**18 else 1  # a subsample sets the threshold
+        threshold = float(threshold_li(smoothed[::step, ::step]))
+    foreground = ndi.binary_fill_holes((smoothed > threshold) | (nuclei > 0))
+    return watershed(-smoothed, nuclei, mask=foreground).astype(np.int32)
+
+
+def _require(package: str, segmenter: str, how: str) -> None:
+    if importlib.util.find_spec(package) is None:
+        raise InputError(
+            f"segmenter {segmenter!r} needs the {package!r} package, which is not "
+            f'installed: {how}. Or choose method = "classical" (the default).'
+        )
+
+
+def _cellpose_nuclei(
+    plane: np.ndarray, nucleus_diameter_px: float | None
+) -> np.ndarray:
+    _require("cellpose", "cellpose", "pip install cellpose (its model downloads once)")
+    from cellpose import models  # noqa: PLC0415 - optional dependency
+
+    try:
+        model = models.CellposeModel(model_type="nuclei")
+    except Exception as exc:  # noqa: BLE001 - any failure to get weights
+        raise InputError(
+            f"cellpose could not load its 'nuclei' model ({exc}); download it once "
+            "with internet access or copy it into ~/.cellpose/models."
+        ) from exc
+    masks = model.eval(plane, diameter=nucleus_diameter_px or None)[0]
+    return relabel_sequential(np.asarray(masks, dtype=np.int32))[0]
+
+
+def _stardist_nuclei(
+    plane: np.ndarray, nucleus_diameter_px: float | None
+) -> np.ndarray:
+    _require("stardist", "stardist", "pip install stardist tensorflow")
+    from csbdeep.utils import normalize  # noqa: PLC0415 - optional dependency
+    from stardist.models import StarDist2D  # noqa: PLC0415
+
+    try:
+        model = StarDist2D.from_pretrained("2D_versatile_fluo")
+    except Exception as exc:  # noqa: BLE001 - any failure to get weights
+        raise InputError(
+            f"stardist could not load '2D_versatile_fluo' ({exc}); download it once "
+            "with internet access (it is cached in ~/.keras/models)."
+        ) from exc
+    labels = model.predict_instances(normalize(plane, 1, 99.8))[0]
+    return relabel_sequential(np.asarray(labels, dtype=np.int32))[0]
+
+
+_LEARNED: dict[str, Callable[[np.ndarray, float | None], np.ndarray]] = {
+    "cellpose": _cellpose_nuclei,
+    "stardist": _stardist_nuclei,
+}
+SEGMENTERS = (DEFAULT_SEGMENTER, *_LEARNED)
+
+
+def check_segmenter(method: str) -> None:
+    """Raise InputError unless `method` is known and its package is installed."""
+    if method not in SEGMENTERS:
+        raise InputError(
+            f"unknown segmenter {method!r}; choose one of {', '.join(SEGMENTERS)}."
+        )
+    if method == "cellpose":
+        _require("cellpose", method, "pip install cellpose")
+    if method == "stardist":
+        _require("stardist", method, "pip install stardist tensorflow")
+
+
+def segment_field(
+    nuclei_plane: np.ndarray,
+    cytoplasm_plane: np.ndarray | None = None,
+    *,
+    method: str = DEFAULT_SEGMENTER,
+    nucleus_diameter_px: float | None = None,
+    background_diameters: float = 1.0,
+    hysteresis_fraction: float = 0.7,
+    declump_min_distance_diameters: float = 0.3,
+    intensity_weight: float = 0.5,
+    min_nucleus_area_fraction: float = 0.1,
+    exclude_border_nuclei: bool = False,
+    ring_width_px: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Segment the nuclei and cells of one field.
+
+    Parameters
+    ----------
+    nuclei_plane : ndarray of shape (Y, X)
+        Nuclear stain.
+    cytoplasm_plane : ndarray of shape (Y, X), optional
+        Cytoplasm stain for cell propagation; rings around nuclei without it.
+    method : str
+        ``classical`` (default), ``cellpose`` or ``stardist`` for the nuclei.
+    nucleus_diameter_px, background_diameters, hysteresis_fraction, \
+declump_min_distance_diameters, intensity_weight, min_nucleus_area_fraction, \
+exclude_border_nuclei
+        See `segment_nuclei` (the learned segmenters use only the diameter).
+    ring_width_px : float
+        See `segment_cells`.
+
+    Returns
+    -------
+    nuclei_labels, cell_labels : ndarray of shape (Y, X), int32
+        Label k is the same object in both, numbered 1..N.
+
+    Raises
+    ------
+    InputError
+        If `method` is unknown or its package or weights are missing.
+    ValueError
+        If a plane is not a finite numeric 2-D array or the shapes differ.
+    """
+    check_segmenter(method)
+    if method == DEFAULT_SEGMENTER:
+        nuclei = segment_nuclei(
+            nuclei_plane,
+            nucleus_diameter_px=nucleus_diameter_px,
+            background_diameters=background_diameters,
+            hysteresis_fraction=hysteresis_fraction,
+            declump_min_distance_diameters=declump_min_distance_diameters,
+            intensity_weight=intensity_weight,
+            min_nucleus_area_fraction=min_nucleus_area_fraction,
+            exclude_border_nuclei=exclude_border_nuclei,
+        )
+    else:
+        plane = _check_plane(nuclei_plane, "nuclei plane")
+        nuclei = _LEARNED[method](plane, nucleus_diameter_px)
+    cells = segment_cells(nuclei, cytoplasm_plane, ring_width_px=ring_width_px)
+    return nuclei, cells

@@ -20,17 +20,18 @@ from pipeline.features import measure_cells
 from pipeline.segment import segment_field
 
 
-@pytest.mark.parametrize(
-    ("cls", "function"),
-    [(SegmentConfig, segment_field), (MeasureConfig, measure_cells)],
-)
-def test_step_configs_match_function_keywords(cls, function):
+def test_segment_config_matches_segment_field_keywords():
     keywords = {
         name: p.default
-        for name, p in inspect.signature(function).parameters.items()
-        if p.kind is p.KEYWORD_ONLY and name != "channel_names"
+        for name, p in inspect.signature(segment_field).parameters.items()
+        if p.kind is p.KEYWORD_ONLY
     }
-    assert keywords == asdict(cls())
+    assert keywords == asdict(SegmentConfig())
+
+
+def test_measure_cells_takes_the_measure_config():
+    options = inspect.signature(measure_cells).parameters["options"]
+    assert "MeasureConfig" in str(options.annotation)
 
 
 def test_dump_and_load_roundtrip(tmp_path):
@@ -40,7 +41,8 @@ def test_dump_and_load_roundtrip(tmp_path):
             pattern=r"(?P<well>\w+)_(?P<channel>\d)\.tif",
             channels={"DNA": "1", "Actin": "2"},
         ),
-        segment=SegmentConfig(cell_expansion_px=12),
+        segment=SegmentConfig(nucleus_diameter_px=12, method="classical"),
+        measure=MeasureConfig(texture_scales=(2, 4)),
         execution=ExecutionConfig(n_workers=2),
     )
     path = tmp_path / "run.toml"
@@ -54,8 +56,9 @@ def test_load_config_rejects_unknown_keys(tmp_path):
     with pytest.raises(InputError) as info:
         load_config(path)
     assert "unknown section [segmentation]" in str(info.value)
-    assert "[segment] has unknown key 'sigma'; valid: smoothing_sigma_px" in str(
-        info.value
+    assert (
+        "[segment] has unknown key 'sigma'; valid: method, nucleus_diameter_px"
+        in str(info.value)
     )
 
 
@@ -75,8 +78,15 @@ def test_load_config_rejects_missing_file(tmp_path):
     ("data", "match"),
     [
         (
-            {"segment": {"min_nucleus_area_px": 0}},
-            r"min_nucleus_area_px = 0 must lie in",
+            {"segment": {"hysteresis_fraction": 0}},
+            r"hysteresis_fraction = 0 must lie in",
+        ),
+        ({"segment": {"method": "otsu"}}, "segment.method = 'otsu' is unknown"),
+        ({"measure": {"texture_levels": 1}}, "texture_levels = 1 must lie in"),
+        ({"qc": {"max_saturated_frac": 2}}, "max_saturated_frac = 2 must lie in"),
+        (
+            {"input": {"channels": {"DNA": "w1"}, "cytoplasm_channel": "Actin"}},
+            "cytoplasm_channel 'Actin' is not among",
         ),
         ({"execution": {"max_failed_fields_frac": 2}}, "max_failed_fields_frac"),
         (
@@ -94,13 +104,18 @@ def test_config_from_dict_rejects_bad_values(data, match):
         config_from_dict(data)
 
 
-def test_analysis_key_ignores_execution_only():
+def test_analysis_key_ignores_execution_and_qc_only():
     base = RunConfig()
     assert analysis_key(base) == analysis_key(
-        with_overrides(base, execution={"n_workers": 7})
+        with_overrides(base, execution={"n_workers": 7}, qc={"focus_mad": 2.0})
     )
-    changed = with_overrides(base, segment={"cell_expansion_px": 3})
-    assert analysis_key(base) != analysis_key(changed)
+    for section, values in (
+        ("segment", {"nucleus_diameter_px": 3}),
+        ("illumination", {"enabled": False}),
+        ("measure", {"radial_bins": 2}),
+    ):
+        changed = with_overrides(base, **{section: values})
+        assert analysis_key(base) != analysis_key(changed)
 
 
 def test_with_overrides_ignores_none_and_rejects_unknown_section():

@@ -1,0 +1,131 @@
+"""Nuclei segmentation accuracy on real DSB2018 fluorescence images (AP at IoU t).
+
+Images of ../shared/data/segmentation/dsb2018_dev are split at random (seed 0) into a
+tuning half, on which the defaults of the ``classical`` segmenter were chosen, and a
+report half, which was not looked at while tuning. Both are scored, with the
+default segmenter (no per-image settings) and with a plain Otsu + distance-transform
+watershed for reference. AP(t) = TP / (TP + FP + FN), pooled over images.
+
+Run: ``python benchmarks/bench_segmentation_dsb.py [--workers 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tifffile
+from scipy import ndimage as ndi
+from skimage.feature import peak_local_max
+from skimage.filters import threshold_otsu
+from skimage.io import imread
+from skimage.segmentation import watershed
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import save  # noqa: E402
+from pipeline.segeval import average_precision, match_counts  # noqa: E402
+from pipeline.segment import segment_nuclei  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared/data/segmentation/dsb2018_dev"
+SHOWN = (0.5, 0.75, 0.9)
+
+
+def otsu_watershed(image: np.ndarray) -> np.ndarray:
+    """The plain reference: Otsu on a lightly smoothed image, distance watershed."""
+    smoothed = ndi.gaussian_filter(image.astype(np.float32), 1)
+    if smoothed.max() <= smoothed.min():
+        return np.zeros(image.shape, np.int32)
+    mask = ndi.binary_fill_holes(smoothed > threshold_otsu(smoothed))
+    distance = ndi.distance_transform_edt(mask)
+    components, _ = ndi.label(mask)
+    peaks = peak_local_max(distance, min_distance=5, labels=components)
+    markers = np.zeros(image.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    return watershed(-distance, markers, mask=mask)
+
+
+METHODS = {"classical (default)": segment_nuclei, "otsu + watershed": otsu_watershed}
+
+
+def score_image(row: dict) -> pd.DataFrame:
+    image = imread(DATA / row["image_file"])
+    truth = tifffile.imread(DATA / row["label_file"])
+    out = []
+    for method, function in METHODS.items():
+        start = time.perf_counter()
+        labels = function(image)
+        seconds = time.perf_counter() - start
+        counts = match_counts(truth, labels)
+        out.append(
+            counts.assign(
+                method=method,
+                image_id=row["image_id"],
+                size=row["size"],
+                split=row["split"],
+                seconds=seconds,
+                pixels=image.size,
+            )
+        )
+    return pd.concat(out)
+
+
+def summarize(counts: pd.DataFrame) -> dict[str, float]:
+    ap = average_precision(counts)
+    figures = {f"AP@{t}": round(float(ap.loc[t]), 4) for t in SHOWN}
+    figures["mAP@0.5:0.95"] = round(float(ap.mean()), 4)
+    figures["images"] = int(counts["image_id"].nunique())
+    figures["true_nuclei"] = int(counts.drop_duplicates("image_id")["n_true"].sum())
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        sys.exit(f"{DATA} is absent: this benchmark needs ../shared/data.")
+    meta = pd.read_csv(DATA / "metadata.csv")
+    rng = np.random.default_rng(0)
+    meta["split"] = np.where(rng.random(len(meta)) < 0.5, "tune", "report")
+    start = time.perf_counter()
+    with ProcessPoolExecutor(args.workers) as pool:
+        counts = pd.concat(pool.map(score_image, meta.to_dict("records"), chunksize=4))
+    elapsed = time.perf_counter() - start
+    results: dict[str, dict] = {}
+    for (method, split), group in counts.groupby(["method", "split"], sort=False):
+        results.setdefault(method, {})[split] = summarize(group)
+        by_size = {
+            size: summarize(g)
+            for size, g in group.groupby("size")
+            if g["image_id"].nunique() >= 1
+        }
+        results[method][f"{split}_by_size"] = by_size
+        per_image = group.drop_duplicates("image_id")
+        results[method][f"{split}_ms_per_megapixel"] = round(
+            1000 * per_image["seconds"].sum() / (per_image["pixels"].sum() / 1e6), 1
+        )
+    for method, figures in results.items():
+        print(f"\n{method}")
+        for split in ("tune", "report"):
+            print(f"  {split:6s} {figures[split]}")
+        print("  report split by image size (AP@0.5, images):")
+        for size, fig in figures["report_by_size"].items():
+            print(f"    {size:10s} {fig['AP@0.5']:.3f}  ({fig['images']})")
+    save(
+        "segmentation_dsb2018",
+        {
+            "command": "python benchmarks/bench_segmentation_dsb.py",
+            "split": "random half (numpy seed 0) tune / report of dsb2018_dev",
+            "wall_s": round(elapsed, 1),
+            "results": results,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Segmentation + features side by side with CellProfiler 5 on real 1080x1080 fields.
+
+Both tools get the same two-channel fields (nuclear stain DNA, cell-body stain CELL)
+from ../shared/data/fields/cellpainting_fovs_cytodataframe (the JUMP CPJUMP1 field
+with AGP, the pediatric-atlas field with AGP), each written ``--copies`` times, and
+run on one core (``taskset -c 0``, one thread), one after the other in this run.
+CellProfiler runs the peer pipeline ../shared/peers/cellprofiler/nuc_cell_csv.cppipe
+(nuclei by Otsu + shape declumping, cells by propagation, size/shape with Zernike,
+intensity, texture at scale 3, CSV export); its per-field time is the difference
+of a run over all image sets and a run over the first one (start-up removed).
+PhenoScreen runs `segment_field` + `measure_cells` on the same files.
+
+Also reported: nuclei counts per field against CellProfiler's (this run, and the
+CellProfiler masks shipped with the data: 5 NF1 fields, the pediatric and JUMP
+fields).
+
+Needs CellProfiler 5: ``bash ../shared/peers/cellprofiler/install_cellprofiler5.sh
+/tmp/cp5``. Run: ``python benchmarks/bench_vs_cellprofiler.py --cellprofiler
+/tmp/cp5/bin/cellprofiler``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tifffile
+from scipy import ndimage as ndi
+from skimage.io import imread
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks._common import save  # noqa: E402
+from pipeline.features import feature_names  # noqa: E402
+from pipeline.segment import segment_field  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+FOVS = SHARED / "data/fields/cellpainting_fovs_cytodataframe"
+PIPELINE = SHARED / "peers/cellprofiler/nuc_cell_csv.cppipe"
+FIELDS = {
+    "jump": (
+        FOVS / "JUMP_plate_BR00117006/images/orig/r01c01f01p01-ch5sk1fk1fl1.tiff",
+        FOVS / "JUMP_plate_BR00117006/images/orig/r01c01f01p01-ch2sk1fk1fl1.tiff",
+    ),
+    "pediatric": (
+        FOVS
+        / "pediatric_cancer_atlas_profiling/images/orig/r03c03f03p01-ch5sk1fk1fl1.tiff",  # noqa: E501
+        FOVS
+        / "pediatric_cancer_atlas_profiling/images/orig/r03c03f03p01-ch3sk1fk1fl1.tiff",  # noqa: E501
+    ),
+}
+_NOT_FEATURES = (
+    "ImageNumber",
+    "ObjectNumber",
+    "Location_",
+    "Number_",
+    "Parent_",
+    "Children_",
+)  # noqa: E501
+_ONE_CORE = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}  # noqa: E501
+
+OURS = """
+import json, sys, time
+import numpy as np, tifffile
+from pipeline.features import measure_cells
+from pipeline.segment import segment_field
+rows = []
+for dna, cell in json.loads(sys.argv[1]):
+    start = time.perf_counter()
+    image = np.stack([tifffile.imread(dna), tifffile.imread(cell)])
+    read = time.perf_counter()
+    nuclei, cells = segment_field(image[0], image[1])
+    seg = time.perf_counter()
+    table, features = measure_cells(image, nuclei, cells, channel_names=["DNA", "CELL"])
+    end = time.perf_counter()
+    rows.append({"read_s": read - start, "segment_s": seg - read,
+                 "measure_s": end - seg, "total_s": end - start,
+                 "n_nuclei": len(table), "n_features": features.shape[1]})
+print(json.dumps(rows))
+"""
+
+
+def one_core(command: list[str]) -> list[str]:
+    """Pin a command to core 0 when taskset exists."""
+    return ["taskset", "-c", "0", *command] if shutil.which("taskset") else command
+
+
+def outline_count(outlines: np.ndarray) -> int:
+    """Objects enclosed by an outline image (the largest region is background)."""
+    lines = outlines.reshape(outlines.shape[0], outlines.shape[1], -1).max(-1) > 0
+    regions, n = ndi.label(~lines)
+    sizes = np.bincount(regions.ravel())[1:]
+    return int((sizes >= 10).sum()) - 1 if n else 0
+
+
+def shipped_masks() -> list[dict]:
+    """Nuclei counts of CellProfiler masks/outlines shipped with the data vs ours."""
+    rows = []
+    nf1 = FOVS / "NF1_cellpainting_data_shrunken"
+    for mask in sorted((nf1 / "Plate_2_masks").glob("*_MaskNuclei.tiff")):
+        name = mask.name.replace("_MaskNuclei.tiff", ".tif")
+        nuclei, _ = segment_field(tifffile.imread(nf1 / "Plate_2_images" / name))
+        rows.append(
+            {
+                "field": f"NF1 {name}",
+                "cellprofiler": int(ndi.label(tifffile.imread(mask) > 0)[1]),
+                "phenoscreen": int(nuclei.max()),
+            }
+        )
+    pediatric = FOVS / "pediatric_cancer_atlas_profiling/images/outlines"
+    jump = FOVS / "JUMP_plate_BR00117006/images/outlines"
+    for field, outline in (
+        ("pediatric", pediatric / "NucleiOutlines_BR00143976_C03_3.tiff"),
+        ("jump", jump / "r01c01f01p01-ch5sk1fk1fl1_nuclei_outlines.png"),
+    ):
+        image = imread(outline)
+        nuclei, _ = segment_field(tifffile.imread(FIELDS[field][0]))
+        rows.append(
+            {
+                "field": field,
+                "cellprofiler": outline_count(image),
+                "phenoscreen": int(nuclei.max()),
+            }
+        )
+    return rows
+
+
+def cellprofiler_features(out: Path) -> int:
+    count = 0
+    for table in ("Nuclei", "Cells"):
+        columns = pd.read_csv(out / f"{table}.csv", nrows=1).columns
+        count += sum(not c.startswith(_NOT_FEATURES) for c in columns)
+    return count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cellprofiler", default="/tmp/cp5/bin/cellprofiler")
+    parser.add_argument("--copies", type=int, default=3, help="copies of each field")
+    args = parser.parse_args()
+    if not FOVS.is_dir():
+        sys.exit(f"{FOVS} is absent: this benchmark needs ../shared/data.")
+    if not Path(args.cellprofiler).exists():
+        sys.exit(
+            f"{args.cellprofiler} not found; install CellProfiler 5 with "
+            "bash ../shared/peers/cellprofiler/install_cellprofiler5.sh /tmp/cp5"
+        )
+    env = os.environ | _ONE_CORE
+    work = Path(tempfile.mkdtemp(prefix="bench_cp_"))
+    images = work / "in"
+    images.mkdir()
+    pairs = []
+    k = 0
+    for _ in range(args.copies):
+        for dna, cell in FIELDS.values():
+            k += 1
+            for stain, source in (("DNA", dna), ("CELL", cell)):
+                tifffile.imwrite(
+                    images / f"field{k}_{stain}.tif", tifffile.imread(source)
+                )
+            pairs.append(
+                [str(images / f"field{k}_DNA.tif"), str(images / f"field{k}_CELL.tif")]
+            )  # noqa: E501
+    n_sets = len(pairs)
+
+    def cellprofiler(out: Path, first_only: bool) -> float:
+        command = [args.cellprofiler, "-c", "-r", "-p", str(PIPELINE), "-i", str(images),
+                   "-o", str(out), "-e", "imageio_reader"]  # fmt: skip
+        if first_only:
+            command += ["-f", "1", "-l", "1"]
+        start = time.perf_counter()
+        done = subprocess.run(
+            one_core(command), env=env, capture_output=True, text=True
+        )
+        if done.returncode:
+            sys.exit(f"CellProfiler failed:\n{done.stderr[-3000:]}")
+        return time.perf_counter() - start
+
+    print(f"CellProfiler 5 on {n_sets} fields (1080x1080, DNA + CELL), one core ...")
+    cp_all = cellprofiler(work / "cp_all", first_only=False)
+    cp_one = cellprofiler(work / "cp_one", first_only=True)
+    cp_per_field = (cp_all - cp_one) / (n_sets - 1)
+    nuclei_csv = pd.read_csv(work / "cp_all" / "Nuclei.csv")
+    cp_counts = nuclei_csv.groupby("ImageNumber").size().tolist()
+    print("PhenoScreen on the same files, one core ...")
+    start = time.perf_counter()
+    done = subprocess.run(
+        one_core([sys.executable, "-c", OURS, json.dumps(pairs)]),
+        env=env | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        sys.exit(f"PhenoScreen failed:\n{done.stderr[-3000:]}")
+    ours_wall = time.perf_counter() - start
+    rows = pd.DataFrame(json.loads(done.stdout.strip().splitlines()[-1]))
+    warm = rows.iloc[1:] if len(rows) > 1 else rows  # the first pays imports' caches
+    ours_per_field = float(warm["total_s"].mean())
+    figures = {
+        "command": "python benchmarks/bench_vs_cellprofiler.py",
+        "fields": n_sets,
+        "field_size": "1080x1080 uint16, 2 channels",
+        "cellprofiler": {
+            "wall_all_s": round(cp_all, 2),
+            "wall_first_only_s": round(cp_one, 2),
+            "per_field_s": round(cp_per_field, 3),
+            "features_per_cell": cellprofiler_features(work / "cp_all"),
+            "nuclei_per_field": cp_counts,
+        },
+        "phenoscreen": {
+            "wall_all_s": round(ours_wall, 2),
+            "per_field_s": round(ours_per_field, 3),
+            "per_field_steps_s": {
+                c: round(float(warm[c].mean()), 3)
+                for c in ("read_s", "segment_s", "measure_s")
+            },
+            "features_per_cell": len(feature_names(["DNA", "CELL"])),
+            "nuclei_per_field": rows["n_nuclei"].tolist(),
+        },
+        "speedup_per_field": round(cp_per_field / ours_per_field, 2),
+        "shipped_cellprofiler_masks": shipped_masks(),
+    }
+    shutil.rmtree(work)
+    cp, ours = figures["cellprofiler"], figures["phenoscreen"]
+    print(
+        f"CellProfiler: {cp['per_field_s']:.2f} s/field, {cp['features_per_cell']} "
+        f"features/cell (wall {cp['wall_all_s']:.1f} s for {n_sets}, "
+        f"{cp['wall_first_only_s']:.1f} s for 1)"
+    )
+    print(
+        f"PhenoScreen:  {ours['per_field_s']:.2f} s/field, {ours['features_per_cell']} "
+        f"features/cell (steps {ours['per_field_steps_s']})"
+    )
+    print(f"speed-up per field: {figures['speedup_per_field']:.1f}x")
+    print(
+        f"nuclei per field, CellProfiler vs PhenoScreen: {cp_counts} vs {ours['nuclei_per_field']}"
+    )  # noqa: E501
+    for row in figures["shipped_cellprofiler_masks"]:
+        print(
+            f"  shipped masks {row['field']}: {row['cellprofiler']} vs {row['phenoscreen']}"
+        )  # noqa: E501
+    save("vs_cellprofiler", figures)
+
+
+if __name__ == "__main__":
+    main()

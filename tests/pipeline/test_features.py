@@ -1,0 +1,241 @@
+import numpy as np
+import pandas as pd
+import pytest
+from skimage.draw import disk, ellipse
+from skimage.feature import graycomatrix, graycoprops
+from skimage.measure import regionprops
+
+from pipeline.config import MeasureConfig
+from pipeline.features import (
+    HARALICK_NAMES,
+    check_labels,
+    feature_names,
+    glcm,
+    haralick,
+    measure_cells,
+    quantize,
+    zernike_indices,
+)
+from pipeline.segment import segment_field
+from tests.conftest import make_field, shared_data
+
+
+def _two_cells():
+    """Two touching cells with an elliptic nucleus each, and a textured image."""
+    nuclei = np.zeros((60, 100), np.int32)
+    nuclei[ellipse(30, 25, 6, 10, shape=nuclei.shape)] = 1
+    nuclei[disk((30, 72), 7, shape=nuclei.shape)] = 2
+    cells = np.zeros_like(nuclei)
+    cells[8:52, 5:50] = 1
+    cells[8:52, 50:95] = 2
+    cells[nuclei > 0] = nuclei[nuclei > 0]
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 50, (2, 60, 100)).astype(np.uint16)
+    image[0][nuclei > 0] += 1000
+    image[1][cells > 0] += 300
+    return image, nuclei, cells
+
+
+def test_feature_names_follow_cellprofiler_and_count():
+    names = feature_names(["DNA", "Actin", "Mito"])
+    assert len(names) == len(set(names)) >= 300
+    for expected in (
+        "Nuclei_AreaShape_Area",
+        "Cells_AreaShape_Zernike_9_9",
+        "Cytoplasm_Intensity_MeanIntensityEdge_Mito",
+        "Cells_Texture_InfoMeas2_Actin_5",
+        "Cells_RadialDistribution_FracAtD_DNA_1of4",
+        "Cells_Granularity_8_Mito",
+        "Cells_Neighbors_NumberOfNeighbors_Adjacent",
+        "Nuclei_Ratio_NucleusCellArea",
+    ):
+        assert expected in names
+    assert len(feature_names(["DNA"])) >= 100
+    assert len(feature_names(["DNA", "CELL"])) >= 378  # CellProfiler's peer pipeline
+
+
+def test_measure_cells_shapes_and_intensities_match_references():
+    image, nuclei, cells = _two_cells()
+    table, features = measure_cells(image, nuclei, cells, channel_names=["DNA", "Act"])
+    assert list(features.columns) == feature_names(["DNA", "Act"])
+    assert features.dtypes.eq(np.float32).all()
+    assert table["object_number"].tolist() == [1, 2]
+    for k, region in enumerate(regionprops(nuclei), start=0):
+        row = features.iloc[k]
+        assert row["Nuclei_AreaShape_Area"] == region.area
+        assert row["Nuclei_AreaShape_Eccentricity"] == pytest.approx(
+            region.eccentricity, abs=0.02
+        )
+        assert row["Nuclei_AreaShape_MajorAxisLength"] == pytest.approx(
+            region.axis_major_length, rel=0.02
+        )
+        assert row["Nuclei_AreaShape_Perimeter"] == pytest.approx(
+            region.perimeter, rel=0.12
+        )
+        assert row["Nuclei_AreaShape_Solidity"] == pytest.approx(
+            region.solidity, abs=0.06
+        )
+        np.testing.assert_allclose(
+            row[[f"Nuclei_AreaShape_HuMoment_{i}" for i in range(4)]].astype(float),
+            region.moments_hu[:4],
+            rtol=0.05,
+            atol=1e-6,
+        )
+        pixels = image[0][nuclei == k + 1].astype(float)
+        assert row["Nuclei_Intensity_MeanIntensity_DNA"] == pytest.approx(pixels.mean())
+        assert row["Nuclei_Intensity_StdIntensity_DNA"] == pytest.approx(
+            pixels.std(), rel=1e-4
+        )
+        assert row["Nuclei_Intensity_MinIntensity_DNA"] == pixels.min()
+        assert row["Nuclei_Intensity_MaxIntensity_DNA"] == pixels.max()
+        assert row["Nuclei_Intensity_MedianIntensity_DNA"] == np.quantile(
+            pixels, 0.5, method="lower"
+        )
+        assert row["Nuclei_Intensity_IntegratedIntensity_DNA"] == pytest.approx(
+            pixels.sum(), rel=1e-5
+        )
+        assert row["Nuclei_AreaShape_Zernike_0_0"] == pytest.approx(1 / np.pi)
+    cyto_area = features["Cytoplasm_AreaShape_Area"]
+    np.testing.assert_allclose(
+        cyto_area, features["Cells_AreaShape_Area"] - features["Nuclei_AreaShape_Area"]
+    )
+    assert features["Cells_Neighbors_NumberOfNeighbors_Adjacent"].tolist() == [1, 1]
+    assert features["Nuclei_Neighbors_FirstClosestDistance"].iloc[0] == pytest.approx(
+        47, abs=1
+    )
+    fractions = features.filter(like="Cells_RadialDistribution_FracAtD_Act").sum(axis=1)
+    np.testing.assert_allclose(fractions, 1, rtol=1e-5)
+    assert (
+        features.isna().sum().sum()
+        == features["Nuclei_Neighbors_SecondClosestDistance"].isna().sum()
+    )  # only the second neighbour is missing with two cells
+
+
+def test_zernike_magnitudes_are_rotation_invariant():
+    image, nuclei, cells = _two_cells()
+    rotated = [np.rot90(a, axes=(-2, -1)).copy() for a in (image, nuclei, cells)]
+    options = MeasureConfig(texture_scales=(), granularity_scales=0)
+    _, original = measure_cells(
+        image, nuclei, cells, channel_names=["a", "b"], options=options
+    )
+    _, turned = measure_cells(*rotated, channel_names=["a", "b"], options=options)
+    zernike = [c for c in original.columns if "Zernike" in c or "HuMoment" in c]
+    np.testing.assert_allclose(original[zernike], turned[zernike], rtol=1e-4, atol=1e-6)
+    assert len(zernike_indices(9)) == 30
+
+
+def test_texture_matches_scikit_image_glcm():
+    rng = np.random.default_rng(3)
+    grey = rng.integers(0, 8, (40, 40)).astype(np.int32)
+    grey[:, 20:] = np.minimum(grey[:, 20:] + 3, 7)  # some structure
+    labels = np.ones((40, 40), np.int64)
+    # at distance 1 scikit-image's offsets equal ours (CellProfiler's: (0, d), (d, d),
+    # (d, 0), (d, -d)); at larger d it rounds diagonals to the Euclidean distance
+    ours = glcm(labels, grey[None], 1, 8, 1)[0, 0]  # (4, 8, 8)
+    reference = graycomatrix(
+        grey.astype(np.uint8), [1], [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4], 8,
+        symmetric=True, normed=True,
+    )[:, :, 0, :]  # fmt: skip
+    for d in range(4):
+        np.testing.assert_allclose(ours[d], reference[:, :, d], atol=1e-12)
+    features = haralick(ours)
+    expected = {
+        "AngularSecondMoment": graycoprops(reference[:, :, None], "ASM")[0],
+        "Contrast": graycoprops(reference[:, :, None], "contrast")[0],
+        "Correlation": graycoprops(reference[:, :, None], "correlation")[0],
+    }
+    for name, values in expected.items():
+        j = HARALICK_NAMES.index(name)
+        np.testing.assert_allclose(features[:, j], values, rtol=1e-6)
+
+
+def test_quantize_and_glcm_reject():
+    with pytest.raises(ValueError, match="levels"):
+        quantize(np.zeros((4, 4)), np.ones((4, 4), bool), 1)
+    with pytest.raises(ValueError, match="shapes differ"):
+        quantize(np.zeros((4, 4)), np.ones((4, 5), bool), 8)
+    with pytest.raises(ValueError, match="texture scale"):
+        glcm(np.ones((4, 4), int), np.zeros((1, 4, 4), int), 1, 8, 0)
+    with pytest.raises(ValueError, match=r"\(C, Y, X\)"):
+        glcm(np.ones((4, 4), int), np.zeros((4, 4), int), 1, 8, 1)
+
+
+def test_measure_cells_zero_and_one_cell():
+    image = np.zeros((1, 16, 16), np.uint16)
+    labels = np.zeros((16, 16), np.int32)
+    table, features = measure_cells(image, labels, labels, channel_names=["DNA"])
+    assert len(table) == 0 and list(features.columns) == feature_names(["DNA"])
+    labels[4:9, 4:9] = 1
+    image[0, 4:9, 4:9] = 7
+    table, features = measure_cells(image, labels, labels, channel_names=["DNA"])
+    assert len(table) == 1
+    assert features["Nuclei_AreaShape_Area"].iloc[0] == 25
+    assert np.isnan(features["Nuclei_Neighbors_FirstClosestDistance"].iloc[0])
+
+
+def test_measure_cells_one_pixel_and_line_objects():
+    image = np.ones((1, 12, 12), np.float32)
+    labels = np.zeros((12, 12), np.int32)
+    labels[2, 2] = 1
+    labels[6, 1:10] = 2
+    _, features = measure_cells(image, labels, labels, channel_names=["DNA"])
+    assert features["Nuclei_AreaShape_Area"].tolist() == [1, 9]
+    assert np.isfinite(features["Nuclei_AreaShape_Solidity"]).all()
+
+
+@pytest.mark.parametrize(
+    ("shape", "names", "match"),
+    [
+        ((2, 8, 8), ["DNA"], "channel_names has 1 names"),
+        ((2, 8, 9), ["a", "b"], "must match image"),
+        ((8, 8), ["a"], r"expected \(C, Y, X\)"),
+    ],
+)
+def test_measure_cells_rejects(shape, names, match):
+    labels = np.zeros((8, 8), np.int32)
+    with pytest.raises(ValueError, match=match):
+        measure_cells(np.zeros(shape), labels, labels, channel_names=names)
+
+
+def test_check_labels_rejects():
+    labels = np.zeros((8, 8), np.int32)
+    labels[1, 1], labels[5, 5] = 1, 3
+    with pytest.raises(ValueError, match="without gaps"):
+        check_labels(np.zeros((1, 8, 8)), labels, labels)
+    nuclei = (labels > 0).astype(np.int32)
+    with pytest.raises(ValueError, match="without a nucleus"):
+        check_labels(np.zeros((1, 8, 8)), nuclei, labels)
+    with pytest.raises(ValueError, match=">= 0"):
+        check_labels(np.zeros((1, 8, 8)), -nuclei, nuclei)
+
+
+def test_feature_names_rejects_duplicates():
+    with pytest.raises(ValueError, match="unique"):
+        feature_names(["DNA", "DNA"])
+
+
+def test_measure_cells_segmented_synthetic_field():
+    image, centres = make_field(n_cells=4, n_channels=2)
+    nuclei, cells = segment_field(image[0], image[1])
+    table, features = measure_cells(
+        image, nuclei, cells, channel_names=["DNA", "Actin"]
+    )
+    assert len(table) == 4
+    assert (features["Cells_AreaShape_Area"] > features["Nuclei_AreaShape_Area"]).all()
+
+
+def test_measure_cells_real_jump_field_is_finite():
+    folder = shared_data(
+        "fields/cellpainting_fovs_cytodataframe/JUMP_plate_BR00117006/images/orig"
+    )
+    import tifffile
+
+    image = np.stack(
+        [tifffile.imread(folder / f"r01c01f01p01-ch{c}sk1fk1fl1.tiff") for c in (5, 2)]
+    )
+    nuclei, cells = segment_field(image[0], image[1])
+    table, features = measure_cells(image, nuclei, cells, channel_names=["DNA", "AGP"])
+    assert len(table) > 50
+    finite = np.isfinite(features.to_numpy()).mean(axis=0)
+    frame = pd.Series(finite, index=features.columns)
+    assert (frame > 0.95).mean() > 0.98, frame[frame <= 0.95]

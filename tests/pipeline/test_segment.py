@@ -1,0 +1,193 @@
+import importlib.util
+from dataclasses import asdict, fields
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from skimage.draw import disk
+from skimage.io import imread
+
+from pipeline.config import SegmentConfig
+from pipeline.errors import InputError
+from pipeline.segeval import average_precision, match_counts
+from pipeline.segment import (
+    check_segmenter,
+    estimate_nucleus_diameter,
+    segment_cells,
+    segment_field,
+    segment_nuclei,
+)
+from tests.conftest import make_field, shared_data
+
+
+def test_segment_field_finds_planted_nuclei():
+    image, centres = make_field(n_cells=6)
+    nuclei, cells = segment_field(image[0])
+    assert nuclei.dtype == np.int32 and nuclei.max() == 6
+    for y, x in centres:
+        assert nuclei[y, x] > 0
+        assert cells[y, x] == nuclei[y, x]
+    assert (cells > 0).sum() > (nuclei > 0).sum()
+
+
+def test_segment_nuclei_splits_touching_nuclei():
+    image = np.full((64, 64), 100, np.uint16)
+    yy, xx = np.mgrid[:64, :64]
+    image[
+        ((yy - 32) ** 2 + (xx - 24) ** 2 < 64) | ((yy - 32) ** 2 + (xx - 38) ** 2 < 64)
+    ] = 1000
+    assert segment_nuclei(image, nucleus_diameter_px=16).max() == 2
+    assert (
+        segment_nuclei(
+            image, nucleus_diameter_px=16, declump_min_distance_diameters=0
+        ).max()
+        == 1
+    )
+
+
+@pytest.mark.parametrize("radius", [4, 8, 16])
+def test_estimate_nucleus_diameter_scales_with_the_nuclei(radius):
+    image = np.full((256, 256), 10.0)
+    for y in range(3 * radius, 256 - 3 * radius, 4 * radius):
+        for x in range(3 * radius, 256 - 3 * radius, 4 * radius):
+            image[disk((y, x), radius, shape=image.shape)] = 100
+    assert estimate_nucleus_diameter(image) == pytest.approx(2 * radius, rel=0.35)
+
+
+def test_estimate_nucleus_diameter_constant_plane():
+    assert estimate_nucleus_diameter(np.zeros((16, 16))) == 4.0
+
+
+@pytest.mark.parametrize(
+    "plane",
+    [
+        np.random.default_rng(0).normal(100, 5, (128, 128)).astype(np.uint16),
+        np.zeros((64, 64), np.uint16),
+        np.full((64, 64), 65535, np.uint16),
+        np.zeros((1, 1), np.uint8),
+        np.zeros((0, 0), np.float32),
+    ],
+    ids=["noise", "black", "saturated", "one-pixel", "empty"],
+)
+def test_segment_field_degenerate_fields_find_nothing(plane):
+    nuclei, cells = segment_field(plane)
+    assert nuclei.shape == plane.shape and nuclei.max(initial=0) == 0
+    assert cells.max(initial=0) == 0
+
+
+def test_segment_field_single_cell():
+    image, _ = make_field(n_cells=1)
+    nuclei, cells = segment_field(image[0], image[1])
+    assert nuclei.max() == 1 and cells.max() == 1
+
+
+@pytest.mark.parametrize(
+    ("plane", "match"),
+    [
+        (np.zeros((2, 8, 8)), r"expected one \(Y, X\) plane"),
+        (np.full((8, 8), np.nan), "NaN"),
+        (np.zeros((8, 8), bool), "dtype bool"),
+    ],
+)
+def test_segment_field_rejects(plane, match):
+    with pytest.raises(ValueError, match=match):
+        segment_field(plane)
+
+
+def test_segment_nuclei_rejects_bad_options():
+    with pytest.raises(ValueError, match="hysteresis_fraction"):
+        segment_nuclei(np.zeros((8, 8)), hysteresis_fraction=0)
+    with pytest.raises(ValueError, match="nucleus_diameter_px must be > 0"):
+        segment_nuclei(np.zeros((8, 8)), nucleus_diameter_px=-3)
+
+
+def test_segment_nuclei_exclude_border():
+    image = np.full((64, 64), 10, np.uint16)
+    image[disk((32, 32), 6, shape=image.shape)] = 500
+    image[disk((2, 30), 6, shape=image.shape)] = 500
+    kept = segment_nuclei(image, nucleus_diameter_px=12, exclude_border_nuclei=True)
+    assert kept.max() == 1 and kept[32, 32] == 1
+    assert segment_nuclei(image, nucleus_diameter_px=12).max() == 2
+
+
+def test_segment_cells_propagates_over_cytoplasm_and_splits_at_the_valley():
+    nuclei = np.zeros((40, 80), np.int32)
+    nuclei[disk((20, 20), 4)] = 1
+    nuclei[disk((20, 60), 4)] = 2
+    cytoplasm = np.full((40, 80), 5.0)
+    cytoplasm[5:35, 5:38] = 100  # cell 1
+    cytoplasm[5:35, 42:75] = 100  # cell 2, a dim valley at x 38..41
+    cells = segment_cells(nuclei, cytoplasm)
+    assert cells[20, 10] == 1 and cells[20, 70] == 2
+    assert (cells[nuclei > 0] == nuclei[nuclei > 0]).all()
+    assert cells[0, 0] == 0  # background stays out
+    assert set(np.unique(cells[:, 30:37])) == {0, 1}
+    assert set(np.unique(cells[:, 43:50])) == {0, 2}
+
+
+def test_segment_cells_ring_without_cytoplasm():
+    nuclei = np.zeros((40, 40), np.int32)
+    nuclei[disk((20, 20), 4)] = 1
+    cells = segment_cells(nuclei, ring_width_px=3)
+    assert (cells > 0).sum() == pytest.approx(np.pi * 7**2, rel=0.2)
+    default = segment_cells(nuclei)  # half the nucleus diameter
+    assert (default > 0).sum() > (nuclei > 0).sum()
+
+
+def test_segment_cells_rejects_shape_mismatch():
+    nuclei = np.zeros((8, 8), np.int32)
+    nuclei[4, 4] = 1
+    with pytest.raises(ValueError, match="shapes differ"):
+        segment_cells(nuclei, np.zeros((8, 9)))
+
+
+def test_unknown_or_missing_segmenters_are_clear_errors():
+    with pytest.raises(InputError, match="unknown segmenter 'otsu'; choose one of"):
+        check_segmenter("otsu")
+    for method in ("cellpose", "stardist"):
+        if importlib.util.find_spec(method) is None:  # not installed here
+            with pytest.raises(InputError, match=f"pip install {method}"):
+                segment_field(np.zeros((8, 8)), method=method)
+
+
+def test_segment_config_matches_segment_field_keywords():
+    image, _ = make_field(n_cells=2)
+    options = asdict(SegmentConfig())
+    nuclei, _ = segment_field(image[0], **options)
+    assert nuclei.max() == 2
+    assert {f.name for f in fields(SegmentConfig)} <= set(
+        segment_field.__code__.co_varnames
+    )
+
+
+def test_segment_real_stardist_sample():
+    folder = shared_data("segmentation/stardist_pkg_sample")
+    truth = tifffile.imread(folder / "mask2d.tif")
+    nuclei, _ = segment_field(tifffile.imread(folder / "img2d.tif"))
+    ap = average_precision(match_counts(truth, nuclei))
+    assert ap.loc[0.5] >= 0.7
+
+
+def test_segment_real_dsb2018_images_without_tuning():
+    """A regression guard on every 10th real DSB2018 image (the benchmark reports all)."""
+    folder = shared_data("segmentation/dsb2018_dev")
+    meta = pd.read_csv(folder / "metadata.csv")
+    sample = meta.iloc[::10]
+    counts = []
+    for row in sample.itertuples(index=False):
+        image = imread(folder / row.image_file)
+        nuclei = segment_nuclei(image)
+        counts.append(match_counts(tifffile.imread(folder / row.label_file), nuclei))
+    assert average_precision(pd.concat(counts)).loc[0.5] >= 0.72
+
+
+def test_segment_demo_ground_truth_counts(demo_plate):
+    masks = demo_plate["truth"].parent / "masks"
+    images = demo_plate["images"] / "DEMO-P1"
+    errors = []
+    for mask_path in sorted(masks.glob("*_nuclei.tif"))[:24]:
+        stem = mask_path.name.removesuffix("_nuclei.tif")
+        nuclei, _ = segment_field(tifffile.imread(images / f"{stem}_w1.tif"))
+        errors.append(abs(int(nuclei.max()) - int(tifffile.imread(mask_path).max())))
+    assert np.mean(errors) <= 1.0
