@@ -4,7 +4,7 @@ The default ``classical`` segmenter needs no per-image tuning: it estimates the
 typical nucleus diameter ``d`` of each field from the scale-normalized Laplacian of
 Gaussian and scales everything else by it: a local background (grey opening of
 width ``d``) is subtracted, nuclei are thresholded by Otsu with hysteresis down to
-half the threshold, and touching nuclei are split by a watershed whose markers
+0.7 of the threshold, and touching nuclei are split by a watershed whose markers
 combine the distance transform and the smoothed intensity, at least ``0.3 d``
 apart. Cells grow from the nuclei over a cytoplasm channel by watershed
 (CellProfiler's "propagation"), or as a ring around each nucleus when there is none.
