@@ -915,8 +915,8 @@ def read_run_fields(engine: Engine, run_id: int) -> tuple[str, str, pd.DataFrame
     image_root : str
     fields : DataFrame
         ``field_id``, ``plate_id``, ``Metadata_Plate``, ``Metadata_Well``,
-        ``Metadata_Site``, ``qc_flags`` and ``files`` (dict channel -> file name
-        relative to the image root), ordered by plate, well and site.
+        ``Metadata_Site``, ``qc_flags``, ``n_cells`` and ``files`` (dict channel ->
+        file name relative to the image root), ordered by plate, well and site.
 
     Raises
     ------
@@ -939,6 +939,7 @@ def read_run_fields(engine: Engine, run_id: int) -> tuple[str, str, pd.DataFrame
                 Well.name,
                 Field.site,
                 FieldResult.qc_flags,
+                FieldResult.n_cells,
                 Field.files,
             )
             .join(FieldResult, FieldResult.field_id == Field.id)
@@ -954,6 +955,77 @@ def read_run_fields(engine: Engine, run_id: int) -> tuple[str, str, pd.DataFrame
         "Metadata_Well",
         "Metadata_Site",
         "qc_flags",
+        "n_cells",
         "files",
     ]
     return found[0], found[1], pd.DataFrame(rows, columns=columns)
+
+
+def embedded_field_ids(engine: Engine, run_id: int, feature_set_id: int) -> set[int]:
+    """Return the fields of a run whose cells already have vectors in a feature set."""
+    with session_scope(engine) as session:
+        return set(
+            session.scalars(
+                select(Cell.field_id)
+                .join(CellVector, CellVector.cell_id == Cell.id)
+                .where(
+                    Cell.run_id == run_id, CellVector.feature_set_id == feature_set_id
+                )
+                .distinct()
+            ).all()
+        )
+
+
+def write_field_vectors(
+    engine: Engine,
+    *,
+    run_id: int,
+    field_id: int,
+    feature_set_id: int,
+    object_numbers: np.ndarray,
+    vectors: np.ndarray,
+) -> None:
+    """Store one field's vectors of a feature set for its existing cells, atomically.
+
+    Raises
+    ------
+    ValueError
+        If the lengths differ or an object number has no stored cell (the run's
+        cells and the vectors would not line up).
+    """
+    if len(object_numbers) != len(vectors):
+        raise ValueError(
+            f"{len(object_numbers)} object numbers but {len(vectors)} vectors."
+        )
+    rows = np.ascontiguousarray(vectors, dtype="<f4")
+    with session_scope(engine) as session:
+        ids = dict(
+            session.execute(
+                select(Cell.object_number, Cell.id).where(
+                    Cell.run_id == run_id, Cell.field_id == field_id
+                )
+            ).all()
+        )
+        missing = [int(k) for k in object_numbers if int(k) not in ids]
+        if missing or len(ids) != len(object_numbers):
+            raise ValueError(
+                f"field {field_id}: {len(object_numbers)} objects to embed but "
+                f"{len(ids)} stored cells (missing {missing[:5]}); rerun the field."
+            )
+        cell_ids = [ids[int(k)] for k in object_numbers]
+        session.execute(
+            delete(CellVector).where(
+                CellVector.feature_set_id == feature_set_id,
+                CellVector.cell_id.in_(cell_ids),
+            )
+        )
+        if cell_ids:
+            _copy_rows(
+                session.connection(),
+                CellVector.__table__,
+                ["cell_id", "feature_set_id", "values"],
+                (
+                    (i, feature_set_id, v.tobytes())
+                    for i, v in zip(cell_ids, rows, strict=True)
+                ),
+            )

@@ -114,6 +114,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", default="classical", help="classical (default), cellpose, stardist"
     )
 
+    embed = sub.add_parser(
+        "embed", help="embed every cell of a run with an ImageNet-pretrained CNN"
+    )
+    _add_db(embed)
+    embed.add_argument("--run", type=int, help="run id (default: latest complete)")
+    embed.add_argument(
+        "--model", default="tf_efficientnet_lite0", help="timm model name"
+    )
+    embed.add_argument(
+        "--weights",
+        default="auto",
+        help="auto (offline package weights, else the timm hub), package, hub, or a "
+        "checkpoint path",
+    )
+    embed.add_argument(
+        "--strategy",
+        choices=["stem", "rgb"],
+        default="stem",
+        help="stem: one pass with a C-channel stem; rgb: each channel as RGB, concatenated",
+    )
+    embed.add_argument(
+        "--crop-size", type=int, help="px (default: 4 nucleus diameters)"
+    )
+    embed.add_argument("--batch-size", type=int, default=64)
+    embed.add_argument(
+        "--device", choices=["cpu", "cuda"], help="default: cuda if present"
+    )
+
     export = sub.add_parser("export", help="write a cells/wells/compounds table")
     _add_db(export)
     export.add_argument("--table", choices=list(TABLES), required=True)
@@ -356,6 +384,30 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    """Embed a run's cells into a new feature set."""
+    from db.session import make_engine
+    from models.embed import EmbedConfig, embed_run
+
+    summary = embed_run(
+        make_engine(_db_url(args), create=False),
+        args.run,
+        EmbedConfig(
+            model_name=args.model,
+            weights=args.weights,
+            strategy=args.strategy,
+            crop_size=args.crop_size,
+            batch_size=args.batch_size,
+        ),
+        device=args.device,
+    )
+    print(
+        f"feature set {summary['feature_set']}: {summary['n_cells']} cells of "
+        f"{summary['n_fields']} fields embedded ({summary['cells_per_s']:.0f} cells/s)"
+    )
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a table."""
     from db.session import make_engine
@@ -470,6 +522,7 @@ _COMMANDS = {
     "demo-data": cmd_demo_data,
     "run": cmd_run,
     "segment": cmd_segment,
+    "embed": cmd_embed,
     "export": cmd_export,
     "status": cmd_status,
     "hits": cmd_hits,

@@ -782,6 +782,7 @@ def iter_field_crops(
     *,
     size: int | None = None,
     include_flagged: bool = False,
+    field_ids: set[int] | None = None,
 ) -> Iterator[FieldCrops]:
     """Stream crops of a run's cells field by field, without writing them to disk.
 
@@ -798,6 +799,8 @@ def iter_field_crops(
         with cells.
     include_flagged : bool
         Also crop fields flagged by QC.
+    field_ids : set of int, optional
+        Only these fields.
 
     Yields
     ------
@@ -826,6 +829,8 @@ def iter_field_crops(
     illumination = store.read_illumination(engine, run_id, channel_names)
     if not include_flagged:
         fields = fields[fields["qc_flags"] == ""]
+    if field_ids is not None:
+        fields = fields[fields["field_id"].isin(field_ids)]
     for row in fields.itertuples(index=False):
         paths = [str(Path(image_root) / row.files[name]) for name in channel_names]
         _, image = load_field(

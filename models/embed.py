@@ -1,0 +1,319 @@
+"""Single-cell embeddings from an ImageNet-pretrained timm backbone.
+
+Crops are streamed field by field from a run (`pipeline.run.iter_field_crops`),
+scaled per plate and channel between robust percentiles fitted on the plate's
+negative-control cells (not ImageNet statistics), embedded in batches by a
+DataLoader under ``torch.inference_mode`` (CUDA with bfloat16 autocast, pinned
+memory and channels_last when present; CPU otherwise) and written to the store per
+field, one transaction each, as a feature set that records the model, the weights'
+source and hash and the preprocessing. A rerun skips fields already embedded.
+
+Two ways to feed C-channel microscopy to an RGB network (``strategy``):
+
+- ``stem``: one pass with a ``C``-channel stem adapted by timm from the RGB weights;
+- ``rgb``: each channel replicated to RGB and embedded on its own, the C vectors
+  concatenated (pure ImageNet features, C times the compute).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from sqlalchemy import Engine
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from db import store
+from models.backbones import DEFAULT_MODEL, OFFLINE_NORMALIZATION, create_backbone
+from pipeline.run import iter_field_crops
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("stem", "rgb")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedConfig:
+    """How cells are embedded (saved with the feature set).
+
+    Attributes
+    ----------
+    model_name : str
+        A timm model name.
+    weights : str
+        ``auto``, ``package``, ``hub`` or a checkpoint path (`create_backbone`).
+    strategy : str
+        ``stem`` or ``rgb`` (see the module docstring).
+    crop_size : int or None
+        Crop side in pixels; None: four median nucleus diameters.
+    batch_size : int
+    percentiles : tuple of float
+        Low and high percentiles of control-cell pixels that map to 0 and 1.
+    max_control_fields : int
+        Negative-control fields per plate used to fit the percentiles.
+    """
+
+    model_name: str = DEFAULT_MODEL
+    weights: str = "auto"
+    strategy: str = "stem"
+    crop_size: int | None = None
+    batch_size: int = 64
+    percentiles: tuple[float, float] = (1.0, 99.9)
+    max_control_fields: int = 20
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"strategy {self.strategy!r} is unknown; choose one of {STRATEGIES}."
+            )
+        if not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
+            raise ValueError(
+                f"percentiles {self.percentiles} must rise within [0, 100]."
+            )
+        if self.batch_size < 1 or self.max_control_fields < 1:
+            raise ValueError("batch_size and max_control_fields must be >= 1.")
+
+
+def fit_channel_ranges(
+    crops: np.ndarray, masks: np.ndarray, percentiles: tuple[float, float]
+) -> np.ndarray:
+    """Robust intensity range of each channel over the pixels of the cells.
+
+    Parameters
+    ----------
+    crops : ndarray of shape (N, C, S, S)
+    masks : ndarray of shape (N, S, S), bool
+    percentiles : (low, high)
+
+    Returns
+    -------
+    ndarray of shape (C, 2), float32
+        Low and high value per channel (high > low).
+
+    Raises
+    ------
+    ValueError
+        If there is no cell pixel or the shapes disagree.
+    """
+    if crops.ndim != 4 or masks.shape != (crops.shape[0], *crops.shape[2:]):
+        raise ValueError(
+            f"crops {crops.shape} and masks {masks.shape} must be (N, C, S, S) and "
+            "(N, S, S)."
+        )
+    if not masks.any():
+        raise ValueError("no cell pixels to fit the channel ranges on.")
+    pixels = np.moveaxis(crops, 1, 0)[:, masks]  # (C, pixels)
+    ranges = np.percentile(pixels, percentiles, axis=1).T.astype(np.float32)
+    ranges[:, 1] = np.maximum(ranges[:, 1], ranges[:, 0] + 1e-6)
+    return ranges
+
+
+def normalize_crops(crops: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+    """Scale crops to [0, 1] per channel, then to the network's input scale.
+
+    Parameters
+    ----------
+    crops : ndarray of shape (N, C, S, S)
+    ranges : ndarray of shape (C, 2)
+        From `fit_channel_ranges`.
+
+    Returns
+    -------
+    ndarray of shape (N, C, S, S), float32
+        ``(clip((x - low) / (high - low), 0, 1) - 0.5) / 0.5``.
+
+    Raises
+    ------
+    ValueError
+        If the channel counts differ.
+    """
+    if crops.ndim != 4 or ranges.shape != (crops.shape[1], 2):
+        raise ValueError(
+            f"ranges {ranges.shape} must be (C, 2) for crops {crops.shape}."
+        )
+    low = ranges[None, :, 0, None, None]
+    high = ranges[None, :, 1, None, None]
+    scaled = np.clip((crops.astype(np.float32) - low) / (high - low), 0, 1)
+    mean, std = OFFLINE_NORMALIZATION
+    return ((scaled - mean) / std).astype(np.float32)
+
+
+def make_embedder(
+    model: torch.nn.Module, strategy: str
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Return batch (B, C, S, S) -> features: stem (one pass) or rgb (per channel).
+
+    Raises
+    ------
+    ValueError
+        If `strategy` is unknown.
+    """
+    if strategy == "stem":
+        return model
+    if strategy == "rgb":
+
+        def per_channel(batch: torch.Tensor) -> torch.Tensor:
+            return torch.cat(
+                [model(batch[:, [c, c, c]]) for c in range(batch.shape[1])], dim=1
+            )
+
+        return per_channel
+    raise ValueError(f"strategy {strategy!r} is unknown; choose one of {STRATEGIES}.")
+
+
+def embed_array(
+    embedder: Callable[[torch.Tensor], torch.Tensor],
+    crops: np.ndarray,
+    *,
+    batch_size: int,
+    device: torch.device,
+) -> np.ndarray:
+    """Embed normalized crops in batches through a DataLoader.
+
+    Returns
+    -------
+    ndarray of shape (N, D), float32
+    """
+    if not len(crops):
+        return np.zeros((0, 0), dtype=np.float32)
+    cuda = device.type == "cuda"
+    loader = DataLoader(
+        TensorDataset(torch.from_numpy(crops)),
+        batch_size=batch_size,
+        pin_memory=cuda,
+    )
+    out = []
+    with torch.inference_mode():
+        for (batch,) in loader:
+            batch = batch.to(device, non_blocking=cuda).contiguous(
+                memory_format=torch.channels_last
+            )
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                out.append(embedder(batch).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def embed_run(
+    engine: Engine,
+    run_id: int | None = None,
+    config: EmbedConfig | None = None,
+    *,
+    device: str | None = None,
+) -> dict[str, float]:
+    """Embed every cell of a run's QC-passed fields into a new feature set.
+
+    Parameters
+    ----------
+    engine : Engine
+    run_id : int, optional
+        Default: the latest complete run.
+    config : EmbedConfig, optional
+    device : str, optional
+        ``cuda`` or ``cpu``; default CUDA when available.
+
+    Returns
+    -------
+    dict
+        ``feature_set``, ``n_fields``, ``n_cells``, ``seconds``, ``cells_per_s``.
+
+    Raises
+    ------
+    InputError
+        If the model or its weights cannot be obtained.
+    ValueError
+        If the run does not exist or has no negative-control cells on a plate.
+    """
+    cfg = config or EmbedConfig()
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run_id, experiment_id = store.resolve_run(engine, run_id)
+    fields = store.read_run_fields(engine, run_id)[2]
+    wells = store.read_wells(engine, experiment_id)
+    roles = wells.set_index(["Metadata_Plate", "Metadata_Well"])["Metadata_Role"]
+    fields = fields[fields["qc_flags"] == ""]
+    first = next(iter_field_crops(engine, run_id, size=cfg.crop_size), None)
+    if first is None:
+        raise ValueError(f"run {run_id} has no field that passed QC to embed.")
+    n_channels, size = first.crops.shape[1], first.crops.shape[-1]
+    model, info = create_backbone(
+        cfg.model_name,
+        in_chans=n_channels if cfg.strategy == "stem" else 3,
+        weights=cfg.weights,
+    )
+    model = model.to(target).to(memory_format=torch.channels_last)
+    width = model.num_features * (n_channels if cfg.strategy == "rgb" else 1)
+    name = f"{cfg.model_name}_{cfg.strategy}"
+    feature_set_id = store.ensure_feature_set(
+        engine,
+        run_id=run_id,
+        name=name,
+        kind="embedding",
+        feature_names=[f"{name}_{k:04d}" for k in range(width)],
+        config=asdict(cfg) | {"crop_size": size, "normalization": "per plate and "
+                              "channel, percentiles of negative-control cells"},
+        model_name=cfg.model_name,
+        weights=f"{info.source} sha256:{info.sha256}",
+    )  # fmt: skip
+    done = store.embedded_field_ids(engine, run_id, feature_set_id)
+    embedder = make_embedder(model, cfg.strategy)
+    ranges: dict[str, np.ndarray] = {}
+    for plate, plate_fields in fields.groupby("Metadata_Plate"):
+        controls = plate_fields[
+            [
+                roles.get((plate, well)) == "negative_control"
+                for well in plate_fields["Metadata_Well"]
+            ]
+        ].head(cfg.max_control_fields)
+        samples = list(
+            iter_field_crops(
+                engine, run_id, size=size, field_ids=set(controls["field_id"])
+            )
+        )
+        crops = [s.crops for s in samples if len(s.crops)]
+        if not crops:
+            raise ValueError(
+                f"plate {plate}: no negative-control cells to fit the intensity "
+                "ranges on; check the plate map's negative_control wells."
+            )
+        ranges[plate] = fit_channel_ranges(
+            np.concatenate(crops),
+            np.concatenate([s.masks for s in samples if len(s.crops)]),
+            cfg.percentiles,
+        )
+    start = time.perf_counter()
+    n_cells = n_fields = 0
+    todo = set(fields.loc[fields["n_cells"] > 0, "field_id"]) - done
+    crops_iter = iter_field_crops(engine, run_id, size=size, field_ids=todo)
+    for field in tqdm(crops_iter, total=len(todo), unit="field", disable=None):
+        vectors = embed_array(
+            embedder,
+            normalize_crops(field.crops, ranges[field.plate]),
+            batch_size=cfg.batch_size,
+            device=target,
+        )
+        store.write_field_vectors(
+            engine,
+            run_id=run_id,
+            field_id=field.field_id,
+            feature_set_id=feature_set_id,
+            object_numbers=field.object_numbers,
+            vectors=vectors.reshape(len(field.object_numbers), width),
+        )
+        n_cells += len(field.object_numbers)
+        n_fields += 1
+    seconds = time.perf_counter() - start
+    logger.info(
+        "embedded %d cells of %d fields with %s (%s, %s) in %.1f s; %d fields were done",
+        n_cells, n_fields, cfg.model_name, cfg.strategy, info.source, seconds, len(done),
+    )  # fmt: skip
+    return {
+        "feature_set": name,
+        "n_fields": n_fields,
+        "n_cells": n_cells,
+        "seconds": seconds,
+        "cells_per_s": n_cells / seconds if seconds > 0 else 0.0,
+    }
