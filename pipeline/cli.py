@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -148,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["csv", "parquet"], default=None)
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--run", type=int, help="run id (default: latest complete)")
-    _add_include_flagged(export)
+    _add_profile_options(export)
 
     status = sub.add_parser("status", help="runs in the store and their progress")
     _add_db(status)
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     hits = sub.add_parser("hits", help="the compound hit list of a run")
     _add_db(hits)
     hits.add_argument("--run", type=int, help="run id (default: latest complete)")
-    _add_include_flagged(hits)
+    _add_profile_options(hits)
     hits.add_argument("--top", type=int, default=15, help="rows to print (15)")
     hits.add_argument(
         "--out", type=Path, help="write the full table (.csv or .parquet)"
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(moa)
     moa.add_argument("--reference-column", required=True, help="e.g. moa or target")
     moa.add_argument("--run", type=int, help="run id (default: latest complete)")
-    _add_include_flagged(moa)
+    _add_profile_options(moa)
     moa.add_argument(
         "--out", type=Path, help="write the predictions (.csv or .parquet)"
     )
@@ -174,12 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     phenomap = sub.add_parser("map", help="compute and store the UMAP phenotype map")
     _add_db(phenomap)
     phenomap.add_argument("--run", type=int, help="run id (default: latest complete)")
-    _add_include_flagged(phenomap)
+    _add_profile_options(phenomap)
 
     qc = sub.add_parser("qc", help="per-plate Z' and edge effect of a run")
     _add_db(qc)
     qc.add_argument("--run", type=int, help="run id (default: latest complete)")
-    _add_include_flagged(qc)
+    _add_profile_options(qc)
 
     demo = sub.add_parser("demo", help="demo plate -> run -> hits, into SQLite")
     demo.add_argument("--out-dir", type=Path, default=Path(DEMO_DIR))
@@ -196,12 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_include_flagged(parser: argparse.ArgumentParser) -> None:
+def _add_profile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--include-flagged",
         action="store_true",
         help="keep fields flagged by image QC (left out by default)",
     )
+    parser.add_argument(
+        "--feature-set",
+        default="classical",
+        help="classical (default) or an embedding, e.g. tf_efficientnet_lite0_stem",
+    )
+
+
+def _profile_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"include_flagged": args.include_flagged, "feature_set": args.feature_set}
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
@@ -269,18 +279,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _well_profiles(
-    db_url: str, run_id: int | None, *, include_flagged: bool = False
-) -> pd.DataFrame:
+def _well_profiles(db_url: str, run_id: int | None, **options: Any) -> pd.DataFrame:
     """Well profiles of a run (None: the latest complete one)."""
     from db.session import make_engine
     from db.store import resolve_run
     from pipeline.export import read_well_profiles
 
     engine = make_engine(db_url, create=False)
-    return read_well_profiles(
-        engine, *resolve_run(engine, run_id), include_flagged=include_flagged
-    )
+    return read_well_profiles(engine, *resolve_run(engine, run_id), **options)
 
 
 def _write_out(table: pd.DataFrame, out: Path, what: str) -> None:
@@ -297,7 +303,7 @@ def cmd_hits(args: argparse.Namespace) -> int:
     from pipeline.export import hit_tables
 
     table = hit_tables(
-        _well_profiles(_db_url(args), args.run, include_flagged=args.include_flagged)
+        _well_profiles(_db_url(args), args.run, **_profile_options(args))
     )[0]
     print(HITS_HEADER)
     _print_table(table[HIT_COLUMNS].head(args.top))
@@ -311,7 +317,7 @@ def cmd_qc(args: argparse.Namespace) -> int:
     from pipeline.export import plate_qc_table
 
     table = plate_qc_table(
-        _well_profiles(_db_url(args), args.run, include_flagged=args.include_flagged)
+        _well_profiles(_db_url(args), args.run, **_profile_options(args))
     )
     print(
         "plate QC: Z' of the activity score (positive controls vs DMSO; > 0.5 is good),"
@@ -326,7 +332,7 @@ def cmd_moa(args: argparse.Namespace) -> int:
     from pipeline.export import moa_table
 
     predictions, accuracy = moa_table(
-        _well_profiles(_db_url(args), args.run, include_flagged=args.include_flagged),
+        _well_profiles(_db_url(args), args.run, **_profile_options(args)),
         reference_column=args.reference_column,
     )
     print(
@@ -339,9 +345,7 @@ def cmd_moa(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store_map(
-    db_url: str, run_id: int | None, *, include_flagged: bool = False
-) -> pd.DataFrame:
+def _store_map(db_url: str, run_id: int | None, **options: Any) -> pd.DataFrame:
     from db.session import make_engine
     from db.store import resolve_run, write_phenotype_map
     from pipeline.export import phenotype_map_table, read_well_profiles
@@ -349,9 +353,7 @@ def _store_map(
     engine = make_engine(db_url, create=False)
     run_id, experiment_id = resolve_run(engine, run_id)
     points = phenotype_map_table(
-        read_well_profiles(
-            engine, run_id, experiment_id, include_flagged=include_flagged
-        )
+        read_well_profiles(engine, run_id, experiment_id, **options)
     )
     write_phenotype_map(engine, run_id, points)
     return points
@@ -359,7 +361,7 @@ def _store_map(
 
 def cmd_map(args: argparse.Namespace) -> int:
     """Compute the phenotype map of a run and store it for the dashboard."""
-    points = _store_map(_db_url(args), args.run, include_flagged=args.include_flagged)
+    points = _store_map(_db_url(args), args.run, **_profile_options(args))
     for level, group in points.groupby("level"):
         n_clusters = group.loc[group["cluster"] >= 0, "cluster"].nunique()
         print(f"{level}: {len(group)} points, {n_clusters} clusters (HDBSCAN on UMAP)")
@@ -421,7 +423,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         out=args.out,
         fmt=fmt,
         run_id=args.run,
-        include_flagged=args.include_flagged,
+        **_profile_options(args),
     )
     print(f"{n_rows} rows of {args.table} written to {args.out} ({fmt})")
     return 0

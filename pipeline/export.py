@@ -350,12 +350,13 @@ def export_table(
     fmt: str,
     run_id: int | None = None,
     include_flagged: bool = False,
+    feature_set: str = FEATURE_SET_NAME,
 ) -> int:
     """Export a table of a run (default: the latest complete run).
 
     ``cells``: one row per cell; ``wells``: per-well median profiles; ``compounds``:
     per compound-dose activity, q-value and consensus profile; ``hits``: the
-    per-compound hit list.
+    per-compound hit list; of the `feature_set` (classical features or an embedding).
 
     Returns
     -------
@@ -372,11 +373,19 @@ def export_table(
     run_id, experiment_id = store.resolve_run(engine, run_id)
     if table == "cells":
         stream = iter_cell_tables(
-            engine, run_id, experiment_id, include_flagged=include_flagged
+            engine,
+            run_id,
+            experiment_id,
+            include_flagged=include_flagged,
+            feature_set=feature_set,
         )
     else:
         wells = read_well_profiles(
-            engine, run_id, experiment_id, include_flagged=include_flagged
+            engine,
+            run_id,
+            experiment_id,
+            include_flagged=include_flagged,
+            feature_set=feature_set,
         )
         if table == "wells":
             stream = iter([wells])

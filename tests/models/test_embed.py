@@ -118,6 +118,11 @@ def test_embed_run_writes_one_vector_per_cell_and_resumes(demo_run, capsys):
     )  # fmt: skip
     assert code == 0
     assert "tf_efficientnet_lite0_rgb" in capsys.readouterr().out
+    hits = ["hits", "--db", url, "--feature-set", "tf_efficientnet_lite0_rgb"]
+    assert main(hits) == 0
+    assert "Mitoglow" in capsys.readouterr().out
+    assert main(["hits", "--db", url, "--feature-set", "resnet"]) == 2
+    assert "has no feature set 'resnet'" in capsys.readouterr().err
 
 
 def test_embed_run_rejects_unknown_model(demo_run):
