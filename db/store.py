@@ -1029,3 +1029,22 @@ def write_field_vectors(
                     for i, v in zip(cell_ids, rows, strict=True)
                 ),
             )
+
+
+def read_field_cells(engine: Engine, run_id: int, field_id: int) -> pd.DataFrame:
+    """Return a field's stored cells: object number, centroid and nucleus area.
+
+    Returns
+    -------
+    DataFrame
+        ``object_number``, ``centroid_y``, ``centroid_x``, ``area_px``.
+    """
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(Cell.object_number, Cell.centroid_y, Cell.centroid_x, Cell.area_px)
+            .where(Cell.run_id == run_id, Cell.field_id == field_id)
+            .order_by(Cell.object_number)
+        ).all()
+    return pd.DataFrame(
+        rows, columns=["object_number", "centroid_y", "centroid_x", "area_px"]
+    )

@@ -270,7 +270,11 @@ def embed_run(
         ].head(cfg.max_control_fields)
         samples = list(
             iter_field_crops(
-                engine, run_id, size=size, field_ids=set(controls["field_id"])
+                engine,
+                run_id,
+                size=size,
+                field_ids=set(controls["field_id"]),
+                with_masks=True,
             )
         )
         crops = [s.crops for s in samples if len(s.crops)]

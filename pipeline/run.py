@@ -26,7 +26,6 @@ import dask
 import numpy as np
 import pandas as pd
 from distributed import Client, LocalCluster, as_completed
-from scipy import ndimage as ndi
 from sqlalchemy import Engine
 from tqdm.auto import tqdm
 
@@ -773,7 +772,7 @@ class FieldCrops:
     site: int
     object_numbers: np.ndarray
     crops: np.ndarray
-    masks: np.ndarray
+    masks: np.ndarray | None
 
 
 def iter_field_crops(
@@ -783,12 +782,14 @@ def iter_field_crops(
     size: int | None = None,
     include_flagged: bool = False,
     field_ids: set[int] | None = None,
+    with_masks: bool = False,
 ) -> Iterator[FieldCrops]:
     """Stream crops of a run's cells field by field, without writing them to disk.
 
-    Each field is read again, corrected with the run's stored illumination
-    functions and segmented with the run's config (deterministic, so object k is
-    the stored cell k); crops are centred on the nuclei.
+    Each field is read again and corrected with the run's stored illumination
+    functions; crops are centred on the stored nucleus centroids. With
+    `with_masks` the field is also segmented again with the run's config
+    (deterministic, so object k is the stored cell k) to return each cell's mask.
 
     Parameters
     ----------
@@ -801,11 +802,14 @@ def iter_field_crops(
         Also crop fields flagged by QC.
     field_ids : set of int, optional
         Only these fields.
+    with_masks : bool
+        Also return the cell masks (costs a segmentation per field).
 
     Yields
     ------
     FieldCrops
-        ``crops`` (N, C, size, size) float32 and ``masks`` (N, size, size) bool.
+        ``crops`` (N, C, size, size) float32 and ``masks`` (N, size, size) bool, or
+        None without `with_masks`.
 
     Raises
     ------
@@ -836,26 +840,25 @@ def iter_field_crops(
         _, image = load_field(
             paths, channel_indexes=indexes, illumination=illumination.get(row.plate_id)
         )
-        nuclei, cells = segment_image(
-            image,
-            channel_names=channel_names,
-            nuclei_channel=config.input.nuclei_channel,
-            cytoplasm_channel=config.input.cytoplasm_channel,
-            segment=asdict(config.segment),
-        )
-        n = int(nuclei.max(initial=0))
-        numbers = np.arange(1, n + 1)
-        centroids = np.array(ndi.center_of_mass(nuclei > 0, nuclei, numbers)).reshape(
-            n, 2
-        )
-        if size is None and n:
-            size = default_crop_size(np.bincount(nuclei.ravel())[1:])
+        stored = store.read_field_cells(engine, run_id, int(row.field_id))
+        numbers = stored["object_number"].to_numpy()
+        if size is None and len(stored):
+            size = default_crop_size(stored["area_px"].to_numpy())
+        labels = None
+        if with_masks:
+            labels = segment_image(
+                image,
+                channel_names=channel_names,
+                nuclei_channel=config.input.nuclei_channel,
+                cytoplasm_channel=config.input.cytoplasm_channel,
+                segment=asdict(config.segment),
+            )[1]
         crops, masks = crop_cells(
             image,
-            centroids,
+            stored[["centroid_y", "centroid_x"]].to_numpy(),
             size or 64,
-            cell_labels=cells,
-            object_numbers=numbers,
+            cell_labels=labels,
+            object_numbers=numbers if with_masks else None,
         )
         yield FieldCrops(
             field_id=int(row.field_id),

@@ -91,7 +91,7 @@ def test_iter_field_crops_streams_the_stored_cells(blurred_run):
     engine = make_engine(url, create=False)
     qc = store.read_field_qc(engine, summary.run_id)
     seen = 0
-    for crops in iter_field_crops(engine, summary.run_id, size=32):
+    for crops in iter_field_crops(engine, summary.run_id, size=32, with_masks=True):
         expected = qc.loc[qc["field_id"] == crops.field_id, "n_cells"].item()
         assert len(crops.object_numbers) == expected
         assert crops.crops.shape == (expected, 3, 32, 32)
@@ -102,6 +102,13 @@ def test_iter_field_crops_streams_the_stored_cells(blurred_run):
         if seen == 5:
             break
     assert seen == 5
+    fast = iter_field_crops(engine, summary.run_id, size=32)  # stored centroids only
+    first = next(fast)
+    with_masks = next(
+        iter_field_crops(engine, summary.run_id, size=32, with_masks=True)
+    )
+    assert first.masks is None
+    np.testing.assert_array_equal(first.crops, with_masks.crops)
     wells = [c.well for c in iter_field_crops(engine, summary.run_id, size=16)]
     assert "B05" not in wells and len(wells) == 95
 

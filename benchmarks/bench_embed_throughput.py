@@ -1,0 +1,122 @@
+"""Crops/s of the whole embed step vs the raw timm forward pass, side by side.
+
+A demo plate is analysed into SQLite, then, for each crop size, in one run:
+
+- raw: the model's forward pass alone on random tensors of the same batch and crop
+  size (``torch.inference_mode``, channels_last), the ceiling;
+- end to end: `models.embed.embed_run` (reading fields, illumination correction,
+  cropping at the stored centroids, per-plate scaling, DataLoader, forward, one
+  transaction per field into the store), timed over its embedding loop.
+
+Run: ``python benchmarks/bench_embed_throughput.py [--sizes 64 96] [--device cpu]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import save  # noqa: E402
+from db.session import make_engine  # noqa: E402
+from models.backbones import create_backbone  # noqa: E402
+from models.embed import EmbedConfig, embed_run  # noqa: E402
+from pipeline.config import config_from_dict  # noqa: E402
+from pipeline.demo import CHANNELS, write_demo_plate  # noqa: E402
+from pipeline.run import run_experiment  # noqa: E402
+
+
+def raw_forward(
+    model: torch.nn.Module, *, size: int, batch: int, n: int, device
+) -> float:
+    """Return crops/s of the forward pass alone on `n` random crops."""
+    data = torch.randn(batch, 3, size, size, device=device).contiguous(
+        memory_format=torch.channels_last
+    )
+    with torch.inference_mode():
+        model(data)  # warm-up
+        start = time.perf_counter()
+        for _ in range(max(1, n // batch)):
+            model(data)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return max(1, n // batch) * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 96])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        demo = write_demo_plate(Path(tmp) / "demo", n_plates=1, fields_per_well=2)
+        url = f"sqlite:///{tmp}/bench.db"
+        config = config_from_dict(
+            {"input": {"layout": "imagexpress", "channels": CHANNELS}}
+        )
+        summary = run_experiment(
+            demo["images"], demo["platemap"], config=config, db_url=url
+        )
+        engine = make_engine(url, create=False)
+        model, _ = create_backbone(in_chans=3)
+        model = model.to(device).to(memory_format=torch.channels_last)
+        rows = {}
+        for size in args.sizes:
+            raw = raw_forward(
+                model, size=size, batch=args.batch_size, n=2048, device=device
+            )
+            start = time.perf_counter()
+            result = embed_run(
+                engine,
+                summary.run_id,
+                EmbedConfig(crop_size=size, batch_size=args.batch_size),
+                device=args.device,
+            )
+            total = time.perf_counter() - start
+            # embed_run's own figure times its loop over fields (read .. write);
+            # `total` also includes model creation and the control-range fit
+            rows[size] = {
+                "raw_forward_crops_per_s": round(raw, 1),
+                "end_to_end_crops_per_s": round(result["cells_per_s"], 1),
+                "ratio": round(result["cells_per_s"] / raw, 3),
+                "cells": result["n_cells"],
+                "fields": result["n_fields"],
+                "with_setup_s": round(total, 2),
+            }
+            # a second size needs a fresh feature set: drop this one's vectors
+            with engine.begin() as connection:
+                connection.exec_driver_sql(
+                    "DELETE FROM cell_vector WHERE feature_set_id IN "
+                    "(SELECT id FROM feature_set WHERE kind = 'embedding')"
+                )
+                connection.exec_driver_sql(
+                    "DELETE FROM feature_set WHERE kind = 'embedding'"
+                )
+            print(
+                f"{size} px: raw forward {raw:.0f} crops/s, end to end "
+                f"{result['cells_per_s']:.0f} crops/s ({rows[size]['ratio']:.0%}), "
+                f"{result['n_cells']} cells"
+            )
+    save(
+        "embed_throughput",
+        {
+            "command": "python benchmarks/bench_embed_throughput.py",
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "model": f"tf_efficientnet_lite0 (3-channel stem), batch {args.batch_size}",
+            "results": rows,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
