@@ -131,7 +131,8 @@ def normalize_to_controls(
     spread_all = pd.concat(spreads).loc[profiles.index]
     keep = [f for f in features if (spread_all[f] > min_spread).all()]
     normalized = (profiles[keep] - centre_all[keep]) / spread_all[keep]
-    return pd.concat([profiles[metadata_columns(profiles)], normalized], axis=1)
+    joined = pd.concat([profiles[metadata_columns(profiles)], normalized], axis=1)
+    return joined.copy()  # one block per dtype: later column inserts stay cheap
 
 
 def sphere_to_controls(
