@@ -548,6 +548,39 @@ def read_illumination(
     }
 
 
+_FIELD_COLUMNS = [
+    "field_id",
+    "plate_id",
+    "Metadata_Plate",
+    "Metadata_Well",
+    "Metadata_Site",
+    "qc_flags",
+    "n_cells",
+]
+
+
+def _completed_fields(session: Any, run_id: int, extra: Any) -> pd.DataFrame:
+    """Return a run's completed fields (`_FIELD_COLUMNS` + `extra`), in plate order."""
+    rows = session.execute(
+        select(
+            Field.id,
+            Plate.id,
+            Plate.name,
+            Well.name,
+            Field.site,
+            FieldResult.qc_flags,
+            FieldResult.n_cells,
+            extra,
+        )
+        .join(FieldResult, FieldResult.field_id == Field.id)
+        .join(Well, Well.id == Field.well_id)
+        .join(Plate, Plate.id == Well.plate_id)
+        .where(FieldResult.run_id == run_id, FieldResult.status == "complete")
+        .order_by(Plate.name, Well.row_index, Well.column_index, Field.site)
+    ).all()
+    return pd.DataFrame(rows, columns=[*_FIELD_COLUMNS, extra.key])
+
+
 def read_field_qc(engine: Engine, run_id: int) -> pd.DataFrame:
     """Return the QC values and flags of a run's completed fields.
 
@@ -558,33 +591,9 @@ def read_field_qc(engine: Engine, run_id: int) -> pd.DataFrame:
         ``qc_flags`` and one column per QC value.
     """
     with session_scope(engine) as session:
-        rows = session.execute(
-            select(
-                FieldResult.field_id,
-                Plate.name,
-                Well.name,
-                Field.site,
-                FieldResult.qc_flags,
-                FieldResult.qc,
-            )
-            .join(Field, Field.id == FieldResult.field_id)
-            .join(Well, Well.id == Field.well_id)
-            .join(Plate, Plate.id == Well.plate_id)
-            .where(FieldResult.run_id == run_id, FieldResult.status == "complete")
-            .order_by(Plate.name, Well.row_index, Well.column_index, Field.site)
-        ).all()
-    meta = pd.DataFrame(
-        [row[:5] for row in rows],
-        columns=[
-            "field_id",
-            "Metadata_Plate",
-            "Metadata_Well",
-            "Metadata_Site",
-            "qc_flags",
-        ],
-    )
-    values = pd.DataFrame([row[5] for row in rows], index=meta.index)
-    return pd.concat([meta, values], axis=1)
+        meta = _completed_fields(session, run_id, FieldResult.qc)
+    values = pd.DataFrame(meta.pop("qc").tolist(), index=meta.index)
+    return pd.concat([meta.drop(columns=["plate_id", "n_cells"]), values], axis=1)
 
 
 def write_field_flags(engine: Engine, run_id: int, flags: pd.Series) -> None:
@@ -931,34 +940,8 @@ def read_run_fields(engine: Engine, run_id: int) -> tuple[str, str, pd.DataFrame
         ).first()
         if found is None:
             raise ValueError(f"run {run_id} does not exist; see `phenoscreen status`.")
-        rows = session.execute(
-            select(
-                Field.id,
-                Plate.id,
-                Plate.name,
-                Well.name,
-                Field.site,
-                FieldResult.qc_flags,
-                FieldResult.n_cells,
-                Field.files,
-            )
-            .join(FieldResult, FieldResult.field_id == Field.id)
-            .join(Well, Well.id == Field.well_id)
-            .join(Plate, Plate.id == Well.plate_id)
-            .where(FieldResult.run_id == run_id, FieldResult.status == "complete")
-            .order_by(Plate.name, Well.row_index, Well.column_index, Field.site)
-        ).all()
-    columns = [
-        "field_id",
-        "plate_id",
-        "Metadata_Plate",
-        "Metadata_Well",
-        "Metadata_Site",
-        "qc_flags",
-        "n_cells",
-        "files",
-    ]
-    return found[0], found[1], pd.DataFrame(rows, columns=columns)
+        fields = _completed_fields(session, run_id, Field.files)
+    return found[0], found[1], fields
 
 
 def embedded_field_ids(engine: Engine, run_id: int, feature_set_id: int) -> set[int]:
