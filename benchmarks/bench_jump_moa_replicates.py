@@ -30,6 +30,7 @@ from pipeline.activity import (  # noqa: E402
     mean_average_precision,
     percent_replicating,
 )
+from pipeline.importers import ImportOptions, read_source, standardize  # noqa: E402
 from pipeline.moa import consensus_profiles, predict_moa  # noqa: E402
 from pipeline.profiles import sphere_to_controls  # noqa: E402
 
@@ -41,19 +42,17 @@ PLATE = (
 
 
 def main() -> None:
-    raw = pd.read_csv(PLATE)
-    is_negcon = raw["Metadata_control_type"] == "negcon"
-    meta = pd.DataFrame(
-        {
-            "Metadata_Plate": raw["Metadata_Plate"],
-            "Metadata_Compound": raw["Metadata_broad_sample"],
-            "Metadata_Concentration": 3.0,  # JUMP-MOA: every compound at 3 uM
-            "Metadata_Role": np.where(is_negcon, "negative_control", "treatment"),
-            "Metadata_MoA": raw["Metadata_moa"],
-        }
-    )
+    imported = standardize(
+        read_source(PLATE, ImportOptions()), ImportOptions(), source=str(PLATE)
+    )  # as `phenoscreen import-profiles` reads it: roles from Metadata_control_type
     profiles = pd.concat(
-        [meta, raw.loc[:, ~raw.columns.str.startswith("Metadata_")]], axis=1
+        [
+            imported.metadata[
+                ["Metadata_Plate", "Metadata_Compound", "Metadata_Role", "Metadata_MoA"]
+            ].assign(Metadata_Concentration=3.0),  # JUMP-MOA: every compound at 3 uM
+            imported.features.astype(np.float64),
+        ],
+        axis=1,
     )
     start = time.perf_counter()
     sphered = sphere_to_controls(profiles)

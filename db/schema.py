@@ -4,7 +4,8 @@ experiment -> plate -> well (plate-map metadata) -> field (image files);
 run (config, status, timings) -> field_result (per-field status, QC and flags),
 illumination_function (per plate and channel) and
 cell (objects found in a field) -> cell_vector (one float32 vector per cell and
-feature_set: classical features or a CNN embedding).
+feature_set: classical features or a CNN embedding); well_profile holds imported
+per-well profiles (CellProfiler/pycytominer tables) that come without cells.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -222,6 +223,23 @@ class CellVector(Base):
     feature_set_id: Mapped[int] = mapped_column(
         ForeignKey("feature_set.id", ondelete="CASCADE"), primary_key=True
     )
+    values: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class WellProfile(Base):
+    """An imported per-well profile (float32 bytes) of a feature set of a run."""
+
+    __tablename__ = "well_profile"
+    __table_args__ = (UniqueConstraint("feature_set_id", "well_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("run.id", ondelete="CASCADE"), index=True
+    )
+    feature_set_id: Mapped[int] = mapped_column(
+        ForeignKey("feature_set.id", ondelete="CASCADE")
+    )
+    well_id: Mapped[int] = mapped_column(ForeignKey("well.id", ondelete="CASCADE"))
+    cell_count: Mapped[int | None]
     values: Mapped[bytes] = mapped_column(LargeBinary)
 
 

@@ -8,7 +8,7 @@ stream plate by plate; nothing loads all cells of an experiment.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,7 @@ import pandas as pd
 from sqlalchemy import (
     Connection,
     Engine,
+    Row,
     Table,
     delete,
     func,
@@ -37,6 +38,7 @@ from db.schema import (
     Plate,
     Run,
     Well,
+    WellProfile,
     utcnow,
 )
 from db.session import session_scope
@@ -715,12 +717,183 @@ def read_feature_set(engine: Engine, run_id: int, name: str) -> tuple[int, list[
         return found[0], list(found[1])
 
 
-def iter_plate_cells(
-    engine: Engine, run_id: int, feature_set: str, *, include_flagged: bool = False
-) -> Iterator[tuple[str, pd.DataFrame, pd.DataFrame]]:
-    """Stream a run's cells plate by plate, from completed fields only.
+#: Feature-set kind of imported per-well profiles (stored in ``well_profile``).
+WELL_PROFILE_KIND = "imported_wells"
 
-    Fields flagged by QC are left out unless `include_flagged`.
+
+def resolve_feature_set(
+    engine: Engine, run_id: int, name: str | None = None
+) -> tuple[str, str]:
+    """Return the name and kind of a run's feature set (None: its default one).
+
+    The default is ``classical`` when the run has it, else its first feature set
+    (an imported run has only its own).
+
+    Raises
+    ------
+    ValueError
+        If the run has no feature set of that name, or none at all.
+    """
+    with session_scope(engine) as session:
+        sets = session.execute(
+            select(FeatureSet.name, FeatureSet.kind)
+            .where(FeatureSet.run_id == run_id)
+            .order_by(FeatureSet.id)
+        ).all()
+    kinds = dict(sets)
+    if name is None:
+        if not sets:
+            raise ValueError(f"run {run_id} has no feature set yet.")
+        name = "classical" if "classical" in kinds else sets[0][0]
+    if name not in kinds:
+        raise ValueError(
+            f"run {run_id} has no feature set {name!r}; it has "
+            f"{', '.join(kinds) or 'none'}."
+        )
+    return name, kinds[name]
+
+
+def write_well_profiles(
+    engine: Engine,
+    *,
+    run_id: int,
+    feature_set_id: int,
+    field_ids: Sequence[int],
+    well_ids: Sequence[int],
+    cell_counts: Sequence[int | None],
+    values: np.ndarray,
+) -> None:
+    """Write imported per-well profiles and their fields' results in one transaction.
+
+    Parameters
+    ----------
+    engine : Engine
+    run_id, feature_set_id : int
+    field_ids, well_ids : sequence of int
+        The well of each profile and the one field that stands for it.
+    cell_counts : sequence of int or None
+        Cells behind each profile, when the import says.
+    values : ndarray of shape (W, F)
+        Row i is the profile of ``well_ids[i]``; stored as float32 bytes.
+
+    Raises
+    ------
+    ValueError
+        If the lengths differ.
+    """
+    lengths = {len(field_ids), len(well_ids), len(cell_counts), len(values)}
+    if len(lengths) != 1:
+        raise ValueError(
+            "field_ids, well_ids, cell_counts and values differ in length."
+        )
+    vectors = np.ascontiguousarray(values, dtype="<f4")
+    counts = [None if c is None else int(c) for c in cell_counts]
+    with session_scope(engine) as session:
+        session.execute(
+            delete(WellProfile).where(WellProfile.feature_set_id == feature_set_id)
+        )
+        session.execute(delete(FieldResult).where(FieldResult.run_id == run_id))
+        if not len(vectors):
+            return
+        session.execute(
+            insert(WellProfile),
+            [
+                {"run_id": run_id, "feature_set_id": feature_set_id,
+                 "well_id": int(w), "cell_count": c, "values": v.tobytes()}
+                for w, c, v in zip(well_ids, counts, vectors, strict=True)
+            ],
+        )  # fmt: skip
+        session.execute(
+            insert(FieldResult),
+            [
+                {"run_id": run_id, "field_id": int(f), "status": "complete",
+                 "n_cells": c or 0, "qc": {}, "seconds": {}}
+                for f, c in zip(field_ids, counts, strict=True)
+            ],
+        )  # fmt: skip
+
+
+def read_well_profile_vectors(
+    engine: Engine, run_id: int, feature_set: str
+) -> pd.DataFrame:
+    """Return a run's imported per-well profiles.
+
+    Returns
+    -------
+    DataFrame
+        ``well_id``, ``Metadata_CellCount`` (NaN where the import gave none) and
+        float32 feature columns named by the feature set.
+    """
+    feature_set_id, names = read_feature_set(engine, run_id, feature_set)
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(WellProfile.well_id, WellProfile.cell_count, WellProfile.values)
+            .where(WellProfile.feature_set_id == feature_set_id)
+            .order_by(WellProfile.well_id)
+        ).all()
+    matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(
+        len(rows), len(names)
+    )
+    meta = pd.DataFrame(
+        {
+            "well_id": [r[0] for r in rows],
+            "Metadata_CellCount": np.array(
+                [np.nan if r[1] is None else r[1] for r in rows], dtype=float
+            ),
+        }
+    )
+    return pd.concat([meta, pd.DataFrame(matrix, columns=names)], axis=1)
+
+
+#: Cells per chunk streamed by `iter_plate_cells` (whole wells; bounds memory).
+CHUNK_CELLS = 50_000
+
+
+def _cell_chunk(
+    plate_name: str, rows: Sequence[Row], n_features: int, names: list[str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    columns = list(zip(*rows, strict=True))
+    cells = pd.DataFrame(
+        {
+            "Metadata_Plate": plate_name,
+            "Metadata_Well": columns[0],
+            "Metadata_Site": columns[1],
+            "Metadata_ObjectNumber": columns[2],
+            "Metadata_CentroidY": columns[3],
+            "Metadata_CentroidX": columns[4],
+            "Metadata_AreaPx": columns[5],
+            "well_id": columns[6],
+        }
+    )
+    matrix = np.frombuffer(b"".join(columns[7]), dtype="<f4").reshape(
+        len(rows), n_features
+    )
+    return cells, pd.DataFrame(matrix, columns=names)
+
+
+def iter_plate_cells(
+    engine: Engine,
+    run_id: int,
+    feature_set: str,
+    *,
+    include_flagged: bool = False,
+    chunk_cells: int = CHUNK_CELLS,
+) -> Iterator[tuple[str, pd.DataFrame, pd.DataFrame]]:
+    """Stream a run's cells plate by plate in chunks of whole wells.
+
+    Rows are fetched with a server-side cursor and cut at well boundaries, so
+    memory is bounded by `chunk_cells` (or the largest well), not by the plate or the
+    run. Fields flagged by QC are left out unless `include_flagged`.
+
+    Parameters
+    ----------
+    engine : Engine
+    run_id : int
+    feature_set : str
+    include_flagged : bool
+    chunk_cells : int
+        Cells fetched per database round trip; a chunk holds every cell of each of
+        its wells and about this many cells.
 
     Yields
     ------
@@ -729,10 +902,17 @@ def iter_plate_cells(
         One row per cell, ordered by well, site and object number:
         ``Metadata_Plate``, ``Metadata_Well``, ``Metadata_Site``,
         ``Metadata_ObjectNumber``, ``Metadata_CentroidY``, ``Metadata_CentroidX``,
-        ``Metadata_AreaPx``, ``well_id``.
+        ``Metadata_AreaPx``, ``well_id``. A well is never split across chunks.
     features : DataFrame
         Same rows; float32 columns named by the feature set.
+
+    Raises
+    ------
+    ValueError
+        If `chunk_cells` < 1 or the feature set does not exist.
     """
+    if chunk_cells < 1:
+        raise ValueError(f"chunk_cells = {chunk_cells} must be >= 1.")
     feature_set_id, names = read_feature_set(engine, run_id, feature_set)
     with session_scope(engine) as session:
         plates = session.execute(
@@ -770,27 +950,22 @@ def iter_plate_cells(
             .where(include_flagged or FieldResult.qc_flags == "")
             .order_by(Well.row_index, Well.column_index, Field.site, Cell.object_number)
         )
+        pending: list[Row] = []
         with engine.connect() as connection:
-            rows = connection.execute(stmt).all()
-        if not rows:
-            continue
-        columns = list(zip(*rows, strict=True))
-        cells = pd.DataFrame(
-            {
-                "Metadata_Plate": plate_name,
-                "Metadata_Well": columns[0],
-                "Metadata_Site": columns[1],
-                "Metadata_ObjectNumber": columns[2],
-                "Metadata_CentroidY": columns[3],
-                "Metadata_CentroidX": columns[4],
-                "Metadata_AreaPx": columns[5],
-                "well_id": columns[6],
-            }
-        )
-        matrix = np.frombuffer(b"".join(columns[7]), dtype="<f4").reshape(
-            len(rows), len(names)
-        )
-        yield plate_name, cells, pd.DataFrame(matrix, columns=names)
+            result = connection.execution_options(yield_per=chunk_cells).execute(stmt)
+            for partition in result.partitions():
+                pending.extend(partition)
+                if len(pending) < chunk_cells:
+                    continue
+                last_well = pending[-1][6]
+                cut = len(pending)
+                while cut and pending[cut - 1][6] == last_well:
+                    cut -= 1
+                if cut:  # whole wells ready; the last well may go on
+                    ready, pending = pending[:cut], pending[cut:]
+                    yield plate_name, *_cell_chunk(plate_name, ready, len(names), names)
+        if pending:
+            yield plate_name, *_cell_chunk(plate_name, pending, len(names), names)
 
 
 def summarize_runs(engine: Engine) -> pd.DataFrame:

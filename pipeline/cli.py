@@ -30,7 +30,8 @@ DEMO_DIR = "demo_output"
 HITS_HEADER = (
     "hits: compounds active at any dose (mAP of replicate wells vs DMSO, Simes over "
     "doses, BH q < 0.05);\nactivity_z: distance from DMSO; EC50 from a 4PL fit of "
-    "activity vs dose (uM); toxic: cell count < 50% of DMSO"
+    "activity vs dose (uM); toxic: cell count < 50% of DMSO;\nreplicate_correlation: "
+    "median Pearson r of replicate wells; most_similar: nearest compound (cosine)"
 )
 
 
@@ -143,6 +144,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", choices=["cpu", "cuda"], help="default: cuda if present"
     )
 
+    imports = sub.add_parser(
+        "import-profiles",
+        help="import CellProfiler/pycytominer tables or DeepProfiler .npz as a run",
+    )
+    imports.add_argument(
+        "path",
+        type=Path,
+        help="CSV/TSV/Parquet/SQLite table, CellProfiler SQLite or CSV folder, or "
+        "DeepProfiler features folder",
+    )
+    _add_db(imports)
+    imports.add_argument(
+        "--format", choices=["auto", "table", "cellprofiler", "deepprofiler"],
+        default="auto",
+    )  # fmt: skip
+    imports.add_argument(
+        "--level", choices=["auto", "wells", "cells"], default="auto",
+        help="auto: cells when a well has several rows",
+    )  # fmt: skip
+    imports.add_argument("--table", help="table of a SQLite file holding profiles")
+    imports.add_argument(
+        "--platemap", type=Path, help="plate-map CSV joined on plate and well"
+    )
+    imports.add_argument(
+        "--negative-control",
+        metavar="COMPOUND",
+        help="compound whose wells are the negative controls (e.g. DMSO)",
+    )
+    imports.add_argument("--compound-column", help="default: Metadata_Compound, ...")
+    imports.add_argument(
+        "--concentration-column", help="default: Metadata_Concentration, ..."
+    )
+    imports.add_argument(
+        "--role-column", help="default: Metadata_Role or Metadata_control_type"
+    )
+    imports.add_argument("--experiment", help="default: the file or folder name")
+    imports.add_argument("--feature-set", default="imported")
+
     export = sub.add_parser("export", help="write a cells/wells/compounds table")
     _add_db(export)
     export.add_argument("--table", choices=list(TABLES), required=True)
@@ -176,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(phenomap)
     phenomap.add_argument("--run", type=int, help="run id (default: latest complete)")
     _add_profile_options(phenomap)
+    phenomap.add_argument(
+        "--cells",
+        type=int,
+        default=2000,
+        help="single cells sampled onto their own map (2000; 0: none)",
+    )
 
     qc = sub.add_parser("qc", help="per-plate Z' and edge effect of a run")
     _add_db(qc)
@@ -205,8 +250,8 @@ def _add_profile_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--feature-set",
-        default="classical",
-        help="classical (default) or an embedding, e.g. tf_efficientnet_lite0_stem",
+        help="classical (default when present), an embedding, e.g. "
+        "tf_efficientnet_lite0_stem, or an import",
     )
 
 
@@ -240,6 +285,23 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
 def _print_table(table: pd.DataFrame) -> None:
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+
+
+def _print_hits(hits: pd.DataFrame, top: int) -> None:
+    """Print the top of a hit list; only the most similar compound is shown."""
+    shown = (
+        hits[HIT_COLUMNS]
+        .head(top)
+        .rename(
+            columns={
+                "nearest_compounds": "most_similar",
+                "Metadata_Compound": "compound",
+            }
+        )
+    )
+    shown["most_similar"] = shown["most_similar"].str.split("; ").str[0].str[:40]
+    print(HITS_HEADER)
+    _print_table(shown)
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -305,8 +367,7 @@ def cmd_hits(args: argparse.Namespace) -> int:
     table = hit_tables(
         _well_profiles(_db_url(args), args.run, **_profile_options(args))
     )[0]
-    print(HITS_HEADER)
-    _print_table(table[HIT_COLUMNS].head(args.top))
+    _print_hits(table, args.top)
     if args.out:
         _write_out(table, args.out, "rows")
     return 0
@@ -345,15 +406,22 @@ def cmd_moa(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store_map(db_url: str, run_id: int | None, **options: Any) -> pd.DataFrame:
+def _store_map(
+    db_url: str, run_id: int | None, *, n_cells: int = 2000, **options: Any
+) -> pd.DataFrame:
     from db.session import make_engine
     from db.store import resolve_run, write_phenotype_map
-    from pipeline.export import phenotype_map_table, read_well_profiles
+    from pipeline.export import phenotype_map_table, read_well_profiles, sample_cells
 
     engine = make_engine(db_url, create=False)
     run_id, experiment_id = resolve_run(engine, run_id)
+    cells = (
+        sample_cells(engine, run_id, experiment_id, n_cells=n_cells, **options)
+        if n_cells
+        else None
+    )
     points = phenotype_map_table(
-        read_well_profiles(engine, run_id, experiment_id, **options)
+        read_well_profiles(engine, run_id, experiment_id, **options), cells=cells
     )
     write_phenotype_map(engine, run_id, points)
     return points
@@ -361,7 +429,9 @@ def _store_map(db_url: str, run_id: int | None, **options: Any) -> pd.DataFrame:
 
 def cmd_map(args: argparse.Namespace) -> int:
     """Compute the phenotype map of a run and store it for the dashboard."""
-    points = _store_map(_db_url(args), args.run, **_profile_options(args))
+    points = _store_map(
+        _db_url(args), args.run, n_cells=args.cells, **_profile_options(args)
+    )
     for level, group in points.groupby("level"):
         n_clusters = group.loc[group["cluster"] >= 0, "cluster"].nunique()
         print(f"{level}: {len(group)} points, {n_clusters} clusters (HDBSCAN on UMAP)")
@@ -406,6 +476,38 @@ def cmd_embed(args: argparse.Namespace) -> int:
     print(
         f"feature set {summary['feature_set']}: {summary['n_cells']} cells of "
         f"{summary['n_fields']} fields embedded ({summary['cells_per_s']:.0f} cells/s)"
+    )
+    return 0
+
+
+def cmd_import_profiles(args: argparse.Namespace) -> int:
+    """Import existing profiles as a complete run."""
+    from db.session import make_engine
+    from pipeline.importers import ImportOptions, import_profiles
+
+    options = ImportOptions(
+        format=args.format,
+        level=args.level,
+        table=args.table,
+        compound_column=args.compound_column,
+        concentration_column=args.concentration_column,
+        role_column=args.role_column,
+        negative_control=args.negative_control,
+        platemap=str(args.platemap) if args.platemap else None,
+        feature_set=args.feature_set,
+    )
+    summary = import_profiles(
+        make_engine(_db_url(args)), args.path, options, experiment=args.experiment
+    )
+    dropped = summary["n_dropped_features"]
+    print(
+        f"run {summary['run_id']} ({summary['experiment']}): {summary['n_profiles']} "
+        f"{'well profiles' if summary['level'] == 'wells' else 'cells'} of "
+        f"{summary['n_wells']} wells on {summary['n_plates']} plate(s), "
+        f"{summary['n_features']} features"
+        + (f" ({dropped} with missing values left out)" if dropped else "")
+        + f"; feature set {summary['feature_set']!r}. Next: phenoscreen hits --db "
+        f"{_db_url(args)} --run {summary['run_id']}"
     )
     return 0
 
@@ -504,9 +606,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "[3/3] hit list (the true actives and EC50s are in "
         f"{out / 'ground_truth' / 'truth.json'}):"
     )
-    print(HITS_HEADER)
-    hits = hit_tables(_well_profiles(db_url, summary.run_id))[0]
-    _print_table(hits[HIT_COLUMNS].head(15))
+    _print_hits(hit_tables(_well_profiles(db_url, summary.run_id))[0], 15)
     print("      storing the phenotype map (UMAP + HDBSCAN) for the dashboard ...")
     _store_map(db_url, summary.run_id)
     script = Path(sys.executable).parent / "phenoscreen"
@@ -525,6 +625,7 @@ _COMMANDS = {
     "run": cmd_run,
     "segment": cmd_segment,
     "embed": cmd_embed,
+    "import-profiles": cmd_import_profiles,
     "export": cmd_export,
     "status": cmd_status,
     "hits": cmd_hits,

@@ -6,6 +6,7 @@ per-plate median of cells; compound tables are built from well profiles.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,6 @@ import pyarrow.parquet as pq
 from sqlalchemy import Engine
 
 from db import store
-from pipeline.features import FEATURE_SET_NAME
 from pipeline.hits import DOSE_KEYS, call_hits
 from pipeline.moa import consensus_profiles, predict_moa
 from pipeline.plateqc import edge_effect, plate_z_prime
@@ -28,6 +28,8 @@ from pipeline.profiles import (
     score_wells,
 )
 from pipeline.reduce import cluster_coordinates, umap_coordinates
+
+logger = logging.getLogger(__name__)
 
 TABLES = ("cells", "wells", "compounds", "hits")
 FORMATS = ("csv", "parquet")
@@ -54,16 +56,29 @@ def iter_cell_tables(
     run_id: int,
     experiment_id: int,
     *,
-    feature_set: str = FEATURE_SET_NAME,
+    feature_set: str | None = None,
     include_flagged: bool = False,
 ) -> Iterator[pd.DataFrame]:
-    """Yield one single-cell table per plate: ``Metadata_*`` columns and features.
+    """Yield single-cell tables, plate by plate in chunks of whole wells.
 
-    Cells of QC-flagged fields are left out unless `include_flagged`.
+    ``Metadata_*`` columns and the features of `feature_set` (None: the run's
+    default, `db.store.resolve_feature_set`). Cells of QC-flagged fields are left
+    out unless `include_flagged`.
+
+    Raises
+    ------
+    ValueError
+        If the feature set holds imported per-well profiles (there are no cells).
     """
+    name, kind = store.resolve_feature_set(engine, run_id, feature_set)
+    if kind == store.WELL_PROFILE_KIND:
+        raise ValueError(
+            f"feature set {name!r} of run {run_id} holds imported per-well profiles; "
+            "it has no cells to export (export --table wells)."
+        )
     wells = store.read_wells(engine, experiment_id)
     for _, cells, features in store.iter_plate_cells(
-        engine, run_id, feature_set, include_flagged=include_flagged
+        engine, run_id, name, include_flagged=include_flagged
     ):
         yield _with_well_metadata(pd.concat([cells, features], axis=1), wells)
 
@@ -73,26 +88,39 @@ def read_well_profiles(
     run_id: int,
     experiment_id: int,
     *,
-    feature_set: str = FEATURE_SET_NAME,
+    feature_set: str | None = None,
     include_flagged: bool = False,
 ) -> pd.DataFrame:
     """Return per-well median profiles of a run, aggregated plate by plate.
 
-    Fields flagged by QC are left out (and not counted) unless `include_flagged`.
+    Cells stream from the store in chunks of whole wells, so memory is bounded by
+    the chunk, not by the plate. Fields flagged by QC are left out (and not
+    counted) unless `include_flagged`. Imported per-well profiles are returned as
+    imported.
+
+    Parameters
+    ----------
+    engine : Engine
+    run_id, experiment_id : int
+    feature_set : str or None
+        Classical features, an embedding or an import; None: the run's default
+        (`db.store.resolve_feature_set`).
+    include_flagged : bool
 
     Returns
     -------
     DataFrame
         One row per well with at least one completed field: ``Metadata_Plate``,
         ``Metadata_Well``, ``Metadata_FieldCount``, ``Metadata_CellCount`` (0 where
-        no cell was found, e.g. after cell loss; features are then NaN), the
-        plate-map metadata and the features.
+        no cell was found, e.g. after cell loss; features are then NaN; NaN where
+        an import gave no count), the plate-map metadata and the features.
 
     Raises
     ------
     ValueError
-        If the run has no completed field.
+        If the run has no completed field or no such feature set.
     """
+    name, kind = store.resolve_feature_set(engine, run_id, feature_set)
     wells = store.read_wells(engine, experiment_id)
     field_counts = store.read_completed_field_counts(
         engine, run_id, include_flagged=include_flagged
@@ -102,18 +130,23 @@ def read_well_profiles(
             f"run {run_id} has no completed field that passed QC yet; run the plate "
             "first, or pass --include-flagged."
         )
-    per_plate = [
-        aggregate_cells(cells, features, by=["well_id"])
-        for _, cells, features in store.iter_plate_cells(
-            engine, run_id, feature_set, include_flagged=include_flagged
-        )
-    ]
     ids = wells[["well_id", "Metadata_Plate", "Metadata_Well"]].merge(
         field_counts, on="well_id"
     )
-    if per_plate:
+    if kind == store.WELL_PROFILE_KIND:
         profiles = ids.merge(
-            pd.concat(per_plate, ignore_index=True), on="well_id", how="left"
+            store.read_well_profile_vectors(engine, run_id, name), on="well_id"
+        )
+        return _with_well_metadata(profiles, wells)
+    per_chunk = [
+        aggregate_cells(cells, features, by=["well_id"])
+        for _, cells, features in store.iter_plate_cells(
+            engine, run_id, name, include_flagged=include_flagged
+        )
+    ]
+    if per_chunk:
+        profiles = ids.merge(
+            pd.concat(per_chunk, ignore_index=True), on="well_id", how="left"
         )
     else:
         profiles = ids.assign(Metadata_CellCount=0)
@@ -121,6 +154,56 @@ def read_well_profiles(
         profiles["Metadata_CellCount"].fillna(0).astype(int)
     )
     return _with_well_metadata(profiles, wells)
+
+
+def sample_cells(
+    engine: Engine,
+    run_id: int,
+    experiment_id: int,
+    *,
+    n_cells: int,
+    feature_set: str | None = None,
+    include_flagged: bool = False,
+    rng: int = 0,
+) -> pd.DataFrame:
+    """Return a uniform random sample of about `n_cells` cells of a run, streamed.
+
+    Each streamed chunk keeps every cell with probability n_cells / total, so the
+    whole run is never in memory; the result is capped at `n_cells`.
+
+    Returns
+    -------
+    DataFrame
+        Single-cell table as `iter_cell_tables` yields it; empty when the feature
+        set holds imported per-well profiles or the run has no cells.
+
+    Raises
+    ------
+    ValueError
+        If `n_cells` < 1.
+    """
+    if n_cells < 1:
+        raise ValueError(f"n_cells = {n_cells} must be >= 1.")
+    name, kind = store.resolve_feature_set(engine, run_id, feature_set)
+    if kind == store.WELL_PROFILE_KIND:
+        return pd.DataFrame()
+    _, _, fields = store.read_run_fields(engine, run_id)
+    total = int(fields["n_cells"].sum()) if len(fields) else 0
+    if total == 0:
+        return pd.DataFrame()
+    generator = np.random.default_rng(rng)
+    rate = min(1.0, 1.1 * n_cells / total)  # a margin, then capped
+    parts = [
+        table[generator.random(len(table)) < rate]
+        for table in iter_cell_tables(
+            engine, run_id, experiment_id, feature_set=name,
+            include_flagged=include_flagged,
+        )
+    ]  # fmt: skip
+    sample = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if len(sample) > n_cells:
+        sample = sample.iloc[np.sort(generator.permutation(len(sample))[:n_cells])]
+    return sample.reset_index(drop=True)
 
 
 def hit_tables(well_profiles: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -230,20 +313,42 @@ def _role_suffix(role: str) -> str:
     return "" if role == "treatment" else f" ({role})"
 
 
-def phenotype_map_table(well_profiles: pd.DataFrame, *, rng: int = 0) -> pd.DataFrame:
-    """Return UMAP coordinates and HDBSCAN clusters of wells and of compound-doses.
+def _map_labels(level: str, table: pd.DataFrame) -> pd.Series:
+    if level == "compound_dose":
+        return (
+            table["Metadata_Compound"] + " @ "
+            + table["Metadata_Concentration"].map("{:g}".format)
+            + table["Metadata_Role"].map(_role_suffix)
+        )  # fmt: skip
+    label = table["Metadata_Plate"] + "/" + table["Metadata_Well"]
+    if level == "cell":
+        label += (
+            "/s" + table["Metadata_Site"].astype(str)
+            + "#" + table["Metadata_ObjectNumber"].astype(str)
+        )  # fmt: skip
+    return label
+
+
+def phenotype_map_table(
+    well_profiles: pd.DataFrame,
+    *,
+    cells: pd.DataFrame | None = None,
+    rng: int = 0,
+) -> pd.DataFrame:
+    """Return UMAP coordinates and HDBSCAN clusters of wells, compound-doses, cells.
 
     Wells are robust-z normalized to their plate's negative controls; a
     compound-dose's point is the median of its wells over all plates. Wells without
-    cells are left out.
+    cells are left out. A sample of single cells (`sample_cells`), when given, is
+    normalized to its plate's negative-control cells and mapped on its own.
 
     Returns
     -------
     DataFrame
-        `db.store.MAP_COLUMNS`: ``level`` (``well`` or ``compound_dose``), ``label``,
-        ``plate`` and ``well`` (wells only), ``compound``, ``concentration``,
-        ``role``, ``moa``, ``activity`` (distance from DMSO), ``umap_x``,
-        ``umap_y``, ``cluster`` (-1 = unassigned).
+        `db.store.MAP_COLUMNS`: ``level`` (``well``, ``compound_dose`` or
+        ``cell``), ``label``, ``plate`` and ``well`` (wells and cells),
+        ``compound``, ``concentration``, ``role``, ``moa``, ``activity`` (distance
+        from DMSO), ``umap_x``, ``umap_y``, ``cluster`` (-1 = unassigned).
     """
     normalized = normalize_to_controls(well_profiles)
     features = [c for c in normalized.columns if not c.startswith("Metadata_")]
@@ -260,24 +365,32 @@ def phenotype_map_table(well_profiles: pd.DataFrame, *, rng: int = 0) -> pd.Data
         ],
         axis=1,
     ).reset_index()
+    tables = [("well", normalized, features), ("compound_dose", consensus, features)]
+    if cells is not None and len(cells) >= 4:
+        try:
+            cell_table = normalize_to_controls(cells)
+        except ValueError as exc:  # e.g. no control cell sampled on a plate
+            logger.warning("single cells left off the map: %s", exc)
+            cell_table = cells.iloc[:0]
+        cell_features = [c for c in features if c in cell_table.columns]
+        cell_table = cell_table[
+            np.isfinite(cell_table[cell_features].to_numpy(float)).all(axis=1)
+        ]
+        cell_table = cell_table[[*metadata_columns(cell_table), *cell_features]]
+        cell_table = cell_table.assign(Metadata_Activity=score_wells(cell_table))
+        if len(cell_table) >= 4:
+            tables.append(("cell", cell_table, cell_features))
     levels = []
-    for level, table in (("well", normalized), ("compound_dose", consensus)):
-        coordinates = umap_coordinates(table[features], rng=rng)
-        is_well = level == "well"
+    for level, table, columns in tables:
+        coordinates = umap_coordinates(table[columns], rng=rng)
+        has_well = level != "compound_dose"
         levels.append(
             pd.DataFrame(
                 {
                     "level": level,
-                    "label": (
-                        table["Metadata_Plate"] + "/" + table["Metadata_Well"]
-                        if is_well
-                        else table["Metadata_Compound"]
-                        + " @ "
-                        + table["Metadata_Concentration"].map("{:g}".format)
-                        + table["Metadata_Role"].map(_role_suffix)
-                    ),
-                    "plate": table["Metadata_Plate"] if is_well else None,
-                    "well": table["Metadata_Well"] if is_well else None,
+                    "label": _map_labels(level, table),
+                    "plate": table["Metadata_Plate"] if has_well else None,
+                    "well": table["Metadata_Well"] if has_well else None,
                     "compound": table["Metadata_Compound"],
                     "concentration": table["Metadata_Concentration"],
                     "role": table["Metadata_Role"],
@@ -350,7 +463,7 @@ def export_table(
     fmt: str,
     run_id: int | None = None,
     include_flagged: bool = False,
-    feature_set: str = FEATURE_SET_NAME,
+    feature_set: str | None = None,
 ) -> int:
     """Export a table of a run (default: the latest complete run).
 

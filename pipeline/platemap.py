@@ -33,7 +33,22 @@ _ROLE_ALIASES = {
     "treatment": "treatment",
     "trt": "treatment",
     "compound": "treatment",
+    "vehicle": "negative_control",
 }
+
+
+def canonical_role(value: str) -> str | None:
+    """Return the role a plate-map or profile value names, or None if unknown.
+
+    Accepts the `ROLES` and aliases such as ``negcon``, ``poscon_cp``, ``trt``,
+    ``vehicle``; case, spaces and hyphens are ignored.
+    """
+    key = str(value).strip().lower().replace(" ", "_").replace("-", "_")
+    if key.startswith("poscon"):
+        return "positive_control"
+    return _ROLE_ALIASES.get(key)
+
+
 _WELL_RE = re.compile(r"^([A-Za-z]{1,2})0*(\d{1,2})$")
 _UNIT_HEADER_RE = re.compile(
     r"^concentration\s*(?:[_\s]|\(|\[)\s*(?P<unit>[a-zA-Zµμ]+)\s*[\)\]]?$",
@@ -207,12 +222,12 @@ def read_platemap(path: str | Path) -> pd.DataFrame:
 
     roles: list[str | None] = []
     for i, role in enumerate(raw[lower["role"]]):
-        key = role.strip().lower().replace(" ", "_").replace("-", "_")
-        if key not in _ROLE_ALIASES:
+        canonical = canonical_role(role)
+        if canonical is None:
             problems.append(
                 f"{line(i)}: column 'role': {role!r} is not one of {', '.join(ROLES)}."
             )
-        roles.append(_ROLE_ALIASES.get(key))
+        roles.append(canonical)
 
     text = raw[conc_column].str.strip()
     concentration = pd.to_numeric(text.replace("", np.nan), errors="coerce")

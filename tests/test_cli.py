@@ -57,13 +57,14 @@ def test_cli_run_status_hits_export(demo_plate, tmp_path, config_file, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "Metadata_Compound" in out and "rows written" in out
+    assert "most_similar" in out and "rows written" in out
     hits = pd.read_csv(tmp_path / "hits.csv")
     assert list(hits["rank"]) == list(range(1, 10))
     assert "DMSO" not in set(hits["Metadata_Compound"]) and "is_hit" in hits.columns
     assert main(["map", "--db", url]) == 0
     mapped = capsys.readouterr().out
     assert "compound_dose: " in mapped and "well: 9" in mapped  # ~95 wells with cells
+    assert "cell: " in mapped  # a sample of single cells
     assert main(["qc", "--db", url]) == 0
     assert "z_prime_activity" in capsys.readouterr().out
     moa_out = tmp_path / "moa.csv"

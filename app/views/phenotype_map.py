@@ -7,9 +7,9 @@ from app import data, widgets
 
 st.header("Phenotype map")
 st.caption(
-    "Each point is a well or a compound-dose (median of its wells), placed by UMAP of "
-    "its DMSO-normalized profile; nearby points look alike. Clusters: HDBSCAN on the "
-    "map (-1 = unassigned)."
+    "Each point is a compound-dose (median of its wells), a well, or a sampled single "
+    "cell, placed by UMAP of its DMSO-normalized profile; nearby points look alike. "
+    "Clusters: HDBSCAN on the map (-1 = unassigned)."
 )
 run_id = widgets.pick_run()
 if run_id is not None:
@@ -19,9 +19,10 @@ if run_id is not None:
             "No phenotype map stored for this run yet: run `phenoscreen map --db URL`."
         )
     else:
-        level = st.radio(
-            "Points", ["compound_dose", "well"], horizontal=True, key="map_level"
-        )
+        levels = [
+            v for v in ("compound_dose", "well", "cell") if v in set(points["level"])
+        ]
+        level = st.radio("Points", levels, horizontal=True, key="map_level")
         colour = st.selectbox(
             "Colour by", ["cluster", "compound", "moa", "role", "activity"]
         )

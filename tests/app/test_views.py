@@ -10,7 +10,7 @@ from db.session import make_engine
 from db.store import resolve_run, write_phenotype_map
 from pipeline.config import config_from_dict
 from pipeline.demo import CHANNELS
-from pipeline.export import phenotype_map_table, read_well_profiles
+from pipeline.export import phenotype_map_table, read_well_profiles, sample_cells
 from pipeline.run import run_experiment
 
 APP = Path(__file__).resolve().parents[2] / "app"
@@ -77,7 +77,13 @@ def test_phenotype_map_view_before_and_after_the_map_is_stored(demo_store, monke
     assert "phenoscreen map" in app.info[0].value
     engine = make_engine(demo_store)
     run_id, experiment_id = resolve_run(engine)
-    points = phenotype_map_table(read_well_profiles(engine, run_id, experiment_id))
+    cells = sample_cells(engine, run_id, experiment_id, n_cells=300)
+    assert 250 <= len(cells) <= 300 and cells["Metadata_Well"].nunique() > 20
+    points = phenotype_map_table(
+        read_well_profiles(engine, run_id, experiment_id), cells=cells
+    )
+    assert set(points["level"]) == {"well", "compound_dose", "cell"}
+    assert points.loc[points["level"] == "cell", "label"].is_unique
     write_phenotype_map(engine, run_id, points)
     st.cache_data.clear()  # the dashboard re-reads within its 30 s cache lifetime
     app = run_view("phenotype_map.py", demo_store, monkeypatch)
@@ -87,6 +93,9 @@ def test_phenotype_map_view_before_and_after_the_map_is_stored(demo_store, monke
     assert set(shown["level"]) == {"compound_dose"} and "Nucleomax" in set(
         shown["compound"]
     )
+    assert app.radio[0].options == ["compound_dose", "well", "cell"]
+    with pytest.raises(ValueError, match="n_cells"):
+        sample_cells(engine, run_id, experiment_id, n_cells=0)
 
 
 def test_runs_view_shows_the_run(demo_store, monkeypatch):

@@ -103,6 +103,18 @@ def test_register_write_and_stream_roundtrip(db_url):
     first = cells_of(4, 0.0)[1]
     np.testing.assert_array_equal(features.to_numpy()[:4], first)
     assert features.dtypes.eq(np.float32).all()
+    chunks = list(
+        store.iter_plate_cells(engine, run_id, "classical_baseline", chunk_cells=2)
+    )
+    chunk_wells = [set(c["Metadata_Well"]) for _, c, _ in chunks]
+    assert len(chunks) == 2 and chunk_wells == [{"A01"}, {"B02"}]  # wells whole
+    pd.testing.assert_frame_equal(
+        pd.concat([f for _, _, f in chunks], ignore_index=True), features
+    )
+    with pytest.raises(ValueError, match="chunk_cells"):
+        next(
+            store.iter_plate_cells(engine, run_id, "classical_baseline", chunk_cells=0)
+        )
     wells = store.read_wells(engine, experiment_id)
     assert (
         wells.loc[1, "Metadata_Compound"] == "x"

@@ -7,6 +7,9 @@ from sklearn.metrics import average_precision_score
 
 from pipeline.activity import (
     average_precision,
+    leave_out_null,
+    ledoit_wolf_shrinkage_gram,
+    mahalanobis_to_controls,
     mean_average_precision,
     null_average_precision,
     percent_replicating,
@@ -215,3 +218,77 @@ def test_percent_replicating_real_jump_moa_plate_matches_published():
     )
     assert len(table) == 88
     assert percent == pytest.approx(42.2, abs=5)
+
+
+def test_mahalanobis_matches_ledoit_wolf_and_is_calibrated_on_controls():
+    from sklearn.covariance import LedoitWolf
+
+    pvals = []
+    for seed in range(10):
+        wells = make_wells(n_controls=24, n_compounds=20, n_replicates=1, rng=seed)
+        wells = wells.assign(Metadata_Plate="P1")
+        scores = mahalanobis_to_controls(wells)
+        is_control = wells["Metadata_Role"] == "negative_control"
+        pvals.append(scores.loc[~is_control, "mahalanobis_p"].to_numpy())
+        values = wells.filter(like="f").to_numpy()
+        controls = values[is_control]
+        mean, std = controls.mean(axis=0), controls.std(axis=0, ddof=1)
+        reference = (
+            LedoitWolf()
+            .fit((controls - mean) / std)
+            .mahalanobis((values[~is_control] - mean) / std)
+        )
+        np.testing.assert_allclose(
+            scores.loc[~is_control, "mahalanobis"] ** 2, reference, rtol=1e-8
+        )
+    pvals = np.concatenate(pvals)  # treatments drawn from the controls' distribution
+    assert 0.01 <= (pvals < 0.05).mean() <= 0.09 and 0.4 < np.median(pvals) < 0.6
+    moved = make_wells(n_compounds=3, n_replicates=1, hit=0, shift=3.0).assign(
+        Metadata_Plate="P1"
+    )
+    scores = mahalanobis_to_controls(moved)
+    hit = moved["Metadata_Compound"] == "cmpd_0"
+    # conformal p: farther than all 16 controls' leave-one-out distances
+    assert scores.loc[hit, "mahalanobis_p"].item() == 1 / 17
+    rescaled = moved.assign(f0=moved["f0"] * 100 + 5)  # per-feature scaling
+    pd.testing.assert_frame_equal(mahalanobis_to_controls(rescaled), scores)
+
+
+@pytest.mark.parametrize("shape", [(12, 450), (30, 40), (5, 3000)])
+def test_ledoit_wolf_shrinkage_gram_equals_sklearn(shape):
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    generator = np.random.default_rng(0)
+    values = generator.normal(size=shape) * generator.uniform(0.5, 2, shape[1])
+    values -= values.mean(axis=0)
+    assert ledoit_wolf_shrinkage_gram(values) == pytest.approx(
+        ledoit_wolf_shrinkage(values, assume_centered=True), rel=1e-10
+    )
+
+
+def test_ledoit_wolf_shrinkage_gram_rejects():
+    with pytest.raises(ValueError, match="shape"):
+        ledoit_wolf_shrinkage_gram(np.zeros((0, 3)))
+    with pytest.raises(ValueError, match="shape"):
+        ledoit_wolf_shrinkage_gram(np.zeros(3))
+
+
+def test_leave_out_null_matches_the_distance_of_left_out_wells():
+    wells = make_wells(n_controls=20, n_compounds=0)
+    controls = wells.filter(like="f").to_numpy()
+    null = leave_out_null(controls, 3, null_size=200, rng=0)
+    loo = mahalanobis_to_controls(wells.assign(Metadata_Plate="P1"))["mahalanobis"]
+    assert null.shape == (200,) and (null > 0).all()
+    assert 0.7 < np.median(null) / np.median(loo**2) < 1.5  # same scale
+    with pytest.raises(ValueError, match="k"):
+        leave_out_null(controls, 18)
+    with pytest.raises(ValueError, match="null_size"):
+        leave_out_null(controls, 2, null_size=0)
+
+
+def test_mahalanobis_to_controls_rejects():
+    wells = make_wells(n_controls=3, n_compounds=2).assign(Metadata_Plate="P1")
+    with pytest.raises(ValueError, match="at least four"):
+        mahalanobis_to_controls(wells)
+    with pytest.raises(ValueError, match="Metadata_Plate"):
+        mahalanobis_to_controls(make_wells())

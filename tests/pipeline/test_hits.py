@@ -9,8 +9,18 @@ from db.store import resolve_run
 from pipeline.config import config_from_dict
 from pipeline.demo import CHANNELS, write_demo_plate
 from pipeline.export import hit_tables, read_well_profiles
-from pipeline.hits import DOSE_COLUMNS, HIT_COLUMNS, call_hits, simes
+from pipeline.hits import (
+    DOSE_COLUMNS,
+    HIT_COLUMNS,
+    call_hits,
+    dose_distances,
+    nearest_compounds,
+    replicate_consistency,
+    simes,
+)
 from pipeline.run import run_experiment
+
+DOSE_KEYS_NO_ROLE = ["Metadata_Compound", "Metadata_Concentration"]
 
 
 def make_normalized(*, hit_doses=(10.0,), n_replicates=3, n_controls=24, rng=0):
@@ -78,11 +88,70 @@ def test_call_hits_finds_a_compound_active_at_its_top_dose_only():
 
 
 def test_call_hits_single_replicate_design_uses_doses_as_replicates():
-    normalized = make_normalized(hit_doses=(0.1, 1.0, 10.0), n_replicates=1)
+    # 100 DMSO wells: single-well p-values go down to 1 / 101
+    normalized = make_normalized(
+        hit_doses=(0.1, 1.0, 10.0), n_replicates=1, n_controls=100, rng=1
+    )
     hits, doses = call_hits(normalized, null_size=20_000)
     assert doses["p_value"].isna().all()
     called = hits.set_index("Metadata_Compound")
     assert called.loc["cmpd_0", "is_hit"] and called["is_hit"].sum() == 1
+    # one well per dose: doses are called on their Mahalanobis distance to DMSO
+    assert (doses["active_by"] == "mahalanobis").all()
+    active = doses.loc[doses["is_active"], "Metadata_Compound"]
+    assert set(active) == {"cmpd_0"} and len(active) == 3
+    assert called.loc["cmpd_0", "distance_q"] < 0.05
+    assert (called.drop(index="cmpd_0")["distance_q"] > 0.05).all()
+
+
+def test_dose_distances_and_replicate_consistency():
+    normalized = make_normalized()
+    distances = dose_distances(normalized).set_index(DOSE_KEYS_NO_ROLE)
+    assert distances.loc[("cmpd_0", 10.0), "mahalanobis_q"].item() < 0.05
+    assert (distances.drop(index=("cmpd_0", 10.0))["mahalanobis_q"] > 0.05).all()
+    consistency = replicate_consistency(
+        normalized[normalized["Metadata_Role"] != "negative_control"]
+    ).set_index(DOSE_KEYS_NO_ROLE)
+    assert consistency.loc[("cmpd_0", 10.0), "is_replicating"].item()
+    assert consistency["is_replicating"].sum() <= 2
+    few_controls = normalized.drop(index=normalized.index[3:24])  # 3 DMSO wells
+    assert dose_distances(few_controls).empty  # logged, not fatal
+    assert replicate_consistency(normalized.iloc[:27]).empty  # one compound-dose
+    with pytest.raises(ValueError, match="Metadata_Role"):
+        dose_distances(normalized.drop(columns="Metadata_Role"))
+    with pytest.raises(ValueError, match="Metadata_Role"):
+        replicate_consistency(normalized.drop(columns="Metadata_Role"))
+
+
+def test_nearest_compounds_lists_the_most_similar_annotated_compounds():
+    normalized = make_normalized(hit_doses=(10.0,))
+    # cmpd_1 copies cmpd_0's phenotype at its top dose
+    moved = (normalized["Metadata_Compound"] == "cmpd_0") & (
+        normalized["Metadata_Concentration"] == 10.0
+    )
+    twin = (normalized["Metadata_Compound"] == "cmpd_1") & (
+        normalized["Metadata_Concentration"] == 10.0
+    )
+    features = [c for c in normalized.columns if c.startswith("f")]
+    normalized.loc[twin, features] = normalized.loc[moved, features].to_numpy() + 0.1
+    _, doses = call_hits(normalized, null_size=2_000)
+    nearest = nearest_compounds(normalized, doses, k=2)
+    assert nearest["cmpd_0"].startswith("cmpd_1 ") and nearest["cmpd_0"].count(";") == 1
+    annotated = normalized.assign(
+        Metadata_MoA=normalized["Metadata_Compound"].map(
+            {"cmpd_1": "tubulin", "cmpd_2": "HDAC"}
+        )
+    )
+    nearest = nearest_compounds(annotated, doses, k=3)
+    assert (
+        nearest["cmpd_0"].startswith("cmpd_1 (tubulin) ")
+        and "(HDAC)" in nearest["cmpd_0"]
+    )
+    assert "cmpd_3" not in nearest["cmpd_0"]  # not annotated
+    with pytest.raises(ValueError, match="k = 0"):
+        nearest_compounds(normalized, doses, k=0)
+    with pytest.raises(ValueError, match="activity_z"):
+        nearest_compounds(normalized, doses.drop(columns="activity_z"))
 
 
 def test_call_hits_rejects():
