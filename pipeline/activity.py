@@ -221,6 +221,66 @@ def mean_average_precision(
     return result
 
 
+def replicate_average_precision(
+    profiles: pd.DataFrame,
+    *,
+    group_by: Sequence[str],
+    control_role: str = "negative_control",
+) -> pd.DataFrame:
+    """Return each treatment's replicate mAP: how well its wells retrieve each other.
+
+    copairs' replicate retrieval: every well of a treatment queries all other
+    treatment wells (negative controls left out) by cosine similarity; its other
+    replicates are the positives and the wells of other treatments the negatives.
+
+    Parameters
+    ----------
+    profiles : DataFrame
+        Normalized well profiles: ``Metadata_Role``, the `group_by` columns and
+        finite features.
+    group_by : sequence of str
+        Columns that define a treatment.
+    control_role : str
+        ``Metadata_Role`` of the wells to leave out.
+
+    Returns
+    -------
+    DataFrame
+        One row per treatment with two or more wells: the `group_by` columns and
+        ``replicate_map``.
+
+    Raises
+    ------
+    ValueError
+        If columns are missing or features are not finite.
+    """
+    missing = [c for c in [*group_by, "Metadata_Role"] if c not in profiles.columns]
+    if missing:
+        raise ValueError(f"profiles lacks columns {missing}.")
+    treated = profiles[profiles["Metadata_Role"] != control_role].reset_index(drop=True)
+    values = treated[feature_columns(treated)].to_numpy(np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError(
+            "profiles has NaN or infinite features; drop those wells first."
+        )
+    unit = _unit_rows(values)
+    rows = []
+    for keys, members in treated.groupby(
+        list(group_by), sort=True, dropna=False
+    ).indices.items():
+        if len(members) < 2:
+            continue
+        sims = unit[members] @ unit.T  # (k, N)
+        others = np.ones(len(unit), bool)
+        others[members] = False
+        off_diagonal = ~np.eye(len(members), dtype=bool)
+        pos = sims[:, members][off_diagonal].reshape(len(members), len(members) - 1)
+        ap = _query_average_precision(pos, sims[:, others])
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        rows.append((*keys, float(ap.mean())))
+    return pd.DataFrame(rows, columns=[*group_by, "replicate_map"])
+
+
 def percent_replicating(
     profiles: pd.DataFrame,
     *,

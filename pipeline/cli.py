@@ -287,20 +287,20 @@ def _print_table(table: pd.DataFrame) -> None:
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
 
 
-def _print_hits(hits: pd.DataFrame, top: int) -> None:
+def _print_hits(hits: pd.DataFrame, doses: pd.DataFrame, top: int) -> None:
     """Print the top of a hit list; only the most similar compound is shown."""
-    shown = (
-        hits[HIT_COLUMNS]
-        .head(top)
-        .rename(
-            columns={
-                "nearest_compounds": "most_similar",
-                "Metadata_Compound": "compound",
-            }
-        )
-    )
+    names = {"nearest_compounds": "most_similar", "Metadata_Compound": "compound"}
+    shown = hits[HIT_COLUMNS].head(top).rename(columns=names)
     shown["most_similar"] = shown["most_similar"].str.split("; ").str[0].str[:40]
     print(HITS_HEADER)
+    replicated = doses["is_replicating"].dropna()
+    if len(replicated):
+        print(
+            f"percent replicating: {100 * replicated.astype(bool).mean():.1f} % of "
+            f"{len(replicated)} compound-doses with replicate wells (median replicate "
+            f"mAP {doses['replicate_map'].median():.2f})"
+        )
+    print(f"{int(hits['is_hit'].sum())} of {len(hits)} compounds are hits:")
     _print_table(shown)
 
 
@@ -364,10 +364,10 @@ def cmd_hits(args: argparse.Namespace) -> int:
     """Print (and write) the compound hit list."""
     from pipeline.export import hit_tables
 
-    table = hit_tables(
+    table, doses = hit_tables(
         _well_profiles(_db_url(args), args.run, **_profile_options(args))
-    )[0]
-    _print_hits(table, args.top)
+    )
+    _print_hits(table, doses, args.top)
     if args.out:
         _write_out(table, args.out, "rows")
     return 0
@@ -606,7 +606,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "[3/3] hit list (the true actives and EC50s are in "
         f"{out / 'ground_truth' / 'truth.json'}):"
     )
-    _print_hits(hit_tables(_well_profiles(db_url, summary.run_id))[0], 15)
+    _print_hits(*hit_tables(_well_profiles(db_url, summary.run_id)), 15)
     print("      storing the phenotype map (UMAP + HDBSCAN) for the dashboard ...")
     _store_map(db_url, summary.run_id)
     script = Path(sys.executable).parent / "phenoscreen"

@@ -40,6 +40,7 @@ from pipeline.activity import (
     mahalanobis_to_controls,
     mean_average_precision,
     percent_replicating,
+    replicate_average_precision,
 )
 from pipeline.doseresponse import fit_dose_responses
 from pipeline.profiles import feature_columns, rank_compounds, score_wells
@@ -58,7 +59,7 @@ DOSE_COLUMNS = [
     "Metadata_Compound", "Metadata_Concentration", "Metadata_Role", "n_wells",
     "mean_average_precision", "q_value", "mahalanobis", "mahalanobis_q", "is_active",
     "active_by", "activity", "activity_z", "replicate_correlation", "is_replicating",
-    "cell_count_ratio", "is_toxic",
+    "replicate_map", "cell_count_ratio", "is_toxic",
 ]  # fmt: skip
 #: Similar compounds listed per hit.
 N_NEAREST = 3
@@ -190,11 +191,13 @@ def dose_distances(
 
 
 def replicate_consistency(normalized: pd.DataFrame) -> pd.DataFrame:
-    """Return each compound-dose's replicate correlation and whether it replicates.
+    """Return each compound-dose's replicate consistency.
 
     `pipeline.activity.percent_replicating` per compound-dose: the median Pearson
     correlation of its replicate wells against the 95th percentile of a null of
-    wells of different compound-doses (JUMP's Percent Replicating).
+    wells of different compound-doses (JUMP's Percent Replicating); and its
+    replicate mAP (`pipeline.activity.replicate_average_precision`: its wells
+    retrieving each other among all treatment wells).
 
     Parameters
     ----------
@@ -204,9 +207,9 @@ def replicate_consistency(normalized: pd.DataFrame) -> pd.DataFrame:
     Returns
     -------
     DataFrame
-        The `DOSE_KEYS`, ``replicate_correlation`` and ``is_replicating``, for
-        compound-doses with two or more finite wells; empty when fewer than two
-        compound-doses have replicates.
+        The `DOSE_KEYS`, ``replicate_correlation``, ``is_replicating`` and
+        ``replicate_map``, for compound-doses with two or more finite wells; empty
+        when fewer than two compound-doses have replicates.
 
     Raises
     ------
@@ -224,9 +227,10 @@ def replicate_consistency(normalized: pd.DataFrame) -> pd.DataFrame:
     except ValueError as exc:
         if "fewer than two" not in str(exc):
             raise
-        return pd.DataFrame(columns=columns)
+        return pd.DataFrame(columns=[*columns, "replicate_map"])
     table = table.rename(columns={"median_correlation": "replicate_correlation"})
-    return table[columns]
+    retrieval = replicate_average_precision(finite, group_by=DOSE_KEYS)
+    return table[columns].merge(retrieval, on=DOSE_KEYS, how="left")
 
 
 def nearest_compounds(
@@ -338,7 +342,8 @@ def call_hits(
         One row per treatment compound, hits first (by q, then activity):
         `HIT_COLUMNS` plus ``p_value``, ``mean_average_precision`` (doses as
         replicates), ``distance_q`` (Simes over doses of the Mahalanobis p, then
-        BH), ``hill``, ``ec50_ci_low``, ``ec50_ci_high``, ``top``.
+        BH), ``replicate_map`` (median over doses), ``hill``, ``ec50_ci_low``,
+        ``ec50_ci_high``, ``top``.
     compound_doses : DataFrame
         One row per non-negative-control compound-dose (positive controls included,
         for QC), sorted by activity: `DOSE_COLUMNS` plus ``p_value``,
@@ -417,6 +422,7 @@ def call_hits(
             min_cell_count_ratio=("cell_count_ratio", "min"),
             is_toxic=("is_toxic", "any"),
             replicate_correlation=("replicate_correlation", "median"),
+            replicate_map=("replicate_map", "median"),
         )
         .reset_index()
     )

@@ -13,6 +13,7 @@ from pipeline.activity import (
     mean_average_precision,
     null_average_precision,
     percent_replicating,
+    replicate_average_precision,
 )
 from pipeline.profiles import sphere_to_controls
 from tests.conftest import shared_data
@@ -292,3 +293,16 @@ def test_mahalanobis_to_controls_rejects():
         mahalanobis_to_controls(wells)
     with pytest.raises(ValueError, match="Metadata_Plate"):
         mahalanobis_to_controls(make_wells())
+
+
+def test_replicate_average_precision_retrieves_moved_replicates_only():
+    wells = make_wells(n_compounds=6, n_replicates=3, hit=2, shift=4.0)
+    table = replicate_average_precision(wells, group_by=["Metadata_Compound"])
+    scores = table.set_index("Metadata_Compound")["replicate_map"]
+    assert len(scores) == 6 and scores["cmpd_2"] == 1.0
+    assert scores.drop(index="cmpd_2").max() < 0.9
+    with pytest.raises(ValueError, match="Metadata_Dose"):
+        replicate_average_precision(wells, group_by=["Metadata_Dose"])
+    broken = wells.assign(f0=np.where(wells.index == 20, np.nan, wells["f0"]))
+    with pytest.raises(ValueError, match="NaN"):
+        replicate_average_precision(broken, group_by=["Metadata_Compound"])

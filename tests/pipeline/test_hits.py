@@ -113,6 +113,8 @@ def test_dose_distances_and_replicate_consistency():
         normalized[normalized["Metadata_Role"] != "negative_control"]
     ).set_index(DOSE_KEYS_NO_ROLE)
     assert consistency.loc[("cmpd_0", 10.0), "is_replicating"].item()
+    assert consistency.loc[("cmpd_0", 10.0), "replicate_map"].item() == 1.0
+    assert consistency.drop(index=("cmpd_0", 10.0))["replicate_map"].median() < 0.5
     assert consistency["is_replicating"].sum() <= 2
     few_controls = normalized.drop(index=normalized.index[3:24])  # 3 DMSO wells
     assert dose_distances(few_controls).empty  # logged, not fatal
