@@ -5,7 +5,8 @@ run (config, status, timings) -> field_result (per-field status, QC and flags),
 illumination_function (per plate and channel) and
 cell (objects found in a field) -> cell_vector (one float32 vector per cell and
 feature_set: classical features or a CNN embedding); well_profile holds imported
-per-well profiles (CellProfiler/pycytominer tables) that come without cells.
+per-well profiles (CellProfiler/pycytominer tables) that come without cells;
+model_checkpoint -> training_epoch record fine-tuned networks and their training log.
 """
 
 from __future__ import annotations
@@ -241,6 +242,43 @@ class WellProfile(Base):
     well_id: Mapped[int] = mapped_column(ForeignKey("well.id", ondelete="CASCADE"))
     cell_count: Mapped[int | None]
     values: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ModelCheckpoint(Base):
+    """A fine-tuned network: its file, hash, config and classes (`phenoscreen train`)."""
+
+    __tablename__ = "model_checkpoint"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("run.id", ondelete="CASCADE"), index=True
+    )
+    model_name: Mapped[str] = mapped_column(String(200))
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    config: Mapped[dict[str, Any]]
+    classes: Mapped[list[Any]]
+    metrics: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow
+    )
+
+
+class TrainingEpoch(Base):
+    """One epoch of the training that produced a checkpoint (the training log)."""
+
+    __tablename__ = "training_epoch"
+    __table_args__ = (UniqueConstraint("checkpoint_id", "epoch"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(
+        ForeignKey("model_checkpoint.id", ondelete="CASCADE"), index=True
+    )
+    epoch: Mapped[int]
+    phase: Mapped[str] = mapped_column(String(20))
+    train_loss: Mapped[float]
+    val_loss: Mapped[float]
+    val_accuracy: Mapped[float]
+    learning_rate: Mapped[float]
+    seconds: Mapped[float]
 
 
 class PhenotypeMapPoint(Base):

@@ -34,9 +34,11 @@ from db.schema import (
     Field,
     FieldResult,
     IlluminationFunction,
+    ModelCheckpoint,
     PhenotypeMapPoint,
     Plate,
     Run,
+    TrainingEpoch,
     Well,
     WellProfile,
     utcnow,
@@ -1206,3 +1208,79 @@ def read_field_cells(engine: Engine, run_id: int, field_id: int) -> pd.DataFrame
     return pd.DataFrame(
         rows, columns=["object_number", "centroid_y", "centroid_x", "area_px"]
     )
+
+
+#: Columns of a training log (`register_checkpoint`, `read_training_log`).
+TRAINING_LOG_COLUMNS = (
+    "epoch", "phase", "train_loss", "val_loss", "val_accuracy", "learning_rate",
+    "seconds",
+)  # fmt: skip
+
+
+def register_checkpoint(
+    engine: Engine,
+    *,
+    run_id: int,
+    model_name: str,
+    path: str,
+    sha256: str,
+    config: Mapping[str, Any],
+    classes: Sequence[str],
+    metrics: Mapping[str, Any],
+    log: pd.DataFrame,
+) -> int:
+    """Record a fine-tuned checkpoint and its per-epoch log in one transaction.
+
+    Parameters
+    ----------
+    engine : Engine
+    run_id : int
+        The run whose cells trained it.
+    model_name, path, sha256 : str
+    config, metrics : mapping
+        JSON-serializable.
+    classes : sequence of str
+        The labels, in the order of the network's outputs.
+    log : DataFrame
+        One row per epoch with `TRAINING_LOG_COLUMNS`.
+
+    Returns
+    -------
+    int
+        The checkpoint id.
+
+    Raises
+    ------
+    ValueError
+        If `log` lacks a column.
+    """
+    missing = [c for c in TRAINING_LOG_COLUMNS if c not in log.columns]
+    if missing:
+        raise ValueError(f"log lacks columns {missing}.")
+    with session_scope(engine) as session:
+        checkpoint_id = session.scalar(
+            insert(ModelCheckpoint).returning(ModelCheckpoint.id),
+            [
+                {"run_id": run_id, "model_name": model_name, "path": path,
+                 "sha256": sha256, "config": dict(config), "classes": list(classes),
+                 "metrics": dict(metrics)}
+            ],
+        )  # fmt: skip
+        if len(log):
+            rows = log[list(TRAINING_LOG_COLUMNS)].astype(object).to_dict("records")
+            session.execute(
+                insert(TrainingEpoch),
+                [r | {"checkpoint_id": checkpoint_id} for r in rows],
+            )
+    return checkpoint_id
+
+
+def read_training_log(engine: Engine, checkpoint_id: int) -> pd.DataFrame:
+    """Return a checkpoint's per-epoch training log (`TRAINING_LOG_COLUMNS`)."""
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(*(getattr(TrainingEpoch, c) for c in TRAINING_LOG_COLUMNS))
+            .where(TrainingEpoch.checkpoint_id == checkpoint_id)
+            .order_by(TrainingEpoch.epoch)
+        ).all()
+    return pd.DataFrame(rows, columns=list(TRAINING_LOG_COLUMNS))

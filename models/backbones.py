@@ -25,6 +25,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -257,3 +258,51 @@ def create_backbone(
             " or pass a checkpoint; online: check the network."
         ) from exc
     return model.eval(), info
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a fine-tuned checkpoint (`models.train.save_checkpoint`) without its head.
+
+    Returns
+    -------
+    model : nn.Module
+        In eval mode, ``num_classes=0``.
+    meta : dict
+        ``model_name``, ``in_chans``, ``crop_size``, ``classes``, ``config``,
+        ``sha256``.
+
+    Raises
+    ------
+    InputError
+        If the file is missing, corrupt, or not a `save_checkpoint` file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(
+            f"checkpoint {path} does not exist; train one with phenoscreen train."
+        )
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        meta = {
+            k: saved[k]
+            for k in ("model_name", "in_chans", "crop_size", "classes", "config")
+        }
+        state = saved["state_dict"]
+    except Exception as exc:  # noqa: BLE001 - any unreadable or foreign file
+        raise InputError(
+            f"checkpoint {path} is not a PhenoScreen fine-tuned checkpoint ({exc}); "
+            "make one with phenoscreen train."
+        ) from exc
+    model = timm.create_model(
+        meta["model_name"], pretrained=False, in_chans=meta["in_chans"], num_classes=0
+    )
+    classifier = {f"{model.default_cfg.get('classifier', 'classifier')}.{k}"
+                  for k in ("weight", "bias")}  # fmt: skip
+    try:
+        model.load_state_dict({k: v for k, v in state.items() if k not in classifier})
+    except RuntimeError as exc:
+        raise InputError(
+            f"checkpoint {path} does not fit {meta['model_name']} ({exc})."
+        ) from exc
+    meta["sha256"] = _sha256(path)
+    return model.eval(), meta

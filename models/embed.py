@@ -23,13 +23,20 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 from sqlalchemy import Engine
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from db import store
-from models.backbones import DEFAULT_MODEL, OFFLINE_NORMALIZATION, create_backbone
+from models.backbones import (
+    DEFAULT_MODEL,
+    OFFLINE_NORMALIZATION,
+    create_backbone,
+    load_checkpoint,
+)
+from pipeline.errors import InputError
 from pipeline.run import iter_field_crops
 
 logger = logging.getLogger(__name__)
@@ -56,6 +63,9 @@ class EmbedConfig:
         Low and high percentiles of control-cell pixels that map to 0 and 1.
     max_control_fields : int
         Negative-control fields per plate used to fit the percentiles.
+    checkpoint : str or None
+        A fine-tuned checkpoint (`models.train.save_checkpoint`) to embed with
+        instead of `model_name` and `weights`.
     """
 
     model_name: str = DEFAULT_MODEL
@@ -65,8 +75,13 @@ class EmbedConfig:
     batch_size: int = 64
     percentiles: tuple[float, float] = (1.0, 99.9)
     max_control_fields: int = 20
+    checkpoint: str | None = None
 
     def __post_init__(self) -> None:
+        if self.checkpoint and self.strategy != "stem":
+            raise ValueError(
+                "a fine-tuned checkpoint has a C-channel stem; use strategy 'stem'."
+            )
         if self.strategy not in STRATEGIES:
             raise ValueError(
                 f"strategy {self.strategy!r} is unknown; choose one of {STRATEGIES}."
@@ -198,6 +213,71 @@ def embed_array(
     return torch.cat(out).numpy()
 
 
+def plate_channel_ranges(
+    engine: Engine,
+    run_id: int,
+    fields: pd.DataFrame,
+    wells: pd.DataFrame,
+    *,
+    size: int,
+    config: EmbedConfig,
+) -> dict[str, np.ndarray]:
+    """Fit each plate's per-channel intensity range on its negative-control cells.
+
+    Parameters
+    ----------
+    engine : Engine
+    run_id : int
+    fields : DataFrame
+        The run's fields to use (`db.store.read_run_fields`): ``field_id``,
+        ``Metadata_Plate``, ``Metadata_Well``.
+    wells : DataFrame
+        `db.store.read_wells`, for the roles.
+    size : int
+        Crop side.
+    config : EmbedConfig
+        Its ``percentiles`` and ``max_control_fields``.
+
+    Returns
+    -------
+    dict of str to ndarray of shape (C, 2)
+        Plate name -> `fit_channel_ranges` of up to ``max_control_fields`` control
+        fields (cell pixels only).
+
+    Raises
+    ------
+    ValueError
+        If a plate has no negative-control cells.
+    """
+    roles = wells.set_index(["Metadata_Plate", "Metadata_Well"])["Metadata_Role"]
+    ranges: dict[str, np.ndarray] = {}
+    for plate, plate_fields in fields.groupby("Metadata_Plate"):
+        is_control = [
+            roles.get((plate, well)) == "negative_control"
+            for well in plate_fields["Metadata_Well"]
+        ]
+        controls = plate_fields[is_control].head(config.max_control_fields)
+        samples = [
+            s
+            for s in iter_field_crops(
+                engine, run_id, size=size, field_ids=set(controls["field_id"]),
+                with_masks=True,
+            )
+            if len(s.crops)
+        ]  # fmt: skip
+        if not samples:
+            raise ValueError(
+                f"plate {plate}: no negative-control cells to fit the intensity "
+                "ranges on; check the plate map's negative_control wells."
+            )
+        ranges[plate] = fit_channel_ranges(
+            np.concatenate([s.crops for s in samples]),
+            np.concatenate([s.masks for s in samples]),
+            config.percentiles,
+        )
+    return ranges
+
+
 def embed_run(
     engine: Engine,
     run_id: int | None = None,
@@ -233,20 +313,33 @@ def embed_run(
     run_id, experiment_id = store.resolve_run(engine, run_id)
     fields = store.read_run_fields(engine, run_id)[2]
     wells = store.read_wells(engine, experiment_id)
-    roles = wells.set_index(["Metadata_Plate", "Metadata_Well"])["Metadata_Role"]
     fields = fields[fields["qc_flags"] == ""]
     first = next(iter_field_crops(engine, run_id, size=cfg.crop_size), None)
     if first is None:
         raise ValueError(f"run {run_id} has no field that passed QC to embed.")
     n_channels, size = first.crops.shape[1], first.crops.shape[-1]
-    model, info = create_backbone(
-        cfg.model_name,
-        in_chans=n_channels if cfg.strategy == "stem" else 3,
-        weights=cfg.weights,
-    )
+    if cfg.checkpoint:
+        model, meta = load_checkpoint(cfg.checkpoint)
+        if meta["in_chans"] != n_channels:
+            raise InputError(
+                f"checkpoint {cfg.checkpoint} was trained on {meta['in_chans']} "
+                f"channels; run {run_id} has {n_channels}. Fine-tune on this run's "
+                "channels (phenoscreen train)."
+            )
+        size = cfg.crop_size or meta["crop_size"]
+        model_name = meta["model_name"]
+        name = f"{model_name}_finetuned_{meta['sha256'][:8]}"
+        weights = f"checkpoint:{cfg.checkpoint} sha256:{meta['sha256']}"
+    else:
+        model, info = create_backbone(
+            cfg.model_name,
+            in_chans=n_channels if cfg.strategy == "stem" else 3,
+            weights=cfg.weights,
+        )
+        model_name, name = cfg.model_name, f"{cfg.model_name}_{cfg.strategy}"
+        weights = f"{info.source} sha256:{info.sha256}"
     model = model.to(target).to(memory_format=torch.channels_last)
     width = model.num_features * (n_channels if cfg.strategy == "rgb" else 1)
-    name = f"{cfg.model_name}_{cfg.strategy}"
     feature_set_id = store.ensure_feature_set(
         engine,
         run_id=run_id,
@@ -255,39 +348,12 @@ def embed_run(
         feature_names=[f"{name}_{k:04d}" for k in range(width)],
         config=asdict(cfg) | {"crop_size": size, "normalization": "per plate and "
                               "channel, percentiles of negative-control cells"},
-        model_name=cfg.model_name,
-        weights=f"{info.source} sha256:{info.sha256}",
+        model_name=model_name,
+        weights=weights,
     )  # fmt: skip
     done = store.embedded_field_ids(engine, run_id, feature_set_id)
     embedder = make_embedder(model, cfg.strategy)
-    ranges: dict[str, np.ndarray] = {}
-    for plate, plate_fields in fields.groupby("Metadata_Plate"):
-        controls = plate_fields[
-            [
-                roles.get((plate, well)) == "negative_control"
-                for well in plate_fields["Metadata_Well"]
-            ]
-        ].head(cfg.max_control_fields)
-        samples = list(
-            iter_field_crops(
-                engine,
-                run_id,
-                size=size,
-                field_ids=set(controls["field_id"]),
-                with_masks=True,
-            )
-        )
-        crops = [s.crops for s in samples if len(s.crops)]
-        if not crops:
-            raise ValueError(
-                f"plate {plate}: no negative-control cells to fit the intensity "
-                "ranges on; check the plate map's negative_control wells."
-            )
-        ranges[plate] = fit_channel_ranges(
-            np.concatenate(crops),
-            np.concatenate([s.masks for s in samples if len(s.crops)]),
-            cfg.percentiles,
-        )
+    ranges = plate_channel_ranges(engine, run_id, fields, wells, size=size, config=cfg)
     start = time.perf_counter()
     n_cells = n_fields = 0
     todo = set(fields.loc[fields["n_cells"] > 0, "field_id"]) - done
@@ -312,7 +378,7 @@ def embed_run(
     seconds = time.perf_counter() - start
     logger.info(
         "embedded %d cells of %d fields with %s (%s, %s) in %.1f s; %d fields were done",
-        n_cells, n_fields, cfg.model_name, cfg.strategy, info.source, seconds, len(done),
+        n_cells, n_fields, model_name, cfg.strategy, weights, seconds, len(done),
     )  # fmt: skip
     return {
         "feature_set": name,

@@ -143,6 +143,39 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument(
         "--device", choices=["cpu", "cuda"], help="default: cuda if present"
     )
+    embed.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="a fine-tuned checkpoint from phenoscreen train (instead of --model)",
+    )
+
+    train = sub.add_parser(
+        "train", help="fine-tune a CNN on a run's cells, labelled by treatment"
+    )
+    _add_db(train)
+    train.add_argument("--run", type=int, help="run id (default: latest complete)")
+    train.add_argument(
+        "--model", default="tf_efficientnet_lite0", help="timm model name"
+    )
+    train.add_argument("--weights", default="auto", help="auto, package or hub")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument(
+        "--warmup-epochs", type=int, default=1, help="epochs with the backbone frozen"
+    )
+    train.add_argument(
+        "--label", choices=["compound_dose", "compound"], default="compound_dose"
+    )
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--max-cells", type=int, default=50_000)
+    train.add_argument("--crop-size", type=int, help="px (default: 4 diameters)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--out", type=Path, default=Path("finetuned.pt"), help="checkpoint file"
+    )
+    train.add_argument(
+        "--device", choices=["cpu", "cuda"], help="default: cuda if present"
+    )
 
     imports = sub.add_parser(
         "import-profiles",
@@ -470,12 +503,51 @@ def cmd_embed(args: argparse.Namespace) -> int:
             strategy=args.strategy,
             crop_size=args.crop_size,
             batch_size=args.batch_size,
+            checkpoint=str(args.checkpoint) if args.checkpoint else None,
         ),
         device=args.device,
     )
     print(
         f"feature set {summary['feature_set']}: {summary['n_cells']} cells of "
         f"{summary['n_fields']} fields embedded ({summary['cells_per_s']:.0f} cells/s)"
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Fine-tune a backbone on a run's cells and register the checkpoint."""
+    from db.session import make_engine
+    from models.train import TrainConfig, train_run
+
+    config = TrainConfig(
+        model_name=args.model,
+        weights=args.weights,
+        label=args.label,
+        epochs=args.epochs,
+        warmup_epochs=min(args.warmup_epochs, args.epochs),
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        max_cells=args.max_cells,
+        crop_size=args.crop_size,
+        seed=args.seed,
+    )
+    summary = train_run(
+        make_engine(_db_url(args), create=False),
+        args.run,
+        config,
+        args.out,
+        device=args.device,
+    )
+    print(
+        f"checkpoint {summary['checkpoint_id']}: {summary['path']} (sha256 "
+        f"{summary['sha256'][:12]}...), best epoch {summary['best_epoch']} of "
+        f"{summary['epochs']}: validation loss {summary['val_loss']:.3f}, accuracy "
+        f"{summary['val_accuracy']:.3f} ({summary['n_classes']} classes, chance "
+        f"{summary['chance_accuracy']:.3f}; {summary['n_train']} training and "
+        f"{summary['n_val']} validation cells, validation plates "
+        f"{', '.join(summary['val_plates'])})\n"
+        f"embed with it: phenoscreen embed --db {_db_url(args)} --checkpoint "
+        f"{summary['path']}"
     )
     return 0
 
@@ -625,6 +697,7 @@ _COMMANDS = {
     "run": cmd_run,
     "segment": cmd_segment,
     "embed": cmd_embed,
+    "train": cmd_train,
     "import-profiles": cmd_import_profiles,
     "export": cmd_export,
     "status": cmd_status,

@@ -14,10 +14,7 @@ from models.embed import (
     normalize_crops,
 )
 from pipeline.cli import main
-from pipeline.config import config_from_dict
-from pipeline.demo import CHANNELS
 from pipeline.export import read_well_profiles
-from pipeline.run import run_experiment
 
 
 def test_fit_channel_ranges_and_normalize():
@@ -67,21 +64,6 @@ def test_strategies_and_deterministic_batches():
                        device=torch.device("cpu")).shape[0] == 0  # fmt: skip
     with pytest.raises(ValueError, match="strategy"):
         make_embedder(stem, "mean")
-
-
-@pytest.fixture(scope="module")
-def demo_run(demo_plate, tmp_path_factory):
-    url = f"sqlite:///{tmp_path_factory.mktemp('embed')}/t.db"
-    config = config_from_dict(
-        {
-            "input": {"layout": "imagexpress", "channels": CHANNELS},
-            "execution": {"n_workers": 2, "processes": False},
-        }
-    )
-    summary = run_experiment(
-        demo_plate["images"], demo_plate["platemap"], config=config, db_url=url
-    )
-    return url, summary
 
 
 def test_embed_run_writes_one_vector_per_cell_and_resumes(demo_run, capsys):

@@ -1,0 +1,476 @@
+"""Fine-tuning by transfer learning on treatment labels (weak supervision).
+
+The DeepProfiler recipe on timm: an ImageNet-pretrained backbone with a ``C``-channel
+stem learns to tell single-cell crops apart by their treatment (compound, or
+compound and dose; the negative controls are a class too), so its features become
+sensitive to what compounds do to cells. Training: validation on whole held-out
+plates (wells when there is one plate), a warm-up with the backbone frozen (only the
+new classifier learns) then everything unfrozen at a lower learning rate, AdamW with
+a cosine schedule, early stopping on the validation loss (the best epoch is kept),
+microscopy augmentation (flips, 90-degree rotations, one intensity scale and offset
+per crop for all channels: no colour jitter between channels), mixed precision
+(bfloat16) on CUDA. The checkpoint is saved with its config, classes and a SHA-256
+and registered in the store with a per-epoch log; ``phenoscreen embed --checkpoint``
+embeds with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sqlalchemy import Engine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from db import store
+from models.backbones import DEFAULT_MODEL, create_backbone
+from models.embed import EmbedConfig, normalize_crops, plate_channel_ranges
+from pipeline.run import iter_field_crops
+
+logger = logging.getLogger(__name__)
+
+LABELS = ("compound_dose", "compound")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How a backbone is fine-tuned (saved in the checkpoint and the store).
+
+    Attributes
+    ----------
+    model_name : str
+        A timm model name.
+    weights : str
+        Starting weights: ``auto``, ``package``, ``hub`` (`create_backbone`).
+    label : {"compound_dose", "compound"}
+        What the network learns to predict.
+    epochs : int
+        At most this many epochs (early stopping may end sooner).
+    warmup_epochs : int
+        Leading epochs with the backbone frozen.
+    batch_size : int
+    learning_rate : float
+        Of the classifier; the backbone's is ``learning_rate * backbone_lr_scale``.
+    backbone_lr_scale : float
+    weight_decay : float
+        AdamW decoupled weight decay.
+    patience : int
+        Epochs without a lower validation loss before stopping.
+    val_fraction : float
+        Share of plates (or wells, with one plate) held out for validation.
+    max_cells : int
+        Cells sampled uniformly from the run to train on.
+    crop_size : int or None
+        Crop side; None: four median nucleus diameters.
+    seed : int
+    """
+
+    model_name: str = DEFAULT_MODEL
+    weights: str = "auto"
+    label: str = "compound_dose"
+    epochs: int = 10
+    warmup_epochs: int = 1
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    backbone_lr_scale: float = 0.1
+    weight_decay: float = 1e-4
+    patience: int = 3
+    val_fraction: float = 0.25
+    max_cells: int = 50_000
+    crop_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.label not in LABELS:
+            raise ValueError(
+                f"label {self.label!r} is unknown; choose one of {LABELS}."
+            )
+        if self.epochs < 1 or not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(
+                f"need epochs >= 1 and 0 <= warmup_epochs <= epochs; got "
+                f"{self.epochs} and {self.warmup_epochs}."
+            )
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction = {self.val_fraction} must lie in (0, 1).")
+        if min(self.batch_size, self.patience, self.max_cells) < 1:
+            raise ValueError("batch_size, patience and max_cells must be >= 1.")
+        if self.learning_rate <= 0 or self.backbone_lr_scale <= 0:
+            raise ValueError("learning_rate and backbone_lr_scale must be > 0.")
+
+
+@dataclass
+class FineTuned:
+    """The result of `fine_tune`: best model, classes and the per-epoch log."""
+
+    model: nn.Module
+    classes: list[str]
+    log: pd.DataFrame
+    best_epoch: int
+
+
+def validation_split(
+    plates: np.ndarray, wells: np.ndarray, val_fraction: float, *, rng: int = 0
+) -> np.ndarray:
+    """Return a boolean mask of the cells held out for validation, by plate.
+
+    Whole plates are held out (at least one, at most all but one) so validation
+    measures what happens on a new plate; with a single plate, whole wells are.
+
+    Parameters
+    ----------
+    plates, wells : ndarray of shape (N,)
+        Plate and well of each cell.
+    val_fraction : float
+        Share of plates (or wells) to hold out, in (0, 1).
+    rng : int
+        Seed.
+
+    Returns
+    -------
+    ndarray of shape (N,), bool
+
+    Raises
+    ------
+    ValueError
+        If the lengths differ, `val_fraction` is out of range, or there is only one
+        well.
+    """
+    if len(plates) != len(wells):
+        raise ValueError(f"plates ({len(plates)}) and wells ({len(wells)}) differ.")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction = {val_fraction} must lie in (0, 1).")
+    units = np.asarray(plates, dtype=object)
+    if len(pd.unique(units)) < 2:
+        units = np.array([f"{p}/{w}" for p, w in zip(plates, wells, strict=True)])
+    names = pd.unique(units)
+    if len(names) < 2:
+        raise ValueError("one well only: nothing to hold out for validation.")
+    generator = np.random.default_rng(rng)
+    n_val = min(max(1, round(val_fraction * len(names))), len(names) - 1)
+    held_out = generator.permutation(names)[:n_val]
+    return np.isin(units, held_out)
+
+
+def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Randomly flip, rotate by 90-degree steps and jitter the intensity of crops.
+
+    Parameters
+    ----------
+    batch : Tensor of shape (B, C, S, S)
+        Normalized crops.
+    generator : torch.Generator
+
+    Returns
+    -------
+    Tensor of shape (B, C, S, S)
+        One scale in [0.8, 1.2] and one offset in [-0.1, 0.1] per crop, the same
+        for all its channels.
+    """
+    n = len(batch)
+    flip = torch.rand(n, generator=generator) < 0.5
+    batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+    turns = torch.randint(0, 4, (n,), generator=generator)
+    rotated = batch.clone()
+    for k in range(1, 4):
+        chosen = turns == k
+        if chosen.any():
+            rotated[chosen] = torch.rot90(batch[chosen], k, dims=(-2, -1))
+    scale = torch.empty(n, 1, 1, 1).uniform_(0.8, 1.2, generator=generator)
+    offset = torch.empty(n, 1, 1, 1).uniform_(-0.1, 0.1, generator=generator)
+    return rotated * scale + offset
+
+
+def _set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    classifier = set(map(id, model.get_classifier().parameters()))
+    for parameter in model.parameters():
+        if id(parameter) not in classifier:
+            parameter.requires_grad_(trainable)
+
+
+def _evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of a loader."""
+    model.eval()
+    loss_sum, correct, total = 0.0, 0, 0
+    cuda = device.type == "cuda"
+    with torch.inference_mode():
+        for crops, labels in loader:
+            crops = crops.to(device, non_blocking=cuda)
+            labels = labels.to(device, non_blocking=cuda)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                logits = model(crops).float()
+            loss_sum += nn.functional.cross_entropy(
+                logits, labels, reduction="sum"
+            ).item()
+            correct += int((logits.argmax(1) == labels).sum())
+            total += len(labels)
+    return loss_sum / total, correct / total
+
+
+def fine_tune(
+    crops: np.ndarray,
+    labels: np.ndarray,
+    is_val: np.ndarray,
+    config: TrainConfig,
+    *,
+    device: str | None = None,
+) -> FineTuned:
+    """Fine-tune an ImageNet-pretrained backbone to classify crops by treatment.
+
+    Parameters
+    ----------
+    crops : ndarray of shape (N, C, S, S), float32
+        Normalized crops (`models.embed.normalize_crops`).
+    labels : ndarray of shape (N,)
+        Class name of each crop.
+    is_val : ndarray of shape (N,), bool
+        Validation cells (`validation_split`).
+    config : TrainConfig
+    device : str, optional
+        ``cuda`` or ``cpu``; default CUDA when available.
+
+    Returns
+    -------
+    FineTuned
+        The model (pooled features + classifier, eval mode) at the epoch of lowest
+        validation loss, the classes (output order) and the log: ``epoch``,
+        ``phase`` (``frozen``/``unfrozen``), ``train_loss``, ``val_loss``,
+        ``val_accuracy``, ``learning_rate``, ``seconds``.
+
+    Raises
+    ------
+    ValueError
+        If shapes disagree, there are fewer than two classes, or either split is
+        empty.
+    """
+    if crops.ndim != 4 or len(crops) != len(labels) or len(labels) != len(is_val):
+        raise ValueError(
+            f"crops {crops.shape}, labels ({len(labels)}) and is_val ({len(is_val)}) "
+            "must describe the same N crops (N, C, S, S)."
+        )
+    classes = sorted(pd.unique(np.asarray(labels, dtype=object)).tolist())
+    if len(classes) < 2:
+        raise ValueError("fine-tuning needs at least two treatment labels.")
+    if is_val.all() or not is_val.any():
+        raise ValueError(
+            "the validation split leaves no training or no validation cells."
+        )
+    torch.manual_seed(config.seed)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = target.type == "cuda"
+    index = {name: i for i, name in enumerate(classes)}
+    y = torch.tensor([index[v] for v in labels], dtype=torch.long)
+    x = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))
+    val = torch.from_numpy(np.asarray(is_val, dtype=bool))
+    generator = torch.Generator().manual_seed(config.seed)
+    train_loader = DataLoader(
+        TensorDataset(x[~val], y[~val]), batch_size=config.batch_size, shuffle=True,
+        generator=generator, pin_memory=cuda, drop_last=len(y[~val]) > config.batch_size,
+    )  # fmt: skip
+    val_loader = DataLoader(
+        TensorDataset(x[val], y[val]), batch_size=config.batch_size, pin_memory=cuda
+    )
+    model, _ = create_backbone(
+        config.model_name,
+        in_chans=crops.shape[1],
+        num_classes=len(classes),
+        weights=config.weights,
+    )
+    classifier = model.get_classifier()
+    nn.init.normal_(classifier.weight, std=0.01)  # timm's head init scales with
+    nn.init.zeros_(classifier.bias)  # 1 / sqrt(classes): huge logits for few classes
+    model = model.to(target).to(memory_format=torch.channels_last)
+    head = list(model.get_classifier().parameters())
+    head_ids = set(map(id, head))
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in model.parameters() if id(p) not in head_ids],
+             "lr": config.learning_rate * config.backbone_lr_scale},
+            {"params": head, "lr": config.learning_rate},
+        ],
+        weight_decay=config.weight_decay,
+    )  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=config.epochs * max(len(train_loader), 1)
+    )
+    rows, best_loss, best_state, best_epoch, stale = [], np.inf, None, 0, 0
+    for epoch in range(1, config.epochs + 1):
+        frozen = epoch <= config.warmup_epochs
+        _set_backbone_trainable(model, not frozen)
+        model.eval() if frozen else model.train()  # frozen: BN statistics stay
+        start, loss_sum, seen = time.perf_counter(), 0.0, 0
+        batches = tqdm(
+            train_loader, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
+            disable=None, leave=False,
+        )  # fmt: skip
+        for crops_batch, label_batch in batches:
+            crops_batch = augment(crops_batch, generator).to(target, non_blocking=cuda)
+            crops_batch = crops_batch.contiguous(memory_format=torch.channels_last)
+            label_batch = label_batch.to(target, non_blocking=cuda)
+            with torch.autocast(target.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = nn.functional.cross_entropy(
+                    model(crops_batch).float(), label_batch
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * len(label_batch)
+            seen += len(label_batch)
+        val_loss, val_accuracy = _evaluate(model, val_loader, target)
+        rows.append(
+            {"epoch": epoch, "phase": "frozen" if frozen else "unfrozen",
+             "train_loss": loss_sum / max(seen, 1), "val_loss": val_loss,
+             "val_accuracy": val_accuracy,
+             "learning_rate": optimizer.param_groups[1]["lr"],
+             "seconds": time.perf_counter() - start}
+        )  # fmt: skip
+        logger.info(
+            "epoch %d (%s): train loss %.3f, validation loss %.3f, accuracy %.3f",
+            epoch, rows[-1]["phase"], rows[-1]["train_loss"], val_loss, val_accuracy,
+        )  # fmt: skip
+        if val_loss < best_loss:
+            best_loss, best_epoch, stale = val_loss, epoch, 0
+            best_state = {
+                k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+            }
+        else:
+            stale += 1
+            if stale >= config.patience:
+                logger.info("early stop: no lower validation loss in %d epochs", stale)
+                break
+    model.load_state_dict(best_state)
+    return FineTuned(model.eval(), classes, pd.DataFrame(rows), best_epoch)
+
+
+def save_checkpoint(
+    path: str | Path,
+    fine_tuned: FineTuned,
+    *,
+    config: TrainConfig,
+    in_chans: int,
+    crop_size: int,
+) -> str:
+    """Write a fine-tuned model with its config and classes; return its SHA-256.
+
+    The file is a plain dict of tensors, strings and numbers (loadable with
+    ``weights_only=True``), written to ``<path>.tmp`` and renamed when complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(
+        {
+            "state_dict": fine_tuned.model.state_dict(),
+            "model_name": config.model_name,
+            "in_chans": in_chans,
+            "crop_size": crop_size,
+            "classes": list(fine_tuned.classes),
+            "config": asdict(config),
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def train_run(
+    engine: Engine,
+    run_id: int | None,
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Fine-tune on a run's cells, save the checkpoint and register it in the store.
+
+    Crops of QC-passed fields are scaled like `models.embed.embed_run` does (per
+    plate and channel, percentiles of negative-control cells); up to
+    ``config.max_cells`` cells are sampled uniformly.
+
+    Returns
+    -------
+    dict
+        ``checkpoint_id``, ``path``, ``sha256``, ``n_train``, ``n_val``,
+        ``n_classes``, ``best_epoch``, ``val_loss``, ``val_accuracy``, ``epochs``.
+
+    Raises
+    ------
+    ValueError
+        If the run has no cells, one label, or a single well.
+    """
+    run_id, experiment_id = store.resolve_run(engine, run_id)
+    fields = store.read_run_fields(engine, run_id)[2]
+    fields = fields[(fields["qc_flags"] == "") & (fields["n_cells"] > 0)]
+    if fields.empty:
+        raise ValueError(f"run {run_id} has no cells in QC-passed fields to train on.")
+    wells = store.read_wells(engine, experiment_id)
+    first = next(iter_field_crops(engine, run_id, size=config.crop_size))
+    size = first.crops.shape[-1]
+    ranges = plate_channel_ranges(
+        engine, run_id, fields, wells, size=size, config=EmbedConfig()
+    )
+    generator = np.random.default_rng(config.seed)
+    rate = min(1.0, config.max_cells / int(fields["n_cells"].sum()))
+    crops, plates, well_names = [], [], []
+    for field in iter_field_crops(
+        engine, run_id, size=size, field_ids=set(fields["field_id"])
+    ):
+        keep = generator.random(len(field.crops)) < rate
+        crops.append(normalize_crops(field.crops[keep], ranges[field.plate]))
+        plates += [field.plate] * int(keep.sum())
+        well_names += [field.well] * int(keep.sum())
+    meta = wells.set_index(["Metadata_Plate", "Metadata_Well"])
+    keys = list(zip(plates, well_names, strict=True))
+    compounds = meta.loc[keys, "Metadata_Compound"].astype(str).to_numpy()
+    if config.label == "compound":
+        labels = compounds
+    else:
+        doses = meta.loc[keys, "Metadata_Concentration"].to_numpy(float)
+        labels = np.array(
+            [c if np.isnan(d) else f"{c} @ {d:g}" for c, d in zip(compounds, doses, strict=True)],
+            dtype=object,
+        )  # fmt: skip
+    is_val = validation_split(np.array(plates), np.array(well_names), config.val_fraction,
+                              rng=config.seed)  # fmt: skip
+    stacked = np.concatenate(crops)
+    fine_tuned = fine_tune(stacked, labels, is_val, config, device=device)
+    sha = save_checkpoint(out, fine_tuned, config=config, in_chans=stacked.shape[1],
+                          crop_size=size)  # fmt: skip
+    best = fine_tuned.log.loc[fine_tuned.log["epoch"] == fine_tuned.best_epoch].iloc[0]
+    metrics = {
+        "best_epoch": fine_tuned.best_epoch,
+        "val_loss": float(best["val_loss"]),
+        "val_accuracy": float(best["val_accuracy"]),
+        "chance_accuracy": float(
+            pd.Series(labels[is_val]).value_counts(normalize=True).max()
+        ),
+        "n_train": int((~is_val).sum()),
+        "n_val": int(is_val.sum()),
+        "val_plates": sorted(set(np.array(plates)[is_val])),
+    }
+    checkpoint_id = store.register_checkpoint(
+        engine, run_id=run_id, model_name=config.model_name, path=str(Path(out).resolve()),
+        sha256=sha, config=asdict(config) | {"crop_size": size}, classes=fine_tuned.classes,
+        metrics=metrics, log=fine_tuned.log,
+    )  # fmt: skip
+    return {
+        "checkpoint_id": checkpoint_id,
+        "path": str(out),
+        "sha256": sha,
+        "n_classes": len(fine_tuned.classes),
+        "epochs": len(fine_tuned.log),
+        **metrics,
+    }
