@@ -1191,23 +1191,30 @@ def write_field_vectors(
             )
 
 
-def read_field_cells(engine: Engine, run_id: int, field_id: int) -> pd.DataFrame:
-    """Return a field's stored cells: object number, centroid and nucleus area.
+def read_field_cells(
+    engine: Engine, run_id: int, field_ids: Iterable[int]
+) -> dict[int, pd.DataFrame]:
+    """Return the stored cells of several fields in one query.
 
     Returns
     -------
-    DataFrame
-        ``object_number``, ``centroid_y``, ``centroid_x``, ``area_px``.
+    dict of int to DataFrame
+        Field id -> ``object_number``, ``centroid_y``, ``centroid_x``, ``area_px``
+        ordered by object number; an empty frame for a field without cells.
     """
-    with session_scope(engine) as session:
-        rows = session.execute(
-            select(Cell.object_number, Cell.centroid_y, Cell.centroid_x, Cell.area_px)
-            .where(Cell.run_id == run_id, Cell.field_id == field_id)
-            .order_by(Cell.object_number)
-        ).all()
-    return pd.DataFrame(
-        rows, columns=["object_number", "centroid_y", "centroid_x", "area_px"]
-    )
+    ids = [int(i) for i in field_ids]
+    columns = ["object_number", "centroid_y", "centroid_x", "area_px"]
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(Cell.field_id, Cell.object_number, Cell.centroid_y, Cell.centroid_x,
+                   Cell.area_px)
+            .where(Cell.run_id == run_id, Cell.field_id.in_(ids))
+            .order_by(Cell.field_id, Cell.object_number)
+        ).all()  # fmt: skip
+    table = pd.DataFrame(rows, columns=["field_id", *columns])
+    groups = dict(iter(table.groupby("field_id")[columns]))
+    empty = pd.DataFrame(columns=columns)
+    return {i: groups[i].reset_index(drop=True) if i in groups else empty for i in ids}
 
 
 #: Columns of a training log (`register_checkpoint`, `read_training_log`).

@@ -18,9 +18,15 @@ Two ways to feed C-channel microscopy to an RGB network (``strategy``):
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from itertools import chain
+from queue import Queue
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -37,11 +43,14 @@ from models.backbones import (
     load_checkpoint,
 )
 from pipeline.errors import InputError
-from pipeline.run import iter_field_crops
+from pipeline.run import FieldCrops, iter_field_crops
 
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("stem", "rgb")
+#: Fields are embedded together until they fill this many batches.
+GROUP_BATCHES = 4
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,6 +222,63 @@ def embed_array(
     return torch.cat(out).numpy()
 
 
+def _embed_and_write(
+    writes: _Writer,
+    run_id: int,
+    embedder: Callable[[torch.Tensor], torch.Tensor],
+    fields: list[tuple[FieldCrops, np.ndarray]],
+    feature_set_id: int,
+    width: int,
+    batch_size: int,
+    device: torch.device,
+) -> int:
+    """Embed fields' crops together; queue each field's write (one transaction).
+
+    Returns the batch size that fitted on the device.
+    """
+    vectors, batch_size = embed_with_backoff(
+        embedder,
+        np.concatenate([crops for _, crops in fields]),
+        batch_size=batch_size,
+        device=device,
+    )
+    offsets = np.cumsum([0] + [len(crops) for _, crops in fields])
+    for (field, _), lo, hi in zip(fields, offsets[:-1], offsets[1:], strict=True):
+        writes.submit(
+            store.write_field_vectors,
+            run_id=run_id,
+            field_id=field.field_id,
+            feature_set_id=feature_set_id,
+            object_numbers=field.object_numbers,
+            vectors=vectors[lo:hi].reshape(hi - lo, width),
+        )
+    return batch_size
+
+
+class _Writer:
+    """Store writes on one background thread, so they overlap the forward pass.
+
+    At most `depth` writes wait; `close` waits for all and raises the first error.
+    """
+
+    def __init__(self, engine: Engine, depth: int = 16) -> None:
+        self._engine, self._depth = engine, depth
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending: deque[Future] = deque()
+
+    def submit(self, write: Callable[..., None], **kwargs: object) -> None:
+        self._pending.append(self._pool.submit(write, self._engine, **kwargs))
+        while len(self._pending) > self._depth:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def plate_channel_ranges(
     engine: Engine,
     run_id: int,
@@ -276,6 +342,66 @@ def plate_channel_ranges(
             config.percentiles,
         )
     return ranges
+
+
+def embed_with_backoff(
+    embedder: Callable[[torch.Tensor], torch.Tensor],
+    crops: np.ndarray,
+    *,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[np.ndarray, int]:
+    """`embed_array`, halving the batch and going on when the GPU runs out of memory.
+
+    Returns
+    -------
+    vectors : ndarray of shape (N, D), float32
+    batch_size : int
+        The batch size that fitted (use it for the next call).
+
+    Raises
+    ------
+    torch.cuda.OutOfMemoryError
+        If even a batch of one does not fit.
+    """
+    while True:
+        try:
+            return embed_array(
+                embedder, crops, batch_size=batch_size, device=device
+            ), batch_size
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size = max(1, batch_size // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            logger.warning("out of GPU memory: batch size reduced to %d", batch_size)
+
+
+def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """Yield `items` produced by a background thread, up to `depth` ahead.
+
+    Reading and cropping fields (NumPy, TIFF decoding) release the GIL, so they
+    overlap the forward pass. An exception in the producer is raised here.
+    """
+    queue: Queue = Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                queue.put(item)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            queue.put(exc)
+        queue.put(done)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    while (item := queue.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+    thread.join()
 
 
 def embed_run(
@@ -356,25 +482,34 @@ def embed_run(
     ranges = plate_channel_ranges(engine, run_id, fields, wells, size=size, config=cfg)
     start = time.perf_counter()
     n_cells = n_fields = 0
+    batch_size = cfg.batch_size
     todo = set(fields.loc[fields["n_cells"] > 0, "field_id"]) - done
-    crops_iter = iter_field_crops(engine, run_id, size=size, field_ids=todo)
-    for field in tqdm(crops_iter, total=len(todo), unit="field", disable=None):
-        vectors = embed_array(
-            embedder,
-            normalize_crops(field.crops, ranges[field.plate]),
-            batch_size=cfg.batch_size,
-            device=target,
-        )
-        store.write_field_vectors(
-            engine,
-            run_id=run_id,
-            field_id=field.field_id,
-            feature_set_id=feature_set_id,
-            object_numbers=field.object_numbers,
-            vectors=vectors.reshape(len(field.object_numbers), width),
-        )
-        n_cells += len(field.object_numbers)
-        n_fields += 1
+    normalized = (
+        (field, normalize_crops(field.crops, ranges[field.plate]))
+        for field in iter_field_crops(engine, run_id, size=size, field_ids=todo)
+    )
+    pending: list[tuple[FieldCrops, np.ndarray]] = []
+    progress = tqdm(total=len(todo), unit="field", disable=None)
+    writes = _Writer(engine)
+    try:
+        # reading and writing overlap the forward pass; None flushes the last group
+        for item in chain(prefetch(normalized), [None]):
+            if item is not None:
+                pending.append(item)
+                if sum(len(c) for _, c in pending) < GROUP_BATCHES * batch_size:
+                    continue
+            if pending:
+                batch_size = _embed_and_write(
+                    writes, run_id, embedder, pending, feature_set_id, width, batch_size,
+                    target,
+                )  # fmt: skip
+                n_cells += sum(len(c) for _, c in pending)
+                n_fields += len(pending)
+                progress.update(len(pending))
+                pending = []
+    finally:
+        writes.close()
+    progress.close()
     seconds = time.perf_counter() - start
     logger.info(
         "embedded %d cells of %d fields with %s (%s, %s) in %.1f s; %d fields were done",

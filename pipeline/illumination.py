@@ -11,6 +11,7 @@ intensities keep the raw scale.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -110,5 +111,17 @@ def correct(image: np.ndarray, function: np.ndarray) -> np.ndarray:
             f"image {image.shape} and illumination function {function.shape} must be "
             "(C, Y, X) and (C, h, w) with the same C."
         )
-    full = resize(function, image.shape, order=1, mode="edge", anti_aliasing=False)
-    return image.astype(np.float32) / full.astype(np.float32)
+    full = _resized(function.tobytes(), function.shape, function.dtype.str, image.shape)
+    return image.astype(np.float32) / full
+
+
+@lru_cache(maxsize=16)
+def _resized(
+    data: bytes, shape: tuple[int, ...], dtype: str, target: tuple[int, ...]
+) -> np.ndarray:
+    """Resize a function to a field's shape (cached: once per plate and shape)."""
+    function = np.frombuffer(data, dtype=dtype).reshape(shape)
+    full = resize(function, target, order=1, mode="edge", anti_aliasing=False)
+    full = full.astype(np.float32)
+    full.flags.writeable = False
+    return full

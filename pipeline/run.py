@@ -762,6 +762,10 @@ def segment_files(
     return pd.DataFrame(rows)
 
 
+#: Fields whose stored cells `iter_field_crops` reads in one query.
+CELL_QUERY_FIELDS = 256
+
+
 @dataclass(frozen=True)
 class FieldCrops:
     """The single-cell crops of one field (see `iter_field_crops`)."""
@@ -835,12 +839,16 @@ def iter_field_crops(
         fields = fields[fields["qc_flags"] == ""]
     if field_ids is not None:
         fields = fields[fields["field_id"].isin(field_ids)]
-    for row in fields.itertuples(index=False):
+    cells: dict[int, pd.DataFrame] = {}
+    for i, row in enumerate(fields.itertuples(index=False)):
+        if i % CELL_QUERY_FIELDS == 0:  # one query per group of fields
+            group = fields["field_id"].iloc[i : i + CELL_QUERY_FIELDS]
+            cells = store.read_field_cells(engine, run_id, group)
         paths = [str(Path(image_root) / row.files[name]) for name in channel_names]
         _, image = load_field(
             paths, channel_indexes=indexes, illumination=illumination.get(row.plate_id)
         )
-        stored = store.read_field_cells(engine, run_id, int(row.field_id))
+        stored = cells[int(row.field_id)]
         numbers = stored["object_number"].to_numpy()
         if size is None and len(stored):
             size = default_crop_size(stored["area_px"].to_numpy())

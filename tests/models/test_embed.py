@@ -9,9 +9,11 @@ from models.embed import (
     EmbedConfig,
     embed_array,
     embed_run,
+    embed_with_backoff,
     fit_channel_ranges,
     make_embedder,
     normalize_crops,
+    prefetch,
 )
 from pipeline.cli import main
 from pipeline.export import read_well_profiles
@@ -133,3 +135,42 @@ def test_write_field_vectors_rejects_misaligned_cells(demo_run):
             feature_set_id=feature_set_id, object_numbers=np.array([999]),
             vectors=np.zeros((1, 4)),
         )  # fmt: skip
+
+
+def test_out_of_memory_halves_the_batch_and_goes_on(caplog):
+    """A GPU out-of-memory error (raised here for batches above 8 crops) halves the
+    batch size until it fits; the vectors are the same as with a small batch."""
+    model, _ = create_backbone(in_chans=3)
+
+    def small_gpu(batch: torch.Tensor) -> torch.Tensor:
+        if len(batch) > 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return model(batch)
+
+    crops = np.random.default_rng(2).uniform(-1, 1, (20, 3, 32, 32)).astype(np.float32)
+    cpu = torch.device("cpu")
+    vectors, batch_size = embed_with_backoff(
+        small_gpu, crops, batch_size=64, device=cpu
+    )
+    assert batch_size == 8 and "batch size reduced to 8" in caplog.text
+    expected = embed_array(model, crops, batch_size=4, device=cpu)
+    np.testing.assert_allclose(vectors, expected, rtol=1e-4, atol=1e-5)
+
+    def no_gpu(batch: torch.Tensor) -> torch.Tensor:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        embed_with_backoff(no_gpu, crops, batch_size=4, device=cpu)
+
+
+def test_prefetch_yields_in_order_and_raises_producer_errors():
+    assert list(prefetch(iter(range(10)), depth=2)) == list(range(10))
+
+    def broken():
+        yield 1
+        raise OSError("field.tif is truncated")
+
+    items = prefetch(broken())
+    assert next(items) == 1
+    with pytest.raises(OSError, match="truncated"):
+        next(items)
