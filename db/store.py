@@ -1191,6 +1191,43 @@ def write_field_vectors(
             )
 
 
+def iter_field_vectors(
+    engine: Engine, run_id: int, feature_set: str, *, chunk_cells: int = CHUNK_CELLS
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Stream a feature set's vectors field by field (completed fields only).
+
+    Yields
+    ------
+    field_id : int
+    object_numbers : ndarray of shape (N,)
+    vectors : ndarray of shape (N, F), float32
+    """
+    feature_set_id, names = read_feature_set(engine, run_id, feature_set)
+    stmt = (
+        select(Cell.field_id, Cell.object_number, CellVector.values)
+        .join(CellVector, CellVector.cell_id == Cell.id)
+        .where(Cell.run_id == run_id, CellVector.feature_set_id == feature_set_id)
+        .order_by(Cell.field_id, Cell.object_number)
+    )
+
+    def field_of(rows: Sequence[Row]) -> tuple[int, np.ndarray, np.ndarray]:
+        vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4")
+        numbers = np.array([r[1] for r in rows])
+        return int(rows[0][0]), numbers, vectors.reshape(len(rows), len(names))
+
+    with engine.connect() as connection:
+        result = connection.execution_options(yield_per=chunk_cells).execute(stmt)
+        current: list[Row] = []
+        for partition in result.partitions():
+            for row in partition:
+                if current and row[0] != current[0][0]:
+                    yield field_of(current)
+                    current = []
+                current.append(row)
+        if current:
+            yield field_of(current)
+
+
 def read_field_cells(
     engine: Engine, run_id: int, field_ids: Iterable[int]
 ) -> dict[int, pd.DataFrame]:

@@ -75,6 +75,9 @@ class EmbedConfig:
     checkpoint : str or None
         A fine-tuned checkpoint (`models.train.save_checkpoint`) to embed with
         instead of `model_name` and `weights`.
+    pca_dim : int or None
+        Also store the embedding reduced to this many principal components fitted
+        on negative-control cells (`fit_control_pca`), as ``<feature set>_pca<k>``.
     """
 
     model_name: str = DEFAULT_MODEL
@@ -85,6 +88,7 @@ class EmbedConfig:
     percentiles: tuple[float, float] = (1.0, 99.9)
     max_control_fields: int = 20
     checkpoint: str | None = None
+    pca_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.checkpoint and self.strategy != "stem":
@@ -99,6 +103,8 @@ class EmbedConfig:
             raise ValueError(
                 f"percentiles {self.percentiles} must rise within [0, 100]."
             )
+        if self.pca_dim is not None and self.pca_dim < 1:
+            raise ValueError(f"pca_dim = {self.pca_dim} must be >= 1.")
         if self.batch_size < 1 or self.max_control_fields < 1:
             raise ValueError("batch_size and max_control_fields must be >= 1.")
 
@@ -404,6 +410,93 @@ def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
     thread.join()
 
 
+def fit_control_pca(
+    engine: Engine,
+    run_id: int,
+    feature_set: str,
+    n_components: int,
+    *,
+    max_cells: int = 50_000,
+    rng: int = 0,
+) -> dict[str, object]:
+    """Fit PCA on a feature set's negative-control cells and store the projection.
+
+    The components are fitted on up to `max_cells` negative-control cells (all
+    plates), so the axes describe DMSO variation and treatments are expressed in
+    them; they are stored with the new feature set ``<feature_set>_pca<k>`` (its
+    config holds ``components``, ``mean`` and ``explained_variance_ratio``), and
+    every cell's projection is written field by field (one transaction each; a
+    rerun skips fields already projected).
+
+    Returns
+    -------
+    dict
+        ``feature_set``, ``n_fields``, ``n_control_cells``,
+        ``explained_variance``.
+
+    Raises
+    ------
+    ValueError
+        If there are fewer control cells than `n_components` + 1.
+    """
+    from sklearn.decomposition import PCA
+
+    run_id, experiment_id = store.resolve_run(engine, run_id)
+    wells = store.read_wells(engine, experiment_id)
+    controls = set(wells.loc[wells["Metadata_Role"] == "negative_control", "well_id"])
+    parts = [
+        features[cells["well_id"].isin(controls).to_numpy()]
+        for _, cells, features in store.iter_plate_cells(engine, run_id, feature_set)
+    ]
+    control = pd.concat(parts).to_numpy(np.float32) if parts else np.zeros((0, 0))
+    if len(control) <= n_components:
+        raise ValueError(
+            f"{len(control)} negative-control cells cannot fit {n_components} "
+            "principal components; lower pca_dim."
+        )
+    generator = np.random.default_rng(rng)
+    if len(control) > max_cells:
+        control = control[generator.choice(len(control), max_cells, replace=False)]
+    pca = PCA(n_components=n_components, random_state=rng).fit(control)
+    name = f"{feature_set}_pca{n_components}"
+    feature_set_id = store.ensure_feature_set(
+        engine,
+        run_id=run_id,
+        name=name,
+        kind="embedding",
+        feature_names=[f"{name}_{k:03d}" for k in range(n_components)],
+        config={
+            "source": feature_set,
+            "fitted_on": f"{len(control)} negative-control cells",
+            "components": pca.components_.tolist(),
+            "mean": pca.mean_.tolist(),
+            "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
+        },
+    )
+    done = store.embedded_field_ids(engine, run_id, feature_set_id)
+    n_fields = 0
+    for field_id, numbers, vectors in store.iter_field_vectors(
+        engine, run_id, feature_set
+    ):
+        if field_id in done:
+            continue
+        store.write_field_vectors(
+            engine,
+            run_id=run_id,
+            field_id=field_id,
+            feature_set_id=feature_set_id,
+            object_numbers=numbers,
+            vectors=pca.transform(vectors),
+        )
+        n_fields += 1
+    return {
+        "feature_set": name,
+        "n_fields": n_fields,
+        "n_control_cells": len(control),
+        "explained_variance": float(pca.explained_variance_ratio_.sum()),
+    }
+
+
 def embed_run(
     engine: Engine,
     run_id: int | None = None,
@@ -425,7 +518,8 @@ def embed_run(
     Returns
     -------
     dict
-        ``feature_set``, ``n_fields``, ``n_cells``, ``seconds``, ``cells_per_s``.
+        ``feature_set``, ``pca_feature_set`` (None without ``pca_dim``),
+        ``n_fields``, ``n_cells``, ``seconds``, ``cells_per_s``.
 
     Raises
     ------
@@ -515,8 +609,16 @@ def embed_run(
         "embedded %d cells of %d fields with %s (%s, %s) in %.1f s; %d fields were done",
         n_cells, n_fields, model_name, cfg.strategy, weights, seconds, len(done),
     )  # fmt: skip
+    reduced = {"feature_set": None}
+    if cfg.pca_dim:
+        reduced = fit_control_pca(engine, run_id, name, cfg.pca_dim)
+        logger.info(
+            "%s: %d components keep %.0f %% of the DMSO variance",
+            reduced["feature_set"], cfg.pca_dim, 100 * reduced["explained_variance"],
+        )  # fmt: skip
     return {
         "feature_set": name,
+        "pca_feature_set": reduced["feature_set"],
         "n_fields": n_fields,
         "n_cells": n_cells,
         "seconds": seconds,

@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", choices=["cpu", "cuda"], help="default: cuda if present"
     )
     embed.add_argument(
+        "--pca",
+        type=int,
+        metavar="K",
+        help="also store K principal components fitted on negative-control cells",
+    )
+    embed.add_argument(
         "--checkpoint",
         type=Path,
         help="a fine-tuned checkpoint from phenoscreen train (instead of --model)",
@@ -504,6 +510,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
             crop_size=args.crop_size,
             batch_size=args.batch_size,
             checkpoint=str(args.checkpoint) if args.checkpoint else None,
+            pca_dim=args.pca,
         ),
         device=args.device,
     )
@@ -511,6 +518,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         f"feature set {summary['feature_set']}: {summary['n_cells']} cells of "
         f"{summary['n_fields']} fields embedded ({summary['cells_per_s']:.0f} cells/s)"
     )
+    if summary["pca_feature_set"]:
+        print(f"feature set {summary['pca_feature_set']}: PCA fitted on DMSO cells")
     return 0
 
 

@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
 import torch
+from sqlalchemy import select
 
 from db import store
-from db.session import make_engine
+from db.schema import FeatureSet
+from db.session import make_engine, session_scope
 from models.backbones import create_backbone
 from models.embed import (
     EmbedConfig,
@@ -11,6 +13,7 @@ from models.embed import (
     embed_run,
     embed_with_backoff,
     fit_channel_ranges,
+    fit_control_pca,
     make_embedder,
     normalize_crops,
     prefetch,
@@ -174,3 +177,30 @@ def test_prefetch_yields_in_order_and_raises_producer_errors():
     assert next(items) == 1
     with pytest.raises(OSError, match="truncated"):
         next(items)
+
+
+def test_control_pca_is_stored_with_its_feature_set(demo_run):
+    url, summary = demo_run
+    engine = make_engine(url, create=False)
+    embed_run(engine, summary.run_id, EmbedConfig(crop_size=32, batch_size=128))
+    result = fit_control_pca(engine, summary.run_id, "tf_efficientnet_lite0_stem", 8)
+    assert result["feature_set"] == "tf_efficientnet_lite0_stem_pca8"
+    assert result["n_fields"] == 95 and 0 < result["explained_variance"] <= 1
+    _, names = store.read_feature_set(engine, summary.run_id, result["feature_set"])
+    assert len(names) == 8
+    profiles = read_well_profiles(
+        engine, summary.run_id, summary.experiment_id, feature_set=result["feature_set"]
+    )
+    assert profiles.filter(like="_pca8_").shape[1] == 8
+    with session_scope(engine) as session:
+        config = session.scalar(
+            select(FeatureSet.config).where(FeatureSet.name == result["feature_set"])
+        )
+    components = np.array(config["components"])
+    np.testing.assert_allclose(components @ components.T, np.eye(8), atol=1e-5)
+    again = fit_control_pca(engine, summary.run_id, "tf_efficientnet_lite0_stem", 8)
+    assert again["n_fields"] == 0  # resumed
+    with pytest.raises(ValueError, match="principal components"):
+        fit_control_pca(engine, summary.run_id, "tf_efficientnet_lite0_stem", 10**6)
+    with pytest.raises(ValueError, match="pca_dim"):
+        EmbedConfig(pca_dim=0)
