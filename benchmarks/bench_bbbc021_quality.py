@@ -3,12 +3,13 @@
 Data: ../shared/data/cells/bbbc021_singlecell_crops_dmso_vs_cycloheximide (BBBC021,
 MCF-7, 2,400 single-cell crops of 68 x 68 px, DAPI / tubulin / actin; 6 plates;
 DMSO and cycloheximide at 5, 15 and 50 uM). Each feature set gives per-cell vectors;
-the unit of comparison is the field of view (median of its cells, robust z to the
-plate's DMSO fields). Reported per feature set:
+the unit of comparison is the field of view (median of its cells, normalized to the
+plate's DMSO fields: z-scores, as the MAD of 4 fields is 0 for sparse embedding
+dimensions). Reported per feature set:
 
 - mAP of each dose's fields retrieving each other against the DMSO fields (copairs'
   phenotypic activity, `pipeline.activity`), with permutation p and BH q;
-- dose ordering: median distance to DMSO (RMS robust z, `score_wells`) per dose, and
+- dose ordering: median distance to DMSO (RMS of the z-scores, `score_wells`) per dose, and
   Spearman's rho between dose and the fields' distance (treated fields only).
 
 Feature sets: ``classical`` (our CellProfiler-style features of the centre cell,
@@ -166,10 +167,15 @@ def evaluate(vectors: np.ndarray, meta: pd.DataFrame) -> dict[str, object]:
         columns={"plate": "Metadata_Plate", "role": "Metadata_Role",
                  "concentration_uM": "Metadata_Concentration", "fov": "Metadata_Field"}
     )  # fmt: skip
-    normalized = normalize_to_controls(fields)
+    # z to each plate's 4 DMSO fields: their MAD is 0 for the many exactly-zero
+    # (ReLU) embedding dimensions, which robust z would have to drop
+    normalized = normalize_to_controls(fields, method="z")
     feature_columns = [c for c in normalized.columns if not c.startswith("Metadata_")]
     finite = np.isfinite(normalized[feature_columns].to_numpy()).all(axis=0)
     normalized = normalized.drop(columns=np.array(feature_columns)[~finite])
+    n_features = int(finite.sum())
+    if n_features == 0:
+        raise ValueError("no feature varies within the DMSO fields of every plate.")
     ap = average_precision(normalized, group_by=["Metadata_Concentration"])
     activity = mean_average_precision(
         ap, group_by=["Metadata_Concentration"], null_size=20_000, rng=0
@@ -190,6 +196,7 @@ def evaluate(vectors: np.ndarray, meta: pd.DataFrame) -> dict[str, object]:
         "dose_ordered": bool(per_dose.is_monotonic_increasing),
         "spearman_dose_vs_distance": round(float(rho), 3),
         "n_fields": int(len(normalized)),
+        "n_features": n_features,
     }  # fmt: skip
 
 

@@ -221,6 +221,22 @@ def mean_average_precision(
     return result
 
 
+def _treated_values(
+    profiles: pd.DataFrame, group_by: Sequence[str], control_role: str
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Non-control rows (index reset) and their features, checked finite."""
+    missing = [c for c in [*group_by, "Metadata_Role"] if c not in profiles.columns]
+    if missing:
+        raise ValueError(f"profiles lacks columns {missing}.")
+    treated = profiles[profiles["Metadata_Role"] != control_role].reset_index(drop=True)
+    values = treated[feature_columns(treated)].to_numpy(np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError(
+            "profiles has NaN or infinite features; drop those wells first."
+        )
+    return treated, values
+
+
 def replicate_average_precision(
     profiles: pd.DataFrame,
     *,
@@ -254,15 +270,7 @@ def replicate_average_precision(
     ValueError
         If columns are missing or features are not finite.
     """
-    missing = [c for c in [*group_by, "Metadata_Role"] if c not in profiles.columns]
-    if missing:
-        raise ValueError(f"profiles lacks columns {missing}.")
-    treated = profiles[profiles["Metadata_Role"] != control_role].reset_index(drop=True)
-    values = treated[feature_columns(treated)].to_numpy(np.float64)
-    if not np.isfinite(values).all():
-        raise ValueError(
-            "profiles has NaN or infinite features; drop those wells first."
-        )
+    treated, values = _treated_values(profiles, group_by, control_role)
     unit = _unit_rows(values)
     rows = []
     for keys, members in treated.groupby(
@@ -325,15 +333,7 @@ def percent_replicating(
         If columns are missing, features are not finite, or fewer than two
         treatments have replicates.
     """
-    missing = [c for c in [*group_by, "Metadata_Role"] if c not in profiles.columns]
-    if missing:
-        raise ValueError(f"profiles lacks columns {missing}.")
-    treated = profiles[profiles["Metadata_Role"] != control_role].reset_index(drop=True)
-    values = treated[feature_columns(treated)].to_numpy(np.float64)
-    if not np.isfinite(values).all():
-        raise ValueError(
-            "profiles has NaN or infinite features; drop those wells first."
-        )
+    treated, values = _treated_values(profiles, group_by, control_role)
     corr = np.corrcoef(values)
     groups = treated.groupby(list(group_by), sort=True, dropna=False).indices
     groups = {key: members for key, members in groups.items() if len(members) >= 2}

@@ -265,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(qc)
     qc.add_argument("--run", type=int, help="run id (default: latest complete)")
     _add_profile_options(qc)
+    qc.add_argument(
+        "--feature",
+        action="append",
+        default=[],
+        help="also Z' of this feature's well medians (repeatable)",
+    )
 
     demo = sub.add_parser("demo", help="demo plate -> run -> hits, into SQLite")
     demo.add_argument("--out-dir", type=Path, default=Path(DEMO_DIR))
@@ -417,7 +423,8 @@ def cmd_qc(args: argparse.Namespace) -> int:
     from pipeline.export import plate_qc_table
 
     table = plate_qc_table(
-        _well_profiles(_db_url(args), args.run, **_profile_options(args))
+        _well_profiles(_db_url(args), args.run, **_profile_options(args)),
+        features=args.feature,
     )
     print(
         "plate QC: Z' of the activity score (positive controls vs DMSO; > 0.5 is good),"

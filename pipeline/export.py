@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -222,7 +222,9 @@ def hit_tables(well_profiles: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]
     return hits, doses.merge(consensus, on=DOSE_KEYS, how="left")
 
 
-def plate_qc_table(well_profiles: pd.DataFrame) -> pd.DataFrame:
+def plate_qc_table(
+    well_profiles: pd.DataFrame, *, features: Sequence[str] = ()
+) -> pd.DataFrame:
     """Return per-plate QC: Z' of the activity score and of the cell count, and edges.
 
     Activity is the distance of each well from DMSO (`pipeline.profiles.score_wells`
@@ -237,8 +239,22 @@ def plate_qc_table(well_profiles: pd.DataFrame) -> pd.DataFrame:
         One row per plate: ``Metadata_Plate``, ``z_prime_activity``,
         ``robust_z_prime_activity``, ``z_prime_cell_count``, ``n_positive``,
         ``n_negative``, ``edge_to_inner_cell_count``; Z' columns are NaN on plates
-        without two positive and two negative control wells.
+        without two positive and two negative control wells. For each of
+        `features` (raw well medians), ``z_prime_<feature>`` and
+        ``robust_z_prime_<feature>``.
+
+    Raises
+    ------
+    ValueError
+        If a feature is not a column of the profiles (similar names are listed).
     """
+    for feature in features:
+        if feature not in well_profiles.columns:
+            similar = [c for c in well_profiles.columns if feature.lower() in c.lower()]
+            raise ValueError(
+                f"feature {feature!r} is not in the profiles; similar: "
+                f"{', '.join(similar[:10]) or 'none'}."
+            )
     normalized = normalize_to_controls(well_profiles)
     wells = normalized[metadata_columns(normalized)].assign(
         activity=score_wells(normalized)
@@ -260,6 +276,18 @@ def plate_qc_table(well_profiles: pd.DataFrame) -> pd.DataFrame:
         counts[["Metadata_Plate", "z_prime"]].rename(columns={"z_prime": "z_prime_cell_count"}),
         on="Metadata_Plate", how="left",
     )  # fmt: skip
+    for feature in features:
+        try:
+            scores = plate_z_prime(well_profiles, feature)
+        except ValueError:  # no plate has both control kinds
+            continue
+        table = table.merge(
+            scores[["Metadata_Plate", "z_prime", "robust_z_prime"]].rename(
+                columns={"z_prime": f"z_prime_{feature}",
+                         "robust_z_prime": f"robust_z_prime_{feature}"}
+            ),
+            on="Metadata_Plate", how="left",
+        )  # fmt: skip
     edges = edge_effect(wells, "Metadata_CellCount")[
         ["Metadata_Plate", "edge_to_inner_ratio"]
     ]

@@ -65,8 +65,11 @@ def test_cli_run_status_hits_export(demo_plate, tmp_path, config_file, capsys):
     mapped = capsys.readouterr().out
     assert "compound_dose: " in mapped and "well: 9" in mapped  # ~95 wells with cells
     assert "cell: " in mapped  # a sample of single cells
-    assert main(["qc", "--db", url]) == 0
-    assert "z_prime_activity" in capsys.readouterr().out
+    assert main(["qc", "--db", url, "--feature", "Nuclei_AreaShape_Area"]) == 0
+    printed = capsys.readouterr().out
+    assert "z_prime_activity" in printed and "z_prime_Nuclei_AreaShape_Area" in printed
+    assert main(["qc", "--db", url, "--feature", "NucleiArea"]) == 2
+    assert "similar" in capsys.readouterr().err
     moa_out = tmp_path / "moa.csv"
     assert (
         main(["moa", "--db", url, "--reference-column", "moa", "--out", str(moa_out)])
