@@ -3,13 +3,14 @@
 Data: ../shared/data/cells/bbbc021_singlecell_crops_dmso_vs_cycloheximide (BBBC021,
 MCF-7, 2,400 single-cell crops of 68 x 68 px, DAPI / tubulin / actin; 6 plates;
 DMSO and cycloheximide at 5, 15 and 50 uM). Each feature set gives per-cell vectors;
-the unit of comparison is the field of view (median of its cells, normalized to the
-plate's DMSO fields: z-scores, as the MAD of 4 fields is 0 for sparse embedding
-dimensions). Reported per feature set:
+the unit of comparison is the field of view (median of its cells, centred on its
+plate's DMSO fields and scaled by the DMSO fields' pooled spread, `center_and_scale`),
+and fields are compared within three folds of two plates (the plates each fine-tuned
+network never saw; the same folds for every feature set). Reported per feature set:
 
 - mAP of each dose's fields retrieving each other against the DMSO fields (copairs'
   phenotypic activity, `pipeline.activity`), with permutation p and BH q;
-- dose ordering: median distance to DMSO (RMS of the z-scores, `score_wells`) per dose, and
+- dose ordering: median distance to DMSO (RMS of the scaled features, `score_wells`) per dose, and
   Spearman's rho between dose and the fields' distance (treated fields only).
 
 Feature sets: ``classical`` (our CellProfiler-style features of the centre cell,
@@ -49,7 +50,7 @@ from models.embed import (  # noqa: E402
 from models.train import TrainConfig, fine_tune, validation_split  # noqa: E402
 from pipeline.activity import average_precision, mean_average_precision  # noqa: E402
 from pipeline.features import measure_cells  # noqa: E402
-from pipeline.profiles import normalize_to_controls, score_wells  # noqa: E402
+from pipeline.profiles import score_wells  # noqa: E402
 from pipeline.segment import estimate_nucleus_diameter, segment_field  # noqa: E402
 
 DATA = (
@@ -126,8 +127,7 @@ def finetuned_embeddings(
         "DMSO",
         meta["compound"] + " @ " + meta["concentration_uM"].map("{:g}".format),
     )
-    plates = sorted(meta["plate"].unique())
-    folds = [plates[i::3] for i in range(3)]
+    folds = folds_of(meta)
     out = np.zeros((len(crops), 1280), np.float32)
     logs = []
     for held_out in folds:
@@ -155,32 +155,67 @@ def finetuned_embeddings(
     return out, logs
 
 
-def evaluate(vectors: np.ndarray, meta: pd.DataFrame) -> dict[str, object]:
-    """Field-of-view profiles -> mAP per dose vs DMSO and dose ordering."""
+def center_and_scale(fields: pd.DataFrame) -> pd.DataFrame:
+    """Subtract each plate's DMSO mean, divide by the DMSO fields' pooled std.
+
+    With 4 DMSO fields per plate, a per-plate spread is 0 for the many dimensions
+    of an embedding that are exactly 0 (ReLU) in all of them, which per-plate
+    robust z (or z) would have to drop; centring per plate still removes plate
+    effects and the pooled spread (24 fields) scales every dimension.
+    """
+    features = [c for c in fields.columns if not c.startswith("Metadata_")]
+    values = fields[features].to_numpy(np.float64, copy=True)
+    is_dmso = (fields["Metadata_Role"] == "negative_control").to_numpy()
+    for plate in fields["Metadata_Plate"].unique():
+        on_plate = (fields["Metadata_Plate"] == plate).to_numpy()
+        values[on_plate] -= values[on_plate & is_dmso].mean(axis=0)
+    spread = values[is_dmso].std(axis=0, ddof=1)
+    keep = spread > 1e-9
+    if not keep.any():
+        raise ValueError("no feature varies within the DMSO fields.")
+    scaled = pd.DataFrame(values[:, keep] / spread[keep], index=fields.index)
+    meta = fields[[c for c in fields.columns if c.startswith("Metadata_")]]
+    return pd.concat([meta, scaled.add_prefix("f")], axis=1)
+
+
+def folds_of(meta: pd.DataFrame) -> list[list[str]]:
+    """Three folds of two plates each (sorted plate names, every third)."""
+    plates = sorted(meta["plate"].unique())
+    return [plates[i::3] for i in range(3)]
+
+
+def field_profiles(vectors: np.ndarray, meta: pd.DataFrame) -> pd.DataFrame:
+    """Median of each field of view's cells, with its metadata."""
     features = pd.DataFrame(vectors).add_prefix("f")
     cells = pd.concat(
         [meta[["plate", "fov", "role", "concentration_uM"]], features], axis=1
-    )
-    cells = cells.dropna()
+    ).dropna()
     fields = cells.groupby(["plate", "fov", "role", "concentration_uM"]).median()
-    fields = fields.reset_index().rename(
+    return fields.reset_index().rename(
         columns={"plate": "Metadata_Plate", "role": "Metadata_Role",
                  "concentration_uM": "Metadata_Concentration", "fov": "Metadata_Field"}
     )  # fmt: skip
-    # z to each plate's 4 DMSO fields: their MAD is 0 for the many exactly-zero
-    # (ReLU) embedding dimensions, which robust z would have to drop
-    normalized = normalize_to_controls(fields, method="z")
-    feature_columns = [c for c in normalized.columns if not c.startswith("Metadata_")]
-    finite = np.isfinite(normalized[feature_columns].to_numpy()).all(axis=0)
-    normalized = normalized.drop(columns=np.array(feature_columns)[~finite])
-    n_features = int(finite.sum())
-    if n_features == 0:
-        raise ValueError("no feature varies within the DMSO fields of every plate.")
-    ap = average_precision(normalized, group_by=["Metadata_Concentration"])
+
+
+def evaluate(vectors: np.ndarray, meta: pd.DataFrame) -> dict[str, object]:
+    """mAP per dose vs DMSO and dose ordering, within each fold's held-out plates.
+
+    Fields are compared only with fields of the same fold (the fine-tuned vectors
+    of different folds come from different networks); AP rows of all folds are
+    pooled into one mAP, p and q per dose.
+    """
+    fields = field_profiles(vectors, meta)
+    tables, aps = [], []
+    for plates in folds_of(meta):
+        table = center_and_scale(fields[fields["Metadata_Plate"].isin(plates)])
+        tables.append(table.assign(distance=score_wells(table))[
+            ["Metadata_Role", "Metadata_Concentration", "distance"]
+        ])  # fmt: skip
+        aps.append(average_precision(table, group_by=["Metadata_Concentration"]))
     activity = mean_average_precision(
-        ap, group_by=["Metadata_Concentration"], null_size=20_000, rng=0
+        pd.concat(aps), group_by=["Metadata_Concentration"], null_size=20_000, rng=0
     )
-    distance = normalized.assign(distance=score_wells(normalized))
+    distance = pd.concat(tables)
     treated = distance[distance["Metadata_Role"] != "negative_control"]
     per_dose = treated.groupby("Metadata_Concentration")["distance"].median()
     rho = spearmanr(treated["Metadata_Concentration"], treated["distance"]).statistic
@@ -195,8 +230,7 @@ def evaluate(vectors: np.ndarray, meta: pd.DataFrame) -> dict[str, object]:
         "distance_by_dose_uM": {f"{k:g}": round(float(v), 2) for k, v in per_dose.items()},
         "dose_ordered": bool(per_dose.is_monotonic_increasing),
         "spearman_dose_vs_distance": round(float(rho), 3),
-        "n_fields": int(len(normalized)),
-        "n_features": n_features,
+        "n_fields": int(len(distance)),
     }  # fmt: skip
 
 
@@ -208,21 +242,21 @@ def main() -> None:
     crops, meta = load()
     print(f"{len(crops)} crops, {meta['plate'].nunique()} plates, doses "
           f"{sorted(meta['concentration_uM'].unique())}")  # fmt: skip
-    results, seconds = {}, {}
+    vectors, seconds = {}, {}
     start = time.perf_counter()
     classical, masks = classical_features(crops)
+    vectors["classical"] = classical.to_numpy(np.float64)
     seconds["classical"] = time.perf_counter() - start
-    results["classical"] = evaluate(classical.to_numpy(np.float64), meta)
     scaled = scaled_crops(crops, masks, meta)
     for strategy in ("stem", "rgb"):
         start = time.perf_counter()
-        vectors = imagenet_embeddings(scaled, strategy)
+        vectors[f"imagenet_{strategy}"] = imagenet_embeddings(scaled, strategy)
         seconds[f"imagenet_{strategy}"] = time.perf_counter() - start
-        results[f"imagenet_{strategy}"] = evaluate(vectors, meta)
     start = time.perf_counter()
-    vectors, folds = finetuned_embeddings(scaled, meta, args.epochs)
+    vectors["finetuned"], folds = finetuned_embeddings(scaled, meta, args.epochs)
     seconds["finetuned"] = time.perf_counter() - start
-    results["finetuned"] = evaluate(vectors, meta) | {"folds": folds}
+    results = {name: evaluate(v, meta) for name, v in vectors.items()}
+    results["finetuned"]["folds"] = folds
     for name, figures in results.items():
         figures["seconds"] = round(seconds[name], 1)
         print(f"{name}: {figures}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,10 @@ import numpy as np
 import pytest
 from skimage.draw import disk
 from sqlalchemy import create_engine, text
+
+from pipeline.config import config_from_dict
+from pipeline.demo import CHANNELS
+from pipeline.run import run_experiment
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
@@ -109,3 +114,35 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/t.db"
     return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_plate, tmp_path_factory):
+    """The small demo plate analysed into SQLite once per session: (url, summary).
+
+    Shared by the model and dashboard tests; tests that change what the views show
+    work on a copy (`copy_store`).
+    """
+    url = f"sqlite:///{tmp_path_factory.mktemp('demo_run')}/t.db"
+    config = config_from_dict(
+        {
+            "input": {"layout": "imagexpress", "channels": CHANNELS},
+            "execution": {"n_workers": 2, "processes": False},
+        }
+    )
+    summary = run_experiment(
+        demo_plate["images"], demo_plate["platemap"], config=config, db_url=url
+    )
+    return url, summary
+
+
+def copy_store(url: str, directory: Path) -> str:
+    """Copy a SQLite store (WAL included, via SQLite's backup API); return its URL."""
+    source = sqlite3.connect(url.removeprefix("sqlite:///"))
+    target_path = directory / "copy.db"
+    target = sqlite3.connect(target_path)
+    with target:
+        source.backup(target)
+    source.close()
+    target.close()
+    return f"sqlite:///{target_path}"

@@ -8,28 +8,17 @@ from streamlit.testing.v1 import AppTest
 
 from db.session import make_engine
 from db.store import resolve_run, write_phenotype_map
-from pipeline.config import config_from_dict
-from pipeline.demo import CHANNELS
 from pipeline.export import phenotype_map_table, read_well_profiles, sample_cells
-from pipeline.run import run_experiment
+from tests.conftest import copy_store
 
 APP = Path(__file__).resolve().parents[2] / "app"
 VIEWS = ["hits.py", "plate.py", "phenotype_map.py", "runs.py"]
 
 
 @pytest.fixture(scope="module")
-def demo_store(demo_plate, tmp_path_factory):
-    url = f"sqlite:///{tmp_path_factory.mktemp('store')}/demo.db"
-    config = config_from_dict(
-        {
-            "input": {"layout": "imagexpress", "channels": CHANNELS},
-            "execution": {"n_workers": 2, "processes": False},
-        }
-    )
-    run_experiment(
-        demo_plate["images"], demo_plate["platemap"], config=config, db_url=url
-    )
-    return url
+def demo_store(demo_run, tmp_path_factory):
+    """A copy of the session's demo store: these tests store a phenotype map."""
+    return copy_store(demo_run[0], tmp_path_factory.mktemp("views"))
 
 
 def run_view(view, url, monkeypatch):
