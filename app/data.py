@@ -9,8 +9,14 @@ import streamlit as st
 from sqlalchemy import Engine
 
 from db.session import make_engine
-from db.store import read_phenotype_map, resolve_run, summarize_runs
+from db.store import (
+    read_phenotype_map,
+    read_run_provenance,
+    resolve_run,
+    summarize_runs,
+)
 from pipeline.export import hit_tables, plate_qc_table, read_well_profiles
+from pipeline.profiles import metadata_columns, normalize_to_controls, score_wells
 
 DEFAULT_DB_URL = "sqlite:///phenoscreen.db"
 
@@ -56,3 +62,18 @@ def load_plate_qc(url: str, run_id: int) -> pd.DataFrame:
 def load_phenotype_map(url: str, run_id: int) -> pd.DataFrame:
     """Return the stored phenotype map of a run (empty until `phenoscreen map`)."""
     return read_phenotype_map(get_engine(url), run_id)
+
+
+@st.cache_data
+def load_well_activity(url: str, run_id: int) -> pd.DataFrame:
+    """Return every well's metadata and activity (distance from its plate's DMSO)."""
+    normalized = normalize_to_controls(load_well_profiles(url, run_id))
+    return normalized[metadata_columns(normalized)].assign(
+        activity=score_wells(normalized)
+    )
+
+
+@st.cache_data(ttl=30)
+def load_run_provenance(url: str, run_id: int) -> dict:
+    """Return a run's config TOML, software versions and feature sets."""
+    return read_run_provenance(get_engine(url), run_id)

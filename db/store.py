@@ -1328,3 +1328,40 @@ def read_training_log(engine: Engine, checkpoint_id: int) -> pd.DataFrame:
             .order_by(TrainingEpoch.epoch)
         ).all()
     return pd.DataFrame(rows, columns=list(TRAINING_LOG_COLUMNS))
+
+
+def read_run_provenance(engine: Engine, run_id: int) -> dict[str, Any]:
+    """Return what made a run's results: config, versions and feature sets.
+
+    Returns
+    -------
+    dict
+        ``config_toml``, ``versions``, ``segmenter``, ``status``, ``timings`` and
+        ``feature_sets`` (DataFrame: ``name``, ``kind``, ``n_features``,
+        ``model_name``, ``weights``).
+
+    Raises
+    ------
+    ValueError
+        If the run does not exist.
+    """
+    with session_scope(engine) as session:
+        run = session.get(Run, run_id)
+        if run is None:
+            raise ValueError(f"run {run_id} does not exist.")
+        sets = session.execute(
+            select(FeatureSet.name, FeatureSet.kind, FeatureSet.feature_names,
+                   FeatureSet.model_name, FeatureSet.weights)
+            .where(FeatureSet.run_id == run_id).order_by(FeatureSet.id)
+        ).all()  # fmt: skip
+        return {
+            "config_toml": run.config_toml,
+            "versions": dict(run.versions),
+            "segmenter": run.segmenter,
+            "status": run.status,
+            "timings": dict(run.timings),
+            "feature_sets": pd.DataFrame(
+                [(n, k, len(f), m, w) for n, k, f, m, w in sets],
+                columns=["name", "kind", "n_features", "model_name", "weights"],
+            ),
+        }

@@ -410,6 +410,8 @@ def _shrunk_mahalanobis(controls: np.ndarray, queries: np.ndarray) -> np.ndarray
     mean = controls.mean(axis=0)
     std = controls.std(axis=0, ddof=1)
     keep = std > 0
+    if not keep.any():
+        raise ValueError("no feature varies within the control wells.")
     centred = (controls[:, keep] - mean[keep]) / std[keep]
     v = (queries[:, keep] - mean[keep]) / std[keep]
     shrinkage = ledoit_wolf_shrinkage_gram(centred)

@@ -139,7 +139,7 @@ def dose_distances(
     try:
         wells = mahalanobis_to_controls(normalized)
     except ValueError as exc:
-        if "at least four" not in str(exc):
+        if "at least four" not in str(exc) and "varies" not in str(exc):
             raise
         logger.warning("no Mahalanobis scores: %s", exc)
         return pd.DataFrame(columns=columns)

@@ -93,8 +93,9 @@ def normalize_to_controls(
     control_role : str
         Value of ``Metadata_Role`` that marks the controls.
     min_spread : float
-        Features whose control spread is at most this on any plate are dropped
-        (they would divide by zero).
+        With ``robust_z``, a feature whose MAD is at most this uses the controls'
+        standard deviation instead; features whose spread is still at most this
+        on any plate are dropped (they would divide by zero).
 
     Returns
     -------
@@ -104,7 +105,8 @@ def normalize_to_controls(
     Raises
     ------
     ValueError
-        If `method` is unknown, columns are missing, or a plate has no control wells.
+        If `method` is unknown, columns are missing, a plate has no control wells,
+        or no feature varies within the controls.
     """
     if method not in ("robust_z", "z"):
         raise ValueError(f"method {method!r} is unknown; use 'robust_z' or 'z'.")
@@ -123,6 +125,9 @@ def normalize_to_controls(
         if method == "robust_z":
             centre = controls.median()
             spread = (controls - centre).abs().median() * MAD_SCALE
+            # a MAD of 0 (e.g. a count, or an embedding dimension that is 0 in most
+            # controls) falls back to the controls' standard deviation
+            spread = spread.where(spread > min_spread, controls.std(ddof=1))
         else:
             centre, spread = controls.mean(), controls.std(ddof=1)
         centres.append(pd.DataFrame([centre] * len(group), index=group.index))
@@ -130,6 +135,11 @@ def normalize_to_controls(
     centre_all = pd.concat(centres).loc[profiles.index]
     spread_all = pd.concat(spreads).loc[profiles.index]
     keep = [f for f in features if (spread_all[f] > min_spread).all()]
+    if features and not keep:
+        raise ValueError(
+            f"none of the {len(features)} features varies within the {control_role} "
+            "wells of every plate; nothing can be normalized."
+        )
     normalized = (profiles[keep] - centre_all[keep]) / spread_all[keep]
     joined = pd.concat([profiles[metadata_columns(profiles)], normalized], axis=1)
     return joined.copy()  # one block per dtype: later column inserts stay cheap

@@ -21,6 +21,17 @@ if run_id is not None:
     st.download_button(
         "Download the hit list (CSV)", hits.to_csv(index=False), file_name="hits.csv"
     )
+    st.subheader("Dose response")
+    compounds = hits["Metadata_Compound"].tolist()
+    compound = st.selectbox("Compound", compounds, key="dose_response_compound")
+    activity = data.load_well_activity(data.db_url(), run_id)
+    figure = widgets.dose_response_figure(
+        activity[activity["Metadata_Compound"] == compound],
+        hits.set_index("Metadata_Compound").loc[compound],
+        activity.loc[activity["Metadata_Role"] == "negative_control", "activity"],
+        compound=compound,
+    )
+    st.plotly_chart(figure)
     st.subheader("Compound-doses")
     st.dataframe(doses[DOSE_COLUMNS], hide_index=True)
     st.download_button(

@@ -15,3 +15,16 @@ else:
         st.info(f"No run in {url} yet.")
     else:
         st.dataframe(runs, hide_index=True)
+        st.subheader("Provenance")
+        run_id = st.selectbox(
+            "Run", runs["run_id"].tolist()[::-1], key="provenance_run"
+        )
+        provenance = data.load_run_provenance(url, int(run_id))
+        st.caption(
+            f"segmenter {provenance['segmenter']}, status {provenance['status']}; "
+            "the config below reproduces the run (phenoscreen run --config)."
+        )
+        st.dataframe(provenance["feature_sets"], hide_index=True)
+        st.code(provenance["config_toml"], language="toml")
+        st.caption("Software versions of the run")
+        st.json(provenance["versions"], expanded=False)

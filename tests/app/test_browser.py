@@ -108,6 +108,8 @@ def test_every_view_in_headless_chromium(dashboard, tmp_path):
         # a true active in the table (st.dataframe draws on a canvas; its cells are
         # mirrored in an accessible grid that is attached but not "visible")
         page.get_by_text("Mitoglow").first.wait_for(state="attached")
+        curve = page.locator(".js-plotly-plot .scatterlayer .trace")
+        curve.first.wait_for(timeout=60_000)  # the top compound's dose response
         page.screenshot(path=shots / "hits.png", full_page=True)
 
         page.get_by_role("link", name="Plates").click()
@@ -126,6 +128,8 @@ def test_every_view_in_headless_chromium(dashboard, tmp_path):
 
         page.get_by_role("link", name="Runs").click()
         page.get_by_text("complete").first.wait_for(state="attached", timeout=60_000)
+        page.get_by_text("Provenance").wait_for()
+        page.get_by_text("[input]").first.wait_for()  # the run's config
         page.screenshot(path=shots / "runs.png", full_page=True)
         browser.close()
     assert sorted(p.name for p in shots.glob("*.png")) == [

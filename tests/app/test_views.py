@@ -2,12 +2,14 @@
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+from app.widgets import dose_response_figure
 from db.session import make_engine
-from db.store import resolve_run, write_phenotype_map
+from db.store import read_run_provenance, resolve_run, write_phenotype_map
 from pipeline.export import phenotype_map_table, read_well_profiles, sample_cells
 from tests.conftest import copy_store
 
@@ -50,6 +52,9 @@ def test_hits_view_lists_compounds_and_doses(demo_store, monkeypatch):
     assert "DMSO" not in set(hits["Metadata_Compound"])
     assert set(hits["Metadata_Compound"]) <= set(doses["Metadata_Compound"])
     assert "compounds are hits" in app.subheader[0].value
+    assert len(app.get("plotly_chart")) == 1  # the dose response of the top compound
+    app.selectbox(key="dose_response_compound").set_value("Mitoglow").run()
+    assert not app.exception and len(app.get("plotly_chart")) == 1
 
 
 def test_plate_view_draws_one_heatmap_per_plate(demo_store, monkeypatch):
@@ -91,6 +96,34 @@ def test_runs_view_shows_the_run(demo_store, monkeypatch):
     app = run_view("runs.py", demo_store, monkeypatch)
     assert not app.exception
     assert app.dataframe[0].value.loc[0, "status"] == "complete"
+    feature_sets = app.dataframe[1].value
+    assert "classical" in set(feature_sets["name"])
+    assert "[input]" in app.code[0].value  # the run's config, to reproduce it
+
+
+def test_dose_response_figure_draws_wells_fit_and_dmso():
+    wells = pd.DataFrame(
+        {"Metadata_Concentration": [0.1, 1.0, 10.0], "activity": [1.0, 2.0, 5.0],
+         "Metadata_Plate": "P1", "Metadata_Well": ["A01", "A02", "A03"]}
+    )  # fmt: skip
+    fit = pd.Series({"bottom": 1.0, "top": 5.0, "ec50": 1.0, "hill": 1.0,
+                     "ec50_flag": "ok"})  # fmt: skip
+    figure = dose_response_figure(wells, fit, pd.Series([0.9, 1.1, 1.0]), compound="X")
+    assert [t.name for t in figure.data] == ["wells", "4PL fit"]
+    curve = figure.data[1]
+    assert curve.y.min() > 0.99 and curve.y.max() < 5.01  # bottom .. top
+    unfitted = dose_response_figure(
+        wells, fit.drop("ec50"), pd.Series(dtype=float), compound="X"
+    )
+    assert [t.name for t in unfitted.data] == ["wells"]
+    with pytest.raises(ValueError, match="activity"):
+        dose_response_figure(wells.drop(columns="activity"), fit, wells["activity"],
+                             compound="X")  # fmt: skip
+
+
+def test_read_run_provenance_rejects_unknown_runs(demo_store):
+    with pytest.raises(ValueError, match="run 999 does not exist"):
+        read_run_provenance(make_engine(demo_store, create=False), 999)
 
 
 def test_app_entry_navigates_to_hits(demo_store, monkeypatch):

@@ -112,6 +112,25 @@ def test_normalize_to_controls_z_and_drops_constant_features():
     )
 
 
+def test_robust_z_falls_back_to_std_when_the_mad_is_zero():
+    profiles = make_profiles()
+    is_control = profiles["Metadata_Role"] == "negative_control"
+    sparse = np.zeros(len(profiles))  # most controls exactly 0, as a ReLU unit
+    sparse[np.flatnonzero(is_control)[::4]] = 1.0
+    sparse[~is_control.to_numpy()] = 3.0
+    normalized = normalize_to_controls(profiles.assign(sparse=sparse))
+    assert "sparse" in feature_columns(normalized)
+    for _, group in profiles.assign(sparse=sparse).groupby("Metadata_Plate"):
+        controls = group.loc[group["Metadata_Role"] == "negative_control", "sparse"]
+        treated = normalized.loc[
+            group.index[~(group["Metadata_Role"] == "negative_control")], "sparse"
+        ]
+        np.testing.assert_allclose(treated, 3.0 / controls.std(ddof=1))  # median 0
+    only_constant = profiles[["Metadata_Plate", "Metadata_Role"]].assign(c=1.0)
+    with pytest.raises(ValueError, match="none of the 1 features varies"):
+        normalize_to_controls(only_constant)
+
+
 def test_normalize_to_controls_rejects_plate_without_controls():
     profiles = make_profiles()
     profiles = profiles[
