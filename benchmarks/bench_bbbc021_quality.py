@@ -3,7 +3,8 @@
 Data: ../shared/data/cells/bbbc021_singlecell_crops_dmso_vs_cycloheximide (BBBC021,
 MCF-7, 2,400 single-cell crops of 68 x 68 px, DAPI / tubulin / actin; 6 plates;
 DMSO and cycloheximide at 5, 15 and 50 uM). Each feature set gives per-cell vectors;
-the unit of comparison is the field of view (median of its cells, centred on its
+the unit of comparison is the field of view (median of its cells' features, mean
+of their embeddings, as `phenoscreen` aggregates wells; centred on its
 plate's DMSO fields and scaled by the DMSO fields' pooled spread, `center_and_scale`),
 and fields are compared within three folds of two plates (the plates each fine-tuned
 network never saw; the same folds for every feature set). Reported per feature set:
@@ -184,27 +185,30 @@ def folds_of(meta: pd.DataFrame) -> list[list[str]]:
     return [plates[i::3] for i in range(3)]
 
 
-def field_profiles(vectors: np.ndarray, meta: pd.DataFrame) -> pd.DataFrame:
-    """Median of each field of view's cells, with its metadata."""
+def field_profiles(
+    vectors: np.ndarray, meta: pd.DataFrame, method: str
+) -> pd.DataFrame:
+    """Median or mean of each field of view's cells, with its metadata."""
     features = pd.DataFrame(vectors).add_prefix("f")
     cells = pd.concat(
         [meta[["plate", "fov", "role", "concentration_uM"]], features], axis=1
     ).dropna()
-    fields = cells.groupby(["plate", "fov", "role", "concentration_uM"]).median()
+    grouped = cells.groupby(["plate", "fov", "role", "concentration_uM"])
+    fields = grouped.median() if method == "median" else grouped.mean()
     return fields.reset_index().rename(
         columns={"plate": "Metadata_Plate", "role": "Metadata_Role",
                  "concentration_uM": "Metadata_Concentration", "fov": "Metadata_Field"}
     )  # fmt: skip
 
 
-def evaluate(vectors: np.ndarray, meta: pd.DataFrame) -> dict[str, object]:
+def evaluate(vectors: np.ndarray, meta: pd.DataFrame, method: str) -> dict[str, object]:
     """mAP per dose vs DMSO and dose ordering, within each fold's held-out plates.
 
     Fields are compared only with fields of the same fold (the fine-tuned vectors
     of different folds come from different networks); AP rows of all folds are
     pooled into one mAP, p and q per dose.
     """
-    fields = field_profiles(vectors, meta)
+    fields = field_profiles(vectors, meta, method)
     tables, aps = [], []
     for plates in folds_of(meta):
         table = center_and_scale(fields[fields["Metadata_Plate"].isin(plates)])
@@ -255,7 +259,10 @@ def main() -> None:
     start = time.perf_counter()
     vectors["finetuned"], folds = finetuned_embeddings(scaled, meta, args.epochs)
     seconds["finetuned"] = time.perf_counter() - start
-    results = {name: evaluate(v, meta) for name, v in vectors.items()}
+    results = {  # embeddings are averaged, features take the median (as phenoscreen)
+        name: evaluate(v, meta, "median" if name == "classical" else "mean")
+        for name, v in vectors.items()
+    }
     results["finetuned"]["folds"] = folds
     for name, figures in results.items():
         figures["seconds"] = round(seconds[name], 1)

@@ -459,7 +459,7 @@ def train_run(
         ),
         "n_train": int((~is_val).sum()),
         "n_val": int(is_val.sum()),
-        "val_plates": sorted(set(np.array(plates)[is_val])),
+        "val_plates": sorted(map(str, set(np.array(plates)[is_val]))),
     }
     checkpoint_id = store.register_checkpoint(
         engine, run_id=run_id, model_name=config.model_name, path=str(Path(out).resolve()),

@@ -91,12 +91,13 @@ def read_well_profiles(
     feature_set: str | None = None,
     include_flagged: bool = False,
 ) -> pd.DataFrame:
-    """Return per-well median profiles of a run, aggregated plate by plate.
+    """Return per-well profiles of a run, aggregated plate by plate.
 
-    Cells stream from the store in chunks of whole wells, so memory is bounded by
-    the chunk, not by the plate. Fields flagged by QC are left out (and not
-    counted) unless `include_flagged`. Imported per-well profiles are returned as
-    imported.
+    The median of the well's cells for features, the mean for embeddings (whose
+    sparse ReLU dimensions have a median of 0). Cells stream from the store in
+    chunks of whole wells, so memory is bounded by the chunk, not by the plate.
+    Fields flagged by QC are left out (and not counted) unless `include_flagged`.
+    Imported per-well profiles are returned as imported.
 
     Parameters
     ----------
@@ -138,8 +139,11 @@ def read_well_profiles(
             store.read_well_profile_vectors(engine, run_id, name), on="well_id"
         )
         return _with_well_metadata(profiles, wells)
+    # embeddings are sparse (ReLU): the median of a well's cells is 0 in most
+    # dimensions, so they are averaged (as DeepProfiler does); features: median
+    method = "mean" if kind == "embedding" else "median"
     per_chunk = [
-        aggregate_cells(cells, features, by=["well_id"])
+        aggregate_cells(cells, features, by=["well_id"], method=method)
         for _, cells, features in store.iter_plate_cells(
             engine, run_id, name, include_flagged=include_flagged
         )
