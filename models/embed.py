@@ -388,26 +388,36 @@ def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
     """Yield `items` produced by a background thread, up to `depth` ahead.
 
     Reading and cropping fields (NumPy, TIFF decoding) release the GIL, so they
-    overlap the forward pass. An exception in the producer is raised here.
+    overlap the forward pass. An exception in the producer is raised here; a
+    consumer that stops early stops the producer too (it would otherwise wait on
+    the full queue for ever, holding its database connection).
     """
     queue: Queue = Queue(maxsize=depth)
-    done = object()
+    done, stop = object(), threading.Event()
 
     def produce() -> None:
         try:
             for item in items:
+                if stop.is_set():
+                    return
                 queue.put(item)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             queue.put(exc)
         queue.put(done)
 
-    thread = threading.Thread(target=produce, daemon=True)
+    thread = threading.Thread(target=produce, daemon=True, name="phenoscreen-prefetch")
     thread.start()
-    while (item := queue.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-    thread.join()
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on the full queue
+            while not queue.empty():
+                queue.get_nowait()
+            thread.join(timeout=0.1)
 
 
 def fit_control_pca(

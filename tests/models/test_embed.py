@@ -1,3 +1,5 @@
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -177,6 +179,18 @@ def test_prefetch_yields_in_order_and_raises_producer_errors():
     assert next(items) == 1
     with pytest.raises(OSError, match="truncated"):
         next(items)
+    produced = []
+
+    def endless():
+        for i in range(10**6):
+            produced.append(i)
+            yield i
+
+    early = prefetch(endless(), depth=2)
+    assert next(early) == 0
+    early.close()  # the consumer gives up: the producer stops too
+    assert len(produced) < 10
+    assert not [t for t in threading.enumerate() if t.name == "phenoscreen-prefetch"]
 
 
 def test_control_pca_is_stored_with_its_feature_set(demo_run):
