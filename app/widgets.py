@@ -1,4 +1,4 @@
-"""Reusable dashboard pieces: run picker and plate heatmap."""
+"""Reusable dashboard pieces: run picker, plate map, downloads, paging, gallery."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import data
+from pipeline.gallery import composite, display_limits, draw_outlines
 from pipeline.platemap import PLATE_FORMATS, parse_well
 
 
@@ -40,7 +41,10 @@ def pick_run() -> int | None:
 
 
 def plate_heatmap(wells: pd.DataFrame, metric: str, *, title: str) -> go.Figure:
-    """Return a plate-shaped heatmap of one per-well metric.
+    """Return a plate-shaped map of one per-well metric, one square per well.
+
+    Squares (not a heatmap image, whose cells Streamlit cannot select) so a click,
+    box or lasso selects wells in the browser.
 
     Parameters
     ----------
@@ -53,36 +57,171 @@ def plate_heatmap(wells: pd.DataFrame, metric: str, *, title: str) -> go.Figure:
     Returns
     -------
     plotly Figure
-        Rows A.., columns 1.. of the smallest plate format holding the wells.
+        Rows A.. (top to bottom), columns 1.. of the smallest plate format holding
+        the wells; each point's ``customdata`` is its well name.
+
+    Raises
+    ------
+    ValueError
+        If a column is missing or the wells fit no plate format.
     """
-    positions = np.array([parse_well(w) for w in wells["Metadata_Well"]])
-    n_rows, n_cols = next(
-        shape
-        for shape in PLATE_FORMATS.values()
-        if positions[:, 0].max() < shape[0] and positions[:, 1].max() < shape[1]
-    )
-    grid = np.full((n_rows, n_cols), np.nan)
-    text = np.full((n_rows, n_cols), "", dtype=object)
-    grid[positions[:, 0], positions[:, 1]] = wells[metric].to_numpy(float)
-    for (r, c), well, compound in zip(
-        positions, wells["Metadata_Well"], wells["Metadata_Compound"], strict=True
-    ):
-        text[r, c] = f"{well}: {compound}"
+    missing = [c for c in ("Metadata_Well", "Metadata_Compound", metric)
+               if c not in wells.columns]  # fmt: skip
+    if missing:
+        raise ValueError(f"wells lacks columns {missing}.")
+    positions = np.array([parse_well(w) for w in wells["Metadata_Well"]]).reshape(-1, 2)
+    shape = next(
+        (shape for shape in PLATE_FORMATS.values()
+         if (positions[:, 0] < shape[0]).all() and (positions[:, 1] < shape[1]).all()),
+        None,
+    )  # fmt: skip
+    if shape is None:
+        raise ValueError("the wells fit no 96/384/1536-well plate.")
+    n_rows, n_cols = shape
     row_names = [chr(65 + r) if r < 26 else "A" + chr(39 + r) for r in range(n_rows)]
+    side = max(4, min(34, 780 // n_cols))  # marker size in px
     figure = go.Figure(
-        go.Heatmap(
-            z=grid,
-            x=list(range(1, n_cols + 1)),
-            y=row_names,
-            text=text,
-            hovertemplate="%{text}<br>" + metric + ": %{z:.3g}<extra></extra>",
-            colorscale="Viridis",
+        go.Scatter(
+            x=positions[:, 1] + 1,
+            y=[row_names[r] for r in positions[:, 0]],
+            mode="markers",
+            marker={"symbol": "square", "size": side, "color": wells[metric],
+                    "colorscale": "Viridis", "showscale": True,
+                    "colorbar": {"title": {"text": metric[:20]}}},
+            customdata=wells["Metadata_Well"],
+            text=wells["Metadata_Compound"],
+            hovertemplate="%{customdata}: %{text}<br>" + metric
+            + ": %{marker.color:.3g}<extra></extra>",
         )
-    )
+    )  # fmt: skip
     figure.update_layout(
-        title=title, yaxis_autorange="reversed", height=140 + 28 * n_rows
-    )
+        title=title, height=150 + (side + 4) * n_rows, width=160 + (side + 4) * n_cols,
+        xaxis={"range": [0.5, n_cols + 0.5], "dtick": 1 if n_cols <= 24 else 4,
+               "side": "top", "showgrid": False},
+        yaxis={"categoryorder": "array", "categoryarray": row_names[::-1],
+               "range": [-0.5, n_rows - 0.5], "showgrid": False},
+        plot_bgcolor="#eeeeee", clickmode="event+select",
+        margin={"t": 80},
+    )  # fmt: skip
     return figure
+
+
+def selected_customdata(event: object) -> list[str]:
+    """Return the ``customdata`` of points selected in a plotly chart event."""
+    points = getattr(getattr(event, "selection", None), "points", None) or []
+    out = []
+    for point in points:
+        value = point.get("customdata")
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            out.append(value)
+    return out
+
+
+def table_downloads(table: pd.DataFrame, name: str, *, key: str) -> None:
+    """CSV and Parquet download buttons for a table, generated on click."""
+    left, right = st.columns(2)
+    left.download_button(
+        f"{name}.csv", lambda: table.to_csv(index=False), file_name=f"{name}.csv",
+        mime="text/csv", key=f"{key}_csv", icon=":material/download:",
+        on_click="ignore",
+    )  # fmt: skip
+    right.download_button(
+        f"{name}.parquet", lambda: table.to_parquet(index=False),
+        file_name=f"{name}.parquet", mime="application/vnd.apache.parquet",
+        key=f"{key}_parquet", icon=":material/download:", on_click="ignore",
+    )  # fmt: skip
+
+
+def show_figure(figure: go.Figure, name: str, *, key: str, **kwargs: object) -> object:
+    """Show a Plotly figure with HTML and PNG download buttons (made on click).
+
+    PNG is rendered by kaleido with the local Chrome/Chromium; the plot's camera
+    icon saves a PNG from the browser too. Extra keyword arguments go to
+    `st.plotly_chart` (e.g. ``on_select``); its return value is returned.
+    """
+    config = {"toImageButtonOptions": {"format": "png", "filename": name, "scale": 2}}
+    event = st.plotly_chart(figure, key=key, config=config, **kwargs)
+    left, right = st.columns(2)
+    left.download_button(
+        f"{name}.html", lambda: figure.to_html(include_plotlyjs="cdn"),
+        file_name=f"{name}.html", mime="text/html", key=f"{key}_html",
+        icon=":material/download:", on_click="ignore",
+    )  # fmt: skip
+    right.download_button(
+        f"{name}.png", lambda: figure.to_image(format="png", scale=2),
+        file_name=f"{name}.png", mime="image/png", key=f"{key}_png",
+        icon=":material/download:", on_click="ignore",
+    )  # fmt: skip
+    return event
+
+
+def paged(table: pd.DataFrame, *, key: str, page_size: int = 100) -> pd.DataFrame:
+    """Show a long table one page at a time; return the page shown."""
+    n_pages = max(1, -(-len(table) // page_size))
+    page = 1
+    if n_pages > 1:
+        page = int(
+            st.number_input(
+                f"Page (of {n_pages}, {len(table):,} rows)", min_value=1,
+                max_value=n_pages, value=1, key=key,
+            )
+        )  # fmt: skip
+    shown = table.iloc[(page - 1) * page_size : page * page_size]
+    st.dataframe(shown, hide_index=True)
+    return shown
+
+
+def pick_channels(names: list[str], *, key: str) -> tuple[int, ...]:
+    """Multiselect of channels to composite; returns their indexes (all by default)."""
+    chosen = st.multiselect("Channels", names, default=names, key=key)
+    return tuple(names.index(c) for c in chosen) or tuple(range(len(names)))
+
+
+def treatment_label(well: pd.Series) -> str:
+    """Return e.g. ``Mitoglow 1 uM (treatment)`` for a well's metadata row."""
+    dose = well.get("Metadata_Concentration")
+    unit = well.get("Metadata_ConcentrationUnit")
+    unit = unit if isinstance(unit, str) and unit else "uM"
+    amount = f" {dose:.3g} {unit}" if pd.notna(dose) else ""
+    return f"{well['Metadata_Compound']}{amount} ({well['Metadata_Role']})"
+
+
+def open_gallery(
+    title: str,
+    *,
+    wells: list[tuple[str, str]] = (),  # type: ignore[assignment]
+    cells: list[tuple[str, str, int, int]] = (),  # type: ignore[assignment]
+) -> None:
+    """Hand a selection of wells or cells to the Cell gallery view and open it."""
+    st.session_state["gallery_selection"] = {
+        "title": title, "wells": [tuple(w) for w in wells],
+        "cells": [tuple(c) for c in cells],
+    }  # fmt: skip
+    st.switch_page("views/gallery.py")
+
+
+def cell_gallery(
+    crops: np.ndarray,
+    masks: np.ndarray,
+    captions: list[str],
+    *,
+    channels: tuple[int, ...],
+    per_row: int = 8,
+) -> None:
+    """Show cell crops composited on one scale with their cell outlines, captioned."""
+    if not len(crops):
+        st.info("No cells to show here (no cells, or all fields flagged by QC).")
+        return
+    rgb = composite(crops, display_limits(crops), channels=channels)
+    rgb = draw_outlines(rgb, masks, color=(255, 255, 255))
+    for start in range(0, len(rgb), per_row):
+        for column, image, caption in zip(
+            st.columns(per_row), rgb[start : start + per_row],
+            captions[start : start + per_row], strict=False,
+        ):  # fmt: skip
+            column.image(image, caption=caption, width="stretch", output_format="PNG")
 
 
 def dose_response_figure(

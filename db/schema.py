@@ -6,6 +6,10 @@ illumination_function (per plate and channel) and
 cell (objects found in a field) -> cell_vector (one float32 vector per cell and
 feature_set: classical features or a CNN embedding); well_profile holds imported
 per-well profiles (CellProfiler/pycytominer tables) that come without cells;
+field_mask keeps each field's nucleus and cell labels (for outlines and galleries);
+well_aggregate caches per-well profiles aggregated from cells and table_cache the
+tables computed from them (hit list, compound-doses), both dropped by any write to
+the run's cells, vectors, flags or imported profiles;
 model_checkpoint -> training_epoch record fine-tuned networks and their training log.
 """
 
@@ -28,7 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -242,6 +246,57 @@ class WellProfile(Base):
     well_id: Mapped[int] = mapped_column(ForeignKey("well.id", ondelete="CASCADE"))
     cell_count: Mapped[int | None]
     values: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class FieldMask(Base):
+    """A field's nucleus and cell label images: zlib of a (2, Y, X) array."""
+
+    __tablename__ = "field_mask"
+    __table_args__ = (UniqueConstraint("run_id", "field_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
+    field_id: Mapped[int] = mapped_column(
+        ForeignKey("field.id", ondelete="CASCADE"), index=True
+    )
+    height: Mapped[int]
+    width: Mapped[int]
+    dtype: Mapped[str] = mapped_column(String(10))
+    labels: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class WellAggregate(Base):
+    """A cached per-well profile aggregated from a run's cells (float32 bytes)."""
+
+    __tablename__ = "well_aggregate"
+    __table_args__ = (UniqueConstraint("feature_set_id", "include_flagged", "well_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("run.id", ondelete="CASCADE"), index=True
+    )
+    feature_set_id: Mapped[int] = mapped_column(
+        ForeignKey("feature_set.id", ondelete="CASCADE")
+    )
+    include_flagged: Mapped[bool]
+    well_id: Mapped[int] = mapped_column(ForeignKey("well.id", ondelete="CASCADE"))
+    cell_count: Mapped[int]
+    values: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class TableCache(Base):
+    """A table computed from a run's well profiles (e.g. its hit list), as Parquet."""
+
+    __tablename__ = "table_cache"
+    __table_args__ = (UniqueConstraint("feature_set_id", "include_flagged", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("run.id", ondelete="CASCADE"), index=True
+    )
+    feature_set_id: Mapped[int] = mapped_column(
+        ForeignKey("feature_set.id", ondelete="CASCADE")
+    )
+    include_flagged: Mapped[bool]
+    name: Mapped[str] = mapped_column(String(50))
+    parquet: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class ModelCheckpoint(Base):

@@ -7,7 +7,9 @@ stream plate by plate; nothing loads all cells of an experiment.
 
 from __future__ import annotations
 
+import io
 import logging
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -18,6 +20,7 @@ from sqlalchemy import (
     Engine,
     Row,
     Table,
+    case,
     delete,
     func,
     insert,
@@ -32,14 +35,17 @@ from db.schema import (
     Experiment,
     FeatureSet,
     Field,
+    FieldMask,
     FieldResult,
     IlluminationFunction,
     ModelCheckpoint,
     PhenotypeMapPoint,
     Plate,
     Run,
+    TableCache,
     TrainingEpoch,
     Well,
+    WellAggregate,
     WellProfile,
     utcnow,
 )
@@ -330,15 +336,62 @@ def completed_field_ids(engine: Engine, run_id: int) -> set[int]:
         )
 
 
+def _drop_aggregates(session: Any, run_id: int) -> None:
+    """Forget a run's cached aggregates and tables (its cells, vectors or flags change)."""
+    for table in (WellAggregate, TableCache):
+        session.execute(delete(table).where(table.run_id == run_id))
+
+
 def _clear_field(session: Any, run_id: int, field_id: int) -> None:
-    session.execute(
-        delete(FieldResult).where(
-            FieldResult.run_id == run_id, FieldResult.field_id == field_id
+    for table in (FieldResult, FieldMask, Cell):
+        session.execute(
+            delete(table).where(table.run_id == run_id, table.field_id == field_id)
         )
-    )
-    session.execute(
-        delete(Cell).where(Cell.run_id == run_id, Cell.field_id == field_id)
-    )
+    _drop_aggregates(session, run_id)
+
+
+def encode_masks(nuclei: np.ndarray, cells: np.ndarray) -> dict[str, Any]:
+    """Pack a field's nucleus and cell labels for `write_field_cells`.
+
+    Parameters
+    ----------
+    nuclei, cells : ndarray of shape (Y, X), integer
+        Instance labels (0 = background) of the same field.
+
+    Returns
+    -------
+    dict
+        ``height``, ``width``, ``dtype`` (uint16 when labels fit, else uint32) and
+        ``labels``: zlib bytes of the (2, Y, X) stack.
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ, are not 2-D, or a label is negative.
+    """
+    nuclei, cells = np.asarray(nuclei), np.asarray(cells)
+    if nuclei.ndim != 2 or nuclei.shape != cells.shape:
+        raise ValueError(
+            f"nuclei {nuclei.shape} and cells {cells.shape} must be 2-D label images "
+            "of the same shape."
+        )
+    stack = np.stack([nuclei, cells])
+    if stack.size and stack.min() < 0:
+        raise ValueError("labels must be >= 0 (0 = background).")
+    dtype = "<u2" if not stack.size or stack.max() < 2**16 else "<u4"
+    return {
+        "height": int(stack.shape[1]),
+        "width": int(stack.shape[2]),
+        "dtype": dtype,
+        "labels": zlib.compress(np.ascontiguousarray(stack, dtype=dtype).tobytes(), 1),
+    }
+
+
+def decode_masks(packed: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Unpack `encode_masks` output into (nuclei, cells), each of shape (Y, X)."""
+    shape = (2, int(packed["height"]), int(packed["width"]))
+    stack = np.frombuffer(zlib.decompress(packed["labels"]), dtype=packed["dtype"])
+    return tuple(stack.reshape(shape))  # type: ignore[return-value]
 
 
 def _allocate_cell_ids(connection: Connection, n: int) -> list[int]:
@@ -389,8 +442,9 @@ def write_field_cells(
     features: np.ndarray,
     qc: Mapping[str, Any],
     seconds: Mapping[str, float],
+    masks: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write one field's cells, their vectors and its result row in one transaction.
+    """Write one field's cells, vectors, masks and result row in one transaction.
 
     Parameters
     ----------
@@ -404,6 +458,8 @@ def write_field_cells(
         Per-field QC values (JSON-serializable).
     seconds : mapping of str to float
         Time per step for this field.
+    masks : mapping or None
+        The field's labels as `encode_masks` packs them.
 
     Raises
     ------
@@ -446,6 +502,11 @@ def write_field_cells(
                     (i, feature_set_id, v.tobytes())
                     for i, v in zip(cell_ids, vectors, strict=True)
                 ),
+            )
+        if masks is not None:
+            session.execute(
+                insert(FieldMask),
+                [{"run_id": run_id, "field_id": field_id, **dict(masks)}],
             )
         session.execute(
             insert(FieldResult),
@@ -600,9 +661,34 @@ def read_field_qc(engine: Engine, run_id: int) -> pd.DataFrame:
     return pd.concat([meta.drop(columns=["plate_id", "n_cells"]), values], axis=1)
 
 
+def count_flagged_fields(engine: Engine, run_id: int) -> pd.DataFrame:
+    """Return, per well with completed fields, how many QC flagged.
+
+    Returns
+    -------
+    DataFrame
+        ``Metadata_Plate``, ``Metadata_Well``, ``Metadata_FlaggedFields``.
+    """
+    flagged = func.sum(case((FieldResult.qc_flags != "", 1), else_=0))
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(Plate.name, Well.name, flagged)
+            .join(Field, Field.id == FieldResult.field_id)
+            .join(Well, Well.id == Field.well_id)
+            .join(Plate, Plate.id == Well.plate_id)
+            .where(FieldResult.run_id == run_id, FieldResult.status == "complete")
+            .group_by(Plate.name, Well.name)
+        ).all()
+    return pd.DataFrame(
+        [(a, b, int(c)) for a, b, c in rows],
+        columns=["Metadata_Plate", "Metadata_Well", "Metadata_FlaggedFields"],
+    )
+
+
 def write_field_flags(engine: Engine, run_id: int, flags: pd.Series) -> None:
     """Set the QC flags of a run's fields (index: field id) in one transaction."""
     with session_scope(engine) as session:
+        _drop_aggregates(session, run_id)
         session.execute(
             update(FieldResult).where(FieldResult.run_id == run_id).values(qc_flags="")
         )
@@ -791,6 +877,7 @@ def write_well_profiles(
     vectors = np.ascontiguousarray(values, dtype="<f4")
     counts = [None if c is None else int(c) for c in cell_counts]
     with session_scope(engine) as session:
+        _drop_aggregates(session, run_id)
         session.execute(
             delete(WellProfile).where(WellProfile.feature_set_id == feature_set_id)
         )
@@ -833,6 +920,11 @@ def read_well_profile_vectors(
             .where(WellProfile.feature_set_id == feature_set_id)
             .order_by(WellProfile.well_id)
         ).all()
+    return _well_vector_frame(rows, names)
+
+
+def _well_vector_frame(rows: Sequence[Row], names: list[str]) -> pd.DataFrame:
+    """(well id, cell count, float32 bytes) rows -> well_id, count, features."""
     matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(
         len(rows), len(names)
     )
@@ -845,6 +937,192 @@ def read_well_profile_vectors(
         }
     )
     return pd.concat([meta, pd.DataFrame(matrix, columns=names)], axis=1)
+
+
+def read_well_aggregates(
+    engine: Engine, run_id: int, feature_set: str, *, include_flagged: bool
+) -> pd.DataFrame | None:
+    """Return the cached per-well aggregates of a feature set, None when not cached.
+
+    Returns
+    -------
+    DataFrame or None
+        As `read_well_profile_vectors`: ``well_id``, ``Metadata_CellCount`` and the
+        features, one row per well with cells; None also for a run without cells
+        (nothing to cache).
+    """
+    feature_set_id, names = read_feature_set(engine, run_id, feature_set)
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(WellAggregate.well_id, WellAggregate.cell_count,
+                   WellAggregate.values)
+            .where(WellAggregate.feature_set_id == feature_set_id,
+                   WellAggregate.include_flagged == include_flagged)
+            .order_by(WellAggregate.well_id)
+        ).all()  # fmt: skip
+    if not rows:
+        return None
+    return _well_vector_frame(rows, names)
+
+
+def write_well_aggregates(
+    engine: Engine,
+    run_id: int,
+    feature_set: str,
+    *,
+    include_flagged: bool,
+    profiles: pd.DataFrame,
+) -> bool:
+    """Cache per-well aggregates of a complete run in one transaction.
+
+    Any later write to the run's cells, vectors or QC flags drops the cache. A
+    run that is not complete is not cached (its fields are still changing).
+
+    Parameters
+    ----------
+    engine : Engine
+    run_id : int
+    feature_set : str
+    include_flagged : bool
+        Whether QC-flagged fields were aggregated too.
+    profiles : DataFrame
+        ``well_id``, ``Metadata_CellCount`` and the feature set's columns, in its
+        order.
+
+    Returns
+    -------
+    bool
+        Whether the aggregates were cached.
+
+    Raises
+    ------
+    ValueError
+        If `profiles` lacks a column.
+    """
+    feature_set_id, names = read_feature_set(engine, run_id, feature_set)
+    missing = [c for c in ("well_id", "Metadata_CellCount", *names)
+               if c not in profiles.columns]  # fmt: skip
+    if missing:
+        raise ValueError(f"profiles lacks columns {missing[:5]}.")
+    values = np.ascontiguousarray(profiles[names].to_numpy(np.float32), dtype="<f4")
+    with session_scope(engine) as session:
+        if session.scalar(select(Run.status).where(Run.id == run_id)) != "complete":
+            return False
+        session.execute(
+            delete(WellAggregate).where(
+                WellAggregate.feature_set_id == feature_set_id,
+                WellAggregate.include_flagged == include_flagged,
+            )
+        )
+        if len(values):
+            session.execute(
+                insert(WellAggregate),
+                [
+                    {"run_id": run_id, "feature_set_id": feature_set_id,
+                     "include_flagged": include_flagged, "well_id": int(w),
+                     "cell_count": int(c), "values": v.tobytes()}
+                    for w, c, v in zip(profiles["well_id"],
+                                       profiles["Metadata_CellCount"], values,
+                                       strict=True)
+                ],
+            )  # fmt: skip
+    return True
+
+
+def write_cached_tables(
+    engine: Engine,
+    run_id: int,
+    feature_set: str,
+    *,
+    include_flagged: bool,
+    tables: Mapping[str, pd.DataFrame],
+) -> bool:
+    """Cache tables computed from a complete run's well profiles, in one transaction.
+
+    Stored as Parquet; dropped, like the well aggregates, by any later write to the
+    run's cells, vectors, flags or imported profiles. A run that is not complete
+    is not cached.
+
+    Returns
+    -------
+    bool
+        Whether the tables were cached.
+
+    Raises
+    ------
+    ValueError
+        If a table name is longer than 50 characters.
+    """
+    feature_set_id, _ = read_feature_set(engine, run_id, feature_set)
+    if any(len(name) > 50 for name in tables):
+        raise ValueError(f"table names {list(tables)} must be at most 50 characters.")
+    payloads = {}
+    for name, table in tables.items():
+        buffer = io.BytesIO()
+        table.to_parquet(buffer, index=False)
+        payloads[name] = buffer.getvalue()
+    with session_scope(engine) as session:
+        if session.scalar(select(Run.status).where(Run.id == run_id)) != "complete":
+            return False
+        session.execute(
+            delete(TableCache).where(
+                TableCache.feature_set_id == feature_set_id,
+                TableCache.include_flagged == include_flagged,
+                TableCache.name.in_(list(payloads)),
+            )
+        )
+        session.execute(
+            insert(TableCache),
+            [{"run_id": run_id, "feature_set_id": feature_set_id,
+              "include_flagged": include_flagged, "name": name, "parquet": payload}
+             for name, payload in payloads.items()],
+        )  # fmt: skip
+    return True
+
+
+def read_cached_tables(
+    engine: Engine,
+    run_id: int,
+    feature_set: str,
+    *,
+    include_flagged: bool,
+    names: Sequence[str],
+) -> dict[str, pd.DataFrame] | None:
+    """Return cached tables by name, or None unless every one of `names` is cached."""
+    feature_set_id, _ = read_feature_set(engine, run_id, feature_set)
+    with session_scope(engine) as session:
+        rows = dict(
+            session.execute(
+                select(TableCache.name, TableCache.parquet).where(
+                    TableCache.feature_set_id == feature_set_id,
+                    TableCache.include_flagged == include_flagged,
+                    TableCache.name.in_(list(names)),
+                )
+            ).all()
+        )
+    if set(rows) != set(names):
+        return None
+    return {name: pd.read_parquet(io.BytesIO(rows[name])) for name in names}
+
+
+def read_field_masks(
+    engine: Engine, run_id: int, field_ids: Iterable[int]
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Return the stored (nuclei, cells) label images of several fields.
+
+    Returns
+    -------
+    dict of int to (ndarray (Y, X), ndarray (Y, X))
+        Only fields whose masks were stored (runs store them for every field).
+    """
+    ids = [int(i) for i in field_ids]
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(FieldMask.field_id, FieldMask.height, FieldMask.width,
+                   FieldMask.dtype, FieldMask.labels)
+            .where(FieldMask.run_id == run_id, FieldMask.field_id.in_(ids))
+        ).all()  # fmt: skip
+    return {r.field_id: decode_masks(r._mapping) for r in rows}
 
 
 #: Cells per chunk streamed by `iter_plate_cells` (whole wells; bounds memory).
@@ -880,6 +1158,7 @@ def iter_plate_cells(
     *,
     include_flagged: bool = False,
     chunk_cells: int = CHUNK_CELLS,
+    well_ids: Iterable[int] | None = None,
 ) -> Iterator[tuple[str, pd.DataFrame, pd.DataFrame]]:
     """Stream a run's cells plate by plate in chunks of whole wells.
 
@@ -896,6 +1175,8 @@ def iter_plate_cells(
     chunk_cells : int
         Cells fetched per database round trip; a chunk holds every cell of each of
         its wells and about this many cells.
+    well_ids : iterable of int, optional
+        Only the cells of these wells.
 
     Yields
     ------
@@ -952,6 +1233,8 @@ def iter_plate_cells(
             .where(include_flagged or FieldResult.qc_flags == "")
             .order_by(Well.row_index, Well.column_index, Field.site, Cell.object_number)
         )
+        if well_ids is not None:
+            stmt = stmt.where(Well.id.in_([int(i) for i in well_ids]))
         pending: list[Row] = []
         with engine.connect() as connection:
             result = connection.execution_options(yield_per=chunk_cells).execute(stmt)
@@ -1173,6 +1456,7 @@ def write_field_vectors(
                 f"{len(ids)} stored cells (missing {missing[:5]}); rerun the field."
             )
         cell_ids = [ids[int(k)] for k in object_numbers]
+        _drop_aggregates(session, run_id)
         session.execute(
             delete(CellVector).where(
                 CellVector.feature_set_id == feature_set_id,

@@ -43,6 +43,7 @@ from models.backbones import (
     load_checkpoint,
 )
 from pipeline.errors import InputError
+from pipeline.export import aggregate_run
 from pipeline.run import FieldCrops, iter_field_crops
 
 logger = logging.getLogger(__name__)
@@ -626,6 +627,8 @@ def embed_run(
             "%s: %d components keep %.0f %% of the DMSO variance",
             reduced["feature_set"], cfg.pca_dim, 100 * reduced["explained_variance"],
         )  # fmt: skip
+    for feature_set in filter(None, (name, reduced["feature_set"])):
+        aggregate_run(engine, run_id, feature_set, kind="embedding")
     return {
         "feature_set": name,
         "pca_feature_set": reduced["feature_set"],

@@ -383,6 +383,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{summary.n_failed} failed), {summary.n_cells} new cells, "
         f"{summary.timings['fields_per_s']:.2f} fields/s"
     )
+    try:  # computed once and kept in the store for the dashboard and `hits`
+        hits, _ = _hit_tables(_db_url(args), summary.run_id)
+    except ValueError as exc:
+        print(f"no hit list yet: {exc}")
+    else:
+        print(
+            f"{int(hits['is_hit'].sum())} of {len(hits)} compounds are hits "
+            "(`phenoscreen hits` lists them; `phenoscreen dashboard` shows them)"
+        )
     return 0
 
 
@@ -405,13 +414,21 @@ def _write_out(table: pd.DataFrame, out: Path, what: str) -> None:
     print(f"{len(table)} {what} written to {out}")
 
 
+def _hit_tables(
+    db_url: str, run_id: int | None, **options: Any
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Hit list and compound-doses of a run (cached in the store once computed)."""
+    from db.session import make_engine
+    from db.store import resolve_run
+    from pipeline.export import read_hit_tables
+
+    engine = make_engine(db_url, create=False)
+    return read_hit_tables(engine, *resolve_run(engine, run_id), **options)
+
+
 def cmd_hits(args: argparse.Namespace) -> int:
     """Print (and write) the compound hit list."""
-    from pipeline.export import hit_tables
-
-    table, doses = hit_tables(
-        _well_profiles(_db_url(args), args.run, **_profile_options(args))
-    )
+    table, doses = _hit_tables(_db_url(args), args.run, **_profile_options(args))
     _print_hits(table, doses, args.top)
     if args.out:
         _write_out(table, args.out, "rows")
@@ -639,6 +656,7 @@ def dashboard_command(*, host: str, port: int) -> list[str]:
         sys.executable, "-m", "streamlit", "run", str(app),
         "--server.address", host, "--server.port", str(port),
         "--server.headless", "true", "--browser.gatherUsageStats", "false",
+        "--client.toolbarMode", "minimal",
     ]  # fmt: skip
 
 
@@ -657,7 +675,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Generate the demo plate if needed, run it into SQLite and print the hits."""
     from pipeline.config import config_from_dict
     from pipeline.demo import CHANNELS, write_demo_plate
-    from pipeline.export import hit_tables
     from pipeline.run import run_experiment
 
     out = args.out_dir
@@ -694,7 +711,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "[3/3] hit list (the true actives and EC50s are in "
         f"{out / 'ground_truth' / 'truth.json'}):"
     )
-    _print_hits(*hit_tables(_well_profiles(db_url, summary.run_id)), 15)
+    _print_hits(*_hit_tables(db_url, summary.run_id), 15)
     print("      storing the phenotype map (UMAP + HDBSCAN) for the dashboard ...")
     _store_map(db_url, summary.run_id)
     script = Path(sys.executable).parent / "phenoscreen"

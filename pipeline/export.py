@@ -58,12 +58,14 @@ def iter_cell_tables(
     *,
     feature_set: str | None = None,
     include_flagged: bool = False,
+    wells: Sequence[tuple[str, str]] | None = None,
 ) -> Iterator[pd.DataFrame]:
     """Yield single-cell tables, plate by plate in chunks of whole wells.
 
     ``Metadata_*`` columns and the features of `feature_set` (None: the run's
     default, `db.store.resolve_feature_set`). Cells of QC-flagged fields are left
-    out unless `include_flagged`.
+    out unless `include_flagged`; only the cells of `wells` ((plate, well) pairs)
+    when given.
 
     Raises
     ------
@@ -76,11 +78,15 @@ def iter_cell_tables(
             f"feature set {name!r} of run {run_id} holds imported per-well profiles; "
             "it has no cells to export (export --table wells)."
         )
-    wells = store.read_wells(engine, experiment_id)
+    metadata = store.read_wells(engine, experiment_id)
+    well_ids = None
+    if wells is not None:
+        keys = pd.DataFrame(list(wells), columns=["Metadata_Plate", "Metadata_Well"])
+        well_ids = metadata.merge(keys)["well_id"].tolist()
     for _, cells, features in store.iter_plate_cells(
-        engine, run_id, name, include_flagged=include_flagged
+        engine, run_id, name, include_flagged=include_flagged, well_ids=well_ids
     ):
-        yield _with_well_metadata(pd.concat([cells, features], axis=1), wells)
+        yield _with_well_metadata(pd.concat([cells, features], axis=1), metadata)
 
 
 def read_well_profiles(
@@ -94,8 +100,9 @@ def read_well_profiles(
     """Return per-well profiles of a run, aggregated plate by plate.
 
     The median of the well's cells for features, the mean for embeddings (whose
-    sparse ReLU dimensions have a median of 0). Cells stream from the store in
-    chunks of whole wells, so memory is bounded by the chunk, not by the plate.
+    sparse ReLU dimensions have a median of 0), read from the store's cache of
+    aggregates when present, else computed by `aggregate_run` (cells stream in
+    chunks of whole wells, so memory is bounded by the chunk, not by the plate).
     Fields flagged by QC are left out (and not counted) unless `include_flagged`.
     Imported per-well profiles are returned as imported.
 
@@ -139,25 +146,60 @@ def read_well_profiles(
             store.read_well_profile_vectors(engine, run_id, name), on="well_id"
         )
         return _with_well_metadata(profiles, wells)
-    # embeddings are sparse (ReLU): the median of a well's cells is 0 in most
-    # dimensions, so they are averaged (as DeepProfiler does); features: median
-    method = "mean" if kind == "embedding" else "median"
-    per_chunk = [
-        aggregate_cells(cells, features, by=["well_id"], method=method)
-        for _, cells, features in store.iter_plate_cells(
-            engine, run_id, name, include_flagged=include_flagged
+    aggregates = store.read_well_aggregates(
+        engine, run_id, name, include_flagged=include_flagged
+    )
+    if aggregates is None:
+        aggregates = aggregate_run(
+            engine, run_id, name, kind=kind, include_flagged=include_flagged
         )
-    ]
-    if per_chunk:
-        profiles = ids.merge(
-            pd.concat(per_chunk, ignore_index=True), on="well_id", how="left"
-        )
+    if len(aggregates):
+        profiles = ids.merge(aggregates, on="well_id", how="left")
     else:
         profiles = ids.assign(Metadata_CellCount=0)
     profiles["Metadata_CellCount"] = (
         profiles["Metadata_CellCount"].fillna(0).astype(int)
     )
     return _with_well_metadata(profiles, wells)
+
+
+def aggregate_run(
+    engine: Engine,
+    run_id: int,
+    feature_set: str,
+    *,
+    kind: str,
+    include_flagged: bool = False,
+) -> pd.DataFrame:
+    """Aggregate a run's cells into per-well profiles and cache them in the store.
+
+    Embeddings are sparse (ReLU): the median of a well's cells is 0 in most
+    dimensions, so they are averaged (as DeepProfiler does); features: median.
+    Cells stream in chunks of whole wells. The result is cached in the store
+    when the run is complete (`db.store.write_well_aggregates`), so the dashboard
+    and later commands read it instead of every cell.
+
+    Returns
+    -------
+    DataFrame
+        ``well_id``, ``Metadata_CellCount`` and the features, one row per well
+        with cells (none for a run without cells).
+    """
+    method = "mean" if kind == "embedding" else "median"
+    per_chunk = [
+        aggregate_cells(cells, features, by=["well_id"], method=method)
+        for _, cells, features in store.iter_plate_cells(
+            engine, run_id, feature_set, include_flagged=include_flagged
+        )
+    ]
+    if not per_chunk:
+        return pd.DataFrame(columns=["well_id", "Metadata_CellCount"])
+    aggregates = pd.concat(per_chunk, ignore_index=True)
+    store.write_well_aggregates(
+        engine, run_id, feature_set, include_flagged=include_flagged,
+        profiles=aggregates,
+    )  # fmt: skip
+    return aggregates
 
 
 def sample_cells(
@@ -224,6 +266,47 @@ def hit_tables(well_profiles: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]
         normalized.groupby(DOSE_KEYS, dropna=False)[features].median().reset_index()
     )
     return hits, doses.merge(consensus, on=DOSE_KEYS, how="left")
+
+
+def read_hit_tables(
+    engine: Engine,
+    run_id: int,
+    experiment_id: int,
+    *,
+    feature_set: str | None = None,
+    include_flagged: bool = False,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return a run's hit list and compound-dose table, cached in the store.
+
+    Computed once by `hit_tables` from `read_well_profiles` and kept in the store
+    (`db.store.write_cached_tables`) until the run's cells, vectors or flags
+    change; `phenoscreen run` computes them when it completes, so the dashboard
+    and `phenoscreen hits` read them instead of calling hits again.
+
+    Raises
+    ------
+    ValueError
+        As `read_well_profiles` and `pipeline.hits.call_hits` (e.g. a plate
+        without negative controls).
+    """
+    name, _ = store.resolve_feature_set(engine, run_id, feature_set)
+    names = ("hits", "compound_doses")
+    cached = store.read_cached_tables(
+        engine, run_id, name, include_flagged=include_flagged, names=names
+    )
+    if cached is not None:
+        return cached["hits"], cached["compound_doses"]
+    hits, doses = hit_tables(
+        read_well_profiles(
+            engine, run_id, experiment_id, feature_set=name,
+            include_flagged=include_flagged,
+        )
+    )  # fmt: skip
+    store.write_cached_tables(
+        engine, run_id, name, include_flagged=include_flagged,
+        tables=dict(zip(names, (hits, doses), strict=True)),
+    )  # fmt: skip
+    return hits, doses
 
 
 def plate_qc_table(
@@ -524,17 +607,16 @@ def export_table(
             include_flagged=include_flagged,
             feature_set=feature_set,
         )
+    elif table == "wells":
+        stream = iter(
+            [read_well_profiles(engine, run_id, experiment_id,
+                                include_flagged=include_flagged,
+                                feature_set=feature_set)]
+        )  # fmt: skip
     else:
-        wells = read_well_profiles(
-            engine,
-            run_id,
-            experiment_id,
+        hits, doses = read_hit_tables(
+            engine, run_id, experiment_id, feature_set=feature_set,
             include_flagged=include_flagged,
-            feature_set=feature_set,
-        )
-        if table == "wells":
-            stream = iter([wells])
-        else:
-            hits, doses = hit_tables(wells)
-            stream = iter([doses if table == "compounds" else hits])
+        )  # fmt: skip
+        stream = iter([doses if table == "compounds" else hits])
     return write_tables(stream, out, fmt=fmt)

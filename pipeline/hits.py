@@ -227,7 +227,9 @@ def replicate_consistency(normalized: pd.DataFrame) -> pd.DataFrame:
     except ValueError as exc:
         if "fewer than two" not in str(exc):
             raise
-        return pd.DataFrame(columns=[*columns, "replicate_map"])
+        return pd.DataFrame(columns=[*columns, "replicate_map"]).astype(
+            {"replicate_correlation": float, "replicate_map": float}
+        )
     table = table.rename(columns={"median_correlation": "replicate_correlation"})
     retrieval = replicate_average_precision(finite, group_by=DOSE_KEYS)
     return table[columns].merge(retrieval, on=DOSE_KEYS, how="left")

@@ -349,6 +349,37 @@ def read_field(
     return np.stack(planes)
 
 
+def resolve_under(root: str | Path, relative: str) -> Path:
+    """Resolve a stored file name under an experiment's image root, refusing escapes.
+
+    Parameters
+    ----------
+    root : str or Path
+        The experiment's image root.
+    relative : str
+        A file name as the store holds it (relative to `root`).
+
+    Returns
+    -------
+    Path
+        The resolved absolute path; it lies under `root`.
+
+    Raises
+    ------
+    ValueError
+        If `relative` is absolute or leads outside `root` (e.g. ``../``, a link
+        out of the root): the store was altered, the file is not read.
+    """
+    base = Path(root).resolve()
+    path = (base / relative).resolve()
+    if Path(relative).is_absolute() or not path.is_relative_to(base):
+        raise ValueError(
+            f"stored file name {relative!r} lies outside the image root {base}; "
+            "only files under the root are read (re-register the experiment)."
+        )
+    return path
+
+
 def write_labels(path: str | Path, labels: np.ndarray) -> Path:
     """Write an instance-label image as a compressed TIFF, atomically.
 

@@ -208,3 +208,86 @@ def predict_moa(
         else float("nan"),
     }
     return predictions, accuracy
+
+
+def compare_compound(
+    consensus: pd.DataFrame,
+    compound: str,
+    *,
+    concentration: float | None = None,
+    k: int = 5,
+    n_features: int = 12,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return a compound's nearest compounds and the features that set it apart.
+
+    Parameters
+    ----------
+    consensus : DataFrame
+        One DMSO-normalized profile per compound-dose: ``Metadata_Compound``,
+        ``Metadata_Concentration`` and features (other ``Metadata_*`` columns are
+        carried, not compared).
+    compound : str
+    concentration : float, optional
+        The dose to compare; default the compound's dose farthest from DMSO
+        (largest profile norm).
+    k : int
+        Neighbour compounds, each at its most similar dose.
+    n_features : int
+        Features shown: the query's largest absolute (z-scored) values.
+
+    Returns
+    -------
+    neighbors : DataFrame
+        ``Metadata_Compound``, ``Metadata_Concentration``, ``cosine_similarity``,
+        ``rank`` (0 = the query itself) and the carried metadata; the query first.
+    features : DataFrame
+        Long format for side-by-side bars: ``feature``, ``label`` (compound @
+        dose), ``value``, ``rank``; features ordered by the query's |value|.
+
+    Raises
+    ------
+    ValueError
+        If the compound or dose is absent, or `k` or `n_features` < 1.
+    """
+    if k < 1 or n_features < 1:
+        raise ValueError(f"k = {k} and n_features = {n_features} must be >= 1.")
+    consensus = consensus.reset_index(drop=True)  # positions = labels below
+    features = feature_columns(consensus)
+    values = np.nan_to_num(consensus[features].to_numpy(float))
+    own = (consensus["Metadata_Compound"] == compound).to_numpy()
+    if not own.any():
+        raise ValueError(f"compound {compound!r} has no profile in this run.")
+    candidates = np.flatnonzero(own)
+    if concentration is None:
+        query = candidates[np.argmax(np.linalg.norm(values[candidates], axis=1))]
+    else:
+        doses = consensus["Metadata_Concentration"].to_numpy(float)[candidates]
+        match = candidates[np.isclose(doses, concentration)]
+        if not len(match):
+            raise ValueError(
+                f"{compound!r} was not profiled at {concentration:g}; its doses are "
+                f"{sorted(set(doses.tolist()))}."
+            )
+        query = match[0]
+    unit = values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-12)
+    similarity = unit @ unit[query]
+    table = consensus.drop(columns=features).assign(cosine_similarity=similarity)
+    others = table[~own].sort_values("cosine_similarity", ascending=False)
+    best = others.drop_duplicates("Metadata_Compound").head(k)
+    neighbors = pd.concat([table.iloc[[query]], best]).assign(rank=range(len(best) + 1))
+    top = np.argsort(-np.abs(values[query]), kind="stable")[:n_features]
+    rows = values[neighbors.index.to_numpy()][:, top]
+    labels = (
+        neighbors["Metadata_Compound"]
+        + " @ "
+        + neighbors["Metadata_Concentration"].map("{:g}".format)
+    )
+    long = pd.DataFrame(
+        {
+            "feature": np.tile(np.asarray(features)[top], len(neighbors)),
+            "label": np.repeat(labels.to_numpy(), len(top)),
+            "value": rows.ravel(),
+            "rank": np.repeat(neighbors["rank"].to_numpy(), len(top)),
+        }
+    )
+    return neighbors.reset_index(drop=True), long

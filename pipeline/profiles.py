@@ -8,6 +8,7 @@ hit-calling issue brings mAP, permutation p-values and FDR.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -114,33 +115,44 @@ def normalize_to_controls(
     if missing:
         raise ValueError(f"profiles lacks columns {sorted(missing)}.")
     features = feature_columns(profiles)
-    centres, spreads = [], []
-    for plate, group in profiles.groupby("Metadata_Plate", sort=False):
-        controls = group.loc[group["Metadata_Role"] == control_role, features]
-        if controls.empty:
-            raise ValueError(
-                f"plate {plate!r} has no {control_role} wells; normalization is fitted "
-                "on them."
-            )
-        if method == "robust_z":
-            centre = controls.median()
-            spread = (controls - centre).abs().median() * MAD_SCALE
-            # a MAD of 0 (e.g. a count, or an embedding dimension that is 0 in most
-            # controls) falls back to the controls' standard deviation
-            spread = spread.where(spread > min_spread, controls.std(ddof=1))
-        else:
-            centre, spread = controls.mean(), controls.std(ddof=1)
-        centres.append(pd.DataFrame([centre] * len(group), index=group.index))
-        spreads.append(pd.DataFrame([spread] * len(group), index=group.index))
-    centre_all = pd.concat(centres).loc[profiles.index]
-    spread_all = pd.concat(spreads).loc[profiles.index]
-    keep = [f for f in features if (spread_all[f] > min_spread).all()]
-    if features and not keep:
+    values = profiles[features].to_numpy(float)
+    plates = profiles["Metadata_Plate"].to_numpy()
+    is_control = (profiles["Metadata_Role"] == control_role).to_numpy()
+    centre = np.full_like(values, np.nan)
+    spread = np.full_like(values, np.nan)
+    with warnings.catch_warnings():  # all-NaN features: NaN spread, dropped below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for plate in pd.unique(plates):
+            rows = plates == plate
+            controls = values[rows & is_control]
+            if not len(controls):
+                raise ValueError(
+                    f"plate {plate!r} has no {control_role} wells; normalization is "
+                    "fitted on them."
+                )
+            if method == "robust_z":
+                middle = np.nanmedian(controls, axis=0)
+                scale = np.nanmedian(np.abs(controls - middle), axis=0) * MAD_SCALE
+                # a MAD of 0 (e.g. a count, or an embedding dimension that is 0 in
+                # most controls) falls back to the controls' standard deviation
+                scale = np.where(
+                    scale > min_spread, scale, np.nanstd(controls, axis=0, ddof=1)
+                )
+            else:
+                middle = np.nanmean(controls, axis=0)
+                scale = np.nanstd(controls, axis=0, ddof=1)
+            centre[rows], spread[rows] = middle, scale
+    kept = (spread > min_spread).all(axis=0)
+    if features and not kept.any():
         raise ValueError(
             f"none of the {len(features)} features varies within the {control_role} "
             "wells of every plate; nothing can be normalized."
         )
-    normalized = (profiles[keep] - centre_all[keep]) / spread_all[keep]
+    normalized = pd.DataFrame(
+        (values[:, kept] - centre[:, kept]) / spread[:, kept],
+        index=profiles.index,
+        columns=[f for f, k in zip(features, kept, strict=True) if k],
+    )
     joined = pd.concat([profiles[metadata_columns(profiles)], normalized], axis=1)
     return joined.copy()  # one block per dtype: later column inserts stay cheap
 

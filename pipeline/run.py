@@ -15,7 +15,7 @@ import logging
 import platform
 import time
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -41,10 +41,18 @@ from pipeline.config import (
 )
 from pipeline.crops import crop_cells, default_crop_size
 from pipeline.errors import InputError, PipelineError, collect_input_errors
+from pipeline.export import aggregate_run
 from pipeline.features import FEATURE_SET_NAME, feature_names, measure_cells
+from pipeline.gallery import sample_fields
 from pipeline.illumination import correct as correct_illumination
 from pipeline.illumination import downsample, illumination_function
-from pipeline.io import compile_pattern, discover_fields, read_field, write_labels
+from pipeline.io import (
+    compile_pattern,
+    discover_fields,
+    read_field,
+    resolve_under,
+    write_labels,
+)
 from pipeline.platemap import (
     check_platemap_against_fields,
     infer_plate_format,
@@ -240,8 +248,9 @@ def process_field(
     Returns
     -------
     dict
-        ``cells`` (DataFrame), ``features`` (ndarray (N, F) float32), ``qc`` (of
-        the raw field) and ``seconds`` per step; or ``error`` (str naming the file)
+        ``cells`` (DataFrame), ``features`` (ndarray (N, F) float32), ``masks``
+        (the labels packed by `db.store.encode_masks`), ``qc`` (of the raw field)
+        and ``seconds`` per step; or ``error`` (str naming the file)
         when the field's files cannot be read or are inconsistent.
     """
     start = time.perf_counter()
@@ -271,6 +280,7 @@ def process_field(
     return {
         "cells": table,
         "features": features.to_numpy(np.float32),
+        "masks": store.encode_masks(nuclei, cells),
         "qc": qc,
         "seconds": {
             "read": read_s - start,
@@ -472,6 +482,7 @@ def _process_fields(
                     features=result["features"],
                     qc=result["qc"],
                     seconds=result["seconds"],
+                    masks=result["masks"],
                 )
                 n_cells += len(result["cells"])
                 for step, seconds in result["seconds"].items():
@@ -652,6 +663,8 @@ def run_experiment(
     store.finish_run(
         engine, run_id, status="complete", message=message, timings=timings
     )
+    # the dashboard and later commands read these instead of every cell
+    aggregate_run(engine, run_id, FEATURE_SET_NAME, kind="classical")
     failed_ids = {fid for fid, _ in failures}
     for plate, group in fields.groupby("Metadata_Plate"):
         logger.info(
@@ -767,6 +780,71 @@ CELL_QUERY_FIELDS = 256
 
 
 @dataclass(frozen=True)
+class StoredFieldReader:
+    """Reads a run's fields again as the run saw them (files, channels, illumination).
+
+    Attributes
+    ----------
+    image_root : str
+    channel_names : list of str
+    channel_indexes : list of int or None
+        Per channel, its plane in a multi-channel file (None: one file per channel).
+    illumination : dict
+        Plate id -> (C, Y', X') illumination function; empty when switched off.
+    fields : DataFrame
+        The run's completed fields (`db.store.read_run_fields`).
+    """
+
+    image_root: str
+    channel_names: list[str]
+    channel_indexes: list[int | None]
+    illumination: dict[int, np.ndarray]
+    fields: pd.DataFrame
+
+    @classmethod
+    def open(cls, engine: Engine, run_id: int) -> StoredFieldReader:
+        """Read a run's config, fields and illumination functions from the store.
+
+        Raises
+        ------
+        ValueError
+            If the run does not exist.
+        """
+        config_toml, image_root, fields = store.read_run_fields(engine, run_id)
+        config = config_from_dict(tomllib.loads(config_toml), source=f"run {run_id}")
+        names = list(config.input.channels)
+        pattern = compile_pattern(
+            layout=config.input.layout, pattern=config.input.pattern
+        )
+        indexes = (
+            [None] * len(names)
+            if "channel" in pattern.groupindex
+            else [int(t) for t in config.input.channels.values()]
+        )
+        illumination = store.read_illumination(engine, run_id, names)
+        return cls(image_root, names, indexes, illumination, fields)
+
+    def read(self, field: Any) -> np.ndarray:
+        """Return a field (a row of `fields`) corrected, (C, Y, X) float32.
+
+        Raises
+        ------
+        OSError, ValueError
+            If a file cannot be read, or its stored name leads outside the image
+            root (`pipeline.io.resolve_under`).
+        """
+        paths = [
+            str(resolve_under(self.image_root, field.files[name]))
+            for name in self.channel_names
+        ]
+        return load_field(
+            paths,
+            channel_indexes=self.channel_indexes,
+            illumination=self.illumination.get(field.plate_id),
+        )[1]
+
+
+@dataclass(frozen=True)
 class FieldCrops:
     """The single-cell crops of one field (see `iter_field_crops`)."""
 
@@ -792,8 +870,8 @@ def iter_field_crops(
 
     Each field is read again and corrected with the run's stored illumination
     functions; crops are centred on the stored nucleus centroids. With
-    `with_masks` the field is also segmented again with the run's config
-    (deterministic, so object k is the stored cell k) to return each cell's mask.
+    `with_masks` each crop also gets its own cell's mask from the field's stored
+    labels.
 
     Parameters
     ----------
@@ -807,7 +885,7 @@ def iter_field_crops(
     field_ids : set of int, optional
         Only these fields.
     with_masks : bool
-        Also return the cell masks (costs a segmentation per field).
+        Also return the cell masks.
 
     Yields
     ------
@@ -820,52 +898,30 @@ def iter_field_crops(
     ValueError
         If the run does not exist.
     """
-    config_toml, image_root, fields = store.read_run_fields(engine, run_id)
-    config = config_from_dict(tomllib.loads(config_toml), source=f"run {run_id}")
-    channel_names = list(config.input.channels)
-    per_channel = (
-        "channel"
-        in compile_pattern(
-            layout=config.input.layout, pattern=config.input.pattern
-        ).groupindex
-    )
-    indexes = (
-        [None] * len(channel_names)
-        if per_channel
-        else [int(t) for t in config.input.channels.values()]
-    )
-    illumination = store.read_illumination(engine, run_id, channel_names)
+    reader = StoredFieldReader.open(engine, run_id)
+    fields = reader.fields
     if not include_flagged:
         fields = fields[fields["qc_flags"] == ""]
     if field_ids is not None:
         fields = fields[fields["field_id"].isin(field_ids)]
     cells: dict[int, pd.DataFrame] = {}
+    labels: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for i, row in enumerate(fields.itertuples(index=False)):
         if i % CELL_QUERY_FIELDS == 0:  # one query per group of fields
             group = fields["field_id"].iloc[i : i + CELL_QUERY_FIELDS]
             cells = store.read_field_cells(engine, run_id, group)
-        paths = [str(Path(image_root) / row.files[name]) for name in channel_names]
-        _, image = load_field(
-            paths, channel_indexes=indexes, illumination=illumination.get(row.plate_id)
-        )
+            if with_masks:
+                labels = store.read_field_masks(engine, run_id, group)
+        image = reader.read(row)
         stored = cells[int(row.field_id)]
         numbers = stored["object_number"].to_numpy()
         if size is None and len(stored):
             size = default_crop_size(stored["area_px"].to_numpy())
-        labels = None
-        if with_masks:
-            labels = segment_image(
-                image,
-                channel_names=channel_names,
-                nuclei_channel=config.input.nuclei_channel,
-                cytoplasm_channel=config.input.cytoplasm_channel,
-                segment=asdict(config.segment),
-            )[1]
         crops, masks = crop_cells(
             image,
             stored[["centroid_y", "centroid_x"]].to_numpy(),
             size or 64,
-            cell_labels=labels,
+            cell_labels=labels[int(row.field_id)][1] if with_masks else None,
             object_numbers=numbers if with_masks else None,
         )
         yield FieldCrops(
@@ -877,3 +933,98 @@ def iter_field_crops(
             crops=crops,
             masks=masks,
         )
+
+
+def sample_cell_crops(
+    engine: Engine,
+    run_id: int,
+    *,
+    wells: pd.DataFrame | None = None,
+    cells: Sequence[tuple[str, str, int, int]] = (),
+    n_cells: int = 24,
+    n_fields: int = 8,
+    size: int | None = None,
+    rng: int = 0,
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Return crops and masks of a random sample of cells from some wells, or of cells.
+
+    Only `n_fields` fields are read (one per well first, `pipeline.gallery.
+    sample_fields`), so a selection of any size costs a few field reads; fields
+    flagged by QC are left out.
+
+    Parameters
+    ----------
+    engine : Engine
+    run_id : int
+    wells : DataFrame, optional
+        ``Metadata_Plate``, ``Metadata_Well`` of the wells to sample from.
+    cells : sequence of (plate, well, site, object number)
+        Exact cells to show (e.g. selected on the phenotype map); used instead of
+        `wells` when given.
+    n_cells, n_fields : int
+        At most this many cells, from at most this many fields.
+    size : int, optional
+        Crop side (default from the nucleus size, as for embedding).
+    rng : int
+        Seed.
+
+    Returns
+    -------
+    crops : ndarray of shape (N, C, S, S), float32
+        Illumination-corrected.
+    masks : ndarray of shape (N, S, S), bool
+        Each crop's own cell.
+    table : DataFrame
+        ``Metadata_Plate``, ``Metadata_Well``, ``Metadata_Site``,
+        ``Metadata_ObjectNumber`` of each crop.
+
+    Raises
+    ------
+    ValueError
+        If neither `wells` nor `cells` is given, `n_cells` or `n_fields` < 1, or
+        the run does not exist.
+    """
+    if n_cells < 1 or n_fields < 1:
+        raise ValueError(f"n_cells = {n_cells} and n_fields = {n_fields} must be >= 1.")
+    if wells is None and not cells:
+        raise ValueError("give wells or cells to sample from.")
+    _, _, fields = store.read_run_fields(engine, run_id)
+    fields = fields[fields["qc_flags"] == ""]
+    site_key = ["Metadata_Plate", "Metadata_Well", "Metadata_Site"]
+    if cells:
+        wanted = pd.DataFrame(
+            list(cells), columns=[*site_key, "Metadata_ObjectNumber"]
+        ).head(n_cells)
+        chosen = fields.merge(wanted[site_key].drop_duplicates(), on=site_key)
+    else:
+        keys = ["Metadata_Plate", "Metadata_Well"]
+        chosen = sample_fields(
+            fields.merge(wells[keys].drop_duplicates(), on=keys), n_fields, rng=rng
+        )
+    parts: list[tuple[np.ndarray, np.ndarray, pd.DataFrame]] = []
+    for field in iter_field_crops(
+        engine, run_id, size=size, field_ids=set(chosen["field_id"]), with_masks=True
+    ):
+        table = pd.DataFrame(
+            {"Metadata_Plate": field.plate, "Metadata_Well": field.well,
+             "Metadata_Site": field.site,
+             "Metadata_ObjectNumber": field.object_numbers}
+        )  # fmt: skip
+        if cells:
+            keep = table.merge(wanted, how="left", indicator=True)["_merge"] == "both"
+            keep = keep.to_numpy()
+        else:
+            keep = np.ones(len(table), bool)
+        parts.append((field.crops[keep], field.masks[keep], table[keep]))
+    if not parts:
+        side = size or 64
+        return (np.zeros((0, 0, side, side), np.float32),
+                np.zeros((0, side, side), bool), pd.DataFrame(columns=[*site_key,
+                "Metadata_ObjectNumber"]))  # fmt: skip
+    crops = np.concatenate([p[0] for p in parts])
+    masks = np.concatenate([p[1] for p in parts])
+    table = pd.concat([p[2] for p in parts], ignore_index=True)
+    if len(table) > n_cells:
+        pick = np.sort(np.random.default_rng(rng).permutation(len(table))[:n_cells])
+        crops, masks, table = crops[pick], masks[pick], table.iloc[pick]
+    return crops, masks, table.reset_index(drop=True)

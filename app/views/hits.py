@@ -17,10 +17,14 @@ run_id = widgets.pick_run()
 if run_id is not None:
     hits, doses = data.load_hits(data.db_url(), run_id)
     st.subheader(f"{int(hits['is_hit'].sum())} of {len(hits)} compounds are hits")
-    st.dataframe(hits[HIT_COLUMNS], hide_index=True)
-    st.download_button(
-        "Download the hit list (CSV)", hits.to_csv(index=False), file_name="hits.csv"
-    )
+    show = st.radio(
+        "Show", ["all compounds", "hits only", "toxic only"], horizontal=True,
+        key="hits_filter",
+    )  # fmt: skip
+    shown = {"all compounds": hits, "hits only": hits[hits["is_hit"]],
+             "toxic only": hits[hits["is_toxic"]]}[show]  # fmt: skip
+    st.dataframe(shown.reindex(columns=HIT_COLUMNS), hide_index=True)
+    widgets.table_downloads(hits, "hits", key="hits_table")
     st.subheader("Dose response")
     compounds = hits["Metadata_Compound"].tolist()
     compound = st.selectbox("Compound", compounds, key="dose_response_compound")
@@ -31,11 +35,14 @@ if run_id is not None:
         activity.loc[activity["Metadata_Role"] == "negative_control", "activity"],
         compound=compound,
     )
-    st.plotly_chart(figure)
+    widgets.show_figure(figure, f"dose_response_{compound}", key="dose_figure")
+    of = activity[activity["Metadata_Compound"] == compound]
+    if st.button(f"Open the cells of {compound} in the gallery", key="hit_gallery"):
+        widgets.open_gallery(
+            compound,
+            wells=list(zip(of["Metadata_Plate"], of["Metadata_Well"], strict=True)),
+        )
     st.subheader("Compound-doses")
-    st.dataframe(doses[DOSE_COLUMNS], hide_index=True)
-    st.download_button(
-        "Download compound-doses with consensus profiles (CSV)",
-        doses.to_csv(index=False),
-        file_name="compound_doses.csv",
-    )
+    widgets.paged(doses.reindex(columns=DOSE_COLUMNS), key="doses_page")
+    st.caption("Downloads carry each compound-dose's consensus profile too.")
+    widgets.table_downloads(doses, "compound_doses", key="doses_table")

@@ -4,16 +4,20 @@ import plotly.express as px
 import streamlit as st
 
 from app import data, widgets
+from pipeline.gallery import parse_cell_label, selection_wells
 
 st.header("Phenotype map")
 st.caption(
     "Each point is a compound-dose (median of its wells), a well, or a sampled single "
     "cell, placed by UMAP of its DMSO-normalized profile; nearby points look alike. "
-    "Clusters: HDBSCAN on the map (-1 = unassigned)."
+    "Clusters: HDBSCAN on the map (-1 = unassigned). Click a point, or select points "
+    "with the box or lasso tool (toolbar above the map), to list them and open their "
+    "cells in the gallery."
 )
 run_id = widgets.pick_run()
 if run_id is not None:
-    points = data.load_phenotype_map(data.db_url(), run_id)
+    url = data.db_url()
+    points = data.load_phenotype_map(url, run_id)
     if points.empty:
         st.info(
             "No phenotype map stored for this run yet: run `phenoscreen map --db URL`."
@@ -22,15 +26,48 @@ if run_id is not None:
         levels = [
             v for v in ("compound_dose", "well", "cell") if v in set(points["level"])
         ]
-        level = st.radio("Points", levels, horizontal=True, key="map_level")
-        colour = st.selectbox(
-            "Colour by", ["cluster", "compound", "moa", "role", "activity"]
+        left, right = st.columns(2)
+        level = left.radio("Points", levels, horizontal=True, key="map_level")
+        colour = right.selectbox(
+            "Colour by", ["cluster", "compound", "moa", "role", "activity"],
+            key="map_colour",
+        )  # fmt: skip
+        shown = (
+            points[points["level"] == level]
+            .astype({"cluster": str})
+            .reset_index(drop=True)
         )
-        shown = points[points["level"] == level].astype({"cluster": str})
         figure = px.scatter(
             shown, x="umap_x", y="umap_y", color=colour, hover_name="label",
             hover_data=["compound", "concentration", "role", "moa", "activity"],
-            height=650,
+            custom_data=["label"], height=650,
         )  # fmt: skip
-        st.plotly_chart(figure)
-        st.dataframe(shown.drop(columns=["umap_x", "umap_y"]), hide_index=True)
+        event = widgets.show_figure(
+            figure, f"phenotype_map_{level}", key=f"map_{level}", on_select="rerun",
+            selection_mode=("points", "box", "lasso"),
+        )  # fmt: skip
+        labels = set(widgets.selected_customdata(event))
+        selected = shown[shown["label"].isin(labels)]
+        if len(selected):
+            st.subheader(f"{len(selected)} selected points")
+            table = selected.drop(columns=["umap_x", "umap_y"])
+            st.dataframe(table, hide_index=True)
+            widgets.table_downloads(table, "map_selection", key="map_selection")
+            if st.button("Open their cells in the gallery", key="map_gallery"):
+                wells = data.load_well_activity(url, run_id)
+                if level == "cell":
+                    widgets.open_gallery(
+                        f"{len(selected)} cells selected on the map",
+                        cells=[parse_cell_label(x) for x in selected["label"]],
+                    )
+                else:
+                    chosen = selection_wells(selected, wells)
+                    widgets.open_gallery(
+                        f"{len(selected)} {level.replace('_', '-')}s selected on "
+                        "the map",
+                        wells=list(chosen.itertuples(index=False, name=None)),
+                    )  # fmt: skip
+        else:
+            st.caption("No point selected: the table lists all points.")
+            widgets.paged(shown.drop(columns=["umap_x", "umap_y"]), key="map_page")
+            widgets.table_downloads(shown, f"phenotype_map_{level}", key="map_table")

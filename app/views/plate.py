@@ -1,4 +1,4 @@
-"""Plate view: a heatmap of a per-well metric for each plate."""
+"""Plate view: plate QC, a plate map of any per-well metric, a well's fields and cells."""
 
 import streamlit as st
 
@@ -7,16 +7,80 @@ from app import data, widgets
 st.header("Plates")
 run_id = widgets.pick_run()
 if run_id is not None:
+    url = data.db_url()
     st.subheader("Plate QC")
     st.caption(
         "Z' of the activity score: positive controls vs DMSO (> 0.5 is a good assay). "
         "Edge: DMSO cell count on the outer ring / inner wells (1 = no edge effect)."
     )
-    st.dataframe(data.load_plate_qc(data.db_url(), run_id), hide_index=True)
-    wells = data.load_well_profiles(data.db_url(), run_id)
+    st.dataframe(data.load_plate_qc(url, run_id), hide_index=True)
+    wells = data.load_plate_map_metrics(url, run_id)
+    st.subheader("Plate map")
     numeric = [c for c in wells.columns if wells[c].dtype.kind in "fi"]
-    metric = st.selectbox("Metric", numeric, index=numeric.index("Metadata_CellCount"))
-    for plate, group in wells.groupby("Metadata_Plate"):
-        st.plotly_chart(
-            widgets.plate_heatmap(group, metric, title=f"{plate}: {metric}")
+    first = ["Metadata_CellCount", "activity", "q_value", "Metadata_FlaggedFields"]
+    numeric = [*first, *(c for c in numeric if c not in first)]
+    left, right = st.columns(2)
+    plate = left.selectbox("Plate", sorted(wells["Metadata_Plate"].unique()))
+    metric = right.selectbox(
+        "Colour wells by", numeric,
+        help="cell count, activity (distance from the plate's DMSO), q-value of the "
+        "well's compound-dose, fields flagged by image QC, or any feature",
+    )  # fmt: skip
+    on_plate = wells[wells["Metadata_Plate"] == plate]
+    event = widgets.show_figure(
+        widgets.plate_heatmap(on_plate, metric, title=f"{plate}: {metric}"),
+        f"plate_{plate}_{metric}", key="plate_map", on_select="rerun",
+        selection_mode=("points", "box", "lasso"),
+    )  # fmt: skip
+    widgets.table_downloads(wells, "well_profiles", key="wells_table")
+
+    st.subheader("Well")
+    st.caption(
+        "Click a well on the map (or pick it here) to see its fields and cells; "
+        "box- or lasso-select several wells (toolbar above the map) to open their "
+        "cells in the gallery."
+    )
+    names = on_plate["Metadata_Well"].tolist()
+    clicked = [w for w in widgets.selected_customdata(event) if w in names]
+    if clicked:
+        st.session_state["plate_well"] = clicked[0]
+    elif st.session_state.get("plate_well") not in names:
+        st.session_state.pop("plate_well", None)
+    if len(clicked) > 1 and st.button(
+        f"Open the cells of the {len(clicked)} selected wells in the gallery",
+        key="wells_to_gallery",
+    ):
+        widgets.open_gallery(
+            f"{len(clicked)} wells of {plate}", wells=[(plate, w) for w in clicked]
         )
+    well = st.selectbox("Well", names, key="plate_well")
+    row = on_plate[on_plate["Metadata_Well"] == well].iloc[0]
+    st.markdown(
+        f"**{plate} {well}**: {widgets.treatment_label(row)}, "
+        f"{int(row['Metadata_CellCount'])} cells, activity {row['activity']:.2f}"
+    )
+    names = data.load_channels(url, run_id)
+    if not names:
+        st.info("This run holds imported profiles: it has no images or single cells.")
+        st.stop()
+    channels = widgets.pick_channels(names, key="well_ch")
+    thumbnails = data.load_field_thumbnails(url, run_id, plate, well, channels)
+    if not thumbnails:
+        st.info("This well has no completed field that passed QC.")
+    for column, (site, image) in zip(
+        st.columns(max(len(thumbnails), 3)), thumbnails, strict=False
+    ):
+        if isinstance(image, str):
+            column.warning(f"site {site}: {image}")
+        else:
+            column.image(
+                image, caption=f"site {site}: cells white, nuclei yellow",
+                width="stretch", output_format="PNG",
+            )  # fmt: skip
+    if st.button("Open this well's cells in the gallery", key="well_to_gallery"):
+        widgets.open_gallery(f"{plate} {well}", wells=[(plate, well)])
+    if st.toggle("Show this well's cells as a table", key="well_cells_table"):
+        cells = data.load_well_cells(url, run_id, plate, well)
+        st.caption(f"{len(cells):,} cells of {plate} {well} (one row per cell)")
+        widgets.paged(cells, key="well_cells_page")
+        widgets.table_downloads(cells, f"cells_{plate}_{well}", key="well_cells")

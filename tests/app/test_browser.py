@@ -95,6 +95,14 @@ def dashboard(demo_run, tmp_path):
         process.wait(timeout=30)
 
 
+def _drag_box(page, x0: float, y0: float, x1: float, y1: float) -> None:
+    """Drag a selection box on a Plotly chart (its box-select tool chosen)."""
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(x1, y1, steps=8)
+    page.mouse.up()
+
+
 @pytest.mark.slow
 def test_every_view_in_headless_chromium(dashboard, tmp_path):
     sync_playwright = _needs_browser()
@@ -102,7 +110,8 @@ def test_every_view_in_headless_chromium(dashboard, tmp_path):
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        # tall: Streamlit scrolls inside its own container, not the page
+        page = browser.new_page(viewport={"width": 1400, "height": 2400})
         page.goto(dashboard)
         page.get_by_text("compounds are hits").wait_for(timeout=60_000)
         # a true active in the table (st.dataframe draws on a canvas; its cells are
@@ -110,13 +119,23 @@ def test_every_view_in_headless_chromium(dashboard, tmp_path):
         page.get_by_text("Mitoglow").first.wait_for(state="attached")
         curve = page.locator(".js-plotly-plot .scatterlayer .trace")
         curve.first.wait_for(timeout=60_000)  # the top compound's dose response
-        page.screenshot(path=shots / "hits.png", full_page=True)
+        page.get_by_text("hits.parquet").wait_for()
+        page.screenshot(path=shots / "hits.png")
 
         page.get_by_role("link", name="Plates").click()
         page.get_by_text("Plate QC").wait_for(timeout=60_000)
-        heatmap = page.locator(".js-plotly-plot .heatmaplayer").first
-        heatmap.wait_for(timeout=60_000)  # one plate heatmap per plate
-        page.screenshot(path=shots / "plates.png", full_page=True)
+        wells = page.locator(".js-plotly-plot .scatterlayer .point")
+        wells.first.wait_for(timeout=60_000)
+        assert wells.count() == 96  # one square per well of the plate map
+        well = page.evaluate(
+            "document.querySelector('.js-plotly-plot').data[0].customdata[40]"
+        )
+        box = wells.nth(40).bounding_box()
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.get_by_text(f"DEMO-P1 {well}", exact=True).wait_for(timeout=60_000)
+        page.get_by_text("cells white, nuclei yellow").first.wait_for(timeout=60_000)
+        assert page.locator("[data-testid='stImage'] img").first.is_visible()
+        page.screenshot(path=shots / "plates.png")
 
         page.get_by_role("link", name="Phenotype map").click()
         page.get_by_role("heading", name="Phenotype map").wait_for(timeout=60_000)
@@ -124,14 +143,39 @@ def test_every_view_in_headless_chromium(dashboard, tmp_path):
         points = page.locator(".js-plotly-plot .scatterlayer .point")
         points.first.wait_for(timeout=60_000)
         assert points.count() > 20  # compound-doses of the demo plate
-        page.screenshot(path=shots / "phenotype_map.png", full_page=True)
+        page.locator("[data-title='Box Select']").first.click()  # plot toolbar
+        area = page.locator(".js-plotly-plot .nsewdrag").first.bounding_box()
+        _drag_box(page, area["x"] + 2, area["y"] + 2,
+                  area["x"] + area["width"] - 2, area["y"] + area["height"] / 2)  # fmt: skip
+        page.get_by_text("selected points").wait_for(timeout=60_000)
+        page.screenshot(path=shots / "phenotype_map.png")
+        page.get_by_role("button", name="Open their cells in the gallery").click()
+        page.get_by_text("selected on the map").wait_for(timeout=60_000)
+        cells = page.locator("[data-testid='stImage'] img")
+        cells.first.wait_for(timeout=60_000)
+        assert cells.count() >= 8
+        page.screenshot(path=shots / "gallery_of_map_selection.png")
+        page.get_by_role("button", name="Clear the selection").click()
+        page.get_by_text("Show cells of").wait_for(timeout=60_000)  # rerun done
+
+        page.get_by_role("link", name="Compare compounds").click()
+        page.get_by_text("Top features of").wait_for(timeout=60_000)
+        page.get_by_text("cosine_similarity").first.wait_for(state="attached")
+        page.screenshot(path=shots / "compare.png")
+
+        page.get_by_role("link", name="Cell gallery").click()
+        page.get_by_text("Show cells of").wait_for(timeout=60_000)
+        cells.first.wait_for(timeout=60_000)
+        assert cells.count() == 24  # the default sample of the first compound
+        page.screenshot(path=shots / "gallery.png")
 
         page.get_by_role("link", name="Runs").click()
         page.get_by_text("complete").first.wait_for(state="attached", timeout=60_000)
         page.get_by_text("Provenance").wait_for()
         page.get_by_text("[input]").first.wait_for()  # the run's config
-        page.screenshot(path=shots / "runs.png", full_page=True)
+        page.screenshot(path=shots / "runs.png")
         browser.close()
     assert sorted(p.name for p in shots.glob("*.png")) == [
-        "hits.png", "phenotype_map.png", "plates.png", "runs.png",
+        "compare.png", "gallery.png", "gallery_of_map_selection.png", "hits.png",
+        "phenotype_map.png", "plates.png", "runs.png",
     ]  # fmt: skip

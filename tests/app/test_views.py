@@ -14,7 +14,9 @@ from pipeline.export import phenotype_map_table, read_well_profiles, sample_cell
 from tests.conftest import copy_store
 
 APP = Path(__file__).resolve().parents[2] / "app"
-VIEWS = ["hits.py", "plate.py", "phenotype_map.py", "runs.py"]
+VIEWS = [
+    "hits.py", "plate.py", "phenotype_map.py", "compare.py", "gallery.py", "runs.py"
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +57,97 @@ def test_hits_view_lists_compounds_and_doses(demo_store, monkeypatch):
     assert len(app.get("plotly_chart")) == 1  # the dose response of the top compound
     app.selectbox(key="dose_response_compound").set_value("Mitoglow").run()
     assert not app.exception and len(app.get("plotly_chart")) == 1
+    app.radio(key="hits_filter").set_value("hits only").run()
+    assert app.dataframe[0].value["is_hit"].all()
+    labels = {b.label for b in app.get("download_button")}
+    assert {
+        "hits.csv",
+        "hits.parquet",
+        "compound_doses.parquet",
+        "dose_response_Mitoglow.png",
+        "dose_response_Mitoglow.html",
+    } <= labels
 
 
-def test_plate_view_draws_one_heatmap_per_plate(demo_store, monkeypatch):
+def test_plate_view_maps_a_plate_and_shows_a_wells_fields_and_cells(
+    demo_store, monkeypatch
+):
     app = run_view("plate.py", demo_store, monkeypatch)
     assert not app.exception
-    assert len(app.get("plotly_chart")) == 1
+    assert len(app.get("plotly_chart")) == 1  # the chosen plate's map
     qc = app.dataframe[0].value
     assert qc.loc[0, "Metadata_Plate"] == "DEMO-P1" and qc.loc[0, "n_positive"] == 8
+    app.selectbox(key="plate_well").set_value("C05").run()
+    assert not app.exception
+    assert (
+        "DEMO-P1 C05" in app.markdown[0].value and "Mitoglow" in app.markdown[0].value
+    )
+    assert len(app.get("image")) == 1  # its one field, with outlines
+    assert len(app.dataframe) == 1  # the cell table only on request
+    app.toggle(key="well_cells_table").set_value(True).run()
+    cells = app.dataframe[1].value
+    assert set(cells["Metadata_Well"]) == {"C05"} and len(cells) > 3
+    assert "Nuclei_AreaShape_Area" in cells.columns
+    labels = [b.label for b in app.get("download_button")]
+    assert {"well_profiles.csv", "well_profiles.parquet",
+            "cells_DEMO-P1_C05.parquet"} <= set(labels)  # fmt: skip
+    app.multiselect(key="well_ch").set_value(["DNA"]).run()  # one channel shown
+    assert not app.exception and len(app.get("image")) == 1
+
+
+def test_well_click_opens_its_cells_in_the_gallery(demo_store, monkeypatch):
+    monkeypatch.setenv("PHENOSCREEN_DB_URL", demo_store)
+    app = AppTest.from_file(str(APP / "streamlit_app.py"), default_timeout=60).run()
+    app.switch_page("views/plate.py").run()
+    app.selectbox(key="plate_well").set_value("C05").run()
+    app.button(key="well_to_gallery").click().run()
+    assert not app.exception
+    assert app.header[0].value == "Cell gallery"
+    assert app.subheader[0].value == "Selection: DEMO-P1 C05"
+    images = app.get("image")
+    assert 3 < len(images) <= 24
+    assert all("DEMO-P1/C05" in i.proto.imgs[0].caption for i in images)
+    # AppTest reruns the page it was last told to, not the one switched to
+    app.switch_page("views/gallery.py").run()
+    assert app.subheader[0].value == "Selection: DEMO-P1 C05"
+    app.button(key="gallery_clear").click().run()
+    assert not app.exception and app.radio(key="gallery_source").value == "compound"
+
+
+def test_gallery_shows_cells_of_a_compound_a_well_and_a_cluster(demo_store,
+                                                               monkeypatch):  # fmt: skip
+    app = run_view("gallery.py", demo_store, monkeypatch)
+    assert not app.exception
+    app.selectbox(key="gallery_compound").set_value("Nucleomax").run()
+    app.slider(key="gallery_n").set_value(16).run()
+    images = app.get("image")
+    assert len(images) == 16
+    first = [i.proto.imgs[0].caption for i in images]
+    app.button(key="gallery_resample").click().run()
+    assert [i.proto.imgs[0].caption for i in app.get("image")] != first
+    app.radio(key="gallery_source").set_value("well").run()
+    app.selectbox(key="gallery_well").set_value("H12").run()
+    assert not app.exception and len(app.get("image")) >= 1
+    app.radio(key="gallery_source").set_value("cluster").run()
+    assert not app.exception  # before `phenoscreen map`: a message, no crash
+    assert "phenoscreen map" in app.info[0].value
+
+
+def test_compare_view_lists_neighbours_and_top_features(demo_store, monkeypatch):
+    app = run_view("compare.py", demo_store, monkeypatch)
+    assert not app.exception
+    app.selectbox(key="compare_compound").set_value("Mitoglow").run()
+    app.slider(key="compare_k").set_value(4).run()
+    neighbors = app.dataframe[0].value
+    assert neighbors.loc[0, "Metadata_Compound"] == "Mitoglow"
+    assert neighbors["rank"].tolist() == [0, 1, 2, 3, 4]
+    assert "Mitoglow" not in set(neighbors["Metadata_Compound"].iloc[1:])
+    assert len(app.get("plotly_chart")) == 1
+    app.selectbox(key="compare_dose").set_value(10.0).run()
+    assert (
+        not app.exception
+        and app.dataframe[0].value.loc[0, "Metadata_Concentration"] == 10.0
+    )
 
 
 def test_phenotype_map_view_before_and_after_the_map_is_stored(demo_store, monkeypatch):
@@ -146,3 +231,39 @@ def test_app_never_imports_torch_or_models():
         [sys.executable, "-c", code], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_views_on_imported_profiles_without_images(tmp_path, monkeypatch):
+    from pipeline.importers import import_profiles
+    from tests.pipeline.test_importers import pycytominer_wells
+
+    path = tmp_path / "plates_normalized.csv"
+    pycytominer_wells().to_csv(path, index=False)
+    url = f"sqlite:///{tmp_path}/imported.db"
+    import_profiles(make_engine(url), path)
+    st.cache_data.clear()
+    for view in VIEWS:
+        app = run_view(view, url, monkeypatch)
+        assert not app.exception, view
+    plate = run_view("plate.py", url, monkeypatch)
+    assert "no images" in plate.info[0].value
+    assert len(plate.get("plotly_chart")) == 1  # the plate map still shows
+    gallery = run_view("gallery.py", url, monkeypatch)
+    assert "no images" in gallery.info[0].value
+    compare = run_view("compare.py", url, monkeypatch)
+    assert compare.dataframe[0].value.loc[0, "rank"] == 0
+
+
+def test_figure_png_export_renders_with_the_local_chromium():
+    import shutil
+
+    if not (shutil.which("chromium") or shutil.which("google-chrome")):
+        pytest.skip("PNG export needs Chrome/Chromium (Debian chromium)")
+    wells = pd.DataFrame(
+        {"Metadata_Concentration": [0.1, 1.0], "activity": [1.0, 2.0],
+         "Metadata_Plate": "P1", "Metadata_Well": ["A01", "A02"]}
+    )  # fmt: skip
+    figure = dose_response_figure(wells, pd.Series(dtype=float), wells["activity"],
+                                  compound="X")  # fmt: skip
+    png = figure.to_image(format="png", scale=1)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000

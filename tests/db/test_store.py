@@ -308,3 +308,117 @@ def test_phenotype_map_roundtrip_replaces_previous(db_url):
     assert stored.loc[0, "cluster"] == -1 and stored.loc[0, "plate"] is None
     with pytest.raises(ValueError, match="lacks columns"):
         store.write_phenotype_map(engine, run_id, points.drop(columns="cluster"))
+
+
+def test_masks_are_stored_with_the_field_and_removed_with_it(db_url):
+    engine = make_engine(db_url)
+    experiment_id, fields = register(engine)
+    run_id, fs = open_run(engine, experiment_id)
+    field_id = int(fields["field_id"].iloc[0])
+    nuclei = np.zeros((40, 50), np.int32)
+    nuclei[5:10, 5:10], nuclei[20:30, 20:30] = 1, 2
+    cells = np.where(nuclei > 0, nuclei, 0)
+    cells[3:12, 3:12] = 1
+    packed = store.encode_masks(nuclei, cells)
+    assert packed["dtype"] == "<u2" and len(packed["labels"]) < nuclei.nbytes / 10
+    table, features = cells_of(2)
+    store.write_field_cells(
+        engine, run_id=run_id, field_id=field_id, feature_set_id=fs, cells=table,
+        features=features, qc={}, seconds={}, masks=packed,
+    )  # fmt: skip
+    got = store.read_field_masks(engine, run_id, [field_id, 999])
+    assert list(got) == [field_id]
+    np.testing.assert_array_equal(got[field_id][0], nuclei)
+    np.testing.assert_array_equal(got[field_id][1], cells)
+    store.write_field_failure(engine, run_id=run_id, field_id=field_id, error="x")
+    assert store.read_field_masks(engine, run_id, [field_id]) == {}
+
+
+def test_encode_masks_keeps_large_labels_and_rejects_bad_input():
+    big = np.full((3, 4), 70_000, np.int64)
+    packed = store.encode_masks(big, big)
+    assert packed["dtype"] == "<u4"
+    np.testing.assert_array_equal(store.decode_masks(packed)[1], big)
+    with pytest.raises(ValueError, match="same shape"):
+        store.encode_masks(np.zeros((3, 4)), np.zeros((4, 3)))
+    with pytest.raises(ValueError, match=">= 0"):
+        store.encode_masks(-big, big)
+
+
+def test_well_aggregates_are_cached_for_complete_runs_and_dropped_on_writes(db_url):
+    engine = make_engine(db_url)
+    experiment_id, fields = register(engine)
+    run_id, fs = open_run(engine, experiment_id)
+    wells = store.read_wells(engine, experiment_id)
+    profiles = pd.DataFrame(
+        {"well_id": wells["well_id"], "Metadata_CellCount": [3, 4],
+         "a": [1.0, 2.0], "b": [3.0, 4.0], "c": [5.0, 6.0]}
+    )  # fmt: skip
+    cache = dict(include_flagged=False, profiles=profiles)
+    assert not store.write_well_aggregates(
+        engine, run_id, "classical_baseline", **cache
+    )
+    store.finish_run(engine, run_id, status="complete", message=None, timings={})
+    assert store.write_well_aggregates(engine, run_id, "classical_baseline", **cache)
+    got = store.read_well_aggregates(
+        engine, run_id, "classical_baseline", include_flagged=False
+    )
+    np.testing.assert_array_equal(got[["a", "b", "c"]], profiles[["a", "b", "c"]])
+    assert got["Metadata_CellCount"].tolist() == [3, 4]
+    assert (
+        store.read_well_aggregates(
+            engine, run_id, "classical_baseline", include_flagged=True
+        )
+        is None
+    )
+    store.write_field_flags(engine, run_id, pd.Series(dtype=str))  # QC re-flagged
+    assert (
+        store.read_well_aggregates(
+            engine, run_id, "classical_baseline", include_flagged=False
+        )
+        is None
+    )
+    with pytest.raises(ValueError, match="lacks columns"):
+        store.write_well_aggregates(
+            engine, run_id, "classical_baseline", include_flagged=False,
+            profiles=profiles.drop(columns="b"),
+        )  # fmt: skip
+
+
+def test_iter_plate_cells_of_some_wells(db_url):
+    engine = make_engine(db_url)
+    experiment_id, fields = register(engine)
+    run_id, fs = open_run(engine, experiment_id)
+    for i, field_id in enumerate(fields["field_id"]):
+        table, features = cells_of(3 + i)
+        store.write_field_cells(
+            engine, run_id=run_id, field_id=int(field_id), feature_set_id=fs,
+            cells=table, features=features, qc={}, seconds={},
+        )  # fmt: skip
+    wells = store.read_wells(engine, experiment_id)
+    b02 = wells.loc[wells["Metadata_Well"] == "B02", "well_id"].tolist()
+    chunks = list(
+        store.iter_plate_cells(engine, run_id, "classical_baseline", well_ids=b02)
+    )
+    assert len(chunks) == 1 and set(chunks[0][1]["Metadata_Well"]) == {"B02"}
+    assert len(chunks[0][1]) == 5
+    assert not list(
+        store.iter_plate_cells(engine, run_id, "classical_baseline", well_ids=[])
+    )
+
+
+def test_count_flagged_fields_per_well(db_url):
+    engine = make_engine(db_url)
+    experiment_id, fields = register(engine)
+    run_id, fs = open_run(engine, experiment_id)
+    for field_id in fields["field_id"]:
+        table, features = cells_of(2)
+        store.write_field_cells(
+            engine, run_id=run_id, field_id=int(field_id), feature_set_id=fs,
+            cells=table, features=features, qc={}, seconds={},
+        )  # fmt: skip
+    first = int(fields["field_id"].iloc[0])
+    store.write_field_flags(engine, run_id, pd.Series({first: "blurred"}))
+    counts = store.count_flagged_fields(engine, run_id).set_index("Metadata_Well")
+    assert counts["Metadata_FlaggedFields"].to_dict() == {"A01": 1, "B02": 0}
+    assert store.count_flagged_fields(engine, 999).empty

@@ -2,7 +2,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.moa import consensus_profiles, nearest_neighbors, predict_moa
+from pipeline.moa import (
+    compare_compound,
+    consensus_profiles,
+    nearest_neighbors,
+    predict_moa,
+)
 
 
 def make_wells(rng=0, n_batches=2):
@@ -118,3 +123,29 @@ def test_moa_functions_reject_bad_input():
         )
     with pytest.raises(ValueError, match="k = 0"):
         nearest_neighbors(consensus, k=0)
+
+
+def test_compare_compound_ranks_neighbours_and_lists_top_features():
+    consensus = pd.DataFrame(
+        {"Metadata_Compound": ["A", "A", "B", "C", "C"],
+         "Metadata_Concentration": [0.1, 1.0, 1.0, 1.0, 10.0],
+         "Metadata_MoA": ["m", "m", "m", "n", "n"],
+         "f1": [0.1, 5.0, 4.0, -1.0, 0.0], "f2": [0.0, 1.0, 1.5, 3.0, 0.5],
+         "f3": [0.0, -3.0, -2.0, 0.0, 0.1]}
+    )  # fmt: skip
+    neighbors, features = compare_compound(consensus, "A", k=2, n_features=2)
+    assert neighbors["Metadata_Compound"].tolist() == ["A", "B", "C"]
+    assert neighbors.loc[0, "Metadata_Concentration"] == 1.0  # most active dose
+    assert neighbors.loc[0, "cosine_similarity"] == pytest.approx(1.0)
+    assert neighbors["rank"].tolist() == [0, 1, 2] and "Metadata_MoA" in neighbors
+    assert neighbors.loc[2, "Metadata_Concentration"] == 10.0  # C's closest dose
+    assert features["feature"].tolist()[:2] == ["f1", "f3"]  # |5| then |-3|
+    assert features.loc[features["label"] == "B @ 1", "value"].tolist() == [4.0, -2.0]
+    low, _ = compare_compound(consensus, "A", concentration=0.1, k=1)
+    assert low.loc[0, "Metadata_Concentration"] == 0.1
+    with pytest.raises(ValueError, match="no profile"):
+        compare_compound(consensus, "Z")
+    with pytest.raises(ValueError, match="doses are"):
+        compare_compound(consensus, "A", concentration=3.0)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        compare_compound(consensus, "A", k=0)

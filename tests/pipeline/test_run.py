@@ -7,6 +7,7 @@ import tifffile
 from distributed import LocalCluster
 from sqlalchemy import func, select
 
+from db import store
 from db.schema import Cell, FieldResult, Run
 from db.session import make_engine, session_scope
 from pipeline.config import config_from_dict
@@ -50,6 +51,14 @@ def test_run_experiment_then_rerun_skips_everything(demo_plate, db_url):
     assert (summary.n_fields, summary.n_processed, summary.n_failed) == (96, 96, 0)
     assert summary.n_cells > 96 * 4
     assert counts(db_url) == (summary.n_cells, 96)
+    engine = make_engine(db_url)  # masks of every field; well aggregates cached
+    masks = store.read_field_masks(engine, summary.run_id, range(1, 97))
+    assert len(masks) == 96
+    assert sum(int(cells.max()) for _, cells in masks.values()) == summary.n_cells
+    aggregates = store.read_well_aggregates(
+        engine, summary.run_id, "classical", include_flagged=False
+    )
+    assert aggregates["Metadata_CellCount"].sum() == summary.n_cells
     again = run_experiment(
         demo_plate["images"],
         demo_plate["platemap"],
