@@ -280,7 +280,12 @@ def dose_response_figure(
         )
         curve = bottom + (top - bottom) / (1 + (ec50 / grid) ** hill)
         figure.add_trace(go.Scatter(x=grid, y=curve, mode="lines", name="4PL fit"))
-        figure.add_vline(x=ec50, line_dash="dot", annotation_text=f"EC50 {ec50:.3g} uM")
+        figure.add_vline(x=ec50, line_dash="dot")
+        # annotations on a log axis take log10(x) (add_vline's own label does not)
+        figure.add_annotation(
+            x=np.log10(ec50), y=1, yref="paper", text=f"EC50 {ec50:.3g} uM",
+            showarrow=False, xanchor="left", yanchor="bottom",
+        )  # fmt: skip
     figure.update_layout(
         title=f"{compound}: activity vs dose ({fit.get('ec50_flag', 'no fit')})",
         xaxis_type="log", xaxis_title="concentration (uM)",

@@ -653,7 +653,7 @@ def dashboard_command(*, host: str, port: int) -> list[str]:
     """Return the command that serves the Streamlit app (the store URL comes by env)."""
     app = Path(__file__).resolve().parent.parent / "app" / "streamlit_app.py"
     return [
-        sys.executable, "-m", "streamlit", "run", str(app),
+        sys.executable, "-m", "app.serve", "run", str(app),
         "--server.address", host, "--server.port", str(port),
         "--server.headless", "true", "--browser.gatherUsageStats", "false",
         "--client.toolbarMode", "minimal",

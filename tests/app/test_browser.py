@@ -134,7 +134,8 @@ def test_every_view_in_headless_chromium(dashboard, tmp_path):
         page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
         page.get_by_text(f"DEMO-P1 {well}", exact=True).wait_for(timeout=60_000)
         page.get_by_text("cells white, nuclei yellow").first.wait_for(timeout=60_000)
-        assert page.locator("[data-testid='stImage'] img").first.is_visible()
+        field = page.locator("[data-testid='stImage'] img").first
+        field.wait_for(timeout=60_000)  # visible: the field with its outlines
         page.screenshot(path=shots / "plates.png")
 
         page.get_by_role("link", name="Phenotype map").click()

@@ -197,6 +197,8 @@ def test_dose_response_figure_draws_wells_fit_and_dmso():
     assert [t.name for t in figure.data] == ["wells", "4PL fit"]
     curve = figure.data[1]
     assert curve.y.min() > 0.99 and curve.y.max() < 5.01  # bottom .. top
+    label = figure.layout.annotations[-1]
+    assert label.text == "EC50 1 uM" and label.x == 0.0  # log10 on the log axis
     unfitted = dose_response_figure(
         wells, fit.drop("ec50"), pd.Series(dtype=float), compound="X"
     )
