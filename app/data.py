@@ -17,6 +17,7 @@ from db.store import (
     read_field_masks,
     read_phenotype_map,
     read_run_provenance,
+    read_wells,
     resolve_run,
     summarize_runs,
 )
@@ -130,13 +131,23 @@ def load_plate_map_metrics(url: str, run_id: int) -> pd.DataFrame:
     DataFrame
         The well profiles plus ``activity`` (distance from the plate's DMSO),
         ``q_value`` (of the well's compound-dose) and ``Metadata_FlaggedFields``
-        (fields left out by image QC).
+        (fields left out by image QC); wells whose every field was flagged come
+        with their metadata and NaN measurements.
     """
+    engine = get_engine(url)
     wells = load_well_profiles(url, run_id)
     activity = load_well_activity(url, run_id)
     _, doses = load_hits(url, run_id)
-    flagged = count_flagged_fields(get_engine(url), run_id)
+    flagged = count_flagged_fields(engine, run_id)
     keys = ["Metadata_Plate", "Metadata_Well"]
+    # wells whose every field was flagged have no profile: shown with metadata only
+    only_flagged = flagged.merge(wells[keys], how="left", indicator=True)
+    only_flagged = only_flagged[only_flagged["_merge"] == "left_only"][keys]
+    if len(only_flagged):
+        metadata = read_wells(engine, resolve_run(engine, run_id)[1])
+        metadata = metadata[[c for c in metadata.columns if c in wells.columns]]
+        wells = pd.concat([wells, only_flagged.merge(metadata, on=keys)],
+                          ignore_index=True)  # fmt: skip
     return (
         wells.merge(activity[[*keys, "activity"]], on=keys, how="left")
         .merge(doses[[*DOSE_KEYS, "q_value"]], on=DOSE_KEYS, how="left")
@@ -147,13 +158,15 @@ def load_plate_map_metrics(url: str, run_id: int) -> pd.DataFrame:
 @st.cache_data(max_entries=64)
 def load_field_thumbnails(
     url: str, run_id: int, plate: str, well: str, channels: tuple[int, ...]
-) -> list[tuple[int, np.ndarray | str]]:
+) -> list[tuple[str, np.ndarray | str]]:
     """Return each field of a well as an RGB thumbnail with its stored outlines.
 
     Returns
     -------
-    list of (site, ndarray (Y, X, 3) uint8 or str)
-        The message instead of the image when a field's files cannot be read.
+    list of (caption, ndarray (Y, X, 3) uint8 or str)
+        Caption: the site and its QC flags (flagged fields are shown, but left out
+        of profiles); the message instead of the image when a field's files
+        cannot be read.
     """
     reader = _field_reader(url, run_id)
     fields = reader.fields[
@@ -162,13 +175,16 @@ def load_field_thumbnails(
     ]
     masks = read_field_masks(get_engine(url), run_id, fields["field_id"])
 
-    def thumbnail(field: Any) -> tuple[int, np.ndarray | str]:
+    def thumbnail(field: Any) -> tuple[str, np.ndarray | str]:
+        caption = f"site {field.Metadata_Site}" + (
+            f" (QC: {field.qc_flags}, left out of profiles)" if field.qc_flags else ""
+        )
         try:
             image = reader.read(field)
         except (OSError, ValueError) as exc:
-            return int(field.Metadata_Site), str(exc)
+            return caption, str(exc)
         nuclei, cells = masks.get(field.field_id, (None, None))
-        return int(field.Metadata_Site), field_thumbnail(
+        return caption, field_thumbnail(
             image, nuclei, cells, limits=display_limits(image), channels=channels
         )
 

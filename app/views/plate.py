@@ -1,5 +1,6 @@
 """Plate view: plate QC, a plate map of any per-well metric, a well's fields and cells."""
 
+import pandas as pd
 import streamlit as st
 
 from app import data, widgets
@@ -57,7 +58,11 @@ if run_id is not None:
     row = on_plate[on_plate["Metadata_Well"] == well].iloc[0]
     st.markdown(
         f"**{plate} {well}**: {widgets.treatment_label(row)}, "
-        f"{int(row['Metadata_CellCount'])} cells, activity {row['activity']:.2f}"
+        + (
+            f"{int(row['Metadata_CellCount'])} cells, activity {row['activity']:.2f}"
+            if pd.notna(row["Metadata_CellCount"])
+            else "every field flagged by QC"
+        )
     )
     names = data.load_channels(url, run_id)
     if not names:
@@ -67,14 +72,14 @@ if run_id is not None:
     thumbnails = data.load_field_thumbnails(url, run_id, plate, well, channels)
     if not thumbnails:
         st.info("This well has no completed field that passed QC.")
-    for column, (site, image) in zip(
+    for column, (caption, image) in zip(
         st.columns(max(len(thumbnails), 3)), thumbnails, strict=False
     ):
         if isinstance(image, str):
-            column.warning(f"site {site}: {image}")
+            column.warning(f"{caption}: {image}")
         else:
             column.image(
-                image, caption=f"site {site}: cells white, nuclei yellow",
+                image, caption=f"{caption}: cells white, nuclei yellow",
                 width="stretch", output_format="PNG",
             )  # fmt: skip
     if st.button("Open this well's cells in the gallery", key="well_to_gallery"):

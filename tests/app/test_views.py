@@ -269,3 +269,20 @@ def test_figure_png_export_renders_with_the_local_chromium():
                                   compound="X")  # fmt: skip
     png = figure.to_image(format="png", scale=1)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+
+
+def test_plate_view_marks_qc_flagged_fields(demo_run, tmp_path, monkeypatch):
+    from db.store import read_field_qc, write_field_flags
+
+    url = copy_store(demo_run[0], tmp_path)
+    engine = make_engine(url, create=False)
+    qc = read_field_qc(engine, 1)
+    c05 = qc.loc[qc["Metadata_Well"] == "C05", "field_id"]
+    write_field_flags(engine, 1, pd.Series("blurred", index=c05.to_numpy()))
+    st.cache_data.clear()
+    app = run_view("plate.py", url, monkeypatch)
+    app.selectbox(key="plate_well").set_value("C05").run()
+    assert not app.exception
+    caption = app.get("image")[0].proto.imgs[0].caption
+    assert caption.startswith("site 1 (QC: blurred, left out of profiles)")
+    assert "every field flagged by QC" in app.markdown[0].value
