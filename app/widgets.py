@@ -137,6 +137,8 @@ def table_downloads(table: pd.DataFrame, name: str, *, key: str) -> None:
 def show_figure(figure: go.Figure, name: str, *, key: str, **kwargs: object) -> object:
     """Show a Plotly figure with HTML and PNG download buttons (made on click).
 
+    The HTML embeds plotly.js (about 4 MB), so it opens on a closed network.
+
     PNG is rendered by kaleido with the local Chrome/Chromium; the plot's camera
     icon saves a PNG from the browser too. Extra keyword arguments go to
     `st.plotly_chart` (e.g. ``on_select``); its return value is returned.
@@ -145,7 +147,7 @@ def show_figure(figure: go.Figure, name: str, *, key: str, **kwargs: object) -> 
     event = st.plotly_chart(figure, key=key, config=config, **kwargs)
     left, right = st.columns(2)
     left.download_button(
-        f"{name}.html", lambda: figure.to_html(include_plotlyjs="cdn"),
+        f"{name}.html", lambda: figure.to_html(include_plotlyjs=True),  # offline
         file_name=f"{name}.html", mime="text/html", key=f"{key}_html",
         icon=":material/download:", on_click="ignore",
     )  # fmt: skip
