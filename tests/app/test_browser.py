@@ -106,6 +106,8 @@ def _drag_box(page, x0: float, y0: float, x1: float, y1: float) -> None:
 @pytest.mark.slow
 def test_every_view_in_headless_chromium(dashboard, tmp_path):
     sync_playwright = _needs_browser()
+    from playwright.sync_api import expect
+
     shots = Path(os.environ.get("PHENOSCREEN_SCREENSHOTS", tmp_path / "screenshots"))
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
@@ -125,8 +127,7 @@ def test_every_view_in_headless_chromium(dashboard, tmp_path):
         page.get_by_role("link", name="Plates").click()
         page.get_by_text("Plate QC").wait_for(timeout=60_000)
         wells = page.locator(".js-plotly-plot .scatterlayer .point")
-        wells.first.wait_for(timeout=60_000)
-        assert wells.count() == 96  # one square per well of the plate map
+        expect(wells).to_have_count(96, timeout=60_000)  # one square per well
         well = page.evaluate(
             "document.querySelector('.js-plotly-plot').data[0].customdata[40]"
         )
@@ -153,8 +154,8 @@ def test_every_view_in_headless_chromium(dashboard, tmp_path):
         page.get_by_role("button", name="Open their cells in the gallery").click()
         page.get_by_text("selected on the map").wait_for(timeout=60_000)
         cells = page.locator("[data-testid='stImage'] img")
-        cells.first.wait_for(timeout=60_000)
-        assert cells.count() >= 8
+        # at least 8 cells; images stream in one by one
+        cells.nth(7).wait_for(timeout=60_000)
         page.screenshot(path=shots / "gallery_of_map_selection.png")
         page.get_by_role("button", name="Clear the selection").click()
         page.get_by_text("Show cells of").wait_for(timeout=60_000)  # rerun done
@@ -166,8 +167,8 @@ def test_every_view_in_headless_chromium(dashboard, tmp_path):
 
         page.get_by_role("link", name="Cell gallery").click()
         page.get_by_text("Show cells of").wait_for(timeout=60_000)
-        cells.first.wait_for(timeout=60_000)
-        assert cells.count() == 24  # the default sample of the first compound
+        # the default sample of the first compound; images stream in, so poll the count
+        expect(cells).to_have_count(24, timeout=60_000)
         page.screenshot(path=shots / "gallery.png")
 
         page.get_by_role("link", name="Runs").click()
