@@ -1,17 +1,22 @@
 """Nuclei segmentation accuracy on real DSB2018 fluorescence images (AP at IoU t).
 
 Images of ../shared/data/segmentation/dsb2018_dev are split at random (seed 0) into a
-tuning half, on which the defaults of the ``classical`` segmenter were chosen, and a
-report half, which was not looked at while tuning. Both are scored, with the
-default segmenter (no per-image settings) and with a plain Otsu + distance-transform
-watershed for reference. AP(t) = TP / (TP + FP + FN), pooled over images.
+tuning half, on which the defaults of the ``classical`` segmenter were chosen and
+the shipped ``unet`` weights were trained (``train_default_segmenter.py``), and a
+report half, which neither tuning nor training saw. Both halves are scored (the
+tune half is training data for ``unet``), with no per-image settings, and with a
+plain Otsu + distance-transform watershed for reference. AP(t) = TP / (TP + FP +
+FN), pooled over images; per image-size group too. Each worker process uses one
+torch thread.
 
-Run: ``python benchmarks/bench_segmentation_dsb.py [--workers 2]``
+Run: ``python benchmarks/bench_segmentation_dsb.py [--workers 2] [--weights FILE]
+[--flips]``
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -20,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import tifffile
+import torch
 from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 from skimage.filters import threshold_otsu
@@ -28,6 +34,7 @@ from skimage.segmentation import watershed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import save  # noqa: E402
+from models.segmenter import segment_nuclei_unet  # noqa: E402
 from pipeline.segeval import average_precision, match_counts  # noqa: E402
 from pipeline.segment import segment_nuclei  # noqa: E402
 
@@ -49,7 +56,21 @@ def otsu_watershed(image: np.ndarray) -> np.ndarray:
     return watershed(-distance, markers, mask=mask)
 
 
-METHODS = {"classical (default)": segment_nuclei, "otsu + watershed": otsu_watershed}
+METHODS = {
+    "classical (default)": segment_nuclei,
+    "otsu + watershed": otsu_watershed,
+    "unet": segment_nuclei_unet,
+}
+
+
+def _init_worker(weights: str | None, flips: bool) -> None:
+    """One torch thread per worker; the unet method with the chosen weights."""
+    torch.set_num_threads(1)
+    METHODS["unet"] = functools.partial(segment_nuclei_unet, weights=weights)
+    if flips:
+        METHODS["unet + flips"] = functools.partial(
+            segment_nuclei_unet, weights=weights, flips=True
+        )
 
 
 def score_image(row: dict) -> pd.DataFrame:
@@ -83,17 +104,28 @@ def summarize(counts: pd.DataFrame) -> dict[str, float]:
     return figures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args()
-    if not DATA.is_dir():
-        sys.exit(f"{DATA} is absent: this benchmark needs ../shared/data.")
+def dsb_split() -> pd.DataFrame:
+    """The dev set's metadata with ``split`` = "tune" or "report" (numpy seed 0)."""
     meta = pd.read_csv(DATA / "metadata.csv")
     rng = np.random.default_rng(0)
     meta["split"] = np.where(rng.random(len(meta)) < 0.5, "tune", "report")
+    return meta
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--weights", help="unet weights (default: the shipped ones)")
+    parser.add_argument("--flips", action="store_true", help="also unet + test flips")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        sys.exit(f"{DATA} is absent: this benchmark needs ../shared/data.")
+    meta = dsb_split()
     start = time.perf_counter()
-    with ProcessPoolExecutor(args.workers) as pool:
+    init = (args.weights, args.flips)
+    with ProcessPoolExecutor(
+        args.workers, initializer=_init_worker, initargs=init
+    ) as pool:
         counts = pd.concat(pool.map(score_image, meta.to_dict("records"), chunksize=4))
     elapsed = time.perf_counter() - start
     results: dict[str, dict] = {}
@@ -116,10 +148,20 @@ def main() -> None:
         print("  report split by image size (AP@0.5, images):")
         for size, fig in figures["report_by_size"].items():
             print(f"    {size:10s} {fig['AP@0.5']:.3f}  ({fig['images']})")
+    by_size = pd.DataFrame(
+        {
+            method: {size: f["AP@0.5"] for size, f in figures["report_by_size"].items()}
+            for method, figures in results.items()
+        }
+    )
+    print("\nreport half, AP@0.5 per image size, side by side:")
+    print(by_size.to_string())
     save(
         "segmentation_dsb2018",
         {
-            "command": "python benchmarks/bench_segmentation_dsb.py",
+            "command": "python benchmarks/bench_segmentation_dsb.py"
+            + (f" --weights {args.weights}" if args.weights else "")
+            + (" --flips" if args.flips else ""),
             "split": "random half (numpy seed 0) tune / report of dsb2018_dev",
             "wall_s": round(elapsed, 1),
             "results": results,

@@ -8,7 +8,9 @@ CellProfiler runs the peer pipeline ../shared/peers/cellprofiler/nuc_cell_csv.cp
 (nuclei by Otsu + shape declumping, cells by propagation, size/shape with Zernike,
 intensity, texture at scale 3, CSV export); its per-field time is the difference
 of a run over all image sets and a run over the first one (start-up removed).
-PhenoScreen runs `segment_field` + `measure_cells` on the same files.
+PhenoScreen runs `segment_field` + `measure_cells` on the same files, once per
+segmenter (``--segmenters classical,unet``: the learned U-Net also on one core, one
+torch thread).
 
 Also reported: nuclei counts per field against CellProfiler's (this run, and the
 CellProfiler masks shipped with the data: 5 NF1 fields, the pediatric and JUMP
@@ -82,7 +84,7 @@ for dna, cell in json.loads(sys.argv[1]):
     start = time.perf_counter()
     image = np.stack([tifffile.imread(dna), tifffile.imread(cell)])
     read = time.perf_counter()
-    nuclei, cells = segment_field(image[0], image[1])
+    nuclei, cells = segment_field(image[0], image[1], method=sys.argv[2])
     seg = time.perf_counter()
     table, features = measure_cells(image, nuclei, cells, channel_names=["DNA", "CELL"])
     end = time.perf_counter()
@@ -106,18 +108,24 @@ def outline_count(outlines: np.ndarray) -> int:
     return int((sizes >= 10).sum()) - 1 if n else 0
 
 
-def shipped_masks() -> list[dict]:
+def shipped_masks(segmenters: list[str]) -> list[dict]:
     """Nuclei counts of CellProfiler masks/outlines shipped with the data vs ours."""
     rows = []
     nf1 = FOVS / "NF1_cellpainting_data_shrunken"
+
+    def ours(plane: np.ndarray) -> dict[str, int]:
+        return {
+            f"phenoscreen_{method}": int(segment_field(plane, method=method)[0].max())
+            for method in segmenters
+        }
+
     for mask in sorted((nf1 / "Plate_2_masks").glob("*_MaskNuclei.tiff")):
         name = mask.name.replace("_MaskNuclei.tiff", ".tif")
-        nuclei, _ = segment_field(tifffile.imread(nf1 / "Plate_2_images" / name))
         rows.append(
             {
                 "field": f"NF1 {name}",
                 "cellprofiler": int(ndi.label(tifffile.imread(mask) > 0)[1]),
-                "phenoscreen": int(nuclei.max()),
+                **ours(tifffile.imread(nf1 / "Plate_2_images" / name)),
             }
         )
     pediatric = FOVS / "pediatric_cancer_atlas_profiling/images/outlines"
@@ -126,13 +134,11 @@ def shipped_masks() -> list[dict]:
         ("pediatric", pediatric / "NucleiOutlines_BR00143976_C03_3.tiff"),
         ("jump", jump / "r01c01f01p01-ch5sk1fk1fl1_nuclei_outlines.png"),
     ):
-        image = imread(outline)
-        nuclei, _ = segment_field(tifffile.imread(FIELDS[field][0]))
         rows.append(
             {
                 "field": field,
-                "cellprofiler": outline_count(image),
-                "phenoscreen": int(nuclei.max()),
+                "cellprofiler": outline_count(imread(outline)),
+                **ours(tifffile.imread(FIELDS[field][0])),
             }
         )
     return rows
@@ -150,7 +156,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cellprofiler", default="/tmp/cp5/bin/cellprofiler")
     parser.add_argument("--copies", type=int, default=3, help="copies of each field")
+    parser.add_argument("--segmenters", default="classical,unet")
     args = parser.parse_args()
+    segmenters = args.segmenters.split(",")
     if not FOVS.is_dir():
         sys.exit(f"{FOVS} is absent: this benchmark needs ../shared/data.")
     if not Path(args.cellprofiler).exists():
@@ -195,22 +203,35 @@ def main() -> None:
     cp_per_field = (cp_all - cp_one) / (n_sets - 1)
     nuclei_csv = pd.read_csv(work / "cp_all" / "Nuclei.csv")
     cp_counts = nuclei_csv.groupby("ImageNumber").size().tolist()
-    print("PhenoScreen on the same files, one core ...")
-    start = time.perf_counter()
-    done = subprocess.run(
-        one_core([sys.executable, "-c", OURS, json.dumps(pairs)]),
-        env=env | {"PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode:
-        sys.exit(f"PhenoScreen failed:\n{done.stderr[-3000:]}")
-    ours_wall = time.perf_counter() - start
-    rows = pd.DataFrame(json.loads(done.stdout.strip().splitlines()[-1]))
-    warm = rows.iloc[1:] if len(rows) > 1 else rows  # the first pays imports' caches
-    ours_per_field = float(warm["total_s"].mean())
+    ours = {}
+    for method in segmenters:
+        print(f"PhenoScreen ({method} segmenter) on the same files, one core ...")
+        start = time.perf_counter()
+        done = subprocess.run(
+            one_core([sys.executable, "-c", OURS, json.dumps(pairs), method]),
+            env=env | {"PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode:
+            sys.exit(f"PhenoScreen failed:\n{done.stderr[-3000:]}")
+        wall = time.perf_counter() - start
+        rows = pd.DataFrame(json.loads(done.stdout.strip().splitlines()[-1]))
+        warm = rows.iloc[1:] if len(rows) > 1 else rows  # the first pays imports
+        per_field = float(warm["total_s"].mean())
+        ours[method] = {
+            "wall_all_s": round(wall, 2),
+            "per_field_s": round(per_field, 3),
+            "per_field_steps_s": {
+                c: round(float(warm[c].mean()), 3)
+                for c in ("read_s", "segment_s", "measure_s")
+            },
+            "features_per_cell": len(feature_names(["DNA", "CELL"])),
+            "nuclei_per_field": rows["n_nuclei"].tolist(),
+            "speedup_per_field": round(cp_per_field / per_field, 2),
+        }
     figures = {
-        "command": "python benchmarks/bench_vs_cellprofiler.py",
+        "command": f"python benchmarks/bench_vs_cellprofiler.py --segmenters {args.segmenters}",
         "fields": n_sets,
         "field_size": "1080x1080 uint16, 2 channels",
         "cellprofiler": {
@@ -220,38 +241,25 @@ def main() -> None:
             "features_per_cell": cellprofiler_features(work / "cp_all"),
             "nuclei_per_field": cp_counts,
         },
-        "phenoscreen": {
-            "wall_all_s": round(ours_wall, 2),
-            "per_field_s": round(ours_per_field, 3),
-            "per_field_steps_s": {
-                c: round(float(warm[c].mean()), 3)
-                for c in ("read_s", "segment_s", "measure_s")
-            },
-            "features_per_cell": len(feature_names(["DNA", "CELL"])),
-            "nuclei_per_field": rows["n_nuclei"].tolist(),
-        },
-        "speedup_per_field": round(cp_per_field / ours_per_field, 2),
-        "shipped_cellprofiler_masks": shipped_masks(),
+        "phenoscreen": ours,
+        "shipped_cellprofiler_masks": shipped_masks(segmenters),
     }
     shutil.rmtree(work)
-    cp, ours = figures["cellprofiler"], figures["phenoscreen"]
+    cp = figures["cellprofiler"]
     print(
         f"CellProfiler: {cp['per_field_s']:.2f} s/field, {cp['features_per_cell']} "
         f"features/cell (wall {cp['wall_all_s']:.1f} s for {n_sets}, "
-        f"{cp['wall_first_only_s']:.1f} s for 1)"
+        f"{cp['wall_first_only_s']:.1f} s for 1), nuclei per field {cp_counts}"
     )
-    print(
-        f"PhenoScreen:  {ours['per_field_s']:.2f} s/field, {ours['features_per_cell']} "
-        f"features/cell (steps {ours['per_field_steps_s']})"
-    )
-    print(f"speed-up per field: {figures['speedup_per_field']:.1f}x")
-    print(
-        f"nuclei per field, CellProfiler vs PhenoScreen: {cp_counts} vs {ours['nuclei_per_field']}"
-    )  # noqa: E501
-    for row in figures["shipped_cellprofiler_masks"]:
+    for method, mine in ours.items():
         print(
-            f"  shipped masks {row['field']}: {row['cellprofiler']} vs {row['phenoscreen']}"
-        )  # noqa: E501
+            f"PhenoScreen {method}: {mine['per_field_s']:.2f} s/field "
+            f"({mine['speedup_per_field']:.1f}x faster), {mine['features_per_cell']} "
+            f"features/cell, steps {mine['per_field_steps_s']}, "
+            f"nuclei per field {mine['nuclei_per_field']}"
+        )
+    for row in figures["shipped_cellprofiler_masks"]:
+        print(f"  nuclei, shipped CellProfiler masks vs ours: {row}")
     save("vs_cellprofiler", figures)
 
 

@@ -113,7 +113,48 @@ def build_parser() -> argparse.ArgumentParser:
         "--cytoplasm-index", type=int, help="plane of the cytoplasm stain"
     )
     segment.add_argument(
-        "--method", default="classical", help="classical (default), cellpose, stardist"
+        "--segmenter",
+        "--method",
+        dest="method",
+        default="classical",
+        help="classical (default), unet (learned, shipped weights), cellpose, stardist",
+    )
+    segment.add_argument(
+        "--segmenter-weights",
+        help="weights file of the unet segmenter (from train-segmenter; default: shipped)",
+    )
+
+    train_seg = sub.add_parser(
+        "train-segmenter",
+        help="train the unet nuclei segmenter on annotated images (instance masks)",
+    )
+    train_seg.add_argument("--images", type=Path, required=True, help="image folder")
+    train_seg.add_argument(
+        "--masks",
+        type=Path,
+        required=True,
+        help="label images named like the images (optionally _masks/_labels)",
+    )
+    train_seg.add_argument("--epochs", type=int, help="default 40")
+    train_seg.add_argument(
+        "--steps-per-epoch", type=int, help="batches per epoch (default 100)"
+    )
+    train_seg.add_argument("--batch-size", type=int, help="default 8")
+    train_seg.add_argument(
+        "--val-fraction",
+        type=float,
+        help="share of images held out to pick the best epoch (default 0.2)",
+    )
+    train_seg.add_argument("--seed", type=int, help="default 0")
+    train_seg.add_argument(
+        "--init",
+        help="start from these weights ('shipped': the shipped ones) to adapt them",
+    )
+    train_seg.add_argument(
+        "--out", type=Path, default=Path("segmenter.pt"), help="weights file"
+    )
+    train_seg.add_argument(
+        "--device", choices=["cpu", "cuda"], help="default: cuda if present"
     )
 
     embed = sub.add_parser(
@@ -511,7 +552,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
         cytoplasm=args.cytoplasm,
         nuclei_index=args.nuclei_index,
         cytoplasm_index=args.cytoplasm_index,
-        segment={"method": args.method, "nucleus_diameter_px": args.nucleus_diameter},
+        segment={
+            "method": args.method,
+            "nucleus_diameter_px": args.nucleus_diameter,
+            "weights": args.segmenter_weights,
+        },
     )
     for row in table.itertuples(index=False):
         cells = f", {row.cells_labels}" if row.cells_labels else ""
@@ -544,6 +589,35 @@ def cmd_embed(args: argparse.Namespace) -> int:
     )
     if summary["pca_feature_set"]:
         print(f"feature set {summary['pca_feature_set']}: PCA fitted on DMSO cells")
+    return 0
+
+
+def cmd_train_segmenter(args: argparse.Namespace) -> int:
+    """Train the unet nuclei segmenter on annotated images."""
+    from models.train_segmenter import SegmenterTrainConfig, train_segmenter
+
+    names = ("epochs", "steps_per_epoch", "batch_size", "val_fraction", "seed")
+    given = {
+        name: getattr(args, name) for name in names if getattr(args, name) is not None
+    }
+    summary = train_segmenter(
+        args.images,
+        args.masks,
+        args.out,
+        SegmenterTrainConfig(**given),
+        device=args.device,
+        init=args.init,
+    )
+    val = summary["val"]
+    print(
+        f"wrote {summary['out']} (best epoch {summary['best_epoch']}, "
+        f"{summary['seconds']:.0f} s): validation AP@0.5 {val['AP@0.5']:.3f}, "
+        f"AP@0.75 {val['AP@0.75']:.3f}, mean AP {val['mAP@0.5:0.95']:.3f} on "
+        f"{val['images']} held-out images; log {summary['out']}.log.csv"
+    )
+    print(
+        f"use it: phenoscreen segment --segmenter unet --segmenter-weights {summary['out']}"
+    )
     return 0
 
 
@@ -731,6 +805,7 @@ _COMMANDS = {
     "segment": cmd_segment,
     "embed": cmd_embed,
     "train": cmd_train,
+    "train-segmenter": cmd_train_segmenter,
     "import-profiles": cmd_import_profiles,
     "export": cmd_export,
     "status": cmd_status,

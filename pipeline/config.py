@@ -107,6 +107,7 @@ class SegmentConfig:
     min_nucleus_area_fraction: float = 0.1
     exclude_border_nuclei: bool = False
     ring_width_px: float | None = None
+    weights: str | None = None
 
     def __post_init__(self) -> None:
         from pipeline.segment import SEGMENTERS  # noqa: PLC0415 - avoid a cycle
@@ -115,6 +116,11 @@ class SegmentConfig:
             raise InputError(
                 f"segment.method = {self.method!r} is unknown; choose one of "
                 f"{', '.join(SEGMENTERS)}."
+            )
+        if self.weights is not None and self.method != "unet":
+            raise InputError(
+                f'segment.weights = {self.weights!r} is for method = "unet" only '
+                f'(method is {self.method!r}); remove it or set method = "unet".'
             )
         if self.nucleus_diameter_px is not None:
             _check_range(
@@ -354,15 +360,19 @@ def dump_config(config: RunConfig) -> str:
     return tomli_w.dumps(_drop_none(asdict(config)))
 
 
-def analysis_key(config: RunConfig) -> str:
+def analysis_key(config: RunConfig, weights_sha256: str | None = None) -> str:
     """Return a hash of what determines cells (input, illumination, segment, measure).
 
     Two runs of one experiment with the same key are the same run: a rerun resumes
     it. Execution settings and QC thresholds are left out: they do not change the
-    cells (flags are recomputed at the end of every run).
+    cells (flags are recomputed at the end of every run). `weights_sha256`, the
+    learned segmenter's weights, counts too: new weights at the same path make a
+    new run.
     """
     payload = {k: v for k, v in asdict(config).items() if k not in ("execution", "qc")}
     payload["input"].pop("allow_unimaged_wells")
+    if weights_sha256:
+        payload["segment"]["weights_sha256"] = weights_sha256
     text = json.dumps(payload, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -59,7 +59,7 @@ from pipeline.platemap import (
     read_platemap,
 )
 from pipeline.qc import flag_fields, measure_field_qc
-from pipeline.segment import check_segmenter, segment_field
+from pipeline.segment import check_segmenter, segment_field, segmenter_weights_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -551,7 +551,10 @@ def run_experiment(
         ``config.execution.max_failed_fields_frac`` of the fields failed.
     """
     t_start = time.perf_counter()
-    check_segmenter(config.segment.method)
+    check_segmenter(config.segment.method, config.segment.weights)
+    weights_sha = segmenter_weights_sha256(
+        config.segment.method, config.segment.weights
+    )
     prepared = prepare_run(
         images_dir, platemap_path, config=config, experiment_name=experiment_name
     )
@@ -572,9 +575,11 @@ def run_experiment(
         run_id, resumed = store.open_run(
             engine,
             experiment_id=experiment_id,
-            analysis_key=analysis_key(config),
+            analysis_key=analysis_key(config, weights_sha),
             config_toml=dump_config(config),
-            segmenter=config.segment.method,
+            segmenter=f"unet {weights_sha[:16]}"
+            if weights_sha
+            else config.segment.method,
             versions=package_versions(),
         )
         feature_set_id = store.ensure_feature_set(
@@ -728,7 +733,7 @@ def segment_files(
         repeats (outputs would overwrite each other); nothing is written then.
     """
     options = dict(segment or {})
-    check_segmenter(options.get("method", "classical"))
+    check_segmenter(options.get("method", "classical"), options.get("weights"))
     if cytoplasm is not None and len(cytoplasm) != len(images):
         raise InputError(
             f"{len(images)} images but {len(cytoplasm)} cytoplasm files; give one "

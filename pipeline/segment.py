@@ -10,6 +10,9 @@ apart. Cells grow from the nuclei over a cytoplasm channel by watershed
 (CellProfiler's "propagation"), or as a ring around each nucleus when there is none.
 The cytoplasm is the cell minus its nucleus.
 
+``unet`` is PhenoScreen's own learned segmenter (`models.segmenter`): a compact
+U-Net trained on CC0 images, whose weights ship with the package (offline), or
+weights trained by ``phenoscreen train-segmenter`` (``segment.weights``).
 ``cellpose`` and ``stardist`` are used only when those packages and their weights
 are installed; otherwise choosing them is an error that says how to install them.
 """
@@ -23,7 +26,12 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 from skimage.filters import apply_hysteresis_threshold, threshold_li, threshold_otsu
-from skimage.segmentation import expand_labels, relabel_sequential, watershed
+from skimage.segmentation import (
+    clear_border,
+    expand_labels,
+    relabel_sequential,
+    watershed,
+)
 
 from pipeline.errors import InputError
 
@@ -32,7 +40,14 @@ _LOG_SIGMAS = 2.0 ** np.arange(0, 5.01, 1 / 3)  # 1 .. 32 px
 _MIN_DIAMETER, _MAX_DIAMETER = 4.0, 400.0
 
 
-def _check_plane(plane: np.ndarray, name: str) -> np.ndarray:
+def check_plane(plane: np.ndarray, name: str) -> np.ndarray:
+    """Return `plane` as float32 after checking it is a finite numeric 2-D array.
+
+    Raises
+    ------
+    ValueError
+        Naming `name`, if `plane` is not 2-D, not numeric or not finite.
+    """
     if plane.ndim != 2:
         raise ValueError(f"{name} has shape {plane.shape}; expected one (Y, X) plane.")
     if plane.dtype.kind not in "uif":
@@ -75,7 +90,7 @@ def estimate_nucleus_diameter(plane: np.ndarray) -> float:
     ValueError
         If `plane` is not a finite numeric 2-D array.
     """
-    values = _check_plane(plane, "plane")
+    values = check_plane(plane, "plane")
     if values.size == 0 or values.max() <= values.min():
         return _MIN_DIAMETER
     responses = []
@@ -94,17 +109,41 @@ def estimate_nucleus_diameter(plane: np.ndarray) -> float:
     return float(np.clip(2 * np.sqrt(2) * sigma, _MIN_DIAMETER, _MAX_DIAMETER))
 
 
+def pixel_noise_sd(plane: np.ndarray) -> float:
+    """Robust standard deviation of a plane's pixel noise.
+
+    From differences of horizontally adjacent pixels (1.4826 MAD / sqrt 2), which
+    objects barely change because they are smooth at the pixel scale.
+
+    Parameters
+    ----------
+    plane : ndarray of shape (Y, X)
+
+    Returns
+    -------
+    float
+        0 for planes narrower than 2 pixels.
+
+    Raises
+    ------
+    ValueError
+        If `plane` is not 2-D.
+    """
+    if plane.ndim != 2:
+        raise ValueError(f"plane has shape {plane.shape}; expected (Y, X).")
+    if plane.shape[1] < 2:
+        return 0.0
+    diff = np.diff(plane.astype(np.float64, copy=False), axis=1)
+    return 1.4826 * float(np.median(np.abs(diff - np.median(diff)))) / np.sqrt(2)
+
+
 def _smoothed_noise(plane: np.ndarray, sigma: float) -> float:
     """Return the standard deviation of pixel noise after smoothing by `sigma`.
 
     Estimated from differences of horizontally adjacent pixels (robust to the
     objects, which are smooth), scaled by the noise reduction of the smoothing.
     """
-    if plane.shape[1] < 2:
-        return 0.0
-    diff = np.diff(plane, axis=1)
-    raw = 1.4826 * float(np.median(np.abs(diff - np.median(diff)))) / np.sqrt(2)
-    return raw / (2 * np.sqrt(np.pi) * sigma)
+    return pixel_noise_sd(plane) / (2 * np.sqrt(np.pi) * sigma)
 
 
 def segment_nuclei(
@@ -155,7 +194,7 @@ def segment_nuclei(
     ValueError
         If `plane` is not a finite numeric 2-D array or an option is out of range.
     """
-    values = _check_plane(plane, "nuclei plane")
+    values = check_plane(plane, "nuclei plane")
     if not 0 < hysteresis_fraction <= 1:
         raise ValueError(
             f"hysteresis_fraction {hysteresis_fraction} must be in (0, 1]."
@@ -260,7 +299,7 @@ def segment_cells(
             areas = np.bincount(nuclei.ravel())[1:]
             ring_width_px = 0.5 * np.sqrt(4 * np.median(areas[areas > 0]) / np.pi)
         return expand_labels(nuclei, int(round(ring_width_px))).astype(np.int32)
-    values = _check_plane(cytoplasm, "cytoplasm plane")
+    values = check_plane(cytoplasm, "cytoplasm plane")
     if values.shape != nuclei.shape:
         raise ValueError(
             f"cytoplasm plane {values.shape} and nuclei {nuclei.shape} shapes differ."
@@ -317,23 +356,65 @@ def _stardist_nuclei(
     return relabel_sequential(np.asarray(labels, dtype=np.int32))[0]
 
 
-_LEARNED: dict[str, Callable[[np.ndarray, float | None], np.ndarray]] = {
+def _unet_nuclei(
+    plane: np.ndarray, nucleus_diameter_px: float | None, weights: str | None = None
+) -> np.ndarray:
+    from models.segmenter import segment_nuclei_unet  # noqa: PLC0415 - loads torch
+
+    return segment_nuclei_unet(plane, nucleus_diameter_px, weights=weights)
+
+
+_LEARNED: dict[str, Callable[..., np.ndarray]] = {
+    "unet": _unet_nuclei,
     "cellpose": _cellpose_nuclei,
     "stardist": _stardist_nuclei,
 }
 SEGMENTERS = (DEFAULT_SEGMENTER, *_LEARNED)
 
 
-def check_segmenter(method: str) -> None:
-    """Raise InputError unless `method` is known and its package is installed."""
+def check_segmenter(method: str, weights: str | None = None) -> None:
+    """Raise InputError unless `method` can run: known, installed, weights readable.
+
+    Parameters
+    ----------
+    method : str
+        One of `SEGMENTERS`.
+    weights : str, optional
+        Weights file of the ``unet`` segmenter (its shipped weights when None);
+        refused for the other segmenters.
+    """
     if method not in SEGMENTERS:
         raise InputError(
             f"unknown segmenter {method!r}; choose one of {', '.join(SEGMENTERS)}."
         )
+    if weights is not None and method != "unet":
+        raise InputError(
+            f"segment.weights ({weights}) applies to the 'unet' segmenter only, "
+            f'not {method!r}; remove it or choose method = "unet".'
+        )
+    if method == "unet":
+        from models.segmenter import cached_segmenter  # noqa: PLC0415 - loads torch
+
+        cached_segmenter(None if weights is None else str(weights))
     if method == "cellpose":
         _require("cellpose", method, "pip install cellpose")
     if method == "stardist":
         _require("stardist", method, "pip install stardist tensorflow")
+
+
+def segmenter_weights_sha256(method: str, weights: str | None = None) -> str | None:
+    """SHA-256 of the ``unet`` segmenter's weights (None for the other segmenters).
+
+    Raises
+    ------
+    InputError
+        If the unet weights are missing or corrupt.
+    """
+    if method != "unet":
+        return None
+    from models.segmenter import cached_segmenter  # noqa: PLC0415 - loads torch
+
+    return cached_segmenter(None if weights is None else str(weights))[2]["sha256"]
 
 
 def segment_field(
@@ -349,6 +430,7 @@ def segment_field(
     min_nucleus_area_fraction: float = 0.1,
     exclude_border_nuclei: bool = False,
     ring_width_px: float | None = None,
+    weights: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Segment the nuclei and cells of one field.
 
@@ -359,13 +441,17 @@ def segment_field(
     cytoplasm_plane : ndarray of shape (Y, X), optional
         Cytoplasm stain for cell propagation; rings around nuclei without it.
     method : str
-        ``classical`` (default), ``cellpose`` or ``stardist`` for the nuclei.
+        ``classical`` (default), ``unet`` (the learned segmenter shipped with
+        PhenoScreen, `models.segmenter`), ``cellpose`` or ``stardist`` for the nuclei.
     nucleus_diameter_px, background_diameters, hysteresis_fraction, \
 declump_min_distance_diameters, intensity_weight, min_nucleus_area_fraction, \
 exclude_border_nuclei
-        See `segment_nuclei` (the learned segmenters use only the diameter).
+        See `segment_nuclei` (the learned segmenters use only the diameter and
+        the border option).
     ring_width_px : float
         See `segment_cells`.
+    weights : str, optional
+        Weights file of the ``unet`` segmenter; its shipped weights when None.
 
     Returns
     -------
@@ -379,7 +465,7 @@ exclude_border_nuclei
     ValueError
         If a plane is not a finite numeric 2-D array or the shapes differ.
     """
-    check_segmenter(method)
+    check_segmenter(method, weights)
     if method == DEFAULT_SEGMENTER:
         nuclei = segment_nuclei(
             nuclei_plane,
@@ -392,7 +478,10 @@ exclude_border_nuclei
             exclude_border_nuclei=exclude_border_nuclei,
         )
     else:
-        plane = _check_plane(nuclei_plane, "nuclei plane")
-        nuclei = _LEARNED[method](plane, nucleus_diameter_px)
+        plane = check_plane(nuclei_plane, "nuclei plane")
+        extra = {"weights": weights} if method == "unet" else {}
+        nuclei = _LEARNED[method](plane, nucleus_diameter_px, **extra)
+        if exclude_border_nuclei:
+            nuclei = relabel_sequential(clear_border(nuclei))[0].astype(np.int32)
     cells = segment_cells(nuclei, cytoplasm_plane, ring_width_px=ring_width_px)
     return nuclei, cells

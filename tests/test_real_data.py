@@ -1,6 +1,7 @@
 """End-to-end runs on real screening images from ../shared/data."""
 
 import pandas as pd
+import pytest
 import tifffile
 from scipy import ndimage as ndi
 
@@ -52,7 +53,8 @@ def test_run_real_nf1_fields_with_user_regex(tmp_path):
     assert (wells["Cells_Intensity_MeanIntensity_RFP"] > 0).all()
 
 
-def test_nuclei_agree_with_cellprofiler_masks_on_nf1():
+@pytest.mark.parametrize("method", ["classical", "unet"])
+def test_nuclei_agree_with_cellprofiler_masks_on_nf1(method):
     """CellProfiler's NF1 masks leave out nuclei touching the border: so do we here.
     Then the counts agree within 10% and 90% of its nuclei match ours at IoU > 0.5."""
     root = shared_data(NF1)
@@ -60,7 +62,9 @@ def test_nuclei_agree_with_cellprofiler_masks_on_nf1():
         reference, n_reference = ndi.label(tifffile.imread(mask_path) > 0)
         name = mask_path.name.replace("_MaskNuclei.tiff", ".tif")
         nuclei, _ = segment_field(
-            tifffile.imread(root / "Plate_2_images" / name), exclude_border_nuclei=True
+            tifffile.imread(root / "Plate_2_images" / name),
+            method=method,
+            exclude_border_nuclei=True,
         )
         assert abs(int(nuclei.max()) - n_reference) <= 0.1 * n_reference, name
         tp = match_counts(reference, nuclei, (0.5,))["tp"].item()

@@ -82,6 +82,10 @@ def test_load_config_rejects_missing_file(tmp_path):
             r"hysteresis_fraction = 0 must lie in",
         ),
         ({"segment": {"method": "otsu"}}, "segment.method = 'otsu' is unknown"),
+        (
+            {"segment": {"weights": "my.pt"}},
+            "segment.weights = 'my.pt' is for method = \"unet\" only",
+        ),
         ({"measure": {"texture_levels": 1}}, "texture_levels = 1 must lie in"),
         ({"qc": {"max_saturated_frac": 2}}, "max_saturated_frac = 2 must lie in"),
         (

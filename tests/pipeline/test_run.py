@@ -241,3 +241,29 @@ def test_plate_map_and_file_problems_are_reported_together(plate_copy, tmp_path)
         "bad.csv: line 7: column 'concentration_uM': '1 uM' is not a number" in message
     )
     assert "well B02 site 1: no file for channel Mito" in message
+
+
+@pytest.mark.slow
+def test_run_with_the_learned_segmenter(demo_plate, demo_run, sqlite_url):
+    """`[segment] method = "unet"`: the shipped weights segment the demo plate into
+    as many cells as the classical segmenter finds, and the run records which weights."""
+    from models.segmenter import load_segmenter
+
+    config = config_from_dict(
+        {
+            "input": {"layout": "imagexpress", "channels": CHANNELS},
+            "segment": {"method": "unet"},
+            "execution": {"n_workers": 2, "processes": False},
+        }
+    )
+    summary = run_experiment(
+        demo_plate["images"], demo_plate["platemap"], config=config, db_url=sqlite_url
+    )
+    classical = demo_run[1]
+    assert summary.status == "complete" and summary.n_failed == 0
+    assert abs(summary.n_cells - classical.n_cells) <= 0.1 * classical.n_cells
+    sha = load_segmenter()[2]["sha256"]
+    with session_scope(make_engine(sqlite_url)) as session:
+        run = session.scalar(select(Run))
+        assert run.segmenter == f"unet {sha[:16]}"
+        assert 'method = "unet"' in run.config_toml

@@ -14,6 +14,7 @@ from pipeline.segeval import average_precision, match_counts
 from pipeline.segment import (
     check_segmenter,
     estimate_nucleus_diameter,
+    pixel_noise_sd,
     segment_cells,
     segment_field,
     segment_nuclei,
@@ -191,3 +192,13 @@ def test_segment_demo_ground_truth_counts(demo_plate):
         nuclei, _ = segment_field(tifffile.imread(images / f"{stem}_w1.tif"))
         errors.append(abs(int(nuclei.max()) - int(tifffile.imread(mask_path).max())))
     assert np.mean(errors) <= 1.0
+
+
+def test_pixel_noise_sd_ignores_smooth_objects():
+    rng = np.random.default_rng(0)
+    plane = rng.normal(0, 4, (200, 200))
+    plane[50:150, 50:150] += 1000  # a flat bright object barely changes the estimate
+    assert pixel_noise_sd(plane) == pytest.approx(4, rel=0.1)
+    assert pixel_noise_sd(np.ones((5, 1))) == 0
+    with pytest.raises(ValueError, match="shape"):
+        pixel_noise_sd(np.zeros((2, 2, 2)))

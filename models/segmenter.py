@@ -1,0 +1,674 @@
+"""A compact learned nuclei segmenter: U-Net maps plus seeded watershed.
+
+Segmentation as pixel prediction (the U-Net / DeepCell idea): a small U-Net sees the
+nuclear stain at a fixed scale (the typical nucleus diameter rescaled to
+``target_diameter_px``) and predicts two maps, the probability that a pixel lies in a
+nucleus and its distance to the nucleus edge divided by the nucleus' largest such
+distance (0 at edges and between touching nuclei, 1 at each centre). Instances are
+the foreground, cut by a watershed on the distance map from seeds where it is high.
+
+Input scale is normalized by the nucleus diameter (given, or estimated from the
+image as in the ``classical`` segmenter) so that one network serves every
+magnification; large fields are predicted in overlapping tiles blended with a
+smooth window; flips can be averaged at test time.
+
+Weights are a plain dictionary of tensors and settings loaded with
+``weights_only=True``; the default ones (trained only on the CC0 DSB2018 images, see
+``models/weights/MODEL_CARD.md``) ship with the package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+from skimage.segmentation import find_boundaries, relabel_sequential, watershed
+from skimage.transform import resize
+from torch import nn
+from torch.nn import functional as F
+
+from pipeline.errors import InputError
+from pipeline.segment import check_plane, estimate_nucleus_diameter, pixel_noise_sd
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "nuclei_unet_dsb2018.pt"
+FORMAT = "phenoscreen-nuclei-unet/1"
+_REFINE_RATIO = 1.25
+_MIN_NUCLEI_TO_REFINE = 5
+
+
+@dataclass(frozen=True, kw_only=True)
+class UNetSpec:
+    """Shape of the network and how its input is scaled (saved with the weights).
+
+    Attributes
+    ----------
+    widths : tuple of int
+        Channels per resolution level, finest first; each level halves the size.
+    target_diameter_px : float
+        Nuclei are rescaled to this diameter before the network sees them.
+    fg_threshold, seed_threshold : float
+        Post-processing: foreground probability and distance-map level of seeds.
+    min_area_fraction : float
+        Objects smaller than this fraction of a disc of the target diameter are
+        dropped (at network scale).
+    """
+
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    target_diameter_px: float = 20.0
+    fg_threshold: float = 0.5
+    seed_threshold: float = 0.5
+    min_area_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.widths or min(self.widths) < 1:
+            raise ValueError(f"widths {self.widths} must be positive channel counts.")
+        if not 4 <= self.target_diameter_px <= 200:
+            raise ValueError(
+                f"target_diameter_px {self.target_diameter_px} must lie in [4, 200]."
+            )
+        for name in ("fg_threshold", "seed_threshold", "min_area_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} {getattr(self, name)} must lie in [0, 1].")
+
+    @property
+    def multiple(self) -> int:
+        """Input sizes must be multiples of this (one halving per extra level)."""
+        return 2 ** (len(self.widths) - 1)
+
+
+def _block(n_in: int, n_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(n_in, n_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(n_out),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(n_out, n_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(n_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class NucleiUNet(nn.Module):
+    """U-Net with two output maps: foreground logit and edge-distance logit.
+
+    Parameters
+    ----------
+    widths : sequence of int
+        Channels per level, finest first.
+    """
+
+    def __init__(self, widths: Sequence[int] = UNetSpec.widths) -> None:
+        super().__init__()
+        widths = tuple(widths)
+        self.down = nn.ModuleList(
+            _block(n_in, n_out)
+            for n_in, n_out in zip((1, *widths), widths, strict=False)
+        )
+        self.up = nn.ModuleList(
+            _block(coarse + fine, fine)
+            for coarse, fine in zip(widths[:0:-1], widths[-2::-1], strict=True)
+        )
+        self.head = nn.Conv2d(widths[0], 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map images of shape (B, 1, H, W) to logits of shape (B, 2, H, W).
+
+        H and W must be multiples of ``2 ** (levels - 1)``.
+        """
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        for block, skip in zip(self.up, skips[-2::-1], strict=True):
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear")
+            x = block(torch.cat([x, skip], dim=1))
+        return self.head(x)
+
+
+def normalize_intensity(
+    plane: np.ndarray, low: float = 1, high: float = 99.8
+) -> np.ndarray:
+    """Scale a plane so its `low` and `high` percentiles become 0 and 1.
+
+    Parameters
+    ----------
+    plane : ndarray of shape (Y, X), numeric and finite
+
+    Returns
+    -------
+    ndarray of shape (Y, X), float32
+        Not clipped; a constant plane gives zeros.
+
+    Raises
+    ------
+    ValueError
+        If `plane` is not 2-D or the percentiles are not ordered within [0, 100].
+    """
+    if plane.ndim != 2:
+        raise ValueError(f"plane has shape {plane.shape}; expected (Y, X).")
+    if not 0 <= low < high <= 100:
+        raise ValueError(
+            f"percentiles ({low}, {high}) must satisfy 0 <= low < high <= 100."
+        )
+    values = plane.astype(np.float32, copy=False)
+    lo, hi = np.percentile(values, [low, high])
+    if hi <= lo:
+        hi = values.max()
+    if hi <= lo:
+        return np.zeros(values.shape, np.float32)
+    return ((values - lo) / (hi - lo)).astype(np.float32)
+
+
+def label_targets(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Training targets of an instance-label image.
+
+    Parameters
+    ----------
+    labels : ndarray of shape (Y, X), int
+        0 = background.
+
+    Returns
+    -------
+    foreground : ndarray of shape (Y, X), float32
+        1 inside nuclei.
+    distance : ndarray of shape (Y, X), float32
+        Distance to the nucleus edge (touching nuclei count as edge), divided by its
+        maximum within each nucleus: 0 outside, 1 at each centre.
+
+    Raises
+    ------
+    ValueError
+        If `labels` is not a 2-D integer array of non-negative labels.
+    """
+    if labels.ndim != 2 or labels.dtype.kind not in "iu":
+        raise ValueError(
+            f"labels must be a 2-D integer array, got {labels.dtype} {labels.shape}."
+        )
+    if labels.size and labels.min() < 0:
+        raise ValueError("labels must be >= 0 (0 = background).")
+    inside = (labels > 0) & ~find_boundaries(labels, mode="inner")
+    distance = ndi.distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1]
+    peak = ndi.maximum(
+        distance, labels, index=np.arange(int(labels.max(initial=0)) + 1)
+    )
+    peak = np.asarray(peak, dtype=np.float64)
+    scale = np.where(peak > 0, peak, 1.0)[labels]
+    return (labels > 0).astype(np.float32), (distance / scale).astype(np.float32)
+
+
+def median_diameter(labels: np.ndarray) -> float:
+    """Equivalent diameter of the median-area object of a label image, in pixels.
+
+    Raises
+    ------
+    ValueError
+        If `labels` holds no object.
+    """
+    areas = np.bincount(labels.ravel())[1:]
+    areas = areas[areas > 0]
+    if not len(areas):
+        raise ValueError("the label image holds no object.")
+    return float(2 * np.sqrt(np.median(areas) / np.pi))
+
+
+def drop_faint_objects(
+    labels: np.ndarray, plane: np.ndarray, min_snr: float = 3.0
+) -> np.ndarray:
+    """Remove objects not brighter than the background by `min_snr` noise SDs.
+
+    Percentile normalization stretches an empty field's noise to full contrast, and
+    the network then finds "nuclei" in it; a real nucleus stands out of the
+    background by many times the pixel noise. The background is the median of the
+    pixels outside all objects, the noise SD `pipeline.segment.pixel_noise_sd`.
+
+    Parameters
+    ----------
+    labels : ndarray of shape (Y, X), int
+    plane : ndarray of shape (Y, X)
+        The image the labels were found in.
+    min_snr : float
+        Minimum (object mean - background) / noise SD.
+
+    Returns
+    -------
+    ndarray of shape (Y, X), int32
+        Kept objects relabelled 1..N.
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ.
+    """
+    if labels.shape != plane.shape:
+        raise ValueError(
+            f"labels {labels.shape} and plane {plane.shape} shapes differ."
+        )
+    n = int(labels.max(initial=0))
+    if n == 0 or (labels > 0).all():
+        return labels.astype(np.int32)
+    values = plane.astype(np.float64, copy=False)
+    background = float(np.median(values[labels == 0]))
+    noise = pixel_noise_sd(values)
+    means = np.asarray(ndi.mean(values, labels, index=np.arange(1, n + 1)))
+    faint = np.concatenate([[False], means - background <= min_snr * noise])
+    if not faint.any():
+        return labels.astype(np.int32)
+    return relabel_sequential(np.where(faint[labels], 0, labels).astype(np.int32))[0]
+
+
+def labels_from_maps(
+    foreground: np.ndarray,
+    distance: np.ndarray,
+    *,
+    fg_threshold: float = 0.5,
+    seed_threshold: float = 0.5,
+    min_area_px: float = 0,
+) -> np.ndarray:
+    """Instance labels from predicted foreground and distance maps.
+
+    Seeds are the connected regions where the distance map exceeds
+    `seed_threshold`; a watershed on the negative distance grows them over the
+    foreground. Foreground regions without a seed become objects of their own.
+
+    Parameters
+    ----------
+    foreground, distance : ndarray of shape (Y, X)
+        Probabilities in [0, 1].
+    fg_threshold, seed_threshold : float
+    min_area_px : float
+        Smaller objects are dropped.
+
+    Returns
+    -------
+    ndarray of shape (Y, X), int32
+        Labels 1..N.
+
+    Raises
+    ------
+    ValueError
+        If the maps differ in shape or are not 2-D.
+    """
+    if foreground.ndim != 2 or foreground.shape != distance.shape:
+        raise ValueError(
+            f"foreground {foreground.shape} and distance {distance.shape} must be "
+            "2-D maps of one shape."
+        )
+    mask = foreground > fg_threshold
+    seeds, n_seeds = ndi.label(mask & (distance > seed_threshold))
+    labels = watershed(-distance, seeds, mask=mask) if n_seeds else seeds
+    orphans, _ = ndi.label(mask & (labels == 0))
+    labels = np.where(orphans > 0, orphans + n_seeds, labels)
+    if min_area_px > 0 and labels.any():
+        areas = np.bincount(labels.ravel())
+        labels[(areas < min_area_px)[labels]] = 0
+    return relabel_sequential(labels.astype(np.int32))[0]
+
+
+def _window(size: int, ramp: int) -> np.ndarray:
+    """Return a 1-D blending weight: linear ramps of `ramp` pixels at both ends."""
+    weight = np.ones(size, np.float32)
+    if ramp > 0:
+        edge = (np.arange(ramp, dtype=np.float32) + 1) / (ramp + 1)
+        weight[:ramp] = edge
+        weight[-ramp:] = edge[::-1]
+    return weight
+
+
+def _tile_starts(length: int, tile: int, step: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, step))
+    return [*starts, length - tile]
+
+
+@torch.inference_mode()
+def predict_maps(
+    model: NucleiUNet,
+    image: np.ndarray,
+    *,
+    multiple: int,
+    tile_px: int = 1024,
+    overlap_px: int = 64,
+    flips: bool = False,
+    device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Foreground and distance probabilities of a normalized image, tile by tile.
+
+    Parameters
+    ----------
+    model : NucleiUNet
+        In eval mode, on `device`.
+    image : ndarray of shape (Y, X), float32
+        Already at network scale and intensity-normalized.
+    multiple : int
+        Tiles are padded to multiples of this (`UNetSpec.multiple`).
+    tile_px, overlap_px : int
+        Tile side and overlap; tiles are blended with linear ramps over the overlap.
+    flips : bool
+        Average the four horizontal/vertical flips (4x slower).
+    device : str or torch.device
+
+    Returns
+    -------
+    foreground, distance : ndarray of shape (Y, X), float32
+
+    Raises
+    ------
+    ValueError
+        If the tile is not larger than twice the overlap, or not a multiple.
+    """
+    if tile_px % multiple or tile_px <= 2 * overlap_px:
+        raise ValueError(
+            f"tile_px {tile_px} must be a multiple of {multiple} and exceed twice "
+            f"overlap_px {overlap_px}."
+        )
+    height, width = image.shape
+    pad_y, pad_x = (-height) % multiple, (-width) % multiple
+    padded = np.pad(image, ((0, pad_y), (0, pad_x)), mode="symmetric")
+    big_y, big_x = padded.shape
+    tile_y, tile_x = min(tile_px, big_y), min(tile_px, big_x)
+    total = np.zeros((2, big_y, big_x), np.float32)
+    weight = np.zeros((big_y, big_x), np.float32)
+    window = np.outer(
+        _window(tile_y, overlap_px if big_y > tile_y else 0),
+        _window(tile_x, overlap_px if big_x > tile_x else 0),
+    )
+    step = tile_px - overlap_px
+    use_amp = torch.device(device).type == "cuda"
+    for y in _tile_starts(big_y, tile_y, step):
+        for x in _tile_starts(big_x, tile_x, step):
+            crop = torch.from_numpy(
+                np.ascontiguousarray(padded[y : y + tile_y, x : x + tile_x])
+            )
+            batch = (
+                crop[None, None]
+                .to(device)
+                .contiguous(memory_format=torch.channels_last)
+            )
+            if flips:
+                batch = torch.cat(
+                    [batch, batch.flip(-1), batch.flip(-2), batch.flip(-1, -2)]
+                )
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                probs = torch.sigmoid(model(batch).float())
+            if flips:
+                probs = (
+                    probs[0]
+                    + probs[1].flip(-1)
+                    + probs[2].flip(-2)
+                    + probs[3].flip(-1, -2)
+                ) / 4
+            else:
+                probs = probs[0]
+            total[:, y : y + tile_y, x : x + tile_x] += probs.cpu().numpy() * window
+            weight[y : y + tile_y, x : x + tile_x] += window
+    maps = total[:, :height, :width] / weight[:height, :width]
+    return maps[0], maps[1]
+
+
+def predict_field_maps(
+    model: NucleiUNet,
+    spec: UNetSpec,
+    plane: np.ndarray,
+    diameter: float,
+    *,
+    tile_px: int = 1024,
+    flips: bool = False,
+    device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Foreground and distance maps of a raw plane, at the plane's own size.
+
+    The plane is intensity-normalized, rescaled so that `diameter` becomes the
+    network's target diameter, predicted tile by tile, and the maps are resized back.
+
+    Parameters
+    ----------
+    model : NucleiUNet
+    spec : UNetSpec
+    plane : ndarray of shape (Y, X), float32
+    diameter : float
+        Typical nucleus diameter in `plane`, pixels (> 0).
+    tile_px, flips, device
+        See `predict_maps`.
+
+    Returns
+    -------
+    foreground, distance : ndarray of shape (Y, X)
+
+    Raises
+    ------
+    ValueError
+        If `diameter` is not positive.
+    """
+    if not diameter > 0:
+        raise ValueError(f"diameter {diameter} must be > 0.")
+    scale = spec.target_diameter_px / diameter
+    shape = tuple(max(1, round(n * scale)) for n in plane.shape)
+    image = normalize_intensity(plane)
+    if shape != plane.shape:
+        image = resize(
+            image, shape, order=1, anti_aliasing=scale < 1, preserve_range=True
+        )
+    foreground, distance = predict_maps(
+        model,
+        image.astype(np.float32),
+        multiple=spec.multiple,
+        tile_px=tile_px,
+        flips=flips,
+        device=device,
+    )
+    if shape != plane.shape:
+        foreground = resize(foreground, plane.shape, order=1, preserve_range=True)
+        distance = resize(distance, plane.shape, order=1, preserve_range=True)
+    return foreground, distance
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's tensors (names, shapes and values), for provenance."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_segmenter(
+    path: str | Path, model: NucleiUNet, spec: UNetSpec, extra: dict[str, Any]
+) -> Path:
+    """Write weights (float16), their spec and `extra` (metrics, log, provenance).
+
+    Returns
+    -------
+    Path
+        The written file (its parent is created).
+
+    Raises
+    ------
+    ValueError
+        If `extra` uses a reserved key.
+    """
+    reserved = {"format", "spec", "state_dict"} & set(extra)
+    if reserved:
+        raise ValueError(f"extra may not use the keys {sorted(reserved)}.")
+    state = {
+        name: tensor.detach().cpu().half()
+        if tensor.is_floating_point()
+        else tensor.cpu()
+        for name, tensor in model.state_dict().items()
+    }
+    payload = {
+        "format": FORMAT,
+        "spec": {**asdict(spec), "widths": list(spec.widths)},
+        "state_dict": state,
+        **extra,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_segmenter(path: str | Path | None = None) -> tuple[NucleiUNet, UNetSpec, dict]:
+    """Load segmenter weights saved by `save_segmenter` (``weights_only=True``).
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        Defaults to the shipped DSB2018 weights.
+
+    Returns
+    -------
+    model : NucleiUNet
+        float32, eval mode, on the CPU.
+    spec : UNetSpec
+    info : dict
+        Everything else stored with the weights, plus ``path`` and ``sha256``.
+
+    Raises
+    ------
+    InputError
+        If the file is missing, unreadable, or not segmenter weights.
+    """
+    path = Path(path) if path is not None else DEFAULT_WEIGHTS
+    if not path.is_file():
+        hint = (
+            "reinstall PhenoScreen (the default weights ship with it)"
+            if path == DEFAULT_WEIGHTS
+            else "train some with `phenoscreen train-segmenter` or fix the path"
+        )
+        raise InputError(f"segmenter weights {path} not found; {hint}.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable or unsafe file
+        raise InputError(
+            f"segmenter weights {path} cannot be read ({type(exc).__name__}: {exc}); "
+            "the file is corrupt or not a PhenoScreen segmenter checkpoint."
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InputError(
+            f"{path} is not PhenoScreen segmenter weights (format {FORMAT!r} expected); "
+            "use a file written by `phenoscreen train-segmenter`."
+        )
+    spec_fields = dict(payload["spec"])
+    spec = UNetSpec(**{**spec_fields, "widths": tuple(spec_fields["widths"])})
+    model = NucleiUNet(spec.widths)
+    state = {
+        name: tensor.float() if tensor.is_floating_point() else tensor
+        for name, tensor in payload["state_dict"].items()
+    }
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise InputError(
+            f"segmenter weights {path} do not fit their spec: {exc}"
+        ) from exc
+    model.eval().to(memory_format=torch.channels_last)  # ~30 % faster on CPU
+    info = {
+        k: v for k, v in payload.items() if k not in ("format", "spec", "state_dict")
+    }
+    info.update(path=str(path), sha256=state_sha256(payload["state_dict"]))
+    return model, spec, info
+
+
+@lru_cache(maxsize=4)
+def cached_segmenter(path: str | None = None) -> tuple[NucleiUNet, UNetSpec, dict]:
+    """`load_segmenter`, once per path and process (the network is shared: no training)."""
+    return load_segmenter(path)
+
+
+def segment_nuclei_unet(
+    plane: np.ndarray,
+    nucleus_diameter_px: float | None = None,
+    *,
+    weights: str | Path | None = None,
+    model: NucleiUNet | None = None,
+    spec: UNetSpec | None = None,
+    tile_px: int = 1024,
+    flips: bool = False,
+    refine: bool = True,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Segment nuclei with the learned U-Net (the ``unet`` segmenter).
+
+    Objects fainter than 3 noise SDs above the background are dropped
+    (`drop_faint_objects`): an empty field gives no nuclei.
+
+    Parameters
+    ----------
+    plane : ndarray of shape (Y, X)
+        Nuclear stain, finite, any numeric dtype.
+    nucleus_diameter_px : float, optional
+        Typical nucleus diameter; estimated from the plane when None.
+    weights : str or Path, optional
+        Weights file; the shipped DSB2018 weights when None.
+    model, spec : optional
+        An already loaded network and its spec (then `weights` is ignored).
+    tile_px : int
+        Tile side at network scale.
+    flips : bool
+        Test-time flip averaging.
+    refine : bool
+        When the diameter was estimated and the nuclei found have a median diameter
+        more than 1.25x off it, segment once more at the found diameter.
+    device : str or torch.device
+
+    Returns
+    -------
+    ndarray of shape (Y, X), int32
+        Nuclei labelled 1..N.
+
+    Raises
+    ------
+    InputError
+        If the weights are missing or corrupt.
+    ValueError
+        If `plane` is not a finite numeric 2-D array.
+    """
+    values = check_plane(plane, "nuclei plane")
+    if model is None or spec is None:
+        model, spec, _ = cached_segmenter(None if weights is None else str(weights))
+        model = model.to(device)
+    if values.size == 0 or values.max() <= values.min():
+        return np.zeros(values.shape, np.int32)
+    diameter = nucleus_diameter_px or estimate_nucleus_diameter(values)
+    labels = _segment_at(
+        model, spec, values, diameter, tile_px=tile_px, flips=flips, device=device
+    )
+    labels = drop_faint_objects(labels, values)
+    if nucleus_diameter_px is None and refine and labels.max() >= _MIN_NUCLEI_TO_REFINE:
+        # the estimate was off when the nuclei found are much bigger or smaller
+        found = median_diameter(labels)
+        if abs(np.log(found / diameter)) > np.log(_REFINE_RATIO):
+            labels = _segment_at(
+                model, spec, values, found, tile_px=tile_px, flips=flips, device=device
+            )
+            labels = drop_faint_objects(labels, values)
+    return labels
+
+
+def _segment_at(
+    model: NucleiUNet,
+    spec: UNetSpec,
+    values: np.ndarray,
+    diameter: float,
+    **predict: Any,
+) -> np.ndarray:
+    foreground, distance = predict_field_maps(model, spec, values, diameter, **predict)
+    return labels_from_maps(
+        foreground,
+        distance,
+        fg_threshold=spec.fg_threshold,
+        seed_threshold=spec.seed_threshold,
+        min_area_px=spec.min_area_fraction * np.pi / 4 * diameter**2,
+    )

@@ -1,0 +1,240 @@
+import numpy as np
+import pytest
+import tifffile
+import torch
+from skimage.draw import disk
+from skimage.io import imread
+
+from models.segmenter import (
+    DEFAULT_WEIGHTS,
+    NucleiUNet,
+    UNetSpec,
+    drop_faint_objects,
+    label_targets,
+    labels_from_maps,
+    load_segmenter,
+    normalize_intensity,
+    predict_field_maps,
+    predict_maps,
+    save_segmenter,
+    segment_nuclei_unet,
+    state_sha256,
+)
+from pipeline.errors import InputError
+from pipeline.segeval import average_precision, match_counts
+from pipeline.segment import check_segmenter, segment_field
+from tests.conftest import shared_data
+
+
+def _touching_discs(shape=(64, 80)):
+    labels = np.zeros(shape, np.int32)
+    labels[disk((32, 28), 12, shape=shape)] = 1
+    labels[disk((32, 50), 12, shape=shape)] = 2  # overlaps disc 1: they touch
+    return labels
+
+
+def test_spec_rejects_bad_settings():
+    assert UNetSpec().multiple == 8
+    with pytest.raises(ValueError, match="widths"):
+        UNetSpec(widths=())
+    with pytest.raises(ValueError, match="target_diameter_px"):
+        UNetSpec(target_diameter_px=1)
+    with pytest.raises(ValueError, match="seed_threshold"):
+        UNetSpec(seed_threshold=1.5)
+
+
+def test_unet_maps_any_size_to_two_logit_maps():
+    model = NucleiUNet((4, 8, 16)).eval()
+    with torch.no_grad():
+        out = model(torch.zeros(2, 1, 40, 56))
+        odd = model(torch.zeros(1, 1, 37, 50))  # sizes that do not halve evenly
+    assert out.shape == (2, 2, 40, 56) and odd.shape == (1, 2, 37, 50)
+    with pytest.raises(RuntimeError):
+        model(torch.zeros(1, 3, 32, 32))  # one input channel (the nuclear stain)
+
+
+def test_normalize_intensity_maps_percentiles_and_rejects():
+    plane = np.arange(1000, dtype=np.uint16).reshape(25, 40)
+    out = normalize_intensity(plane, 0, 100)
+    assert out.dtype == np.float32 and out.min() == 0 and out.max() == 1
+    assert not normalize_intensity(np.full((5, 5), 7)).any()
+    with pytest.raises(ValueError, match="shape"):
+        normalize_intensity(np.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match="percentiles"):
+        normalize_intensity(plane, 50, 10)
+
+
+def test_label_targets_peak_at_centres_and_vanish_between_nuclei():
+    labels = _touching_discs()
+    foreground, distance = label_targets(labels)
+    assert (foreground == (labels > 0)).all()
+    assert distance[labels == 0].max() == 0
+    for k in (1, 2):
+        assert distance[labels == k].max() == pytest.approx(1.0)
+    assert distance[32, 28] == pytest.approx(1.0, abs=0.1)
+    contact = (labels == 1) & np.roll(labels == 2, -1, axis=1)
+    assert distance[contact].max() == 0  # touching nuclei are edges of each other
+    with pytest.raises(ValueError, match="integer"):
+        label_targets(labels.astype(float))
+    with pytest.raises(ValueError, match=">= 0"):
+        label_targets(-labels)
+
+
+def test_labels_from_maps_recovers_touching_nuclei():
+    labels = _touching_discs()
+    foreground, distance = label_targets(labels)
+    found = labels_from_maps(foreground, distance, min_area_px=20)
+    assert found.dtype == np.int32 and found.max() == 2
+    ap = average_precision(match_counts(labels, found))
+    assert ap.loc[0.9] == 1.0
+    # a foreground blob without a seed is kept as its own object; a speck is dropped
+    foreground[5:15, 5:15] = 1
+    foreground[60, 2] = 1
+    assert labels_from_maps(foreground, distance, min_area_px=20).max() == 3
+    with pytest.raises(ValueError, match="one shape"):
+        labels_from_maps(foreground, distance[:-1])
+
+
+def test_drop_faint_objects_keeps_real_nuclei_only():
+    rng = np.random.default_rng(0)
+    labels = _touching_discs()
+    labels[5:9, 5:9] = 3  # a "nucleus" found in the noise
+    plane = rng.normal(100, 10, labels.shape) + 500 * np.isin(labels, [1, 2])
+    kept = drop_faint_objects(labels, plane)
+    assert kept.max() == 2 and (kept > 0).sum() == np.isin(labels, [1, 2]).sum()
+    assert drop_faint_objects(labels, plane, min_snr=0).max() >= 2
+    assert not drop_faint_objects(np.zeros((4, 4), np.int32), np.ones((4, 4))).any()
+    with pytest.raises(ValueError, match="shapes differ"):
+        drop_faint_objects(labels, plane[:-1])
+
+
+def test_tiled_prediction_matches_whole_image():
+    torch.manual_seed(0)
+    model = NucleiUNet((4, 8)).eval()
+    image = np.random.default_rng(0).random((150, 170)).astype(np.float32)
+    whole = predict_maps(model, image, multiple=2, tile_px=256)
+    tiled = predict_maps(model, image, multiple=2, tile_px=64, overlap_px=24)
+    assert whole[0].shape == image.shape and tiled[1].shape == image.shape
+    assert np.abs(whole[0] - tiled[0]).max() < 0.02
+    flipped = predict_maps(model, image, multiple=2, tile_px=256, flips=True)
+    assert flipped[0].shape == image.shape
+    with pytest.raises(ValueError, match="multiple"):
+        predict_maps(model, image, multiple=8, tile_px=100)
+    with pytest.raises(ValueError, match="overlap"):
+        predict_maps(model, image, multiple=2, tile_px=64, overlap_px=32)
+
+
+def test_predict_field_maps_rescales_and_rejects():
+    model = NucleiUNet((4, 8)).eval()
+    plane = np.random.default_rng(1).random((60, 90)).astype(np.float32)
+    spec = UNetSpec(widths=(4, 8), target_diameter_px=10)
+    foreground, distance = predict_field_maps(model, spec, plane, 30)  # shrunk 3x
+    assert foreground.shape == distance.shape == plane.shape
+    with pytest.raises(ValueError, match="diameter"):
+        predict_field_maps(model, spec, plane, 0)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = NucleiUNet((4, 8)).eval()
+    spec = UNetSpec(widths=(4, 8), seed_threshold=0.4)
+    path = save_segmenter(
+        tmp_path / "w" / "seg.pt", model, spec, {"val": {"AP@0.5": 0.9}}
+    )
+    loaded, loaded_spec, info = load_segmenter(path)
+    assert loaded_spec == spec and info["val"] == {"AP@0.5": 0.9}
+    assert info["sha256"] == load_segmenter(path)[2]["sha256"]
+    half = {
+        k: v.half() if v.is_floating_point() else v
+        for k, v in model.state_dict().items()
+    }
+    assert info["sha256"] == state_sha256(half)
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="reserved|keys"):
+        save_segmenter(tmp_path / "x.pt", model, spec, {"spec": 1})
+
+
+def test_load_rejects_missing_corrupt_and_foreign_files(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load_segmenter(tmp_path / "nothing.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a torch file")
+    with pytest.raises(InputError, match="corrupt"):
+        load_segmenter(corrupt)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(InputError, match="not PhenoScreen segmenter weights"):
+        load_segmenter(foreign)
+    with pytest.raises(InputError, match="not found"):
+        check_segmenter("unet", str(tmp_path / "nothing.pt"))
+    with pytest.raises(InputError, match="unet"):
+        check_segmenter("classical", str(corrupt))
+
+
+def test_shipped_weights_are_small_and_documented():
+    assert DEFAULT_WEIGHTS.stat().st_size <= 5 * 2**20
+    _, spec, info = load_segmenter()
+    assert info["train_config"]["seed"] == 0 and info["val"]["AP@0.5"] > 0.8
+    card = (DEFAULT_WEIGHTS.parent / "MODEL_CARD.md").read_text()
+    for needed in ("CC0", "train_default_segmenter.py", "AP@0.5", info["sha256"][:12]):
+        assert needed in card
+
+
+def test_unet_segments_synthetic_nuclei_at_two_magnifications():
+    rng = np.random.default_rng(0)
+    for radius, shape in ((7, (160, 200)), (16, (360, 420))):
+        truth = np.zeros(shape, np.int32)
+        centres = [(y, x) for y in range(2 * radius + 4, shape[0] - 2 * radius, 3 * radius)
+                   for x in range(2 * radius + 4, shape[1] - 2 * radius, 3 * radius)]  # fmt: skip
+        for k, (y, x) in enumerate(centres, 1):
+            truth[disk((y, x), radius, shape=shape)] = k
+        plane = (truth > 0) * 800.0 + rng.normal(100, 10, shape)
+        found = segment_nuclei_unet(plane.astype(np.uint16))
+        assert found.dtype == np.int32 and found.shape == shape
+        ap = average_precision(match_counts(truth, found))
+        assert ap.loc[0.5] > 0.9, (radius, ap.loc[0.5])
+    assert not segment_nuclei_unet(np.zeros((50, 50), np.uint16)).any()
+    noise = rng.normal(100, 10, (128, 128))  # an empty well: no nuclei in the noise
+    assert not segment_nuclei_unet(noise).any()
+    with pytest.raises(ValueError, match="NaN"):
+        segment_nuclei_unet(np.full((20, 20), np.nan))
+    with pytest.raises(ValueError, match="plane"):
+        segment_nuclei_unet(np.zeros((2, 20, 20)))
+
+
+def test_unet_segmenter_through_segment_field_and_cli(tmp_path):
+    plane = np.zeros((128, 128), np.uint16)
+    for y, x in [(30, 30), (30, 90), (90, 60)]:
+        plane[disk((y, x), 12, shape=plane.shape)] = 1000
+    nuclei, cells = segment_field(plane, method="unet", ring_width_px=4)
+    assert (
+        nuclei.max() == 3
+        and (cells >= nuclei).all()
+        and (cells > 0).sum() > (nuclei > 0).sum()
+    )
+    from pipeline.cli import main
+
+    tifffile.imwrite(tmp_path / "f.tif", plane)
+    assert main(["segment", str(tmp_path / "f.tif"), "--out-dir", str(tmp_path / "o"),
+                 "--segmenter", "unet"]) == 0  # fmt: skip
+    assert tifffile.imread(tmp_path / "o" / "f_nuclei.tif").max() == 3
+    missing = str(tmp_path / "no.pt")
+    assert main(["segment", str(tmp_path / "f.tif"), "--out-dir", str(tmp_path / "o"),
+                 "--segmenter", "unet", "--segmenter-weights", missing]) == 2  # fmt: skip
+
+
+@pytest.mark.slow
+def test_shipped_unet_on_real_dsb_images():
+    data = shared_data("segmentation/dsb2018_dev")
+    import pandas as pd
+
+    meta = pd.read_csv(data / "metadata.csv").groupby("size").head(2).head(6)
+    counts = []
+    for row in meta.itertuples():
+        truth = tifffile.imread(data / row.label_file)
+        counts.append(
+            match_counts(truth, segment_nuclei_unet(imread(data / row.image_file)))
+        )
+    assert average_precision(pd.concat(counts)).loc[0.5] > 0.7
