@@ -12,12 +12,14 @@ from pipeline.config import SegmentConfig
 from pipeline.errors import InputError
 from pipeline.segeval import average_precision, match_counts
 from pipeline.segment import (
+    check_plane,
     check_segmenter,
     estimate_nucleus_diameter,
     pixel_noise_sd,
     segment_cells,
     segment_field,
     segment_nuclei,
+    segmenter_weights_sha256,
 )
 from tests.conftest import make_field, shared_data
 
@@ -202,3 +204,20 @@ def test_pixel_noise_sd_ignores_smooth_objects():
     assert pixel_noise_sd(np.ones((5, 1))) == 0
     with pytest.raises(ValueError, match="shape"):
         pixel_noise_sd(np.zeros((2, 2, 2)))
+
+
+def test_check_plane_rejects_what_no_segmenter_can_use():
+    assert check_plane(np.ones((3, 4), np.uint16), "p").dtype == np.float32
+    with pytest.raises(ValueError, match="my plane has shape"):
+        check_plane(np.ones((2, 3, 4)), "my plane")
+    with pytest.raises(ValueError, match="dtype"):
+        check_plane(np.ones((3, 4), bool), "p")
+    with pytest.raises(ValueError, match="NaN"):
+        check_plane(np.full((3, 4), np.nan), "p")
+
+
+def test_segmenter_weights_sha256_names_the_weights(tmp_path):
+    assert segmenter_weights_sha256("classical") is None
+    assert len(segmenter_weights_sha256("unet")) == 64
+    with pytest.raises(InputError, match="not found"):
+        segmenter_weights_sha256("unet", str(tmp_path / "none.pt"))
