@@ -427,11 +427,9 @@ def train_segmenter(
     stacks = [
         _prepare_training_image(*data[i], spec.target_diameter_px) for i in train_idx
     ]
-    val_images = [data[i][0] for i in val_idx]
+    val_images = [data[i][0].astype(np.float32) for i in val_idx]
     val_truths = [data[i][1] for i in val_idx]
-    val_diameters = [
-        estimate_nucleus_diameter(image.astype(np.float32)) for image in val_images
-    ]
+    val_diameters = [estimate_nucleus_diameter(image) for image in val_images]
     torch_device = torch.device(
         device or ("cuda" if torch.cuda.is_available() else "cpu")
     )
@@ -443,6 +441,14 @@ def train_segmenter(
         optimizer, max_lr=config.lr, total_steps=config.epochs * config.steps_per_epoch
     )
     use_amp = torch_device.type == "cuda"
+
+    def predict_validation() -> list[tuple[np.ndarray, np.ndarray]]:
+        """Predict the maps of the held-out images as at inference."""
+        return [
+            predict_field_maps(model, spec, image, diameter, device=torch_device)
+            for image, diameter in zip(val_images, val_diameters, strict=True)
+        ]
+
     log, best_ap, best_state, best_epoch = [], -1.0, None, 0
     start = time.perf_counter()
     logger.info(
@@ -468,12 +474,7 @@ def train_segmenter(
             schedule.step()
             losses.append(loss.item())
         model.eval()
-        maps = [
-            predict_field_maps(
-                model, spec, im.astype(np.float32), d, device=torch_device
-            )
-            for im, d in zip(val_images, val_diameters, strict=True)
-        ]
+        maps = predict_validation()
         ap = score_maps(maps, val_truths, val_diameters, spec)
         row = {
             "epoch": epoch,
@@ -491,10 +492,7 @@ def train_segmenter(
         pd.DataFrame(log).to_csv(out.with_name(out.name + ".log.csv"), index=False)
     model.load_state_dict(best_state)
     model.eval()
-    maps = [
-        predict_field_maps(model, spec, im.astype(np.float32), d, device=torch_device)
-        for im, d in zip(val_images, val_diameters, strict=True)
-    ]
+    maps = predict_validation()
     spec, grid = calibrate_postprocessing(maps, val_truths, val_diameters, spec)
     ap = score_maps(maps, val_truths, val_diameters, spec)
     val = {
