@@ -155,6 +155,20 @@ def load_plate_map_metrics(url: str, run_id: int) -> pd.DataFrame:
     )
 
 
+def warm_up(url: str, run_id: int) -> None:
+    """Fill the caches the views read on arrival for one run.
+
+    Called once per session after the first page has been sent to the browser, so
+    the other views open from cache; a page switch meanwhile waits only for the
+    loader being computed (each is cached once per server, not per session).
+    """
+    load_plate_map_metrics(url, run_id)  # well profiles, activity, hit tables
+    load_plate_qc(url, run_id)
+    load_consensus(url, run_id)
+    load_phenotype_map(url, run_id)
+    load_channels(url, run_id)  # opens the run's image reader
+
+
 @st.cache_data(max_entries=64)
 def load_field_thumbnails(
     url: str, run_id: int, plate: str, well: str, channels: tuple[int, ...]

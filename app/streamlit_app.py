@@ -1,12 +1,14 @@
-"""PhenoScreen dashboard entry: page config and navigation only."""
+"""PhenoScreen dashboard entry: page config, navigation and cache warm-up."""
 
 from pathlib import Path
 
 import streamlit as st
 
+from app import data
+
 st.set_page_config(page_title="PhenoScreen", layout="wide")
 views = Path(__file__).parent / "views"
-st.navigation(
+page = st.navigation(
     [
         st.Page(views / "hits.py", title="Hits", default=True),
         st.Page(views / "plate.py", title="Plates"),
@@ -15,4 +17,10 @@ st.navigation(
         st.Page(views / "gallery.py", title="Cell gallery"),
         st.Page(views / "runs.py", title="Runs"),
     ]
-).run()
+)
+page.run()
+# after the page went out: load what the other views show first for this run
+run_id = st.session_state.get("run_id")
+if run_id is not None and st.session_state.get("warmed_run") != run_id:
+    data.warm_up(data.db_url(), run_id)
+    st.session_state["warmed_run"] = run_id

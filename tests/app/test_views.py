@@ -213,11 +213,41 @@ def test_read_run_provenance_rejects_unknown_runs(demo_store):
         read_run_provenance(make_engine(demo_store, create=False), 999)
 
 
-def test_app_entry_navigates_to_hits(demo_store, monkeypatch):
+def test_app_entry_navigates_to_hits_then_warms_the_runs_caches(
+    demo_store, monkeypatch
+):
     monkeypatch.setenv("PHENOSCREEN_DB_URL", demo_store)
+    st.cache_data.clear()
     app = AppTest.from_file(str(APP / "streamlit_app.py"), default_timeout=60).run()
     assert not app.exception
     assert app.header[0].value == "Hits"
+    assert app.session_state["warmed_run"] == app.session_state["run_id"]
+
+
+def test_warm_up_fills_the_caches_the_views_read_first(demo_store, monkeypatch):
+    from app import data
+
+    st.cache_data.clear()
+    run_id = int(resolve_run(make_engine(demo_store, create=False), None)[0])
+    data.warm_up(demo_store, run_id)
+
+    def no_store_reads(*args, **kwargs):
+        raise AssertionError("the store was read again")
+
+    for name in ("read_well_profiles", "read_hit_tables", "read_phenotype_map"):
+        monkeypatch.setattr(data, name, no_store_reads)
+    assert len(data.load_plate_map_metrics(demo_store, run_id)) == 96
+    assert not data.load_plate_qc(demo_store, run_id).empty
+    assert not data.load_consensus(demo_store, run_id).empty
+    data.load_phenotype_map(demo_store, run_id)
+    assert data.load_channels(demo_store, run_id)
+
+
+def test_warm_up_rejects_an_unknown_run(demo_store):
+    from app import data
+
+    with pytest.raises(ValueError, match="999"):
+        data.warm_up(demo_store, 999)
 
 
 def test_app_never_imports_torch_or_models():
