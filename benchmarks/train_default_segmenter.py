@@ -6,7 +6,9 @@ into a temporary folder pair and given to ``phenoscreen train-segmenter``'s trai
 function (which holds out a fifth of it for checkpoint selection); the "report" half
 is never seen and scores the result in ``bench_segmenter_dsb.py``.
 
-Run: ``python benchmarks/train_default_segmenter.py [--epochs 40] [--out FILE]``
+Run: ``python benchmarks/train_default_segmenter.py [--epochs 40] [--out FILE]``;
+``--recalibrate`` instead chooses the post-processing of the shipped weights again
+on their own held-out images (`models.train_segmenter.recalibrate_segmenter`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import save  # noqa: E402
 from benchmarks.bench_segmentation_dsb import DATA, dsb_split  # noqa: E402
 from models.segmenter import DEFAULT_WEIGHTS  # noqa: E402
-from models.train_segmenter import SegmenterTrainConfig, train_segmenter  # noqa: E402
+from models.train_segmenter import (  # noqa: E402
+    SegmenterTrainConfig,
+    recalibrate_segmenter,
+    train_segmenter,
+)
 
 
 def main() -> None:
@@ -33,6 +39,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=SegmenterTrainConfig.lr)
     parser.add_argument("--init", help="start from these weights (a second stage)")
     parser.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument(
+        "--recalibrate", action="store_true",
+        help="re-choose the post-processing of --out (no training)",
+    )  # fmt: skip
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"{DATA} is absent: training needs ../shared/data.")
@@ -48,8 +58,18 @@ def main() -> None:
         for row in tune.itertuples():
             (images / Path(row.image_file).name).symlink_to(DATA / row.image_file)
             (masks / Path(row.label_file).name).symlink_to(DATA / row.label_file)
-        summary = train_segmenter(images, masks, args.out, config, init=args.init)
+        if args.recalibrate:
+            summary = recalibrate_segmenter(args.out, images, masks, args.out)
+        else:
+            summary = train_segmenter(images, masks, args.out, config, init=args.init)
     print(json.dumps(summary, indent=1))
+    if args.recalibrate:
+        save("train_default_segmenter_recalibrated", {
+            "command": "python benchmarks/train_default_segmenter.py --recalibrate "
+                       f"--out {args.out}",
+            **summary,
+        })  # fmt: skip
+        return
     command = (
         f"python benchmarks/train_default_segmenter.py --epochs {args.epochs} "
         f"--steps-per-epoch {args.steps_per_epoch} --lr {args.lr} --out {args.out}"

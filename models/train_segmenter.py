@@ -34,7 +34,7 @@ from models.segmenter import (
     NucleiUNet,
     UNetSpec,
     label_targets,
-    labels_from_maps,
+    labels_for_spec,
     load_segmenter,
     median_diameter,
     normalize_intensity,
@@ -296,56 +296,63 @@ def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.binary_cross_entropy_with_logits(logits.float(), targets)
 
 
+def _predict_all(
+    model: NucleiUNet,
+    spec: UNetSpec,
+    images: Sequence[np.ndarray],
+    diameters: Sequence[float],
+    device: torch.device,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Predict the maps of whole images as at inference (the held-out images)."""
+    return [
+        predict_field_maps(model, spec, image, diameter, device=device)
+        for image, diameter in zip(images, diameters, strict=True)
+    ]
+
+
 def score_maps(
     maps: Sequence[tuple[np.ndarray, np.ndarray]],
     truths: Sequence[np.ndarray],
-    diameters: Sequence[float],
     spec: UNetSpec,
 ) -> pd.Series:
-    """Pooled AP(t) of the segmentation the maps give with `spec`'s post-processing."""
-    counts = []
-    for (foreground, distance), truth, diameter in zip(
-        maps, truths, diameters, strict=True
-    ):
-        labels = labels_from_maps(
-            foreground,
-            distance,
-            fg_threshold=spec.fg_threshold,
-            seed_threshold=spec.seed_threshold,
-            min_area_px=spec.min_area_fraction * np.pi / 4 * diameter**2,
-        )
-        counts.append(match_counts(truth, labels))
+    """Pooled AP(t) of the segmentation the maps give with `spec`'s post-processing.
+
+    `maps` are at the network's scale (`predict_field_maps`), `truths` the images'
+    instance labels.
+    """
+    counts = [
+        match_counts(truth, labels_for_spec(foreground, distance, spec, truth.shape))
+        for (foreground, distance), truth in zip(maps, truths, strict=True)
+    ]
     return average_precision(pd.concat(counts))
 
 
 def calibrate_postprocessing(
     maps: Sequence[tuple[np.ndarray, np.ndarray]],
     truths: Sequence[np.ndarray],
-    diameters: Sequence[float],
     spec: UNetSpec,
 ) -> tuple[UNetSpec, pd.DataFrame]:
-    """Choose foreground and seed thresholds that maximize AP@0.5 (then mean AP).
+    """Choose the foreground threshold and seed height that maximize AP@0.5, then mAP.
 
     Returns
     -------
     spec : UNetSpec
-        `spec` with the best thresholds.
+        `spec` with the best settings.
     grid : DataFrame
-        ``fg_threshold``, ``seed_threshold``, ``AP@0.5``, ``mAP`` of every candidate.
+        ``fg_threshold``, ``seed_height``, ``AP@0.5``, ``mAP`` of every candidate.
     """
     rows = []
     for fg in (0.4, 0.5, 0.6):
-        for seed in (0.3, 0.4, 0.5, 0.6, 0.7):
+        for seed in (0.1, 0.15, 0.2, 0.25, 0.3):
             ap = score_maps(
                 maps,
                 truths,
-                diameters,
-                replace(spec, fg_threshold=fg, seed_threshold=seed),
+                replace(spec, fg_threshold=fg, seed_height=seed),
             )
             rows.append(
                 {
                     "fg_threshold": fg,
-                    "seed_threshold": seed,
+                    "seed_height": seed,
                     "AP@0.5": float(ap.loc[0.5]),
                     "mAP": float(ap.mean()),
                 }
@@ -355,8 +362,25 @@ def calibrate_postprocessing(
     return replace(
         spec,
         fg_threshold=float(best["fg_threshold"]),
-        seed_threshold=float(best["seed_threshold"]),
+        seed_height=float(best["seed_height"]),
     ), grid
+
+
+def _calibrate_and_score(
+    maps: Sequence[tuple[np.ndarray, np.ndarray]],
+    truths: Sequence[np.ndarray],
+    spec: UNetSpec,
+) -> tuple[UNetSpec, pd.DataFrame, dict[str, float]]:
+    """Calibrate the post-processing on held-out images; their AP with the result."""
+    spec, grid = calibrate_postprocessing(maps, truths, spec)
+    ap = score_maps(maps, truths, spec)
+    val = {
+        "AP@0.5": round(float(ap.loc[0.5]), 4),
+        "AP@0.75": round(float(ap.loc[0.75]), 4),
+        "mAP@0.5:0.95": round(float(ap.mean()), 4),
+        "images": len(truths),
+    }
+    return spec, grid, val
 
 
 def train_segmenter(
@@ -442,13 +466,6 @@ def train_segmenter(
     )
     use_amp = torch_device.type == "cuda"
 
-    def predict_validation() -> list[tuple[np.ndarray, np.ndarray]]:
-        """Predict the maps of the held-out images as at inference."""
-        return [
-            predict_field_maps(model, spec, image, diameter, device=torch_device)
-            for image, diameter in zip(val_images, val_diameters, strict=True)
-        ]
-
     log, best_ap, best_state, best_epoch = [], -1.0, None, 0
     start = time.perf_counter()
     logger.info(
@@ -474,8 +491,8 @@ def train_segmenter(
             schedule.step()
             losses.append(loss.item())
         model.eval()
-        maps = predict_validation()
-        ap = score_maps(maps, val_truths, val_diameters, spec)
+        maps = _predict_all(model, spec, val_images, val_diameters, torch_device)
+        ap = score_maps(maps, val_truths, spec)
         row = {
             "epoch": epoch,
             "train_loss": float(np.mean(losses)),
@@ -492,15 +509,8 @@ def train_segmenter(
         pd.DataFrame(log).to_csv(out.with_name(out.name + ".log.csv"), index=False)
     model.load_state_dict(best_state)
     model.eval()
-    maps = predict_validation()
-    spec, grid = calibrate_postprocessing(maps, val_truths, val_diameters, spec)
-    ap = score_maps(maps, val_truths, val_diameters, spec)
-    val = {
-        "AP@0.5": round(float(ap.loc[0.5]), 4),
-        "AP@0.75": round(float(ap.loc[0.75]), 4),
-        "mAP@0.5:0.95": round(float(ap.mean()), 4),
-        "images": len(val_idx),
-    }
+    maps = _predict_all(model, spec, val_images, val_diameters, torch_device)
+    spec, grid, val = _calibrate_and_score(maps, val_truths, spec)
     seconds = round(time.perf_counter() - start, 1)
     config_dict = {**asdict(config), "widths": list(config.widths)}
     save_segmenter(
@@ -529,3 +539,73 @@ def train_segmenter(
         "spec": asdict(spec),
         "seconds": seconds,
     }
+
+
+def recalibrate_segmenter(
+    weights: str | Path,
+    images: str | Path,
+    masks: str | Path,
+    out: str | Path,
+    *,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Choose a trained segmenter's post-processing again on its held-out images.
+
+    The network is unchanged; the foreground threshold and seed height are
+    calibrated (`calibrate_postprocessing`) on the images the training held out
+    (``val_images`` stored with the weights), found by name in `images`/`masks`.
+    Use it when the post-processing changed after the weights were trained.
+
+    Parameters
+    ----------
+    weights : str or Path
+        Weights written by `train_segmenter`.
+    images, masks : str or Path
+        The folders the weights were trained from (`pair_images_and_masks`).
+    out : str or Path
+        Weights file to write (may be `weights`); everything stored with the
+        weights is kept, ``val`` and ``threshold_grid`` are replaced and
+        ``val_before_recalibration`` keeps the previous validation figures.
+    device : str, optional
+
+    Returns
+    -------
+    dict
+        ``out``, ``val`` (AP figures on the held-out images), ``spec``.
+
+    Raises
+    ------
+    InputError
+        If the weights name no held-out images, or one is missing from the folders.
+    """
+    model, old_spec, info = load_segmenter(weights)
+    names = info.get("val_images")
+    if not names:
+        raise InputError(
+            f"{weights} names no held-out images (val_images); only weights written "
+            "by `phenoscreen train-segmenter` can be recalibrated."
+        )
+    pairs = pair_images_and_masks(images, masks).set_index("name")
+    missing = sorted(set(names) - set(pairs.index))
+    if missing:
+        raise InputError(
+            f"held-out images {missing[:5]} of {weights} are not in {images} / "
+            f"{masks}; give the folders the weights were trained from."
+        )
+    data = [read_pair(pairs.loc[n, "image"], pairs.loc[n, "mask"]) for n in names]
+    values = [image.astype(np.float32) for image, _ in data]
+    truths = [labels for _, labels in data]
+    diameters = [estimate_nucleus_diameter(image) for image in values]
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(target)
+    maps = _predict_all(model, old_spec, values, diameters, target)
+    spec, grid, val = _calibrate_and_score(maps, truths, old_spec)
+    kept = {k: v for k, v in info.items() if k not in ("path", "sha256")}
+    save_segmenter(
+        out,
+        model,
+        spec,
+        {**kept, "val": val, "threshold_grid": grid.to_dict("list"),
+         "val_before_recalibration": info.get("val")},
+    )  # fmt: skip
+    return {"out": str(out), "val": val, "spec": asdict(spec)}

@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train_seg.add_argument("--batch-size", type=int, help="default 8")
     train_seg.add_argument(
+        "--crop-px", type=int, help="training crop side at network scale (default 128)"
+    )
+    train_seg.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    train_seg.add_argument(
         "--val-fraction",
         type=float,
         help="share of images held out to pick the best epoch (default 0.2)",
@@ -596,7 +600,8 @@ def cmd_train_segmenter(args: argparse.Namespace) -> int:
     """Train the unet nuclei segmenter on annotated images."""
     from models.train_segmenter import SegmenterTrainConfig, train_segmenter
 
-    names = ("epochs", "steps_per_epoch", "batch_size", "val_fraction", "seed")
+    names = ("epochs", "steps_per_epoch", "batch_size", "crop_px", "lr",
+             "val_fraction", "seed")  # fmt: skip
     given = {
         name: getattr(args, name) for name in names if getattr(args, name) is not None
     }

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import tifffile
@@ -9,8 +11,11 @@ from models.segmenter import (
     DEFAULT_WEIGHTS,
     NucleiUNet,
     UNetSpec,
+    bf16_is_fast,
     drop_faint_objects,
+    fold_batch_norms,
     label_targets,
+    labels_for_spec,
     labels_from_maps,
     load_segmenter,
     normalize_intensity,
@@ -18,7 +23,7 @@ from models.segmenter import (
     predict_maps,
     save_segmenter,
     segment_nuclei_unet,
-    state_sha256,
+    segmenter_sha256,
 )
 from pipeline.errors import InputError
 from pipeline.segeval import average_precision, match_counts
@@ -39,8 +44,8 @@ def test_spec_rejects_bad_settings():
         UNetSpec(widths=())
     with pytest.raises(ValueError, match="target_diameter_px"):
         UNetSpec(target_diameter_px=1)
-    with pytest.raises(ValueError, match="seed_threshold"):
-        UNetSpec(seed_threshold=1.5)
+    with pytest.raises(ValueError, match="seed_height"):
+        UNetSpec(seed_height=1.5)
 
 
 def test_unet_maps_any_size_to_two_logit_maps():
@@ -93,6 +98,64 @@ def test_labels_from_maps_recovers_touching_nuclei():
     assert labels_from_maps(foreground, distance, min_area_px=20).max() == 3
     with pytest.raises(ValueError, match="one shape"):
         labels_from_maps(foreground, distance[:-1])
+    with pytest.raises(ValueError, match="seed_height"):
+        labels_from_maps(foreground, distance, seed_height=0)
+
+
+def test_seeds_need_a_dip_of_seed_height_between_touching_nuclei():
+    yy, xx = np.mgrid[:40, :80].astype(np.float32)
+    foreground = ((yy - 20) ** 2 / 15**2 + (xx - 40) ** 2 / 35**2 <= 1) * 1.0
+    bumps = [a * np.exp(-((yy - 20) ** 2 + (xx - x) ** 2) / 200)
+             for a, x in ((1.0, 25), (0.6, 55))]  # fmt: skip
+    distance = np.maximum(*bumps)  # the lower peak rises 0.28 above the saddle
+    assert labels_from_maps(foreground, distance, seed_height=0.2).max() == 2
+    assert labels_from_maps(foreground, distance, seed_height=0.35).max() == 1
+    assert labels_from_maps(foreground, distance, smooth_px=1.0).max() == 2
+
+
+def test_labels_for_spec_scales_maps_to_the_plane_and_area_by_the_diameter():
+    labels = _touching_discs()  # discs of 24 px
+    foreground, distance = label_targets(labels)
+    spec = UNetSpec(min_area_fraction=0.5, target_diameter_px=24)
+    same = labels_for_spec(foreground, distance, spec, labels.shape)
+    assert same.max() == 2
+    # maps at half the plane's size: labels come back at the plane's size
+    small = [m[::2, ::2] for m in (foreground, distance)]
+    spec_small = replace(spec, target_diameter_px=12)
+    big = labels_for_spec(*small, spec_small, labels.shape)
+    assert big.shape == labels.shape and big.max() == 2
+    assert average_precision(match_counts(labels, big)).loc[0.75] == 1.0
+    # maps at twice the plane's size (small nuclei): seeds survive the shrinking
+    large = [np.kron(m, np.ones((2, 2), np.float32)) for m in (foreground, distance)]
+    assert labels_for_spec(*large, replace(spec, target_diameter_px=48),
+                           labels.shape).max() == 2  # fmt: skip
+    # nuclei a quarter of the expected area are dropped
+    assert labels_for_spec(foreground, distance, replace(spec, target_diameter_px=60),
+                           labels.shape).max() == 0  # fmt: skip
+    with pytest.raises(ValueError, match="shape"):
+        labels_for_spec(foreground, distance, spec, (0, 5))
+
+
+def test_folded_batch_norms_give_the_same_maps():
+    torch.manual_seed(0)
+    model = NucleiUNet((4, 8, 16))
+    model(torch.rand(4, 1, 32, 32))  # training mode: running statistics move
+    model.eval()
+    folded = fold_batch_norms(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.rand(1, 1, 48, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batch_norms(model.train())
+
+
+def test_bf16_is_used_on_cuda_and_on_cpus_with_native_bfloat16():
+    assert bf16_is_fast("cuda")
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert bf16_is_fast("cpu") == native
+    with pytest.raises(RuntimeError):
+        bf16_is_fast("no-such-device")
 
 
 def test_drop_faint_objects_keeps_real_nuclei_only():
@@ -129,7 +192,7 @@ def test_predict_field_maps_rescales_and_rejects():
     plane = np.random.default_rng(1).random((60, 90)).astype(np.float32)
     spec = UNetSpec(widths=(4, 8), target_diameter_px=10)
     foreground, distance = predict_field_maps(model, spec, plane, 30)  # shrunk 3x
-    assert foreground.shape == distance.shape == plane.shape
+    assert foreground.shape == distance.shape == (20, 30)  # the network's scale
     with pytest.raises(ValueError, match="diameter"):
         predict_field_maps(model, spec, plane, 0)
 
@@ -137,7 +200,7 @@ def test_predict_field_maps_rescales_and_rejects():
 def test_save_and_load_round_trip(tmp_path):
     torch.manual_seed(0)
     model = NucleiUNet((4, 8)).eval()
-    spec = UNetSpec(widths=(4, 8), seed_threshold=0.4)
+    spec = UNetSpec(widths=(4, 8), seed_height=0.15)
     path = save_segmenter(
         tmp_path / "w" / "seg.pt", model, spec, {"val": {"AP@0.5": 0.9}}
     )
@@ -148,7 +211,9 @@ def test_save_and_load_round_trip(tmp_path):
         k: v.half() if v.is_floating_point() else v
         for k, v in model.state_dict().items()
     }
-    assert info["sha256"] == state_sha256(half)
+    assert info["sha256"] == segmenter_sha256(half, spec)
+    # other post-processing settings make another segmenter
+    assert segmenter_sha256(half, replace(spec, seed_height=0.3)) != info["sha256"]
     x = torch.rand(1, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), atol=2e-2, rtol=2e-2)
@@ -171,6 +236,18 @@ def test_load_rejects_missing_corrupt_and_foreign_files(tmp_path):
         check_segmenter("unet", str(tmp_path / "nothing.pt"))
     with pytest.raises(InputError, match="unet"):
         check_segmenter("classical", str(corrupt))
+
+
+def test_weights_saved_with_a_seed_threshold_load_with_the_default_seed_height(
+    tmp_path,
+):
+    model = NucleiUNet((4, 8)).eval()
+    path = save_segmenter(tmp_path / "old.pt", model, UNetSpec(widths=(4, 8)), {})
+    payload = torch.load(path, weights_only=True)
+    payload["spec"] = {**payload["spec"], "seed_threshold": 0.4}
+    del payload["spec"]["seed_height"]
+    torch.save(payload, path)  # as train-segmenter wrote them before h-maxima seeds
+    assert load_segmenter(path)[1].seed_height == UNetSpec().seed_height
 
 
 def test_shipped_weights_are_small_and_documented():

@@ -5,12 +5,20 @@ import tifffile
 from skimage.draw import disk
 from skimage.io import imsave
 
-from models.segmenter import UNetSpec, label_targets, load_segmenter, median_diameter
+from models.segmenter import (
+    NucleiUNet,
+    UNetSpec,
+    label_targets,
+    load_segmenter,
+    median_diameter,
+    save_segmenter,
+)
 from models.train_segmenter import (
     SegmenterTrainConfig,
     calibrate_postprocessing,
     pair_images_and_masks,
     read_pair,
+    recalibrate_segmenter,
     sample_batch,
     score_maps,
     train_segmenter,
@@ -123,9 +131,40 @@ def test_sample_batch_draws_aligned_augmented_crops():
 def test_calibration_picks_thresholds_from_the_grid():
     _, labels = _blobs((96, 112), 8, 3)
     maps = [label_targets(labels)]
-    spec, grid = calibrate_postprocessing(maps, [labels], [16.0], UNetSpec())
+    spec, grid = calibrate_postprocessing(maps, [labels], UNetSpec())
     assert len(grid) == 15 and grid["AP@0.5"].max() == 1.0
-    assert score_maps(maps, [labels], [16.0], spec).loc[0.5] == 1.0
+    assert score_maps(maps, [labels], spec).loc[0.5] == 1.0
+
+
+def test_recalibration_rechooses_post_processing_on_the_held_out_images(
+    annotated, tmp_path
+):
+    images, masks = annotated
+    spec = UNetSpec(widths=(4, 8), seed_height=0.3, fg_threshold=0.6)
+    weights = save_segmenter(tmp_path / "w.pt", NucleiUNet((4, 8)).eval(), spec,
+                             {"val_images": ["img0", "img1"], "val": {"AP@0.5": 0.1}})  # fmt: skip
+    summary = recalibrate_segmenter(weights, images, masks, tmp_path / "r.pt")
+    _, new_spec, info = load_segmenter(tmp_path / "r.pt")
+    assert info["val"] == summary["val"] and info["val"]["images"] == 2
+    assert info["val_before_recalibration"] == {"AP@0.5": 0.1}
+    assert (
+        info["val_images"] == ["img0", "img1"]
+        and len(info["threshold_grid"]["AP@0.5"]) == 15
+    )
+    assert new_spec.widths == spec.widths and new_spec.seed_height in (
+        0.1,
+        0.15,
+        0.2,
+        0.25,
+        0.3,
+    )
+    unnamed = save_segmenter(tmp_path / "u.pt", NucleiUNet((4, 8)), spec, {})
+    with pytest.raises(InputError, match="names no held-out images"):
+        recalibrate_segmenter(unnamed, images, masks, tmp_path / "x.pt")
+    elsewhere = save_segmenter(tmp_path / "e.pt", NucleiUNet((4, 8)), spec,
+                               {"val_images": ["other"]})  # fmt: skip
+    with pytest.raises(InputError, match="other"):
+        recalibrate_segmenter(elsewhere, images, masks, tmp_path / "x.pt")
 
 
 @pytest.mark.slow
@@ -142,9 +181,12 @@ def test_train_segmenter_end_to_end_and_cli(annotated, tmp_path):
     assert list(log["epoch"]) == [1, 2] and log["train_loss"].notna().all()
     out = tmp_path / "cli.pt"
     assert main(["train-segmenter", "--images", str(images), "--masks", str(masks),
-                 "--epochs", "1", "--steps-per-epoch", "2", "--out", str(out)]) == 0  # fmt: skip
+                 "--epochs", "1", "--steps-per-epoch", "2", "--crop-px", "64",
+                 "--lr", "0.001", "--out", str(out)]) == 0  # fmt: skip
     adapted = load_segmenter(out)
     assert adapted[2]["train_config"]["epochs"] == 1 and adapted[2]["init"] is None
+    assert adapted[2]["train_config"]["crop_px"] == 64
+    assert adapted[2]["train_config"]["lr"] == 0.001
     tuned = tmp_path / "tuned.pt"
     assert main(["train-segmenter", "--images", str(images), "--masks", str(masks),
                  "--epochs", "1", "--steps-per-epoch", "1", "--init", str(out),
