@@ -5,7 +5,8 @@ nuclear stain at a fixed scale (the typical nucleus diameter rescaled to
 ``target_diameter_px``) and predicts two maps, the probability that a pixel lies in a
 nucleus and its distance to the nucleus edge divided by the nucleus' largest such
 distance (0 at edges and between touching nuclei, 1 at each centre). Instances are
-the foreground, cut by a watershed on the distance map from seeds where it is high.
+the foreground, cut by a watershed on the distance map from seeds at its maxima that
+rise enough above the saddles to their neighbours (h-maxima).
 
 Input scale is normalized by the nucleus diameter (given, or estimated from the
 image as in the ``classical`` segmenter) so that one network serves every

@@ -8,8 +8,9 @@ inference), flips, 90-degree rotations, gamma, gain, offset and noise. A part of
 images (``val_fraction``, at least one) is held out: after each epoch they are
 segmented end to end exactly as at inference (diameter estimated from the image,
 full-size tiled prediction) and scored by AP at IoU 0.5; the best epoch's weights
-are kept. Finally the post-processing thresholds are chosen on the same held-out
-images. AdamW with a one-cycle schedule; bfloat16 mixed precision on CUDA.
+are kept. Finally the post-processing settings (foreground threshold, seed height)
+are chosen on the same held-out images (`recalibrate_segmenter` repeats that for
+trained weights). AdamW with a one-cycle schedule; bfloat16 mixed precision on CUDA.
 """
 
 from __future__ import annotations
