@@ -341,10 +341,10 @@ def _area_shape(
     cx = _safe_div(_sums(lab, n, xx), area)
     dy = yy - cy[lab - 1]
     dx = xx - cx[lab - 1]
-    mu = {
-        (p, q): _sums(lab, n, dx**p * dy**q)
-        for p, q in ((2, 0), (0, 2), (1, 1), (3, 0), (0, 3), (2, 1), (1, 2))
-    }
+    dx2, dy2 = dx * dx, dy * dy  # products, not powers: ~3x faster
+    weights = {(2, 0): dx2, (0, 2): dy2, (1, 1): dx * dy, (3, 0): dx2 * dx,
+               (0, 3): dy2 * dy, (2, 1): dx2 * dy, (1, 2): dx * dy2}  # fmt: skip
+    mu = {pq: _sums(lab, n, w) for pq, w in weights.items()}
     eta = {pq: _safe_div(value, area ** (1 + sum(pq) / 2)) for pq, value in mu.items()}
     cov_xx = _safe_div(mu[2, 0], area) + 1 / 12
     cov_yy = _safe_div(mu[0, 2], area) + 1 / 12
@@ -506,17 +506,23 @@ def glcm(
         raise ValueError(f"texture scale {scale} must be >= 1 px.")
     out = np.zeros((grey.shape[0], n, 4, levels, levels))
     height, width = labels.shape
+    flat = labels.ravel()
+    first = np.flatnonzero(flat)  # pairs start on object pixels only
+    column = first % width
+    planes = grey.reshape(grey.shape[0], -1)
     for d, (dy, dx) in enumerate(
         ((0, scale), (scale, scale), (scale, 0), (scale, -scale))
     ):  # noqa: E501
-        ys, ye = slice(0, max(height - dy, 0)), slice(dy, height)
-        xs = slice(max(0, -dx), max(width - max(0, dx), 0))
-        xe = slice(max(0, dx), max(width - max(0, -dx), 0))
-        la, lb = labels[ys, xs], labels[ye, xe]
-        same = (la == lb) & (la > 0)
-        base = (la[same] - 1).astype(np.int64) * (levels * levels)
-        for c, plane in enumerate(grey):
-            code = base + plane[ys, xs][same] * levels + plane[ye, xe][same]
+        fits = (
+            (first < (height - dy) * width) & (column + dx >= 0) & (column + dx < width)
+        )
+        a = first[fits]
+        b = a + dy * width + dx
+        same = flat[b] == flat[a]
+        a, b = a[same], b[same]
+        base = (flat[a] - 1).astype(np.int64) * (levels * levels)
+        for c, plane in enumerate(planes):
+            code = base + plane[a] * levels + plane[b]
             counts = np.bincount(code, minlength=n * levels * levels)
             out[c, :, d] = counts.reshape(n, levels, levels)
     out = out + out.swapaxes(-1, -2)
