@@ -57,7 +57,7 @@ def otsu_watershed(image: np.ndarray) -> np.ndarray:
 
 
 METHODS = {
-    "classical (default)": segment_nuclei,
+    "classical": segment_nuclei,
     "otsu + watershed": otsu_watershed,
     "unet": segment_nuclei_unet,
 }

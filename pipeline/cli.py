@@ -17,7 +17,13 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.config import InputConfig, RunConfig, load_config, with_overrides
+from pipeline.config import (
+    InputConfig,
+    RunConfig,
+    SegmentConfig,
+    load_config,
+    with_overrides,
+)
 from pipeline.errors import InputError, PipelineError
 from pipeline.export import TABLES
 from pipeline.hits import HIT_COLUMNS
@@ -116,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--segmenter",
         "--method",
         dest="method",
-        default="classical",
-        help="classical (default), unet (learned, shipped weights), cellpose, stardist",
+        default=SegmentConfig.method,
+        help="unet (default: learned, shipped weights), classical, cellpose, stardist",
     )
     segment.add_argument(
         "--segmenter-weights",

@@ -98,7 +98,7 @@ class IlluminationConfig:
 class SegmentConfig:
     """Options of `pipeline.segment.segment_field` (same names)."""
 
-    method: str = "classical"
+    method: str = "unet"  # = pipeline.segment.DEFAULT_SEGMENTER
     nucleus_diameter_px: float | None = None
     background_diameters: float = 1.0
     hysteresis_fraction: float = 0.7

@@ -59,7 +59,12 @@ from pipeline.platemap import (
     read_platemap,
 )
 from pipeline.qc import flag_fields, measure_field_qc
-from pipeline.segment import check_segmenter, segment_field, segmenter_weights_sha256
+from pipeline.segment import (
+    DEFAULT_SEGMENTER,
+    check_segmenter,
+    segment_field,
+    segmenter_weights_sha256,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -733,7 +738,7 @@ def segment_files(
         repeats (outputs would overwrite each other); nothing is written then.
     """
     options = dict(segment or {})
-    check_segmenter(options.get("method", "classical"), options.get("weights"))
+    check_segmenter(options.get("method", DEFAULT_SEGMENTER), options.get("weights"))
     if cytoplasm is not None and len(cytoplasm) != len(images):
         raise InputError(
             f"{len(images)} images but {len(cytoplasm)} cytoplasm files; give one "

@@ -180,7 +180,13 @@ def test_drop_faint_objects_keeps_real_nuclei_only():
     plane = rng.normal(100, 10, labels.shape) + 500 * np.isin(labels, [1, 2])
     kept = drop_faint_objects(labels, plane)
     assert kept.max() == 2 and (kept > 0).sum() == np.isin(labels, [1, 2]).sum()
-    assert drop_faint_objects(labels, plane, min_snr=0).max() >= 2
+    assert drop_faint_objects(labels, plane, min_snr=-np.inf, min_z=-np.inf).max() == 3
+    # a dim but large nucleus stays; a small blob as bright (in SDs) goes
+    dim = np.zeros((80, 80), np.int32)
+    dim[disk((25, 25), 12, shape=dim.shape)] = 1  # ~450 px
+    dim[60:63, 60:63] = 2  # 9 px
+    faint = rng.normal(100, 10, dim.shape) + 40 * (dim > 0)  # 4 SDs above
+    assert np.unique(drop_faint_objects(dim, faint)).tolist() == [0, 1]
     assert not drop_faint_objects(np.zeros((4, 4), np.int32), np.ones((4, 4))).any()
     with pytest.raises(ValueError, match="shapes differ"):
         drop_faint_objects(labels, plane[:-1])
@@ -290,6 +296,10 @@ def test_unet_segments_synthetic_nuclei_at_two_magnifications():
     assert not segment_nuclei_unet(np.zeros((50, 50), np.uint16)).any()
     noise = rng.normal(100, 10, (128, 128))  # an empty well: no nuclei in the noise
     assert not segment_nuclei_unet(noise).any()
+    for seed in range(5):  # empty wells after illumination correction: float noise
+        gain = np.linspace(0.8, 1.2, 128)[None, :] * np.ones((128, 1))
+        field = np.random.default_rng(seed).normal(100, 11, (128, 128)) / gain
+        assert not segment_nuclei_unet(field.astype(np.float32)).any(), seed
     with pytest.raises(ValueError, match="NaN"):
         segment_nuclei_unet(np.full((20, 20), np.nan))
     with pytest.raises(ValueError, match="plane"):

@@ -83,7 +83,7 @@ def test_load_config_rejects_missing_file(tmp_path):
         ),
         ({"segment": {"method": "otsu"}}, "segment.method = 'otsu' is unknown"),
         (
-            {"segment": {"weights": "my.pt"}},
+            {"segment": {"method": "classical", "weights": "my.pt"}},
             "segment.weights = 'my.pt' is for method = \"unet\" only",
         ),
         ({"measure": {"texture_levels": 1}}, "texture_levels = 1 must lie in"),

@@ -155,10 +155,20 @@ def test_unknown_or_missing_segmenters_are_clear_errors():
 
 
 def test_segment_config_matches_segment_field_keywords():
+    import inspect
+
+    from pipeline.cli import build_parser
+    from pipeline.segment import DEFAULT_SEGMENTER
+
     image, _ = make_field(n_cells=2)
     options = asdict(SegmentConfig())
     nuclei, _ = segment_field(image[0], **options)
     assert nuclei.max() == 2
+    # one default segmenter everywhere: config, segment_field and the CLI
+    assert SegmentConfig().method == DEFAULT_SEGMENTER == "unet"
+    assert inspect.signature(segment_field).parameters["method"].default == "unet"
+    args = build_parser().parse_args(["segment", "x.tif", "--out-dir", "o"])
+    assert args.method == DEFAULT_SEGMENTER
     assert {f.name for f in fields(SegmentConfig)} <= set(
         segment_field.__code__.co_varnames
     )
