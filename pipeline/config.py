@@ -101,8 +101,9 @@ class SegmentConfig:
     method: str = "unet"  # = pipeline.segment.DEFAULT_SEGMENTER
     nucleus_diameter_px: float | None = None
     background_diameters: float = 1.0
-    hysteresis_fraction: float = 0.7
-    declump_min_distance_diameters: float = 0.3
+    seed_fraction: float = 0.8
+    edge_fraction: float = 0.3
+    declump_min_distance_diameters: float = 0.2
     intensity_weight: float = 0.5
     min_nucleus_area_fraction: float = 0.1
     exclude_border_nuclei: bool = False
@@ -129,9 +130,8 @@ class SegmentConfig:
         _check_range(
             "segment", "background_diameters", self.background_diameters, 0, 100
         )  # noqa: E501
-        _check_range(
-            "segment", "hysteresis_fraction", self.hysteresis_fraction, 0.01, 1
-        )
+        _check_range("segment", "seed_fraction", self.seed_fraction, 0.01, 1)
+        _check_range("segment", "edge_fraction", self.edge_fraction, 0, 0.99)
         _check_range(
             "segment",
             "declump_min_distance_diameters",
@@ -279,6 +279,14 @@ _SECTION_CLASSES = {
     "qc": QCConfig,
     "execution": ExecutionConfig,
 }
+# Keys of earlier versions: a config naming one is refused with this advice; the
+# configs stored with earlier runs still load (the key is dropped).
+_RETIRED_KEYS = {
+    ("segment", "hysteresis_fraction"): (
+        "the classical segmenter now seeds nuclei above seed_fraction of the Otsu "
+        "threshold and cuts each at edge_fraction of its own peak; use those"
+    ),
+}
 
 
 def _check_range(
@@ -288,14 +296,26 @@ def _check_range(
         raise InputError(f"{section}.{name} = {value!r} must lie in [{low}, {high}].")
 
 
-def config_from_dict(data: dict[str, Any], *, source: str = "config") -> RunConfig:
+def config_from_dict(
+    data: dict[str, Any], *, source: str = "config", stored: bool = False
+) -> RunConfig:
     """Build a `RunConfig` from nested dicts (parsed TOML), rejecting unknown keys.
+
+    Parameters
+    ----------
+    data : dict
+        Sections of key-value pairs.
+    source : str
+        Named in error messages.
+    stored : bool
+        The config was saved with an earlier run: retired keys are dropped
+        instead of refused.
 
     Raises
     ------
     InputError
-        Naming every unknown section or key with the valid ones, or a value out of
-        range.
+        Naming every unknown section or key with the valid ones (retired keys with
+        their replacement), or a value out of range.
     """
     problems = []
     for section in data:
@@ -306,6 +326,11 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config") -> RunConf
     sections = {}
     for name, cls in _SECTION_CLASSES.items():
         values = dict(data.get(name, {}))
+        for (section, key), advice in _RETIRED_KEYS.items():
+            if section == name and key in values:
+                del values[key]
+                if not stored:
+                    problems.append(f"[{name}] {key} was retired: {advice}.")
         valid = [f.name for f in fields(cls)]
         for key in values:
             if key not in valid:

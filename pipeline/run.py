@@ -821,7 +821,9 @@ class StoredFieldReader:
             If the run does not exist.
         """
         config_toml, image_root, fields = store.read_run_fields(engine, run_id)
-        config = config_from_dict(tomllib.loads(config_toml), source=f"run {run_id}")
+        config = config_from_dict(
+            tomllib.loads(config_toml), source=f"run {run_id}", stored=True
+        )
         names = list(config.input.channels)
         pattern = compile_pattern(
             layout=config.input.layout, pattern=config.input.pattern

@@ -3,10 +3,11 @@
 The ``classical`` segmenter needs no per-image tuning: it estimates the
 typical nucleus diameter ``d`` of each field from the scale-normalized Laplacian of
 Gaussian and scales everything else by it: a local background (grey opening of
-width ``d``) is subtracted, nuclei are thresholded by Otsu with hysteresis down to
-0.7 of the threshold, and touching nuclei are split by a watershed whose markers
-combine the distance transform and the smoothed intensity, at least ``0.3 d``
-apart. Cells grow from the nuclei over a cytoplasm channel by watershed
+width ``d``) is subtracted; nuclei are seeded above 0.8 of the Otsu threshold and
+each is cut at 0.3 of its own (smoothed) peak, so dim nuclei next to bright ones are kept and
+halos do not join neighbours; touching nuclei are split by a watershed whose
+markers combine the distance transform and the smoothed intensity, at least
+``0.2 d`` apart. Cells grow from the nuclei over a cytoplasm channel by watershed
 (CellProfiler's "propagation"), or as a ring around each nucleus when there is none.
 The cytoplasm is the cell minus its nucleus.
 
@@ -70,12 +71,30 @@ def _block_mean(plane: np.ndarray, factor: int) -> np.ndarray:
     return blocks.mean(axis=(1, 3))
 
 
+def _first_strong_peak(curve: np.ndarray, strength: float = 0.5) -> int:
+    """Index of the first local maximum of `curve` reaching `strength` of its maximum.
+
+    The global maximum when no earlier one qualifies.
+    """
+    best = int(np.argmax(curve))
+    for i in range(1, best):
+        if (
+            curve[i - 1] <= curve[i] > curve[i + 1]
+            and curve[i] >= strength * curve[best]
+        ):
+            return i
+    return best
+
+
 def estimate_nucleus_diameter(plane: np.ndarray) -> float:
     """Estimate the typical nucleus diameter of a nuclear-stain plane, in pixels.
 
-    The diameter is ``2 sqrt(2) sigma`` for the sigma (1 to 32 px) whose
-    scale-normalized Laplacian of Gaussian has the strongest 99.5th-percentile
-    response; large sigmas are evaluated on block-averaged planes.
+    The diameter is ``2 sqrt(2) sigma`` for the smallest sigma (1 to 32 px) at
+    which the 99.5th-percentile response of the scale-normalized Laplacian of
+    Gaussian peaks over sigma with at least half the strongest response (the
+    strongest when no smaller one does): nuclei packed on a bright band, whose
+    width gives the strongest response, are still measured as nuclei. Large
+    sigmas are evaluated on block-averaged planes.
 
     Parameters
     ----------
@@ -106,7 +125,7 @@ def estimate_nucleus_diameter(plane: np.ndarray) -> float:
         response = -(s**2) * ndi.gaussian_laplace(small, s)
         step = 2 if response.size > 2**18 else 1  # a subsample sets the percentile
         responses.append(float(np.percentile(response[::step, ::step], 99.5)))
-    sigma = _LOG_SIGMAS[int(np.argmax(responses))]
+    sigma = _LOG_SIGMAS[_first_strong_peak(np.asarray(responses))]
     return float(np.clip(2 * np.sqrt(2) * sigma, _MIN_DIAMETER, _MAX_DIAMETER))
 
 
@@ -147,13 +166,56 @@ def _smoothed_noise(plane: np.ndarray, sigma: float) -> float:
     return pixel_noise_sd(plane) / (2 * np.sqrt(np.pi) * sigma)
 
 
+def _nuclei_mask(
+    values: np.ndarray,
+    signal: np.ndarray,
+    intensity: np.ndarray,
+    d: float,
+    noise: float,
+    seed_fraction: float,
+    edge_fraction: float,
+) -> np.ndarray:
+    """Foreground of nuclei, each cut at a fraction of its own peak (Y, X) bool.
+
+    Candidates grow from pixels above ``seed_fraction`` of the Otsu threshold down
+    to 3 noise SDs; they are split at valleys of `intensity` between its peaks (at
+    least ``0.3 d`` apart), and each part keeps the pixels above ``edge_fraction``
+    of its own peak (of `signal` smoothed by ``0.15 d``, so a bright speck does not
+    set it), so dim and bright nuclei are both cut near their edges.
+    """
+    median = float(np.median(signal))
+    high = median + max(
+        seed_fraction * (float(threshold_otsu(signal)) - median), 6 * noise
+    )
+    candidate = apply_hysteresis_threshold(signal, median + 3 * noise, high)
+    regions, n = ndi.label(candidate)
+    if n == 0:
+        return candidate
+    peaks = peak_local_max(
+        intensity,
+        min_distance=max(1, int(round(0.3 * d))),
+        labels=regions,
+        exclude_border=False,
+    )
+    markers = np.zeros(values.shape, dtype=np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    parts = watershed(-intensity, markers, mask=candidate)
+    peak = np.zeros(len(peaks) + 1)
+    smooth_signal = ndi.gaussian_filter(signal, max(1.0, 0.15 * d))
+    peak[1:] = ndi.maximum(smooth_signal, parts, np.arange(1, len(peaks) + 1))
+    level = median + edge_fraction * (peak - median)
+    level[0] = np.inf
+    return ndi.binary_fill_holes((signal > level[parts]) & (peak[parts] > high))
+
+
 def segment_nuclei(
     plane: np.ndarray,
     *,
     nucleus_diameter_px: float | None = None,
     background_diameters: float = 1.0,
-    hysteresis_fraction: float = 0.7,
-    declump_min_distance_diameters: float = 0.3,
+    seed_fraction: float = 0.8,
+    edge_fraction: float = 0.3,
+    declump_min_distance_diameters: float = 0.2,
     intensity_weight: float = 0.5,
     min_nucleus_area_fraction: float = 0.1,
     exclude_border_nuclei: bool = False,
@@ -170,10 +232,13 @@ def segment_nuclei(
     background_diameters : float
         Width of the grey opening, in units of ``d``, whose result is subtracted as
         local background; 0 subtracts the plane's median instead.
-    hysteresis_fraction : float
-        Objects are seeded above the Otsu threshold (at least 6 standard deviations
-        of the smoothed pixel noise above background) and grow down to this
-        fraction of it.
+    seed_fraction : float
+        A nucleus must peak above this fraction of the Otsu threshold (measured
+        from the background, and at least 6 standard deviations of the smoothed
+        pixel noise); lower finds dimmer nuclei next to bright ones.
+    edge_fraction : float
+        Each nucleus ends where its intensity falls below this fraction of its
+        own peak above background.
     declump_min_distance_diameters : float
         Minimum distance between the seeds of touching nuclei, in units of ``d``;
         0 turns declumping off.
@@ -196,9 +261,10 @@ def segment_nuclei(
         If `plane` is not a finite numeric 2-D array or an option is out of range.
     """
     values = check_plane(plane, "nuclei plane")
-    if not 0 < hysteresis_fraction <= 1:
+    if not (0 < seed_fraction <= 1 and 0 <= edge_fraction < 1):
         raise ValueError(
-            f"hysteresis_fraction {hysteresis_fraction} must be in (0, 1]."
+            f"seed_fraction {seed_fraction} must be in (0, 1] and edge_fraction "
+            f"{edge_fraction} in [0, 1)."
         )
     if (nucleus_diameter_px is not None and nucleus_diameter_px <= 0) or (
         background_diameters < 0
@@ -217,11 +283,11 @@ def segment_nuclei(
         signal = smoothed - background
     else:
         signal = smoothed - np.median(smoothed)
-    median = float(np.median(signal))
     noise = _smoothed_noise(values, max(1.0, 0.05 * d))
-    high = max(float(threshold_otsu(signal)), median + 6 * noise)
-    low = max(hysteresis_fraction * high, median + 2 * noise)
-    mask = ndi.binary_fill_holes(apply_hysteresis_threshold(signal, low, high))
+    intensity = ndi.gaussian_filter(values, max(1.0, 0.15 * d))
+    mask = _nuclei_mask(
+        values, signal, intensity, d, noise, seed_fraction, edge_fraction
+    )
     components, n = ndi.label(mask)
     if n == 0:
         return empty
@@ -231,7 +297,6 @@ def segment_nuclei(
         )
         landscape = distance / (d / 2)
         if intensity_weight:
-            intensity = ndi.gaussian_filter(values, max(1.0, 0.15 * d))
             scale = float(np.percentile(intensity[mask], 95)) or 1.0
             landscape = landscape + intensity_weight * intensity / scale
         peaks = peak_local_max(
@@ -425,8 +490,9 @@ def segment_field(
     method: str = DEFAULT_SEGMENTER,
     nucleus_diameter_px: float | None = None,
     background_diameters: float = 1.0,
-    hysteresis_fraction: float = 0.7,
-    declump_min_distance_diameters: float = 0.3,
+    seed_fraction: float = 0.8,
+    edge_fraction: float = 0.3,
+    declump_min_distance_diameters: float = 0.2,
     intensity_weight: float = 0.5,
     min_nucleus_area_fraction: float = 0.1,
     exclude_border_nuclei: bool = False,
@@ -445,7 +511,7 @@ def segment_field(
         ``unet`` (default: the learned segmenter shipped with PhenoScreen,
         `models.segmenter`), ``classical`` (`segment_nuclei`), ``cellpose`` or
         ``stardist`` for the nuclei.
-    nucleus_diameter_px, background_diameters, hysteresis_fraction, \
+    nucleus_diameter_px, background_diameters, seed_fraction, edge_fraction, \
 declump_min_distance_diameters, intensity_weight, min_nucleus_area_fraction, \
 exclude_border_nuclei
         See `segment_nuclei` (the learned segmenters use only the diameter and
@@ -473,7 +539,8 @@ exclude_border_nuclei
             nuclei_plane,
             nucleus_diameter_px=nucleus_diameter_px,
             background_diameters=background_diameters,
-            hysteresis_fraction=hysteresis_fraction,
+            seed_fraction=seed_fraction,
+            edge_fraction=edge_fraction,
             declump_min_distance_diameters=declump_min_distance_diameters,
             intensity_weight=intensity_weight,
             min_nucleus_area_fraction=min_nucleus_area_fraction,

@@ -77,9 +77,11 @@ def test_load_config_rejects_missing_file(tmp_path):
 @pytest.mark.parametrize(
     ("data", "match"),
     [
+        ({"segment": {"seed_fraction": 0}}, r"seed_fraction = 0 must lie in"),
+        ({"segment": {"edge_fraction": 1}}, r"edge_fraction = 1 must lie in"),
         (
-            {"segment": {"hysteresis_fraction": 0}},
-            r"hysteresis_fraction = 0 must lie in",
+            {"segment": {"hysteresis_fraction": 0.7}},
+            r"hysteresis_fraction was retired: .* seed_fraction",
         ),
         ({"segment": {"method": "otsu"}}, "segment.method = 'otsu' is unknown"),
         (
@@ -138,3 +140,9 @@ def test_every_section_is_a_frozen_dataclass():
         section = getattr(RunConfig(), field.name)
         with pytest.raises(AttributeError):
             section.__setattr__(fields(section)[0].name, None)
+
+
+def test_config_from_dict_drops_retired_keys_of_stored_runs():
+    stored = {"segment": {"method": "classical", "hysteresis_fraction": 0.7}}
+    config = config_from_dict(stored, source="run 1", stored=True)
+    assert config.segment == SegmentConfig(method="classical")

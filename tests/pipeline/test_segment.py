@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from scipy import ndimage as ndi
 from skimage.draw import disk
 from skimage.io import imread
 
@@ -58,6 +59,36 @@ def test_estimate_nucleus_diameter_scales_with_the_nuclei(radius):
     assert estimate_nucleus_diameter(image) == pytest.approx(2 * radius, rel=0.35)
 
 
+def test_estimate_nucleus_diameter_sees_packed_nuclei_on_a_bright_band():
+    # Like an embryo's cortex: small nuclei packed on a band 5x wider than they
+    # are. The strongest LoG response is the band's; the nuclei's comes first.
+    rng = np.random.default_rng(0)
+    image = np.full((256, 256), 10.0)
+    image[100:150] = 60
+    for x in range(8, 250, 10):
+        for y in range(106, 146, 10):
+            image[disk((y, x), 4, shape=image.shape)] += 50
+    image = ndi.gaussian_filter(image, 1) + rng.normal(0, 1, image.shape)
+    assert estimate_nucleus_diameter(image) == pytest.approx(8, rel=0.35)
+
+
+def test_segment_nuclei_cuts_each_nucleus_at_its_own_brightness():
+    # A nucleus at 45% of its neighbours' brightness is found whole, not cut at
+    # a threshold set by the bright ones.
+    rng = np.random.default_rng(0)
+    image = np.full((128, 128), 10.0)
+    for center, value in [((30, 30), 1000), ((30, 90), 1000), ((90, 30), 1000)]:
+        image[disk(center, 10, shape=image.shape)] = value
+    image[disk((90, 90), 10, shape=image.shape)] = 450
+    image = ndi.gaussian_filter(image, 1.5) + rng.normal(0, 2, image.shape)
+    labels = segment_nuclei(image)
+    areas = np.bincount(labels.ravel())[1:]
+    assert len(areas) == 4
+    assert areas[labels[90, 90] - 1] == pytest.approx(
+        areas[labels[30, 30] - 1], rel=0.05
+    )
+
+
 def test_estimate_nucleus_diameter_constant_plane():
     assert estimate_nucleus_diameter(np.zeros((16, 16))) == 4.0
 
@@ -99,8 +130,10 @@ def test_segment_field_rejects(plane, match):
 
 
 def test_segment_nuclei_rejects_bad_options():
-    with pytest.raises(ValueError, match="hysteresis_fraction"):
-        segment_nuclei(np.zeros((8, 8)), hysteresis_fraction=0)
+    with pytest.raises(ValueError, match="seed_fraction 0 must be in"):
+        segment_nuclei(np.zeros((8, 8)), seed_fraction=0)
+    with pytest.raises(ValueError, match="edge_fraction 1 in"):
+        segment_nuclei(np.zeros((8, 8)), edge_fraction=1)
     with pytest.raises(ValueError, match="nucleus_diameter_px must be > 0"):
         segment_nuclei(np.zeros((8, 8)), nucleus_diameter_px=-3)
 
