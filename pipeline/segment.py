@@ -4,12 +4,12 @@ The ``classical`` segmenter needs no per-image tuning: it estimates the
 typical nucleus diameter ``d`` of each field from the scale-normalized Laplacian of
 Gaussian and scales everything else by it: a local background (grey opening of
 width ``d``) is subtracted; nuclei are seeded above 0.8 of the Otsu threshold and
-each is cut at 0.3 of its own (smoothed) peak, so dim nuclei next to bright ones are kept and
-halos do not join neighbours; touching nuclei are split by a watershed whose
-markers combine the distance transform and the smoothed intensity, at least
-``0.2 d`` apart. Cells grow from the nuclei over a cytoplasm channel by watershed
-(CellProfiler's "propagation"), or as a ring around each nucleus when there is none.
-The cytoplasm is the cell minus its nucleus.
+each is cut at 0.3 of its own (smoothed) peak, so dim nuclei next to bright ones
+are kept whole and halos do not join neighbours; touching nuclei are split by a
+watershed whose markers combine the distance transform and the smoothed
+intensity, at least ``0.2 d`` apart. Cells grow from the nuclei over a cytoplasm
+channel by watershed (CellProfiler's "propagation"), or as a ring around each
+nucleus when there is none. The cytoplasm is the cell minus its nucleus.
 
 ``unet``, the default, is PhenoScreen's own learned segmenter (`models.segmenter`): a
 compact U-Net trained on CC0 images, whose weights ship with the package (offline),
