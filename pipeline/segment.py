@@ -167,7 +167,6 @@ def _smoothed_noise(plane: np.ndarray, sigma: float) -> float:
 
 
 def _nuclei_mask(
-    values: np.ndarray,
     signal: np.ndarray,
     intensity: np.ndarray,
     d: float,
@@ -197,7 +196,7 @@ def _nuclei_mask(
         labels=regions,
         exclude_border=False,
     )
-    markers = np.zeros(values.shape, dtype=np.int32)
+    markers = np.zeros(signal.shape, dtype=np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     parts = watershed(-intensity, markers, mask=candidate)
     peak = np.zeros(len(peaks) + 1)
@@ -285,9 +284,7 @@ def segment_nuclei(
         signal = smoothed - np.median(smoothed)
     noise = _smoothed_noise(values, max(1.0, 0.05 * d))
     intensity = ndi.gaussian_filter(values, max(1.0, 0.15 * d))
-    mask = _nuclei_mask(
-        values, signal, intensity, d, noise, seed_fraction, edge_fraction
-    )
+    mask = _nuclei_mask(signal, intensity, d, noise, seed_fraction, edge_fraction)
     components, n = ndi.label(mask)
     if n == 0:
         return empty
