@@ -13,6 +13,7 @@ from pipeline.config import SegmentConfig
 from pipeline.errors import InputError
 from pipeline.segeval import average_precision, match_counts
 from pipeline.segment import (
+    _log_on_grid,
     check_plane,
     check_segmenter,
     estimate_nucleus_diameter,
@@ -86,6 +87,15 @@ def test_segment_nuclei_cuts_each_nucleus_at_its_own_brightness():
     assert len(areas) == 4
     assert areas[labels[90, 90] - 1] == pytest.approx(
         areas[labels[30, 30] - 1], rel=0.05
+    )
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_log_on_grid_is_the_subsampled_laplacian_of_gaussian(step):
+    plane = np.random.default_rng(0).normal(size=(61, 80)).astype(np.float32)
+    expected = -(2.5**2) * ndi.gaussian_laplace(plane, 2.5)[::step, ::step]
+    np.testing.assert_allclose(
+        _log_on_grid(plane, 2.5, step), expected, rtol=1e-5, atol=1e-6
     )
 
 
