@@ -448,7 +448,7 @@ def _tile_starts(length: int, tile: int, step: int) -> list[int]:
 
 @torch.inference_mode()
 def predict_maps(
-    model: NucleiUNet,
+    model: nn.Module,
     image: np.ndarray,
     *,
     multiple: int,
@@ -461,8 +461,8 @@ def predict_maps(
 
     Parameters
     ----------
-    model : NucleiUNet
-        In eval mode, on `device`.
+    model : nn.Module
+        A `NucleiUNet` or its `fold_batch_norms` copy, in eval mode, on `device`.
     image : ndarray of shape (Y, X), float32
         Already at network scale and intensity-normalized.
     multiple : int
@@ -533,7 +533,7 @@ def predict_maps(
 
 
 def predict_field_maps(
-    model: NucleiUNet,
+    model: nn.Module,
     spec: UNetSpec,
     plane: np.ndarray,
     diameter: float,
@@ -550,7 +550,8 @@ def predict_field_maps(
 
     Parameters
     ----------
-    model : NucleiUNet
+    model : nn.Module
+        A `NucleiUNet` or its `fold_batch_norms` copy.
     spec : UNetSpec
     plane : ndarray of shape (Y, X), float32
     diameter : float
@@ -717,7 +718,7 @@ def load_segmenter(path: str | Path | None = None) -> tuple[NucleiUNet, UNetSpec
 
 
 @lru_cache(maxsize=4)
-def cached_segmenter(path: str | None = None) -> tuple[NucleiUNet, UNetSpec, dict]:
+def cached_segmenter(path: str | None = None) -> tuple[nn.Module, UNetSpec, dict]:
     """`load_segmenter` for inference, once per path and process.
 
     The network is shared and has its batch norms folded into the convolutions
@@ -727,10 +728,71 @@ def cached_segmenter(path: str | None = None) -> tuple[NucleiUNet, UNetSpec, dic
     return fold_batch_norms(model), spec, info
 
 
-def fold_batch_norms(model: NucleiUNet) -> NucleiUNet:
+class _InferenceUNet(nn.Module):
+    """A folded `NucleiUNet`: decoders convolve the upsampled and skip maps apart.
+
+    ``conv([up, skip]) = conv_up(up) + conv_skip(skip)``: the sum replaces the
+    channel concatenation, a slow copy in channels-last layout on CPU.
+    """
+
+    def __init__(
+        self, down: nn.ModuleList, up: list[tuple[nn.Module, ...]], head: nn.Module
+    ) -> None:
+        super().__init__()
+        self.down = down
+        self.up_conv = nn.ModuleList(nn.ModuleList(parts[:2]) for parts in up)
+        self.up_rest = nn.ModuleList(parts[2] for parts in up)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map images of shape (B, 1, H, W) to logits of shape (B, 2, H, W)."""
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        for (conv_up, conv_skip), rest, skip in zip(
+            self.up_conv, self.up_rest, skips[-2::-1], strict=True
+        ):
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear")
+            x = rest(conv_up(x).add_(conv_skip(skip)))
+        return self.head(x)
+
+
+def _fold(block: nn.Sequential) -> list[nn.Module]:
+    layers = list(block)
+    return [
+        fuse_conv_bn_eval(layer, layers[k + 1])
+        if isinstance(layer, nn.Conv2d)
+        else layer
+        for k, layer in enumerate(layers)
+        if not isinstance(layer, nn.BatchNorm2d)
+    ]
+
+
+def _split_input(conv: nn.Conv2d, first: int) -> tuple[nn.Conv2d, nn.Conv2d]:
+    """Two convolutions over input channels ``[:first]`` (with the bias) and the rest."""
+    parts = []
+    for weight, bias in (
+        (conv.weight[:, :first], conv.bias),
+        (conv.weight[:, first:], None),
+    ):
+        part = nn.Conv2d(
+            weight.shape[1], conv.out_channels, conv.kernel_size,
+            padding=conv.padding, bias=bias is not None,
+        )  # fmt: skip
+        part.weight.data.copy_(weight)
+        if bias is not None:
+            part.bias.data.copy_(bias)
+        parts.append(part)
+    return parts[0], parts[1]
+
+
+def fold_batch_norms(model: NucleiUNet) -> nn.Module:
     """Return a copy for inference with each batch norm folded into its convolution.
 
-    Same outputs (to float rounding) with one pass less over every feature map.
+    Same outputs (to float rounding) with one pass less over every feature map;
+    each decoder also convolves its two inputs apart and sums them instead of
+    concatenating them (`_InferenceUNet`).
 
     Parameters
     ----------
@@ -739,8 +801,8 @@ def fold_batch_norms(model: NucleiUNet) -> NucleiUNet:
 
     Returns
     -------
-    NucleiUNet
-        In eval mode; its blocks are convolution + ReLU only.
+    nn.Module
+        In eval mode, channels-last; its blocks are convolution + ReLU only.
 
     Raises
     ------
@@ -749,19 +811,14 @@ def fold_batch_norms(model: NucleiUNet) -> NucleiUNet:
     """
     if model.training:
         raise ValueError("fold_batch_norms needs a model in eval mode (model.eval()).")
-    folded = copy.deepcopy(model)
-    for blocks in (folded.down, folded.up):
-        for i, block in enumerate(blocks):
-            layers = list(block)
-            blocks[i] = nn.Sequential(
-                *(
-                    fuse_conv_bn_eval(layer, layers[k + 1])
-                    if isinstance(layer, nn.Conv2d)
-                    else layer
-                    for k, layer in enumerate(layers)
-                    if not isinstance(layer, nn.BatchNorm2d)
-                )
-            )
+    source = copy.deepcopy(model)
+    down = nn.ModuleList(nn.Sequential(*_fold(block)) for block in source.down)
+    up = []
+    for block in source.up:
+        first, *rest = _fold(block)  # in: coarse + fine channels, out: fine
+        coarse = first.in_channels - first.out_channels
+        up.append((*_split_input(first, coarse), nn.Sequential(*rest)))
+    folded = _InferenceUNet(down, up, source.head).eval()
     return folded.to(memory_format=torch.channels_last)
 
 
@@ -770,7 +827,7 @@ def segment_nuclei_unet(
     nucleus_diameter_px: float | None = None,
     *,
     weights: str | Path | None = None,
-    model: NucleiUNet | None = None,
+    model: nn.Module | None = None,
     spec: UNetSpec | None = None,
     tile_px: int = 1024,
     flips: bool = False,
@@ -836,7 +893,7 @@ def segment_nuclei_unet(
 
 
 def _segment_at(
-    model: NucleiUNet,
+    model: nn.Module,
     spec: UNetSpec,
     values: np.ndarray,
     diameter: float,
