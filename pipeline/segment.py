@@ -143,11 +143,27 @@ def estimate_nucleus_diameter(plane: np.ndarray) -> float:
     return float(np.clip(2 * np.sqrt(2) * sigma, _MIN_DIAMETER, _MAX_DIAMETER))
 
 
+def _binned_median(counts: np.ndarray) -> float:
+    """Median of non-negative integers given as `counts`, interpolated in its bin.
+
+    Integer k stands for the interval [k - 1/2, k + 1/2) ([0, 1/2) for 0), as a
+    grouped-data median: values rounded to integers keep a continuous median.
+    """
+    cumulative = np.cumsum(counts) / counts.sum()
+    k = int(np.searchsorted(cumulative, 0.5))
+    below = float(cumulative[k - 1]) if k else 0.0
+    lower, width = (k - 0.5, 1.0) if k else (0.0, 0.5)
+    return lower + width * (0.5 - below) / (float(cumulative[k]) - below)
+
+
 def pixel_noise_sd(plane: np.ndarray) -> float:
     """Robust standard deviation of a plane's pixel noise.
 
     From differences of horizontally adjacent pixels (1.4826 MAD / sqrt 2), which
-    objects barely change because they are smooth at the pixel scale.
+    objects barely change because they are smooth at the pixel scale. For
+    integer-valued planes the median absolute deviation is interpolated within its
+    integer bin (`_binned_median`), so noise below a grey level (8-bit images:
+    most neighbours equal) is measured instead of rounded to 0.
 
     Parameters
     ----------
@@ -167,8 +183,13 @@ def pixel_noise_sd(plane: np.ndarray) -> float:
         raise ValueError(f"plane has shape {plane.shape}; expected (Y, X).")
     if plane.shape[1] < 2:
         return 0.0
-    diff = np.diff(plane.astype(np.float64, copy=False), axis=1)
-    return 1.4826 * float(np.median(np.abs(diff - np.median(diff)))) / np.sqrt(2)
+    diff = np.diff(plane.astype(np.float64, copy=False), axis=1).ravel()
+    if np.array_equal(diff, np.round(diff)):
+        deviation = np.abs(diff - np.round(np.median(diff))).astype(np.int64)
+        mad = _binned_median(np.bincount(deviation))
+    else:
+        mad = float(np.median(np.abs(diff - np.median(diff))))
+    return 1.4826 * mad / np.sqrt(2)
 
 
 def _smoothed_noise(plane: np.ndarray, sigma: float) -> float:

@@ -259,6 +259,23 @@ def test_pixel_noise_sd_ignores_smooth_objects():
         pixel_noise_sd(np.zeros((2, 2, 2)))
 
 
+@pytest.mark.parametrize(("sd", "rel"), [(0.3, 0.4), (0.5, 0.2), (1.5, 0.05)])
+def test_pixel_noise_sd_measures_noise_below_a_grey_level(sd, rel):
+    # 8-bit images: most neighbours are equal, and the plain median would say 0
+    rng = np.random.default_rng(0)
+    plane = np.round(10 + rng.normal(0, sd, (256, 256))).astype(np.uint8)
+    assert pixel_noise_sd(plane) == pytest.approx(sd, rel=rel)
+
+
+@pytest.mark.parametrize("method", ["classical", "unet"])
+def test_an_empty_8_bit_field_has_no_nuclei(method):
+    # noise of a third of a grey level used to be measured as 0: thousands of
+    # noise blobs passed the noise-based thresholds
+    plane = np.round(10 + np.random.default_rng(1).normal(0, 0.3, (256, 256)))
+    nuclei, _ = segment_field(plane.astype(np.uint8), method=method)
+    assert nuclei.max() == 0
+
+
 def test_check_plane_rejects_what_no_segmenter_can_use():
     assert check_plane(np.ones((3, 4), np.uint16), "p").dtype == np.float32
     with pytest.raises(ValueError, match="my plane has shape"):
