@@ -172,7 +172,7 @@ def pixel_noise_sd(plane: np.ndarray) -> float:
     Returns
     -------
     float
-        0 for planes narrower than 2 pixels.
+        0 for empty planes and planes narrower than 2 pixels.
 
     Raises
     ------
@@ -181,14 +181,16 @@ def pixel_noise_sd(plane: np.ndarray) -> float:
     """
     if plane.ndim != 2:
         raise ValueError(f"plane has shape {plane.shape}; expected (Y, X).")
-    if plane.shape[1] < 2:
+    if plane.shape[1] < 2 or plane.size == 0:
         return 0.0
     diff = np.diff(plane.astype(np.float64, copy=False), axis=1).ravel()
-    if np.array_equal(diff, np.round(diff)):
-        deviation = np.abs(diff - np.round(np.median(diff))).astype(np.int64)
-        mad = _binned_median(np.bincount(deviation))
-    else:
-        mad = float(np.median(np.abs(diff - np.median(diff))))
+    integer = np.array_equal(diff, np.round(diff))
+    centre = float(np.median(diff))
+    deviation = np.abs(diff - (round(centre) if integer else centre))
+    mad = float(np.median(deviation))
+    if integer:  # counts above the median's bin only add to the total
+        capped = np.minimum(deviation, np.ceil(mad) + 1).astype(np.int64)
+        mad = _binned_median(np.bincount(capped))
     return 1.4826 * mad / np.sqrt(2)
 
 
