@@ -104,6 +104,15 @@ def _block(n_in: int, n_out: int) -> nn.Sequential:
     )
 
 
+def _encode(down: nn.ModuleList, x: torch.Tensor) -> list[torch.Tensor]:
+    """Feature maps of every encoder level, finest first (halving between levels)."""
+    skips = []
+    for i, block in enumerate(down):
+        x = block(x if i == 0 else F.max_pool2d(x, 2))
+        skips.append(x)
+    return skips
+
+
 class NucleiUNet(nn.Module):
     """U-Net with two output maps: foreground logit and edge-distance logit.
 
@@ -131,10 +140,8 @@ class NucleiUNet(nn.Module):
 
         H and W must be multiples of ``2 ** (levels - 1)``.
         """
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x if i == 0 else F.max_pool2d(x, 2))
-            skips.append(x)
+        skips = _encode(self.down, x)
+        x = skips[-1]
         for block, skip in zip(self.up, skips[-2::-1], strict=True):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear")
             x = block(torch.cat([x, skip], dim=1))
@@ -746,10 +753,8 @@ class _InferenceUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map images of shape (B, 1, H, W) to logits of shape (B, 2, H, W)."""
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x if i == 0 else F.max_pool2d(x, 2))
-            skips.append(x)
+        skips = _encode(self.down, x)
+        x = skips[-1]
         for (conv_up, conv_skip), rest, skip in zip(
             self.up_conv, self.up_rest, skips[-2::-1], strict=True
         ):
