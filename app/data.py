@@ -13,28 +13,27 @@ from sqlalchemy import Engine
 
 from db.session import make_engine
 from db.store import (
+    FEATURE_SET_ALIASES,
     count_flagged_fields,
     read_field_masks,
     read_phenotype_map,
     read_run_provenance,
     read_wells,
+    resolve_feature_set,
     resolve_run,
     summarize_runs,
 )
 from pipeline.export import (
+    COMBINED_KIND,
+    combined_blocks,
     iter_cell_tables,
     plate_qc_table,
     read_hit_tables,
-    read_well_profiles,
+    read_profiles,
 )
 from pipeline.gallery import display_limits, field_thumbnail
 from pipeline.hits import DOSE_KEYS
-from pipeline.profiles import (
-    feature_columns,
-    metadata_columns,
-    normalize_to_controls,
-    score_wells,
-)
+from pipeline.profiles import feature_columns, metadata_columns, score_wells
 from pipeline.run import StoredFieldReader, sample_cell_crops
 
 DEFAULT_DB_URL = "sqlite:///phenoscreen.db"
@@ -57,37 +56,105 @@ def load_runs(url: str) -> pd.DataFrame:
     return summarize_runs(get_engine(url))
 
 
+@st.cache_data(ttl=30)
+def load_feature_sets(url: str, run_id: int) -> dict[str, str]:
+    """Return the feature sets a run can be viewed in, for the selector.
+
+    Returns
+    -------
+    dict
+        Option -> stored feature-set name, in the selector's order: ``classical``,
+        then the aliases ``deep`` (latest CNN embedding) and ``combined`` (latest
+        classical + embedding set) when the run has them, then every other stored
+        set (older embeddings, imported profiles) by name. The first option is the
+        run's default (`db.store.resolve_feature_set`). Refreshed every 30 s, so an
+        embedding added by ``phenoscreen embed`` shows up.
+
+    Raises
+    ------
+    ValueError
+        If the run does not exist.
+    """
+    sets = read_run_provenance(get_engine(url), run_id)["feature_sets"]
+    kinds = dict(zip(sets["name"], sets["kind"], strict=True))
+    options: dict[str, str] = {}
+    if "classical" in kinds:
+        options["classical"] = "classical"
+    for alias, kind in FEATURE_SET_ALIASES.items():
+        latest = [n for n, k in kinds.items() if k == kind]
+        if latest and alias not in kinds:  # a set stored under the alias is itself
+            options[alias] = latest[-1]
+    shown = set(options.values())
+    options |= {name: name for name in kinds if name not in shown}
+    if "classical" not in kinds and len(kinds):  # the run's default first
+        default = next(o for o, n in options.items() if n == next(iter(kinds)))
+        options = {default: options.pop(default), **options}
+    return options
+
+
 @st.cache_data
-def load_well_profiles(url: str, run_id: int) -> pd.DataFrame:
-    """Return the per-well profiles of a complete run."""
+def load_profiles(
+    url: str, run_id: int, feature_set: str | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return a run's well profiles and the same after its profile recipe.
+
+    `pipeline.export.read_profiles` of the feature set (a stored name; None: the
+    run's default); the loaders below take theirs from here.
+    """
     engine = get_engine(url)
     run_id, experiment_id = resolve_run(engine, run_id)
-    return read_well_profiles(engine, run_id, experiment_id)
+    return read_profiles(engine, run_id, experiment_id, feature_set=feature_set)
+
+
+def load_well_profiles(
+    url: str, run_id: int, feature_set: str | None = None
+) -> pd.DataFrame:
+    """Return the per-well profiles of a complete run (cached by `load_profiles`)."""
+    return load_profiles(url, run_id, feature_set)[0]
+
+
+def load_normalized_profiles(
+    url: str, run_id: int, feature_set: str | None = None
+) -> pd.DataFrame:
+    """Return the well profiles after the run's recipe (cached by `load_profiles`)."""
+    return load_profiles(url, run_id, feature_set)[1]
 
 
 @st.cache_data
-def load_hits(url: str, run_id: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def load_hits(
+    url: str, run_id: int, feature_set: str | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return the compound hit list and the compound-dose table of a run."""
     engine = get_engine(url)
-    return read_hit_tables(engine, *resolve_run(engine, run_id))
+    return read_hit_tables(
+        engine, *resolve_run(engine, run_id), feature_set=feature_set
+    )
 
 
 @st.cache_data
-def load_plate_qc(url: str, run_id: int) -> pd.DataFrame:
+def load_plate_qc(
+    url: str, run_id: int, feature_set: str | None = None
+) -> pd.DataFrame:
     """Return per-plate Z' and edge effect of a run."""
-    return plate_qc_table(load_well_profiles(url, run_id))
+    return plate_qc_table(load_normalized_profiles(url, run_id, feature_set))
 
 
 @st.cache_data(ttl=30)
 def load_phenotype_map(url: str, run_id: int) -> pd.DataFrame:
-    """Return the stored phenotype map of a run (empty until `phenoscreen map`)."""
+    """Return the stored phenotype map of a run (empty until `phenoscreen map`).
+
+    One map per run, made from the feature set `phenoscreen map --feature-set`
+    was given, whatever the dashboard's feature set.
+    """
     return read_phenotype_map(get_engine(url), run_id)
 
 
 @st.cache_data
-def load_well_activity(url: str, run_id: int) -> pd.DataFrame:
+def load_well_activity(
+    url: str, run_id: int, feature_set: str | None = None
+) -> pd.DataFrame:
     """Return every well's metadata and activity (distance from its plate's DMSO)."""
-    normalized = normalize_to_controls(load_well_profiles(url, run_id))
+    normalized = load_normalized_profiles(url, run_id, feature_set)
     return normalized[metadata_columns(normalized)].assign(
         activity=score_wells(normalized)
     )
@@ -100,10 +167,12 @@ def load_run_provenance(url: str, run_id: int) -> dict:
 
 
 @st.cache_data
-def load_consensus(url: str, run_id: int) -> pd.DataFrame:
-    """Return one DMSO-normalized profile per compound-dose (controls left out)."""
-    _, doses = load_hits(url, run_id)
-    profiled = set(feature_columns(load_well_profiles(url, run_id)))
+def load_consensus(
+    url: str, run_id: int, feature_set: str | None = None
+) -> pd.DataFrame:
+    """Return one normalized profile per compound-dose (controls left out)."""
+    _, doses = load_hits(url, run_id, feature_set)
+    profiled = set(feature_columns(load_normalized_profiles(url, run_id, feature_set)))
     consensus = doses[[*DOSE_KEYS, *(c for c in doses.columns if c in profiled)]]
     return consensus[consensus["Metadata_Role"] != "negative_control"]
 
@@ -123,7 +192,9 @@ def load_channels(url: str, run_id: int) -> list[str]:
 
 
 @st.cache_data
-def load_plate_map_metrics(url: str, run_id: int) -> pd.DataFrame:
+def load_plate_map_metrics(
+    url: str, run_id: int, feature_set: str | None = None
+) -> pd.DataFrame:
     """Per-well metrics for the plate map: well profiles, activity, q and QC flags.
 
     Returns
@@ -135,9 +206,9 @@ def load_plate_map_metrics(url: str, run_id: int) -> pd.DataFrame:
         with their metadata and NaN measurements.
     """
     engine = get_engine(url)
-    wells = load_well_profiles(url, run_id)
-    activity = load_well_activity(url, run_id)
-    _, doses = load_hits(url, run_id)
+    wells = load_well_profiles(url, run_id, feature_set)
+    activity = load_well_activity(url, run_id, feature_set)
+    _, doses = load_hits(url, run_id, feature_set)
     flagged = count_flagged_fields(engine, run_id)
     keys = ["Metadata_Plate", "Metadata_Well"]
     # wells whose every field was flagged have no profile: shown with metadata only
@@ -155,16 +226,16 @@ def load_plate_map_metrics(url: str, run_id: int) -> pd.DataFrame:
     )
 
 
-def warm_up(url: str, run_id: int) -> None:
-    """Fill the caches the views read on arrival for one run.
+def warm_up(url: str, run_id: int, feature_set: str | None = None) -> None:
+    """Fill the caches the views read on arrival for one run and feature set.
 
     Called once per session after the first page has been sent to the browser, so
     the other views open from cache; a page switch meanwhile waits only for the
     loader being computed (each is cached once per server, not per session).
     """
-    load_plate_map_metrics(url, run_id)  # well profiles, activity, hit tables
-    load_plate_qc(url, run_id)
-    load_consensus(url, run_id)
+    load_plate_map_metrics(url, run_id, feature_set)  # profiles, activity, hits
+    load_plate_qc(url, run_id, feature_set)
+    load_consensus(url, run_id, feature_set)
     load_phenotype_map(url, run_id)
     load_channels(url, run_id)  # opens the run's image reader
 
@@ -207,15 +278,44 @@ def load_field_thumbnails(
         return list(pool.map(thumbnail, fields.itertuples(index=False)))
 
 
+CELL_KEYS = [
+    "Metadata_Plate",
+    "Metadata_Well",
+    "Metadata_Site",
+    "Metadata_ObjectNumber",
+]
+
+
 @st.cache_data(max_entries=16)
-def load_well_cells(url: str, run_id: int, plate: str, well: str) -> pd.DataFrame:
-    """Return the single cells of one well with their features."""
+def load_well_cells(
+    url: str, run_id: int, plate: str, well: str, feature_set: str | None = None
+) -> pd.DataFrame:
+    """Return the single cells of one well with their features.
+
+    A combined feature set gives each cell the features of its every block.
+    """
     engine = get_engine(url)
     run_id, experiment_id = resolve_run(engine, run_id)
-    tables = list(
-        iter_cell_tables(engine, run_id, experiment_id, wells=[(plate, well)])
-    )
-    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    name, kind = resolve_feature_set(engine, run_id, feature_set)
+    blocks = combined_blocks(engine, run_id, name) if kind == COMBINED_KIND else [name]
+    cells = pd.DataFrame()
+    for block in blocks:
+        tables = list(
+            iter_cell_tables(
+                engine, run_id, experiment_id, feature_set=block, wells=[(plate, well)]
+            )
+        )
+        if not tables:
+            continue
+        table = pd.concat(tables, ignore_index=True)
+        cells = (
+            table
+            if cells.empty
+            else cells.merge(
+                table[[*CELL_KEYS, *feature_columns(table)]], on=CELL_KEYS, how="left"
+            )
+        )
+    return cells
 
 
 @st.cache_data(max_entries=32)

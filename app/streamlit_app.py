@@ -19,8 +19,10 @@ page = st.navigation(
     ]
 )
 page.run()
-# after the page went out: load what the other views show first for this run
+# after the page went out: load what the other views show first for this run and
+# feature set (the one the page picked, `widgets.pick_feature_set`)
 run_id = st.session_state.get("run_id")
-if run_id is not None and st.session_state.get("warmed_run") != run_id:
-    data.warm_up(data.db_url(), run_id)
-    st.session_state["warmed_run"] = run_id
+feature_set = st.session_state.get("feature_set_name")
+if run_id is not None and st.session_state.get("warmed") != (run_id, feature_set):
+    data.warm_up(data.db_url(), run_id, feature_set)
+    st.session_state["warmed"] = (run_id, feature_set)

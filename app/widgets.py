@@ -40,6 +40,42 @@ def pick_run() -> int | None:
     return st.selectbox("Run", list(labels)[::-1], format_func=labels.get, key="run_id")
 
 
+def pick_feature_set(run_id: int) -> str | None:
+    """Sidebar select box over a run's feature sets; shown only when it has several.
+
+    The options are ``classical``, ``deep`` (the latest CNN embedding), ``combined``
+    (the latest classical + embedding set) and any other stored set
+    (`app.data.load_feature_sets`); the default is the run's default
+    (``classical`` when present). The choice is remembered over page switches
+    (``feature_set_choice`` in the session state) and the stored name chosen is
+    kept as ``feature_set_name`` (the entry page warms its caches).
+
+    Returns
+    -------
+    str or None
+        The stored name of the chosen feature set (an alias resolved), so the
+        loaders' caches are keyed by it; None for a run without feature sets.
+    """
+    options = data.load_feature_sets(data.db_url(), run_id)
+    if not options:
+        return None
+    names = list(options)
+    choice = names[0]
+    if len(set(options.values())) > 1:
+        remembered = st.session_state.get("feature_set_choice")
+        choice = st.sidebar.selectbox(
+            "Feature set", names,
+            index=names.index(remembered) if remembered in names else 0,
+            format_func=lambda o: o if options[o] == o else f"{o} ({options[o]})",
+            key="feature_set",
+            help="Profiles every view is computed from: classical features, the "
+            "latest CNN embedding (deep), both (combined), or another stored set.",
+        )  # fmt: skip
+        st.session_state["feature_set_choice"] = choice
+    st.session_state["feature_set_name"] = options[choice]
+    return options[choice]
+
+
 def plate_heatmap(wells: pd.DataFrame, metric: str, *, title: str) -> go.Figure:
     """Return a plate-shaped map of one per-well metric, one square per well.
 

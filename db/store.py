@@ -809,18 +809,24 @@ def read_feature_set(engine: Engine, run_id: int, name: str) -> tuple[int, list[
 WELL_PROFILE_KIND = "imported_wells"
 
 
+#: Feature-set names that stand for the run's latest set of a kind.
+FEATURE_SET_ALIASES = {"deep": "embedding", "combined": "combined"}
+
+
 def resolve_feature_set(
     engine: Engine, run_id: int, name: str | None = None
 ) -> tuple[str, str]:
     """Return the name and kind of a run's feature set (None: its default one).
 
     The default is ``classical`` when the run has it, else its first feature set
-    (an imported run has only its own).
+    (an imported run has only its own). ``deep`` is the run's latest CNN
+    embedding, ``combined`` its latest combined (classical + embedding) set.
 
     Raises
     ------
     ValueError
-        If the run has no feature set of that name, or none at all.
+        If the run has no feature set of that name, or none at all (the message
+        lists the available ones).
     """
     with session_scope(engine) as session:
         sets = session.execute(
@@ -829,16 +835,47 @@ def resolve_feature_set(
             .order_by(FeatureSet.id)
         ).all()
     kinds = dict(sets)
+    available = [*kinds, *(a for a, k in FEATURE_SET_ALIASES.items() if k in kinds.values())]
     if name is None:
         if not sets:
             raise ValueError(f"run {run_id} has no feature set yet.")
         name = "classical" if "classical" in kinds else sets[0][0]
+    elif name in FEATURE_SET_ALIASES and name not in kinds:
+        latest = [n for n, k in sets if k == FEATURE_SET_ALIASES[name]]
+        if not latest:
+            raise ValueError(
+                f"run {run_id} has no {name} feature set; it has "
+                f"{', '.join(available) or 'none'}. Embed the run first "
+                "(phenoscreen embed, or phenoscreen run --embed)."
+            )
+        name = latest[-1]
     if name not in kinds:
         raise ValueError(
             f"run {run_id} has no feature set {name!r}; it has "
-            f"{', '.join(kinds) or 'none'}."
+            f"{', '.join(available) or 'none'}."
         )
     return name, kinds[name]
+
+
+def read_feature_set_config(
+    engine: Engine, run_id: int, name: str
+) -> tuple[str, dict[str, Any]]:
+    """Return the kind and the config (recipe) a run's feature set was made with.
+
+    Raises
+    ------
+    ValueError
+        If the run has no feature set of that name.
+    """
+    with session_scope(engine) as session:
+        found = session.execute(
+            select(FeatureSet.kind, FeatureSet.config).where(
+                FeatureSet.run_id == run_id, FeatureSet.name == name
+            )
+        ).first()
+    if found is None:
+        raise ValueError(f"run {run_id} has no feature set {name!r}.")
+    return found[0], dict(found[1])
 
 
 def write_well_profiles(

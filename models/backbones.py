@@ -261,15 +261,18 @@ def create_backbone(
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a fine-tuned checkpoint (`models.train.save_checkpoint`) without its head.
+    """Load a fine-tuned checkpoint's backbone (`models.train.save_checkpoint`).
 
     Returns
     -------
     model : nn.Module
-        In eval mode, ``num_classes=0``.
+        The backbone in eval mode, ``num_classes=0``.
     meta : dict
-        ``model_name``, ``in_chans``, ``crop_size``, ``classes``, ``config``,
-        ``sha256``.
+        ``model_name``, ``in_chans`` (the run's channels), ``crop_size``,
+        ``strategy``, ``input_size`` (None: crops at their own size),
+        ``scaling``, ``classes``, ``config``, ``sha256``. Checkpoints written
+        before the recipe was recorded read as ``stem``, native size and plate
+        scaling.
 
     Raises
     ------
@@ -293,9 +296,13 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             f"checkpoint {path} is not a PhenoScreen fine-tuned checkpoint ({exc}); "
             "make one with phenoscreen train."
         ) from exc
+    meta["strategy"] = saved.get("strategy", "stem")
+    meta["input_size"] = saved.get("input_size") or None
+    meta["scaling"] = saved.get("scaling", "plate")
     model = timm.create_model(
-        meta["model_name"], pretrained=False, in_chans=meta["in_chans"], num_classes=0
-    )
+        meta["model_name"], pretrained=False,
+        in_chans=saved.get("backbone_in_chans", meta["in_chans"]), num_classes=0,
+    )  # fmt: skip
     classifier = {f"{model.default_cfg.get('classifier', 'classifier')}.{k}"
                   for k in ("weight", "bias")}  # fmt: skip
     try:

@@ -1,113 +1,67 @@
 """Single-cell embeddings from an ImageNet-pretrained timm backbone.
 
+The recipe (`pipeline.config.EmbedConfig`, saved with the feature set) follows
+what made CNN profiles match or beat CellProfiler features in the literature
+(Moshkov et al. 2024; DeepProfiler) and on our checks (README, "Deep profiles"):
+
+- a box of ``crop_size`` pixels around each nucleus at the image's resolution
+  (default four nucleus diameters), resized to ``input_size`` for the network;
+- intensities scaled per crop and channel to [-1, 1] (``scaling = "crop"``), or
+  per plate and channel between percentiles of its negative-control cells;
+- channels fed one at a time as grey images replicated to RGB, the C vectors
+  concatenated (``strategy = "rgb"``), or through one C-channel stem (``stem``);
+- features of an intermediate stage (``layer = "blocks.5"``: spatial mean of
+  EfficientNet's ``blocks[5]``, via timm's ``forward_intermediates``) or the final
+  pooled layer;
+- cells aggregated into wells by their median (``aggregate``).
+
 Crops are streamed field by field from a run (`pipeline.run.iter_field_crops`),
-scaled per plate and channel between robust percentiles fitted on the plate's
-negative-control cells (not ImageNet statistics), embedded in batches by a
-DataLoader under ``torch.inference_mode`` (CUDA with bfloat16 autocast, pinned
-memory and channels_last when present; CPU otherwise) and written to the store per
-field, one transaction each, as a feature set that records the model, the weights'
-source and hash and the preprocessing. A rerun skips fields already embedded.
-
-Two ways to feed C-channel microscopy to an RGB network (``strategy``):
-
-- ``stem``: one pass with a ``C``-channel stem adapted by timm from the RGB weights;
-- ``rgb``: each channel replicated to RGB and embedded on its own, the C vectors
-  concatenated (pure ImageNet features, C times the compute).
+embedded in batches by a DataLoader under ``torch.inference_mode`` (CUDA with
+bfloat16 autocast, pinned memory and channels_last when present; CPU otherwise)
+and written to the store per field, one transaction each, as a feature set that
+records the model, the weights' source and hash and the recipe. A rerun skips
+fields already embedded. When the run has classical features, a ``combined``
+feature set (classical + this embedding, each block normalized on its own by the
+profile recipe) is registered too.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from itertools import chain
 from queue import Queue
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
 import torch
 from sqlalchemy import Engine
+from torch import nn
+from torch.nn import functional as F  # noqa: N812 - the usual torch alias
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from db import store
-from models.backbones import (
-    DEFAULT_MODEL,
-    OFFLINE_NORMALIZATION,
-    create_backbone,
-    load_checkpoint,
-)
+from models.backbones import OFFLINE_NORMALIZATION, create_backbone, load_checkpoint
+from pipeline.config import EmbedConfig
 from pipeline.errors import InputError
-from pipeline.export import aggregate_run
+from pipeline.export import COMBINED_KIND, aggregate_run
 from pipeline.run import FieldCrops, iter_field_crops
+
+__all__ = ["EmbedConfig", "embed_run"]
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("stem", "rgb")
 #: Fields are embedded together until they fill this many batches.
 GROUP_BATCHES = 4
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, kw_only=True)
-class EmbedConfig:
-    """How cells are embedded (saved with the feature set).
-
-    Attributes
-    ----------
-    model_name : str
-        A timm model name.
-    weights : str
-        ``auto``, ``package``, ``hub`` or a checkpoint path (`create_backbone`).
-    strategy : str
-        ``stem`` or ``rgb`` (see the module docstring).
-    crop_size : int or None
-        Crop side in pixels; None: four median nucleus diameters.
-    batch_size : int
-    percentiles : tuple of float
-        Low and high percentiles of control-cell pixels that map to 0 and 1.
-    max_control_fields : int
-        Negative-control fields per plate used to fit the percentiles.
-    checkpoint : str or None
-        A fine-tuned checkpoint (`models.train.save_checkpoint`) to embed with
-        instead of `model_name` and `weights`.
-    pca_dim : int or None
-        Also store the embedding reduced to this many principal components fitted
-        on negative-control cells (`fit_control_pca`), as ``<feature set>_pca<k>``.
-    """
-
-    model_name: str = DEFAULT_MODEL
-    weights: str = "auto"
-    strategy: str = "stem"
-    crop_size: int | None = None
-    batch_size: int = 64
-    percentiles: tuple[float, float] = (1.0, 99.9)
-    max_control_fields: int = 20
-    checkpoint: str | None = None
-    pca_dim: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.checkpoint and self.strategy != "stem":
-            raise ValueError(
-                "a fine-tuned checkpoint has a C-channel stem; use strategy 'stem'."
-            )
-        if self.strategy not in STRATEGIES:
-            raise ValueError(
-                f"strategy {self.strategy!r} is unknown; choose one of {STRATEGIES}."
-            )
-        if not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
-            raise ValueError(
-                f"percentiles {self.percentiles} must rise within [0, 100]."
-            )
-        if self.pca_dim is not None and self.pca_dim < 1:
-            raise ValueError(f"pca_dim = {self.pca_dim} must be >= 1.")
-        if self.batch_size < 1 or self.max_control_fields < 1:
-            raise ValueError("batch_size and max_control_fields must be >= 1.")
 
 
 def fit_channel_ranges(
@@ -174,27 +128,223 @@ def normalize_crops(crops: np.ndarray, ranges: np.ndarray) -> np.ndarray:
     return ((scaled - mean) / std).astype(np.float32)
 
 
-def make_embedder(
-    model: torch.nn.Module, strategy: str
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Return batch (B, C, S, S) -> features: stem (one pass) or rgb (per channel).
+def minmax_crops(crops: np.ndarray) -> np.ndarray:
+    """Scale each crop's channels between their own minimum and maximum to [-1, 1].
+
+    Parameters
+    ----------
+    crops : ndarray of shape (N, C, S, S)
+
+    Returns
+    -------
+    ndarray of shape (N, C, S, S), float32
+        A constant channel becomes -1 everywhere.
 
     Raises
     ------
     ValueError
-        If `strategy` is unknown.
+        If `crops` is not 4-D.
     """
-    if strategy == "stem":
-        return model
-    if strategy == "rgb":
+    if crops.ndim != 4:
+        raise ValueError(f"crops {crops.shape} must be (N, C, S, S).")
+    values = crops.astype(np.float32)
+    low = values.min(axis=(2, 3), keepdims=True)
+    span = values.max(axis=(2, 3), keepdims=True) - low
+    scaled = np.divide(values - low, span, out=np.zeros_like(values), where=span > 0)
+    mean, std = OFFLINE_NORMALIZATION
+    return (scaled - mean) / std
 
-        def per_channel(batch: torch.Tensor) -> torch.Tensor:
-            return torch.cat(
-                [model(batch[:, [c, c, c]]) for c in range(batch.shape[1])], dim=1
+
+def scale_crops(
+    crops: np.ndarray, scaling: str, ranges: np.ndarray | None = None
+) -> np.ndarray:
+    """Scale crops to the network's input range as the recipe says.
+
+    Parameters
+    ----------
+    crops : ndarray of shape (N, C, S, S)
+    scaling : {"crop", "plate"}
+        `minmax_crops`, or `normalize_crops` with the plate's `ranges`.
+    ranges : ndarray of shape (C, 2), optional
+        Needed for ``plate`` (`fit_channel_ranges`).
+
+    Returns
+    -------
+    ndarray of shape (N, C, S, S), float32
+
+    Raises
+    ------
+    ValueError
+        If `scaling` is unknown, or ``plate`` comes without `ranges`.
+    """
+    if scaling == "crop":
+        return minmax_crops(crops)
+    if scaling == "plate":
+        if ranges is None:
+            raise ValueError("plate scaling needs the plate's channel ranges.")
+        return normalize_crops(crops, ranges)
+    raise ValueError(f"scaling {scaling!r} is unknown; use 'crop' or 'plate'.")
+
+
+def block_index(backbone: nn.Module, layer: str) -> int | None:
+    """Return timm's ``forward_intermediates`` index of a layer (None: pooled).
+
+    ``blocks.K`` is stage K of the network (EfficientNet / MobileNet ``blocks[K]``),
+    index K + 1 of ``forward_intermediates(..., extra_blocks=True)`` (0 is the
+    stem).
+
+    Raises
+    ------
+    InputError
+        If the layer is not ``pooled`` or ``blocks.K`` with K a stage of this
+        backbone, or the backbone cannot return its stages.
+    """
+    if layer == "pooled":
+        return None
+    head, _, index = layer.partition(".")
+    forward = getattr(backbone, "forward_intermediates", None)
+    blocks = getattr(backbone, "blocks", None)
+    if (
+        head != "blocks"
+        or not index.isdigit()
+        or forward is None
+        or blocks is None
+        or "extra_blocks" not in inspect.signature(forward).parameters
+    ):
+        raise InputError(
+            f"embed.layer = {layer!r}: use 'pooled', or 'blocks.K' with an "
+            "EfficientNet / MobileNet backbone (timm models with stages in .blocks)."
+        )
+    if int(index) >= len(blocks):
+        raise InputError(
+            f"embed.layer = {layer!r}: this backbone has stages blocks.0 to "
+            f"blocks.{len(blocks) - 1}."
+        )
+    return int(index) + 1
+
+
+class CellEmbedder(nn.Module):
+    """Crops (B, C, S, S) scaled to [-1, 1] -> one vector per crop (B, D).
+
+    Resizes the crops to `input_size`, feeds them by `strategy` and takes the
+    features of `layer` (see the module docstring).
+
+    Parameters
+    ----------
+    backbone : nn.Module
+        A timm model with ``num_classes=0``: 3 input channels for ``rgb``, C for
+        ``stem``.
+    strategy : {"rgb", "stem"}
+    layer : str
+        ``pooled`` or ``blocks.K`` (`block_index`).
+    input_size : int or None
+        Side the crops are resized to; None keeps theirs.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, *, strategy: str, layer: str, input_size: int | None
+    ) -> None:
+        super().__init__()
+        if strategy not in ("rgb", "stem"):
+            raise ValueError(f"strategy {strategy!r} is unknown; use 'rgb' or 'stem'.")
+        self.backbone = backbone
+        self.strategy, self.layer, self.input_size = strategy, layer, input_size
+        self._index = block_index(backbone, layer)
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        """Embed a batch of crops; see the class docstring."""
+        n, channels, side = crops.shape[0], crops.shape[1], crops.shape[-1]
+        if self.input_size and self.input_size != side:
+            crops = F.interpolate(
+                crops, size=(self.input_size, self.input_size), mode="bilinear",
+                align_corners=False, antialias=self.input_size < side,
+            )  # fmt: skip
+        if self.strategy == "rgb":
+            size = crops.shape[-1]
+            crops = crops.reshape(n * channels, 1, size, size).expand(-1, 3, -1, -1)
+        if self._index is None:
+            features = self.backbone(crops)
+        else:
+            (maps,) = self.backbone.forward_intermediates(
+                crops, indices=[self._index], intermediates_only=True,
+                stop_early=True, extra_blocks=True,
+            )  # fmt: skip
+            features = maps.mean(dim=(-2, -1))
+        return features.reshape(n, -1)
+
+    def width(self, n_channels: int, side: int = 32) -> int:
+        """Return the vector length for crops of `n_channels` channels."""
+        was_training = self.training
+        self.eval()
+        parameter = next(self.backbone.parameters())
+        with torch.inference_mode():
+            probe = torch.zeros(1, n_channels, side, side, device=parameter.device)
+            width = int(self(probe).shape[1])
+        self.train(was_training)
+        return width
+
+
+def build_embedder(
+    config: EmbedConfig, n_channels: int
+) -> tuple[CellEmbedder, dict[str, Any]]:
+    """Build the embedder of a recipe, from ImageNet weights or a fine-tuned checkpoint.
+
+    A checkpoint (`models.train.save_checkpoint`) brings its own strategy, input
+    size and scaling; the recipe's layer and aggregation still apply.
+
+    Returns
+    -------
+    embedder : CellEmbedder
+        In eval mode.
+    info : dict
+        ``name`` (the feature set's name), ``model_name``, ``weights`` (source
+        and SHA-256), ``config`` (the recipe as applied, with a checkpoint's
+        settings).
+
+    Raises
+    ------
+    InputError
+        If the model, its weights or the checkpoint cannot be loaded, the
+        checkpoint was trained on other channels, or the layer does not exist.
+    """
+    if config.checkpoint:
+        backbone, meta = load_checkpoint(config.checkpoint)
+        if meta["in_chans"] != n_channels:
+            raise InputError(
+                f"checkpoint {config.checkpoint} was trained on {meta['in_chans']} "
+                f"channels; this run has {n_channels}. Fine-tune on this run's "
+                "channels (phenoscreen train)."
             )
-
-        return per_channel
-    raise ValueError(f"strategy {strategy!r} is unknown; choose one of {STRATEGIES}.")
+        config = replace(
+            config, model_name=meta["model_name"], strategy=meta["strategy"],
+            input_size=meta["input_size"], scaling=meta["scaling"],
+            crop_size=config.crop_size or meta["crop_size"],
+        )  # fmt: skip
+        tag = f"finetuned_{meta['sha256'][:8]}"
+        weights = f"checkpoint:{config.checkpoint} sha256:{meta['sha256']}"
+    else:
+        backbone, info = create_backbone(
+            config.model_name,
+            in_chans=3 if config.strategy == "rgb" else n_channels,
+            weights=config.weights,
+        )
+        tag = config.strategy
+        weights = f"{info.source} sha256:{info.sha256}"
+    embedder = CellEmbedder(
+        backbone, strategy=config.strategy, layer=config.layer,
+        input_size=config.input_size,
+    ).eval()  # fmt: skip
+    size = f"{config.input_size}px" if config.input_size else "native"
+    name = (
+        f"{config.model_name}_{tag}_{config.layer}_{size}_{config.scaling}_"
+        f"{config.aggregate}"
+    )
+    return embedder, {
+        "name": name,
+        "model_name": config.model_name,
+        "weights": weights,
+        "config": config,
+    }
 
 
 def embed_array(
@@ -212,6 +362,8 @@ def embed_array(
     """
     if not len(crops):
         return np.zeros((0, 0), dtype=np.float32)
+    if isinstance(embedder, nn.Module):
+        embedder.eval()  # batch norms use their running statistics
     cuda = device.type == "cuda"
     loader = DataLoader(
         TensorDataset(torch.from_numpy(crops)),
@@ -421,100 +573,13 @@ def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
             thread.join(timeout=0.1)
 
 
-def fit_control_pca(
-    engine: Engine,
-    run_id: int,
-    feature_set: str,
-    n_components: int,
-    *,
-    max_cells: int = 50_000,
-    rng: int = 0,
-) -> dict[str, object]:
-    """Fit PCA on a feature set's negative-control cells and store the projection.
-
-    The components are fitted on up to `max_cells` negative-control cells (all
-    plates), so the axes describe DMSO variation and treatments are expressed in
-    them; they are stored with the new feature set ``<feature_set>_pca<k>`` (its
-    config holds ``components``, ``mean`` and ``explained_variance_ratio``), and
-    every cell's projection is written field by field (one transaction each; a
-    rerun skips fields already projected).
-
-    Returns
-    -------
-    dict
-        ``feature_set``, ``n_fields``, ``n_control_cells``,
-        ``explained_variance``.
-
-    Raises
-    ------
-    ValueError
-        If there are fewer control cells than `n_components` + 1.
-    """
-    from sklearn.decomposition import PCA
-
-    run_id, experiment_id = store.resolve_run(engine, run_id)
-    wells = store.read_wells(engine, experiment_id)
-    controls = set(wells.loc[wells["Metadata_Role"] == "negative_control", "well_id"])
-    parts = [
-        features[cells["well_id"].isin(controls).to_numpy()]
-        for _, cells, features in store.iter_plate_cells(engine, run_id, feature_set)
-    ]
-    control = pd.concat(parts).to_numpy(np.float32) if parts else np.zeros((0, 0))
-    if len(control) <= n_components:
-        raise ValueError(
-            f"{len(control)} negative-control cells cannot fit {n_components} "
-            "principal components; lower pca_dim."
-        )
-    generator = np.random.default_rng(rng)
-    if len(control) > max_cells:
-        control = control[generator.choice(len(control), max_cells, replace=False)]
-    pca = PCA(n_components=n_components, random_state=rng).fit(control)
-    name = f"{feature_set}_pca{n_components}"
-    feature_set_id = store.ensure_feature_set(
-        engine,
-        run_id=run_id,
-        name=name,
-        kind="embedding",
-        feature_names=[f"{name}_{k:03d}" for k in range(n_components)],
-        config={
-            "source": feature_set,
-            "fitted_on": f"{len(control)} negative-control cells",
-            "components": pca.components_.tolist(),
-            "mean": pca.mean_.tolist(),
-            "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
-        },
-    )
-    done = store.embedded_field_ids(engine, run_id, feature_set_id)
-    n_fields = 0
-    for field_id, numbers, vectors in store.iter_field_vectors(
-        engine, run_id, feature_set
-    ):
-        if field_id in done:
-            continue
-        store.write_field_vectors(
-            engine,
-            run_id=run_id,
-            field_id=field_id,
-            feature_set_id=feature_set_id,
-            object_numbers=numbers,
-            vectors=pca.transform(vectors),
-        )
-        n_fields += 1
-    return {
-        "feature_set": name,
-        "n_fields": n_fields,
-        "n_control_cells": len(control),
-        "explained_variance": float(pca.explained_variance_ratio_.sum()),
-    }
-
-
 def embed_run(
     engine: Engine,
     run_id: int | None = None,
     config: EmbedConfig | None = None,
     *,
     device: str | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Embed every cell of a run's QC-passed fields into a new feature set.
 
     Parameters
@@ -523,14 +588,15 @@ def embed_run(
     run_id : int, optional
         Default: the latest complete run.
     config : EmbedConfig, optional
+        The recipe (its ``enabled`` is not read here).
     device : str, optional
         ``cuda`` or ``cpu``; default CUDA when available.
 
     Returns
     -------
     dict
-        ``feature_set``, ``pca_feature_set`` (None without ``pca_dim``),
-        ``n_fields``, ``n_cells``, ``seconds``, ``cells_per_s``.
+        ``feature_set``, ``combined_feature_set`` (None without classical
+        features), ``n_fields``, ``n_cells``, ``seconds``, ``cells_per_s``.
 
     Raises
     ------
@@ -545,60 +611,48 @@ def embed_run(
     fields = store.read_run_fields(engine, run_id)[2]
     wells = store.read_wells(engine, experiment_id)
     fields = fields[fields["qc_flags"] == ""]
-    first = next(iter_field_crops(engine, run_id, size=cfg.crop_size), None)
+    first = next(
+        (f for f in iter_field_crops(engine, run_id, size=cfg.crop_size) if len(f.crops)),
+        None,
+    )
     if first is None:
-        raise ValueError(f"run {run_id} has no field that passed QC to embed.")
-    n_channels, size = first.crops.shape[1], first.crops.shape[-1]
-    if cfg.checkpoint:
-        model, meta = load_checkpoint(cfg.checkpoint)
-        if meta["in_chans"] != n_channels:
-            raise InputError(
-                f"checkpoint {cfg.checkpoint} was trained on {meta['in_chans']} "
-                f"channels; run {run_id} has {n_channels}. Fine-tune on this run's "
-                "channels (phenoscreen train)."
-            )
-        size = cfg.crop_size or meta["crop_size"]
-        model_name = meta["model_name"]
-        name = f"{model_name}_finetuned_{meta['sha256'][:8]}"
-        weights = f"checkpoint:{cfg.checkpoint} sha256:{meta['sha256']}"
-    else:
-        model, info = create_backbone(
-            cfg.model_name,
-            in_chans=n_channels if cfg.strategy == "stem" else 3,
-            weights=cfg.weights,
-        )
-        model_name, name = cfg.model_name, f"{cfg.model_name}_{cfg.strategy}"
-        weights = f"{info.source} sha256:{info.sha256}"
-    model = model.to(target).to(memory_format=torch.channels_last)
-    width = model.num_features * (n_channels if cfg.strategy == "rgb" else 1)
+        raise ValueError(f"run {run_id} has no cell in a field that passed QC to embed.")
+    n_channels = first.crops.shape[1]
+    embedder, info = build_embedder(cfg, n_channels)
+    cfg, name = info["config"], info["name"]
+    size = cfg.crop_size or first.crops.shape[-1]
+    embedder = embedder.to(target).to(memory_format=torch.channels_last)
+    width = embedder.width(n_channels, size)
     feature_set_id = store.ensure_feature_set(
         engine,
         run_id=run_id,
         name=name,
         kind="embedding",
         feature_names=[f"{name}_{k:04d}" for k in range(width)],
-        config=asdict(cfg) | {"crop_size": size, "normalization": "per plate and "
-                              "channel, percentiles of negative-control cells"},
-        model_name=model_name,
-        weights=weights,
-    )  # fmt: skip
+        config=asdict(replace(cfg, enabled=True)) | {"crop_size": size},
+        model_name=cfg.model_name,
+        weights=info["weights"],
+    )
     done = store.embedded_field_ids(engine, run_id, feature_set_id)
-    embedder = make_embedder(model, cfg.strategy)
-    ranges = plate_channel_ranges(engine, run_id, fields, wells, size=size, config=cfg)
+    ranges = (
+        plate_channel_ranges(engine, run_id, fields, wells, size=size, config=cfg)
+        if cfg.scaling == "plate"
+        else {}
+    )
     start = time.perf_counter()
     n_cells = n_fields = 0
     batch_size = cfg.batch_size
     todo = set(fields.loc[fields["n_cells"] > 0, "field_id"]) - done
-    normalized = (
-        (field, normalize_crops(field.crops, ranges[field.plate]))
+    scaled = (
+        (field, scale_crops(field.crops, cfg.scaling, ranges.get(field.plate)))
         for field in iter_field_crops(engine, run_id, size=size, field_ids=todo)
     )
     pending: list[tuple[FieldCrops, np.ndarray]] = []
-    progress = tqdm(total=len(todo), unit="field", disable=None)
+    progress = tqdm(total=len(todo), unit="field", desc="embed", disable=None)
     writes = _Writer(engine)
     try:
         # reading and writing overlap the forward pass; None flushes the last group
-        for item in chain(prefetch(normalized), [None]):
+        for item in chain(prefetch(scaled), [None]):
             if item is not None:
                 pending.append(item)
                 if sum(len(c) for _, c in pending) < GROUP_BATCHES * batch_size:
@@ -617,23 +671,38 @@ def embed_run(
     progress.close()
     seconds = time.perf_counter() - start
     logger.info(
-        "embedded %d cells of %d fields with %s (%s, %s) in %.1f s; %d fields were done",
-        n_cells, n_fields, model_name, cfg.strategy, weights, seconds, len(done),
+        "embedded %d cells of %d fields into %s (%s) in %.1f s; %d fields were done",
+        n_cells, n_fields, name, info["weights"], seconds, len(done),
     )  # fmt: skip
-    reduced = {"feature_set": None}
-    if cfg.pca_dim:
-        reduced = fit_control_pca(engine, run_id, name, cfg.pca_dim)
-        logger.info(
-            "%s: %d components keep %.0f %% of the DMSO variance",
-            reduced["feature_set"], cfg.pca_dim, 100 * reduced["explained_variance"],
-        )  # fmt: skip
-    for feature_set in filter(None, (name, reduced["feature_set"])):
-        aggregate_run(engine, run_id, feature_set, kind="embedding")
+    aggregate_run(engine, run_id, name, method=cfg.aggregate)
     return {
         "feature_set": name,
-        "pca_feature_set": reduced["feature_set"],
+        "combined_feature_set": register_combined(engine, run_id, name),
         "n_fields": n_fields,
         "n_cells": n_cells,
         "seconds": seconds,
         "cells_per_s": n_cells / seconds if seconds > 0 else 0.0,
     }
+
+
+def register_combined(engine: Engine, run_id: int, embedding: str) -> str | None:
+    """Register ``combined_<embedding>``: the run's classical features + `embedding`.
+
+    It stores no vectors: its well profiles are the two feature sets' well
+    profiles, each normalized by the profile recipe on its own and weighted
+    equally (`pipeline.export.read_profiles`).
+
+    Returns
+    -------
+    str or None
+        Its name; None when the run has no classical features.
+    """
+    sets = store.read_run_provenance(engine, run_id)["feature_sets"]
+    if "classical" not in set(sets["name"]):
+        return None
+    name = f"combined_{embedding}"[:100]
+    store.ensure_feature_set(
+        engine, run_id=run_id, name=name, kind=COMBINED_KIND, feature_names=[],
+        config={"blocks": ["classical", embedding]},
+    )  # fmt: skip
+    return name

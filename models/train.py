@@ -1,17 +1,21 @@
 """Fine-tuning by transfer learning on treatment labels (weak supervision).
 
-The DeepProfiler recipe on timm: an ImageNet-pretrained backbone with a ``C``-channel
-stem learns to tell single-cell crops apart by their treatment (compound, or
-compound and dose; the negative controls are a class too), so its features become
-sensitive to what compounds do to cells. Training: validation on whole held-out
-plates (wells when there is one plate), a warm-up with the backbone frozen (only the
-new classifier learns) then everything unfrozen at a lower learning rate, AdamW with
-a cosine schedule, early stopping on the validation loss (the best epoch is kept),
-microscopy augmentation (flips, 90-degree rotations, one intensity scale and offset
-per crop for all channels: no colour jitter between channels), mixed precision
-(bfloat16) on CUDA. The checkpoint is saved with its config, classes and a SHA-256
-and registered in the store with a per-epoch log; ``phenoscreen embed --checkpoint``
-embeds with it.
+The DeepProfiler recipe on timm: an ImageNet-pretrained backbone, fed as the
+embedding recipe feeds it (`models.embed.CellEmbedder`: each channel as a grey
+image replicated to RGB by default, crops resized to ``input_size``), learns to
+tell single-cell crops apart by their treatment (compound, or compound and dose;
+the negative controls are a class too), so its features become sensitive to what
+compounds do to cells. Training: validation on whole held-out plates (wells when
+there is one plate), class-balanced sampling (every treatment equally often, not
+DMSO most of the time), label smoothing, a warm-up with the backbone frozen (only
+the new classifier learns) then everything unfrozen at a lower learning rate,
+AdamW with a cosine schedule, early stopping on the validation loss (the best
+epoch is kept), microscopy augmentation (flips, 90-degree rotations, one
+intensity scale and offset per crop for all channels: no colour jitter between
+channels), mixed precision (bfloat16) on CUDA. The training state is written
+after every epoch, so a killed training resumes from its last epoch. The
+checkpoint is saved with its recipe, classes and a SHA-256 and registered in the
+store with a per-epoch log; ``phenoscreen embed --checkpoint`` embeds with it.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from tqdm.auto import tqdm
 
 from db import store
 from models.backbones import DEFAULT_MODEL, create_backbone
-from models.embed import EmbedConfig, normalize_crops, plate_channel_ranges
+from models.embed import CellEmbedder, plate_channel_ranges, scale_crops
+from pipeline.config import EMBED_SCALINGS, EMBED_STRATEGIES, EmbedConfig
 from pipeline.run import iter_field_crops
 
 logger = logging.getLogger(__name__)
@@ -72,13 +77,24 @@ class TrainConfig:
         Cells sampled uniformly from the run to train on.
     crop_size : int or None
         Crop side; None: four median nucleus diameters.
+    strategy : {"rgb", "stem"}
+        How channels are fed (`models.embed.CellEmbedder`); kept in the checkpoint.
+    input_size : int or None
+        Side crops are resized to (None: their own); kept in the checkpoint.
+    scaling : {"crop", "plate"}
+        Intensity scaling (`models.embed.scale_crops`); kept in the checkpoint.
+    label_smoothing : float
+        Of the cross-entropy (treatments that look alike are not penalized as
+        hard).
+    balanced : bool
+        Sample every class equally often per epoch.
     seed : int
     """
 
     model_name: str = DEFAULT_MODEL
     weights: str = "auto"
     label: str = "compound_dose"
-    epochs: int = 10
+    epochs: int = 8
     warmup_epochs: int = 1
     batch_size: int = 64
     learning_rate: float = 1e-3
@@ -86,8 +102,13 @@ class TrainConfig:
     weight_decay: float = 1e-4
     patience: int = 3
     val_fraction: float = 0.25
-    max_cells: int = 50_000
+    max_cells: int = 20_000
     crop_size: int | None = None
+    strategy: str = "rgb"
+    input_size: int | None = 64
+    scaling: str = "crop"
+    label_smoothing: float = 0.1
+    balanced: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -106,13 +127,35 @@ class TrainConfig:
             raise ValueError("batch_size, patience and max_cells must be >= 1.")
         if self.learning_rate <= 0 or self.backbone_lr_scale <= 0:
             raise ValueError("learning_rate and backbone_lr_scale must be > 0.")
+        if self.strategy not in EMBED_STRATEGIES or self.scaling not in EMBED_SCALINGS:
+            raise ValueError(
+                f"strategy {self.strategy!r} / scaling {self.scaling!r}: use one of "
+                f"{EMBED_STRATEGIES} / {EMBED_SCALINGS}."
+            )
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing = {self.label_smoothing} must be in [0, 1).")
+
+
+class Classifier(nn.Module):
+    """A `models.embed.CellEmbedder` (final pooled features) and a linear head."""
+
+    def __init__(self, embedder: CellEmbedder, n_features: int, n_classes: int) -> None:
+        super().__init__()
+        self.embedder = embedder
+        self.head = nn.Linear(n_features, n_classes)
+        nn.init.normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        """Return the class logits (B, n_classes) of crops (B, C, S, S)."""
+        return self.head(self.embedder(crops))
 
 
 @dataclass
 class FineTuned:
     """The result of `fine_tune`: best model, classes and the per-epoch log."""
 
-    model: nn.Module
+    model: Classifier
     classes: list[str]
     log: pd.DataFrame
     best_epoch: int
@@ -190,11 +233,9 @@ def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return rotated * scale + offset
 
 
-def _set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
-    classifier = set(map(id, model.get_classifier().parameters()))
-    for parameter in model.parameters():
-        if id(parameter) not in classifier:
-            parameter.requires_grad_(trainable)
+def _set_backbone_trainable(model: Classifier, trainable: bool) -> None:
+    for parameter in model.embedder.parameters():
+        parameter.requires_grad_(trainable)
 
 
 def _evaluate(
@@ -225,13 +266,14 @@ def fine_tune(
     config: TrainConfig,
     *,
     device: str | None = None,
+    state_path: str | Path | None = None,
 ) -> FineTuned:
     """Fine-tune an ImageNet-pretrained backbone to classify crops by treatment.
 
     Parameters
     ----------
     crops : ndarray of shape (N, C, S, S), float32
-        Normalized crops (`models.embed.normalize_crops`).
+        Scaled crops (`models.embed.scale_crops`).
     labels : ndarray of shape (N,)
         Class name of each crop.
     is_val : ndarray of shape (N,), bool
@@ -239,14 +281,18 @@ def fine_tune(
     config : TrainConfig
     device : str, optional
         ``cuda`` or ``cpu``; default CUDA when available.
+    state_path : str or Path, optional
+        The training state is written here after every epoch (atomically); when
+        the file exists and belongs to the same config and data, training
+        resumes after its last epoch. Removed by the caller when done.
 
     Returns
     -------
     FineTuned
-        The model (pooled features + classifier, eval mode) at the epoch of lowest
-        validation loss, the classes (output order) and the log: ``epoch``,
-        ``phase`` (``frozen``/``unfrozen``), ``train_loss``, ``val_loss``,
-        ``val_accuracy``, ``learning_rate``, ``seconds``.
+        The model (eval mode) at the epoch of lowest validation loss, the classes
+        (output order) and the log: ``epoch``, ``phase`` (``frozen``/``unfrozen``),
+        ``train_loss``, ``val_loss``, ``val_accuracy``, ``learning_rate``,
+        ``seconds``.
 
     Raises
     ------
@@ -261,7 +307,10 @@ def fine_tune(
         )
     classes = sorted(pd.unique(np.asarray(labels, dtype=object)).tolist())
     if len(classes) < 2:
-        raise ValueError("fine-tuning needs at least two treatment labels.")
+        raise ValueError(
+            f"fine-tuning needs at least two treatment labels; all cells are "
+            f"{classes[0] if classes else 'unlabelled'!r}."
+        )
     if is_val.all() or not is_val.any():
         raise ValueError(
             "the validation split leaves no training or no validation cells."
@@ -274,28 +323,36 @@ def fine_tune(
     x = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))
     val = torch.from_numpy(np.asarray(is_val, dtype=bool))
     generator = torch.Generator().manual_seed(config.seed)
+    y_train = y[~val]
+    sampler = None
+    if config.balanced:  # every class equally often; as many draws as cells
+        counts = torch.bincount(y_train, minlength=len(classes)).float()
+        weights = (1.0 / counts.clamp(min=1))[y_train]
+        sampler = torch.utils.data.WeightedRandomSampler(
+            weights, num_samples=len(y_train), replacement=True, generator=generator
+        )
     train_loader = DataLoader(
-        TensorDataset(x[~val], y[~val]), batch_size=config.batch_size, shuffle=True,
-        generator=generator, pin_memory=cuda, drop_last=len(y[~val]) > config.batch_size,
+        TensorDataset(x[~val], y_train), batch_size=config.batch_size,
+        shuffle=sampler is None, sampler=sampler, generator=generator,
+        pin_memory=cuda, drop_last=len(y_train) > config.batch_size,
     )  # fmt: skip
     val_loader = DataLoader(
         TensorDataset(x[val], y[val]), batch_size=config.batch_size, pin_memory=cuda
     )
-    model, _ = create_backbone(
+    backbone, _ = create_backbone(
         config.model_name,
-        in_chans=crops.shape[1],
-        num_classes=len(classes),
+        in_chans=3 if config.strategy == "rgb" else crops.shape[1],
         weights=config.weights,
     )
-    classifier = model.get_classifier()
-    nn.init.normal_(classifier.weight, std=0.01)  # timm's head init scales with
-    nn.init.zeros_(classifier.bias)  # 1 / sqrt(classes): huge logits for few classes
+    embedder = CellEmbedder(
+        backbone, strategy=config.strategy, layer="pooled", input_size=config.input_size
+    )
+    model = Classifier(embedder, embedder.width(crops.shape[1]), len(classes))
     model = model.to(target).to(memory_format=torch.channels_last)
-    head = list(model.get_classifier().parameters())
-    head_ids = set(map(id, head))
+    head = list(model.head.parameters())
     optimizer = torch.optim.AdamW(
         [
-            {"params": [p for p in model.parameters() if id(p) not in head_ids],
+            {"params": list(model.embedder.parameters()),
              "lr": config.learning_rate * config.backbone_lr_scale},
             {"params": head, "lr": config.learning_rate},
         ],
@@ -305,10 +362,28 @@ def fine_tune(
         optimizer, T_max=config.epochs * max(len(train_loader), 1)
     )
     rows, best_loss, best_state, best_epoch, stale = [], np.inf, None, 0, 0
-    for epoch in range(1, config.epochs + 1):
+    key = {"config": asdict(config), "classes": classes, "n": len(y),
+           "n_val": int(val.sum())}  # fmt: skip
+    resumed = _load_state(state_path, key)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        generator.set_state(resumed["generator"])
+        rows, best_loss, best_epoch, stale = (
+            resumed["rows"], resumed["best_loss"], resumed["best_epoch"], resumed["stale"]
+        )  # fmt: skip
+        best_state = resumed["best_state"]
+        logger.info("resuming fine-tuning after epoch %d (%s)", len(rows), state_path)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    for epoch in range(len(rows) + 1, config.epochs + 1):
+        if stale >= config.patience:
+            break
         frozen = epoch <= config.warmup_epochs
         _set_backbone_trainable(model, not frozen)
-        model.eval() if frozen else model.train()  # frozen: BN statistics stay
+        model.train()
+        if frozen:  # BN statistics of the frozen backbone stay
+            model.embedder.eval()
         start, loss_sum, seen = time.perf_counter(), 0.0, 0
         batches = tqdm(
             train_loader, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
@@ -319,9 +394,7 @@ def fine_tune(
             crops_batch = crops_batch.contiguous(memory_format=torch.channels_last)
             label_batch = label_batch.to(target, non_blocking=cuda)
             with torch.autocast(target.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = nn.functional.cross_entropy(
-                    model(crops_batch).float(), label_batch
-                )
+                loss = loss_fn(model(crops_batch).float(), label_batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -349,9 +422,40 @@ def fine_tune(
             stale += 1
             if stale >= config.patience:
                 logger.info("early stop: no lower validation loss in %d epochs", stale)
-                break
+        _save_state(
+            state_path, key, model=model.state_dict(), optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), generator=generator.get_state(), rows=rows,
+            best_loss=best_loss, best_epoch=best_epoch, stale=stale, best_state=best_state,
+        )  # fmt: skip
     model.load_state_dict(best_state)
     return FineTuned(model.eval(), classes, pd.DataFrame(rows), best_epoch)
+
+
+def _save_state(path: str | Path | None, key: dict[str, Any], **state: Any) -> None:
+    """Write the training state after an epoch (to a temporary file, then renamed)."""
+    if path is None:
+        return
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"key": key, **state}, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: str | Path | None, key: dict[str, Any]) -> dict[str, Any] | None:
+    """Return a saved training state of the same config and data, else None."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a torn or foreign file: start over
+        logger.warning("training state %s unreadable (%s): starting over", path, exc)
+        return None
+    if state.get("key") != key:
+        logger.warning(
+            "training state %s belongs to another config or data: starting over", path
+        )
+        return None
+    return state
 
 
 def save_checkpoint(
@@ -362,20 +466,26 @@ def save_checkpoint(
     in_chans: int,
     crop_size: int,
 ) -> str:
-    """Write a fine-tuned model with its config and classes; return its SHA-256.
+    """Write a fine-tuned backbone with its recipe and classes; return its SHA-256.
 
     The file is a plain dict of tensors, strings and numbers (loadable with
-    ``weights_only=True``), written to ``<path>.tmp`` and renamed when complete.
+    ``weights_only=True``): the backbone's state dict (timm keys, no head), the
+    run's channel count, crop size, strategy, input size and scaling, the
+    classes and the config; written to ``<path>.tmp`` and renamed when complete.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(
         {
-            "state_dict": fine_tuned.model.state_dict(),
+            "state_dict": fine_tuned.model.embedder.backbone.state_dict(),
             "model_name": config.model_name,
             "in_chans": in_chans,
+            "backbone_in_chans": 3 if config.strategy == "rgb" else in_chans,
             "crop_size": crop_size,
+            "strategy": config.strategy,
+            "input_size": config.input_size or 0,
+            "scaling": config.scaling,
             "classes": list(fine_tuned.classes),
             "config": asdict(config),
         },
@@ -396,9 +506,11 @@ def train_run(
 ) -> dict[str, Any]:
     """Fine-tune on a run's cells, save the checkpoint and register it in the store.
 
-    Crops of QC-passed fields are scaled like `models.embed.embed_run` does (per
-    plate and channel, percentiles of negative-control cells); up to
-    ``config.max_cells`` cells are sampled uniformly.
+    Crops of QC-passed fields are scaled as ``config.scaling`` says (as
+    `models.embed.embed_run` does); up to ``config.max_cells`` cells are sampled
+    uniformly. The training state is kept in ``<out>.state`` after every epoch
+    (a rerun after a kill resumes there) and removed when the checkpoint is
+    written.
 
     Returns
     -------
@@ -419,8 +531,10 @@ def train_run(
     wells = store.read_wells(engine, experiment_id)
     first = next(iter_field_crops(engine, run_id, size=config.crop_size))
     size = first.crops.shape[-1]
-    ranges = plate_channel_ranges(
-        engine, run_id, fields, wells, size=size, config=EmbedConfig()
+    ranges = (
+        plate_channel_ranges(engine, run_id, fields, wells, size=size, config=EmbedConfig())
+        if config.scaling == "plate"
+        else {}
     )
     generator = np.random.default_rng(config.seed)
     rate = min(1.0, config.max_cells / int(fields["n_cells"].sum()))
@@ -429,7 +543,7 @@ def train_run(
         engine, run_id, size=size, field_ids=set(fields["field_id"])
     ):
         keep = generator.random(len(field.crops)) < rate
-        crops.append(normalize_crops(field.crops[keep], ranges[field.plate]))
+        crops.append(scale_crops(field.crops[keep], config.scaling, ranges.get(field.plate)))
         plates += [field.plate] * int(keep.sum())
         well_names += [field.well] * int(keep.sum())
     meta = wells.set_index(["Metadata_Plate", "Metadata_Well"])
@@ -446,9 +560,11 @@ def train_run(
     is_val = validation_split(np.array(plates), np.array(well_names), config.val_fraction,
                               rng=config.seed)  # fmt: skip
     stacked = np.concatenate(crops)
-    fine_tuned = fine_tune(stacked, labels, is_val, config, device=device)
+    state = Path(out).with_name(Path(out).name + ".state")
+    fine_tuned = fine_tune(stacked, labels, is_val, config, device=device, state_path=state)
     sha = save_checkpoint(out, fine_tuned, config=config, in_chans=stacked.shape[1],
                           crop_size=size)  # fmt: skip
+    state.unlink(missing_ok=True)
     best = fine_tuned.log.loc[fine_tuned.log["epoch"] == fine_tuned.best_epoch].iloc[0]
     metrics = {
         "best_epoch": fine_tuned.best_epoch,

@@ -18,6 +18,9 @@ from typing import Any
 import pandas as pd
 
 from pipeline.config import (
+    AGGREGATIONS,
+    EMBED_SCALINGS,
+    EMBED_STRATEGIES,
     InputConfig,
     RunConfig,
     SegmentConfig,
@@ -96,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="accept plate-map wells without images",
     )
+    run.add_argument(
+        "--embed",
+        action="store_true",
+        default=None,
+        help="also embed every cell with the CNN recipe of [embed] (deep and combined "
+        "feature sets)",
+    )
     _add_db(run)
 
     segment = sub.add_parser(
@@ -173,32 +183,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(embed)
     embed.add_argument("--run", type=int, help="run id (default: latest complete)")
     embed.add_argument(
-        "--model", default="tf_efficientnet_lite0", help="timm model name"
+        "--config", type=Path, help="run config TOML: its [embed] section is the recipe"
     )
+    embed.add_argument("--model", help="timm model name (tf_efficientnet_lite0)")
     embed.add_argument(
         "--weights",
-        default="auto",
         help="auto (offline package weights, else the timm hub), package, hub, or a "
         "checkpoint path",
     )
     embed.add_argument(
         "--strategy",
-        choices=["stem", "rgb"],
-        default="stem",
-        help="stem: one pass with a C-channel stem; rgb: each channel as RGB, concatenated",
+        choices=list(EMBED_STRATEGIES),
+        help="rgb (default): each channel as RGB, vectors concatenated; stem: one pass "
+        "with a C-channel stem",
     )
     embed.add_argument(
-        "--crop-size", type=int, help="px (default: 4 nucleus diameters)"
+        "--layer", help="pooled, or blocks.K: an intermediate stage (default blocks.5)"
     )
-    embed.add_argument("--batch-size", type=int, default=64)
+    embed.add_argument(
+        "--crop-size", type=int, help="px around each nucleus (default: 4 diameters)"
+    )
+    embed.add_argument(
+        "--input-size", type=int, help="px the crops are resized to (default 128; 0: none)"
+    )
+    embed.add_argument(
+        "--scaling", choices=list(EMBED_SCALINGS), help="crop (default) or plate"
+    )
+    embed.add_argument(
+        "--aggregate", choices=list(AGGREGATIONS), help="cells -> wells (median)"
+    )
+    embed.add_argument("--batch-size", type=int)
     embed.add_argument(
         "--device", choices=["cpu", "cuda"], help="default: cuda if present"
-    )
-    embed.add_argument(
-        "--pca",
-        type=int,
-        metavar="K",
-        help="also store K principal components fitted on negative-control cells",
     )
     embed.add_argument(
         "--checkpoint",
@@ -226,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float, default=1e-3)
     train.add_argument("--max-cells", type=int, default=50_000)
     train.add_argument("--crop-size", type=int, help="px (default: 4 diameters)")
+    train.add_argument(
+        "--input-size", type=int, default=64, help="px crops are resized to (64; 0: none)"
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
         "--out", type=Path, default=Path("finetuned.pt"), help="checkpoint file"
@@ -346,8 +365,8 @@ def _add_profile_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--feature-set",
-        help="classical (default when present), an embedding, e.g. "
-        "tf_efficientnet_lite0_stem, or an import",
+        help="classical (default when present), deep (the latest CNN embedding), "
+        "combined (classical + deep), or any stored name (phenoscreen status lists runs)",
     )
 
 
@@ -375,6 +394,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
     return with_overrides(
         replace(config, input=input_config),
         execution={"scheduler": args.scheduler, "n_workers": args.workers},
+        embed={"enabled": args.embed},
     )
 
 
@@ -434,26 +454,45 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{summary.n_failed} failed), {summary.n_cells} new cells, "
         f"{summary.timings['fields_per_s']:.2f} fields/s"
     )
-    try:  # computed once and kept in the store for the dashboard and `hits`
-        hits, _ = _hit_tables(_db_url(args), summary.run_id)
-    except ValueError as exc:
-        print(f"no hit list yet: {exc}")
-    else:
+    if summary.embedding:
         print(
-            f"{int(hits['is_hit'].sum())} of {len(hits)} compounds are hits "
-            "(`phenoscreen hits` lists them; `phenoscreen dashboard` shows them)"
+            f"embedded {summary.embedding['n_cells']} cells into "
+            f"{summary.embedding['feature_set']} "
+            f"({summary.embedding['cells_per_s']:.0f} cells/s)"
+        )
+    for feature_set in _feature_sets_of(summary):
+        try:  # computed once and kept in the store for the dashboard and `hits`
+            hits, _ = _hit_tables(_db_url(args), summary.run_id, feature_set=feature_set)
+        except ValueError as exc:
+            print(f"no hit list yet: {exc}")
+            break
+        print(
+            f"{feature_set}: {int(hits['is_hit'].sum())} of {len(hits)} compounds are "
+            "hits (`phenoscreen hits --feature-set NAME` lists them; `phenoscreen "
+            "dashboard` shows them)"
         )
     return 0
 
 
-def _well_profiles(db_url: str, run_id: int | None, **options: Any) -> pd.DataFrame:
-    """Well profiles of a run (None: the latest complete one)."""
+def _feature_sets_of(summary: Any) -> list[str]:
+    """classical, and deep and combined when the run embedded its cells."""
+    if not summary.embedding:
+        return ["classical"]
+    return ["classical", "deep"] + (
+        ["combined"] if summary.embedding["combined_feature_set"] else []
+    )
+
+
+def _profiles(
+    db_url: str, run_id: int | None, **options: Any
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Raw and normalized well profiles of a run (None: the latest complete one)."""
     from db.session import make_engine
     from db.store import resolve_run
-    from pipeline.export import read_well_profiles
+    from pipeline.export import read_profiles
 
     engine = make_engine(db_url, create=False)
-    return read_well_profiles(engine, *resolve_run(engine, run_id), **options)
+    return read_profiles(engine, *resolve_run(engine, run_id), **options)
 
 
 def _write_out(table: pd.DataFrame, out: Path, what: str) -> None:
@@ -490,10 +529,8 @@ def cmd_qc(args: argparse.Namespace) -> int:
     """Print per-plate QC."""
     from pipeline.export import plate_qc_table
 
-    table = plate_qc_table(
-        _well_profiles(_db_url(args), args.run, **_profile_options(args)),
-        features=args.feature,
-    )
+    raw, normalized = _profiles(_db_url(args), args.run, **_profile_options(args))
+    table = plate_qc_table(normalized, well_profiles=raw, features=args.feature)
     print(
         "plate QC: Z' of the activity score (positive controls vs DMSO; > 0.5 is good),"
     )
@@ -507,7 +544,7 @@ def cmd_moa(args: argparse.Namespace) -> int:
     from pipeline.export import moa_table
 
     predictions, accuracy = moa_table(
-        _well_profiles(_db_url(args), args.run, **_profile_options(args)),
+        _profiles(_db_url(args), args.run, **_profile_options(args))[1],
         reference_column=args.reference_column,
     )
     print(
@@ -525,7 +562,7 @@ def _store_map(
 ) -> pd.DataFrame:
     from db.session import make_engine
     from db.store import resolve_run, write_phenotype_map
-    from pipeline.export import phenotype_map_table, read_well_profiles, sample_cells
+    from pipeline.export import phenotype_map_table, read_profiles, sample_cells
 
     engine = make_engine(db_url, create=False)
     run_id, experiment_id = resolve_run(engine, run_id)
@@ -535,7 +572,7 @@ def _store_map(
         else None
     )
     points = phenotype_map_table(
-        read_well_profiles(engine, run_id, experiment_id, **options), cells=cells
+        read_profiles(engine, run_id, experiment_id, **options)[1], cells=cells
     )
     write_phenotype_map(engine, run_id, points)
     return points
@@ -577,28 +614,28 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     """Embed a run's cells into a new feature set."""
     from db.session import make_engine
-    from models.embed import EmbedConfig, embed_run
+    from models.embed import embed_run
 
+    recipe = load_config(args.config).embed if args.config else RunConfig().embed
+    given = {
+        "model_name": args.model, "weights": args.weights, "strategy": args.strategy,
+        "layer": args.layer, "crop_size": args.crop_size, "scaling": args.scaling,
+        "aggregate": args.aggregate, "batch_size": args.batch_size,
+        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+    }  # fmt: skip
+    recipe = replace(recipe, **{k: v for k, v in given.items() if v is not None})
+    if args.input_size is not None:
+        recipe = replace(recipe, input_size=args.input_size or None)
     summary = embed_run(
-        make_engine(_db_url(args), create=False),
-        args.run,
-        EmbedConfig(
-            model_name=args.model,
-            weights=args.weights,
-            strategy=args.strategy,
-            crop_size=args.crop_size,
-            batch_size=args.batch_size,
-            checkpoint=str(args.checkpoint) if args.checkpoint else None,
-            pca_dim=args.pca,
-        ),
-        device=args.device,
+        make_engine(_db_url(args), create=False), args.run, recipe, device=args.device
     )
     print(
         f"feature set {summary['feature_set']}: {summary['n_cells']} cells of "
         f"{summary['n_fields']} fields embedded ({summary['cells_per_s']:.0f} cells/s)"
     )
-    if summary["pca_feature_set"]:
-        print(f"feature set {summary['pca_feature_set']}: PCA fitted on DMSO cells")
+    if summary["combined_feature_set"]:
+        print(f"feature set {summary['combined_feature_set']}: classical + this one")
+    print("use them: phenoscreen hits --feature-set deep (or combined)")
     return 0
 
 
@@ -647,6 +684,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate,
         max_cells=args.max_cells,
         crop_size=args.crop_size,
+        input_size=args.input_size or None,
         seed=args.seed,
     )
     summary = train_run(
@@ -778,6 +816,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 "nuclei_channel": "DNA",
                 "cytoplasm_channel": "Actin",
             },
+            "embed": {"enabled": True},
             "execution": {"n_workers": args.workers} if args.workers else {},
         }
     )
@@ -797,6 +836,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{out / 'ground_truth' / 'truth.json'}):"
     )
     _print_hits(*_hit_tables(db_url, summary.run_id), 15)
+    for feature_set in _feature_sets_of(summary)[1:]:
+        hits, _ = _hit_tables(db_url, summary.run_id, feature_set=feature_set)
+        called = ", ".join(hits.loc[hits["is_hit"], "Metadata_Compound"])
+        print(f"      {feature_set} profiles: {int(hits['is_hit'].sum())} hits: {called}")
     print("      storing the phenotype map (UMAP + HDBSCAN) for the dashboard ...")
     _store_map(db_url, summary.run_id)
     script = Path(sys.executable).parent / "phenoscreen"

@@ -225,6 +225,144 @@ class QCConfig:
         _check_range("qc", "min_cells", self.min_cells, 0, 10**6)
 
 
+EMBED_STRATEGIES = ("rgb", "stem")
+EMBED_SCALINGS = ("crop", "plate")
+AGGREGATIONS = ("median", "mean")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedConfig:
+    """How cells are embedded by a CNN (`models.embed`; saved with the feature set).
+
+    Attributes
+    ----------
+    enabled : bool
+        `phenoscreen run` embeds the run's cells when it completes (``--embed``).
+    model_name : str
+        A timm model name.
+    weights : str
+        ``auto``, ``package``, ``hub`` or a checkpoint path
+        (`models.backbones.create_backbone`).
+    checkpoint : str or None
+        A fine-tuned checkpoint (`models.train.save_checkpoint`) to embed with
+        instead of `model_name` and `weights`.
+    strategy : {"rgb", "stem"}
+        ``rgb``: each channel as a grey image replicated to RGB, embedded on its
+        own by the ImageNet network, the C vectors concatenated; ``stem``: one
+        pass through a C-channel stem adapted by timm from the RGB weights.
+    layer : str
+        ``pooled`` (the network's final pooled features) or ``blocks.K``: the
+        spatial mean of the output of stage K (EfficientNet ``blocks[K]``), an
+        intermediate layer that keeps more of the cell's appearance.
+    crop_size : int or None
+        Crop side in pixels at the image's resolution, centred on each nucleus;
+        None: four median nucleus diameters.
+    input_size : int or None
+        The crops are resized (bilinear) to this side before the network; None
+        keeps the crop size.
+    scaling : {"crop", "plate"}
+        ``crop``: each crop's channels scaled between their own minimum and
+        maximum (robust to plate-to-plate intensity drift; shape and pattern,
+        not brightness); ``plate``: between `percentiles` of the plate's
+        negative-control cells (keeps brightness differences).
+    percentiles : tuple of float
+        With ``plate`` scaling: low and high percentiles of control-cell pixels.
+    aggregate : {"median", "mean"}
+        How a well's cells are aggregated into its profile.
+    batch_size : int
+    max_control_fields : int
+        Negative-control fields per plate used to fit the ``plate`` scaling.
+    """
+
+    enabled: bool = False
+    model_name: str = "tf_efficientnet_lite0"
+    weights: str = "auto"
+    checkpoint: str | None = None
+    strategy: str = "rgb"
+    layer: str = "blocks.5"
+    crop_size: int | None = None
+    input_size: int | None = 128
+    scaling: str = "crop"
+    percentiles: tuple[float, float] = (1.0, 99.9)
+    aggregate: str = "median"
+    batch_size: int = 32
+    max_control_fields: int = 20
+
+    def __post_init__(self) -> None:
+        problems = []
+        for key, value, valid in (
+            ("strategy", self.strategy, EMBED_STRATEGIES),
+            ("scaling", self.scaling, EMBED_SCALINGS),
+            ("aggregate", self.aggregate, AGGREGATIONS),
+        ):
+            if value not in valid:
+                problems.append(
+                    f"embed.{key} = {value!r} is unknown; choose one of "
+                    f"{', '.join(valid)}."
+                )
+        if self.layer != "pooled" and not _is_block_layer(self.layer):
+            problems.append(
+                f"embed.layer = {self.layer!r} must be 'pooled' or 'blocks.K' "
+                "(K = 0, 1, ...: a stage of the network)."
+            )
+        if len(self.percentiles) != 2 or not (
+            0 <= self.percentiles[0] < self.percentiles[1] <= 100
+        ):
+            problems.append(
+                f"embed.percentiles = {list(self.percentiles)} must be two rising "
+                "values in [0, 100]."
+            )
+        if problems:
+            raise InputError(problems)
+        for name in ("crop_size", "input_size"):
+            if getattr(self, name) is not None:
+                _check_range("embed", name, getattr(self, name), 8, 1024)
+        _check_range("embed", "batch_size", self.batch_size, 1, 65536)
+        _check_range("embed", "max_control_fields", self.max_control_fields, 1, 10**6)
+
+
+def _is_block_layer(layer: str) -> bool:
+    head, _, index = layer.partition(".")
+    return head == "blocks" and index.isdigit()
+
+
+WHITENINGS = ("none", "controls")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileConfig:
+    """How well profiles become comparable profiles (`pipeline.profiles`).
+
+    Every feature set of the run goes through the same recipe: each plate's wells
+    are robust-z scaled to the plate's negative-control wells, then optionally
+    whitened on the control wells (TVN: the controls' covariance, shrunk by
+    Ledoit-Wolf so few controls in many dimensions stay well conditioned, is
+    made the identity).
+
+    Attributes
+    ----------
+    whiten : {"none", "controls"}
+        ``controls``: whiten on the negative-control wells.
+    whiten_scope : {"plate", "all"}
+        Fit the whitening per plate, or once on the controls of all plates.
+    """
+
+    whiten: str = "none"
+    whiten_scope: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.whiten not in WHITENINGS:
+            raise InputError(
+                f"profile.whiten = {self.whiten!r} is unknown; choose one of "
+                f"{', '.join(WHITENINGS)}."
+            )
+        if self.whiten_scope not in ("plate", "all"):
+            raise InputError(
+                f"profile.whiten_scope = {self.whiten_scope!r} is unknown; choose "
+                "plate or all."
+            )
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExecutionConfig:
     """Where and how fields are processed; does not change results.
@@ -268,6 +406,8 @@ class RunConfig:
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     qc: QCConfig = field(default_factory=QCConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
 
@@ -277,6 +417,8 @@ _SECTION_CLASSES = {
     "segment": SegmentConfig,
     "measure": MeasureConfig,
     "qc": QCConfig,
+    "embed": EmbedConfig,
+    "profile": ProfileConfig,
     "execution": ExecutionConfig,
 }
 # Keys of earlier versions: a config naming one is refused with this advice; the
@@ -341,8 +483,9 @@ def config_from_dict(
             continue
         if name == "input" and "pattern" in values:
             values.setdefault("layout", None)  # a pattern replaces the default layout
-        if "texture_scales" in values:
-            values["texture_scales"] = tuple(values["texture_scales"])
+        for key in ("texture_scales", "percentiles"):
+            if key in values:
+                values[key] = tuple(values[key])
         try:
             sections[name] = cls(**values)
         except TypeError as exc:
@@ -389,12 +532,17 @@ def analysis_key(config: RunConfig, weights_sha256: str | None = None) -> str:
     """Return a hash of what determines cells (input, illumination, segment, measure).
 
     Two runs of one experiment with the same key are the same run: a rerun resumes
-    it. Execution settings and QC thresholds are left out: they do not change the
-    cells (flags are recomputed at the end of every run). `weights_sha256`, the
+    it. Execution settings, QC thresholds, the embedding and the profile recipe are
+    left out: they do not change the cells (flags are recomputed at the end of
+    every run; an embedding recipe is a feature set of its own). `weights_sha256`, the
     learned segmenter's weights, counts too: new weights at the same path make a
     new run.
     """
-    payload = {k: v for k, v in asdict(config).items() if k not in ("execution", "qc")}
+    payload = {
+        k: v
+        for k, v in asdict(config).items()
+        if k not in ("execution", "qc", "embed", "profile")
+    }
     payload["input"].pop("allow_unimaged_wells")
     if weights_sha256:
         payload["segment"]["weights_sha256"] = weights_sha256

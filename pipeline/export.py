@@ -6,8 +6,10 @@ per-plate median of cells; compound tables are built from well profiles.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -18,12 +20,14 @@ import pyarrow.parquet as pq
 from sqlalchemy import Engine
 
 from db import store
+from pipeline.config import ProfileConfig, config_from_dict
 from pipeline.hits import DOSE_KEYS, call_hits
 from pipeline.moa import consensus_profiles, predict_moa
 from pipeline.plateqc import edge_effect, plate_z_prime
 from pipeline.profiles import (
     aggregate_cells,
     metadata_columns,
+    normalize_profiles,
     normalize_to_controls,
     score_wells,
 )
@@ -32,6 +36,8 @@ from pipeline.reduce import cluster_coordinates, umap_coordinates
 logger = logging.getLogger(__name__)
 
 TABLES = ("cells", "wells", "compounds", "hits")
+#: Kind of a feature set made of other feature sets' well profiles.
+COMBINED_KIND = "combined"
 FORMATS = ("csv", "parquet")
 
 
@@ -77,6 +83,12 @@ def iter_cell_tables(
         raise ValueError(
             f"feature set {name!r} of run {run_id} holds imported per-well profiles; "
             "it has no cells to export (export --table wells)."
+        )
+    if kind == COMBINED_KIND:
+        raise ValueError(
+            f"feature set {name!r} combines well profiles of "
+            f"{' and '.join(combined_blocks(engine, run_id, name))}; export their "
+            "cells one feature set at a time (--feature-set classical / deep)."
         )
     metadata = store.read_wells(engine, experiment_id)
     well_ids = None
@@ -146,13 +158,19 @@ def read_well_profiles(
             store.read_well_profile_vectors(engine, run_id, name), on="well_id"
         )
         return _with_well_metadata(profiles, wells)
-    aggregates = store.read_well_aggregates(
-        engine, run_id, name, include_flagged=include_flagged
-    )
-    if aggregates is None:
-        aggregates = aggregate_run(
-            engine, run_id, name, kind=kind, include_flagged=include_flagged
-        )
+    if kind == COMBINED_KIND:
+        aggregates = None
+        for block in combined_blocks(engine, run_id, name):
+            part = _well_aggregates(engine, run_id, block, include_flagged)
+            aggregates = (
+                part
+                if aggregates is None
+                else aggregates.merge(
+                    part.drop(columns="Metadata_CellCount"), on="well_id", how="outer"
+                )
+            )
+    else:
+        aggregates = _well_aggregates(engine, run_id, name, include_flagged)
     if len(aggregates):
         profiles = ids.merge(aggregates, on="well_id", how="left")
     else:
@@ -163,21 +181,52 @@ def read_well_profiles(
     return _with_well_metadata(profiles, wells)
 
 
+def _well_aggregates(
+    engine: Engine, run_id: int, feature_set: str, include_flagged: bool
+) -> pd.DataFrame:
+    """Per-well aggregates of a stored feature set, from the cache or computed."""
+    aggregates = store.read_well_aggregates(
+        engine, run_id, feature_set, include_flagged=include_flagged
+    )
+    if aggregates is None:
+        aggregates = aggregate_run(
+            engine, run_id, feature_set, method=aggregation_method(engine, run_id,
+                                                                   feature_set),
+            include_flagged=include_flagged,
+        )  # fmt: skip
+    return aggregates
+
+
+def aggregation_method(engine: Engine, run_id: int, feature_set: str) -> str:
+    """Return how a feature set's cells are aggregated into wells.
+
+    The embedding recipe records its ``aggregate`` (`pipeline.config.EmbedConfig`);
+    embeddings stored before it was recorded are averaged, classical features take
+    the median.
+    """
+    kind, config = store.read_feature_set_config(engine, run_id, feature_set)
+    return config.get("aggregate", "mean" if kind == "embedding" else "median")
+
+
+def combined_blocks(engine: Engine, run_id: int, feature_set: str) -> list[str]:
+    """Return the feature sets a combined feature set is made of, in order."""
+    return list(store.read_feature_set_config(engine, run_id, feature_set)[1]["blocks"])
+
+
 def aggregate_run(
     engine: Engine,
     run_id: int,
     feature_set: str,
     *,
-    kind: str,
+    method: str,
     include_flagged: bool = False,
 ) -> pd.DataFrame:
     """Aggregate a run's cells into per-well profiles and cache them in the store.
 
-    Embeddings are sparse (ReLU): the median of a well's cells is 0 in most
-    dimensions, so they are averaged (as DeepProfiler does); features: median.
-    Cells stream in chunks of whole wells. The result is cached in the store
-    when the run is complete (`db.store.write_well_aggregates`), so the dashboard
-    and later commands read it instead of every cell.
+    `method` is ``median`` or ``mean`` (`aggregation_method`). Cells stream in
+    chunks of whole wells. The result is cached in the store when the run is
+    complete (`db.store.write_well_aggregates`), so the dashboard and later
+    commands read it instead of every cell.
 
     Returns
     -------
@@ -185,7 +234,6 @@ def aggregate_run(
         ``well_id``, ``Metadata_CellCount`` and the features, one row per well
         with cells (none for a run without cells).
     """
-    method = "mean" if kind == "embedding" else "median"
     per_chunk = [
         aggregate_cells(cells, features, by=["well_id"], method=method)
         for _, cells, features in store.iter_plate_cells(
@@ -221,7 +269,7 @@ def sample_cells(
     -------
     DataFrame
         Single-cell table as `iter_cell_tables` yields it; empty when the feature
-        set holds imported per-well profiles or the run has no cells.
+        set holds imported per-well profiles, is combined, or the run has no cells.
 
     Raises
     ------
@@ -231,7 +279,7 @@ def sample_cells(
     if n_cells < 1:
         raise ValueError(f"n_cells = {n_cells} must be >= 1.")
     name, kind = store.resolve_feature_set(engine, run_id, feature_set)
-    if kind == store.WELL_PROFILE_KIND:
+    if kind in (store.WELL_PROFILE_KIND, COMBINED_KIND):
         return pd.DataFrame()
     _, _, fields = store.read_run_fields(engine, run_id)
     total = int(fields["n_cells"].sum()) if len(fields) else 0
@@ -252,20 +300,71 @@ def sample_cells(
     return sample.reset_index(drop=True)
 
 
-def hit_tables(well_profiles: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def profile_recipe(engine: Engine, run_id: int) -> ProfileConfig:
+    """Return the profile recipe saved with a run (`[profile]` of its config)."""
+    toml = store.read_run_provenance(engine, run_id)["config_toml"]
+    section = tomllib.loads(toml or "").get("profile", {})
+    return config_from_dict({"profile": section}, stored=True).profile
+
+
+def read_profiles(
+    engine: Engine,
+    run_id: int,
+    experiment_id: int,
+    *,
+    feature_set: str | None = None,
+    include_flagged: bool = False,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return a run's well profiles and the same after its profile recipe.
+
+    The one path from stored cells to comparable profiles: `read_well_profiles`,
+    then `pipeline.profiles.normalize_profiles` with the run's `profile_recipe`
+    (a combined feature set is normalized block by block).
+
+    Returns
+    -------
+    raw : DataFrame
+        `read_well_profiles`.
+    normalized : DataFrame
+        `pipeline.profiles.normalize_profiles` of it.
+
+    Raises
+    ------
+    ValueError
+        As `read_well_profiles` and `pipeline.profiles.normalize_profiles`.
+    """
+    name, kind = store.resolve_feature_set(engine, run_id, feature_set)
+    raw = read_well_profiles(
+        engine, run_id, experiment_id, feature_set=name, include_flagged=include_flagged
+    )
+    blocks = None
+    if kind == COMBINED_KIND:
+        blocks = [
+            store.read_feature_set(engine, run_id, block)[1]
+            for block in combined_blocks(engine, run_id, name)
+        ]
+    return raw, normalize_profiles(raw, profile_recipe(engine, run_id), blocks=blocks)
+
+
+def hit_tables(normalized: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return the compound hit list and the compound-dose table of well profiles.
 
-    Profiles are robust-z normalized to each plate's negative controls, then
-    `pipeline.hits.call_hits` runs; the compound-dose table also carries each
-    compound-dose's consensus profile (median of its normalized wells).
+    `normalized` are well profiles after the run's recipe (`read_profiles`);
+    `pipeline.hits.call_hits` runs on them; the compound-dose table also carries
+    each compound-dose's consensus profile (median of its normalized wells).
     """
-    normalized = normalize_to_controls(well_profiles)
     hits, doses = call_hits(normalized)
     features = [c for c in normalized.columns if not c.startswith("Metadata_")]
     consensus = (
         normalized.groupby(DOSE_KEYS, dropna=False)[features].median().reset_index()
     )
     return hits, doses.merge(consensus, on=DOSE_KEYS, how="left")
+
+
+def hit_table_names(recipe: ProfileConfig) -> tuple[str, str]:
+    """Names of the cached hit list and compound-dose table of a profile recipe."""
+    digest = hashlib.sha256(repr(recipe).encode()).hexdigest()[:12]
+    return f"hits@{digest}", f"compound_doses@{digest}"
 
 
 def read_hit_tables(
@@ -278,29 +377,30 @@ def read_hit_tables(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return a run's hit list and compound-dose table, cached in the store.
 
-    Computed once by `hit_tables` from `read_well_profiles` and kept in the store
-    (`db.store.write_cached_tables`) until the run's cells, vectors or flags
-    change; `phenoscreen run` computes them when it completes, so the dashboard
-    and `phenoscreen hits` read them instead of calling hits again.
+    Computed once by `hit_tables` from `read_profiles` and kept in the store
+    (`db.store.write_cached_tables`, under the recipe's hash) until the run's
+    cells, vectors or flags change; `phenoscreen run` computes them when it
+    completes, so the dashboard and `phenoscreen hits` read them instead of
+    calling hits again.
 
     Raises
     ------
     ValueError
-        As `read_well_profiles` and `pipeline.hits.call_hits` (e.g. a plate
-        without negative controls).
+        As `read_profiles` and `pipeline.hits.call_hits` (e.g. a plate without
+        negative controls).
     """
     name, _ = store.resolve_feature_set(engine, run_id, feature_set)
-    names = ("hits", "compound_doses")
+    names = hit_table_names(profile_recipe(engine, run_id))
     cached = store.read_cached_tables(
         engine, run_id, name, include_flagged=include_flagged, names=names
     )
     if cached is not None:
-        return cached["hits"], cached["compound_doses"]
+        return cached[names[0]], cached[names[1]]
     hits, doses = hit_tables(
-        read_well_profiles(
+        read_profiles(
             engine, run_id, experiment_id, feature_set=name,
             include_flagged=include_flagged,
-        )
+        )[1]
     )  # fmt: skip
     store.write_cached_tables(
         engine, run_id, name, include_flagged=include_flagged,
@@ -310,13 +410,18 @@ def read_hit_tables(
 
 
 def plate_qc_table(
-    well_profiles: pd.DataFrame, *, features: Sequence[str] = ()
+    normalized: pd.DataFrame,
+    *,
+    well_profiles: pd.DataFrame | None = None,
+    features: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Return per-plate QC: Z' of the activity score and of the cell count, and edges.
 
-    Activity is the distance of each well from DMSO (`pipeline.profiles.score_wells`
-    after robust-z normalization), so Z' says how well positive controls separate
-    from DMSO in the profile, the usual > 0.5 bar. ``edge_to_inner_cell_count``
+    `normalized` are well profiles after the run's recipe (`read_profiles`);
+    `well_profiles` the raw ones, needed for `features` only. Activity is the
+    distance of each well from DMSO (`pipeline.profiles.score_wells`), so Z' says
+    how well positive controls separate from DMSO in the profile, the usual > 0.5
+    bar. ``edge_to_inner_cell_count``
     compares DMSO wells on the plate's outer ring with inner ones (1 = no edge
     effect).
 
@@ -335,14 +440,14 @@ def plate_qc_table(
     ValueError
         If a feature is not a column of the profiles (similar names are listed).
     """
+    columns = [] if well_profiles is None else well_profiles.columns
     for feature in features:
-        if feature not in well_profiles.columns:
-            similar = [c for c in well_profiles.columns if feature.lower() in c.lower()]
+        if feature not in columns:
+            similar = [c for c in columns if feature.lower() in c.lower()]
             raise ValueError(
                 f"feature {feature!r} is not in the profiles; similar: "
                 f"{', '.join(similar[:10]) or 'none'}."
             )
-    normalized = normalize_to_controls(well_profiles)
     wells = normalized[metadata_columns(normalized)].assign(
         activity=score_wells(normalized)
     )
@@ -386,14 +491,14 @@ def plate_qc_table(
 
 
 def moa_table(
-    well_profiles: pd.DataFrame, *, reference_column: str
+    normalized: pd.DataFrame, *, reference_column: str
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Predict an annotation (e.g. MoA) of every compound-dose by 1-NN, NSC and NSCB.
 
     Parameters
     ----------
-    well_profiles : DataFrame
-        From `read_well_profiles`.
+    normalized : DataFrame
+        Well profiles after the run's recipe (`read_profiles`).
     reference_column : str
         ``moa`` finds the plate map's ``Metadata_MoA`` (or an imported
         ``Metadata_moa``); any other name ``X`` finds ``Metadata_X`` or ``X``,
@@ -410,7 +515,7 @@ def moa_table(
     ValueError
         If the column is not found (the message lists the metadata columns).
     """
-    lower = {c.lower(): c for c in well_profiles.columns if c.startswith("Metadata_")}
+    lower = {c.lower(): c for c in normalized.columns if c.startswith("Metadata_")}
     name = reference_column.lower().removeprefix("metadata_")
     column = lower.get(f"metadata_{name}")
     if column is None:
@@ -419,7 +524,6 @@ def moa_table(
             f"({', '.join(sorted(lower.values()))}); add it to the plate map."
         )
     batch = lower.get("metadata_batch", "Metadata_Plate")
-    normalized = normalize_to_controls(well_profiles)
     consensus = consensus_profiles(normalized, batch_column=batch, carry=[column])
     return predict_moa(consensus, reference_column=column, batch_column=batch)
 
@@ -445,14 +549,14 @@ def _map_labels(level: str, table: pd.DataFrame) -> pd.Series:
 
 
 def phenotype_map_table(
-    well_profiles: pd.DataFrame,
+    normalized: pd.DataFrame,
     *,
     cells: pd.DataFrame | None = None,
     rng: int = 0,
 ) -> pd.DataFrame:
     """Return UMAP coordinates and HDBSCAN clusters of wells, compound-doses, cells.
 
-    Wells are robust-z normalized to their plate's negative controls; a
+    `normalized` are well profiles after the run's recipe (`read_profiles`); a
     compound-dose's point is the median of its wells over all plates. Wells without
     cells are left out. A sample of single cells (`sample_cells`), when given, is
     normalized to its plate's negative-control cells and mapped on its own.
@@ -465,7 +569,6 @@ def phenotype_map_table(
         ``compound``, ``concentration``, ``role``, ``moa``, ``activity`` (distance
         from DMSO), ``umap_x``, ``umap_y``, ``cluster`` (-1 = unassigned).
     """
-    normalized = normalize_to_controls(well_profiles)
     features = [c for c in normalized.columns if not c.startswith("Metadata_")]
     normalized = normalized[
         np.isfinite(normalized[features].to_numpy(float)).all(axis=1)
@@ -582,9 +685,10 @@ def export_table(
 ) -> int:
     """Export a table of a run (default: the latest complete run).
 
-    ``cells``: one row per cell; ``wells``: per-well median profiles; ``compounds``:
-    per compound-dose activity, q-value and consensus profile; ``hits``: the
-    per-compound hit list; of the `feature_set` (classical features or an embedding).
+    ``cells``: one row per cell; ``wells``: per-well profiles (median or mean of
+    the cells, as the feature set records); ``compounds``: per compound-dose
+    activity, q-value and consensus profile; ``hits``: the per-compound hit list;
+    of the `feature_set` (classical, deep, combined or any stored name).
 
     Returns
     -------

@@ -8,11 +8,18 @@ hit-calling issue brings mAP, permutation p-values and FDR.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from pipeline.config import ProfileConfig
+
+logger = logging.getLogger(__name__)
 
 MAD_SCALE = 1.4826
 
@@ -160,23 +167,25 @@ def normalize_to_controls(
 def sphere_to_controls(
     normalized: pd.DataFrame,
     *,
-    epsilon: float = 1e-2,
+    scope: str = "plate",
     control_role: str = "negative_control",
 ) -> pd.DataFrame:
-    """Whiten each plate's profiles with ZCA fitted on its negative controls.
+    """Whiten profiles on their negative controls (TVN / ZCA sphering).
 
-    After `normalize_to_controls` (so features are on the controls' scale), the
-    controls' covariance C = U diag(l) U^T gives W = U diag(1 / sqrt(l + epsilon)) U^T
-    and every profile becomes (x - mean_controls) W: correlated control variation is
-    removed while the features keep their axes (ZCA, as pycytominer's Spherize).
+    After `normalize_to_controls` (features on the controls' scale, controls
+    centred), the controls' covariance C, shrunk towards a scaled identity by
+    Ledoit-Wolf (`sklearn.covariance.LedoitWolf`), gives C = U diag(l) U^T and
+    W = U diag(1 / sqrt(l)) U^T; every profile becomes (x - mean_controls) W.
+    Correlated control variation is removed while the features keep their axes
+    (ZCA, as pycytominer's Spherize). The shrinkage keeps the whitening well
+    conditioned when there are fewer control wells than features (it is logged).
 
     Parameters
     ----------
     normalized : DataFrame
         ``Metadata_Plate``, ``Metadata_Role`` and feature columns.
-    epsilon : float
-        Ridge added to the eigenvalues; needed when controls are fewer than
-        features (their covariance is then singular).
+    scope : {"plate", "all"}
+        Fit on each plate's controls, or once on the controls of all plates.
     control_role : str
         ``Metadata_Role`` of the controls.
 
@@ -188,30 +197,104 @@ def sphere_to_controls(
     Raises
     ------
     ValueError
-        If `epsilon` is not positive, columns are missing, or a plate has fewer than
-        two finite control wells.
+        If `scope` is unknown, columns are missing, or a group has fewer than two
+        finite control wells.
     """
-    if epsilon <= 0:
-        raise ValueError(f"epsilon = {epsilon} must be > 0.")
+    from sklearn.covariance import LedoitWolf
+
+    if scope not in ("plate", "all"):
+        raise ValueError(f"scope {scope!r} is unknown; use 'plate' or 'all'.")
     missing = {"Metadata_Plate", "Metadata_Role"} - set(normalized.columns)
     if missing:
         raise ValueError(f"normalized lacks columns {sorted(missing)}.")
     features = feature_columns(normalized)
     out = normalized.copy()
-    for plate, group in normalized.groupby("Metadata_Plate", sort=False):
+    groups = (
+        normalized.groupby("Metadata_Plate", sort=False)
+        if scope == "plate"
+        else [("all plates", normalized)]
+    )
+    for plate, group in groups:
         values = group[features].to_numpy(np.float64)
         is_control = (group["Metadata_Role"] == control_role).to_numpy()
         controls = values[is_control & np.isfinite(values).all(axis=1)]
         if len(controls) < 2:
             raise ValueError(
                 f"plate {plate!r} has {len(controls)} finite {control_role} wells; "
-                "sphering needs at least two."
+                "whitening needs at least two (add control wells, or set "
+                '[profile] whiten = "none").'
             )
-        eigenvalues, eigenvectors = np.linalg.eigh(np.cov(controls, rowvar=False))
-        scale = 1 / np.sqrt(np.clip(eigenvalues, 0, None) + epsilon)
+        estimate = LedoitWolf().fit(controls)
+        if len(controls) <= len(features):
+            logger.warning(
+                "whitening on %d %s wells of %s in %d dimensions: fewer wells than "
+                "features, so their covariance is shrunk by Ledoit-Wolf (shrinkage "
+                "%.2f)", len(controls), control_role, plate, len(features),
+                estimate.shrinkage_,
+            )  # fmt: skip
+        eigenvalues, eigenvectors = np.linalg.eigh(estimate.covariance_)
+        floor = max(eigenvalues.max(), 1e-12) * 1e-9
+        scale = 1 / np.sqrt(np.clip(eigenvalues, floor, None))
         whitening = (eigenvectors * scale) @ eigenvectors.T
-        out.loc[group.index, features] = (values - controls.mean(axis=0)) @ whitening
+        out.loc[group.index, features] = (values - estimate.location_) @ whitening
     return out
+
+
+def normalize_profiles(
+    profiles: pd.DataFrame,
+    recipe: ProfileConfig | None = None,
+    *,
+    blocks: Sequence[Sequence[str]] | None = None,
+) -> pd.DataFrame:
+    """Apply a run's profile recipe: the one path from well profiles to comparable ones.
+
+    Every feature set goes through it: robust z to each plate's negative
+    controls (`normalize_to_controls`), then whitening on the controls when the
+    recipe asks (`sphere_to_controls`). With `blocks` (a combined feature set,
+    e.g. classical features and a CNN embedding) each block is normalized on its
+    own and weighted so that every block contributes equally to distances
+    (a block of d of the D features is scaled by sqrt(D / (n_blocks d))).
+
+    Parameters
+    ----------
+    profiles : DataFrame
+        Well profiles: ``Metadata_*`` columns and features.
+    recipe : ProfileConfig, optional
+        Default: `pipeline.config.ProfileConfig()` (robust z, no whitening).
+    blocks : sequence of sequence of str, optional
+        Feature columns of each block; together all the feature columns.
+
+    Returns
+    -------
+    DataFrame
+        Metadata and the normalized features (features constant in the controls
+        are dropped, as by `normalize_to_controls`).
+
+    Raises
+    ------
+    ValueError
+        As `normalize_to_controls` and `sphere_to_controls`, or if `blocks` do not
+        partition the feature columns.
+    """
+    from pipeline.config import ProfileConfig
+
+    recipe = recipe or ProfileConfig()
+    features = feature_columns(profiles)
+    if blocks is None:
+        blocks = [features]
+    elif sorted(c for block in blocks for c in block) != sorted(features):
+        raise ValueError("blocks must split the feature columns, each column once.")
+    meta = profiles[metadata_columns(profiles)]
+    parts = []
+    for block in blocks:
+        part = normalize_to_controls(pd.concat([meta, profiles[list(block)]], axis=1))
+        if recipe.whiten == "controls":
+            part = sphere_to_controls(part, scope=recipe.whiten_scope)
+        parts.append(part[feature_columns(part)])
+    total = sum(part.shape[1] for part in parts)
+    if len(parts) > 1:
+        parts = [p * np.sqrt(total / (len(parts) * p.shape[1])) for p in parts]
+    return pd.concat([meta, *parts], axis=1).copy()
 
 
 def score_wells(normalized: pd.DataFrame) -> pd.Series:

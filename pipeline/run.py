@@ -95,6 +95,7 @@ class RunSummary:
     n_failed: int
     n_cells: int
     timings: dict[str, float]
+    embedding: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -563,6 +564,10 @@ def run_experiment(
     prepared = prepare_run(
         images_dir, platemap_path, config=config, experiment_name=experiment_name
     )
+    if config.embed.enabled:  # a wrong model or layer stops the run before writing
+        from models.embed import build_embedder  # noqa: PLC0415 - torch only when asked
+
+        build_embedder(config.embed, len(prepared.channel_names))
     exe = config.execution
     with dask_client(
         exe.scheduler, n_workers=exe.resolved_n_workers(), processes=exe.processes
@@ -674,7 +679,13 @@ def run_experiment(
         engine, run_id, status="complete", message=message, timings=timings
     )
     # the dashboard and later commands read these instead of every cell
-    aggregate_run(engine, run_id, FEATURE_SET_NAME, kind="classical")
+    aggregate_run(engine, run_id, FEATURE_SET_NAME, method="median")
+    embedding = None
+    if config.embed.enabled:
+        from models.embed import embed_run  # noqa: PLC0415 - torch only when asked
+
+        embedding = embed_run(engine, run_id, config.embed)
+        timings["embed_s"] = embedding["seconds"]
     failed_ids = {fid for fid, _ in failures}
     for plate, group in fields.groupby("Metadata_Plate"):
         logger.info(
@@ -696,6 +707,7 @@ def run_experiment(
         n_failed=len(failures),
         n_cells=n_cells,
         timings=timings,
+        embedding=embedding,
     )
 
 

@@ -16,8 +16,9 @@ st.caption(
 run_id = widgets.pick_run()
 if run_id is not None:
     url = data.db_url()
-    consensus = data.load_consensus(url, run_id)
-    hits, _ = data.load_hits(url, run_id)
+    feature_set = widgets.pick_feature_set(run_id)
+    consensus = data.load_consensus(url, run_id, feature_set)
+    hits, _ = data.load_hits(url, run_id, feature_set)
     profiled = set(consensus["Metadata_Compound"])
     compounds = [c for c in hits["Metadata_Compound"] if c in profiled]  # by rank
     if not compounds:

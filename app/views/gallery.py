@@ -12,11 +12,12 @@ st.caption(
     "sampled from a few fields of the chosen wells; QC-flagged fields are left out."
 )
 run_id = widgets.pick_run()
+feature_set = widgets.pick_feature_set(run_id) if run_id is not None else None
 if run_id is not None and not data.load_channels(data.db_url(), run_id):
     st.info("This run holds imported profiles: it has no images or single cells.")
 elif run_id is not None:
     url = data.db_url()
-    wells = data.load_well_activity(url, run_id)
+    wells = data.load_well_activity(url, run_id, feature_set)
     selection = st.session_state.get("gallery_selection")
     cells: list = []
     if selection:

@@ -15,7 +15,8 @@ st.caption(
 )
 run_id = widgets.pick_run()
 if run_id is not None:
-    hits, doses = data.load_hits(data.db_url(), run_id)
+    feature_set = widgets.pick_feature_set(run_id)
+    hits, doses = data.load_hits(data.db_url(), run_id, feature_set)
     st.subheader(f"{int(hits['is_hit'].sum())} of {len(hits)} compounds are hits")
     show = st.radio(
         "Show", ["all compounds", "hits only", "toxic only"], horizontal=True,
@@ -28,7 +29,7 @@ if run_id is not None:
     st.subheader("Dose response")
     compounds = hits["Metadata_Compound"].tolist()
     compound = st.selectbox("Compound", compounds, key="dose_response_compound")
-    activity = data.load_well_activity(data.db_url(), run_id)
+    activity = data.load_well_activity(data.db_url(), run_id, feature_set)
     figure = widgets.dose_response_figure(
         activity[activity["Metadata_Compound"] == compound],
         hits.set_index("Metadata_Compound").loc[compound],

@@ -17,12 +17,30 @@ st.caption(
 run_id = widgets.pick_run()
 if run_id is not None:
     url = data.db_url()
+    feature_set = widgets.pick_feature_set(run_id)
     points = data.load_phenotype_map(url, run_id)
     if points.empty:
         st.info(
             "No phenotype map stored for this run yet: run `phenoscreen map --db URL`."
         )
     else:
+        # one map per run: say what it was made from when the store records it
+        made_from = points.attrs.get("feature_set")
+        if made_from is None and "feature_set" in points.columns:
+            made_from = next(iter(points["feature_set"].dropna()), None)
+        replace = f"`phenoscreen map --feature-set {feature_set}` replaces it"
+        if made_from is not None:
+            st.caption(
+                f"This map was computed from the feature set **{made_from}**"
+                + ("." if made_from == feature_set else
+                   f", not the one chosen in the sidebar ({replace}).")
+            )  # fmt: skip
+        elif len(set(data.load_feature_sets(url, run_id).values())) > 1:
+            st.caption(
+                "One map is stored per run, computed from the feature set given to "
+                "`phenoscreen map --feature-set` (classical by default); the sidebar's "
+                f"choice does not change it ({replace})."
+            )
         levels = [
             v for v in ("compound_dose", "well", "cell") if v in set(points["level"])
         ]
@@ -54,7 +72,7 @@ if run_id is not None:
             st.dataframe(table, hide_index=True)
             widgets.table_downloads(table, "map_selection", key="map_selection")
             if st.button("Open their cells in the gallery", key="map_gallery"):
-                wells = data.load_well_activity(url, run_id)
+                wells = data.load_well_activity(url, run_id, feature_set)
                 if level == "cell":
                     widgets.open_gallery(
                         f"{len(selected)} cells selected on the map",

@@ -9,13 +9,14 @@ st.header("Plates")
 run_id = widgets.pick_run()
 if run_id is not None:
     url = data.db_url()
+    feature_set = widgets.pick_feature_set(run_id)
     st.subheader("Plate QC")
     st.caption(
         "Z' of the activity score: positive controls vs DMSO (> 0.5 is a good assay). "
         "Edge: DMSO cell count on the outer ring / inner wells (1 = no edge effect)."
     )
-    st.dataframe(data.load_plate_qc(url, run_id), hide_index=True)
-    wells = data.load_plate_map_metrics(url, run_id)
+    st.dataframe(data.load_plate_qc(url, run_id, feature_set), hide_index=True)
+    wells = data.load_plate_map_metrics(url, run_id, feature_set)
     st.subheader("Plate map")
     numeric = [c for c in wells.columns if wells[c].dtype.kind in "fi"]
     first = ["Metadata_CellCount", "activity", "q_value", "Metadata_FlaggedFields"]
@@ -85,7 +86,7 @@ if run_id is not None:
     if st.button("Open this well's cells in the gallery", key="well_to_gallery"):
         widgets.open_gallery(f"{plate} {well}", wells=[(plate, well)])
     if st.toggle("Show this well's cells as a table", key="well_cells_table"):
-        cells = data.load_well_cells(url, run_id, plate, well)
+        cells = data.load_well_cells(url, run_id, plate, well, feature_set)
         st.caption(f"{len(cells):,} cells of {plate} {well} (one row per cell)")
         widgets.paged(cells, key="well_cells_page")
         widgets.table_downloads(cells, f"cells_{plate}_{well}", key="well_cells")

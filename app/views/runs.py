@@ -24,7 +24,22 @@ else:
             f"segmenter {provenance['segmenter']}, status {provenance['status']}; "
             "the config below reproduces the run (phenoscreen run --config)."
         )
-        st.dataframe(provenance["feature_sets"], hide_index=True)
+        aliases = {
+            name: option
+            for option, name in data.load_feature_sets(url, int(run_id)).items()
+            if option != name
+        }
+        feature_sets = provenance["feature_sets"]
+        st.dataframe(
+            feature_sets.assign(alias=feature_sets["name"].map(aliases)),
+            hide_index=True,
+        )
+        if aliases:
+            st.caption(
+                "Feature sets: the dashboard's sidebar and `--feature-set` take a "
+                "name or an alias (deep: the latest CNN embedding; combined: the "
+                "latest classical + embedding set)."
+            )
         st.code(provenance["config_toml"], language="toml")
         st.caption("Software versions of the run")
         st.json(provenance["versions"], expanded=False)

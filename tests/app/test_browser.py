@@ -22,7 +22,7 @@ import pytest
 from db.session import make_engine
 from db.store import resolve_run, write_phenotype_map
 from pipeline.cli import dashboard_command
-from pipeline.export import phenotype_map_table, read_well_profiles, sample_cells
+from pipeline.export import phenotype_map_table, read_profiles, sample_cells
 from tests.conftest import copy_store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -77,7 +77,7 @@ def dashboard(demo_run, tmp_path):
     run_id, experiment_id = resolve_run(engine)
     cells = sample_cells(engine, run_id, experiment_id, n_cells=300)
     points = phenotype_map_table(
-        read_well_profiles(engine, run_id, experiment_id), cells=cells
+        read_profiles(engine, run_id, experiment_id)[1], cells=cells
     )
     write_phenotype_map(engine, run_id, points)
     port = _free_port()

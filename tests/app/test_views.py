@@ -10,7 +10,7 @@ from streamlit.testing.v1 import AppTest
 from app.widgets import dose_response_figure
 from db.session import make_engine
 from db.store import read_run_provenance, resolve_run, write_phenotype_map
-from pipeline.export import phenotype_map_table, read_well_profiles, sample_cells
+from pipeline.export import phenotype_map_table, read_profiles, sample_cells
 from tests.conftest import copy_store
 
 APP = Path(__file__).resolve().parents[2] / "app"
@@ -159,7 +159,7 @@ def test_phenotype_map_view_before_and_after_the_map_is_stored(demo_store, monke
     cells = sample_cells(engine, run_id, experiment_id, n_cells=300)
     assert 250 <= len(cells) <= 300 and cells["Metadata_Well"].nunique() > 20
     points = phenotype_map_table(
-        read_well_profiles(engine, run_id, experiment_id), cells=cells
+        read_profiles(engine, run_id, experiment_id)[1], cells=cells
     )
     assert set(points["level"]) == {"well", "compound_dose", "cell"}
     assert points.loc[points["level"] == "cell", "label"].is_unique
@@ -221,7 +221,8 @@ def test_app_entry_navigates_to_hits_then_warms_the_runs_caches(
     app = AppTest.from_file(str(APP / "streamlit_app.py"), default_timeout=60).run()
     assert not app.exception
     assert app.header[0].value == "Hits"
-    assert app.session_state["warmed_run"] == app.session_state["run_id"]
+    assert app.session_state["warmed"] == (app.session_state["run_id"], "classical")
+    assert "feature_set" not in app.session_state  # one feature set: no selector
 
 
 def test_warm_up_fills_the_caches_the_views_read_first(demo_store, monkeypatch):
@@ -234,7 +235,7 @@ def test_warm_up_fills_the_caches_the_views_read_first(demo_store, monkeypatch):
     def no_store_reads(*args, **kwargs):
         raise AssertionError("the store was read again")
 
-    for name in ("read_well_profiles", "read_hit_tables", "read_phenotype_map"):
+    for name in ("read_profiles", "read_hit_tables", "read_phenotype_map"):
         monkeypatch.setattr(data, name, no_store_reads)
     assert len(data.load_plate_map_metrics(demo_store, run_id)) == 96
     assert not data.load_plate_qc(demo_store, run_id).empty

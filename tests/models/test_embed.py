@@ -1,27 +1,29 @@
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from sqlalchemy import select
 
 from db import store
-from db.schema import FeatureSet
-from db.session import make_engine, session_scope
+from db.session import make_engine
 from models.backbones import create_backbone
 from models.embed import (
+    CellEmbedder,
     EmbedConfig,
+    block_index,
     embed_array,
     embed_run,
     embed_with_backoff,
     fit_channel_ranges,
-    fit_control_pca,
-    make_embedder,
+    minmax_crops,
     normalize_crops,
     prefetch,
+    scale_crops,
 )
 from pipeline.cli import main
-from pipeline.export import read_well_profiles
+from pipeline.errors import InputError
+from pipeline.export import iter_cell_tables, read_profiles, read_well_profiles
 
 
 def test_fit_channel_ranges_and_normalize():
@@ -46,85 +48,165 @@ def test_fit_and_normalize_reject():
         fit_channel_ranges(np.zeros((1, 4, 4)), np.zeros((1, 4, 4), bool), (1, 99))
     with pytest.raises(ValueError, match=r"\(C, 2\)"):
         normalize_crops(np.zeros((1, 2, 4, 4)), np.zeros((3, 2)))
-    with pytest.raises(ValueError, match="strategy"):
+    with pytest.raises(InputError, match="strategy"):
         EmbedConfig(strategy="mean")
-    with pytest.raises(ValueError, match="percentiles"):
+    with pytest.raises(InputError, match="percentiles"):
         EmbedConfig(percentiles=(50, 10))
+    with pytest.raises(InputError, match="layer"):
+        EmbedConfig(layer="head")
+    with pytest.raises(InputError, match="scaling"):
+        EmbedConfig(scaling="global")
+    with pytest.raises(InputError, match="input_size"):
+        EmbedConfig(input_size=4)
 
 
-def test_strategies_and_deterministic_batches():
+def test_minmax_and_scale_crops():
+    crops = np.zeros((2, 2, 4, 4), np.float32)
+    crops[0, 0] = np.arange(16).reshape(4, 4)
+    crops[0, 1] = 5.0  # constant channel
+    crops[1] = 100 + 2 * crops[0]
+    scaled = minmax_crops(crops)
+    assert scaled[0, 0].min() == -1 and scaled[0, 0].max() == 1
+    np.testing.assert_array_equal(scaled[0, 1], -1)
+    np.testing.assert_allclose(scaled[0], scaled[1])  # brightness is scaled away
+    ranges = np.array([[0, 30], [0, 10]], np.float32)
+    np.testing.assert_allclose(
+        scale_crops(crops, "plate", ranges), normalize_crops(crops, ranges)
+    )
+    np.testing.assert_allclose(scale_crops(crops, "crop"), scaled)
+    with pytest.raises(ValueError, match="ranges"):
+        scale_crops(crops, "plate")
+    with pytest.raises(ValueError, match="scaling"):
+        scale_crops(crops, "well")
+    with pytest.raises(ValueError, match=r"\(N, C, S, S\)"):
+        minmax_crops(crops[0])
+
+
+def test_cell_embedder_layers_strategies_and_sizes():
     crops = np.random.default_rng(1).uniform(-1, 1, (5, 3, 32, 32)).astype(np.float32)
-    stem, _ = create_backbone(in_chans=3)
-    a = embed_array(
-        make_embedder(stem, "stem"), crops, batch_size=2, device=torch.device("cpu")
-    )
-    b = embed_array(
-        make_embedder(stem, "stem"), crops, batch_size=5, device=torch.device("cpu")
-    )
-    assert a.shape == (5, stem.num_features)
+    rgb, _ = create_backbone(in_chans=3)
+    cpu = torch.device("cpu")
+    pooled = CellEmbedder(rgb, strategy="stem", layer="pooled", input_size=None)
+    a = embed_array(pooled, crops, batch_size=2, device=cpu)
+    b = embed_array(pooled, crops, batch_size=5, device=cpu)
+    assert a.shape == (5, rgb.num_features) == (5, pooled.width(3))
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # batch size does not matter
-    rgb = embed_array(
-        make_embedder(stem, "rgb"), crops, batch_size=4, device=torch.device("cpu")
+    per_channel = CellEmbedder(rgb, strategy="rgb", layer="blocks.5", input_size=64)
+    vectors = embed_array(per_channel, crops, batch_size=4, device=cpu)
+    assert vectors.shape == (5, 3 * 192) == (5, per_channel.width(3))
+    with torch.inference_mode():  # channel c of the vector is channel c as RGB
+        (maps,) = rgb.forward_intermediates(
+            torch.nn.functional.interpolate(
+                torch.from_numpy(crops[:, 1:2]).expand(-1, 3, -1, -1), size=(64, 64),
+                mode="bilinear", align_corners=False,
+            ),
+            indices=[6], intermediates_only=True, extra_blocks=True,
+        )  # fmt: skip
+    np.testing.assert_allclose(
+        vectors[:, 192:384], maps.mean((-2, -1)).numpy(), rtol=1e-4, atol=1e-4
     )
-    assert rgb.shape == (5, 3 * stem.num_features)
-    assert embed_array(make_embedder(stem, "stem"), crops[:0], batch_size=2,
-                       device=torch.device("cpu")).shape[0] == 0  # fmt: skip
+    assert embed_array(pooled, crops[:0], batch_size=2, device=cpu).shape[0] == 0
     with pytest.raises(ValueError, match="strategy"):
-        make_embedder(stem, "mean")
+        CellEmbedder(rgb, strategy="mean", layer="pooled", input_size=None)
+    with pytest.raises(InputError, match="blocks.0 to blocks.6"):
+        block_index(rgb, "blocks.7")
+    with pytest.raises(InputError, match="EfficientNet"):
+        block_index(torch.nn.Linear(2, 2), "blocks.1")
+    assert block_index(rgb, "pooled") is None and block_index(rgb, "blocks.2") == 3
+
+
+FAST_RECIPE = EmbedConfig(
+    crop_size=32, input_size=None, layer="blocks.2", batch_size=128
+)
+FAST_NAME = "tf_efficientnet_lite0_rgb_blocks.2_native_crop_median"
 
 
 def test_embed_run_writes_one_vector_per_cell_and_resumes(demo_run, capsys):
     url, summary = demo_run
     engine = make_engine(url, create=False)
-    config = EmbedConfig(crop_size=32, batch_size=128)
-    result = embed_run(engine, summary.run_id, config)
+    result = embed_run(engine, summary.run_id, FAST_RECIPE)
+    assert result["feature_set"] == FAST_NAME
+    assert result["combined_feature_set"] == f"combined_{FAST_NAME}"
     assert result["n_cells"] == summary.n_cells
     assert result["n_fields"] == 95  # the demo has one field without cells (cell loss)
-    feature_set_id, names = store.read_feature_set(
-        engine, summary.run_id, "tf_efficientnet_lite0_stem"
-    )
-    assert len(names) == 1280
+    feature_set_id, names = store.read_feature_set(engine, summary.run_id, FAST_NAME)
+    assert len(names) == 3 * 40  # blocks[2] has 40 channels, one block per channel
     cells = sum(
-        len(c)
-        for _, c, f in store.iter_plate_cells(
-            engine, summary.run_id, "tf_efficientnet_lite0_stem"
-        )
+        len(c) for _, c, f in store.iter_plate_cells(engine, summary.run_id, FAST_NAME)
     )
     assert cells == summary.n_cells
-    again = embed_run(engine, summary.run_id, config)
+    again = embed_run(engine, summary.run_id, FAST_RECIPE)
     assert again["n_fields"] == 0 and again["n_cells"] == 0  # resumed: nothing to do
-    profiles = read_well_profiles(
-        engine,
-        summary.run_id,
-        summary.experiment_id,
-        feature_set="tf_efficientnet_lite0_stem",
-    )
-    assert profiles.filter(like="tf_efficientnet_lite0_stem_").shape[1] == 1280
-    assert len(store.embedded_field_ids(engine, summary.run_id, feature_set_id)) == 95
-    code = main(
-        ["embed", "--db", url, "--strategy", "rgb", "--crop-size", "24",
-         "--batch-size", "256"]
+    assert store.resolve_feature_set(engine, summary.run_id, "deep") == (
+        FAST_NAME, "embedding"
     )  # fmt: skip
-    assert code == 0
-    assert "tf_efficientnet_lite0_rgb" in capsys.readouterr().out
-    hits = ["hits", "--db", url, "--feature-set", "tf_efficientnet_lite0_rgb"]
-    assert main(hits) == 0
-    assert "Mitoglow" in capsys.readouterr().out
+    profiles = read_well_profiles(
+        engine, summary.run_id, summary.experiment_id, feature_set="deep"
+    )
+    assert profiles.filter(like=FAST_NAME).shape[1] == 120
+    # the recipe's median: a well's profile is the median of its cells' vectors
+    well = profiles.iloc[0]
+    _, cells, vectors = next(store.iter_plate_cells(engine, summary.run_id, FAST_NAME))
+    wells = store.read_wells(engine, summary.experiment_id)
+    well_id = int(wells.loc[(wells["Metadata_Plate"] == well["Metadata_Plate"])
+                            & (wells["Metadata_Well"] == well["Metadata_Well"]),
+                            "well_id"].iloc[0])  # fmt: skip
+    np.testing.assert_allclose(
+        profiles.filter(like=FAST_NAME).iloc[0].to_numpy(float),
+        vectors[(cells["well_id"] == well_id).to_numpy()].median().to_numpy(float),
+        rtol=1e-5,
+    )
+    raw, normalized = read_profiles(
+        engine, summary.run_id, summary.experiment_id, feature_set="combined"
+    )
+    assert raw.filter(like=FAST_NAME).shape[1] == 120
+    assert "Nuclei_AreaShape_Area" in raw.columns
+    deep = [c for c in normalized.columns if c.startswith(FAST_NAME)]
+    classical = [c for c in normalized.columns if c.startswith(("Nuclei_", "Cells_"))]
+    assert deep and classical
+    with pytest.raises(ValueError, match="one feature set at a time"):
+        next(iter_cell_tables(engine, summary.run_id, summary.experiment_id,
+                              feature_set="combined"))  # fmt: skip
+    for feature_set in ("deep", "combined"):
+        assert main(["hits", "--db", url, "--feature-set", feature_set]) == 0
+        assert "Nucleomax" in capsys.readouterr().out
+        assert main(["qc", "--db", url, "--feature-set", feature_set]) == 0
+        out = tmp_out = Path(url.removeprefix("sqlite:///")).with_name(
+            f"wells_{feature_set}.csv"
+        )
+        assert main(["export", "--db", url, "--table", "wells", "--feature-set",
+                     feature_set, "--out", str(tmp_out)]) == 0  # fmt: skip
+        assert out.is_file()
     assert main(["hits", "--db", url, "--feature-set", "resnet"]) == 2
-    assert "has no feature set 'resnet'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has no feature set 'resnet'" in err and "deep" in err and "combined" in err
 
 
-def test_embed_run_rejects_unknown_model(demo_run):
+def test_embed_command_takes_the_recipe_from_flags_and_config(
+    demo_run, tmp_path, capsys
+):
+    url, _ = demo_run
+    config = tmp_path / "run.toml"
+    config.write_text('[embed]\nlayer = "blocks.1"\nscaling = "plate"\n')
+    code = main(["embed", "--db", url, "--config", str(config), "--crop-size", "24",
+                 "--input-size", "0", "--strategy", "stem", "--batch-size", "256"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "tf_efficientnet_lite0_stem_blocks.1_native_plate_median" in out
+
+
+def test_embed_run_rejects_unknown_model_and_layer(demo_run, capsys):
     url, summary = demo_run
     assert main(["embed", "--db", url, "--model", "resnet_9000"]) == 2
+    assert main(["embed", "--db", url, "--layer", "blocks.9"]) == 2
+    assert "blocks.0 to blocks.6" in capsys.readouterr().err
 
 
 def test_write_field_vectors_rejects_misaligned_cells(demo_run):
     url, summary = demo_run
     engine = make_engine(url, create=False)
-    feature_set_id, _ = store.read_feature_set(
-        engine, summary.run_id, "tf_efficientnet_lite0_stem"
-    )
+    embed_run(engine, summary.run_id, FAST_RECIPE)
+    feature_set_id, _ = store.read_feature_set(engine, summary.run_id, FAST_NAME)
     field_id = next(
         iter(store.embedded_field_ids(engine, summary.run_id, feature_set_id))
     )
@@ -191,30 +273,3 @@ def test_prefetch_yields_in_order_and_raises_producer_errors():
     early.close()  # the consumer gives up: the producer stops too
     assert len(produced) < 10
     assert not [t for t in threading.enumerate() if t.name == "phenoscreen-prefetch"]
-
-
-def test_control_pca_is_stored_with_its_feature_set(demo_run):
-    url, summary = demo_run
-    engine = make_engine(url, create=False)
-    embed_run(engine, summary.run_id, EmbedConfig(crop_size=32, batch_size=128))
-    result = fit_control_pca(engine, summary.run_id, "tf_efficientnet_lite0_stem", 8)
-    assert result["feature_set"] == "tf_efficientnet_lite0_stem_pca8"
-    assert result["n_fields"] == 95 and 0 < result["explained_variance"] <= 1
-    _, names = store.read_feature_set(engine, summary.run_id, result["feature_set"])
-    assert len(names) == 8
-    profiles = read_well_profiles(
-        engine, summary.run_id, summary.experiment_id, feature_set=result["feature_set"]
-    )
-    assert profiles.filter(like="_pca8_").shape[1] == 8
-    with session_scope(engine) as session:
-        config = session.scalar(
-            select(FeatureSet.config).where(FeatureSet.name == result["feature_set"])
-        )
-    components = np.array(config["components"])
-    np.testing.assert_allclose(components @ components.T, np.eye(8), atol=1e-5)
-    again = fit_control_pca(engine, summary.run_id, "tf_efficientnet_lite0_stem", 8)
-    assert again["n_fields"] == 0  # resumed
-    with pytest.raises(ValueError, match="principal components"):
-        fit_control_pca(engine, summary.run_id, "tf_efficientnet_lite0_stem", 10**6)
-    with pytest.raises(ValueError, match="pca_dim"):
-        EmbedConfig(pca_dim=0)

@@ -1,11 +1,13 @@
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from db import store
 from db.session import make_engine
+from models import train
 from models.backbones import load_checkpoint
-from models.embed import EmbedConfig, embed_run
+from models.embed import CellEmbedder, EmbedConfig, embed_run, minmax_crops
 from models.train import (
     TrainConfig,
     augment,
@@ -15,8 +17,10 @@ from models.train import (
 )
 from pipeline.cli import main
 from pipeline.errors import InputError
+from tests.conftest import shared_data
 
-FAST = {"batch_size": 32, "epochs": 3, "warmup_epochs": 1, "learning_rate": 3e-3}
+FAST = {"batch_size": 32, "epochs": 3, "warmup_epochs": 1, "learning_rate": 3e-3,
+        "input_size": None}  # fmt: skip
 
 
 def test_validation_split_holds_out_whole_plates_or_wells():
@@ -98,6 +102,38 @@ def test_train_config_rejects():
         TrainConfig(val_fraction=0)
     with pytest.raises(ValueError, match="learning_rate"):
         TrainConfig(learning_rate=0)
+    with pytest.raises(ValueError, match="strategy"):
+        TrainConfig(strategy="grey")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        TrainConfig(label_smoothing=1)
+
+
+def test_fine_tune_resumes_after_a_kill(tmp_path, monkeypatch, caplog):
+    crops, labels, plates = _two_phenotypes(n=32)
+    is_val = plates == "P4"
+    config = TrainConfig(**FAST)
+    state = tmp_path / "ft.state"
+    real_evaluate, calls = train._evaluate, []
+
+    def killed_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process is killed during epoch 2
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_evaluate", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        fine_tune(crops, labels, is_val, config, state_path=state)
+    assert state.is_file()
+    monkeypatch.setattr(train, "_evaluate", real_evaluate)
+    with caplog.at_level("INFO"):
+        result = fine_tune(crops, labels, is_val, config, state_path=state)
+    assert "resuming fine-tuning after epoch 1" in caplog.text
+    assert list(result.log["epoch"]) == [1, 2, 3]
+    other = TrainConfig(**(FAST | {"learning_rate": 1e-3}))  # another config: anew
+    caplog.clear()
+    fine_tune(crops, labels, is_val, other, state_path=state)
+    assert "belongs to another config" in caplog.text
 
 
 def test_checkpoint_roundtrip_and_bad_checkpoints(tmp_path):
@@ -107,20 +143,14 @@ def test_checkpoint_roundtrip_and_bad_checkpoints(tmp_path):
     path = tmp_path / "ft.pt"
     sha = save_checkpoint(path, result, config=config, in_chans=2, crop_size=32)
     model, meta = load_checkpoint(path)
-    assert (
-        meta["sha256"] == sha
-        and meta["in_chans"] == 2
-        and meta["classes"]
-        == [
-            "long",
-            "round",
-        ]
-    )
+    assert meta["sha256"] == sha and meta["in_chans"] == 2
+    assert meta["classes"] == ["long", "round"] and meta["strategy"] == "rgb"
+    assert meta["input_size"] is None and meta["scaling"] == "crop"
     batch = torch.from_numpy(crops[:4])
+    loaded = CellEmbedder(model, strategy="rgb", layer="pooled", input_size=None)
     with torch.inference_mode():
-        result.model.reset_classifier(0)
         torch.testing.assert_close(
-            model(batch), result.model(batch), atol=1e-4, rtol=1e-3
+            loaded(batch), result.model.embedder(batch), atol=1e-4, rtol=1e-3
         )
     (tmp_path / "corrupt.pt").write_bytes(b"garbage")
     with pytest.raises(InputError, match="not a PhenoScreen fine-tuned checkpoint"):
@@ -138,11 +168,12 @@ def test_train_command_registers_checkpoint_and_embed_uses_it(
     url, summary = demo_run
     out = tmp_path / "demo_ft.pt"
     args = ["train", "--db", url, "--epochs", "2", "--max-cells", "400",
-            "--crop-size", "32", "--batch-size", "32", "--label", "compound",
-            "--out", str(out)]  # fmt: skip
+            "--crop-size", "32", "--input-size", "0", "--batch-size", "32",
+            "--label", "compound", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "embed with it: phenoscreen embed" in printed and out.is_file()
+    assert not out.with_name(out.name + ".state").exists()  # removed when done
     engine = make_engine(url, create=False)
     from sqlalchemy import select
 
@@ -155,20 +186,39 @@ def test_train_command_registers_checkpoint_and_embed_uses_it(
         assert checkpoint.metrics["n_val"] > 0 and "DMSO" in checkpoint.classes
     log = store.read_training_log(engine, checkpoint_id)
     assert list(log["epoch"]) == [1, 2] and list(log["phase"]) == ["frozen", "unfrozen"]
-    result = embed_run(
-        engine, summary.run_id, EmbedConfig(checkpoint=str(out), batch_size=128)
+    recipe = EmbedConfig(checkpoint=str(out), batch_size=128, layer="blocks.2")
+    result = embed_run(engine, summary.run_id, recipe)
+    assert result["feature_set"] == (
+        f"tf_efficientnet_lite0_finetuned_{sha[:8]}_blocks.2_native_crop_median"
     )
-    assert result["feature_set"] == f"tf_efficientnet_lite0_finetuned_{sha[:8]}"
     assert result["n_cells"] == summary.n_cells
     _, names = store.read_feature_set(engine, summary.run_id, result["feature_set"])
-    assert len(names) == 1280
+    assert len(names) == 3 * 40  # rgb: the checkpoint's strategy
     two = tmp_path / "two.pt"  # the demo has 3 channels
     crops, labels, plates = _two_phenotypes(n=16)
     config = TrainConfig(**(FAST | {"epochs": 1}))
     fine = fine_tune(crops, labels, plates == "P4", config)
     save_checkpoint(two, fine, config=config, in_chans=2, crop_size=32)
-    with pytest.raises(InputError, match="trained on 2 channels; run 1 has 3"):
+    with pytest.raises(InputError, match="trained on 2 channels; this run has 3"):
         embed_run(engine, summary.run_id, EmbedConfig(checkpoint=str(two)))
-    with pytest.raises(ValueError, match="strategy 'stem'"):
-        EmbedConfig(checkpoint=str(out), strategy="rgb")
     assert main(["embed", "--db", url, "--checkpoint", str(tmp_path / "no.pt")]) == 2
+
+
+@pytest.mark.slow
+def test_fine_tuning_on_real_bbbc021_crops_beats_chance():
+    """A few real MCF-7 crops (DMSO vs cycloheximide 50 uM): trained on two plates,
+    validated on a third, the network tells the treatments apart."""
+    folder = shared_data("cells/bbbc021_singlecell_crops_dmso_vs_cycloheximide")
+    meta = pd.read_csv(folder / "metadata.csv").sort_values("crop_index")
+    crops = np.moveaxis(np.load(folder / "crops.npz")["crops"], -1, 1)
+    plates = ["Week4_27801", "Week4_27821", "Week4_27861"]  # with treated cells
+    keep = meta["concentration_uM"].isin([0, 50]) & meta["plate"].isin(plates)
+    chosen = meta[keep].groupby(["plate", "concentration_uM"]).head(64).index
+    meta, crops = meta.loc[chosen].reset_index(drop=True), crops[chosen]
+    labels = np.where(meta["role"] == "negative_control", "DMSO", "cycloheximide")
+    is_val = (meta["plate"] == plates[2]).to_numpy()
+    config = TrainConfig(epochs=3, warmup_epochs=1, batch_size=32, input_size=32,
+                         learning_rate=3e-3, patience=3)  # fmt: skip
+    result = fine_tune(minmax_crops(crops[:, :, 2:-2, 2:-2]), labels, is_val, config)
+    chance = pd.Series(labels[is_val]).value_counts(normalize=True).max()
+    assert result.log["val_accuracy"].max() > chance + 0.1

@@ -6,7 +6,14 @@ import pytest
 
 from db import store
 from db.session import make_engine
-from pipeline.export import hit_tables, read_hit_tables, read_well_profiles
+from pipeline.config import ProfileConfig
+from pipeline.export import (
+    hit_table_names,
+    hit_tables,
+    read_hit_tables,
+    read_profiles,
+    read_well_profiles,
+)
 from pipeline.gallery import (
     composite,
     display_limits,
@@ -206,21 +213,22 @@ def test_hit_tables_are_cached_in_the_store_until_the_run_changes(demo_run, tmp_
     url = copy_store(demo_run[0], tmp_path)
     engine = make_engine(url, create=False)
     hits, doses = read_hit_tables(engine, 1, 1)
+    names = hit_table_names(ProfileConfig())  # the run's recipe: the default one
     cached = store.read_cached_tables(
-        engine, 1, "classical", include_flagged=False, names=["hits", "compound_doses"]
+        engine, 1, "classical", include_flagged=False, names=names
     )
     assert cached is not None
-    assert_same_table(cached["hits"], hits)
-    assert_same_table(cached["compound_doses"], doses)
+    assert_same_table(cached[names[0]], hits)
+    assert_same_table(cached[names[1]], doses)
     assert_same_table(read_hit_tables(engine, 1, 1)[0], hits)  # from the cache
-    fresh = hit_tables(read_well_profiles(engine, 1, 1))[0]
+    fresh = hit_tables(read_profiles(engine, 1, 1)[1])[0]
     columns = ["rank", "Metadata_Compound", "is_hit", "n_active_doses"]
     pd.testing.assert_frame_equal(hits[columns], fresh[columns])
     flags = pd.Series({int(store.read_field_qc(engine, 1)["field_id"].iloc[0]): "x"})
     store.write_field_flags(engine, 1, flags)  # the run changed: caches dropped
     assert (
         store.read_cached_tables(
-            engine, 1, "classical", include_flagged=False, names=["hits"]
+            engine, 1, "classical", include_flagged=False, names=names[:1]
         )
         is None
     )

@@ -8,7 +8,7 @@ from db.session import make_engine
 from db.store import resolve_run
 from pipeline.config import config_from_dict
 from pipeline.demo import CHANNELS, write_demo_plate
-from pipeline.export import hit_tables, read_well_profiles
+from pipeline.export import hit_tables, read_profiles
 from pipeline.hits import (
     DOSE_COLUMNS,
     HIT_COLUMNS,
@@ -187,7 +187,7 @@ def test_demo_ground_truth_is_recovered(tmp_path):
     )
     run_experiment(demo["images"], demo["platemap"], config=config, db_url=url)
     engine = make_engine(url)
-    hits, _ = hit_tables(read_well_profiles(engine, *resolve_run(engine)))
+    hits, _ = hit_tables(read_profiles(engine, *resolve_run(engine))[1])
     called = hits.set_index("Metadata_Compound")
     truth = json.loads(demo["truth"].read_text())["compounds"]
     profile_actives = {

@@ -11,6 +11,7 @@ from db.session import make_engine, session_scope
 from pipeline.cli import main
 from pipeline.errors import InputError
 from pipeline.export import hit_tables, iter_cell_tables, read_well_profiles
+from pipeline.profiles import normalize_profiles
 from pipeline.importers import (
     ImportOptions,
     import_profiles,
@@ -73,7 +74,7 @@ def test_per_well_table_imports_once_and_calls_hits(db_url, tmp_path):
         table["Cells_AreaShape_F0"].to_numpy(),
         rtol=1e-6,
     )
-    hits, _ = hit_tables(profiles)
+    hits, _ = hit_tables(normalize_profiles(profiles))
     called = hits.set_index("Metadata_Compound")
     assert called.loc["BRD-0", "is_hit"] and called["is_hit"].sum() <= 2
     assert "(moa" in called.loc["BRD-0", "nearest_compounds"]

@@ -160,7 +160,7 @@ def test_plate_qc_table_on_the_demo_plate(demo_plate, sqlite_url):
     from db.store import resolve_run
     from pipeline.config import config_from_dict
     from pipeline.demo import CHANNELS
-    from pipeline.export import plate_qc_table, read_well_profiles
+    from pipeline.export import plate_qc_table, read_profiles
     from pipeline.run import run_experiment
 
     config = config_from_dict(
@@ -173,7 +173,7 @@ def test_plate_qc_table_on_the_demo_plate(demo_plate, sqlite_url):
         demo_plate["images"], demo_plate["platemap"], config=config, db_url=sqlite_url
     )
     engine = make_engine(sqlite_url)
-    table = plate_qc_table(read_well_profiles(engine, *resolve_run(engine)))
+    table = plate_qc_table(read_profiles(engine, *resolve_run(engine))[1])
     row = table.iloc[0]
     assert (row["n_positive"], row["n_negative"]) == (8, 16)
     # 8 cells per well on this tiny plate: Z' is defined but far from assay quality
