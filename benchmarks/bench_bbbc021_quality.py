@@ -15,13 +15,20 @@ network never saw; the same folds for every feature set). Reported per feature s
   Spearman's rho between dose and the fields' distance (treated fields only).
 
 Feature sets: ``classical`` (our CellProfiler-style features of the centre cell,
-segmented in its crop), ``imagenet_stem`` / ``imagenet_rgb`` (tf_efficientnet_lite0
-with offline ImageNet weights, 3-channel stem or each channel as RGB), and
-``finetuned`` (the same network fine-tuned on compound-dose labels with whole plates
-held out: 3 folds of 2 held-out plates; every plate is embedded by the model that
-never saw it). CPU, 2 threads on the reference machine.
+segmented in its crop); ``imagenet_pooled_stem`` (the earlier default:
+tf_efficientnet_lite0 with offline ImageNet weights, one pass through a 3-channel
+stem, final pooled layer, fields averaged); ``imagenet_recipe`` (the default
+recipe, `pipeline.config.EmbedConfig`: each channel as RGB, spatial mean of
+``blocks[3]``, crops at 64 px, plate scaling, median over cells); ``finetuned``
+(the default fine-tuning, `models.train.TrainConfig`, on compound-dose labels with
+whole plates held out: 3 folds of 2 held-out plates, every plate embedded by the
+model that never saw it, with the recipe's layer); ``combined`` /
+``combined_finetuned`` (classical + the recipe's or the fine-tuned embedding,
+each block centred and scaled on its own and weighted equally, as
+`pipeline.profiles.normalize_profiles` does with blocks). CPU, 2 threads on the
+reference machine.
 
-    python benchmarks/bench_bbbc021_quality.py [--epochs 6]
+    python benchmarks/bench_bbbc021_quality.py [--epochs 8]
 """
 
 from __future__ import annotations
@@ -43,13 +50,14 @@ from _common import save  # noqa: E402
 
 from models.backbones import create_backbone  # noqa: E402
 from models.embed import (  # noqa: E402
+    CellEmbedder,
     embed_array,
     fit_channel_ranges,
-    make_embedder,
     normalize_crops,
 )
 from models.train import TrainConfig, fine_tune, validation_split  # noqa: E402
 from pipeline.activity import average_precision, mean_average_precision  # noqa: E402
+from pipeline.config import EmbedConfig  # noqa: E402
 from pipeline.features import measure_cells  # noqa: E402
 from pipeline.profiles import score_wells  # noqa: E402
 from pipeline.segment import estimate_nucleus_diameter, segment_field  # noqa: E402
@@ -111,12 +119,15 @@ def scaled_crops(
     return out
 
 
-def imagenet_embeddings(crops: np.ndarray, strategy: str) -> np.ndarray:
-    model, _ = create_backbone(in_chans=3 if strategy == "rgb" else crops.shape[1])
-    model = model.to(memory_format=torch.channels_last)
-    return embed_array(
-        make_embedder(model, strategy), crops, batch_size=64, device=torch.device("cpu")
+RECIPE = EmbedConfig()
+
+
+def imagenet_embeddings(crops: np.ndarray, *, strategy: str, layer: str) -> np.ndarray:
+    backbone, _ = create_backbone(in_chans=3 if strategy == "rgb" else crops.shape[1])
+    embedder = CellEmbedder(
+        backbone, strategy=strategy, layer=layer, input_size=RECIPE.input_size
     )
+    return embed_array(embedder, crops, batch_size=64, device=torch.device("cpu"))
 
 
 def finetuned_embeddings(
@@ -128,10 +139,8 @@ def finetuned_embeddings(
         "DMSO",
         meta["compound"] + " @ " + meta["concentration_uM"].map("{:g}".format),
     )
-    folds = folds_of(meta)
-    out = np.zeros((len(crops), 1280), np.float32)
-    logs = []
-    for held_out in folds:
+    out, logs = None, []
+    for held_out in folds_of(meta):
         test = meta["plate"].isin(held_out).to_numpy()
         train = ~test
         is_val = validation_split(
@@ -139,20 +148,26 @@ def finetuned_embeddings(
             meta.loc[train, "well"].to_numpy(),
             0.25,
         )
-        config = TrainConfig(epochs=epochs, warmup_epochs=1, batch_size=64, patience=3)
+        config = TrainConfig(epochs=epochs)
         start = time.perf_counter()
         result = fine_tune(crops[train], labels[train], is_val, config, device="cpu")
         best = result.log.loc[result.log["epoch"] == result.best_epoch].iloc[0]
         logs.append(
             {"held_out_plates": held_out, "best_epoch": result.best_epoch,
+             "epochs_run": len(result.log),
              "val_accuracy": round(float(best["val_accuracy"]), 3),
              "seconds": round(time.perf_counter() - start, 1)}
         )  # fmt: skip
         print(f"  fine-tuned without {held_out}: {logs[-1]}")
-        result.model.reset_classifier(0)
-        out[test] = embed_array(
-            result.model, crops[test], batch_size=64, device=torch.device("cpu")
-        )
+        embedder = CellEmbedder(
+            result.model.embedder.backbone, strategy=config.strategy,
+            layer=RECIPE.layer, input_size=config.input_size,
+        )  # fmt: skip
+        vectors = embed_array(embedder, crops[test], batch_size=64,
+                              device=torch.device("cpu"))  # fmt: skip
+        if out is None:
+            out = np.zeros((len(crops), vectors.shape[1]), np.float32)
+        out[test] = vectors
     return out, logs
 
 
@@ -201,17 +216,43 @@ def field_profiles(
     )  # fmt: skip
 
 
-def evaluate(vectors: np.ndarray, meta: pd.DataFrame, method: str) -> dict[str, object]:
+def combine(tables: list[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate centred and scaled blocks, each weighted to an equal share."""
+    total = sum(t.shape[1] - len(_meta(t)) for t in tables)
+    parts = [
+        t.drop(columns=_meta(t))
+        * np.sqrt(total / (len(tables) * (t.shape[1] - len(_meta(t)))))
+        for t in tables
+    ]
+    parts = [p.add_prefix(f"b{i}_") for i, p in enumerate(parts)]
+    return pd.concat([tables[0][_meta(tables[0])], *parts], axis=1)
+
+
+def _meta(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if c.startswith("Metadata_")]
+
+
+def evaluate(
+    blocks: list[tuple[np.ndarray, str]], meta: pd.DataFrame
+) -> dict[str, object]:
     """mAP per dose vs DMSO and dose ordering, within each fold's held-out plates.
 
-    Fields are compared only with fields of the same fold (the fine-tuned vectors
-    of different folds come from different networks); AP rows of all folds are
-    pooled into one mAP, p and q per dose.
+    `blocks` are (per-cell vectors, aggregation) pairs: one for a feature set, two
+    for a combined one. Fields are compared only with fields of the same fold (the
+    fine-tuned vectors of different folds come from different networks); AP rows
+    of all folds are pooled into one mAP, p and q per dose.
     """
-    fields = field_profiles(vectors, meta, method)
+    per_block = [field_profiles(v, meta, method) for v, method in blocks]
+    keys = ["Metadata_Plate", "Metadata_Field"]
+    common = per_block[0][keys]
+    for other in per_block[1:]:
+        common = common.merge(other[keys])
+    per_block = [common.merge(b, on=keys) for b in per_block]
     tables, aps = [], []
     for plates in folds_of(meta):
-        table = center_and_scale(fields[fields["Metadata_Plate"].isin(plates)])
+        table = combine([
+            center_and_scale(b[b["Metadata_Plate"].isin(plates)]) for b in per_block
+        ])  # fmt: skip
         tables.append(table.assign(distance=score_wells(table))[
             ["Metadata_Role", "Metadata_Concentration", "distance"]
         ])  # fmt: skip
@@ -240,7 +281,7 @@ def evaluate(vectors: np.ndarray, meta: pd.DataFrame, method: str) -> dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     args = parser.parse_args()
     torch.manual_seed(0)
     crops, meta = load()
@@ -249,28 +290,35 @@ def main() -> None:
     vectors, seconds = {}, {}
     start = time.perf_counter()
     classical, masks = classical_features(crops)
-    vectors["classical"] = classical.to_numpy(np.float64)
+    vectors["classical"] = (classical.to_numpy(np.float64), "median")
     seconds["classical"] = time.perf_counter() - start
     scaled = scaled_crops(crops, masks, meta)
-    for strategy in ("stem", "rgb"):
+    for name, strategy, layer, method in (
+        ("imagenet_pooled_stem", "stem", "pooled", "mean"),  # the earlier default
+        ("imagenet_recipe", RECIPE.strategy, RECIPE.layer, RECIPE.aggregate),
+    ):
         start = time.perf_counter()
-        vectors[f"imagenet_{strategy}"] = imagenet_embeddings(scaled, strategy)
-        seconds[f"imagenet_{strategy}"] = time.perf_counter() - start
+        vectors[name] = (imagenet_embeddings(scaled, strategy=strategy, layer=layer),
+                         method)  # fmt: skip
+        seconds[name] = time.perf_counter() - start
     start = time.perf_counter()
-    vectors["finetuned"], folds = finetuned_embeddings(scaled, meta, args.epochs)
+    finetuned, folds = finetuned_embeddings(scaled, meta, args.epochs)
+    vectors["finetuned"] = (finetuned, RECIPE.aggregate)
     seconds["finetuned"] = time.perf_counter() - start
-    results = {  # embeddings are averaged, features take the median (as phenoscreen)
-        name: evaluate(v, meta, "median" if name == "classical" else "mean")
-        for name, v in vectors.items()
-    }
+    sets = {name: [v] for name, v in vectors.items()}
+    sets["combined"] = [vectors["classical"], vectors["imagenet_recipe"]]
+    sets["combined_finetuned"] = [vectors["classical"], vectors["finetuned"]]
+    results = {name: evaluate(blocks, meta) for name, blocks in sets.items()}
     results["finetuned"]["folds"] = folds
     for name, figures in results.items():
-        figures["seconds"] = round(seconds[name], 1)
+        figures["seconds"] = round(seconds.get(name, 0.0), 1)
         print(f"{name}: {figures}")
     save(
         "bbbc021_quality",
         {"command": f"python benchmarks/bench_bbbc021_quality.py --epochs {args.epochs}",
-         "threads": torch.get_num_threads(), "crop_px": SIZE, "results": results},
+         "threads": torch.get_num_threads(), "crop_px": SIZE,
+         "recipe": {k: v for k, v in vars(RECIPE).items() if k != "enabled"},
+         "results": results},
     )  # fmt: skip
 
 

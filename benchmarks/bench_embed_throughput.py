@@ -1,15 +1,17 @@
-"""Crops/s of the whole embed step vs the raw timm forward pass, side by side.
+"""Cells/s of the whole embed step vs the raw forward pass, side by side.
 
-A demo plate is analysed into SQLite, then, for each crop size, in one run:
+A demo plate (3 channels) is analysed into SQLite, then, for each network input
+size, in one run, with the default recipe otherwise (`pipeline.config.EmbedConfig`:
+each channel as RGB, ``blocks[3]``, plate scaling):
 
-- raw: the model's forward pass alone on 2,048 distinct random crops already in
-  memory, same batch and crop size (``torch.inference_mode``, channels_last), the
-  ceiling;
+- raw: the recipe's `models.embed.CellEmbedder` alone (resize, three passes, stop
+  at the layer) on 2,048 distinct random 3-channel crops already in memory, same
+  batch (``torch.inference_mode``, channels_last), the ceiling;
 - end to end: `models.embed.embed_run` (reading fields, illumination correction,
   cropping at the stored centroids, per-plate scaling, DataLoader, forward, one
   transaction per field into the store), timed over its embedding loop.
 
-Run: ``python benchmarks/bench_embed_throughput.py [--sizes 64 96] [--device cpu]``
+Run: ``python benchmarks/bench_embed_throughput.py [--sizes 64 96 128] [--device cpu]``
 """
 
 from __future__ import annotations
@@ -26,15 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import save  # noqa: E402
 from db.session import make_engine  # noqa: E402
 from models.backbones import create_backbone  # noqa: E402
-from models.embed import EmbedConfig, embed_run  # noqa: E402
-from pipeline.config import config_from_dict  # noqa: E402
+from models.embed import CellEmbedder, embed_run  # noqa: E402
+from pipeline.config import EmbedConfig, config_from_dict  # noqa: E402
 from pipeline.demo import CHANNELS, write_demo_plate  # noqa: E402
 from pipeline.run import run_experiment  # noqa: E402
 
 
 def raw_forward(
     model: torch.nn.Module, *, size: int, batch: int, n: int, device
-) -> float:
+) -> float:  # size: the crops' side before the recipe resizes them
     """Return crops/s of the forward pass alone over `n` distinct random crops.
 
     The crops are made beforehand and already in memory (on the device), so only
@@ -52,9 +54,16 @@ def raw_forward(
     return (n // batch) * batch / (time.perf_counter() - start)
 
 
+def summary_crop_size(engine, run_id: int) -> int:
+    """The recipe's default crop side on this run (four median nucleus diameters)."""
+    from pipeline.run import iter_field_crops
+
+    return next(iter_field_crops(engine, run_id)).crops.shape[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 96])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 96, 128])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu"
@@ -71,24 +80,30 @@ def main() -> None:
             demo["images"], demo["platemap"], config=config, db_url=url
         )
         engine = make_engine(url, create=False)
-        model, _ = create_backbone(in_chans=3)
-        model = model.to(device).to(memory_format=torch.channels_last)
+        backbone, _ = create_backbone(in_chans=3)
+        recipe = EmbedConfig(batch_size=args.batch_size)
+        crop = int(summary_crop_size(engine, summary.run_id))
         rows = {}
         for size in args.sizes:
+            model = CellEmbedder(
+                backbone, strategy=recipe.strategy, layer=recipe.layer, input_size=size
+            ).eval()
+            model = model.to(device).to(memory_format=torch.channels_last)
             raw = raw_forward(
-                model, size=size, batch=args.batch_size, n=2048, device=device
+                model, size=crop, batch=args.batch_size, n=2048, device=device
             )
             start = time.perf_counter()
             result = embed_run(
                 engine,
                 summary.run_id,
-                EmbedConfig(crop_size=size, batch_size=args.batch_size),
+                EmbedConfig(input_size=size, batch_size=args.batch_size),
                 device=args.device,
             )
             total = time.perf_counter() - start
             # embed_run's own figure times its loop over fields (read .. write);
             # `total` also includes model creation and the control-range fit
             rows[size] = {
+                "crop_px": crop,
                 "raw_forward_crops_per_s": round(raw, 1),
                 "end_to_end_crops_per_s": round(result["cells_per_s"], 1),
                 "ratio": round(result["cells_per_s"] / raw, 3),
@@ -116,7 +131,8 @@ def main() -> None:
             "command": "python benchmarks/bench_embed_throughput.py",
             "device": str(device),
             "threads": torch.get_num_threads(),
-            "model": f"tf_efficientnet_lite0 (3-channel stem), batch {args.batch_size}",
+            "model": f"tf_efficientnet_lite0, {recipe.strategy} x 3 channels, "
+            f"{recipe.layer}, batch {args.batch_size}",
             "results": rows,
         },
     )

@@ -32,7 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -357,3 +357,4 @@ class PhenotypeMapPoint(Base):
     umap_x: Mapped[float]
     umap_y: Mapped[float]
     cluster: Mapped[int]
+    feature_set: Mapped[str | None] = mapped_column(String(100))

@@ -835,7 +835,10 @@ def resolve_feature_set(
             .order_by(FeatureSet.id)
         ).all()
     kinds = dict(sets)
-    available = [*kinds, *(a for a, k in FEATURE_SET_ALIASES.items() if k in kinds.values())]
+    available = [
+        *kinds,
+        *(a for a, k in FEATURE_SET_ALIASES.items() if k in kinds.values()),
+    ]
     if name is None:
         if not sets:
             raise ValueError(f"run {run_id} has no feature set yet.")
@@ -1376,8 +1379,13 @@ MAP_COLUMNS = (
 )  # fmt: skip
 
 
-def write_phenotype_map(engine: Engine, run_id: int, points: pd.DataFrame) -> None:
+def write_phenotype_map(
+    engine: Engine, run_id: int, points: pd.DataFrame, *, feature_set: str | None = None
+) -> None:
     """Replace a run's stored phenotype map in one transaction.
+
+    `feature_set` names the feature set the map was computed from (stored with
+    every point, read back as the ``feature_set`` column).
 
     Raises
     ------
@@ -1397,19 +1405,24 @@ def write_phenotype_map(engine: Engine, run_id: int, points: pd.DataFrame) -> No
         )
         if records:
             session.execute(
-                insert(PhenotypeMapPoint), [r | {"run_id": run_id} for r in records]
+                insert(PhenotypeMapPoint),
+                [r | {"run_id": run_id, "feature_set": feature_set} for r in records],
             )
 
 
 def read_phenotype_map(engine: Engine, run_id: int) -> pd.DataFrame:
-    """Return a run's stored phenotype map (empty when none was made)."""
+    """Return a run's stored phenotype map (empty when none was made).
+
+    Columns: `MAP_COLUMNS` and ``feature_set`` (what the map was computed from).
+    """
+    columns = [*MAP_COLUMNS, "feature_set"]
     with session_scope(engine) as session:
         rows = session.execute(
-            select(*(getattr(PhenotypeMapPoint, c) for c in MAP_COLUMNS))
+            select(*(getattr(PhenotypeMapPoint, c) for c in columns))
             .where(PhenotypeMapPoint.run_id == run_id)
             .order_by(PhenotypeMapPoint.id)
         ).all()
-    return pd.DataFrame(rows, columns=list(MAP_COLUMNS))
+    return pd.DataFrame(rows, columns=columns)
 
 
 def read_run_fields(engine: Engine, run_id: int) -> tuple[str, str, pd.DataFrame]:

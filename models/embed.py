@@ -5,14 +5,15 @@ what made CNN profiles match or beat CellProfiler features in the literature
 (Moshkov et al. 2024; DeepProfiler) and on our checks (README, "Deep profiles"):
 
 - a box of ``crop_size`` pixels around each nucleus at the image's resolution
-  (default four nucleus diameters), resized to ``input_size`` for the network;
-- intensities scaled per crop and channel to [-1, 1] (``scaling = "crop"``), or
-  per plate and channel between percentiles of its negative-control cells;
+  (default four nucleus diameters), resized to ``input_size`` (64) for the
+  network, so cells of any pixel size meet the same receptive fields;
+- intensities scaled per plate and channel to [-1, 1] between percentiles of the
+  plate's negative-control cells (``scaling = "plate"``), or per crop;
 - channels fed one at a time as grey images replicated to RGB, the C vectors
   concatenated (``strategy = "rgb"``), or through one C-channel stem (``stem``);
-- features of an intermediate stage (``layer = "blocks.5"``: spatial mean of
-  EfficientNet's ``blocks[5]``, via timm's ``forward_intermediates``) or the final
-  pooled layer;
+- features of an intermediate stage (``layer = "blocks.3"``: spatial mean of
+  EfficientNet's ``blocks[3]``, via timm's ``forward_intermediates``, which stops
+  there) or the final pooled layer;
 - cells aggregated into wells by their median (``aggregate``).
 
 Crops are streamed field by field from a run (`pipeline.run.iter_field_crops`),
@@ -612,11 +613,17 @@ def embed_run(
     wells = store.read_wells(engine, experiment_id)
     fields = fields[fields["qc_flags"] == ""]
     first = next(
-        (f for f in iter_field_crops(engine, run_id, size=cfg.crop_size) if len(f.crops)),
+        (
+            f
+            for f in iter_field_crops(engine, run_id, size=cfg.crop_size)
+            if len(f.crops)
+        ),
         None,
     )
     if first is None:
-        raise ValueError(f"run {run_id} has no cell in a field that passed QC to embed.")
+        raise ValueError(
+            f"run {run_id} has no cell in a field that passed QC to embed."
+        )
     n_channels = first.crops.shape[1]
     embedder, info = build_embedder(cfg, n_channels)
     cfg, name = info["config"], info["name"]

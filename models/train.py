@@ -106,7 +106,7 @@ class TrainConfig:
     crop_size: int | None = None
     strategy: str = "rgb"
     input_size: int | None = 64
-    scaling: str = "crop"
+    scaling: str = "plate"
     label_smoothing: float = 0.1
     balanced: bool = True
     seed: int = 0
@@ -133,7 +133,9 @@ class TrainConfig:
                 f"{EMBED_STRATEGIES} / {EMBED_SCALINGS}."
             )
         if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing = {self.label_smoothing} must be in [0, 1).")
+            raise ValueError(
+                f"label_smoothing = {self.label_smoothing} must be in [0, 1)."
+            )
 
 
 class Classifier(nn.Module):
@@ -532,7 +534,9 @@ def train_run(
     first = next(iter_field_crops(engine, run_id, size=config.crop_size))
     size = first.crops.shape[-1]
     ranges = (
-        plate_channel_ranges(engine, run_id, fields, wells, size=size, config=EmbedConfig())
+        plate_channel_ranges(
+            engine, run_id, fields, wells, size=size, config=EmbedConfig()
+        )
         if config.scaling == "plate"
         else {}
     )
@@ -543,7 +547,9 @@ def train_run(
         engine, run_id, size=size, field_ids=set(fields["field_id"])
     ):
         keep = generator.random(len(field.crops)) < rate
-        crops.append(scale_crops(field.crops[keep], config.scaling, ranges.get(field.plate)))
+        crops.append(
+            scale_crops(field.crops[keep], config.scaling, ranges.get(field.plate))
+        )
         plates += [field.plate] * int(keep.sum())
         well_names += [field.well] * int(keep.sum())
     meta = wells.set_index(["Metadata_Plate", "Metadata_Well"])
@@ -561,7 +567,9 @@ def train_run(
                               rng=config.seed)  # fmt: skip
     stacked = np.concatenate(crops)
     state = Path(out).with_name(Path(out).name + ".state")
-    fine_tuned = fine_tune(stacked, labels, is_val, config, device=device, state_path=state)
+    fine_tuned = fine_tune(
+        stacked, labels, is_val, config, device=device, state_path=state
+    )
     sha = save_checkpoint(out, fine_tuned, config=config, in_chans=stacked.shape[1],
                           crop_size=size)  # fmt: skip
     state.unlink(missing_ok=True)

@@ -198,16 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
         "with a C-channel stem",
     )
     embed.add_argument(
-        "--layer", help="pooled, or blocks.K: an intermediate stage (default blocks.5)"
+        "--layer", help="pooled, or blocks.K: an intermediate stage (default blocks.3)"
     )
     embed.add_argument(
         "--crop-size", type=int, help="px around each nucleus (default: 4 diameters)"
     )
     embed.add_argument(
-        "--input-size", type=int, help="px the crops are resized to (default 128; 0: none)"
+        "--input-size",
+        type=int,
+        help="px the crops are resized to (default 128; 0: none)",
     )
     embed.add_argument(
-        "--scaling", choices=list(EMBED_SCALINGS), help="crop (default) or plate"
+        "--scaling", choices=list(EMBED_SCALINGS), help="plate (default) or crop"
     )
     embed.add_argument(
         "--aggregate", choices=list(AGGREGATIONS), help="cells -> wells (median)"
@@ -231,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default="tf_efficientnet_lite0", help="timm model name"
     )
     train.add_argument("--weights", default="auto", help="auto, package or hub")
-    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--epochs", type=int, default=8)
     train.add_argument(
         "--warmup-epochs", type=int, default=1, help="epochs with the backbone frozen"
     )
@@ -240,10 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--learning-rate", type=float, default=1e-3)
-    train.add_argument("--max-cells", type=int, default=50_000)
+    train.add_argument("--max-cells", type=int, default=20_000)
     train.add_argument("--crop-size", type=int, help="px (default: 4 diameters)")
     train.add_argument(
-        "--input-size", type=int, default=64, help="px crops are resized to (64; 0: none)"
+        "--input-size",
+        type=int,
+        default=64,
+        help="px crops are resized to (64; 0: none)",
     )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
@@ -462,7 +467,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     for feature_set in _feature_sets_of(summary):
         try:  # computed once and kept in the store for the dashboard and `hits`
-            hits, _ = _hit_tables(_db_url(args), summary.run_id, feature_set=feature_set)
+            hits, _ = _hit_tables(
+                _db_url(args), summary.run_id, feature_set=feature_set
+            )
         except ValueError as exc:
             print(f"no hit list yet: {exc}")
             break
@@ -561,11 +568,14 @@ def _store_map(
     db_url: str, run_id: int | None, *, n_cells: int = 2000, **options: Any
 ) -> pd.DataFrame:
     from db.session import make_engine
-    from db.store import resolve_run, write_phenotype_map
+    from db.store import resolve_feature_set, resolve_run, write_phenotype_map
     from pipeline.export import phenotype_map_table, read_profiles, sample_cells
 
     engine = make_engine(db_url, create=False)
     run_id, experiment_id = resolve_run(engine, run_id)
+    options["feature_set"], _ = resolve_feature_set(
+        engine, run_id, options.get("feature_set")
+    )
     cells = (
         sample_cells(engine, run_id, experiment_id, n_cells=n_cells, **options)
         if n_cells
@@ -574,8 +584,8 @@ def _store_map(
     points = phenotype_map_table(
         read_profiles(engine, run_id, experiment_id, **options)[1], cells=cells
     )
-    write_phenotype_map(engine, run_id, points)
-    return points
+    write_phenotype_map(engine, run_id, points, feature_set=options["feature_set"])
+    return points.assign(feature_set=options["feature_set"])
 
 
 def cmd_map(args: argparse.Namespace) -> int:
@@ -583,6 +593,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     points = _store_map(
         _db_url(args), args.run, n_cells=args.cells, **_profile_options(args)
     )
+    print(f"phenotype map of feature set {points['feature_set'].iloc[0]}:")
     for level, group in points.groupby("level"):
         n_clusters = group.loc[group["cluster"] >= 0, "cluster"].nunique()
         print(f"{level}: {len(group)} points, {n_clusters} clusters (HDBSCAN on UMAP)")
@@ -839,7 +850,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for feature_set in _feature_sets_of(summary)[1:]:
         hits, _ = _hit_tables(db_url, summary.run_id, feature_set=feature_set)
         called = ", ".join(hits.loc[hits["is_hit"], "Metadata_Compound"])
-        print(f"      {feature_set} profiles: {int(hits['is_hit'].sum())} hits: {called}")
+        print(
+            f"      {feature_set} profiles: {int(hits['is_hit'].sum())} hits: {called}"
+        )
     print("      storing the phenotype map (UMAP + HDBSCAN) for the dashboard ...")
     _store_map(db_url, summary.run_id)
     script = Path(sys.executable).parent / "phenoscreen"

@@ -256,15 +256,15 @@ class EmbedConfig:
         intermediate layer that keeps more of the cell's appearance.
     crop_size : int or None
         Crop side in pixels at the image's resolution, centred on each nucleus;
-        None: four median nucleus diameters.
+        None (0 in TOML): four median nucleus diameters.
     input_size : int or None
         The crops are resized (bilinear) to this side before the network; None
-        keeps the crop size.
-    scaling : {"crop", "plate"}
-        ``crop``: each crop's channels scaled between their own minimum and
-        maximum (robust to plate-to-plate intensity drift; shape and pattern,
-        not brightness); ``plate``: between `percentiles` of the plate's
-        negative-control cells (keeps brightness differences).
+        (0 in TOML) keeps the crop size.
+    scaling : {"plate", "crop"}
+        ``plate``: between `percentiles` of the plate's negative-control cells
+        (keeps brightness differences between cells and wells); ``crop``: each
+        crop's channels between their own minimum and maximum (shape and
+        pattern only).
     percentiles : tuple of float
         With ``plate`` scaling: low and high percentiles of control-cell pixels.
     aggregate : {"median", "mean"}
@@ -279,16 +279,19 @@ class EmbedConfig:
     weights: str = "auto"
     checkpoint: str | None = None
     strategy: str = "rgb"
-    layer: str = "blocks.5"
+    layer: str = "blocks.3"
     crop_size: int | None = None
-    input_size: int | None = 128
-    scaling: str = "crop"
+    input_size: int | None = 64
+    scaling: str = "plate"
     percentiles: tuple[float, float] = (1.0, 99.9)
     aggregate: str = "median"
     batch_size: int = 32
     max_control_fields: int = 20
 
     def __post_init__(self) -> None:
+        for name in ("crop_size", "input_size"):  # TOML has no None: 0 stands for it
+            if getattr(self, name) == 0:
+                object.__setattr__(self, name, None)
         problems = []
         for key, value, valid in (
             ("strategy", self.strategy, EMBED_STRATEGIES),

@@ -143,6 +143,32 @@ def test_cli_unknown_nuclei_channel_exits_2(demo_plate, tmp_path, config_file, c
     )
 
 
+def test_cli_run_with_embed_makes_deep_and_combined_profiles(
+    demo_plate, tmp_path, capsys
+):
+    config = tmp_path / "embed.toml"
+    config.write_text(
+        THREADS + '[embed]\nlayer = "blocks.2"\ninput_size = 0\ncrop_size = 32\n'
+    )
+    url = f"sqlite:///{tmp_path}/embed.db"
+    args = run_args(demo_plate, url, config)
+    assert main([*args, "--embed", "--nuclei-channel", "DNA"]) == 0
+    out = capsys.readouterr().out
+    name = "tf_efficientnet_lite0_rgb_blocks.2_native_plate_median"
+    assert f"cells into {name}" in out
+    for feature_set in ("classical", "deep", "combined"):
+        assert f"{feature_set}: " in out and "compounds are hits" in out
+    for command in ("hits", "qc", "map"):
+        assert main([command, "--db", url, "--feature-set", "deep"]) == 0
+    assert f"phenotype map of feature set {name}" in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text(THREADS + '[embed]\nlayer = "blocks.12"\n')
+    fresh = f"sqlite:///{tmp_path}/bad.db"
+    assert main([*run_args(demo_plate, fresh, bad), "--embed"]) == 2
+    assert "blocks.0 to blocks.6" in capsys.readouterr().err  # before any write
+    assert not (tmp_path / "bad.db").exists()
+
+
 def test_cli_status_and_export_reject_missing_store(tmp_path, capsys):
     assert main(["status", "--db", f"sqlite:///{tmp_path}/none.db"]) == 2
     assert "no such file" in capsys.readouterr().err

@@ -267,6 +267,32 @@ def test_read_feature_set_rejects_unknown(sqlite_url):
         store.read_feature_set(engine, run_id, "resnet")
 
 
+def test_resolve_feature_set_aliases_name_the_latest_of_a_kind(sqlite_url):
+    engine = make_engine(sqlite_url)
+    experiment_id, _ = register(engine)
+    run_id, _ = open_run(engine, experiment_id)
+    with pytest.raises(
+        ValueError, match="no deep feature set; it has classical_baseline"
+    ):
+        store.resolve_feature_set(engine, run_id, "deep")
+    for name, kind in (("cnn_a", "embedding"), ("cnn_b", "embedding"),
+                       ("combined_cnn_b", "combined")):  # fmt: skip
+        store.ensure_feature_set(
+            engine, run_id=run_id, name=name, kind=kind, feature_names=[],
+            config={"aggregate": "mean"},
+        )  # fmt: skip
+    assert store.resolve_feature_set(engine, run_id, "deep") == ("cnn_b", "embedding")
+    assert store.resolve_feature_set(engine, run_id, "combined")[0] == "combined_cnn_b"
+    assert store.resolve_feature_set(engine, run_id, "cnn_a") == ("cnn_a", "embedding")
+    assert store.read_feature_set_config(engine, run_id, "cnn_a") == (
+        "embedding", {"aggregate": "mean"}
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="it has classical_baseline, cnn_a, .*deep"):
+        store.resolve_feature_set(engine, run_id, "resnet")
+    with pytest.raises(ValueError, match="no feature set 'resnet'"):
+        store.read_feature_set_config(engine, run_id, "resnet")
+
+
 def test_sqlite_store_uses_wal(sqlite_url):
     engine = make_engine(sqlite_url)
     with engine.connect() as connection:
@@ -302,9 +328,10 @@ def test_phenotype_map_roundtrip_replaces_previous(db_url):
         }
     )
     store.write_phenotype_map(engine, run_id, points)
-    store.write_phenotype_map(engine, run_id, points.iloc[1:])
+    store.write_phenotype_map(engine, run_id, points.iloc[1:], feature_set="deep_x")
     stored = store.read_phenotype_map(engine, run_id)
     assert len(stored) == 1 and stored.loc[0, "label"] == "x @ 1"
+    assert stored.loc[0, "feature_set"] == "deep_x"
     assert stored.loc[0, "cluster"] == -1 and stored.loc[0, "plate"] is None
     with pytest.raises(ValueError, match="lacks columns"):
         store.write_phenotype_map(engine, run_id, points.drop(columns="cluster"))

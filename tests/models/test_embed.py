@@ -118,7 +118,7 @@ def test_cell_embedder_layers_strategies_and_sizes():
 FAST_RECIPE = EmbedConfig(
     crop_size=32, input_size=None, layer="blocks.2", batch_size=128
 )
-FAST_NAME = "tf_efficientnet_lite0_rgb_blocks.2_native_crop_median"
+FAST_NAME = "tf_efficientnet_lite0_rgb_blocks.2_native_plate_median"
 
 
 def test_embed_run_writes_one_vector_per_cell_and_resumes(demo_run, capsys):
@@ -187,12 +187,12 @@ def test_embed_command_takes_the_recipe_from_flags_and_config(
 ):
     url, _ = demo_run
     config = tmp_path / "run.toml"
-    config.write_text('[embed]\nlayer = "blocks.1"\nscaling = "plate"\n')
+    config.write_text('[embed]\nlayer = "blocks.1"\nscaling = "crop"\n')
     code = main(["embed", "--db", url, "--config", str(config), "--crop-size", "24",
                  "--input-size", "0", "--strategy", "stem", "--batch-size", "256"])  # fmt: skip
     assert code == 0
     out = capsys.readouterr().out
-    assert "tf_efficientnet_lite0_stem_blocks.1_native_plate_median" in out
+    assert "tf_efficientnet_lite0_stem_blocks.1_native_crop_median" in out
 
 
 def test_embed_run_rejects_unknown_model_and_layer(demo_run, capsys):

@@ -145,7 +145,7 @@ def test_checkpoint_roundtrip_and_bad_checkpoints(tmp_path):
     model, meta = load_checkpoint(path)
     assert meta["sha256"] == sha and meta["in_chans"] == 2
     assert meta["classes"] == ["long", "round"] and meta["strategy"] == "rgb"
-    assert meta["input_size"] is None and meta["scaling"] == "crop"
+    assert meta["input_size"] is None and meta["scaling"] == "plate"
     batch = torch.from_numpy(crops[:4])
     loaded = CellEmbedder(model, strategy="rgb", layer="pooled", input_size=None)
     with torch.inference_mode():
@@ -189,7 +189,7 @@ def test_train_command_registers_checkpoint_and_embed_uses_it(
     recipe = EmbedConfig(checkpoint=str(out), batch_size=128, layer="blocks.2")
     result = embed_run(engine, summary.run_id, recipe)
     assert result["feature_set"] == (
-        f"tf_efficientnet_lite0_finetuned_{sha[:8]}_blocks.2_native_crop_median"
+        f"tf_efficientnet_lite0_finetuned_{sha[:8]}_blocks.2_native_plate_median"
     )
     assert result["n_cells"] == summary.n_cells
     _, names = store.read_feature_set(engine, summary.run_id, result["feature_set"])

@@ -103,6 +103,16 @@ def test_load_config_rejects_missing_file(tmp_path):
             {"input": {"layout": "phenix", "pattern": "x"}},
             "exactly one of layout and pattern",
         ),
+        (
+            {"embed": {"layer": "fc"}},
+            "embed.layer = 'fc' must be 'pooled' or 'blocks.K'",
+        ),
+        ({"embed": {"strategy": "grey"}}, "embed.strategy = 'grey' is unknown"),
+        ({"embed": {"aggregate": "max"}}, "embed.aggregate = 'max' is unknown"),
+        ({"embed": {"input_size": 2}}, "embed.input_size = 2 must lie in"),
+        ({"embed": {"colour": 1}}, "unknown key 'colour'"),
+        ({"profile": {"whiten": "pca"}}, "profile.whiten = 'pca' is unknown"),
+        ({"profile": {"whiten_scope": "well"}}, "profile.whiten_scope = 'well'"),
     ],
 )
 def test_config_from_dict_rejects_bad_values(data, match):
@@ -113,8 +123,10 @@ def test_config_from_dict_rejects_bad_values(data, match):
 def test_analysis_key_ignores_execution_and_qc_only():
     base = RunConfig()
     assert analysis_key(base) == analysis_key(
-        with_overrides(base, execution={"n_workers": 7}, qc={"focus_mad": 2.0})
-    )
+        with_overrides(base, execution={"n_workers": 7}, qc={"focus_mad": 2.0},
+                       embed={"enabled": True, "layer": "pooled"},
+                       profile={"whiten": "controls"})
+    )  # fmt: skip
     for section, values in (
         ("segment", {"nucleus_diameter_px": 3}),
         ("illumination", {"enabled": False}),
@@ -146,3 +158,18 @@ def test_config_from_dict_drops_retired_keys_of_stored_runs():
     stored = {"segment": {"method": "classical", "hysteresis_fraction": 0.7}}
     config = config_from_dict(stored, source="run 1", stored=True)
     assert config.segment == SegmentConfig(method="classical")
+
+
+def test_embed_and_profile_sections_roundtrip(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(
+        '[embed]\nenabled = true\nlayer = "blocks.3"\ninput_size = 96\n'
+        'percentiles = [2, 98]\n[profile]\nwhiten = "controls"\n'
+    )
+    config = load_config(path)
+    assert config.embed.enabled and config.embed.layer == "blocks.3"
+    assert config.embed.percentiles == (2, 98) and config.embed.input_size == 96
+    assert config.profile.whiten == "controls" and config.profile.whiten_scope == "all"
+    again = tmp_path / "again.toml"
+    again.write_text(dump_config(config))
+    assert load_config(again) == config

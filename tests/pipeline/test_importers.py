@@ -11,7 +11,6 @@ from db.session import make_engine, session_scope
 from pipeline.cli import main
 from pipeline.errors import InputError
 from pipeline.export import hit_tables, iter_cell_tables, read_well_profiles
-from pipeline.profiles import normalize_profiles
 from pipeline.importers import (
     ImportOptions,
     import_profiles,
@@ -19,6 +18,7 @@ from pipeline.importers import (
     read_source,
     standardize,
 )
+from pipeline.profiles import normalize_profiles
 from tests.conftest import shared_data
 
 CP_RAW = "profiles/cellprofiler_singlecell_raw"

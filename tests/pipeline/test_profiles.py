@@ -2,11 +2,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.config import ProfileConfig
 from pipeline.profiles import (
     MAD_SCALE,
     aggregate_cells,
     feature_columns,
     metadata_columns,
+    normalize_profiles,
     normalize_to_controls,
     rank_compounds,
 )
@@ -168,3 +170,41 @@ def test_rank_compounds_rejects_missing_controls():
 def test_rank_compounds_rejects_missing_columns():
     with pytest.raises(ValueError, match="lacks columns"):
         rank_compounds(pd.DataFrame({"f": [1.0]}))
+
+
+def test_normalize_profiles_is_robust_z_by_default_and_whitens_when_asked():
+    profiles = make_profiles()
+    pd.testing.assert_frame_equal(
+        normalize_profiles(profiles), normalize_to_controls(profiles)
+    )
+    whitened = normalize_profiles(profiles, ProfileConfig(whiten="controls"))
+    controls = whitened[whitened["Metadata_Role"] == "negative_control"]
+    assert np.isfinite(whitened[feature_columns(whitened)].to_numpy()).all()
+    # 16 controls in 20 dimensions: shrunk, so the controls come out near unit scale
+    assert 0.3 < controls[feature_columns(controls)].to_numpy().std() < 1.5
+    per_plate = normalize_profiles(
+        profiles, ProfileConfig(whiten="controls", whiten_scope="plate")
+    )
+    assert not np.allclose(
+        per_plate[feature_columns(per_plate)], whitened[feature_columns(whitened)]
+    )
+
+
+def test_normalize_profiles_weights_blocks_equally():
+    small = make_profiles(n_features=4).rename(columns=lambda c: c.replace("f", "a"))
+    large = make_profiles(rng=1, n_features=40)
+    profiles = pd.concat([small, large[feature_columns(large)]], axis=1)
+    blocks = [feature_columns(small), feature_columns(large)]
+    combined = normalize_profiles(profiles, blocks=blocks)
+    plain = normalize_to_controls(profiles)
+    share = (combined[blocks[0]] ** 2).sum(axis=1) / (combined[blocks[1]] ** 2).sum(
+        axis=1
+    )
+    plain_share = (plain[blocks[0]] ** 2).sum(axis=1) / (plain[blocks[1]] ** 2).sum(
+        axis=1
+    )
+    # each block's squared distance is scaled to the same total share
+    np.testing.assert_allclose(share, plain_share * (40 / 4), rtol=1e-9)
+    assert list(combined.columns) == list(plain.columns)
+    with pytest.raises(ValueError, match="blocks must split"):
+        normalize_profiles(profiles, blocks=blocks[:1])
