@@ -22,7 +22,8 @@ recipe, `pipeline.config.EmbedConfig`: each channel as RGB, spatial mean of
 ``blocks[3]``, crops at 64 px, plate scaling, median over cells); ``finetuned``
 (the default fine-tuning, `models.train.TrainConfig`, on compound-dose labels with
 whole plates held out: 3 folds of 2 held-out plates, every plate embedded by the
-model that never saw it, with the recipe's layer); ``combined`` /
+model that never saw it, with the recipe's layer; ``finetuned_pooled``: the same
+networks' final pooled layer, where the training signal is strongest); ``combined`` /
 ``combined_finetuned`` (classical + the recipe's or the fine-tuned embedding,
 each block centred and scaled on its own and weighted equally, as
 `pipeline.profiles.normalize_profiles` does with blocks). CPU, 2 threads on the
@@ -131,15 +132,16 @@ def imagenet_embeddings(crops: np.ndarray, *, strategy: str, layer: str) -> np.n
 
 
 def finetuned_embeddings(
-    crops: np.ndarray, meta: pd.DataFrame, epochs: int
-) -> tuple[np.ndarray, list[dict]]:
-    """Embed each plate with a model fine-tuned on the other plates."""
+    crops: np.ndarray, meta: pd.DataFrame, epochs: int, layers: tuple[str, ...]
+) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Embed each plate with a model fine-tuned on the other plates, at `layers`."""
     labels = np.where(
         meta["role"] == "negative_control",
         "DMSO",
         meta["compound"] + " @ " + meta["concentration_uM"].map("{:g}".format),
     )
-    out, logs = None, []
+    out: dict[str, np.ndarray] = {}
+    logs = []
     for held_out in folds_of(meta):
         test = meta["plate"].isin(held_out).to_numpy()
         train = ~test
@@ -159,15 +161,16 @@ def finetuned_embeddings(
              "seconds": round(time.perf_counter() - start, 1)}
         )  # fmt: skip
         print(f"  fine-tuned without {held_out}: {logs[-1]}")
-        embedder = CellEmbedder(
-            result.model.embedder.backbone, strategy=config.strategy,
-            layer=RECIPE.layer, input_size=config.input_size,
-        )  # fmt: skip
-        vectors = embed_array(embedder, crops[test], batch_size=64,
-                              device=torch.device("cpu"))  # fmt: skip
-        if out is None:
-            out = np.zeros((len(crops), vectors.shape[1]), np.float32)
-        out[test] = vectors
+        for layer in layers:
+            embedder = CellEmbedder(
+                result.model.embedder.backbone, strategy=config.strategy,
+                layer=layer, input_size=config.input_size,
+            )  # fmt: skip
+            vectors = embed_array(embedder, crops[test], batch_size=64,
+                                  device=torch.device("cpu"))  # fmt: skip
+            if layer not in out:
+                out[layer] = np.zeros((len(crops), vectors.shape[1]), np.float32)
+            out[layer][test] = vectors
     return out, logs
 
 
@@ -302,8 +305,11 @@ def main() -> None:
                          method)  # fmt: skip
         seconds[name] = time.perf_counter() - start
     start = time.perf_counter()
-    finetuned, folds = finetuned_embeddings(scaled, meta, args.epochs)
-    vectors["finetuned"] = (finetuned, RECIPE.aggregate)
+    finetuned, folds = finetuned_embeddings(
+        scaled, meta, args.epochs, (RECIPE.layer, "pooled")
+    )
+    vectors["finetuned"] = (finetuned[RECIPE.layer], RECIPE.aggregate)
+    vectors["finetuned_pooled"] = (finetuned["pooled"], RECIPE.aggregate)
     seconds["finetuned"] = time.perf_counter() - start
     sets = {name: [v] for name, v in vectors.items()}
     sets["combined"] = [vectors["classical"], vectors["imagenet_recipe"]]

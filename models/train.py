@@ -102,7 +102,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     patience: int = 3
     val_fraction: float = 0.25
-    max_cells: int = 20_000
+    max_cells: int = 16_000
     crop_size: int | None = None
     strategy: str = "rgb"
     input_size: int | None = 64

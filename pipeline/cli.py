@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--learning-rate", type=float, default=1e-3)
-    train.add_argument("--max-cells", type=int, default=20_000)
+    train.add_argument("--max-cells", type=int, default=16_000)
     train.add_argument("--crop-size", type=int, help="px (default: 4 diameters)")
     train.add_argument(
         "--input-size",

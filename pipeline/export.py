@@ -421,9 +421,8 @@ def plate_qc_table(
     `well_profiles` the raw ones, needed for `features` only. Activity is the
     distance of each well from DMSO (`pipeline.profiles.score_wells`), so Z' says
     how well positive controls separate from DMSO in the profile, the usual > 0.5
-    bar. ``edge_to_inner_cell_count``
-    compares DMSO wells on the plate's outer ring with inner ones (1 = no edge
-    effect).
+    bar. ``edge_to_inner_cell_count`` compares DMSO wells on the plate's outer ring
+    with inner ones (1 = no edge effect).
 
     Returns
     -------
