@@ -323,7 +323,7 @@ def fine_tune(
     index = {name: i for i, name in enumerate(classes)}
     y = torch.tensor([index[v] for v in labels], dtype=torch.long)
     x = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))
-    val = torch.from_numpy(np.asarray(is_val, dtype=bool))
+    val = torch.tensor(np.asarray(is_val, dtype=bool))  # a copy: may be read-only
     generator = torch.Generator().manual_seed(config.seed)
     y_train = y[~val]
     sampler = None
