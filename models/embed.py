@@ -28,7 +28,9 @@ profile recipe) is registered too.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import logging
 import threading
 import time
@@ -298,8 +300,9 @@ def build_embedder(
     embedder : CellEmbedder
         In eval mode.
     info : dict
-        ``name`` (the feature set's name), ``model_name``, ``weights`` (source
-        and SHA-256), ``config`` (the recipe as applied, with a checkpoint's
+        ``name`` (the readable part of the feature set's name; `embed_run`
+        appends `recipe_digest`), ``model_name``, ``weights`` (source and
+        SHA-256), ``config`` (the recipe as applied, with a checkpoint's
         settings).
 
     Raises
@@ -626,8 +629,10 @@ def embed_run(
         )
     n_channels = first.crops.shape[1]
     embedder, info = build_embedder(cfg, n_channels)
-    cfg, name = info["config"], info["name"]
+    cfg = info["config"]
     size = cfg.crop_size or first.crops.shape[-1]
+    applied = asdict(replace(cfg, enabled=True)) | {"crop_size": size}
+    name = f"{info['name']}_{recipe_digest(applied, info['weights'])}"
     embedder = embedder.to(target).to(memory_format=torch.channels_last)
     width = embedder.width(n_channels, size)
     feature_set_id = store.ensure_feature_set(
@@ -636,7 +641,7 @@ def embed_run(
         name=name,
         kind="embedding",
         feature_names=[f"{name}_{k:04d}" for k in range(width)],
-        config=asdict(replace(cfg, enabled=True)) | {"crop_size": size},
+        config=applied,
         model_name=cfg.model_name,
         weights=info["weights"],
     )
@@ -690,6 +695,18 @@ def embed_run(
         "seconds": seconds,
         "cells_per_s": n_cells / seconds if seconds > 0 else 0.0,
     }
+
+
+def recipe_digest(recipe: dict[str, Any], weights: str) -> str:
+    """Return 6 hex digits identifying what changes the vectors of a recipe.
+
+    Everything but the batch size (which changes nothing) and the weights' source
+    and hash count, so another crop size, percentile or checkpoint makes another
+    feature set instead of resuming the old one.
+    """
+    payload = {k: v for k, v in recipe.items() if k not in ("batch_size", "enabled")}
+    text = json.dumps(payload | {"weights": weights}, sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:6]
 
 
 def register_combined(engine: Engine, run_id: int, embedding: str) -> str | None:

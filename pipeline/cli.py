@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument(
         "--input-size",
         type=int,
-        help="px the crops are resized to (default 128; 0: none)",
+        help="px the crops are resized to (default 64; 0: none)",
     )
     embed.add_argument(
         "--scaling", choices=list(EMBED_SCALINGS), help="plate (default) or crop"

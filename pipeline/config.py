@@ -527,8 +527,16 @@ def _drop_none(value: Any) -> Any:
 
 
 def dump_config(config: RunConfig) -> str:
-    """Return the config as TOML text (None values are omitted)."""
-    return tomli_w.dumps(_drop_none(asdict(config)))
+    """Return the config as TOML text (None values are omitted).
+
+    The embedding's sizes are written as 0 when None (TOML has no None, and an
+    omitted key would read back as the default).
+    """
+    data = asdict(config)
+    for key in ("crop_size", "input_size"):
+        if data["embed"][key] is None:
+            data["embed"][key] = 0
+    return tomli_w.dumps(_drop_none(data))
 
 
 def analysis_key(config: RunConfig, weights_sha256: str | None = None) -> str:

@@ -111,8 +111,10 @@ def read_well_profiles(
 ) -> pd.DataFrame:
     """Return per-well profiles of a run, aggregated plate by plate.
 
-    The median of the well's cells for features, the mean for embeddings (whose
-    sparse ReLU dimensions have a median of 0), read from the store's cache of
+    The median or mean of the well's cells, as the feature set records
+    (`aggregation_method`: classical features and the embedding recipe take the
+    median; embeddings stored before the recipe recorded it, the mean), read from
+    the store's cache of
     aggregates when present, else computed by `aggregate_run` (cells stream in
     chunks of whole wells, so memory is bounded by the chunk, not by the plate).
     Fields flagged by QC are left out (and not counted) unless `include_flagged`.

@@ -192,13 +192,15 @@ def sphere_to_controls(
     Returns
     -------
     DataFrame
-        Same shape, index and columns; rows with NaN features stay NaN.
+        Same shape, index and columns. A missing value is taken at the controls'
+        centre for the whitening (so it does not spread to the other features)
+        and stays missing; rows without any value stay missing.
 
     Raises
     ------
     ValueError
         If `scope` is unknown, columns are missing, or a group has fewer than two
-        finite control wells.
+        control wells with values.
     """
     from sklearn.covariance import LedoitWolf
 
@@ -216,11 +218,15 @@ def sphere_to_controls(
     )
     for plate, group in groups:
         values = group[features].to_numpy(np.float64)
+        finite = np.isfinite(values)
+        # a missing value sits at the controls' centre (0 after robust z), so it
+        # does not spread to the row's other features; it stays missing below
+        values = np.where(finite, values, 0.0)
         is_control = (group["Metadata_Role"] == control_role).to_numpy()
-        controls = values[is_control & np.isfinite(values).all(axis=1)]
+        controls = values[is_control & finite.any(axis=1)]
         if len(controls) < 2:
             raise ValueError(
-                f"plate {plate!r} has {len(controls)} finite {control_role} wells; "
+                f"plate {plate!r} has {len(controls)} {control_role} wells with values; "
                 "whitening needs at least two (add control wells, or set "
                 '[profile] whiten = "none").'
             )
@@ -236,7 +242,8 @@ def sphere_to_controls(
         floor = max(eigenvalues.max(), 1e-12) * 1e-9
         scale = 1 / np.sqrt(np.clip(eigenvalues, floor, None))
         whitening = (eigenvectors * scale) @ eigenvectors.T
-        out.loc[group.index, features] = (values - estimate.location_) @ whitening
+        whitened = (values - estimate.location_) @ whitening
+        out.loc[group.index, features] = np.where(finite, whitened, np.nan)
     return out
 
 

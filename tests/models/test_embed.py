@@ -1,4 +1,6 @@
+import re
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -125,43 +127,44 @@ def test_embed_run_writes_one_vector_per_cell_and_resumes(demo_run, capsys):
     url, summary = demo_run
     engine = make_engine(url, create=False)
     result = embed_run(engine, summary.run_id, FAST_RECIPE)
-    assert result["feature_set"] == FAST_NAME
-    assert result["combined_feature_set"] == f"combined_{FAST_NAME}"
+    name = result["feature_set"]
+    assert re.fullmatch(rf"{re.escape(FAST_NAME)}_[0-9a-f]{{6}}", name)
+    assert result["combined_feature_set"] == f"combined_{name}"
     assert result["n_cells"] == summary.n_cells
     assert result["n_fields"] == 95  # the demo has one field without cells (cell loss)
-    feature_set_id, names = store.read_feature_set(engine, summary.run_id, FAST_NAME)
+    feature_set_id, names = store.read_feature_set(engine, summary.run_id, name)
     assert len(names) == 3 * 40  # blocks[2] has 40 channels, one block per channel
     cells = sum(
-        len(c) for _, c, f in store.iter_plate_cells(engine, summary.run_id, FAST_NAME)
+        len(c) for _, c, f in store.iter_plate_cells(engine, summary.run_id, name)
     )
     assert cells == summary.n_cells
     again = embed_run(engine, summary.run_id, FAST_RECIPE)
     assert again["n_fields"] == 0 and again["n_cells"] == 0  # resumed: nothing to do
     assert store.resolve_feature_set(engine, summary.run_id, "deep") == (
-        FAST_NAME, "embedding"
+        name, "embedding"
     )  # fmt: skip
     profiles = read_well_profiles(
         engine, summary.run_id, summary.experiment_id, feature_set="deep"
     )
-    assert profiles.filter(like=FAST_NAME).shape[1] == 120
+    assert profiles.filter(like=name).shape[1] == 120
     # the recipe's median: a well's profile is the median of its cells' vectors
     well = profiles.iloc[0]
-    _, cells, vectors = next(store.iter_plate_cells(engine, summary.run_id, FAST_NAME))
+    _, cells, vectors = next(store.iter_plate_cells(engine, summary.run_id, name))
     wells = store.read_wells(engine, summary.experiment_id)
     well_id = int(wells.loc[(wells["Metadata_Plate"] == well["Metadata_Plate"])
                             & (wells["Metadata_Well"] == well["Metadata_Well"]),
                             "well_id"].iloc[0])  # fmt: skip
     np.testing.assert_allclose(
-        profiles.filter(like=FAST_NAME).iloc[0].to_numpy(float),
+        profiles.filter(like=name).iloc[0].to_numpy(float),
         vectors[(cells["well_id"] == well_id).to_numpy()].median().to_numpy(float),
         rtol=1e-5,
     )
     raw, normalized = read_profiles(
         engine, summary.run_id, summary.experiment_id, feature_set="combined"
     )
-    assert raw.filter(like=FAST_NAME).shape[1] == 120
+    assert raw.filter(like=name).shape[1] == 120
     assert "Nuclei_AreaShape_Area" in raw.columns
-    deep = [c for c in normalized.columns if c.startswith(FAST_NAME)]
+    deep = [c for c in normalized.columns if c.startswith(name)]
     classical = [c for c in normalized.columns if c.startswith(("Nuclei_", "Cells_"))]
     assert deep and classical
     with pytest.raises(ValueError, match="one feature set at a time"):
@@ -180,6 +183,12 @@ def test_embed_run_writes_one_vector_per_cell_and_resumes(demo_run, capsys):
     assert main(["hits", "--db", url, "--feature-set", "resnet"]) == 2
     err = capsys.readouterr().err
     assert "has no feature set 'resnet'" in err and "deep" in err and "combined" in err
+    other = embed_run(engine, summary.run_id, replace(FAST_RECIPE, crop_size=24))
+    assert other["feature_set"] != name and other["n_cells"] == summary.n_cells
+    assert (
+        store.resolve_feature_set(engine, summary.run_id, "deep")[0]
+        == (other["feature_set"])
+    )  # another crop size is another feature set, and the latest one
 
 
 def test_embed_command_takes_the_recipe_from_flags_and_config(
@@ -205,8 +214,8 @@ def test_embed_run_rejects_unknown_model_and_layer(demo_run, capsys):
 def test_write_field_vectors_rejects_misaligned_cells(demo_run):
     url, summary = demo_run
     engine = make_engine(url, create=False)
-    embed_run(engine, summary.run_id, FAST_RECIPE)
-    feature_set_id, _ = store.read_feature_set(engine, summary.run_id, FAST_NAME)
+    name = embed_run(engine, summary.run_id, FAST_RECIPE)["feature_set"]
+    feature_set_id, _ = store.read_feature_set(engine, summary.run_id, name)
     field_id = next(
         iter(store.embedded_field_ids(engine, summary.run_id, feature_set_id))
     )

@@ -173,3 +173,7 @@ def test_embed_and_profile_sections_roundtrip(tmp_path):
     again = tmp_path / "again.toml"
     again.write_text(dump_config(config))
     assert load_config(again) == config
+    native = with_overrides(config, embed={"input_size": 0})  # 0: no resize
+    assert native.embed.input_size is None
+    again.write_text(dump_config(native))
+    assert load_config(again).embed.input_size is None  # not back to the default

@@ -116,6 +116,22 @@ def test_sphere_to_controls_regularizes_fewer_controls_than_features(caplog):
     assert "shrunk by Ledoit-Wolf" in caplog.text
 
 
+def test_sphere_to_controls_keeps_a_missing_value_to_itself():
+    profiles = sphere_input()
+    complete = sphere_to_controls(profiles)
+    profiles.loc[210, "f0"] = np.nan  # one value of a treated well
+    profiles.loc[3, "f1"] = np.nan  # one value of a control well
+    sphered = sphere_to_controls(profiles)
+    assert np.isnan(sphered.loc[210, "f0"]) and np.isnan(sphered.loc[3, "f1"])
+    assert sphered.filter(like="f").isna().sum().sum() == 2  # nothing else lost
+    assert np.isfinite(sphered.loc[210, ["f1", "f2", "f3", "f4"]]).all()
+    np.testing.assert_allclose(  # other wells barely move (one control value)
+        sphered.loc[100:110].filter(like="f"),
+        complete.loc[100:110].filter(like="f"),
+        atol=0.1,
+    )
+
+
 def test_sphere_to_controls_rejects():
     with pytest.raises(ValueError, match="scope"):
         sphere_to_controls(sphere_input(), scope="well")
