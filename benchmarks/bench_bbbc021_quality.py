@@ -60,7 +60,7 @@ from models.train import TrainConfig, fine_tune, validation_split  # noqa: E402
 from pipeline.activity import average_precision, mean_average_precision  # noqa: E402
 from pipeline.config import EmbedConfig  # noqa: E402
 from pipeline.features import measure_cells  # noqa: E402
-from pipeline.profiles import score_wells  # noqa: E402
+from pipeline.profiles import score_wells, weight_blocks  # noqa: E402
 from pipeline.segment import estimate_nucleus_diameter, segment_field  # noqa: E402
 
 DATA = (
@@ -221,12 +221,7 @@ def field_profiles(
 
 def combine(tables: list[pd.DataFrame]) -> pd.DataFrame:
     """Concatenate centred and scaled blocks, each weighted to an equal share."""
-    total = sum(t.shape[1] - len(_meta(t)) for t in tables)
-    parts = [
-        t.drop(columns=_meta(t))
-        * np.sqrt(total / (len(tables) * (t.shape[1] - len(_meta(t)))))
-        for t in tables
-    ]
+    parts = weight_blocks([t.drop(columns=_meta(t)) for t in tables])
     parts = [p.add_prefix(f"b{i}_") for i, p in enumerate(parts)]
     return pd.concat([tables[0][_meta(tables[0])], *parts], axis=1)
 

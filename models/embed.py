@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from db import store
 from models.backbones import OFFLINE_NORMALIZATION, create_backbone, load_checkpoint
-from pipeline.config import EmbedConfig
+from pipeline.config import EMBED_STRATEGIES, EmbedConfig
 from pipeline.errors import InputError
 from pipeline.export import COMBINED_KIND, aggregate_run
 from pipeline.run import FieldCrops, iter_field_crops
@@ -248,8 +248,10 @@ class CellEmbedder(nn.Module):
         self, backbone: nn.Module, *, strategy: str, layer: str, input_size: int | None
     ) -> None:
         super().__init__()
-        if strategy not in ("rgb", "stem"):
-            raise ValueError(f"strategy {strategy!r} is unknown; use 'rgb' or 'stem'.")
+        if strategy not in EMBED_STRATEGIES:
+            raise ValueError(
+                f"strategy {strategy!r} is unknown; use one of {EMBED_STRATEGIES}."
+            )
         self.backbone = backbone
         self.strategy, self.layer, self.input_size = strategy, layer, input_size
         self._index = block_index(backbone, layer)

@@ -11,13 +11,11 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-if TYPE_CHECKING:
-    from pipeline.config import ProfileConfig
+from pipeline.config import ProfileConfig
 
 logger = logging.getLogger(__name__)
 
@@ -283,8 +281,6 @@ def normalize_profiles(
         As `normalize_to_controls` and `sphere_to_controls`, or if `blocks` do not
         partition the feature columns.
     """
-    from pipeline.config import ProfileConfig
-
     recipe = recipe or ProfileConfig()
     features = feature_columns(profiles)
     if blocks is None:
@@ -298,10 +294,36 @@ def normalize_profiles(
         if recipe.whiten == "controls":
             part = sphere_to_controls(part, scope=recipe.whiten_scope)
         parts.append(part[feature_columns(part)])
-    total = sum(part.shape[1] for part in parts)
-    if len(parts) > 1:
-        parts = [p * np.sqrt(total / (len(parts) * p.shape[1])) for p in parts]
-    return pd.concat([meta, *parts], axis=1).copy()
+    return pd.concat([meta, *weight_blocks(parts)], axis=1).copy()
+
+
+def weight_blocks(blocks: Sequence[pd.DataFrame]) -> list[pd.DataFrame]:
+    """Scale feature blocks so that each adds the same share to squared distances.
+
+    A block of d of the D features of n blocks is multiplied by sqrt(D / (n d)),
+    so a 240-dimension embedding and 500 classical features weigh the same.
+
+    Parameters
+    ----------
+    blocks : sequence of DataFrame
+        Feature columns only, one frame per block, same rows.
+
+    Returns
+    -------
+    list of DataFrame
+        The scaled blocks (a single block is returned as it is).
+
+    Raises
+    ------
+    ValueError
+        If a block has no column.
+    """
+    if any(block.shape[1] == 0 for block in blocks):
+        raise ValueError("every block needs at least one feature column.")
+    if len(blocks) < 2:
+        return list(blocks)
+    total = sum(block.shape[1] for block in blocks)
+    return [b * np.sqrt(total / (len(blocks) * b.shape[1])) for b in blocks]
 
 
 def score_wells(normalized: pd.DataFrame) -> pd.Series:

@@ -11,6 +11,7 @@ from pipeline.profiles import (
     normalize_profiles,
     normalize_to_controls,
     rank_compounds,
+    weight_blocks,
 )
 
 
@@ -208,3 +209,13 @@ def test_normalize_profiles_weights_blocks_equally():
     assert list(combined.columns) == list(plain.columns)
     with pytest.raises(ValueError, match="blocks must split"):
         normalize_profiles(profiles, blocks=blocks[:1])
+
+
+def test_weight_blocks_gives_each_block_the_same_share_and_rejects():
+    small, large = pd.DataFrame(np.ones((3, 2))), pd.DataFrame(np.ones((3, 8)))
+    a, b = weight_blocks([small, large])
+    assert (a**2).sum(axis=1).iloc[0] == pytest.approx((b**2).sum(axis=1).iloc[0])
+    assert (a**2).sum(axis=1).iloc[0] + (b**2).sum(axis=1).iloc[0] == pytest.approx(10)
+    assert weight_blocks([small])[0] is small
+    with pytest.raises(ValueError, match="at least one feature"):
+        weight_blocks([small, large.iloc[:, :0]])
