@@ -15,7 +15,7 @@ over the NF-kB stain) and profiled three ways:
 
 Tiles are normalized as `phenoscreen` normalizes wells
 (`pipeline.profiles.normalize_profiles`), scored by their distance from the
-controls (`pipeline.profiles.score_wells`), and the Z' of that score between the
+controls (`pipeline.profiles.well_activity`), and the Z' of that score between the
 stimulated and the control tiles is reported, with the nucleus/cytoplasm NF-kB
 intensity ratio (the assay's classic one-number readout) for reference.
 
@@ -49,7 +49,7 @@ from pipeline.config import EmbedConfig  # noqa: E402
 from pipeline.crops import crop_cells, default_crop_size  # noqa: E402
 from pipeline.features import measure_cells  # noqa: E402
 from pipeline.plateqc import z_prime  # noqa: E402
-from pipeline.profiles import normalize_profiles, score_wells  # noqa: E402
+from pipeline.profiles import normalize_profiles, well_activity  # noqa: E402
 from pipeline.segment import segment_field  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/fields/bbbc014_nfkb_vitra"
@@ -134,7 +134,7 @@ def tile_profiles(meta: pd.DataFrame, values: pd.DataFrame) -> pd.DataFrame:
 def separation(profiles: pd.DataFrame, blocks: list[list[str]] | None = None) -> dict:
     """Z' of the distance from the control tiles, stimulated vs control tiles."""
     normalized = normalize_profiles(profiles, blocks=blocks)
-    score = score_wells(normalized)
+    score = well_activity(normalized)
     stimulated = normalized["Metadata_Role"] == "treatment"
     return {
         "z_prime_distance": round(

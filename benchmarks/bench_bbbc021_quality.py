@@ -11,7 +11,7 @@ network never saw; the same folds for every feature set). Reported per feature s
 
 - mAP of each dose's fields retrieving each other against the DMSO fields (copairs'
   phenotypic activity, `pipeline.activity`), with permutation p and BH q;
-- dose ordering: median distance to DMSO (RMS of the scaled features, `score_wells`) per dose, and
+- dose ordering: median distance to DMSO (RMS of the scaled features, `well_activity`) per dose, and
   Spearman's rho between dose and the fields' distance (treated fields only).
 
 Feature sets: ``classical`` (our CellProfiler-style features of the centre cell,
@@ -60,7 +60,7 @@ from models.train import TrainConfig, fine_tune, validation_split  # noqa: E402
 from pipeline.activity import average_precision, mean_average_precision  # noqa: E402
 from pipeline.config import EmbedConfig  # noqa: E402
 from pipeline.features import measure_cells  # noqa: E402
-from pipeline.profiles import score_wells, weight_blocks  # noqa: E402
+from pipeline.profiles import weight_blocks, well_activity  # noqa: E402
 from pipeline.segment import estimate_nucleus_diameter, segment_field  # noqa: E402
 
 DATA = (
@@ -251,7 +251,7 @@ def evaluate(
         table = combine([
             center_and_scale(b[b["Metadata_Plate"].isin(plates)]) for b in per_block
         ])  # fmt: skip
-        tables.append(table.assign(distance=score_wells(table))[
+        tables.append(table.assign(distance=well_activity(table))[
             ["Metadata_Role", "Metadata_Concentration", "distance"]
         ])  # fmt: skip
         aps.append(average_precision(table, group_by=["Metadata_Concentration"]))

@@ -6,14 +6,19 @@ Replicating (published 42.2 on sphered profiles) on the profiles as given and af
 our ZCA sphering on DMSO, and the replicate activity (mAP of each compound's wells
 against DMSO, q < 0.05; copairs 0.5.5 gave mean mAP 0.441 and 25 % active, see the
 folder's SOURCE.txt), and 1-NN MoA accuracy with the same compound left out (NSC;
-one plate, so no NSCB).
+one plate, so no NSCB), and what `phenoscreen hits` prints after
+`phenoscreen import-profiles` (percent replicating and hits).
 
     python benchmarks/bench_jump_moa_replicates.py
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +35,7 @@ from pipeline.activity import (  # noqa: E402
     mean_average_precision,
     percent_replicating,
 )
+from pipeline.cli import main as main_cli  # noqa: E402
 from pipeline.importers import ImportOptions, read_source, standardize  # noqa: E402
 from pipeline.moa import consensus_profiles, predict_moa  # noqa: E402
 from pipeline.profiles import sphere_to_controls  # noqa: E402
@@ -87,10 +93,31 @@ def main() -> None:
         "moa_1nn_nsc_accuracy_sphered": moa_accuracy["sphered"],
         "moa_1nn_chance_level": moa_accuracy["chance"],
         "seconds": round(time.perf_counter() - start, 2),
-    }
+    } | through_the_cli()
     for key, value in figures.items():
         print(f"{key:38s} {value}")
     save("jump_moa_replicates", figures)
+
+
+def through_the_cli() -> dict[str, object]:
+    """`phenoscreen import-profiles` then `phenoscreen hits`, as a user runs them:
+    the percent replicating and hits it prints (robust z to DMSO, no sphering)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{tmp}/jump.db"
+        with contextlib.redirect_stdout(io.StringIO()):
+            if main_cli(["import-profiles", str(PLATE), "--db", url]) != 0:
+                raise RuntimeError("import-profiles failed")
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            if main_cli(["hits", "--db", url]) != 0:
+                raise RuntimeError("hits failed")
+    text = printed.getvalue()
+    percent = re.search(r"percent replicating: ([0-9.]+) %", text)
+    hits = re.search(r"(\d+) of (\d+) compounds are hits", text)
+    return {
+        "cli_percent_replicating": float(percent.group(1)) if percent else None,
+        "cli_hits": f"{hits.group(1)}/{hits.group(2)}" if hits else None,
+    }
 
 
 if __name__ == "__main__":

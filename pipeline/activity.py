@@ -502,26 +502,27 @@ def leave_out_null(
     null_size: int = 1000,
     rng: np.random.Generator | int | None = None,
 ) -> np.ndarray:
-    """Sample the null of the mean squared distance of k wells fitted together.
+    """Sample the squared distances of k wells fitted together, under the null.
 
     Each sample leaves k random controls out, fits `_shrunk_mahalanobis` on the
-    others and averages the k left-out wells' squared distances. Wells of one
+    others and returns the k left-out wells' squared distances. Wells of one
     compound-dose on one plate share the controls' fit, so their distances are
-    correlated; this null has the same correlation (averaging independent
-    leave-one-out distances instead called 8 % of real DMSO triplets at p < 0.05).
+    correlated; these samples have the same correlation (treating them as
+    independent leave-one-out distances called 8 % of real DMSO triplets at
+    p < 0.05).
 
     Parameters
     ----------
     controls : ndarray of shape (n, F)
         One plate's control profiles.
     k : int
-        Wells averaged, 1 <= k <= n - 3.
+        Wells left out together, 1 <= k <= n - 3.
     null_size : int
     rng : Generator, int or None
 
     Returns
     -------
-    ndarray of shape (null_size,)
+    ndarray of shape (null_size, k)
 
     Raises
     ------
@@ -534,9 +535,9 @@ def leave_out_null(
             f"need 1 <= k ({k}) <= controls - 3 ({n - 3}) and null_size >= 1."
         )
     generator = np.random.default_rng(rng)
-    out = np.empty(null_size)
+    out = np.empty((null_size, k))
     for i in range(null_size):
         left_out = np.zeros(n, bool)
         left_out[generator.choice(n, size=k, replace=False)] = True
-        out[i] = _shrunk_mahalanobis(controls[~left_out], controls[left_out]).mean()
+        out[i] = _shrunk_mahalanobis(controls[~left_out], controls[left_out])
     return out

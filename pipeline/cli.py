@@ -37,10 +37,12 @@ logger = logging.getLogger("phenoscreen")
 DEFAULT_DB_URL = "sqlite:///phenoscreen.db"
 DEMO_DIR = "demo_output"
 HITS_HEADER = (
-    "hits: compounds active at any dose (mAP of replicate wells vs DMSO, Simes over "
-    "doses, BH q < 0.05);\nactivity_z: distance from DMSO; EC50 from a 4PL fit of "
-    "activity vs dose (uM); toxic: cell count < 50% of DMSO;\nreplicate_correlation: "
-    "median Pearson r of replicate wells; most_similar: nearest compound (cosine)"
+    "hit: a compound with at least one active dose (q < {fdr:g}); test: mAP of "
+    ">= 3 replicate wells vs DMSO, else distance of its wells to DMSO;\n"
+    "activity: distance from DMSO in SDs of the DMSO wells' own (0 = like DMSO); "
+    "EC50 (uM) only from a 4PL fit flagged ok;\ntoxic: cell count < "
+    "{toxicity:.0%} of DMSO; replicate_correlation: median Pearson r of replicate "
+    "wells; most_similar: nearest compound (cosine >= 0.5). README: Glossary"
 )
 
 
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also embed every cell with the CNN recipe of [embed] (deep and combined "
         "feature sets)",
     )
+    _add_hit_options(run, "([hits] of --config, else ")
     _add_db(run)
 
     segment = sub.add_parser(
@@ -303,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--run", type=int, help="run id (default: latest complete)")
     _add_profile_options(export)
+    _add_hit_options(export)
 
     status = sub.add_parser("status", help="runs in the store and their progress")
     _add_db(status)
@@ -311,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(hits)
     hits.add_argument("--run", type=int, help="run id (default: latest complete)")
     _add_profile_options(hits)
+    _add_hit_options(hits)
     hits.add_argument("--top", type=int, default=15, help="rows to print (15)")
     hits.add_argument(
         "--out", type=Path, help="write the full table (.csv or .parquet)"
@@ -346,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="also Z' of this feature's well medians (repeatable)",
     )
+    qc.add_argument(
+        "--cell-count-control",
+        help="a compound that changes cell count (e.g. a cytotoxic control): Z' of "
+        "its cell counts vs DMSO (default: [hits] cell_count_control of the run)",
+    )
 
     demo = sub.add_parser("demo", help="demo plate -> run -> hits, into SQLite")
     demo.add_argument("--out-dir", type=Path, default=Path(DEMO_DIR))
@@ -375,6 +385,26 @@ def _add_profile_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_hit_options(
+    parser: argparse.ArgumentParser, default: str = "(the run's [hits], else "
+) -> None:
+    parser.add_argument(
+        "--fdr",
+        type=float,
+        help=f"false discovery rate of hits and active doses {default}0.05)",
+    )
+    parser.add_argument(
+        "--toxicity-threshold",
+        type=float,
+        help="toxic: median cell count below this fraction of the negative "
+        f"controls' {default}0.5)",
+    )
+
+
+def _hit_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"fdr": args.fdr, "toxicity_threshold": args.toxicity_threshold}
+
+
 def _profile_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"include_flagged": args.include_flagged, "feature_set": args.feature_set}
 
@@ -400,6 +430,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         replace(config, input=input_config),
         execution={"scheduler": args.scheduler, "n_workers": args.workers},
         embed={"enabled": args.embed},
+        hits=_hit_options(args),
     )
 
 
@@ -413,7 +444,9 @@ def _print_hits(hits: pd.DataFrame, doses: pd.DataFrame, top: int) -> None:
     names = {"nearest_compounds": "most_similar", "Metadata_Compound": "compound"}
     shown = hits[HIT_COLUMNS].head(top).rename(columns=names)
     shown["most_similar"] = shown["most_similar"].str.split("; ").str[0].str[:40]
-    print(HITS_HEADER)
+    fdr = float(hits["fdr"].iloc[0]) if len(hits) else 0.05
+    toxicity = float(hits["toxicity_threshold"].iloc[0]) if len(hits) else 0.5
+    print(HITS_HEADER.format(fdr=fdr, toxicity=toxicity))
     replicated = doses["is_replicating"].dropna()
     if len(replicated):
         print(
@@ -471,8 +504,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 _db_url(args), summary.run_id, feature_set=feature_set
             )
         except ValueError as exc:
-            print(f"no hit list yet: {exc}")
-            break
+            print(
+                f"phenoscreen run: the run is stored, but it has no hit list: {exc}",
+                file=sys.stderr,
+            )
+            return 2
         print(
             f"{feature_set}: {int(hits['is_hit'].sum())} of {len(hits)} compounds are "
             "hits (`phenoscreen hits --feature-set NAME` lists them; `phenoscreen "
@@ -512,20 +548,34 @@ def _write_out(table: pd.DataFrame, out: Path, what: str) -> None:
 
 
 def _hit_tables(
-    db_url: str, run_id: int | None, **options: Any
+    db_url: str,
+    run_id: int | None,
+    *,
+    fdr: float | None = None,
+    toxicity_threshold: float | None = None,
+    **options: Any,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Hit list and compound-doses of a run (cached in the store once computed)."""
+    """Hit list and compound-doses of a run (cached in the store once computed).
+
+    `fdr` and `toxicity_threshold` override the run's `[hits]` when given.
+    """
     from db.session import make_engine
     from db.store import resolve_run
-    from pipeline.export import read_hit_tables
+    from pipeline.export import hit_settings, read_hit_tables
 
     engine = make_engine(db_url, create=False)
-    return read_hit_tables(engine, *resolve_run(engine, run_id), **options)
+    run_id, experiment_id = resolve_run(engine, run_id)
+    settings = hit_settings(
+        engine, run_id, fdr=fdr, toxicity_threshold=toxicity_threshold
+    )
+    return read_hit_tables(engine, run_id, experiment_id, settings=settings, **options)
 
 
 def cmd_hits(args: argparse.Namespace) -> int:
     """Print (and write) the compound hit list."""
-    table, doses = _hit_tables(_db_url(args), args.run, **_profile_options(args))
+    table, doses = _hit_tables(
+        _db_url(args), args.run, **_hit_options(args), **_profile_options(args)
+    )
     _print_hits(table, doses, args.top)
     if args.out:
         _write_out(table, args.out, "rows")
@@ -534,14 +584,33 @@ def cmd_hits(args: argparse.Namespace) -> int:
 
 def cmd_qc(args: argparse.Namespace) -> int:
     """Print per-plate QC."""
-    from pipeline.export import plate_qc_table
+    from db.session import make_engine
+    from db.store import resolve_run
+    from pipeline.export import hit_settings, plate_qc_table, read_profiles
 
-    raw, normalized = _profiles(_db_url(args), args.run, **_profile_options(args))
-    table = plate_qc_table(normalized, well_profiles=raw, features=args.feature)
-    print(
-        "plate QC: Z' of the activity score (positive controls vs DMSO; > 0.5 is good),"
+    engine = make_engine(_db_url(args), create=False)
+    run_id, experiment_id = resolve_run(engine, args.run)
+    control = args.cell_count_control
+    if control is None:
+        control = hit_settings(engine, run_id).cell_count_control
+    raw, normalized = read_profiles(
+        engine, run_id, experiment_id, **_profile_options(args)
     )
-    print("Z' of the cell count, DMSO cell count on the outer ring / inner wells:")
+    table = plate_qc_table(
+        normalized, well_profiles=raw, features=args.feature,
+        cell_count_control=control,
+    )  # fmt: skip
+    print(
+        "plate QC: Z' of the activity (positive controls vs DMSO; > 0.5 excellent, "
+        "0-0.5 usable for phenotypic screens);\nedge effects of the outer ring vs "
+        "inner wells: cell count ratio (1 = none), activity difference (0 = none)"
+        + (
+            f";\nZ' of the cell count: {control} vs DMSO"
+            if control
+            else " (Z' of the cell count: name a control that changes it with "
+            "--cell-count-control)"
+        )
+    )
     _print_table(table)
     return 0
 
@@ -764,6 +833,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         out=args.out,
         fmt=fmt,
         run_id=args.run,
+        **_hit_options(args),
         **_profile_options(args),
     )
     print(f"{n_rows} rows of {args.table} written to {args.out} ({fmt})")

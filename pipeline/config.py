@@ -367,6 +367,33 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class HitsConfig:
+    """How compounds are called hits (`pipeline.hits.call_hits`).
+
+    Attributes
+    ----------
+    fdr : float
+        False discovery rate of the hit list and of active doses.
+    toxicity_threshold : float
+        A compound-dose whose median cell count is below this fraction of the
+        negative controls' is toxic.
+    cell_count_control : str
+        A compound (any role) declared to change cell count, e.g. a cytotoxic
+        positive control: plate QC then reports Z' of the cell count of its wells
+        against the negative controls. Empty: no cell-count Z'.
+    """
+
+    fdr: float = 0.05
+    toxicity_threshold: float = 0.5
+    cell_count_control: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fdr < 1:
+            raise InputError(f"hits.fdr = {self.fdr!r} must lie in (0, 1), e.g. 0.05.")
+        _check_range("hits", "toxicity_threshold", self.toxicity_threshold, 0, 1)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExecutionConfig:
     """Where and how fields are processed; does not change results.
 
@@ -411,6 +438,7 @@ class RunConfig:
     qc: QCConfig = field(default_factory=QCConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    hits: HitsConfig = field(default_factory=HitsConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
 
@@ -422,6 +450,7 @@ _SECTION_CLASSES = {
     "qc": QCConfig,
     "embed": EmbedConfig,
     "profile": ProfileConfig,
+    "hits": HitsConfig,
     "execution": ExecutionConfig,
 }
 # Keys of earlier versions: a config naming one is refused with this advice; the
@@ -543,16 +572,16 @@ def analysis_key(config: RunConfig, weights_sha256: str | None = None) -> str:
     """Return a hash of what determines cells (input, illumination, segment, measure).
 
     Two runs of one experiment with the same key are the same run: a rerun resumes
-    it. Execution settings, QC thresholds, the embedding and the profile recipe are
-    left out: they do not change the cells (flags are recomputed at the end of
-    every run; an embedding recipe is a feature set of its own). `weights_sha256`, the
+    it. Execution settings, QC thresholds, the embedding, the profile recipe and the
+    hit settings are left out: they do not change the cells (flags are recomputed
+    at the end of every run; an embedding recipe is a feature set of its own). `weights_sha256`, the
     learned segmenter's weights, counts too: new weights at the same path make a
     new run.
     """
     payload = {
         k: v
         for k, v in asdict(config).items()
-        if k not in ("execution", "qc", "embed", "profile")
+        if k not in ("execution", "qc", "embed", "profile", "hits")
     }
     payload["input"].pop("allow_unimaged_wells")
     if weights_sha256:

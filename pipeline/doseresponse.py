@@ -207,9 +207,10 @@ def fit_dose_responses(
     Returns
     -------
     DataFrame
-        One row per compound with enough doses: the `compound` column, ``n_points``,
-        ``n_doses`` and the fit's values; compounds with too few doses get
-        ``flag = "too_few_doses"``.
+        One row per compound with a positive concentration: the `compound`
+        column, ``n_points``, ``n_doses`` and the fit's values (every column, also
+        when no compound has one); compounds with too few doses get
+        ``flag = "too_few_doses"`` and NaN values.
 
     Raises
     ------
@@ -231,4 +232,8 @@ def fit_dose_responses(
             rows.append(info | {"flag": "too_few_doses"})
             continue
         rows.append(info | fit_dose_response(conc, resp))
-    return pd.DataFrame(rows)
+    columns = [
+        compound, "n_points", "n_doses", "ec50", "ec50_ci_low", "ec50_ci_high",
+        "hill", "top", "bottom", "r_squared", "p_flat", "flag",
+    ]  # fmt: skip
+    return pd.DataFrame(rows).reindex(columns=columns)

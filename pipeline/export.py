@@ -11,6 +11,7 @@ import logging
 import os
 import tomllib
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +21,17 @@ import pyarrow.parquet as pq
 from sqlalchemy import Engine
 
 from db import store
-from pipeline.config import ProfileConfig, config_from_dict
+from pipeline.config import HitsConfig, ProfileConfig, RunConfig, config_from_dict
 from pipeline.hits import DOSE_KEYS, call_hits
 from pipeline.moa import consensus_profiles, predict_moa
 from pipeline.plateqc import edge_effect, plate_z_prime
 from pipeline.profiles import (
     aggregate_cells,
+    dose_labels,
     metadata_columns,
     normalize_profiles,
     normalize_to_controls,
-    score_wells,
+    well_activity,
 )
 from pipeline.reduce import cluster_coordinates, umap_coordinates
 
@@ -302,11 +304,33 @@ def sample_cells(
     return sample.reset_index(drop=True)
 
 
+def _stored_section(engine: Engine, run_id: int, section: str) -> RunConfig:
+    """Return the run config with only `section` read from the one saved with a run."""
+    toml = store.read_run_provenance(engine, run_id)["config_toml"]
+    values = tomllib.loads(toml or "").get(section, {})
+    return config_from_dict({section: values}, stored=True)
+
+
 def profile_recipe(engine: Engine, run_id: int) -> ProfileConfig:
     """Return the profile recipe saved with a run (`[profile]` of its config)."""
-    toml = store.read_run_provenance(engine, run_id)["config_toml"]
-    section = tomllib.loads(toml or "").get("profile", {})
-    return config_from_dict({"profile": section}, stored=True).profile
+    return _stored_section(engine, run_id, "profile").profile
+
+
+def hit_settings(
+    engine: Engine, run_id: int, **overrides: float | str | None
+) -> HitsConfig:
+    """Return a run's hit settings (`[hits]` of its config), with `overrides`.
+
+    None overrides are ignored (e.g. ``fdr=None``: the run's FDR level).
+
+    Raises
+    ------
+    pipeline.errors.InputError
+        If an override is out of range.
+    """
+    settings = _stored_section(engine, run_id, "hits").hits
+    kept = {k: v for k, v in overrides.items() if v is not None}
+    return replace(settings, **kept) if kept else settings
 
 
 def read_profiles(
@@ -348,14 +372,20 @@ def read_profiles(
     return raw, normalize_profiles(raw, profile_recipe(engine, run_id), blocks=blocks)
 
 
-def hit_tables(normalized: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def hit_tables(
+    normalized: pd.DataFrame, settings: HitsConfig | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return the compound hit list and the compound-dose table of well profiles.
 
     `normalized` are well profiles after the run's recipe (`read_profiles`);
-    `pipeline.hits.call_hits` runs on them; the compound-dose table also carries
-    each compound-dose's consensus profile (median of its normalized wells).
+    `pipeline.hits.call_hits` runs on them with `settings` (default: `HitsConfig`
+    defaults); the compound-dose table also carries each compound-dose's
+    consensus profile (median of its normalized wells).
     """
-    hits, doses = call_hits(normalized)
+    settings = settings or HitsConfig()
+    hits, doses = call_hits(
+        normalized, fdr=settings.fdr, toxic_ratio=settings.toxicity_threshold
+    )
     features = [c for c in normalized.columns if not c.startswith("Metadata_")]
     consensus = (
         normalized.groupby(DOSE_KEYS, dropna=False)[features].median().reset_index()
@@ -363,9 +393,10 @@ def hit_tables(normalized: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return hits, doses.merge(consensus, on=DOSE_KEYS, how="left")
 
 
-def hit_table_names(recipe: ProfileConfig) -> tuple[str, str]:
-    """Names of the cached hit list and compound-dose table of a profile recipe."""
-    digest = hashlib.sha256(repr(recipe).encode()).hexdigest()[:12]
+def hit_table_names(recipe: ProfileConfig, settings: HitsConfig) -> tuple[str, str]:
+    """Names of the cached hit list and compound-dose table of a recipe and settings."""
+    key = repr((recipe, settings.fdr, settings.toxicity_threshold))
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return f"hits@{digest}", f"compound_doses@{digest}"
 
 
@@ -376,23 +407,26 @@ def read_hit_tables(
     *,
     feature_set: str | None = None,
     include_flagged: bool = False,
+    settings: HitsConfig | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return a run's hit list and compound-dose table, cached in the store.
 
-    Computed once by `hit_tables` from `read_profiles` and kept in the store
-    (`db.store.write_cached_tables`, under the recipe's hash) until the run's
-    cells, vectors or flags change; `phenoscreen run` computes them when it
-    completes, so the dashboard and `phenoscreen hits` read them instead of
-    calling hits again.
+    Computed once by `hit_tables` from `read_profiles` with `settings` (None: the
+    run's own, `hit_settings`) and kept in the store (`db.store.write_cached_tables`,
+    under a hash of the recipe and settings) until the run's cells, vectors or
+    flags change; `phenoscreen run` computes them when it completes, so the
+    dashboard and `phenoscreen hits` read them instead of calling hits again.
+    The hit list records the ``fdr`` and ``toxicity_threshold`` it used.
 
     Raises
     ------
     ValueError
-        As `read_profiles` and `pipeline.hits.call_hits` (e.g. a plate without
-        negative controls).
+        As `read_profiles` and `pipeline.hits.call_hits` (e.g. too few negative
+        controls).
     """
     name, _ = store.resolve_feature_set(engine, run_id, feature_set)
-    names = hit_table_names(profile_recipe(engine, run_id))
+    settings = settings or hit_settings(engine, run_id)
+    names = hit_table_names(profile_recipe(engine, run_id), settings)
     cached = store.read_cached_tables(
         engine, run_id, name, include_flagged=include_flagged, names=names
     )
@@ -402,7 +436,8 @@ def read_hit_tables(
         read_profiles(
             engine, run_id, experiment_id, feature_set=name,
             include_flagged=include_flagged,
-        )[1]
+        )[1],
+        settings,
     )  # fmt: skip
     store.write_cached_tables(
         engine, run_id, name, include_flagged=include_flagged,
@@ -416,30 +451,45 @@ def plate_qc_table(
     *,
     well_profiles: pd.DataFrame | None = None,
     features: Sequence[str] = (),
+    cell_count_control: str = "",
 ) -> pd.DataFrame:
-    """Return per-plate QC: Z' of the activity score and of the cell count, and edges.
+    """Return per-plate QC: Z' of the activity, edge effects, optional cell-count Z'.
 
     `normalized` are well profiles after the run's recipe (`read_profiles`);
-    `well_profiles` the raw ones, needed for `features` only. Activity is the
-    distance of each well from DMSO (`pipeline.profiles.score_wells`), so Z' says
-    how well positive controls separate from DMSO in the profile, the usual > 0.5
-    bar. ``edge_to_inner_cell_count`` compares DMSO wells on the plate's outer ring
-    with inner ones (1 = no edge effect).
+    `well_profiles` the raw ones, needed for `features` only. Activity is
+    `pipeline.profiles.well_activity`, so ``z_prime_activity`` says how well the
+    positive controls separate from DMSO in the profile (> 0.5: an excellent
+    assay; 0 to 0.5: usable for phenotypic screens). Edge effects compare the
+    plate's outer ring with its inner wells (`pipeline.plateqc.edge_effect`: DMSO
+    wells when both rings have them, else all wells): the cell-count ratio (1 =
+    none) and the activity difference (0 = none).
+
+    Parameters
+    ----------
+    normalized : DataFrame
+    well_profiles : DataFrame, optional
+    features : sequence of str
+        Also Z' of these raw features (positive vs negative controls).
+    cell_count_control : str
+        A compound declared to change cell count (e.g. a cytotoxic control):
+        ``z_prime_cell_count`` of its wells against the negative controls. Empty:
+        no cell-count Z' (it means nothing for controls that keep cells alive).
 
     Returns
     -------
     DataFrame
         One row per plate: ``Metadata_Plate``, ``z_prime_activity``,
-        ``robust_z_prime_activity``, ``z_prime_cell_count``, ``n_positive``,
-        ``n_negative``, ``edge_to_inner_cell_count``; Z' columns are NaN on plates
-        without two positive and two negative control wells. For each of
-        `features` (raw well medians), ``z_prime_<feature>`` and
-        ``robust_z_prime_<feature>``.
+        ``robust_z_prime_activity``, ``n_positive``, ``n_negative``,
+        ``edge_to_inner_cell_count``, ``edge_minus_inner_activity``,
+        ``edge_wells``; ``z_prime_cell_count`` with `cell_count_control`; for each
+        of `features`, ``z_prime_<feature>`` and ``robust_z_prime_<feature>``.
+        Z' columns are NaN on plates without two wells of each control group.
 
     Raises
     ------
     ValueError
-        If a feature is not a column of the profiles (similar names are listed).
+        If a feature is not a column of the profiles (similar names are listed),
+        or `cell_count_control` is not a compound of the run.
     """
     columns = [] if well_profiles is None else well_profiles.columns
     for feature in features:
@@ -449,46 +499,65 @@ def plate_qc_table(
                 f"feature {feature!r} is not in the profiles; similar: "
                 f"{', '.join(similar[:10]) or 'none'}."
             )
+    compounds = normalized["Metadata_Compound"]
+    if cell_count_control and not (compounds == cell_count_control).any():
+        raise ValueError(
+            f"cell_count_control {cell_count_control!r} is not a compound of the "
+            f"run; its compounds include {', '.join(sorted(compounds.unique())[:10])}."
+        )
     wells = normalized[metadata_columns(normalized)].assign(
-        activity=score_wells(normalized)
+        activity=well_activity(normalized)
     )
-    plates = pd.DataFrame({"Metadata_Plate": sorted(wells["Metadata_Plate"].unique())})
-    try:
-        activity = plate_z_prime(wells, "activity")
-        counts = plate_z_prime(wells, "Metadata_CellCount")
-    except ValueError:  # no plate has both control kinds: Z' is undefined
-        activity = counts = pd.DataFrame(columns=["Metadata_Plate", "z_prime",
-                                                  "robust_z_prime", "n_positive",
-                                                  "n_negative"])  # fmt: skip
-    table = plates.merge(
-        activity[["Metadata_Plate", "z_prime", "robust_z_prime", "n_positive", "n_negative"]]
-        .rename(columns={"z_prime": "z_prime_activity",
-                         "robust_z_prime": "robust_z_prime_activity"}),
-        on="Metadata_Plate", how="left",
-    ).merge(
-        counts[["Metadata_Plate", "z_prime"]].rename(columns={"z_prime": "z_prime_cell_count"}),
-        on="Metadata_Plate", how="left",
-    )  # fmt: skip
-    for feature in features:
+    z_columns = ["Metadata_Plate", "z_prime", "robust_z_prime", "n_positive",
+                 "n_negative"]  # fmt: skip
+
+    def z_primes(table: pd.DataFrame, value: str) -> pd.DataFrame:
         try:
-            scores = plate_z_prime(well_profiles, feature)
-        except ValueError:  # no plate has both control kinds
-            continue
+            return plate_z_prime(table, value)
+        except ValueError:  # no plate has both control kinds: Z' is undefined
+            return pd.DataFrame(columns=z_columns)
+
+    table = pd.DataFrame({"Metadata_Plate": sorted(wells["Metadata_Plate"].unique())})
+    activity = z_primes(wells, "activity")[z_columns].rename(
+        columns={"z_prime": "z_prime_activity",
+                 "robust_z_prime": "robust_z_prime_activity"}
+    )  # fmt: skip
+    table = table.merge(activity, on="Metadata_Plate", how="left")
+    if cell_count_control:
+        declared = wells.assign(
+            Metadata_Role=np.where(
+                compounds == cell_count_control, "positive_control",
+                np.where(wells["Metadata_Role"] == "negative_control",
+                         "negative_control", "other"),
+            )
+        )  # fmt: skip
+        counts = z_primes(declared, "Metadata_CellCount")[["Metadata_Plate", "z_prime"]]
         table = table.merge(
-            scores[["Metadata_Plate", "z_prime", "robust_z_prime"]].rename(
+            counts.rename(columns={"z_prime": "z_prime_cell_count"}),
+            on="Metadata_Plate", how="left",
+        )  # fmt: skip
+    for feature in features:
+        scores = z_primes(well_profiles, feature)[
+            ["Metadata_Plate", "z_prime", "robust_z_prime"]
+        ]
+        table = table.merge(
+            scores.rename(
                 columns={"z_prime": f"z_prime_{feature}",
                          "robust_z_prime": f"robust_z_prime_{feature}"}
             ),
             on="Metadata_Plate", how="left",
         )  # fmt: skip
-    edges = edge_effect(wells, "Metadata_CellCount")[
-        ["Metadata_Plate", "edge_to_inner_ratio"]
-    ]
-    return table.merge(
-        edges.rename(columns={"edge_to_inner_ratio": "edge_to_inner_cell_count"}),
-        on="Metadata_Plate",
-        how="left",
+    counts = edge_effect(wells, "Metadata_CellCount")
+    shift = edge_effect(wells, "activity", statistic="difference")
+    edges = counts[["Metadata_Plate", "edge_effect", "edge_wells"]].rename(
+        columns={"edge_effect": "edge_to_inner_cell_count"}
     )
+    edges["edge_minus_inner_activity"] = shift["edge_effect"].to_numpy()
+    no_counts = edges["edge_wells"] == "no values"
+    edges.loc[no_counts, "edge_wells"] = shift.loc[no_counts, "edge_wells"].map(
+        lambda used: f"{used} (activity only: no cell counts)"
+    )
+    return table.merge(edges, on="Metadata_Plate", how="left")
 
 
 def moa_table(
@@ -535,11 +604,7 @@ def _role_suffix(role: str) -> str:
 
 def _map_labels(level: str, table: pd.DataFrame) -> pd.Series:
     if level == "compound_dose":
-        return (
-            table["Metadata_Compound"] + " @ "
-            + table["Metadata_Concentration"].map("{:g}".format)
-            + table["Metadata_Role"].map(_role_suffix)
-        )  # fmt: skip
+        return dose_labels(table) + table["Metadata_Role"].map(_role_suffix)
     label = table["Metadata_Plate"] + "/" + table["Metadata_Well"]
     if level == "cell":
         label += (
@@ -574,7 +639,7 @@ def phenotype_map_table(
     normalized = normalized[
         np.isfinite(normalized[features].to_numpy(float)).all(axis=1)
     ]
-    normalized = normalized.assign(Metadata_Activity=score_wells(normalized))
+    normalized = normalized.assign(Metadata_Activity=well_activity(normalized))
     moa = normalized.get("Metadata_MoA")
     doses = normalized.assign(Metadata_MoA=moa).groupby(DOSE_KEYS, dropna=False)
     consensus = pd.concat(
@@ -596,7 +661,7 @@ def phenotype_map_table(
             np.isfinite(cell_table[cell_features].to_numpy(float)).all(axis=1)
         ]
         cell_table = cell_table[[*metadata_columns(cell_table), *cell_features]]
-        cell_table = cell_table.assign(Metadata_Activity=score_wells(cell_table))
+        cell_table = cell_table.assign(Metadata_Activity=well_activity(cell_table))
         if len(cell_table) >= 4:
             tables.append(("cell", cell_table, cell_features))
     levels = []
@@ -683,13 +748,17 @@ def export_table(
     run_id: int | None = None,
     include_flagged: bool = False,
     feature_set: str | None = None,
+    fdr: float | None = None,
+    toxicity_threshold: float | None = None,
 ) -> int:
     """Export a table of a run (default: the latest complete run).
 
     ``cells``: one row per cell; ``wells``: per-well profiles (median or mean of
     the cells, as the feature set records); ``compounds``: per compound-dose
-    activity, q-value and consensus profile; ``hits``: the per-compound hit list;
-    of the `feature_set` (classical, deep, combined or any stored name).
+    activity, test, q-value and consensus profile; ``hits``: the per-compound hit
+    list (with the run's `hit_settings`, `fdr` and `toxicity_threshold` overriding
+    them when given); of the `feature_set` (classical, deep, combined or any
+    stored name).
 
     Returns
     -------
@@ -719,9 +788,12 @@ def export_table(
                                 feature_set=feature_set)]
         )  # fmt: skip
     else:
+        settings = hit_settings(
+            engine, run_id, fdr=fdr, toxicity_threshold=toxicity_threshold
+        )
         hits, doses = read_hit_tables(
             engine, run_id, experiment_id, feature_set=feature_set,
-            include_flagged=include_flagged,
+            include_flagged=include_flagged, settings=settings,
         )  # fmt: skip
         stream = iter([doses if table == "compounds" else hits])
     return write_tables(stream, out, fmt=fmt)

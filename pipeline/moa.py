@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline.profiles import feature_columns
+from pipeline.profiles import dose_labels, feature_columns
 
 KEYS = ["Metadata_Compound", "Metadata_Concentration"]
 
@@ -277,11 +277,7 @@ def compare_compound(
     neighbors = pd.concat([table.iloc[[query]], best]).assign(rank=range(len(best) + 1))
     top = np.argsort(-np.abs(values[query]), kind="stable")[:n_features]
     rows = values[neighbors.index.to_numpy()][:, top]
-    labels = (
-        neighbors["Metadata_Compound"]
-        + " @ "
-        + neighbors["Metadata_Concentration"].map("{:g}".format)
-    )
+    labels = dose_labels(neighbors)
     long = pd.DataFrame(
         {
             "feature": np.tile(np.asarray(features)[top], len(neighbors)),

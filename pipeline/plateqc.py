@@ -105,53 +105,90 @@ def plate_z_prime(wells: pd.DataFrame, value: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def edge_effect(wells: pd.DataFrame, value: str) -> pd.DataFrame:
+#: Ways `edge_effect` compares the rings.
+EDGE_STATISTICS = ("ratio", "difference")
+
+
+def edge_effect(
+    wells: pd.DataFrame, value: str, *, statistic: str = "ratio"
+) -> pd.DataFrame:
     """Compare a per-well value in the outer ring of wells with the inner wells.
 
-    Only negative-control wells are used, so compound effects do not confound it. The
-    ring is that of the plate format (96, 384, 1536) inferred from the plate's wells.
+    Negative-control wells are used when at least two sit on the edge and two
+    inside, so compound effects do not confound it; otherwise (e.g. DMSO only in
+    the edge columns) all wells with a value except positive controls, which in a
+    screen are mostly inactive. The ring is that of the plate format (96, 384,
+    1536) inferred from the plate's wells.
 
     Parameters
     ----------
     wells : DataFrame
         ``Metadata_Plate``, ``Metadata_Well``, ``Metadata_Role`` and `value`.
     value : str
-        E.g. ``Metadata_CellCount``.
+        E.g. ``Metadata_CellCount`` or an activity column.
+    statistic : {"ratio", "difference"}
+        ``edge_effect`` as edge median / inner median (1 = none; for counts) or
+        edge median - inner median (0 = none; for activity).
 
     Returns
     -------
     DataFrame
-        Per plate: ``edge_median``, ``inner_median``, ``edge_to_inner_ratio`` (NaN when
-        either ring has no control well).
+        Per plate: ``edge_median``, ``inner_median``, ``edge_effect`` and
+        ``edge_wells`` (``negative controls`` or ``all wells``, or why the effect
+        is NaN: ``no values``, ``no inner wells``, ``no edge wells``).
 
     Raises
     ------
     ValueError
-        If columns are missing.
+        If columns are missing or `statistic` is unknown.
     """
     needed = ("Metadata_Plate", "Metadata_Well", "Metadata_Role", value)
     missing = [c for c in needed if c not in wells]
     if missing:
         raise ValueError(f"wells lacks columns {missing}.")
-    controls = wells[wells["Metadata_Role"] == "negative_control"]
+    if statistic not in EDGE_STATISTICS:
+        raise ValueError(
+            f"statistic {statistic!r} is unknown; use {' or '.join(EDGE_STATISTICS)}."
+        )
     rows = []
-    for plate, group in controls.groupby("Metadata_Plate", sort=True):
-        plate_wells = wells.loc[wells["Metadata_Plate"] == plate, "Metadata_Well"]
-        n_rows, n_cols = PLATE_FORMATS[infer_plate_format(plate_wells)]
+    for plate, group in wells.groupby("Metadata_Plate", sort=True):
+        n_rows, n_cols = PLATE_FORMATS[infer_plate_format(group["Metadata_Well"])]
         positions = np.array([parse_well(w) for w in group["Metadata_Well"]])
         on_edge = (
             (positions[:, 0] == 0) | (positions[:, 1] == 0)
             | (positions[:, 0] == n_rows - 1) | (positions[:, 1] == n_cols - 1)
         )  # fmt: skip
         values = group[value].to_numpy(float)
-        edge = np.median(values[on_edge]) if on_edge.any() else np.nan
-        inner = np.median(values[~on_edge]) if (~on_edge).any() else np.nan
+        finite = np.isfinite(values)
+        role = group["Metadata_Role"].to_numpy()
+        control = finite & (role == "negative_control")
+        if (control & on_edge).sum() >= 2 and (control & ~on_edge).sum() >= 2:
+            used, label = control, "negative controls"
+        else:
+            used, label = finite & (role != "positive_control"), "all wells"
+        edge = np.median(values[used & on_edge]) if (used & on_edge).any() else np.nan
+        inner = (
+            np.median(values[used & ~on_edge]) if (used & ~on_edge).any() else np.nan
+        )
+        if not finite.any():
+            label = "no values"
+        elif np.isnan(inner):
+            label = "no inner wells"
+        elif np.isnan(edge):
+            label = "no edge wells"
+        ratio = edge / inner if inner else np.nan
+        effect = edge - inner if statistic == "difference" else ratio
         rows.append(
             {
                 "Metadata_Plate": plate,
                 "edge_median": edge,
                 "inner_median": inner,
-                "edge_to_inner_ratio": edge / inner if inner else np.nan,
+                "edge_effect": effect,
+                "edge_wells": label,
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(
+        rows,
+        columns=["Metadata_Plate", "edge_median", "inner_median", "edge_effect",
+                 "edge_wells"],
+    )  # fmt: skip

@@ -1,9 +1,9 @@
-"""Well profiles, DMSO normalization and a baseline compound ranking.
+"""Well profiles, DMSO normalization and the activity scale.
 
 Pure functions on DataFrames. Profiles follow pycytominer: ``Metadata_*`` columns
-plus feature columns. The ranking here is the simplest honest activity score (root
-mean square of robust z-scores against the plate's negative controls), kept until the
-hit-calling issue brings mAP, permutation p-values and FDR.
+plus feature columns. `well_activity` defines the one activity scale (distance from
+DMSO in robust standard deviations of the DMSO wells' own distances); hit calling
+(mAP, distance tests, FDR) lives in `pipeline.hits`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from pipeline.config import ProfileConfig
 logger = logging.getLogger(__name__)
 
 MAD_SCALE = 1.4826
+#: Negative-control wells (with cells) each plate needs.
+MIN_CONTROLS = 2
 
 
 def metadata_columns(table: pd.DataFrame) -> list[str]:
@@ -30,6 +32,40 @@ def metadata_columns(table: pd.DataFrame) -> list[str]:
 def feature_columns(table: pd.DataFrame) -> list[str]:
     """Return the feature columns (all but ``Metadata_*``), in order."""
     return [c for c in table.columns if not c.startswith("Metadata_")]
+
+
+def dose_labels(table: pd.DataFrame) -> pd.Series:
+    """Return ``"compound @ concentration"`` per row, or the compound alone without one.
+
+    Parameters
+    ----------
+    table : DataFrame
+        ``Metadata_Compound`` and ``Metadata_Concentration`` (may be NaN).
+
+    Returns
+    -------
+    Series
+        Same index.
+
+    Raises
+    ------
+    ValueError
+        If a column is missing.
+
+    Examples
+    --------
+    >>> frame = pd.DataFrame({"Metadata_Compound": ["a", "b"],
+    ...                       "Metadata_Concentration": [0.5, np.nan]})
+    >>> dose_labels(frame).tolist()
+    ['a @ 0.5', 'b']
+    """
+    missing = {"Metadata_Compound", "Metadata_Concentration"} - set(table.columns)
+    if missing:
+        raise ValueError(f"table lacks columns {sorted(missing)}.")
+    doses = table["Metadata_Concentration"].map(
+        lambda c: "" if pd.isna(c) else f" @ {c:g}"
+    )
+    return table["Metadata_Compound"].astype(str) + doses.astype(str)
 
 
 def aggregate_cells(
@@ -111,7 +147,8 @@ def normalize_to_controls(
     Raises
     ------
     ValueError
-        If `method` is unknown, columns are missing, a plate has no control wells,
+        If `method` is unknown, columns are missing, a plate has fewer than
+        `MIN_CONTROLS` control wells with features,
         or no feature varies within the controls.
     """
     if method not in ("robust_z", "z"):
@@ -130,10 +167,13 @@ def normalize_to_controls(
         for plate in pd.unique(plates):
             rows = plates == plate
             controls = values[rows & is_control]
-            if not len(controls):
+            n_usable = int(np.isfinite(controls).any(axis=1).sum())
+            if n_usable < MIN_CONTROLS:
                 raise ValueError(
-                    f"plate {plate!r} has no {control_role} wells; normalization is "
-                    "fitted on them."
+                    f"at least {MIN_CONTROLS} {control_role} wells (with cells) per "
+                    f"plate are needed, as profiles are scaled to them; you have "
+                    f"{n_usable} on plate {plate!r}. Add DMSO wells to the plate map "
+                    f"(Metadata_Role = {control_role}) or leave the plate out."
                 )
             if method == "robust_z":
                 middle = np.nanmedian(controls, axis=0)
@@ -326,36 +366,68 @@ def weight_blocks(blocks: Sequence[pd.DataFrame]) -> list[pd.DataFrame]:
     return [b * np.sqrt(total / (len(blocks) * b.shape[1])) for b in blocks]
 
 
-def score_wells(normalized: pd.DataFrame) -> pd.Series:
-    """Return each well's baseline activity: RMS of its normalized features.
+def well_activity(normalized: pd.DataFrame) -> pd.Series:
+    """Return each well's activity: PhenoScreen's one activity scale.
+
+    A well's distance from DMSO is the root mean square of its normalized features;
+    its activity is that distance in robust standard deviations above the
+    distances of its plate's negative-control wells:
+    ``(d - median(d_controls)) / (1.4826 MAD(d_controls))``. DMSO wells therefore
+    scatter around 0 with spread 1 on every plate, and a compound-dose's activity
+    (`rank_compounds`), the hit list, the phenotype map, dose-response curves and
+    exports all use this number.
 
     Parameters
     ----------
     normalized : DataFrame
-        From `normalize_to_controls`.
+        From `normalize_to_controls`: ``Metadata_Role`` (and ``Metadata_Plate``;
+        without it, all rows are one plate) and feature columns.
 
     Returns
     -------
     Series
-        Same index; NaN for a well without finite features (e.g. no cells).
+        Same index, name ``activity``; NaN for a well without finite features
+        (e.g. no cells), and everywhere on a plate without two negative-control
+        wells with features.
+
+    Raises
+    ------
+    ValueError
+        If ``Metadata_Role`` is missing.
     """
+    if "Metadata_Role" not in normalized.columns:
+        raise ValueError("normalized lacks column Metadata_Role.")
     values = normalized[feature_columns(normalized)].to_numpy(np.float64)
     n_values = np.isfinite(values).sum(axis=1)
     sum_squares = np.nansum(values**2, axis=1)
-    scores = np.divide(
-        sum_squares, n_values, out=np.full(len(values), np.nan), where=n_values > 0
+    distance = np.sqrt(
+        np.divide(
+            sum_squares, n_values, out=np.full(len(values), np.nan), where=n_values > 0
+        )
     )
-    return pd.Series(np.sqrt(scores), index=normalized.index, name="activity")
+    plates = (
+        normalized["Metadata_Plate"].to_numpy()
+        if "Metadata_Plate" in normalized.columns
+        else np.zeros(len(normalized))
+    )
+    is_control = (normalized["Metadata_Role"] == "negative_control").to_numpy()
+    activity = np.full(len(values), np.nan)
+    for plate in pd.unique(plates):
+        rows = plates == plate
+        reference = distance[rows & is_control]
+        reference = reference[np.isfinite(reference)]
+        if len(reference) < 2:
+            continue
+        centre = np.median(reference)
+        spread = MAD_SCALE * np.median(np.abs(reference - centre))
+        if not spread > 0:
+            spread = max(float(np.std(reference, ddof=1)), 1e-9)
+        activity[rows] = (distance[rows] - centre) / spread
+    return pd.Series(activity, index=normalized.index, name="activity")
 
 
 def rank_compounds(normalized: pd.DataFrame) -> pd.DataFrame:
-    """Rank compound-doses by a baseline activity score against DMSO.
-
-    The score of a well is the root mean square of its normalized features (NaN for
-    a well without cells); a compound-dose's ``activity`` is the median over its
-    wells. ``activity_z`` says how
-    many robust standard deviations it lies above the negative-control wells'
-    scores, and ``cell_count_ratio`` compares its cell count with theirs.
+    """Rank compound-doses by activity (`well_activity`, median over their wells).
 
     Parameters
     ----------
@@ -366,10 +438,10 @@ def rank_compounds(normalized: pd.DataFrame) -> pd.DataFrame:
     Returns
     -------
     DataFrame
-        One row per non-control (compound, concentration), sorted by ``activity``
-        descending: ``Metadata_Compound``, ``Metadata_Concentration``,
-        ``Metadata_Role``, ``n_wells``, ``activity``, ``activity_z``,
-        ``cell_count_ratio``, ``rank``.
+        One row per non-control (compound, concentration, role), sorted by
+        ``activity`` descending: ``Metadata_Compound``, ``Metadata_Concentration``,
+        ``Metadata_Role``, ``n_wells``, ``activity``, ``cell_count_ratio`` (median
+        cell count over the negative controls' median) and ``rank``.
 
     Raises
     ------
@@ -386,12 +458,10 @@ def rank_compounds(normalized: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(
             f"normalized lacks columns {sorted(needed - set(normalized.columns))}."
         )
-    wells = normalized[list(needed)].assign(score=score_wells(normalized))
+    wells = normalized[list(needed)].assign(activity=well_activity(normalized))
     controls = wells[wells["Metadata_Role"] == "negative_control"]
     if controls.empty:
         raise ValueError("normalized has no negative_control wells to compare with.")
-    centre = controls["score"].median()
-    spread = max(MAD_SCALE * (controls["score"] - centre).abs().median(), 1e-9)
     count_ref = controls["Metadata_CellCount"].median()
     treated = wells[wells["Metadata_Role"] != "negative_control"]
     ranked = (
@@ -400,13 +470,12 @@ def rank_compounds(normalized: pd.DataFrame) -> pd.DataFrame:
             dropna=False,
         )
         .agg(
-            n_wells=("score", "size"),
-            activity=("score", "median"),
+            n_wells=("activity", "size"),
+            activity=("activity", "median"),
             cell_count=("Metadata_CellCount", "median"),
         )
         .reset_index()
     )
-    ranked["activity_z"] = (ranked["activity"] - centre) / spread
     ranked["cell_count_ratio"] = ranked.pop("cell_count") / count_ref
     ranked = ranked.sort_values("activity", ascending=False, ignore_index=True)
     ranked["rank"] = np.arange(1, len(ranked) + 1)

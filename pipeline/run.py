@@ -136,7 +136,8 @@ def prepare_run(
     FileNotFoundError
         If the image folder or plate map does not exist.
     InputError
-        Listing every problem of file names, plate map and channel map.
+        Listing every problem of file names, plate map and channel map; or if
+        ``[hits] cell_count_control`` names no compound of the plate map.
     """
     cfg = config.input
     regex = compile_pattern(layout=cfg.layout, pattern=cfg.pattern)
@@ -170,6 +171,12 @@ def prepare_run(
     wells = check_platemap_against_fields(
         platemap, fields, allow_unimaged_wells=cfg.allow_unimaged_wells
     )
+    control = config.hits.cell_count_control
+    if control and not (wells["Metadata_Compound"] == control).any():
+        raise InputError(
+            f"[hits] cell_count_control = {control!r} is not a compound of the plate "
+            "map's imaged wells; name one (e.g. a cytotoxic control) or leave it empty."
+        )
     formats = {
         str(plate): infer_plate_format(group["Metadata_Well"])
         for plate, group in wells.groupby("Metadata_Plate")

@@ -45,7 +45,7 @@ def run_args(demo_plate, url, config_file):
 
 def test_cli_run_status_hits_export(demo_plate, tmp_path, config_file, capsys):
     url = f"sqlite:///{tmp_path}/cli.db"
-    assert main(run_args(demo_plate, url, config_file)) == 0
+    assert main([*run_args(demo_plate, url, config_file), "--fdr", "0.1"]) == 0
     assert (
         "96 fields (96 processed, 0 already done, 0 failed)" in capsys.readouterr().out
     )
@@ -59,6 +59,7 @@ def test_cli_run_status_hits_export(demo_plate, tmp_path, config_file, capsys):
     out = capsys.readouterr().out
     assert "most_similar" in out and "rows written" in out
     hits = pd.read_csv(tmp_path / "hits.csv")
+    assert (hits["fdr"] == 0.1).all()  # the run's --fdr, stored in its [hits]
     assert list(hits["rank"]) == list(range(1, 10))
     assert "DMSO" not in set(hits["Metadata_Compound"]) and "is_hit" in hits.columns
     assert main(["map", "--db", url]) == 0

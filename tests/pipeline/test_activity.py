@@ -279,7 +279,7 @@ def test_leave_out_null_matches_the_distance_of_left_out_wells():
     controls = wells.filter(like="f").to_numpy()
     null = leave_out_null(controls, 3, null_size=200, rng=0)
     loo = mahalanobis_to_controls(wells.assign(Metadata_Plate="P1"))["mahalanobis"]
-    assert null.shape == (200,) and (null > 0).all()
+    assert null.shape == (200, 3) and (null > 0).all()
     assert 0.7 < np.median(null) / np.median(loo**2) < 1.5  # same scale
     with pytest.raises(ValueError, match="k"):
         leave_out_null(controls, 18)

@@ -113,6 +113,12 @@ def test_load_config_rejects_missing_file(tmp_path):
         ({"embed": {"colour": 1}}, "unknown key 'colour'"),
         ({"profile": {"whiten": "pca"}}, "profile.whiten = 'pca' is unknown"),
         ({"profile": {"whiten_scope": "well"}}, "profile.whiten_scope = 'well'"),
+        ({"hits": {"fdr": 0}}, r"hits.fdr = 0 must lie in \(0, 1\)"),
+        (
+            {"hits": {"toxicity_threshold": 2}},
+            "hits.toxicity_threshold = 2 must lie in",
+        ),
+        ({"hits": {"q": 0.1}}, "unknown key 'q'"),
     ],
 )
 def test_config_from_dict_rejects_bad_values(data, match):
@@ -125,7 +131,7 @@ def test_analysis_key_ignores_execution_and_qc_only():
     assert analysis_key(base) == analysis_key(
         with_overrides(base, execution={"n_workers": 7}, qc={"focus_mad": 2.0},
                        embed={"enabled": True, "layer": "pooled"},
-                       profile={"whiten": "controls"})
+                       profile={"whiten": "controls"}, hits={"fdr": 0.1})
     )  # fmt: skip
     for section, values in (
         ("segment", {"nucleus_diameter_px": 3}),

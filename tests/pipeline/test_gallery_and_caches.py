@@ -6,7 +6,7 @@ import pytest
 
 from db import store
 from db.session import make_engine
-from pipeline.config import ProfileConfig
+from pipeline.config import HitsConfig, ProfileConfig
 from pipeline.export import (
     hit_table_names,
     hit_tables,
@@ -213,7 +213,9 @@ def test_hit_tables_are_cached_in_the_store_until_the_run_changes(demo_run, tmp_
     url = copy_store(demo_run[0], tmp_path)
     engine = make_engine(url, create=False)
     hits, doses = read_hit_tables(engine, 1, 1)
-    names = hit_table_names(ProfileConfig())  # the run's recipe: the default one
+    # the run's recipe and hit settings: the default ones
+    names = hit_table_names(ProfileConfig(), HitsConfig())
+    assert names != hit_table_names(ProfileConfig(), HitsConfig(fdr=0.1))
     cached = store.read_cached_tables(
         engine, 1, "classical", include_flagged=False, names=names
     )
@@ -224,6 +226,10 @@ def test_hit_tables_are_cached_in_the_store_until_the_run_changes(demo_run, tmp_
     fresh = hit_tables(read_profiles(engine, 1, 1)[1])[0]
     columns = ["rank", "Metadata_Compound", "is_hit", "n_active_doses"]
     pd.testing.assert_frame_equal(hits[columns], fresh[columns])
+    looser, _ = read_hit_tables(engine, 1, 1, settings=HitsConfig(fdr=0.2))
+    assert (looser["fdr"] == 0.2).all() and looser["is_hit"].sum() >= hits[
+        "is_hit"
+    ].sum()
     flags = pd.Series({int(store.read_field_qc(engine, 1)["field_id"].iloc[0]): "x"})
     store.write_field_flags(engine, 1, flags)  # the run changed: caches dropped
     assert (

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import false_discovery_control
 
 from db.session import make_engine
 from db.store import resolve_run
@@ -13,7 +14,10 @@ from pipeline.hits import (
     DOSE_COLUMNS,
     HIT_COLUMNS,
     call_hits,
+    choose_tests,
     dose_distances,
+    lower_median,
+    map_p_floor,
     nearest_compounds,
     replicate_consistency,
     simes,
@@ -70,45 +74,91 @@ def test_simes_matches_formula_and_rejects_empty():
 
 
 def test_call_hits_finds_a_compound_active_at_its_top_dose_only():
+    # 3 replicates, 24 controls, 12 doses: mAP's floor (1/325) x 12 <= 0.05
     hits, doses = call_hits(make_normalized(), null_size=20_000)
-    assert list(hits.columns[: len(HIT_COLUMNS)]) == HIT_COLUMNS or set(
-        HIT_COLUMNS
-    ) <= set(hits)
+    assert set(HIT_COLUMNS) <= set(hits) and set(DOSE_COLUMNS) <= set(doses)
     called = hits.set_index("Metadata_Compound")
     assert called.loc["cmpd_0", "is_hit"]
     assert called.loc["cmpd_0", "n_active_doses"] == 1
+    assert called.loc["cmpd_0", "test"] == "mAP"
     assert not called.drop(index="cmpd_0")["is_hit"].any()
     assert called.loc["cmpd_3", "is_toxic"] and not called.loc["cmpd_0", "is_toxic"]
-    assert set(DOSE_COLUMNS) <= set(doses.columns)
     top = doses[
         (doses["Metadata_Compound"] == "cmpd_0")
         & (doses["Metadata_Concentration"] == 10)
     ]
     assert top["is_active"].item() and top["q_value"].item() < 0.05
+    assert top["p_value"].item() == top["map_p"].item()
 
 
-def test_call_hits_single_replicate_design_uses_doses_as_replicates():
-    # 100 DMSO wells: single-well p-values go down to 1 / 101
+def test_call_hits_single_replicate_design_uses_the_distance_test():
     normalized = make_normalized(
-        hit_doses=(0.1, 1.0, 10.0), n_replicates=1, n_controls=100, rng=1
+        hit_doses=(0.1, 1.0, 10.0), n_replicates=1, n_controls=16, rng=1
     )
     hits, doses = call_hits(normalized, null_size=20_000)
-    assert doses["p_value"].isna().all()
+    assert (doses["test"] == "distance").all()
+    assert doses["map_p"].isna().all()
+    assert (doses["p_value"] == doses["mahalanobis_p"]).all()
     called = hits.set_index("Metadata_Compound")
     assert called.loc["cmpd_0", "is_hit"] and called["is_hit"].sum() == 1
-    # one well per dose: doses are called on their Mahalanobis distance to DMSO
-    assert (doses["active_by"] == "mahalanobis").all()
+    # no floor at 1 / 17: the parametric tail reaches far below 0.05
     active = doses.loc[doses["is_active"], "Metadata_Compound"]
     assert set(active) == {"cmpd_0"} and len(active) == 3
-    assert called.loc["cmpd_0", "distance_q"] < 0.05
-    assert (called.drop(index="cmpd_0")["distance_q"] > 0.05).all()
+    assert called.loc["cmpd_0", "q_value"] < 0.01
+
+
+def test_hierarchical_calls_never_leave_a_hit_without_an_active_dose():
+    # cmpd_0 moves weakly at every dose: Simes over doses may call the compound
+    # only through its strongest dose, which is then active
+    normalized = make_normalized(hit_doses=(0.1, 1.0, 10.0), n_replicates=2, rng=4)
+    for shift in (0.3, 0.5, 0.8):
+        moved = normalized["Metadata_Compound"] == "cmpd_0"
+        weak = normalized.copy()
+        features = [c for c in weak.columns if c.startswith("f")]
+        weak.loc[moved, features] = weak.loc[moved, features] * shift
+        hits, doses = call_hits(weak, null_size=2_000)
+        n_active = doses.groupby("Metadata_Compound")["is_active"].sum()
+        for _, row in hits.iterrows():
+            assert row["is_hit"] == (n_active[row["Metadata_Compound"]] >= 1)
+
+
+def test_choose_tests_and_map_p_floor():
+    assert map_p_floor(2, 32) == pytest.approx(1 / 33)
+    assert map_p_floor(3, 16) == pytest.approx(1 / 153)
+    n_wells = pd.Series([1, 2, 3, 4])
+    assert list(choose_tests(n_wells, n_controls=48, n_tests=20, fdr=0.05)) == [
+        "distance", "distance", "mAP", "mAP"
+    ]  # fmt: skip
+    # a 1/1225 floor cannot reach 0.05 over 72 tests: the distance test instead
+    assert list(choose_tests(n_wells, n_controls=48, n_tests=72, fdr=0.05)) == [
+        "distance", "distance", "distance", "mAP"
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="n_replicates >= 2"):
+        map_p_floor(1, 10)
+    with pytest.raises(ValueError, match="n_tests >= 1"):
+        choose_tests(n_wells, n_controls=48, n_tests=0, fdr=0.05)
+
+
+def test_lower_median_takes_the_smaller_of_two_and_rejects_1d():
+    assert lower_median(np.array([[4.0, 1.0, 9.0]])).tolist() == [4.0]
+    with pytest.raises(ValueError, match="shape"):
+        lower_median(np.array([1.0, 2.0]))
 
 
 def test_dose_distances_and_replicate_consistency():
     normalized = make_normalized()
     distances = dose_distances(normalized).set_index(DOSE_KEYS_NO_ROLE)
-    assert distances.loc[("cmpd_0", 10.0), "mahalanobis_q"].item() < 0.05
-    assert (distances.drop(index=("cmpd_0", 10.0))["mahalanobis_q"] > 0.05).all()
+    assert distances.loc[("cmpd_0", 10.0), "mahalanobis_p"].item() < 1e-3
+    rest = distances.drop(index=("cmpd_0", 10.0))["mahalanobis_p"]
+    assert (false_discovery_control(rest, method="bh") > 0.05).all()
+    # one aberrant well of a duplicate does not make the dose look active
+    outlier = normalized.copy()
+    row = outlier.index[(outlier["Metadata_Compound"] == "cmpd_2")][0]
+    features = [c for c in outlier.columns if c.startswith("f")]
+    outlier.loc[row, features] = 20.0
+    pair = outlier.drop(index=[row + 2])  # cmpd_2 at 0.1: two wells left
+    distances = dose_distances(pair).set_index(DOSE_KEYS_NO_ROLE)
+    assert distances.loc[("cmpd_2", 0.1), "mahalanobis_p"].item() > 0.01
     consistency = replicate_consistency(
         normalized[normalized["Metadata_Role"] != "negative_control"]
     ).set_index(DOSE_KEYS_NO_ROLE)
@@ -121,6 +171,8 @@ def test_dose_distances_and_replicate_consistency():
     assert replicate_consistency(normalized.iloc[:27]).empty  # one compound-dose
     with pytest.raises(ValueError, match="Metadata_Role"):
         dose_distances(normalized.drop(columns="Metadata_Role"))
+    with pytest.raises(ValueError, match="null_size"):
+        dose_distances(normalized, null_size=1)
     with pytest.raises(ValueError, match="Metadata_Role"):
         replicate_consistency(normalized.drop(columns="Metadata_Role"))
 
@@ -138,13 +190,17 @@ def test_nearest_compounds_lists_the_most_similar_annotated_compounds():
     normalized.loc[twin, features] = normalized.loc[moved, features].to_numpy() + 0.1
     _, doses = call_hits(normalized, null_size=2_000)
     nearest = nearest_compounds(normalized, doses, k=2)
-    assert nearest["cmpd_0"].startswith("cmpd_1 ") and nearest["cmpd_0"].count(";") == 1
+    # only cmpd_1 passes the cosine cut-off: unrelated noise profiles do not
+    assert nearest["cmpd_0"].startswith("cmpd_1 ") and ";" not in nearest["cmpd_0"]
+    assert nearest["cmpd_2"] == ""
+    every = nearest_compounds(normalized, doses, k=2, min_similarity=-1)
+    assert every["cmpd_0"].count(";") == 1
     annotated = normalized.assign(
         Metadata_MoA=normalized["Metadata_Compound"].map(
             {"cmpd_1": "tubulin", "cmpd_2": "HDAC"}
         )
     )
-    nearest = nearest_compounds(annotated, doses, k=3)
+    nearest = nearest_compounds(annotated, doses, k=3, min_similarity=-1)
     assert (
         nearest["cmpd_0"].startswith("cmpd_1 (tubulin) ")
         and "(HDAC)" in nearest["cmpd_0"]
@@ -152,8 +208,10 @@ def test_nearest_compounds_lists_the_most_similar_annotated_compounds():
     assert "cmpd_3" not in nearest["cmpd_0"]  # not annotated
     with pytest.raises(ValueError, match="k = 0"):
         nearest_compounds(normalized, doses, k=0)
-    with pytest.raises(ValueError, match="activity_z"):
-        nearest_compounds(normalized, doses.drop(columns="activity_z"))
+    with pytest.raises(ValueError, match="min_similarity"):
+        nearest_compounds(normalized, doses, min_similarity=2)
+    with pytest.raises(ValueError, match="activity"):
+        nearest_compounds(normalized, doses.drop(columns="activity"))
 
 
 def test_call_hits_rejects():
@@ -163,6 +221,9 @@ def test_call_hits_rejects():
     only_controls = only_controls[only_controls["Metadata_Role"] == "negative_control"]
     with pytest.raises(ValueError, match="no treatment"):
         call_hits(only_controls)
+    single = make_normalized(n_replicates=1, n_controls=3)
+    with pytest.raises(ValueError, match="at least 4 negative-control wells"):
+        call_hits(single)
 
 
 @pytest.mark.slow

@@ -77,7 +77,8 @@ def test_per_well_table_imports_once_and_calls_hits(db_url, tmp_path):
     hits, _ = hit_tables(normalize_profiles(profiles))
     called = hits.set_index("Metadata_Compound")
     assert called.loc["BRD-0", "is_hit"] and called["is_hit"].sum() <= 2
-    assert "(moa" in called.loc["BRD-0", "nearest_compounds"]
+    # the other compounds are noise: none is similar enough to be listed
+    assert called.loc["BRD-0", "nearest_compounds"] == ""
     with pytest.raises(ValueError, match="per-well profiles"):
         next(iter_cell_tables(engine, *store.resolve_run(engine)))
 

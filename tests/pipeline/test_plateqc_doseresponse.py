@@ -9,7 +9,7 @@ from pipeline.doseresponse import (
     four_parameter_logistic,
 )
 from pipeline.plateqc import edge_effect, plate_z_prime, z_prime
-from pipeline.profiles import normalize_to_controls, score_wells
+from pipeline.profiles import normalize_to_controls, well_activity
 from tests.conftest import shared_data
 
 DOSES = np.repeat([0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0], 3)
@@ -69,12 +69,40 @@ def test_edge_effect_finds_low_counts_in_outer_wells():
         }
     )
     table = edge_effect(wells, "Metadata_CellCount")
-    assert table.loc[0, "edge_to_inner_ratio"] == pytest.approx(0.5)
+    assert table.loc[0, "edge_effect"] == pytest.approx(0.5)
+    assert table.loc[0, "edge_wells"] == "negative controls"
+    # DMSO only in the edge columns (the demo layout): all wells are compared
+    screen = wells.assign(
+        Metadata_Role=np.where(
+            [n[1:] in ("01", "12") for n in names], "negative_control", "treatment"
+        )
+    )
+    table = edge_effect(screen, "Metadata_CellCount")
+    assert table.loc[0, "edge_effect"] == pytest.approx(0.5)
+    assert table.loc[0, "edge_wells"] == "all wells"
+    shift = edge_effect(
+        screen.assign(activity=np.where(edge, 2.0, 0.5)), "activity",
+        statistic="difference",
+    )  # fmt: skip
+    assert shift.loc[0, "edge_effect"] == pytest.approx(1.5)
+    inner_only = edge_effect(screen[~np.array(edge)], "Metadata_CellCount")
+    assert np.isnan(inner_only.loc[0, "edge_effect"])
+    assert inner_only.loc[0, "edge_wells"] == "no edge wells"
+    no_counts = edge_effect(
+        screen.assign(Metadata_CellCount=np.nan), "Metadata_CellCount"
+    )
+    assert no_counts.loc[0, "edge_wells"] == "no values"
 
 
 def test_edge_effect_rejects_missing_columns():
     with pytest.raises(ValueError, match="lacks columns"):
         edge_effect(pd.DataFrame({"Metadata_Plate": ["P1"]}), "x")
+    wells = pd.DataFrame(
+        {"Metadata_Plate": ["P1"], "Metadata_Well": ["A01"],
+         "Metadata_Role": ["treatment"], "x": [1.0]}
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="statistic 'mean' is unknown"):
+        edge_effect(wells, "x", statistic="mean")
 
 
 def test_fit_dose_response_recovers_ec50_and_hill():
@@ -141,7 +169,7 @@ def test_fit_dose_responses_real_lincs_58_compounds():
         [meta, raw.loc[:, ~raw.columns.str.startswith("Metadata_")]], axis=1
     )
     normalized = normalize_to_controls(profiles)
-    wells = meta.assign(activity=score_wells(normalized))
+    wells = meta.assign(activity=well_activity(normalized))
     fits = fit_dose_responses(wells[~is_dmso], response="activity")
     assert len(fits) == 58
     assert set(fits["flag"]) <= set(FLAGS)
@@ -173,10 +201,19 @@ def test_plate_qc_table_on_the_demo_plate(demo_plate, sqlite_url):
         demo_plate["images"], demo_plate["platemap"], config=config, db_url=sqlite_url
     )
     engine = make_engine(sqlite_url)
-    table = plate_qc_table(read_profiles(engine, *resolve_run(engine))[1])
+    normalized = read_profiles(engine, *resolve_run(engine))[1]
+    table = plate_qc_table(normalized)
     row = table.iloc[0]
     assert (row["n_positive"], row["n_negative"]) == (8, 16)
     # 8 cells per well on this tiny plate: Z' is defined but far from assay quality
     assert -np.inf < row["z_prime_activity"] <= 1
     assert -np.inf < row["robust_z_prime_activity"] <= 1
-    assert np.isnan(row["edge_to_inner_cell_count"])  # all DMSO wells are on the edge
+    assert "z_prime_cell_count" not in table  # no control declared to change it
+    # all DMSO wells are on the edge: the edge effect comes from all wells
+    assert row["edge_wells"] == "all wells"
+    assert 0 < row["edge_to_inner_cell_count"] < 10
+    assert np.isfinite(row["edge_minus_inner_activity"])
+    toxic = plate_qc_table(normalized, cell_count_control="Toxicol")
+    assert np.isfinite(toxic.loc[0, "z_prime_cell_count"])
+    with pytest.raises(ValueError, match="'Nope' is not a compound"):
+        plate_qc_table(normalized, cell_count_control="Nope")

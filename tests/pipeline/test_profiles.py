@@ -6,12 +6,14 @@ from pipeline.config import ProfileConfig
 from pipeline.profiles import (
     MAD_SCALE,
     aggregate_cells,
+    dose_labels,
     feature_columns,
     metadata_columns,
     normalize_profiles,
     normalize_to_controls,
     rank_compounds,
     weight_blocks,
+    well_activity,
 )
 
 
@@ -142,8 +144,63 @@ def test_normalize_to_controls_rejects_plate_without_controls():
             & (profiles["Metadata_Role"] == "negative_control")
         )
     ]
-    with pytest.raises(ValueError, match="plate 'P2' has no negative_control wells"):
+    with pytest.raises(ValueError, match="you have 0 on plate 'P2'"):
         normalize_to_controls(profiles)
+
+
+def test_normalize_to_controls_names_the_plate_with_one_control():
+    profiles = make_profiles()
+    one_left = profiles.drop(
+        index=profiles.index[
+            (profiles["Metadata_Plate"] == "P1")
+            & (profiles["Metadata_Role"] == "negative_control")
+        ][1:]
+    )
+    with pytest.raises(ValueError, match="at least 2 negative_control wells.*you "
+                       "have 1 on plate 'P1'.*Add DMSO wells"):  # fmt: skip
+        normalize_to_controls(one_left)
+
+
+def test_well_activity_puts_dmso_at_zero_with_unit_spread_on_every_plate():
+    normalized = normalize_to_controls(make_profiles(hit="cmpd_2"))
+    activity = well_activity(normalized)
+    controls = normalized["Metadata_Role"] == "negative_control"
+    for _, plate in activity[controls].groupby(normalized["Metadata_Plate"]):
+        assert plate.median() == pytest.approx(0, abs=1e-9)
+        spread = MAD_SCALE * (plate - plate.median()).abs().median()
+        assert spread == pytest.approx(1)
+    hit = normalized["Metadata_Compound"] == "cmpd_2"
+    assert activity[hit].min() > activity[~hit].max()
+    # rank_compounds' activity is the median of its wells' activity
+    ranked = rank_compounds(normalized).set_index(
+        ["Metadata_Compound", "Metadata_Concentration"]
+    )
+    wells = normalized.assign(activity=activity)[~controls]
+    medians = wells.groupby(["Metadata_Compound", "Metadata_Concentration"])[
+        "activity"
+    ].median()
+    pd.testing.assert_series_equal(
+        ranked["activity"].sort_index(), medians.sort_index(), check_names=False
+    )
+    # a plate without two controls with features has no activity scale
+    lonely = normalized.drop(
+        index=normalized.index[controls & (normalized["Metadata_Plate"] == "P2")][1:]
+    )
+    assert well_activity(lonely)[lonely["Metadata_Plate"] == "P2"].isna().all()
+
+
+def test_dose_labels_leave_out_a_missing_concentration_and_reject_missing_columns():
+    table = pd.DataFrame(
+        {"Metadata_Compound": ["a", "b"], "Metadata_Concentration": [0.25, np.nan]}
+    )
+    assert dose_labels(table).tolist() == ["a @ 0.25", "b"]
+    with pytest.raises(ValueError, match="Metadata_Concentration"):
+        dose_labels(table.drop(columns="Metadata_Concentration"))
+
+
+def test_well_activity_rejects_missing_role():
+    with pytest.raises(ValueError, match="Metadata_Role"):
+        well_activity(pd.DataFrame({"f": [1.0]}))
 
 
 def test_normalize_to_controls_rejects_unknown_method():
@@ -155,8 +212,8 @@ def test_rank_compounds_finds_the_planted_hit_only():
     ranked = rank_compounds(normalize_to_controls(make_profiles(hit="cmpd_2")))
     top = ranked.head(2)
     assert set(top["Metadata_Compound"]) == {"cmpd_2"}
-    assert (top["activity_z"] > 5).all()
-    assert (ranked.iloc[2:]["activity_z"] < 5).all()
+    assert (top["activity"] > 5).all()
+    assert (ranked.iloc[2:]["activity"] < 5).all()
     assert list(ranked["rank"]) == list(range(1, len(ranked) + 1))
     assert (ranked["n_wells"] == 2).all()
     np.testing.assert_allclose(ranked["cell_count_ratio"], 1.0)

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from db import store
 from db.schema import Cell, FieldResult, Run
 from db.session import make_engine, session_scope
-from pipeline.config import config_from_dict
+from pipeline.config import config_from_dict, with_overrides
 from pipeline.demo import CHANNELS
 from pipeline.errors import InputError, PipelineError
 from pipeline.run import prepare_run, run_experiment
@@ -133,6 +133,13 @@ def test_prepare_run_rejects_unmapped_and_multichannel_tokens(demo_plate):
     )
     with pytest.raises(InputError, match="token is the 0-based channel index"):
         prepare_run(demo_plate["images"], demo_plate["platemap"], config=multi)
+    unknown_control = with_overrides(
+        demo_config(), hits={"cell_count_control": "Nope"}
+    )
+    with pytest.raises(InputError, match="cell_count_control = 'Nope' is not a"):
+        prepare_run(
+            demo_plate["images"], demo_plate["platemap"], config=unknown_control
+        )
 
 
 @pytest.mark.slow
