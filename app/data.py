@@ -23,9 +23,11 @@ from db.store import (
     resolve_run,
     summarize_runs,
 )
+from pipeline.config import HitsConfig
 from pipeline.export import (
     COMBINED_KIND,
     combined_blocks,
+    hit_settings,
     iter_cell_tables,
     plate_qc_table,
     read_hit_tables,
@@ -33,7 +35,7 @@ from pipeline.export import (
 )
 from pipeline.gallery import display_limits, field_thumbnail
 from pipeline.hits import DOSE_KEYS
-from pipeline.profiles import feature_columns, metadata_columns, score_wells
+from pipeline.profiles import feature_columns, metadata_columns, well_activity
 from pipeline.run import StoredFieldReader, sample_cell_crops
 
 DEFAULT_DB_URL = "sqlite:///phenoscreen.db"
@@ -131,12 +133,31 @@ def load_hits(
     )
 
 
+@st.cache_data(ttl=30)
+def load_hit_settings(url: str, run_id: int) -> HitsConfig:
+    """Return a run's hit settings (`[hits]` of its saved config)."""
+    engine = get_engine(url)
+    return hit_settings(engine, resolve_run(engine, run_id)[0])
+
+
 @st.cache_data
 def load_plate_qc(
     url: str, run_id: int, feature_set: str | None = None
 ) -> pd.DataFrame:
-    """Return per-plate Z' and edge effect of a run."""
-    return plate_qc_table(load_normalized_profiles(url, run_id, feature_set))
+    """Return per-plate QC of a run: Z' of activity, edge effects.
+
+    `pipeline.export.plate_qc_table`, with cell-count Z' when the run declares a
+    ``[hits] cell_count_control``.
+
+    Raises
+    ------
+    ValueError
+        If the declared cell-count control is not a compound of the run.
+    """
+    return plate_qc_table(
+        load_normalized_profiles(url, run_id, feature_set),
+        cell_count_control=load_hit_settings(url, run_id).cell_count_control,
+    )
 
 
 @st.cache_data(ttl=30)
@@ -153,10 +174,34 @@ def load_phenotype_map(url: str, run_id: int) -> pd.DataFrame:
 def load_well_activity(
     url: str, run_id: int, feature_set: str | None = None
 ) -> pd.DataFrame:
-    """Return every well's metadata and activity (distance from its plate's DMSO)."""
+    """Return every well's metadata and activity.
+
+    ``activity`` is `pipeline.profiles.well_activity`: distance from DMSO in robust
+    SDs of the plate's DMSO wells' own distances (DMSO wells: 0 +- 1).
+    """
     normalized = load_normalized_profiles(url, run_id, feature_set)
     return normalized[metadata_columns(normalized)].assign(
-        activity=score_wells(normalized)
+        activity=well_activity(normalized)
+    )
+
+
+@st.cache_data
+def load_compounds(url: str, run_id: int) -> pd.DataFrame:
+    """Return each compound of a run's plate map with its role, sorted by name.
+
+    Returns
+    -------
+    DataFrame
+        ``Metadata_Compound``, ``Metadata_Role``: one row per pair, from every
+        well of the run's experiment (profiled or not), so every view colours
+        compounds alike (`app.widgets.run_compound_colors`).
+    """
+    engine = get_engine(url)
+    wells = read_wells(engine, resolve_run(engine, run_id)[1])
+    return (
+        wells[["Metadata_Compound", "Metadata_Role"]]
+        .drop_duplicates()
+        .sort_values(["Metadata_Compound", "Metadata_Role"], ignore_index=True)
     )
 
 
@@ -200,7 +245,7 @@ def load_plate_map_metrics(
     Returns
     -------
     DataFrame
-        The well profiles plus ``activity`` (distance from the plate's DMSO),
+        The well profiles plus ``activity`` (`load_well_activity`),
         ``q_value`` (of the well's compound-dose) and ``Metadata_FlaggedFields``
         (fields left out by image QC); wells whose every field was flagged come
         with their metadata and NaN measurements.
@@ -237,6 +282,7 @@ def warm_up(url: str, run_id: int, feature_set: str | None = None) -> None:
     load_plate_qc(url, run_id, feature_set)
     load_consensus(url, run_id, feature_set)
     load_phenotype_map(url, run_id)
+    load_compounds(url, run_id)  # the compounds' colours
     load_channels(url, run_id)  # opens the run's image reader
 
 

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import numpy as np
 import pandas as pd
+import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
 from app import data
+from app.glossary import GLOSSARY
 from pipeline.gallery import composite, display_limits, draw_outlines
 from pipeline.platemap import PLATE_FORMATS, parse_well
+
+#: Colour of negative controls (DMSO) in every figure.
+CONTROL_GREY = "#999999"
+#: Compound colours: Plotly's Dark24 and Light24 without greys and pale tints.
+PALETTE = tuple(
+    c for c in (*px.colors.qualitative.Dark24, *px.colors.qualitative.Light24)
+    if c not in {"#222A2A", "#B2828D", "#778AAE", "#6E899C", "#FED4C4", "#C9FBE5"}
+)  # fmt: skip
 
 
 def pick_run() -> int | None:
@@ -74,6 +86,47 @@ def pick_feature_set(run_id: int) -> str | None:
         st.session_state["feature_set_choice"] = choice
     st.session_state["feature_set_name"] = options[choice]
     return options[choice]
+
+
+def compound_colors(
+    compounds: Iterable[str], *, negative_controls: Iterable[str] = ()
+) -> dict[str, str]:
+    """Return one colour per compound, the same in every view and figure.
+
+    Parameters
+    ----------
+    compounds : iterable of str
+        Every compound of the run (repeats allowed), so that each view gets the
+        same mapping whatever subset it shows.
+    negative_controls : iterable of str
+        Compounds drawn in `CONTROL_GREY` (e.g. DMSO).
+
+    Returns
+    -------
+    dict
+        Compound -> hex colour: the other compounds in sorted order take
+        `PALETTE` in turn (a run with more compounds than colours reuses them).
+    """
+    grey = set(negative_controls)
+    others = sorted(set(compounds) - grey)
+    colors = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(others)}
+    return colors | dict.fromkeys(sorted(grey), CONTROL_GREY)
+
+
+def run_compound_colors(run_id: int) -> dict[str, str]:
+    """Return `compound_colors` of a run's plate map (negative controls grey)."""
+    compounds = data.load_compounds(data.db_url(), run_id)
+    negative = compounds["Metadata_Role"] == "negative_control"
+    return compound_colors(
+        compounds["Metadata_Compound"],
+        negative_controls=compounds.loc[negative, "Metadata_Compound"],
+    )
+
+
+def show_glossary(terms: Sequence[str]) -> None:
+    """Show an expander "Glossary" defining `terms` (keys of `app.glossary.GLOSSARY`)."""
+    with st.expander("Glossary"):
+        st.markdown("\\n".join(f"- **{term}**: {GLOSSARY[term]}" for term in terms))
 
 
 def plate_heatmap(wells: pd.DataFrame, metric: str, *, title: str) -> go.Figure:
@@ -226,6 +279,23 @@ def treatment_label(well: pd.Series) -> str:
     return f"{well['Metadata_Compound']}{amount} ({well['Metadata_Role']})"
 
 
+def well_summary(well: pd.Series) -> str:
+    """Return e.g. ``312 cells, activity 2.41`` for a row of the plate-map metrics.
+
+    ``every field flagged by QC`` for a well without a profile (no
+    ``Metadata_FieldCount``, `app.data.load_plate_map_metrics`); a missing cell
+    count (imported profiles without one) or activity is left out.
+    """
+    if pd.isna(well.get("Metadata_FieldCount")):
+        return "every field flagged by QC"
+    parts = []
+    if pd.notna(well.get("Metadata_CellCount")):
+        parts.append(f"{int(well['Metadata_CellCount'])} cells")
+    if pd.notna(well.get("activity")):
+        parts.append(f"activity {well['activity']:.2f} SDs from DMSO")
+    return ", ".join(parts) or "no cell count or activity"
+
+
 def open_gallery(
     title: str,
     *,
@@ -263,27 +333,38 @@ def cell_gallery(
 
 
 def dose_response_figure(
-    wells: pd.DataFrame, fit: pd.Series, dmso: pd.Series, *, compound: str
+    wells: pd.DataFrame,
+    fit: pd.Series,
+    dmso: pd.Series,
+    *,
+    compound: str,
+    color: str | None = None,
 ) -> go.Figure:
-    """Return one compound's well activities vs dose with its fitted 4PL curve.
+    """Return one compound's well activities vs dose against the DMSO wells.
 
     Parameters
     ----------
     wells : DataFrame
-        The compound's wells: ``Metadata_Concentration`` (uM), ``activity``,
+        The compound's wells: ``Metadata_Concentration`` (uM; NaN in designs
+        without concentrations), ``activity`` (`pipeline.profiles.well_activity`),
         ``Metadata_Plate``, ``Metadata_Well``.
     fit : Series
         Its hit-list row: ``bottom``, ``top``, ``ec50``, ``hill``, ``ec50_flag``.
     dmso : Series
-        Activities of the DMSO wells (a band: median +- 1.4826 MAD).
+        Activities of the negative-control wells, drawn as a grey band from
+        their 5th to 95th percentile (from two finite values).
     compound : str
         For the title.
+    color : str, optional
+        The compound's colour (`compound_colors`); None: Plotly's first.
 
     Returns
     -------
     plotly Figure
-        Replicate wells as points (log-dose axis), the curve when it was fitted,
-        the DMSO band and a dotted line at the EC50.
+        Traces: ``DMSO`` (the band, when drawn), ``wells``, and ``4PL fit`` (with
+        a dotted line at the EC50) only when ``ec50_flag`` is ``ok``. Wells with a
+        positive concentration go on a log-dose axis (others are left out); when
+        none has one, all wells are one box with its points, over the band.
 
     Raises
     ------
@@ -294,39 +375,80 @@ def dose_response_figure(
     missing = [c for c in needed if c not in wells.columns]
     if missing:
         raise ValueError(f"wells lacks columns {missing}.")
-    figure = go.Figure()
-    centre = float(dmso.median()) if len(dmso) else 0.0
-    spread = 1.4826 * float((dmso - centre).abs().median()) if len(dmso) else 0.0
     doses = wells["Metadata_Concentration"].to_numpy(float)
-    if len(dmso):
-        figure.add_hrect(
-            y0=centre - spread, y1=centre + spread, fillcolor="grey", opacity=0.15,
-            line_width=0, annotation_text="DMSO", annotation_position="top left",
+    dosed = np.isfinite(doses) & (doses > 0)
+    labels = wells["Metadata_Plate"] + "/" + wells["Metadata_Well"]
+    figure = go.Figure()
+    if dosed.any():
+        log_range = (np.log10(doses[dosed].min()) - 0.5,
+                     np.log10(doses[dosed].max()) + 0.5)  # fmt: skip
+        _add_dmso_band(figure, dmso, x=np.power(10.0, log_range))
+        figure.add_trace(
+            go.Scatter(
+                x=doses[dosed], y=wells["activity"][dosed], mode="markers",
+                name="wells", marker={"color": color}, text=labels[dosed],
+                hovertemplate="%{text}<br>%{x:.3g} uM: activity %{y:.3g}<extra></extra>",
+            )
         )  # fmt: skip
+        _add_fit(figure, fit, log_range, color=color)
+        figure.update_layout(
+            title=f"{compound}: activity vs dose (EC50 fit: "
+            f"{fit.get('ec50_flag', 'no fit')})",
+            xaxis={"type": "log", "range": log_range, "title": "concentration (uM)"},
+        )  # fmt: skip
+    else:
+        _add_dmso_band(figure, dmso, x=(-0.5, 0.5))
+        figure.add_trace(
+            go.Box(
+                x=np.zeros(len(wells)), y=wells["activity"], name="wells",
+                boxpoints="all", jitter=0.5, pointpos=0, marker={"color": color},
+                text=labels, hovertemplate="%{text}: activity %{y:.3g}<extra></extra>",
+            )
+        )  # fmt: skip
+        figure.update_layout(
+            title=f"{compound}: activity of its wells (no concentrations in this "
+            "design)",
+            xaxis={"range": (-0.5, 0.5), "tickvals": [0], "ticktext": [compound]},
+        )  # fmt: skip
+    figure.update_layout(yaxis_title="activity (SDs from DMSO)", height=420)
+    return figure
+
+
+def _add_dmso_band(figure: go.Figure, dmso: pd.Series, *, x: Sequence[float]) -> None:
+    """Add the negative controls' 5th-95th percentile of activity as a grey band."""
+    values = dmso.to_numpy(float)
+    values = values[np.isfinite(values)]
+    if len(values) < 2:
+        return
+    low, high = np.percentile(values, [5, 95])
     figure.add_trace(
         go.Scatter(
-            x=doses, y=wells["activity"], mode="markers", name="wells",
-            text=wells["Metadata_Plate"] + "/" + wells["Metadata_Well"],
-            hovertemplate="%{text}<br>%{x:.3g} uM: activity %{y:.3g}<extra></extra>",
+            x=[x[0], x[1], x[1], x[0], x[0]], y=[low, low, high, high, low],
+            mode="lines", fill="toself", name="DMSO", line={"width": 0},
+            fillcolor="rgba(153, 153, 153, 0.3)", hoverinfo="text",
+            text=f"DMSO wells, 5th-95th percentile: {low:.2f} to {high:.2f}",
         )
     )  # fmt: skip
+
+
+def _add_fit(
+    figure: go.Figure, fit: pd.Series, log_range: Sequence[float], *, color: str | None
+) -> None:
+    """Add the 4PL curve and its EC50 when the fit's flag is ``ok``."""
     parameters = [fit.get(k) for k in ("bottom", "top", "ec50", "hill")]
-    if len(doses) and all(v is not None and np.isfinite(v) for v in parameters):
-        bottom, top, ec50, hill = (float(v) for v in parameters)
-        grid = np.logspace(
-            np.log10(doses.min()) - 0.5, np.log10(doses.max()) + 0.5, 200
-        )
-        curve = bottom + (top - bottom) / (1 + (ec50 / grid) ** hill)
-        figure.add_trace(go.Scatter(x=grid, y=curve, mode="lines", name="4PL fit"))
-        figure.add_vline(x=ec50, line_dash="dot")
-        # annotations on a log axis take log10(x) (add_vline's own label does not)
-        figure.add_annotation(
-            x=np.log10(ec50), y=1, yref="paper", text=f"EC50 {ec50:.3g} uM",
-            showarrow=False, xanchor="left", yanchor="bottom",
-        )  # fmt: skip
-    figure.update_layout(
-        title=f"{compound}: activity vs dose ({fit.get('ec50_flag', 'no fit')})",
-        xaxis_type="log", xaxis_title="concentration (uM)",
-        yaxis_title="activity (distance from DMSO)", height=420,
+    if fit.get("ec50_flag") != "ok" or not all(
+        v is not None and np.isfinite(v) for v in parameters
+    ):
+        return
+    bottom, top, ec50, hill = (float(v) for v in parameters)
+    grid = np.logspace(*log_range, 200)
+    curve = bottom + (top - bottom) / (1 + (ec50 / grid) ** hill)
+    figure.add_trace(
+        go.Scatter(x=grid, y=curve, mode="lines", name="4PL fit", line={"color": color})
+    )
+    figure.add_vline(x=ec50, line_dash="dot")
+    # annotations on a log axis take log10(x) (add_vline's own label does not)
+    figure.add_annotation(
+        x=np.log10(ec50), y=1, yref="paper", text=f"EC50 {ec50:.3g} uM",
+        showarrow=False, xanchor="left", yanchor="bottom",
     )  # fmt: skip
-    return figure

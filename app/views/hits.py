@@ -3,20 +3,29 @@
 import streamlit as st
 
 from app import data, widgets
+from app.glossary import GLOSSARY
 from pipeline.hits import DOSE_COLUMNS, HIT_COLUMNS
 
 st.header("Hits")
-st.caption(
-    "A compound is a hit when one of its doses is phenotypically active: its replicate "
-    "wells retrieve each other before the DMSO wells (mAP), p-values from a permutation "
-    "null, combined over doses (Simes) and corrected over compounds (Benjamini-Hochberg, "
-    "q < 0.05). activity_z: distance from DMSO. EC50: 4PL fit of activity vs dose. "
-    "Toxic: a dose with fewer than half the DMSO cell count."
-)
 run_id = widgets.pick_run()
 if run_id is not None:
     feature_set = widgets.pick_feature_set(run_id)
     hits, doses = data.load_hits(data.db_url(), run_id, feature_set)
+    fdr, toxic = hits["fdr"].iloc[0], hits["toxicity_threshold"].iloc[0]
+    st.caption(
+        "A compound is a hit when at least one of its doses is active against the "
+        f"DMSO wells at a false discovery rate of {fdr:g}. Each compound-dose is "
+        "tested by mAP (its replicate wells retrieve each other ahead of the DMSO "
+        "wells) when it has at least 3 replicate wells and the permutation test can "
+        "reach that level, otherwise by its Mahalanobis distance to the DMSO wells. "
+        "Its doses' p-values are combined (Simes) and corrected over compounds "
+        f"(Benjamini-Hochberg): a hit has q < {fdr:g}; the doses of hits are then "
+        "called active (n_active_doses, at least 1 per hit). Activity: distance "
+        "from DMSO in SDs of the DMSO wells (DMSO: 0 +- 1). EC50: only where the "
+        f"dose-response fit is ok. Toxic: a dose with fewer than {toxic:.0%} of the "
+        "DMSO wells' cells."
+    )
+    widgets.show_glossary(list(GLOSSARY))
     st.subheader(f"{int(hits['is_hit'].sum())} of {len(hits)} compounds are hits")
     show = st.radio(
         "Show", ["all compounds", "hits only", "toxic only"], horizontal=True,
@@ -30,14 +39,19 @@ if run_id is not None:
     compounds = hits["Metadata_Compound"].tolist()
     compound = st.selectbox("Compound", compounds, key="dose_response_compound")
     activity = data.load_well_activity(data.db_url(), run_id, feature_set)
+    of = activity[activity["Metadata_Compound"] == compound]
     figure = widgets.dose_response_figure(
-        activity[activity["Metadata_Compound"] == compound],
+        of,
         hits.set_index("Metadata_Compound").loc[compound],
         activity.loc[activity["Metadata_Role"] == "negative_control", "activity"],
         compound=compound,
+        color=widgets.run_compound_colors(run_id).get(compound),
     )
     widgets.show_figure(figure, f"dose_response_{compound}", key="dose_figure")
-    of = activity[activity["Metadata_Compound"] == compound]
+    st.caption(
+        "Each point is a well; the grey band holds the middle 90% of the DMSO "
+        "wells' activity (5th to 95th percentile)."
+    )
     if st.button(f"Open the cells of {compound} in the gallery", key="hit_gallery"):
         widgets.open_gallery(
             compound,

@@ -10,9 +10,11 @@ st.header("Phenotype map")
 st.caption(
     "Each point is a compound-dose (median of its wells), a well, or a sampled single "
     "cell, placed by UMAP of its DMSO-normalized profile; nearby points look alike. "
-    "Clusters: HDBSCAN on the map (-1 = unassigned). Click a point, or select points "
-    "with the box or lasso tool (toolbar above the map), to list them and open their "
-    "cells in the gallery."
+    "Clusters: HDBSCAN on the map (-1 = unassigned). Activity: distance from DMSO in "
+    "SDs of the DMSO wells (DMSO: 0 +- 1); a compound keeps its colour on every "
+    "level and in every view, DMSO is grey. Click a point, or select points with the "
+    "box or lasso tool (toolbar above the map), to list them and open their cells in "
+    "the gallery."
 )
 run_id = widgets.pick_run()
 if run_id is not None:
@@ -59,6 +61,9 @@ if run_id is not None:
             shown, x="umap_x", y="umap_y", color=colour, hover_name="label",
             hover_data=["compound", "concentration", "role", "moa", "activity"],
             custom_data=["label"], height=650,
+            color_discrete_map=(
+                widgets.run_compound_colors(run_id) if colour == "compound" else {}
+            ),
         )  # fmt: skip
         event = widgets.show_figure(
             figure, f"phenotype_map_{level}", key=f"map_{level}", on_select="rerun",

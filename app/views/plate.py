@@ -1,6 +1,5 @@
 """Plate view: plate QC, a plate map of any per-well metric, a well's fields and cells."""
 
-import pandas as pd
 import streamlit as st
 
 from app import data, widgets
@@ -11,22 +10,41 @@ if run_id is not None:
     url = data.db_url()
     feature_set = widgets.pick_feature_set(run_id)
     st.subheader("Plate QC")
+    control = data.load_hit_settings(url, run_id).cell_count_control
     st.caption(
-        "Z' of the activity score: positive controls vs DMSO (> 0.5 is a good assay). "
-        "Edge: DMSO cell count on the outer ring / inner wells (1 = no edge effect)."
+        "z_prime_activity and robust_z_prime_activity: how well the positive "
+        "controls' activity separates from the DMSO wells' (> 0.5 excellent, 0 to "
+        "0.5 usable for phenotypic screens, < 0 the controls overlap; blank without "
+        "two wells of each). Edge effect, outer ring vs inner wells: "
+        "edge_to_inner_cell_count (ratio of median cell counts, 1 = none) and "
+        "edge_minus_inner_activity (difference of median activity, 0 = none), over "
+        "the wells named in edge_wells. "
+        + (
+            f"z_prime_cell_count: cell count of the {control} wells vs DMSO "
+            "([hits] cell_count_control of the run's config)."
+            if control
+            else "No cell-count Z': the run declares no compound that changes cell "
+            "count ([hits] cell_count_control in its config)."
+        )
     )
-    st.dataframe(data.load_plate_qc(url, run_id, feature_set), hide_index=True)
+    widgets.show_glossary(["activity", "Z'", "edge effect"])
+    try:
+        st.dataframe(data.load_plate_qc(url, run_id, feature_set), hide_index=True)
+    except ValueError as exc:  # a cell-count control the run does not hold
+        st.error(f"Plate QC: {exc}")
     wells = data.load_plate_map_metrics(url, run_id, feature_set)
     st.subheader("Plate map")
-    numeric = [c for c in wells.columns if wells[c].dtype.kind in "fi"]
+    numeric = [c for c in wells.columns
+               if wells[c].dtype.kind in "fi" and wells[c].notna().any()]  # fmt: skip
     first = ["Metadata_CellCount", "activity", "q_value", "Metadata_FlaggedFields"]
-    numeric = [*first, *(c for c in numeric if c not in first)]
+    numeric = [*(c for c in first if c in numeric),
+               *(c for c in numeric if c not in first)]  # fmt: skip
     left, right = st.columns(2)
     plate = left.selectbox("Plate", sorted(wells["Metadata_Plate"].unique()))
     metric = right.selectbox(
-        "Colour wells by", numeric,
-        help="cell count, activity (distance from the plate's DMSO), q-value of the "
-        "well's compound-dose, fields flagged by image QC, or any feature",
+        "Colour wells by", numeric, key="plate_metric",
+        help="cell count, activity (SDs from the plate's DMSO wells), q-value of "
+        "the well's compound-dose, fields flagged by image QC, or any feature",
     )  # fmt: skip
     on_plate = wells[wells["Metadata_Plate"] == plate]
     event = widgets.show_figure(
@@ -59,11 +77,7 @@ if run_id is not None:
     row = on_plate[on_plate["Metadata_Well"] == well].iloc[0]
     st.markdown(
         f"**{plate} {well}**: {widgets.treatment_label(row)}, "
-        + (
-            f"{int(row['Metadata_CellCount'])} cells, activity {row['activity']:.2f}"
-            if pd.notna(row["Metadata_CellCount"])
-            else "every field flagged by QC"
-        )
+        f"{widgets.well_summary(row)}"
     )
     names = data.load_channels(url, run_id)
     if not names:

@@ -1,22 +1,39 @@
 """Every dashboard view renders on an empty store and on a store with a run."""
 
+import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import plotly.io
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from app.widgets import dose_response_figure
+from app.glossary import EC50_FLAGS, GLOSSARY
+from app.widgets import (
+    CONTROL_GREY,
+    PALETTE,
+    compound_colors,
+    dose_response_figure,
+    well_summary,
+)
 from db.session import make_engine
 from db.store import read_run_provenance, resolve_run, write_phenotype_map
+from pipeline.config import HitsConfig
+from pipeline.doseresponse import FLAGS
 from pipeline.export import phenotype_map_table, read_profiles, sample_cells
-from tests.conftest import copy_store
+from pipeline.hits import HIT_COLUMNS, MIN_SIMILARITY
+from tests.conftest import SHARED_DATA, copy_store
 
 APP = Path(__file__).resolve().parents[2] / "app"
 VIEWS = [
     "hits.py", "plate.py", "phenotype_map.py", "compare.py", "gallery.py", "runs.py"
 ]  # fmt: skip
+JUMP_MOA = (
+    "profiles/jump_moa_cpg0002_plate_BR00117060a10x/"
+    "BR00117060a10x_normalized_feature_select_negcon_plate.csv.gz"
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +46,60 @@ def run_view(view, url, monkeypatch):
     monkeypatch.setenv("PHENOSCREEN_DB_URL", url)
     app = AppTest.from_file(str(APP / "views" / view), default_timeout=60)
     return app.run()
+
+
+def plotly_figure(app, index=0):
+    """The Plotly figure of a view's `index`-th chart."""
+    return plotly.io.from_json(app.get("plotly_chart")[index].proto.spec)
+
+
+def figure_traces(app, index=0):
+    """The Plotly traces of a view's `index`-th chart."""
+    return plotly_figure(app, index).data
+
+
+def well_line(app):
+    """The Plates view's line about the chosen well (after the glossary)."""
+    return next(m.value for m in app.markdown if m.value.startswith("**"))
+
+
+def real_data(relative):
+    """Path under ../shared/data; skips when absent, fails under CI (CI=true)."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        reason = f"real data {path} is absent (../shared/data is not beside this clone)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} under CI")
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="module")
+def jump_stores(tmp_path_factory):
+    """The JUMP-MOA plate imported by `phenoscreen import-profiles`: store URLs.
+
+    ``as_given`` (no concentrations, with cell counts and a phenotype map) and
+    ``no_cell_counts`` (the same table without its count columns, no map).
+    """
+    from pipeline.cli import main
+    from pipeline.importers import CELL_COUNT_COLUMNS
+
+    source = real_data(JUMP_MOA)
+    folder = tmp_path_factory.mktemp("jump_moa")
+    without = folder / "no_cell_counts.csv.gz"
+    table = pd.read_csv(source)
+    table.drop(columns=[c for c in CELL_COUNT_COLUMNS if c in table.columns]).to_csv(
+        without, index=False
+    )
+    urls = {}
+    for name, path in (("as_given", source), ("no_cell_counts", without)):
+        urls[name] = f"sqlite:///{folder}/{name}.db"
+        assert main(["import-profiles", str(path), "--db", urls[name]]) == 0
+    engine = make_engine(urls["as_given"], create=False)
+    run_id, experiment_id = resolve_run(engine)
+    points = phenotype_map_table(read_profiles(engine, run_id, experiment_id)[1])
+    write_phenotype_map(engine, run_id, points)
+    return urls
 
 
 @pytest.mark.parametrize("view", VIEWS)
@@ -79,9 +150,7 @@ def test_plate_view_maps_a_plate_and_shows_a_wells_fields_and_cells(
     assert qc.loc[0, "Metadata_Plate"] == "DEMO-P1" and qc.loc[0, "n_positive"] == 8
     app.selectbox(key="plate_well").set_value("C05").run()
     assert not app.exception
-    assert (
-        "DEMO-P1 C05" in app.markdown[0].value and "Mitoglow" in app.markdown[0].value
-    )
+    assert "DEMO-P1 C05" in well_line(app) and "Mitoglow" in well_line(app)
     assert len(app.get("image")) == 1  # its one field, with outlines
     assert len(app.dataframe) == 1  # the cell table only on request
     app.toggle(key="well_cells_table").set_value(True).run()
@@ -193,19 +262,66 @@ def test_dose_response_figure_draws_wells_fit_and_dmso():
     )  # fmt: skip
     fit = pd.Series({"bottom": 1.0, "top": 5.0, "ec50": 1.0, "hill": 1.0,
                      "ec50_flag": "ok"})  # fmt: skip
-    figure = dose_response_figure(wells, fit, pd.Series([0.9, 1.1, 1.0]), compound="X")
-    assert [t.name for t in figure.data] == ["wells", "4PL fit"]
-    curve = figure.data[1]
+    dmso = pd.Series(np.linspace(-2.0, 2.0, 101))
+    figure = dose_response_figure(wells, fit, dmso, compound="X", color="#2E91E5")
+    assert [t.name for t in figure.data] == ["DMSO", "wells", "4PL fit"]
+    band = figure.data[0]
+    assert band.fill == "toself" and sorted(set(band.y)) == pytest.approx([-1.8, 1.8])
+    assert figure.data[1].marker.color == figure.data[2].line.color == "#2E91E5"
+    assert figure.layout.yaxis.title.text == "activity (SDs from DMSO)"
+    curve = figure.data[2]
     assert curve.y.min() > 0.99 and curve.y.max() < 5.01  # bottom .. top
     label = figure.layout.annotations[-1]
     assert label.text == "EC50 1 uM" and label.x == 0.0  # log10 on the log axis
     unfitted = dose_response_figure(
         wells, fit.drop("ec50"), pd.Series(dtype=float), compound="X"
     )
-    assert [t.name for t in unfitted.data] == ["wells"]
+    assert [t.name for t in unfitted.data] == ["wells"]  # no DMSO wells: no band
+    flagged = dose_response_figure(
+        wells, fit.replace({"ok": "ec50_outside_range"}), dmso, compound="X"
+    )
+    assert [t.name for t in flagged.data] == ["DMSO", "wells"]  # curve only if ok
     with pytest.raises(ValueError, match="activity"):
         dose_response_figure(wells.drop(columns="activity"), fit, wells["activity"],
                              compound="X")  # fmt: skip
+
+
+def test_dose_response_figure_without_concentrations_shows_a_box():
+    wells = pd.DataFrame(
+        {"Metadata_Concentration": np.nan, "activity": [3.0, 4.0, 5.0],
+         "Metadata_Plate": "P1", "Metadata_Well": ["A01", "A02", "A03"]}
+    )  # fmt: skip
+    fit = pd.Series({"ec50": np.nan, "ec50_flag": "too_few_doses"})
+    figure = dose_response_figure(wells, fit, pd.Series([-1.0, 0.0, 1.0]), compound="X")
+    assert [(t.type, t.name) for t in figure.data] == [
+        ("scatter", "DMSO"), ("box", "wells")
+    ]  # fmt: skip
+    assert list(figure.layout.xaxis.ticktext) == ["X"]
+    assert "no concentrations" in figure.layout.title.text
+
+
+def test_compound_colors_are_stable_and_grey_for_negative_controls():
+    compounds = ["b", "DMSO", "a", "c", "a"]
+    colors = compound_colors(compounds, negative_controls=["DMSO"])
+    assert colors == {"a": PALETTE[0], "b": PALETTE[1], "c": PALETTE[2],
+                      "DMSO": CONTROL_GREY}  # fmt: skip
+    assert compound_colors(compounds[::-1], negative_controls=["DMSO"]) == colors
+    many = compound_colors([f"c{i:03d}" for i in range(len(PALETTE) + 1)])
+    assert many["c000"] == many[f"c{len(PALETTE):03d}"]  # the palette repeats
+    assert CONTROL_GREY not in PALETTE and len(set(PALETTE)) == len(PALETTE)
+
+
+def test_glossary_defines_every_ec50_flag():
+    assert tuple(EC50_FLAGS) == FLAGS
+    assert all(f"`{flag}`" in GLOSSARY["ec50_flag"] for flag in FLAGS)
+
+
+def test_well_summary_says_what_a_well_has():
+    well = pd.Series({"Metadata_FieldCount": 1, "Metadata_CellCount": 312.0,
+                      "activity": 2.414})  # fmt: skip
+    assert well_summary(well) == "312 cells, activity 2.41 SDs from DMSO"
+    assert well_summary(well.drop("Metadata_CellCount")).startswith("activity")
+    assert well_summary(well.drop("Metadata_FieldCount")) == "every field flagged by QC"
 
 
 def test_read_run_provenance_rejects_unknown_runs(demo_store):
@@ -285,6 +401,14 @@ def test_views_on_imported_profiles_without_images(tmp_path, monkeypatch):
     assert "no images" in gallery.info[0].value
     compare = run_view("compare.py", url, monkeypatch)
     assert compare.dataframe[0].value.loc[0, "rank"] == 0
+    # one concentration per compound: wells on a log-dose axis, no curve
+    hits = run_view("hits.py", url, monkeypatch)
+    assert hits.dataframe[0].value["ec50_flag"].eq("too_few_doses").all()
+    traces = figure_traces(hits)
+    assert [(t.type, t.name) for t in traces] == [
+        ("scatter", "DMSO"), ("scatter", "wells")
+    ]  # fmt: skip
+    assert plotly_figure(hits).layout.xaxis.type == "log"
 
 
 def test_figure_png_export_renders_with_the_local_chromium():
@@ -316,4 +440,114 @@ def test_plate_view_marks_qc_flagged_fields(demo_run, tmp_path, monkeypatch):
     assert not app.exception
     caption = app.get("image")[0].proto.imgs[0].caption
     assert caption.startswith("site 1 (QC: blurred, left out of profiles)")
-    assert "every field flagged by QC" in app.markdown[0].value
+    assert "every field flagged by QC" in well_line(app)
+
+
+def test_plate_view_reports_cell_count_z_prime_of_the_declared_control(
+    demo_store, monkeypatch
+):
+    from app import data
+
+    st.cache_data.clear()
+    monkeypatch.setattr(
+        data, "load_hit_settings",
+        lambda url, run_id: HitsConfig(cell_count_control="Toxicol"),
+    )  # fmt: skip
+    app = run_view("plate.py", demo_store, monkeypatch)
+    assert not app.exception
+    qc = app.dataframe[0].value
+    assert np.isfinite(qc.loc[0, "z_prime_cell_count"])
+    assert "cell count of the Toxicol wells" in app.caption[0].value
+    assert app.expander[0].label == "Glossary"
+    st.cache_data.clear()
+    monkeypatch.setattr(
+        data, "load_hit_settings",
+        lambda url, run_id: HitsConfig(cell_count_control="Nonexistin"),
+    )  # fmt: skip
+    app = run_view("plate.py", demo_store, monkeypatch)
+    assert not app.exception
+    assert "'Nonexistin' is not a compound of the run" in app.error[0].value
+    assert len(app.get("plotly_chart")) == 1  # the plate map still shows
+    st.cache_data.clear()
+
+
+@pytest.mark.parametrize("store", ["as_given", "no_cell_counts"])
+def test_every_view_on_imported_jump_moa_profiles(jump_stores, store, monkeypatch):
+    url = jump_stores[store]
+    apps = {view: run_view(view, url, monkeypatch) for view in VIEWS}
+    for view, app in apps.items():
+        assert not app.exception, (view, app.exception)
+
+    hits = apps["hits.py"]
+    table = hits.dataframe[0].value
+    assert list(table.columns) == HIT_COLUMNS and len(table) == 90
+    n_hits = int(table["is_hit"].sum())
+    assert hits.subheader[0].value == f"{n_hits} of 90 compounds are hits"
+    assert (
+        5 <= n_hits < 90 and (table.loc[table["is_hit"], "n_active_doses"] >= 1).all()
+    )
+    assert "false discovery rate of 0.05" in hits.caption[0].value
+    assert "fewer than 50% of the DMSO wells' cells" in hits.caption[0].value
+    assert hits.expander[0].label == "Glossary"
+    assert "`too_few_doses`" in hits.expander[0].markdown[0].value
+    traces = figure_traces(hits)  # no concentrations: the wells as a box
+    assert [(t.type, t.name) for t in traces] == [
+        ("scatter", "DMSO"), ("box", "wells")
+    ]  # fmt: skip
+
+    plates = apps["plate.py"]
+    qc = plates.dataframe[0].value
+    assert "z_prime_cell_count" not in qc.columns  # no cell-count control declared
+    assert "No cell-count Z'" in plates.caption[0].value
+    assert "no images" in plates.info[0].value
+    assert "every field flagged" not in well_line(plates)
+    metrics = plates.selectbox(key="plate_metric").options
+    if store == "no_cell_counts":
+        assert (
+            qc.loc[0, "edge_wells"]
+            == "negative controls (activity only: no cell counts)"
+        )
+        assert "Metadata_CellCount" not in metrics and metrics[0] == "activity"
+        assert "cells" not in well_line(plates)
+    else:
+        assert qc.loc[0, "edge_wells"] == "negative controls"
+        assert metrics[0] == "Metadata_CellCount"
+
+    compare = apps["compare.py"]
+    neighbors = compare.dataframe[0].value
+    assert (
+        neighbors["is_similar"].tolist()
+        == (neighbors["cosine_similarity"] >= MIN_SIMILARITY).tolist()
+    )
+    shown = {t.name for t in figure_traces(compare)}
+    assert len(shown) == int(neighbors["is_similar"].sum())  # similar ones only
+    assert f"at or above {MIN_SIMILARITY:g}" in compare.caption[0].value
+
+    mapped = apps["phenotype_map.py"]
+    if store == "as_given":
+        assert len(mapped.get("plotly_chart")) == 1
+    else:
+        assert "phenoscreen map" in mapped.info[0].value
+    assert "no images" in apps["gallery.py"].info[0].value
+    assert apps["runs.py"].dataframe[0].value.loc[0, "status"] == "complete"
+
+
+def test_compound_colours_agree_across_map_levels_and_views(jump_stores, monkeypatch):
+    url = jump_stores["as_given"]
+    app = run_view("phenotype_map.py", url, monkeypatch)
+    app.selectbox(key="map_colour").set_value("compound").run()
+    colors = {}
+    for level in ("compound_dose", "well"):
+        app.radio(key="map_level").set_value(level).run()
+        assert not app.exception
+        colors[level] = {t.name: t.marker.color for t in figure_traces(app)}
+    assert len(colors["well"]) == 91  # 90 compounds and DMSO
+    assert colors["compound_dose"] == colors["well"]
+    assert colors["well"]["DMSO"] == CONTROL_GREY
+    hits = run_view("hits.py", url, monkeypatch)
+    compound = hits.selectbox(key="dose_response_compound").value
+    wells = next(t for t in figure_traces(hits) if t.name == "wells")
+    assert wells.marker.color == colors["well"][compound]
+    compare = run_view("compare.py", url, monkeypatch)
+    for trace in figure_traces(compare):  # bars: "compound @ dose"
+        assert trace.marker.color == colors["well"][trace.name.split(" @ ")[0]]
