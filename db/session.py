@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.schema import SCHEMA_VERSION, Base, SchemaInfo
@@ -22,6 +24,120 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _sqlite_path(url: str, database: str, *, create: bool) -> None:
+    """Check a SQLite store's path without writing anything."""
+    path = Path(database)
+    if path.is_dir():
+        raise ValueError(
+            f"db {url!r}: {str(path)!r} is a folder; name a .db file in it."
+        )
+    if not create and not path.exists():
+        raise ValueError(f"db {url!r}: no such file {str(path)!r}; run a plate first.")
+    if create:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if existing != path and not existing.is_dir():
+            raise ValueError(
+                f"db {url!r}: cannot create a store under {str(existing)!r}, which is "
+                "a file; choose a path in a folder."
+            )
+        if not os.access(existing, os.W_OK):
+            raise ValueError(
+                f"db {url!r}: {str(existing)!r} is not writable; choose a path you "
+                "can write to."
+            )
+    if path.is_file() and path.stat().st_size:
+        _check_tables(url, _sqlite_tables(url, path))
+
+
+def _sqlite_tables(url: str, path: Path) -> list[str]:
+    """Table names of an existing SQLite file, read-only (the file is not touched)."""
+    try:
+        with closing(
+            sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        ) as db:
+            rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            return [name for (name,) in rows]
+    except sqlite3.DatabaseError as exc:
+        raise ValueError(
+            f"db {url!r}: {str(path)!r} is not a SQLite database ({exc}); name a new "
+            "file or a PhenoScreen store."
+        ) from exc
+
+
+def _check_tables(url: str, tables: list[str]) -> None:
+    """Refuse a database that holds other tables but no PhenoScreen store."""
+    if tables and "schema_info" not in tables:
+        shown = ", ".join(sorted(tables)[:5])
+        raise ValueError(
+            f"db {url!r} holds {len(tables)} tables of another program ({shown}) and "
+            "no PhenoScreen store; nothing was added to it. Use a new database file "
+            "or an empty database."
+        )
+
+
+def _engine(url: str, *, create: bool) -> Engine:
+    """Check `url` (`_sqlite_path` for SQLite) and create its engine; no writes."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ValueError(
+            f"db URL {url!r} is not a database URL; use sqlite:///PATH.db or "
+            "postgresql+psycopg://USER@HOST:PORT/DB."
+        ) from exc
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                _sqlite_path(url, parsed.database, create=create)
+            engine = create_engine(parsed)
+            event.listen(engine, "connect", _sqlite_pragmas)
+            return engine
+        return create_engine(parsed, pool_pre_ping=True)
+    except (ImportError, NoSuchModuleError) as exc:
+        raise ValueError(
+            f"db URL {url!r}: no driver for {parsed.drivername!r} is installed "
+            f"({exc}); PhenoScreen stores run on sqlite:///PATH.db or "
+            "postgresql+psycopg://USER@HOST:PORT/DB."
+        ) from exc
+
+
+def _tables(url: str, engine: Engine) -> list[str]:
+    """Table names of the database behind `engine`; refuse another program's."""
+    database = engine.url.database
+    if engine.url.get_backend_name() == "sqlite":  # read-only: pragmas change files
+        path = Path(database) if database and database != ":memory:" else None
+        tables = _sqlite_tables(url, path) if path and path.is_file() else []
+    else:
+        try:
+            tables = inspect(engine).get_table_names()
+        except DBAPIError as exc:
+            raise ValueError(
+                f"db {url!r} cannot be opened as a database ({exc.orig}); check the "
+                "URL and that the server runs."
+            ) from exc
+    _check_tables(url, tables)
+    return tables
+
+
+def check_store(url: str, *, create: bool = True) -> None:
+    """Check that `url` can hold (or holds) a PhenoScreen store; write nothing.
+
+    Commands call it before reading their inputs, so store problems come first,
+    and open the store with `make_engine` only when they write.
+
+    Raises
+    ------
+    ValueError
+        As `make_engine`.
+    """
+    engine = _engine(url, create=create)
+    try:
+        tables = _tables(url, engine)
+    finally:
+        engine.dispose()
+    if not create and "schema_info" not in tables:
+        raise ValueError(f"db {url!r} holds no PhenoScreen store; run a plate first.")
 
 
 def make_engine(url: str, *, create: bool = True) -> Engine:
@@ -43,35 +159,19 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
     Raises
     ------
     ValueError
-        If `url` is not a database URL, the store has no schema and `create` is
-        False, or its schema version differs from this code's.
+        Naming the fix, if `url` is not a database URL or its driver is not
+        installed; the SQLite path is a folder, under a file, or not writable; the
+        database cannot be reached or is not a database file; it holds another
+        program's tables (left untouched); the store has no schema and `create` is
+        False; or its schema version differs from this code's.
     """
-    try:
-        parsed = make_url(url)
-    except ArgumentError as exc:
-        raise ValueError(
-            f"db URL {url!r} is not a database URL; use sqlite:///PATH.db or "
-            "postgresql+psycopg://USER@HOST:PORT/DB."
-        ) from exc
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            path = Path(parsed.database)
-            if create:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            elif not path.exists():
-                raise ValueError(
-                    f"db {url!r}: no such file {str(path)!r}; run a plate first."
-                )
-        engine = create_engine(parsed)
-        event.listen(engine, "connect", _sqlite_pragmas)
-    else:
-        engine = create_engine(parsed, pool_pre_ping=True)
-    has_schema = inspect(engine).has_table("schema_info")
-    if not has_schema:
-        if not create:
-            raise ValueError(
-                f"db {url!r} holds no PhenoScreen store; run a plate first."
-            )
+    check_store(url, create=create)
+    engine = _engine(url, create=create)
+    if engine.url.get_backend_name() == "sqlite" and create:
+        database = engine.url.database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+    if not inspect(engine).has_table("schema_info"):
         Base.metadata.create_all(engine)
         with Session(engine) as session, session.begin():
             session.add(SchemaInfo(id=1, version=SCHEMA_VERSION))

@@ -790,7 +790,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_import_profiles(args: argparse.Namespace) -> int:
     """Import existing profiles as a complete run."""
-    from db.session import make_engine
     from pipeline.importers import ImportOptions, import_profiles
 
     options = ImportOptions(
@@ -805,7 +804,7 @@ def cmd_import_profiles(args: argparse.Namespace) -> int:
         feature_set=args.feature_set,
     )
     summary = import_profiles(
-        make_engine(_db_url(args)), args.path, options, experiment=args.experiment
+        _db_url(args), args.path, options, experiment=args.experiment
     )
     dropped = summary["n_dropped_features"]
     print(

@@ -470,6 +470,29 @@ def _check_range(
         raise InputError(f"{section}.{name} = {value!r} must lie in [{low}, {high}].")
 
 
+def _type_problem(section: str, key: str, value: Any, annotation: str) -> str | None:
+    """Return why `value` does not fit a field annotated `annotation`, or None."""
+    if value is None and "None" in annotation:
+        return None
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    kinds = (
+        ("bool", isinstance(value, bool), "true or false"),
+        ("tuple", isinstance(value, list | tuple), "a list, e.g. [1, 2]"),
+        ("dict", isinstance(value, dict), 'a table of NAME = "TOKEN" pairs'),
+        (
+            "int",
+            isinstance(value, int) and not isinstance(value, bool),
+            "a whole number",
+        ),
+        ("float", number, "a number"),
+        ("str", isinstance(value, str), 'text in quotes, e.g. "name"'),
+    )
+    for kind, fits, wanted in kinds:
+        if annotation.startswith(kind):
+            return None if fits else f"[{section}] {key} = {value!r} must be {wanted}."
+    return None
+
+
 def config_from_dict(
     data: dict[str, Any], *, source: str = "config", stored: bool = False
 ) -> RunConfig:
@@ -489,7 +512,8 @@ def config_from_dict(
     ------
     InputError
         Naming every unknown section or key with the valid ones (retired keys with
-        their replacement), or a value out of range.
+        their replacement), a value of the wrong type (with the type wanted), or a
+        value out of range.
     """
     problems = []
     for section in data:
@@ -505,12 +529,15 @@ def config_from_dict(
                 del values[key]
                 if not stored:
                     problems.append(f"[{name}] {key} was retired: {advice}.")
-        valid = [f.name for f in fields(cls)]
-        for key in values:
-            if key not in valid:
+        annotations = {f.name: str(f.type) for f in fields(cls)}
+        for key, value in values.items():
+            if key not in annotations:
                 problems.append(
-                    f"[{name}] has unknown key {key!r}; valid: {', '.join(valid)}."
+                    f"[{name}] has unknown key {key!r}; valid: "
+                    f"{', '.join(annotations)}."
                 )
+            elif problem := _type_problem(name, key, value, annotations[key]):
+                problems.append(problem)
         if problems:
             continue
         if name == "input" and "pattern" in values:

@@ -689,15 +689,69 @@ def phenotype_map_table(
     return pd.concat(levels, ignore_index=True)
 
 
-def _write_tmp(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(path.name + ".tmp")
+#: Leading characters that make a spreadsheet read a CSV cell as a formula.
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def check_output_path(out: str | Path) -> Path:
+    """Return `out` if a table may be written there; refuse it with the fix otherwise.
+
+    The export rule: a relative path must stay inside the working directory (an
+    absolute path says where on purpose), its folder must exist (no folders are
+    created), and it must not be a folder.
+
+    Raises
+    ------
+    ValueError
+        Naming the path and the fix.
+    """
+    out = Path(out)
+    if not out.is_absolute():
+        here = Path.cwd().resolve()
+        if not out.resolve().is_relative_to(here):
+            raise ValueError(
+                f"--out {str(out)!r} leads outside the working directory {str(here)!r}; "
+                "give an absolute path if you mean to write there."
+            )
+    if out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a folder; name a file in it.")
+    if not out.parent.is_dir():
+        raise ValueError(
+            f"--out {str(out)!r}: the folder {str(out.parent)!r} does not exist; "
+            "create it first (exports never create folders)."
+        )
+    return out
+
+
+def escape_formulas(table: pd.DataFrame) -> pd.DataFrame:
+    """Prefix text cells that a spreadsheet would run as formulas with a quote.
+
+    OWASP's CSV-injection rule: a text cell starting with one of
+    `FORMULA_PREFIXES` (e.g. a compound named ``=HYPERLINK(...)``) gets a leading
+    ``'``, so it opens as text. Numbers are left alone.
+
+    Returns
+    -------
+    DataFrame
+        A copy when any cell changed, else `table` itself.
+    """
+    escaped = {}
+    for column in table.columns:
+        values = table[column]
+        if not (values.dtype == object or pd.api.types.is_string_dtype(values)):
+            continue
+        text = values.astype("string")
+        risky = text.str.startswith(FORMULA_PREFIXES).fillna(False).astype(bool)
+        if risky.any():
+            escaped[column] = values.where(~risky, "'" + text)
+    return table.assign(**escaped) if escaped else table
 
 
 def write_tables(tables: Iterator[pd.DataFrame], out: str | Path, *, fmt: str) -> int:
     """Write a stream of same-column tables to one CSV or Parquet file atomically.
 
-    The file appears only when complete (written to ``<out>.tmp``, then renamed).
+    `check_output_path` first; the file appears only when complete (written to
+    ``<out>.tmp``, then renamed); CSV text cells go through `escape_formulas`.
 
     Returns
     -------
@@ -707,17 +761,17 @@ def write_tables(tables: Iterator[pd.DataFrame], out: str | Path, *, fmt: str) -
     Raises
     ------
     ValueError
-        If `fmt` is unknown or the stream is empty.
+        If `fmt` is unknown, `out` is refused, or the stream is empty.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is unknown; use one of {', '.join(FORMATS)}.")
-    out = Path(out)
-    tmp = _write_tmp(out)
+    out = check_output_path(out)
+    tmp = out.with_name(out.name + ".tmp")
     n_rows, writer = 0, None
     try:
         for table in tables:
             if fmt == "csv":
-                table.to_csv(
+                escape_formulas(table).to_csv(
                     tmp, mode="a" if n_rows else "w", header=not n_rows, index=False
                 )
             else:

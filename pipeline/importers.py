@@ -27,8 +27,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import re
 import sqlite3
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ import tomli_w
 from sqlalchemy import Engine
 
 from db import store
+from db.session import check_store, make_engine
 from pipeline.errors import InputError
 from pipeline.platemap import (
     canonical_role,
@@ -342,6 +345,85 @@ def _site_number(value: object) -> int:
     return int(digits[-1]) if digits else 1
 
 
+#: The only globals a DeepProfiler metadata pickle may name: plain containers and
+#: numpy's array and scalar reconstruction (nothing that can run code).
+_SAFE_PICKLE_GLOBALS = frozenset(
+    [("builtins", name) for name in ("dict", "list", "tuple", "set", "frozenset",
+                                      "str", "bytes", "int", "float", "bool",
+                                      "complex", "slice")]
+    + [(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+       for name in ("_reconstruct", "scalar")]
+    + [("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")]
+)  # fmt: skip
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickle plain data only (Python docs: Restricting Globals)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _SAFE_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"it names {module}.{name}, which PhenoScreen does not load: a "
+                "crafted file could run code"
+            )
+        return super().find_class(module, name)
+
+
+def read_npz_metadata(file: Path) -> dict[str, Any]:
+    """Return the ``metadata`` dict of a DeepProfiler ``.npz`` without unsafe pickle.
+
+    DeepProfiler stores the metadata as a pickled object array; it is read with an
+    unpickler that only rebuilds plain values (strings, numbers, lists, dicts,
+    numpy arrays), so a crafted file cannot run code (``np.load(...,
+    allow_pickle=True)`` would run it).
+
+    Returns
+    -------
+    dict
+        Empty when the file has no ``metadata``.
+
+    Raises
+    ------
+    InputError
+        If the file is not a zip of ``.npy`` arrays, or its metadata names anything
+        but plain values (the message says how to make a safe file).
+    """
+    try:
+        with zipfile.ZipFile(file) as archive:
+            if "metadata.npy" not in archive.namelist():
+                return {}
+            with archive.open("metadata.npy") as stream:
+                version = np.lib.format.read_magic(stream)
+                read_header = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                _, _, dtype = read_header(stream)
+                if dtype.hasobject:
+                    value = _SafeUnpickler(stream).load()
+                else:
+                    return {}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise InputError(
+            f"is not a DeepProfiler feature file ({exc}).", source=str(file)
+        ) from exc
+    except pickle.UnpicklingError as exc:
+        raise InputError(
+            f"its metadata is refused: {exc}. Save the metadata as plain values "
+            "(strings and numbers in a dict), or drop it and pass the treatments "
+            "with --platemap.",
+            source=str(file),
+        ) from exc
+    value = value.item() if isinstance(value, np.ndarray) else value
+    if not isinstance(value, dict):
+        raise InputError(
+            f"its metadata is a {type(value).__name__}, not a dict of values.",
+            source=str(file),
+        )
+    return value
+
+
 def _read_deepprofiler(folder: Path) -> pd.DataFrame:
     """Per-site DeepProfiler ``.npz`` files under `folder` into one per-cell table."""
     files = sorted(folder.rglob("*.npz"))
@@ -350,12 +432,12 @@ def _read_deepprofiler(folder: Path) -> pd.DataFrame:
     parts = []
     for file in files:
         try:
-            with np.load(file, allow_pickle=True) as data:
+            with np.load(file, allow_pickle=False) as data:
                 features = np.asarray(data["features"], dtype=np.float32)
                 locations = (
                     np.asarray(data["locations"]) if "locations" in data else None
                 )
-                metadata = data["metadata"].item() if "metadata" in data else {}
+            metadata = read_npz_metadata(file)
         except (OSError, ValueError, KeyError) as exc:
             raise InputError(
                 f"is not a DeepProfiler feature file (needs 'features' and 'metadata': "
@@ -451,7 +533,9 @@ def _role_column(
     roles = pd.Series("treatment", index=raw.index, dtype=object)
     if column is not None:
         text = raw[column].astype("string").fillna("").str.strip()
-        mapped = text.map(lambda v: "treatment" if v == "" else canonical_role(v))
+        mapped = text.astype(object).map(
+            lambda v: "treatment" if v == "" else canonical_role(v)
+        )
         unknown = sorted(set(text[mapped.isna()]))
         if unknown:
             problems.append(
@@ -512,12 +596,17 @@ def standardize(
     Raises
     ------
     InputError
-        Listing every problem found: missing plate/well/compound columns, bad well
-        names, non-numeric concentrations or features, unknown roles, plates
-        without negative controls, no finite feature.
+        Listing every problem found: no rows, missing plate/well/compound columns,
+        bad well names, non-numeric concentrations or features, unknown roles,
+        plates without negative controls, no finite feature.
     """
     if options.level not in LEVELS:
         raise InputError(f"level {options.level!r} is unknown; use {LEVELS}.")
+    if raw.empty:
+        raise InputError(
+            "holds no rows (a header only, or nothing); export the profiles again.",
+            source=source,
+        )
     problems: list[str] = []
     plate_col, well_col = (
         _find(raw.columns, PLATE_COLUMNS),
@@ -721,7 +810,7 @@ def _digest(path: Path) -> str:
 
 
 def import_profiles(
-    engine: Engine,
+    engine: Engine | str,
     path: str | Path,
     options: ImportOptions = ImportOptions(),
     *,
@@ -731,7 +820,10 @@ def import_profiles(
 
     Parameters
     ----------
-    engine : Engine
+    engine : Engine or str
+        The store, or its URL: then the store is checked first
+        (`db.session.check_store`) and opened (created if new) only once the
+        source is valid, so a bad source leaves no new store behind.
     path : str or Path
         Table file, CellProfiler SQLite/CSV folder, or DeepProfiler folder.
     options : ImportOptions
@@ -753,10 +845,14 @@ def import_profiles(
         Listing every problem; nothing is written then.
     """
     path = Path(path)
+    if isinstance(engine, str):
+        check_store(engine)
     platemap = read_platemap(options.platemap) if options.platemap else None
     imported = standardize(
         read_source(path, options), options, source=str(path), platemap=platemap
     )
+    if isinstance(engine, str):
+        engine = make_engine(engine)
     meta = imported.metadata
     wells = meta.drop_duplicates(["Metadata_Plate", "Metadata_Well"]).drop(
         columns=[c for c in ("Metadata_Site", "Metadata_ObjectNumber", "Metadata_CellCount",

@@ -30,7 +30,7 @@ from sqlalchemy import Engine
 from tqdm.auto import tqdm
 
 from db import store
-from db.session import make_engine
+from db.session import check_store, make_engine
 from pipeline.config import (
     IlluminationConfig,
     MeasureConfig,
@@ -564,6 +564,7 @@ def run_experiment(
         ``config.execution.max_failed_fields_frac`` of the fields failed.
     """
     t_start = time.perf_counter()
+    check_store(db_url)  # store problems first; it is created after validation
     check_segmenter(config.segment.method, config.segment.weights)
     weights_sha = segmenter_weights_sha256(
         config.segment.method, config.segment.weights

@@ -119,6 +119,12 @@ def test_load_config_rejects_missing_file(tmp_path):
             "hits.toxicity_threshold = 2 must lie in",
         ),
         ({"hits": {"q": 0.1}}, "unknown key 'q'"),
+        ({"qc": {"focus_mad": "5"}}, r"\[qc\] focus_mad = '5' must be a number"),
+        ({"execution": {"n_workers": 2.5}}, "n_workers = 2.5 must be a whole number"),
+        ({"illumination": {"enabled": "yes"}}, "enabled = 'yes' must be true or false"),
+        ({"input": {"channels": ["w1"]}}, "channels = \\['w1'\\] must be a table"),
+        ({"embed": {"percentiles": 3}}, "percentiles = 3 must be a list"),
+        ({"segment": {"method": 3}}, "method = 3 must be text"),
     ],
 )
 def test_config_from_dict_rejects_bad_values(data, match):
