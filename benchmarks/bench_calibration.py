@@ -1,8 +1,9 @@
 """Calibration of hit calling on real DMSO wells split into fake treatments.
 
 On the real plates in ../shared/data/profiles (LINCS SQ00015054 and JUMP-MOA
-BR00117060a10x, 24 DMSO wells each), each random split keeps 12 DMSO wells as
-controls and relabels the other 12 as fake compounds in one of four designs:
+BR00117060a10x, 24 DMSO wells each) and on the demo (3 plates, 48 DMSO wells, run
+through the pipeline here), each random split relabels 12 DMSO wells as fake
+compounds (the rest stay controls) in one of four designs:
 
 - ``single``: 12 compounds x 1 well (a single-concentration primary screen);
 - ``dose_series``: 3 compounds x 4 doses x 1 well;
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,9 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import save  # noqa: E402
 
+from db.session import make_engine  # noqa: E402
+from db.store import resolve_run  # noqa: E402
+from pipeline.config import config_from_dict  # noqa: E402
+from pipeline.demo import CHANNELS, write_demo_plate  # noqa: E402
+from pipeline.export import read_well_profiles  # noqa: E402
 from pipeline.hits import call_hits  # noqa: E402
 from pipeline.importers import ImportOptions, read_source, standardize  # noqa: E402
 from pipeline.profiles import normalize_to_controls  # noqa: E402
+from pipeline.run import run_experiment  # noqa: E402
 
 PROFILES = Path(__file__).resolve().parents[2] / "shared/data/profiles"
 PLATES = {
@@ -117,14 +125,31 @@ def calibrate(
     }
 
 
+def demo_dmso_wells(folder: Path) -> pd.DataFrame:
+    """The 48 DMSO wells of 3 demo plates (one field per well), as a run stores them."""
+    demo = write_demo_plate(folder, n_plates=3, fields_per_well=1)
+    url = f"sqlite:///{folder}/store.db"
+    config = {"input": {"layout": "imagexpress", "channels": CHANNELS,
+                        "nuclei_channel": "DNA", "cytoplasm_channel": "Actin"}}  # fmt: skip
+    run_experiment(
+        demo["images"], demo["platemap"], config=config_from_dict(config), db_url=url
+    )
+    engine = make_engine(url, create=False)
+    wells = read_well_profiles(engine, *resolve_run(engine))
+    return wells[wells["Metadata_Role"] == "negative_control"].reset_index(drop=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--splits", type=int, default=100)
     args = parser.parse_args()
-    figures = {"n_splits": args.splits, "fdr": 0.05, "n_controls": 12}
-    for name, (path, options) in PLATES.items():
-        dmso = dmso_wells(path, options)
-        figures[name] = {}
+    figures = {"n_splits": args.splits, "fdr": 0.05}
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = {
+            name: dmso_wells(path, options) for name, (path, options) in PLATES.items()
+        } | {"demo_3_plates": demo_dmso_wells(Path(tmp))}
+    for name, dmso in sources.items():
+        figures[name] = {"n_dmso_wells": len(dmso)}
         for design_name, design in DESIGNS.items():
             start = time.perf_counter()
             result = calibrate(dmso, design, args.splits)

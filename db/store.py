@@ -1670,9 +1670,9 @@ def read_run_provenance(engine: Engine, run_id: int) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``config_toml``, ``versions``, ``segmenter``, ``status``, ``timings`` and
-        ``feature_sets`` (DataFrame: ``name``, ``kind``, ``n_features``,
-        ``model_name``, ``weights``).
+        ``config_toml``, ``analysis_key``, ``versions``, ``segmenter``, ``status``,
+        ``timings`` and ``feature_sets`` (DataFrame: ``name``, ``kind``,
+        ``n_features``, ``model_name``, ``weights``).
 
     Raises
     ------
@@ -1690,6 +1690,7 @@ def read_run_provenance(engine: Engine, run_id: int) -> dict[str, Any]:
         ).all()  # fmt: skip
         return {
             "config_toml": run.config_toml,
+            "analysis_key": run.analysis_key,
             "versions": dict(run.versions),
             "segmenter": run.segmenter,
             "status": run.status,

@@ -40,7 +40,12 @@ from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from pipeline.errors import InputError
-from pipeline.segment import check_plane, estimate_nucleus_diameter, pixel_noise_sd
+from pipeline.segment import (
+    UNET_PRECISION,
+    check_plane,
+    estimate_nucleus_diameter,
+    pixel_noise_sd,
+)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "nuclei_unet_dsb2018.pt"
@@ -421,19 +426,20 @@ def labels_for_spec(
     )
 
 
-def bf16_is_fast(device: str | torch.device) -> bool:
-    """Whether bfloat16 autocast speeds up convolutions on `device`.
+def uses_bfloat16(device: str | torch.device) -> bool:
+    """Whether the U-Net runs in bfloat16 autocast on `device`.
 
-    True on CUDA and on CPUs with AMX tiles (oneDNN ran the U-Net about 2.4x
-    faster than in float32 there). With AVX512-BF16 alone it ran slower than
-    float32 (JUMP field nuclei, one core: 1.46 vs 1.24 s), and without either
-    bfloat16 is emulated, so inference stays in float32.
+    CUDA only (`pipeline.segment.UNET_PRECISION`). On CPUs, bfloat16 is fast on
+    some (AMX tiles: about 2.4x) and slow or emulated on others, so choosing it per
+    CPU would let a run resumed on another machine, or spread over mixed Dask
+    workers, mix precisions silently; every CPU runs float32.
+
+    Raises
+    ------
+    RuntimeError
+        If `device` is not a device name.
     """
-    kind = torch.device(device).type
-    if kind == "cuda":
-        return True
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    return kind == "cpu" and bool(amx())
+    return UNET_PRECISION.get(torch.device(device).type) == "bfloat16"
 
 
 def _window(size: int, ramp: int) -> np.ndarray:
@@ -507,7 +513,7 @@ def predict_maps(
     )
     step = tile_px - overlap_px
     kind = torch.device(device).type
-    use_amp = bf16_is_fast(device)
+    use_amp = uses_bfloat16(device)
     for y in _tile_starts(big_y, tile_y, step):
         for x in _tile_starts(big_x, tile_x, step):
             crop = torch.from_numpy(

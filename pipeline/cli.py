@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -864,14 +863,22 @@ def dashboard_command(*, host: str, port: int) -> list[str]:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    """Start the dashboard (blocks until interrupted)."""
+    """Start the dashboard: this process becomes the server (until interrupted).
+
+    The process is replaced by the Streamlit server (`os.execve`), so its PID is
+    the server's and a signal sent to it (Ctrl+C, ``kill PID``) stops the server;
+    no child is left behind.
+    """
     from db.session import make_engine
 
     db_url = _db_url(args)
     make_engine(db_url, create=False)
-    print(f"PhenoScreen dashboard on http://{args.host}:{args.port} (Ctrl+C stops it)")
-    env = os.environ | {"PHENOSCREEN_DB_URL": db_url}
-    return subprocess.call(dashboard_command(host=args.host, port=args.port), env=env)
+    print(
+        f"PhenoScreen dashboard on http://{args.host}:{args.port} (Ctrl+C stops it)",
+        flush=True,
+    )
+    command = dashboard_command(host=args.host, port=args.port)
+    os.execve(command[0], command, os.environ | {"PHENOSCREEN_DB_URL": db_url})
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -812,7 +812,9 @@ def export_table(
     activity, test, q-value and consensus profile; ``hits``: the per-compound hit
     list (with the run's `hit_settings`, `fdr` and `toxicity_threshold` overriding
     them when given); of the `feature_set` (classical, deep, combined or any
-    stored name).
+    stored name). Every row carries its provenance: ``Metadata_RunID``,
+    ``Metadata_AnalysisKey`` (the hash of what determined the cells) and
+    ``Metadata_FeatureSet``.
 
     Returns
     -------
@@ -850,4 +852,17 @@ def export_table(
             include_flagged=include_flagged, settings=settings,
         )  # fmt: skip
         stream = iter([doses if table == "compounds" else hits])
-    return write_tables(stream, out, fmt=fmt)
+    stamp = {
+        "Metadata_RunID": run_id,
+        "Metadata_AnalysisKey": store.read_run_provenance(engine, run_id)[
+            "analysis_key"
+        ],
+        "Metadata_FeatureSet": store.resolve_feature_set(engine, run_id, feature_set)[
+            0
+        ],
+    }
+    stamped = (
+        pd.concat([pd.DataFrame(stamp, index=part.index), part], axis=1)
+        for part in stream
+    )  # provenance first, in one block (wide cell tables stay unfragmented)
+    return write_tables(stamped, out, fmt=fmt)

@@ -77,6 +77,8 @@ CELL_COUNT_COLUMNS = (
     "Metadata_CellCount", "Metadata_Count_Cells", "Metadata_Object_Count",
     "Metadata_Cells_Count", "Metadata_Count_Nuclei",
 )  # fmt: skip
+#: Texts that mean a missing value in a feature column (as pandas reads CSVs).
+MISSING_TOKENS = ("", "nan", "-nan", "na", "n/a", "#n/a", "null", "none", "<na>")
 #: Non-feature columns of CellProfiler tables: ids, parents, object positions.
 _NOT_FEATURE = re.compile(
     r"(^|_)(ImageNumber|ObjectNumber|TableNumber)$|_Parent_|_Number_Object_Number$"
@@ -692,6 +694,13 @@ def standardize(
                     f"column {conc_col!r}: {len(bad)} values are not numbers (e.g. "
                     f"{', '.join(map(repr, bad.unique()[:5]))})."
                 )
+            invalid = concentration[(concentration < 0) | np.isinf(concentration)]
+            if len(invalid):
+                problems.append(
+                    f"column {conc_col!r}: {len(invalid)} values are negative or "
+                    f"infinite (e.g. {', '.join(map(repr, invalid.unique()[:5]))}); "
+                    "concentrations are finite and 0 or more."
+                )
             meta["Metadata_Concentration"] = concentration.astype(float)
         else:
             if options.concentration_column:
@@ -718,16 +727,24 @@ def standardize(
         if not c.startswith("Metadata_") and not _NOT_FEATURE.search(c)
     ]  # fmt: skip
     numeric = raw[feature_cols].apply(pd.to_numeric, errors="coerce")
-    text = [
-        c for c in feature_cols
+    not_numbers = {
+        c: raw[c][
+            numeric[c].isna()
+            & ~raw[c].astype("string").str.strip().str.lower().isin(MISSING_TOKENS)
+        ].dropna()
+        for c in feature_cols
         if not pd.api.types.is_numeric_dtype(raw[c])
-        and numeric[c].isna().all()
-        and raw[c].notna().any()
-    ]  # fmt: skip
+    }
+    text = [c for c, bad in not_numbers.items() if len(bad)]
     if text:
+        examples = ", ".join(
+            f"{not_numbers[c].iloc[0]!r} in {c!r} (row {not_numbers[c].index[0] + 2})"
+            for c in text[:3]
+        )
         problems.append(
-            f"columns {text[:5]} hold text but are not Metadata_ columns; rename them "
-            "Metadata_<name> or drop them."
+            f"columns {text[:5]} hold text ({examples}) but are not Metadata_ "
+            "columns; fix those values, rename the columns Metadata_<name>, or drop "
+            "them."
         )
     values = numeric.drop(columns=text).astype(np.float32)
     finite = np.isfinite(values.to_numpy())

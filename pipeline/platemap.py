@@ -182,8 +182,8 @@ def read_platemap(path: str | Path) -> pd.DataFrame:
         If `path` does not exist.
     InputError
         Listing every problem at once: missing columns, unknown or duplicate wells,
-        non-numeric or missing treatment concentrations, unknown roles, plates
-        without negative controls.
+        non-numeric, infinite, negative or missing treatment concentrations,
+        unknown roles, plates without negative controls.
     """
     path = Path(path)
     if not path.is_file():
@@ -236,6 +236,16 @@ def read_platemap(path: str | Path) -> pd.DataFrame:
             f"{line(i)}: column {conc_column!r}: {text.iloc[i]!r} is not a number; "
             "write the value alone and put the unit in the header or a "
             "concentration_unit column."
+        )
+    for i in np.flatnonzero(~np.isfinite(concentration) & concentration.notna()):
+        problems.append(
+            f"{line(i)}: column {conc_column!r}: {text.iloc[i]!r} is not a finite "
+            "number."
+        )
+    for i in np.flatnonzero(concentration < 0):
+        problems.append(
+            f"{line(i)}: column {conc_column!r}: {text.iloc[i]!r} is negative; "
+            "concentrations are 0 or more."
         )
     for i in np.flatnonzero(
         (text == "") & (np.array(roles, dtype=object) == "treatment")

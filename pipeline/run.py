@@ -61,6 +61,7 @@ from pipeline.platemap import (
 from pipeline.qc import flag_fields, measure_field_qc
 from pipeline.segment import (
     DEFAULT_SEGMENTER,
+    UNET_PRECISION,
     check_segmenter,
     segment_field,
     segmenter_weights_sha256,
@@ -79,6 +80,9 @@ _VERSIONED = (
     "distributed",
     "tifffile",
     "imagecodecs",
+    "torch",
+    "torchvision",
+    "timm",
 )
 
 
@@ -114,6 +118,9 @@ class PreparedRun:
 def package_versions() -> dict[str, str]:
     """Return the versions of Python and the packages that shape results."""
     versions = {"python": platform.python_version()}
+    versions["unet_precision"] = ", ".join(
+        f"{device} {dtype}" for device, dtype in UNET_PRECISION.items()
+    )
     for name in _VERSIONED:
         try:
             versions[name] = version(name)
@@ -379,6 +386,36 @@ def _illumination_functions(
     return functions
 
 
+#: Seconds between progress lines when the output is not a terminal.
+PROGRESS_EVERY_S = 60.0
+
+
+def progress_line(done: int, total: int, elapsed_s: float) -> str:
+    """Return ``"120/960 fields (12.5 %), 2.0 fields/s, about 7 min left"``.
+
+    Raises
+    ------
+    ValueError
+        If `total` < 1, `done` is outside [0, total] or `elapsed_s` < 0.
+
+    Examples
+    --------
+    >>> progress_line(120, 960, 60.0)
+    '120/960 fields (12.5 %), 2.0 fields/s, about 7 min left'
+    """
+    if total < 1 or not 0 <= done <= total or elapsed_s < 0:
+        raise ValueError(
+            f"need total >= 1, 0 <= done <= total and elapsed_s >= 0; got {done}, "
+            f"{total}, {elapsed_s}."
+        )
+    rate = done / elapsed_s if elapsed_s > 0 else 0.0
+    left = f"about {round((total - done) / rate / 60)} min left" if rate else "starting"
+    return (
+        f"{done}/{total} fields ({100 * done / total:.1f} %), {rate:.1f} fields/s, "
+        f"{left}"
+    )
+
+
 @contextmanager
 def dask_client(
     scheduler: str | None, *, n_workers: int, processes: bool
@@ -418,7 +455,10 @@ def dask_client(
         ) as cluster,
         Client(cluster) as client,
     ):
-        yield client
+        try:
+            yield client
+        finally:  # workers slow to stop are killed: routine, not a warning
+            logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
 
 
 def _process_fields(
@@ -448,12 +488,14 @@ def _process_fields(
     n_cells, failures = 0, []
     step_seconds = {"read": 0.0, "segment": 0.0, "measure": 0.0, "write": 0.0}
     field_of_key: dict[str, int] = {}
+    first_file: dict[int, str] = {}
     queue = iter(pending.itertuples(index=False))
 
     def submit(row: Any) -> Any:
         paths = [str(image_root / getattr(row, c)) for c in file_columns]
         key = f"field-{run_id}-{row.field_id}"
         field_of_key[key] = row.field_id
+        first_file[row.field_id] = paths[0]
         return client.submit(
             process_field,
             paths,
@@ -467,12 +509,17 @@ def _process_fields(
     futures = as_completed(
         [submit(row) for _, row in zip(range(window), queue, strict=False)]
     )
+    started = last_line = time.monotonic()
     with tqdm(total=len(pending), unit="field", disable=None) as bar:
-        for future in futures:
+        for done, future in enumerate(futures):
+            if bar.disable and time.monotonic() - last_line >= PROGRESS_EVERY_S:
+                last_line = time.monotonic()  # no terminal: a line a minute instead
+                logger.info(progress_line(done, len(pending), last_line - started))
             next_row = next(queue, None)
             if next_row is not None:
                 futures.add(submit(next_row))
             field_id = field_of_key.pop(future.key)
+            file = first_file.pop(field_id)
             try:
                 result = future.result()
             except Exception as exc:  # noqa: BLE001 - one field must not stop the plate
@@ -498,6 +545,12 @@ def _process_fields(
                     masks=result["masks"],
                 )
                 n_cells += len(result["cells"])
+                if not len(result["cells"]):
+                    logger.warning(
+                        "field %d (%s): no cells found (a blank or unfocused image?); "
+                        "it counts as done with 0 cells",
+                        field_id, file,
+                    )  # fmt: skip
                 for step, seconds in result["seconds"].items():
                     step_seconds[step] += seconds
             step_seconds["write"] += time.perf_counter() - t_write

@@ -37,6 +37,10 @@ from skimage.segmentation import (
 
 from pipeline.errors import InputError
 
+#: How the learned segmenter runs on each kind of device (recorded with every run):
+#: bfloat16 autocast on CUDA, float32 on every CPU (`models.segmenter.uses_bfloat16`).
+UNET_PRECISION = {"cuda": "bfloat16", "cpu": "float32"}
+
 DEFAULT_SEGMENTER = "unet"  # measured better than "classical" on DSB2018 and the demo
 _LOG_SIGMAS = 2.0 ** np.arange(0, 5.01, 1 / 3)  # 1 .. 32 px
 _MIN_DIAMETER, _MAX_DIAMETER = 4.0, 400.0

@@ -173,8 +173,11 @@ def test_a_bad_run_config_is_refused_before_anything_is_written(
         (lambda t: pd.concat([t, t.iloc[[5]]]), "appears more than once"),
         (lambda t: t.assign(role=t["role"].replace("negative_control", "treatment")),
          "has no negative_control wells"),
+        (lambda t: t.assign(concentration_uM=t["concentration_uM"].where(
+            t["role"] != "treatment", -1)), "is negative"),
     ],
-    ids=["no role column", "unknown role", "bad well", "duplicate well", "no DMSO"],
+    ids=["no role column", "unknown role", "bad well", "duplicate well", "no DMSO",
+         "negative concentration"],
 )  # fmt: skip
 def test_a_bad_plate_map_is_refused_before_anything_is_written(
     demo_plate, tmp_path, change, message, capsys
@@ -236,11 +239,15 @@ def _import(tmp_path, table: pd.DataFrame, capsys, message, *flags):
             "negative_control", "treatment")), "no negative-control rows"),
         (lambda t: t.assign(Metadata_Role="weird"), "'weird'"),
         (lambda t: t.assign(Metadata_Concentration="ten"), "ten"),
+        (lambda t: t.assign(Metadata_Concentration=-1.0), "negative or infinite"),
+        (lambda t: t.assign(f0=t["f0"].astype(object).where(t.index != 3, "abc")),
+         "'abc' in 'f0' (row 5)"),
         (lambda t: t[[c for c in t.columns if c.startswith("Metadata_")]],
          "no feature column"),
     ],
     ids=["header only", "text feature", "bad well", "no plate", "no controls",
-         "unknown role", "text concentration", "no features"],
+         "unknown role", "text concentration", "negative concentration",
+         "text in one row", "no features"],
 )  # fmt: skip
 def test_a_bad_profile_table_is_refused_and_nothing_written(
     tmp_path, change, message, capsys

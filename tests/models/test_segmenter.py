@@ -11,7 +11,6 @@ from models.segmenter import (
     DEFAULT_WEIGHTS,
     NucleiUNet,
     UNetSpec,
-    bf16_is_fast,
     drop_faint_objects,
     fold_batch_norms,
     label_targets,
@@ -24,6 +23,7 @@ from models.segmenter import (
     save_segmenter,
     segment_nuclei_unet,
     segmenter_sha256,
+    uses_bfloat16,
 )
 from pipeline.errors import InputError
 from pipeline.segeval import average_precision, match_counts
@@ -165,11 +165,10 @@ def test_folded_batch_norms_give_the_same_maps():
         fold_batch_norms(model.train())
 
 
-def test_bf16_is_used_on_cuda_and_on_cpus_with_amx():
-    assert bf16_is_fast("cuda")
-    assert bf16_is_fast("cpu") == torch.cpu._is_amx_tile_supported()
+def test_bfloat16_is_used_on_cuda_only():
+    assert uses_bfloat16("cuda") and not uses_bfloat16("cpu")
     with pytest.raises(RuntimeError):
-        bf16_is_fast("no-such-device")
+        uses_bfloat16("no-such-device")
 
 
 def test_drop_faint_objects_keeps_real_nuclei_only():

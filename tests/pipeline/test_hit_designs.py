@@ -199,6 +199,9 @@ def test_cli_hits_qc_and_export_work_for_imported_designs(tmp_path, capsys, argu
                  "--fdr", "0.1"]) == 0  # fmt: skip
     exported = pd.read_csv(hits_csv)
     assert (exported["fdr"] == 0.1).all()
+    assert (exported["Metadata_RunID"] == 1).all()  # provenance on every row
+    assert exported["Metadata_AnalysisKey"].nunique() == 1
+    assert (exported["Metadata_FeatureSet"] == "imported").all()
     assert main(["hits", "--db", url, "--fdr", "2"]) == 2
     assert "hits.fdr = 2.0 must lie in (0, 1)" in capsys.readouterr().err
     assert set(exported.loc[exported["is_hit"], "Metadata_Compound"]) == set(ACTIVE)

@@ -133,9 +133,7 @@ def test_prepare_run_rejects_unmapped_and_multichannel_tokens(demo_plate):
     )
     with pytest.raises(InputError, match="token is the 0-based channel index"):
         prepare_run(demo_plate["images"], demo_plate["platemap"], config=multi)
-    unknown_control = with_overrides(
-        demo_config(), hits={"cell_count_control": "Nope"}
-    )
+    unknown_control = with_overrides(demo_config(), hits={"cell_count_control": "Nope"})
     with pytest.raises(InputError, match="cell_count_control = 'Nope' is not a"):
         prepare_run(
             demo_plate["images"], demo_plate["platemap"], config=unknown_control

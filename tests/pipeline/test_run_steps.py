@@ -14,7 +14,7 @@ from pipeline.config import config_from_dict
 from pipeline.demo import CHANNELS
 from pipeline.errors import InputError
 from pipeline.export import read_well_profiles
-from pipeline.run import iter_field_crops, run_experiment, segment_files
+from pipeline.run import iter_field_crops, progress_line, run_experiment, segment_files
 
 
 def _config(**sections):
@@ -149,3 +149,14 @@ def test_segment_files_rejects_bad_input(demo_plate, tmp_path, capsys):
     code = main(["segment", str(broken), "--out-dir", str(tmp_path / "out2")])
     assert code == 2
     assert "broken.tif" in capsys.readouterr().err
+
+
+def test_progress_line_gives_rate_and_time_left_and_rejects_bad_counts():
+    assert progress_line(120, 960, 60.0) == (
+        "120/960 fields (12.5 %), 2.0 fields/s, about 7 min left"
+    )
+    assert progress_line(0, 10, 0.0).endswith("starting")
+    with pytest.raises(ValueError, match="0 <= done <= total"):
+        progress_line(11, 10, 1.0)
+    with pytest.raises(ValueError, match="total >= 1"):
+        progress_line(0, 0, 1.0)
