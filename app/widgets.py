@@ -12,6 +12,7 @@ import streamlit as st
 
 from app import data
 from app.glossary import GLOSSARY
+from pipeline.export import escape_formulas
 from pipeline.gallery import composite, display_limits, draw_outlines
 from pipeline.platemap import PLATE_FORMATS, parse_well
 
@@ -126,7 +127,7 @@ def run_compound_colors(run_id: int) -> dict[str, str]:
 def show_glossary(terms: Sequence[str]) -> None:
     """Show an expander "Glossary" defining `terms` (keys of `app.glossary.GLOSSARY`)."""
     with st.expander("Glossary"):
-        st.markdown("\\n".join(f"- **{term}**: {GLOSSARY[term]}" for term in terms))
+        st.markdown("\n".join(f"- **{term}**: {GLOSSARY[term]}" for term in terms))
 
 
 def plate_heatmap(wells: pd.DataFrame, metric: str, *, title: str) -> go.Figure:
@@ -212,7 +213,8 @@ def table_downloads(table: pd.DataFrame, name: str, *, key: str) -> None:
     """CSV and Parquet download buttons for a table, generated on click."""
     left, right = st.columns(2)
     left.download_button(
-        f"{name}.csv", lambda: table.to_csv(index=False), file_name=f"{name}.csv",
+        f"{name}.csv", lambda: escape_formulas(table).to_csv(index=False),
+        file_name=f"{name}.csv",
         mime="text/csv", key=f"{key}_csv", icon=":material/download:",
         on_click="ignore",
     )  # fmt: skip

@@ -42,11 +42,13 @@ def _sqlite_path(url: str, database: str, *, create: bool) -> None:
                 f"db {url!r}: cannot create a store under {str(existing)!r}, which is "
                 "a file; choose a path in a folder."
             )
-        if not os.access(existing, os.W_OK):
-            raise ValueError(
-                f"db {url!r}: {str(existing)!r} is not writable; choose a path you "
-                "can write to."
-            )
+        folder = existing if existing.is_dir() else existing.parent
+        for target in {existing, folder}:  # SQLite writes -wal/-shm files beside it
+            if not os.access(target, os.W_OK):
+                raise ValueError(
+                    f"db {url!r}: {str(target)!r} is not writable; choose a path "
+                    "you can write to."
+                )
     if path.is_file() and path.stat().st_size:
         _check_tables(url, _sqlite_tables(url, path))
 
@@ -108,9 +110,17 @@ def _tables(url: str, engine: Engine) -> list[str]:
     if engine.url.get_backend_name() == "sqlite":  # read-only: pragmas change files
         path = Path(database) if database and database != ":memory:" else None
         tables = _sqlite_tables(url, path) if path and path.is_file() else []
-    else:
+    else:  # every schema a program may use, not only the default one
         try:
-            tables = inspect(engine).get_table_names()
+            inspector = inspect(engine)
+            tables = [
+                name
+                for schema in inspector.get_schema_names()
+                if schema != "information_schema" and not schema.startswith("pg_")
+                for name in inspector.get_table_names(schema=schema)
+            ]
+            if "schema_info" in tables:
+                tables = inspector.get_table_names()  # ours: the default schema
         except DBAPIError as exc:
             raise ValueError(
                 f"db {url!r} cannot be opened as a database ({exc.orig}); check the "
@@ -176,8 +186,14 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
         with Session(engine) as session, session.begin():
             session.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
     else:
-        with Session(engine) as session:
-            version = session.scalar(select(SchemaInfo.version))
+        try:
+            with Session(engine) as session:
+                version = session.scalar(select(SchemaInfo.version))
+        except DBAPIError as exc:
+            raise ValueError(
+                f"db {url!r} has a schema_info table that is not PhenoScreen's "
+                f"({exc.orig}); use a new database file or an empty database."
+            ) from exc
         if version != SCHEMA_VERSION:
             raise ValueError(
                 f"db {url!r} has schema version {version} but this PhenoScreen expects "

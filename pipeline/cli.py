@@ -28,7 +28,7 @@ from pipeline.config import (
 )
 from pipeline.errors import InputError, PipelineError
 from pipeline.export import TABLES
-from pipeline.hits import HIT_COLUMNS
+from pipeline.hits import HIT_COLUMNS, MIN_SIMILARITY
 from pipeline.io import LAYOUTS, parse_channels
 
 logger = logging.getLogger("phenoscreen")
@@ -37,11 +37,12 @@ DEFAULT_DB_URL = "sqlite:///phenoscreen.db"
 DEMO_DIR = "demo_output"
 HITS_HEADER = (
     "hit: a compound with at least one active dose (q < {fdr:g}); test: mAP of "
-    ">= 3 replicate wells vs DMSO, else distance of its wells to DMSO;\n"
-    "activity: distance from DMSO in SDs of the DMSO wells' own (0 = like DMSO); "
-    "EC50 (uM) only from a 4PL fit flagged ok;\ntoxic: cell count < "
-    "{toxicity:.0%} of DMSO; replicate_correlation: median Pearson r of replicate "
-    "wells; most_similar: nearest compound (cosine >= 0.5). README: Glossary"
+    ">= 3 replicate wells vs DMSO when its permutation test can reach q < {fdr:g}, "
+    "else the distance of its wells to DMSO;\nactivity: distance from DMSO in SDs of "
+    "the DMSO wells' own (0 = like DMSO); EC50 (uM) only from a 4PL fit flagged ok;"
+    "\ntoxic: cell count < {toxicity:.0%} of DMSO; replicate_correlation: median "
+    "Pearson r of replicate wells; most_similar: nearest compound (cosine >= "
+    f"{MIN_SIMILARITY:g}). README: Glossary"
 )
 
 
@@ -507,7 +508,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"phenoscreen run: the run is stored, but it has no hit list: {exc}",
                 file=sys.stderr,
             )
-            return 2
+            return 1
         print(
             f"{feature_set}: {int(hits['is_hit'].sum())} of {len(hits)} compounds are "
             "hits (`phenoscreen hits --feature-set NAME` lists them; `phenoscreen "

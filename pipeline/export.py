@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -723,35 +724,50 @@ def check_output_path(out: str | Path) -> Path:
     return out
 
 
-def escape_formulas(table: pd.DataFrame) -> pd.DataFrame:
-    """Prefix text cells that a spreadsheet would run as formulas with a quote.
+def _defuse(text: pd.Series) -> pd.Series:
+    """Prefix the cells of a text Series that start like a formula with a quote."""
+    risky = text.str.startswith(FORMULA_PREFIXES).fillna(False).astype(bool)
+    return text.where(~risky, "'" + text)
 
-    OWASP's CSV-injection rule: a text cell starting with one of
+
+def escape_formulas(table: pd.DataFrame) -> pd.DataFrame:
+    """Prefix text cells and headers that a spreadsheet would run as formulas.
+
+    OWASP's CSV-injection rule: a text cell or column name starting with one of
     `FORMULA_PREFIXES` (e.g. a compound named ``=HYPERLINK(...)``) gets a leading
     ``'``, so it opens as text. Numbers are left alone.
 
     Returns
     -------
     DataFrame
-        A copy when any cell changed, else `table` itself.
+        A copy when anything changed, else `table` itself.
     """
     escaped = {}
     for column in table.columns:
         values = table[column]
-        if not (values.dtype == object or pd.api.types.is_string_dtype(values)):
+        if not (
+            values.dtype == object
+            or pd.api.types.is_string_dtype(values)
+            or isinstance(values.dtype, pd.CategoricalDtype)
+        ):
             continue
         text = values.astype("string")
-        risky = text.str.startswith(FORMULA_PREFIXES).fillna(False).astype(bool)
-        if risky.any():
-            escaped[column] = values.where(~risky, "'" + text)
-    return table.assign(**escaped) if escaped else table
+        defused = _defuse(text)
+        if not defused.equals(text):
+            escaped[column] = defused.astype(object).where(values.notna(), None)
+    names = _defuse(pd.Series(table.columns.astype(str), dtype="string"))
+    renamed = dict(zip(table.columns, names, strict=True))
+    if not escaped and all(str(k) == v for k, v in renamed.items()):
+        return table
+    return table.assign(**escaped).rename(columns=renamed)
 
 
 def write_tables(tables: Iterator[pd.DataFrame], out: str | Path, *, fmt: str) -> int:
     """Write a stream of same-column tables to one CSV or Parquet file atomically.
 
-    `check_output_path` first; the file appears only when complete (written to
-    ``<out>.tmp``, then renamed); CSV text cells go through `escape_formulas`.
+    `check_output_path` first; the file appears only when complete (written to a
+    new temporary file beside it, then renamed); CSV text cells and headers go
+    through `escape_formulas`.
 
     Returns
     -------
@@ -766,7 +782,11 @@ def write_tables(tables: Iterator[pd.DataFrame], out: str | Path, *, fmt: str) -
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is unknown; use one of {', '.join(FORMATS)}.")
     out = check_output_path(out)
-    tmp = out.with_name(out.name + ".tmp")
+    handle, name = tempfile.mkstemp(
+        dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"
+    )
+    os.close(handle)  # a new file of our own: no existing path or link is reused
+    tmp = Path(name)
     n_rows, writer = 0, None
     try:
         for table in tables:

@@ -3,9 +3,10 @@
 One rule for every screen design (README: How hits are called):
 
 1. **Each compound-dose gets one test**, named in its ``test`` column:
-   ``mAP`` when it has at least 3 replicate wells and the permutation floor of its
-   mAP p-value (`map_p_floor`) times the number of tested doses is at most the FDR
-   level, so that even a lone active dose could be called; otherwise
+   ``mAP`` when it has at least 3 replicate wells and the smallest p-value its
+   permutation test can give (`map_p_floor`, or 1 / (null size + 1)) times the
+   most doses of a compound times the compounds stays below the FDR level, so
+   that even a lone active dose could be called (`choose_tests`); otherwise
    ``distance``: the Mahalanobis distance of its wells to the negative controls
    (`dose_distances`; one well, duplicates, or too few controls for the mAP
    permutation to reach the FDR level).
@@ -15,7 +16,10 @@ One rule for every screen design (README: How hits are called):
    called active by Benjamini-Hochberg within the compound at level
    ``fdr * R / m`` (R hits among m compounds; Benjamini & Bogomolov 2014, as
    copairs' ``hierarchical_by``). Simes guarantees every hit has an active dose.
-   A dose's ``q_value`` is the level at which it would be active.
+   A dose's ``q_value`` is below the FDR level exactly when it is active at that
+   level; it depends on the number of hits, so it holds only at the run's FDR
+   (call hits again with another ``--fdr`` rather than filtering q at another
+   level).
 3. **Activity** is `pipeline.profiles.well_activity` everywhere.
 
 Also per compound: the 4PL EC50 of well activity (`pipeline.doseresponse`; blank
@@ -50,8 +54,6 @@ from pipeline.profiles import feature_columns, rank_compounds, well_activity
 logger = logging.getLogger(__name__)
 
 DOSE_KEYS = ["Metadata_Compound", "Metadata_Concentration", "Metadata_Role"]
-#: Tests a compound-dose can be called on (its ``test`` column).
-TESTS = ("mAP", "distance")
 #: Columns of the compound hit list shown to users, in display order.
 HIT_COLUMNS = [
     "rank", "Metadata_Compound", "is_hit", "q_value", "test", "n_active_doses",
@@ -75,17 +77,20 @@ MIN_DISTANCE_CONTROLS = 4
 def simes(p_values: np.ndarray) -> float:
     """Combine p-values with Simes' method: min over i of n p_(i) / i.
 
+    Computed as the smallest Benjamini-Hochberg-adjusted p-value (the same
+    number, with scipy's arithmetic), so a compound's combined p equals the
+    adjusted p of its best dose exactly and `call_hits`' dose calls agree with
+    its compound calls to the last bit.
+
     Raises
     ------
     ValueError
         If `p_values` is empty.
     """
-    ordered = np.sort(np.asarray(p_values, dtype=float))
-    if len(ordered) == 0:
+    values = np.asarray(p_values, dtype=float)
+    if len(values) == 0:
         raise ValueError("p_values is empty.")
-    return float(
-        min(1.0, np.min(len(ordered) * ordered / np.arange(1, len(ordered) + 1)))
-    )
+    return float(false_discovery_control(values, method="bh").min())
 
 
 def _activity(
@@ -167,8 +172,8 @@ def _log_t_p_value(statistic: float, null: np.ndarray, n_controls: int) -> float
     """
     logs = np.log(np.maximum(null, 1e-300))
     scale = logs.std(ddof=1) * np.sqrt(1 + 1 / n_controls)
-    if not scale > 0:
-        return 1.0 if statistic <= null.max() else 0.0
+    if not scale > 0:  # a null without spread: its empirical p-value
+        return float((1 + (null >= statistic).sum()) / (1 + len(null)))
     t = (np.log(max(statistic, 1e-300)) - logs.mean()) / scale
     return float(stats.t.sf(t, df=max((n_controls - 1) / 2, 1)))
 
@@ -211,9 +216,10 @@ def dose_distances(
     -------
     DataFrame
         One row per non-negative-control compound-dose with a finite well: the
-        `DOSE_KEYS`, ``mahalanobis`` (median distance of its wells) and
-        ``mahalanobis_p``; empty (with a logged warning) when fewer than
-        `MIN_DISTANCE_CONTROLS` controls have cells in all.
+        `DOSE_KEYS`, ``mahalanobis`` (the tested distance: the square root of the
+        lower median of its wells' squared distances) and ``mahalanobis_p``;
+        empty (with a logged warning) when fewer than `MIN_DISTANCE_CONTROLS`
+        controls have cells in all.
 
     Raises
     ------
@@ -290,7 +296,7 @@ def dose_distances(
         n_controls = int(min(len(loo[plate]) for plate in counts.index))
         statistic = float(lower_median(group["mahalanobis"].to_numpy()[None] ** 2)[0])
         p_value = _log_t_p_value(statistic, null, n_controls)
-        rows.append((*keys, float(group["mahalanobis"].median()), p_value))
+        rows.append((*keys, float(np.sqrt(statistic)), p_value))
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -431,13 +437,19 @@ def nearest_compounds(
 
 
 def choose_tests(
-    n_wells: pd.Series, *, n_controls: int, n_tests: int, fdr: float
+    n_wells: pd.Series,
+    *,
+    n_controls: int,
+    multiplier: int,
+    fdr: float,
+    null_size: int = 100_000,
 ) -> pd.Series:
     """Return the test each compound-dose is called on: ``mAP`` or ``distance``.
 
-    ``mAP`` when a dose has at least 3 wells with cells and its permutation floor
-    (`map_p_floor`) times `n_tests` is at most `fdr` (a lone active dose could
-    still be called); ``distance`` otherwise.
+    ``mAP`` when a dose has at least 3 wells with cells and the smallest p-value
+    its permutation test can give (the larger of `map_p_floor` and
+    1 / (`null_size` + 1)) times `multiplier` stays below `fdr`, so that a lone
+    active dose could still be called; ``distance`` otherwise.
 
     Parameters
     ----------
@@ -445,28 +457,38 @@ def choose_tests(
         Wells with cells per compound-dose.
     n_controls : int
         Negative-control wells with cells (the mAP's negatives).
-    n_tests : int
-        Compound-doses tested in the screen.
+    multiplier : int
+        What a lone active dose's p is multiplied by on its way to a q-value:
+        the most doses of a compound (Simes) times the compounds (BH).
     fdr : float
         False discovery rate.
+    null_size : int
+        Samples of the mAP permutation null.
 
     Returns
     -------
     Series
-        Same index, values in `TESTS`.
+        Same index, ``"mAP"`` or ``"distance"``.
 
     Raises
     ------
     ValueError
-        If `n_tests` < 1 or `fdr` is not in (0, 1).
+        If `multiplier` or `null_size` < 1, or `fdr` is not in (0, 1).
     """
-    if n_tests < 1 or not 0 < fdr < 1:
-        raise ValueError(f"need n_tests >= 1 (got {n_tests}) and fdr in (0, 1).")
+    if multiplier < 1 or null_size < 1 or not 0 < fdr < 1:
+        raise ValueError(
+            f"need multiplier >= 1 (got {multiplier}), null_size >= 1 (got "
+            f"{null_size}) and fdr in (0, 1) (got {fdr})."
+        )
     floors = n_wells.map(
-        lambda k: map_p_floor(int(k), n_controls) if k >= 3 and n_controls else 1.0
+        lambda k: (
+            max(map_p_floor(int(k), n_controls), 1 / (null_size + 1))
+            if k >= 3 and n_controls
+            else 1.0
+        )
     )
     return pd.Series(
-        np.where(floors * n_tests <= fdr, "mAP", "distance"), index=n_wells.index
+        np.where(floors * multiplier < fdr, "mAP", "distance"), index=n_wells.index
     )
 
 
@@ -475,23 +497,28 @@ def _hierarchical_calls(
 ) -> tuple[pd.DataFrame, pd.Series]:
     """Compound q (Simes + BH) and dose q within hit compounds at fdr R / m.
 
-    `doses`: one compound's doses per group, with ``p_value``. Returns the doses
-    with ``q_value`` and the compounds' q (indexed by compound).
+    `doses` are treatment compound-doses with ``p_value``. Returns them with
+    ``q_value`` and the compounds' q (indexed by compound). A dose's q is
+    max(its compound's q, its BH-adjusted p within the compound x m / R), with R
+    the hits at `fdr`: it is below `fdr` exactly when the dose is active at
+    `fdr`. Simes' p of a compound is its smallest within-adjusted p, and both
+    products use scipy's arithmetic (p x (m / j)), so the best dose of every hit
+    is active without rounding slips.
     """
     tested = doses.dropna(subset=["p_value"])
-    combined = tested.groupby("Metadata_Compound")["p_value"].agg(simes)
-    if combined.empty:
+    if tested.empty:
         return doses.assign(q_value=np.nan), pd.Series(dtype=float)
+    within = tested.groupby("Metadata_Compound")["p_value"].transform(
+        lambda p: false_discovery_control(p.to_numpy(), method="bh")
+    )
+    combined = within.groupby(tested["Metadata_Compound"]).min()  # = Simes
     compound_q = pd.Series(
         false_discovery_control(combined.to_numpy(), method="bh"), index=combined.index
     )
     n_hits = max(int((compound_q < fdr).sum()), 1)
-    within = tested.groupby("Metadata_Compound")["p_value"].transform(
-        lambda p: false_discovery_control(p.to_numpy(), method="bh")
-    )
     dose_q = np.maximum(
         tested["Metadata_Compound"].map(compound_q).to_numpy(),
-        np.minimum(within.to_numpy() * len(compound_q) / n_hits, 1.0),
+        np.minimum(within.to_numpy() * (len(compound_q) / n_hits), 1.0),
     )
     q = pd.Series(np.nan, index=doses.index)
     q[tested.index] = dose_q
@@ -578,13 +605,20 @@ def call_hits(
         how="left",
     )
     is_tested = doses["n_tested"] > 0
-    n_tests = max(int((is_tested & (doses["Metadata_Role"] == "treatment")).sum()), 1)
-    test = choose_tests(
-        doses["n_tested"], n_controls=n_controls, n_tests=n_tests, fdr=fdr
+    tested_treatments = doses[is_tested & (doses["Metadata_Role"] == "treatment")]
+    per_compound = tested_treatments.groupby("Metadata_Compound").size()
+    multiplier = (
+        max(int(per_compound.max()) * len(per_compound), 1) if len(per_compound) else 1
     )
+    test = choose_tests(
+        doses["n_tested"], n_controls=n_controls, multiplier=multiplier, fdr=fdr,
+        null_size=null_size,
+    )  # fmt: skip
     no_distance = doses["mahalanobis_p"].isna() & is_tested
     test[no_distance & (doses["n_tested"] >= 2)] = "mAP"  # too few controls for it
-    lacking = doses[no_distance & (doses["n_tested"] < 2)]
+    lacking = doses[
+        no_distance & (doses["n_tested"] < 2) & (doses["Metadata_Role"] == "treatment")
+    ]
     if len(lacking):
         raise ValueError(
             f"{len(lacking)} compound-doses have a single well, e.g. "

@@ -350,9 +350,8 @@ def _site_number(value: object) -> int:
 #: The only globals a DeepProfiler metadata pickle may name: plain containers and
 #: numpy's array and scalar reconstruction (nothing that can run code).
 _SAFE_PICKLE_GLOBALS = frozenset(
-    [("builtins", name) for name in ("dict", "list", "tuple", "set", "frozenset",
-                                      "str", "bytes", "int", "float", "bool",
-                                      "complex", "slice")]
+    [("builtins", name) for name in ("dict", "list", "tuple", "str", "int", "float",
+                                      "bool")]
     + [(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
        for name in ("_reconstruct", "scalar")]
     + [("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")]
@@ -410,7 +409,7 @@ def read_npz_metadata(file: Path) -> dict[str, Any]:
         raise InputError(
             f"is not a DeepProfiler feature file ({exc}).", source=str(file)
         ) from exc
-    except pickle.UnpicklingError as exc:
+    except Exception as exc:  # noqa: BLE001 - anything a crafted pickle raises
         raise InputError(
             f"its metadata is refused: {exc}. Save the metadata as plain values "
             "(strings and numbers in a dict), or drop it and pass the treatments "

@@ -336,15 +336,19 @@ def read_field(
         if path not in cache:
             cache[path] = _read_tiff(path)
         planes.append(_plane(*cache[path], index, path))
-    kinds = {(plane.shape, plane.dtype.name) for plane in planes}
-    if len(kinds) > 1:
-        listing = "; ".join(
-            f"{p}: {plane.shape} {plane.dtype.name}"
-            for p, plane in zip(paths, planes, strict=True)
-        )
+    listing = "; ".join(
+        f"{p}: {plane.shape} {plane.dtype.name}"
+        for p, plane in zip(paths, planes, strict=True)
+    )
+    if len({plane.shape for plane in planes}) > 1:
         raise ValueError(
-            f"the channels of one field differ in shape or dtype ({listing}); "
-            "all channels of a field must be the same size."
+            f"the channels of one field differ in size ({listing}); all channels of "
+            "a field must have the same height and width."
+        )
+    if len({plane.dtype.name for plane in planes}) > 1:
+        raise ValueError(
+            f"the channels of one field differ in bit depth ({listing}); save every "
+            "channel with the same pixel type (e.g. all uint16)."
         )
     return np.stack(planes)
 

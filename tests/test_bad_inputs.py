@@ -362,3 +362,17 @@ def test_csv_exports_defuse_formulas(screen_store, tmp_path, capsys):
                  f"sqlite:///{screen_store}"]) == 0  # fmt: skip
     names = pd.read_parquet(parquet)["Metadata_Compound"]
     assert '=HYPERLINK("http://evil","x")' in set(names)  # Parquet keeps values
+
+
+def test_an_export_never_writes_through_a_planted_temporary_link(
+    screen_store, tmp_path, monkeypatch, capsys
+):
+    work, outside = tmp_path / "work", tmp_path / "outside.csv"
+    work.mkdir()
+    outside.write_text("precious")
+    (work / "hits.csv.tmp").symlink_to(outside)
+    monkeypatch.chdir(work)
+    assert main(["export", "--table", "hits", "--out", "hits.csv", "--db",
+                 f"sqlite:///{screen_store}"]) == 0  # fmt: skip
+    assert outside.read_text() == "precious"
+    assert not (work / "hits.csv").is_symlink() and (work / "hits.csv").stat().st_size

@@ -489,7 +489,9 @@ def test_every_view_on_imported_jump_moa_profiles(jump_stores, store, monkeypatc
     assert "false discovery rate of 0.05" in hits.caption[0].value
     assert "fewer than 50% of the DMSO wells' cells" in hits.caption[0].value
     assert hits.expander[0].label == "Glossary"
-    assert "`too_few_doses`" in hits.expander[0].markdown[0].value
+    glossary = hits.expander[0].markdown[0].value
+    assert "`too_few_doses`" in glossary
+    assert glossary.count("\n- **") == len(GLOSSARY) - 1  # one bullet per term
     traces = figure_traces(hits)  # no concentrations: the wells as a box
     assert [(t.type, t.name) for t in traces] == [
         ("scatter", "DMSO"), ("box", "wells")

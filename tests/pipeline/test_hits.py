@@ -13,6 +13,7 @@ from pipeline.export import hit_tables, read_profiles
 from pipeline.hits import (
     DOSE_COLUMNS,
     HIT_COLUMNS,
+    _hierarchical_calls,
     call_hits,
     choose_tests,
     dose_distances,
@@ -126,17 +127,34 @@ def test_choose_tests_and_map_p_floor():
     assert map_p_floor(2, 32) == pytest.approx(1 / 33)
     assert map_p_floor(3, 16) == pytest.approx(1 / 153)
     n_wells = pd.Series([1, 2, 3, 4])
-    assert list(choose_tests(n_wells, n_controls=48, n_tests=20, fdr=0.05)) == [
+    assert list(choose_tests(n_wells, n_controls=48, multiplier=20, fdr=0.05)) == [
         "distance", "distance", "mAP", "mAP"
     ]  # fmt: skip
-    # a 1/1225 floor cannot reach 0.05 over 72 tests: the distance test instead
-    assert list(choose_tests(n_wells, n_controls=48, n_tests=72, fdr=0.05)) == [
+    # a 1/1225 floor cannot reach 0.05 over 72 doses: the distance test instead
+    assert list(choose_tests(n_wells, n_controls=48, multiplier=72, fdr=0.05)) == [
         "distance", "distance", "distance", "mAP"
     ]  # fmt: skip
+    # many controls: the permutation null's own size is the floor (1 / 100,001)
+    big = choose_tests(pd.Series([4]), n_controls=300, multiplier=8000, fdr=0.05)
+    assert list(big) == ["distance"]
     with pytest.raises(ValueError, match="n_replicates >= 2"):
         map_p_floor(1, 10)
-    with pytest.raises(ValueError, match="n_tests >= 1"):
-        choose_tests(n_wells, n_controls=48, n_tests=0, fdr=0.05)
+    with pytest.raises(ValueError, match="multiplier >= 1"):
+        choose_tests(n_wells, n_controls=48, multiplier=0, fdr=0.05)
+
+
+def test_every_hit_has_an_active_dose_even_at_rounding_ties():
+    # 5 of 6 compounds at p = 0.25 / 6: BH puts their q right at 0.05 - 1 ulp
+    doses = pd.DataFrame(
+        {
+            "Metadata_Compound": [f"c{i}" for i in range(6)],
+            "p_value": [0.25 / 6] * 5 + [0.9],
+        }
+    )
+    calls, compound_q = _hierarchical_calls(doses, 0.05)
+    hits = compound_q[compound_q < 0.05].index
+    active = calls.loc[calls["q_value"] < 0.05, "Metadata_Compound"]
+    assert set(active) == set(hits)
 
 
 def test_lower_median_takes_the_smaller_of_two_and_rejects_1d():
@@ -268,3 +286,18 @@ def test_demo_ground_truth_is_recovered(tmp_path):
     true_ec50 = {c["compound"]: c["ec50_uM"] for c in truth}
     for name, row in strong.iterrows():
         assert 1 / 4 < row["ec50"] / true_ec50[name] < 4, name
+
+
+def test_a_single_positive_control_well_does_not_block_the_hit_call():
+    # 3 DMSO wells: no distance test, so treatments in triplicate go to mAP; the
+    # lone positive-control well simply gets no p-value
+    normalized = make_normalized(n_controls=3)
+    control = normalized.iloc[[-1]].assign(
+        Metadata_Compound="STS", Metadata_Concentration=1.0,
+        Metadata_Role="positive_control",
+    )  # fmt: skip
+    hits, doses = call_hits(pd.concat([normalized, control], ignore_index=True))
+    sts = doses[doses["Metadata_Compound"] == "STS"]
+    assert sts["p_value"].isna().all() and not sts["is_active"].any()
+    assert (doses.loc[doses["Metadata_Role"] == "treatment", "test"] == "mAP").all()
+    assert "STS" not in set(hits["Metadata_Compound"])

@@ -212,7 +212,17 @@ def test_read_field_rejects_shape_mismatch(tmp_path):
     tifffile.imwrite(tmp_path / "a.tif", np.zeros((4, 4), np.uint16))
     tifffile.imwrite(tmp_path / "b.tif", np.zeros((4, 5), np.uint16))
     with pytest.raises(
-        ValueError, match=r"differ in shape.*a.tif: \(4, 4\).*b.tif: \(4, 5\)"
+        ValueError, match=r"differ in size.*a.tif: \(4, 4\).*b.tif: \(4, 5\)"
+    ):
+        read_field([tmp_path / "a.tif", tmp_path / "b.tif"])
+
+
+def test_read_field_names_mixed_bit_depths(tmp_path):
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((4, 4), np.uint16))
+    tifffile.imwrite(tmp_path / "b.tif", np.zeros((4, 4), np.uint8))
+    with pytest.raises(
+        ValueError,
+        match=r"differ in bit depth.*a.tif: \(4, 4\) uint16.*uint8.*all uint16",
     ):
         read_field([tmp_path / "a.tif", tmp_path / "b.tif"])
 
