@@ -40,7 +40,7 @@ GLOSSARY = {
     "doses' p-values (Simes) and is adjusted over compounds: a hit when q < FDR. "
     "A dose's is adjusted within its compound at the level the hits leave "
     "(FDR x hits / compounds): active (`is_active`) when q < FDR. It depends on "
-    "how many compounds are hits, so it holds at the run's FDR only: for another "
+    "the number of hit compounds, so it holds at the run's FDR only: for another "
     "level, call hits again (`phenoscreen hits --fdr`) rather than filtering q.",
     "n_active_doses": "doses of the compound called active; at least 1 for every hit.",
     "EC50": "concentration of half-maximal activity, from a 4-parameter logistic "
