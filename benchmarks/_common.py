@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: machine facts and saving figures."""
+"""Helpers shared by the benchmark scripts: machine facts, saving figures, demo runs."""
 
 from __future__ import annotations
 
@@ -31,3 +31,21 @@ def save(name: str, figures: dict[str, Any]) -> Path:
     )
     print(f"saved {path}")
     return path
+
+
+def run_demo(out: Path, **plate: Any) -> tuple[str, dict[str, Path]]:
+    """Write a demo experiment (`pipeline.demo.write_demo_plate` with `plate`) into
+    `out` and run it into ``out/store.db`` as the demo command does (cytoplasm
+    Actin); return the store URL and the demo's paths."""
+    from pipeline.config import config_from_dict  # noqa: PLC0415 - after sys.path
+    from pipeline.demo import CHANNELS, write_demo_plate  # noqa: PLC0415
+    from pipeline.run import run_experiment  # noqa: PLC0415
+
+    demo = write_demo_plate(out, **plate)
+    url = f"sqlite:///{out}/store.db"
+    config = {"input": {"layout": "imagexpress", "channels": CHANNELS,
+                        "nuclei_channel": "DNA", "cytoplasm_channel": "Actin"}}  # fmt: skip
+    run_experiment(
+        demo["images"], demo["platemap"], config=config_from_dict(config), db_url=url
+    )
+    return url, demo

@@ -34,17 +34,14 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import save  # noqa: E402
+from _common import run_demo, save  # noqa: E402
 
 from db.session import make_engine  # noqa: E402
 from db.store import resolve_run  # noqa: E402
-from pipeline.config import config_from_dict  # noqa: E402
-from pipeline.demo import CHANNELS, write_demo_plate  # noqa: E402
 from pipeline.export import read_well_profiles  # noqa: E402
 from pipeline.hits import call_hits  # noqa: E402
 from pipeline.importers import ImportOptions, read_source, standardize  # noqa: E402
 from pipeline.profiles import normalize_to_controls  # noqa: E402
-from pipeline.run import run_experiment  # noqa: E402
 
 PROFILES = Path(__file__).resolve().parents[2] / "shared/data/profiles"
 PLATES = {
@@ -127,13 +124,7 @@ def calibrate(
 
 def demo_dmso_wells(folder: Path) -> pd.DataFrame:
     """The 48 DMSO wells of 3 demo plates (one field per well), as a run stores them."""
-    demo = write_demo_plate(folder, n_plates=3, fields_per_well=1)
-    url = f"sqlite:///{folder}/store.db"
-    config = {"input": {"layout": "imagexpress", "channels": CHANNELS,
-                        "nuclei_channel": "DNA", "cytoplasm_channel": "Actin"}}  # fmt: skip
-    run_experiment(
-        demo["images"], demo["platemap"], config=config_from_dict(config), db_url=url
-    )
+    url, _ = run_demo(folder, n_plates=3, fields_per_well=1)
     engine = make_engine(url, create=False)
     wells = read_well_profiles(engine, *resolve_run(engine))
     return wells[wells["Metadata_Role"] == "negative_control"].reset_index(drop=True)

@@ -23,33 +23,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import save  # noqa: E402
+from _common import run_demo, save  # noqa: E402
 
 from db.session import make_engine  # noqa: E402
 from db.store import resolve_run  # noqa: E402
-from pipeline.config import config_from_dict  # noqa: E402
-from pipeline.demo import CHANNELS, write_demo_plate  # noqa: E402
 from pipeline.export import read_hit_tables  # noqa: E402
-from pipeline.run import run_experiment  # noqa: E402
-
-CONFIG = {
-    "input": {
-        "layout": "imagexpress",
-        "channels": CHANNELS,
-        "nuclei_channel": "DNA",
-        "cytoplasm_channel": "Actin",
-    }
-}
 
 
 def score(out: Path, n_plates: int, fields_per_well: int) -> dict[str, object]:
     """Run one demo design and compare its hit list with the truth."""
-    demo = write_demo_plate(out, n_plates=n_plates, fields_per_well=fields_per_well)
-    url = f"sqlite:///{out}/store.db"
     start = time.perf_counter()
-    run_experiment(
-        demo["images"], demo["platemap"], config=config_from_dict(CONFIG), db_url=url
-    )
+    url, demo = run_demo(out, n_plates=n_plates, fields_per_well=fields_per_well)
     engine = make_engine(url, create=False)
     hits, doses = read_hit_tables(engine, *resolve_run(engine))
     truth = json.loads(demo["truth"].read_text())["compounds"]

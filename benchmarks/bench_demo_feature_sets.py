@@ -32,34 +32,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import save  # noqa: E402
+from _common import run_demo, save  # noqa: E402
 
 from db.session import make_engine  # noqa: E402
 from db.store import resolve_run  # noqa: E402
 from models.embed import embed_run  # noqa: E402
 from models.train import TrainConfig, train_run  # noqa: E402
-from pipeline.config import EmbedConfig, config_from_dict  # noqa: E402
-from pipeline.demo import CHANNELS, write_demo_plate  # noqa: E402
+from pipeline.config import EmbedConfig  # noqa: E402
 from pipeline.export import hit_tables, read_profiles  # noqa: E402
-from pipeline.run import run_experiment  # noqa: E402
-
-CONFIG = {
-    "input": {
-        "layout": "imagexpress",
-        "channels": CHANNELS,
-        "nuclei_channel": "DNA",
-        "cytoplasm_channel": "Actin",
-    }
-}
 
 
 def analyse(out: Path, *, n_plates: int, seed: int) -> tuple[str, dict, Path]:
     """Generate and run a demo experiment; return its store URL, truth and folder."""
-    demo = write_demo_plate(out, n_plates=n_plates, seed=seed)
-    url = f"sqlite:///{out}/store.db"
-    run_experiment(
-        demo["images"], demo["platemap"], config=config_from_dict(CONFIG), db_url=url
-    )
+    url, demo = run_demo(out, n_plates=n_plates, seed=seed)
     return url, json.loads(demo["truth"].read_text()), out
 
 
