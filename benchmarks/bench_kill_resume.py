@@ -2,8 +2,9 @@
 
 A demo plate (96 wells, one field each) is run once without interruption (the
 reference). Then, `--trials` times, `phenoscreen run` is started into a fresh store
-and killed with SIGKILL after a random delay (uniform over the reference run's
-duration), and rerun to completion. Each resumed store is compared with the
+and killed with SIGKILL at a random point of its progress (once a random number of
+fields, 0 to all but one, is stored; 0 kills it during start-up), and rerun to
+completion. Each resumed store is compared with the
 reference: the number of completed fields and cells, every cell's features
 (per-well medians, max absolute difference), and the hit list (same hits, same
 q-values). Printed and saved per trial.
@@ -59,6 +60,37 @@ def snapshot(url: str) -> dict[str, object]:
     }
 
 
+def fields_done(url: str) -> int:
+    """Fields stored so far by the run writing to `url` (0 before the store exists)."""
+    try:
+        runs = summarize_runs(make_engine(url, create=False))
+    except Exception:  # noqa: BLE001 - no store or no run yet
+        return 0
+    return int(runs["n_complete"].sum()) if len(runs) else 0
+
+
+def kill_at(command: list[str], url: str, target: int, env: dict, rng) -> dict:
+    """Start `command`; SIGKILL its process group once `target` fields are stored."""
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    start = time.perf_counter()
+    if target == 0:
+        time.sleep(float(rng.uniform(0.5, 5.0)))
+    while target and process.poll() is None and fields_done(url) < target:
+        time.sleep(0.1)
+    killed = process.poll() is None
+    if killed:  # the whole group: the CLI and its Dask workers
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return {
+        "kill_after_s": round(time.perf_counter() - start, 1),
+        "fields_before_kill": fields_done(url),
+        "killed": killed,
+    }
+
+
 def compare(reference: dict, resumed: dict) -> dict[str, object]:
     features = [c for c in reference["wells"].columns if not c.startswith("Metadata_")]
     a = reference["wells"][features].to_numpy(float)
@@ -96,19 +128,11 @@ def main() -> None:
         reference = snapshot(reference_url)
         for trial in range(args.trials):
             url = f"sqlite:///{folder}/trial{trial}.db"
-            delay = float(rng.uniform(0.1, 1.0) * duration)
-            process = subprocess.Popen(
-                run_command(demo, url), env=env, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
-            time.sleep(delay)
-            killed = process.poll() is None
-            if killed:  # the whole group: the CLI and its Dask workers
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            target = int(rng.integers(0, reference["fields_done"]))
+            result = {"kill_at_fields": target}
+            result |= kill_at(run_command(demo, url), url, target, env, rng)
             subprocess.run(run_command(demo, url), env=env, check=True,
                            capture_output=True)  # fmt: skip
-            result = {"kill_after_s": round(delay, 1), "killed": killed}
             result |= compare(reference, snapshot(url))
             figures["trials"].append(result)
             print(f"trial {trial}: {result}", flush=True)
@@ -118,7 +142,9 @@ def main() -> None:
         and t["max_abs_well_feature_diff"] < 1e-6
         for t in trials
     )  # fmt: skip
-    print(f"all identical: {figures['all_identical']}")
+    figures["killed_mid_run"] = sum(t["killed"] for t in trials)
+    print(f"killed mid-run: {figures['killed_mid_run']} of {len(trials)}; "
+          f"all identical: {figures['all_identical']}")  # fmt: skip
     save("kill_resume", figures)
 
 

@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept plate-map wells without images",
     )
     run.add_argument(
+        "--plate-format",
+        type=int,
+        choices=[96, 384, 1536],
+        help="wells per plate (default: inferred from the imaged wells)",
+    )
+    run.add_argument(
         "--embed",
         action="store_true",
         default=None,
@@ -425,6 +431,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         allow_unimaged_wells=bool(
             args.allow_unimaged_wells or current.allow_unimaged_wells
         ),
+        plate_format=args.plate_format or current.plate_format,
     )
     return with_overrides(
         replace(config, input=input_config),

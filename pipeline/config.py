@@ -19,6 +19,7 @@ from typing import Any
 import tomli_w
 
 from pipeline.errors import InputError
+from pipeline.platemap import PLATE_FORMATS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +42,8 @@ class InputConfig:
         cell a ring around its nucleus.
     allow_unimaged_wells : bool
         Accept plate-map wells without images.
+    plate_format : {96, 384, 1536} or None
+        The plates' well count; None infers it from each plate's imaged wells.
     """
 
     layout: str | None = "imagexpress"
@@ -49,10 +52,17 @@ class InputConfig:
     nuclei_channel: str = "DNA"
     cytoplasm_channel: str | None = None
     allow_unimaged_wells: bool = False
+    plate_format: int | None = None
 
     def __post_init__(self) -> None:
         if (self.layout is None) == (self.pattern is None):
             raise InputError("input: give exactly one of layout and pattern.")
+        if self.plate_format is not None and self.plate_format not in PLATE_FORMATS:
+            raise InputError(
+                f"input: plate_format = {self.plate_format!r}; choose one of "
+                f"{', '.join(map(str, PLATE_FORMATS))}, or leave it out to infer it "
+                "from the imaged wells."
+            )
         for key, flag in (
             ("nuclei_channel", "--nuclei-channel"),
             ("cytoplasm_channel", "--cytoplasm-channel"),
@@ -610,7 +620,8 @@ def analysis_key(config: RunConfig, weights_sha256: str | None = None) -> str:
         for k, v in asdict(config).items()
         if k not in ("execution", "qc", "embed", "profile", "hits")
     }
-    payload["input"].pop("allow_unimaged_wells")
+    for key in ("allow_unimaged_wells", "plate_format"):  # validation, not cells
+        payload["input"].pop(key)
     if weights_sha256:
         payload["segment"]["weights_sha256"] = weights_sha256
     text = json.dumps(payload, sort_keys=True, default=list)

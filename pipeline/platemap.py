@@ -343,8 +343,25 @@ def expand_platemap(platemap: pd.DataFrame, plates: list[str]) -> pd.DataFrame:
     return pd.concat(copies, ignore_index=True)
 
 
+def _format_extent(n_wells: int) -> str:
+    """Describe a plate format's rows and columns: ``rows A-H, columns 1-12``."""
+    rows, cols = PLATE_FORMATS[n_wells]
+    return f"rows A-{format_well(rows - 1, 0)[:-2]}, columns 1-{cols}"
+
+
+def _outside_format(wells: list[str], n_wells: int) -> list[str]:
+    """Return the `wells` that lie outside an `n_wells` plate."""
+    rows, cols = PLATE_FORMATS[n_wells]
+    positions = [parse_well(w) for w in wells]
+    return [w for w, (r, c) in zip(wells, positions, strict=True) if r >= rows or c >= cols]
+
+
 def check_platemap_against_fields(
-    platemap: pd.DataFrame, fields: pd.DataFrame, *, allow_unimaged_wells: bool = False
+    platemap: pd.DataFrame,
+    fields: pd.DataFrame,
+    *,
+    allow_unimaged_wells: bool = False,
+    plate_format: int | None = None,
 ) -> pd.DataFrame:
     """Join the plate map to the imaged wells, listing every mismatch.
 
@@ -358,6 +375,11 @@ def check_platemap_against_fields(
     allow_unimaged_wells : bool
         Accept plate-map wells with no images (e.g. excluded outer wells); they are
         left out of the result.
+    plate_format : {96, 384, 1536} or None
+        The plates' well count; None infers each plate's from its imaged wells.
+        Plate-map wells outside the format are refused even with
+        `allow_unimaged_wells` (a typo such as ``I13`` on a 96-well plate is not an
+        excluded well).
 
     Returns
     -------
@@ -368,8 +390,16 @@ def check_platemap_against_fields(
     ------
     InputError
         Listing wells with images but no plate-map row, plate-map rows without images
-        (unless `allow_unimaged_wells`), and plates missing from the plate map.
+        (unless `allow_unimaged_wells`), wells outside the plate format, and plates
+        missing from the plate map.
+    ValueError
+        If `plate_format` is not 96, 384 or 1536.
     """
+    if plate_format is not None and plate_format not in PLATE_FORMATS:
+        raise ValueError(
+            f"plate_format = {plate_format!r}; choose one of "
+            f"{', '.join(map(str, PLATE_FORMATS))} or None."
+        )
     required = {"Metadata_Plate", "Metadata_Well"}
     if not required <= set(fields.columns):
         raise ValueError(
@@ -394,7 +424,33 @@ def check_platemap_against_fields(
             problems.append(
                 f"plate {plate!r} well {well} has images but no plate-map row; add it."
             )
-    unimaged = sorted((p, w) for p, w in mapped - imaged if p in set(plates))
+    outside = set()
+    for plate in plates:
+        on_plate = fields.loc[fields["Metadata_Plate"] == plate, "Metadata_Well"]
+        n_wells = plate_format or infer_plate_format(on_plate)
+        how = "declared" if plate_format else "its images fill"
+        fix = (
+            "fix the well name, or correct --plate-format"
+            if plate_format
+            else "fix the well name, or declare the format with --plate-format "
+            "(input.plate_format) if only part of a larger plate was imaged"
+        )
+        if plate_format:
+            for well in _outside_format(sorted(set(on_plate)), n_wells):
+                problems.append(
+                    f"plate {plate!r} well {well} has images but lies outside the "
+                    f"declared {n_wells}-well plate ({_format_extent(n_wells)}); {fix}."
+                )
+        listed = sorted(w for p, w in mapped if p == plate)
+        for well in _outside_format(listed, n_wells):
+            outside.add((plate, well))
+            problems.append(
+                f"plate {plate!r} plate-map well {well} lies outside the {n_wells}-well "
+                f"plate {how} ({_format_extent(n_wells)}); {fix}."
+            )
+    unimaged = sorted(
+        (p, w) for p, w in mapped - imaged - outside if p in set(plates)
+    )
     if unimaged and not allow_unimaged_wells:
         shown = ", ".join(f"{p}/{w}" for p, w in unimaged[:20])
         more = f" and {len(unimaged) - 20} more" if len(unimaged) > 20 else ""

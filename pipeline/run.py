@@ -176,7 +176,10 @@ def prepare_run(
     if errors:  # plate-map and file problems are reported together
         raise collect_input_errors(errors)
     wells = check_platemap_against_fields(
-        platemap, fields, allow_unimaged_wells=cfg.allow_unimaged_wells
+        platemap,
+        fields,
+        allow_unimaged_wells=cfg.allow_unimaged_wells,
+        plate_format=cfg.plate_format,
     )
     control = config.hits.cell_count_control
     if control and not (wells["Metadata_Compound"] == control).any():
@@ -185,7 +188,7 @@ def prepare_run(
             "map's imaged wells; name one (e.g. a cytotoxic control) or leave it empty."
         )
     formats = {
-        str(plate): infer_plate_format(group["Metadata_Well"])
+        str(plate): cfg.plate_format or infer_plate_format(group["Metadata_Well"])
         for plate, group in wells.groupby("Metadata_Plate")
     }
     root = Path(images_dir).resolve()

@@ -149,6 +149,7 @@ def test_a_missing_store_is_not_created_by_reading_commands(tmp_path, capsys):
         ("[hits]\nfdr = 1.5\n", "hits.fdr = 1.5 must lie in (0, 1)"),
         ('[hits]\ncell_count_control = "Nope"\n', "cell_count_control = 'Nope' is not a"),
         ('[embed]\nlayer = "fc"\n', "embed.layer = 'fc' must be 'pooled' or 'blocks.K'"),
+        ("[input]\nplate_format = 100\n", "input: plate_format = 100; choose one of"),
     ],
 )  # fmt: skip
 def test_a_bad_run_config_is_refused_before_anything_is_written(
@@ -206,6 +207,21 @@ def test_bad_run_flags_are_refused(demo_plate, tmp_path, flags, message, capsys)
     expect(["run", demo_plate["images"], "--platemap", demo_plate["platemap"],
             "--layout", "imagexpress", *flags, "--db", f"sqlite:///{db}"], 2,
            message, capsys)  # fmt: skip
+    assert row_counts(db) is None
+
+
+def test_a_plate_map_well_outside_the_plate_is_named_not_dropped(
+    demo_plate, tmp_path, capsys
+):
+    platemap = pd.read_csv(demo_plate["platemap"])
+    extra = platemap.iloc[[0]].assign(well="I13", role="treatment", compound="Typo")
+    bad = tmp_path / "platemap.csv"
+    pd.concat([platemap, extra]).to_csv(bad, index=False)
+    db = tmp_path / "s.db"
+    expect(["run", demo_plate["images"], "--platemap", bad, "--layout", "imagexpress",
+            "--channels", DEMO_CHANNELS, "--allow-unimaged-wells",
+            "--db", f"sqlite:///{db}"], 2,
+           "plate-map well I13 lies outside the 96-well plate", capsys)  # fmt: skip
     assert row_counts(db) is None
 
 

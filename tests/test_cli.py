@@ -270,3 +270,31 @@ def test_kill_9_mid_run_then_rerun_equals_uninterrupted_run(
     expected, resumed = cell_table(reference), cell_table(url)
     assert n_cells == len(expected) == len(resumed)
     pd.testing.assert_frame_equal(resumed, expected)
+
+
+def test_run_logs_progress_and_names_a_blank_field(demo_plate, tmp_path, config_file):
+    """What a user sees on stderr (no terminal): a progress line, the blank field."""
+    import shutil
+
+    import numpy as np
+    import tifffile
+
+    images = tmp_path / "images"
+    shutil.copytree(demo_plate["images"], images)
+    blank = sorted(images.rglob("*_B03_s1_w1.tif"))[0]  # the nuclei channel
+    tifffile.imwrite(blank, np.zeros_like(tifffile.imread(blank)))
+    args = run_args(demo_plate, f"sqlite:///{tmp_path}/blank.db", config_file)
+    args[1] = str(images)
+    script = (  # a line per field instead of per minute, through the real CLI
+        "import sys, pipeline.run; pipeline.run.PROGRESS_EVERY_S = 0.0; "
+        "from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    finished = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True, text=True, timeout=300,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr  # a blank field is no failure
+    assert f"({blank}): no cells found (a blank or unfocused image?)" in finished.stderr
+    assert "0/96 fields (0.0 %)" in finished.stderr  # progress lines, not tqdm bars
+    assert "fields/s" in finished.stderr and "left" in finished.stderr

@@ -238,6 +238,39 @@ def test_check_platemap_against_fields_allows_unimaged_wells():
     assert list(wells["Metadata_Plate"]) == ["P1"]
 
 
+def test_check_platemap_against_fields_refuses_wells_outside_the_plate():
+    platemap = _platemap(
+        [(None, "A01", "DMSO", "negative_control"), (None, "I13", "x", "treatment")]
+    )
+    with pytest.raises(InputError) as info:  # a typo, not an excluded well
+        check_platemap_against_fields(
+            platemap, _fields([("P1", "A01"), ("P1", "H12")]), allow_unimaged_wells=True
+        )
+    message = str(info.value)
+    assert "plate-map well I13 lies outside the 96-well plate its images fill" in message
+    assert "rows A-H, columns 1-12" in message and "--plate-format" in message
+    assert "have no images" not in message
+
+
+def test_check_platemap_against_fields_takes_a_declared_plate_format():
+    platemap = _platemap(
+        [(None, "A01", "DMSO", "negative_control"), (None, "I13", "x", "treatment")]
+    )
+    wells = check_platemap_against_fields(
+        platemap, _fields([("P1", "A01")]), allow_unimaged_wells=True, plate_format=384
+    )
+    assert list(wells["Metadata_Well"]) == ["A01"]
+    with pytest.raises(InputError, match="well P24 has images but lies outside the "
+                       "declared 96-well plate"):  # fmt: skip
+        check_platemap_against_fields(
+            _platemap([(None, "A01", "DMSO", "negative_control"),
+                       (None, "P24", "x", "treatment")]),
+            _fields([("P1", "A01"), ("P1", "P24")]), plate_format=96,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="plate_format = 100"):
+        check_platemap_against_fields(platemap, _fields([("P1", "A01")]), plate_format=100)
+
+
 def test_check_platemap_against_fields_rejects_bad_fields_table():
     with pytest.raises(ValueError, match="lacks columns"):
         check_platemap_against_fields(_platemap([]), pd.DataFrame({"x": [1]}))
