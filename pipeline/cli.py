@@ -288,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     imports.add_argument("--table", help="table of a SQLite file holding profiles")
     imports.add_argument(
+        "--config",
+        type=Path,
+        help="run config TOML whose [profile] recipe and [hits] settings the imported "
+        "run keeps (other sections are not used)",
+    )
+    imports.add_argument(
         "--platemap", type=Path, help="plate-map CSV joined on plate and well"
     )
     imports.add_argument(
@@ -331,7 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(moa)
     moa.add_argument("--reference-column", required=True, help="e.g. moa or target")
     moa.add_argument("--run", type=int, help="run id (default: latest complete)")
+    moa.add_argument(
+        "--reference-run",
+        type=int,
+        help="take the annotated neighbours from this run of the store (e.g. an "
+        "imported reference set) instead of the run itself",
+    )
     _add_profile_options(moa)
+    moa.add_argument("--top", type=int, default=15, help="predictions to print (15)")
     moa.add_argument(
         "--out", type=Path, help="write the predictions (.csv or .parquet)"
     )
@@ -345,6 +358,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=2000,
         help="single cells sampled onto their own map (2000; 0: none)",
+    )
+
+    campaign = sub.add_parser(
+        "campaign",
+        help="a campaign of plates: per-plate trends and the recipe's before/after",
+    )
+    _add_db(campaign)
+    campaign.add_argument("--run", type=int, help="run id (default: latest complete)")
+    _add_profile_options(campaign)
+    campaign.add_argument(
+        "--reference-column",
+        default="moa",
+        help="annotation for MoA NSC / NSCB in the diagnostics (default: moa, if any)",
+    )
+    campaign.add_argument(
+        "--out", type=Path, help="write the per-plate trends (.csv or .parquet)"
     )
 
     qc = sub.add_parser("qc", help="per-plate Z' and edge effect of a run")
@@ -589,6 +618,38 @@ def cmd_hits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_campaign(args: argparse.Namespace) -> int:
+    """Print per-plate trends and the profile recipe's before/after diagnostics."""
+    from db.session import make_engine
+    from db.store import resolve_run
+    from pipeline.campaign import plate_trends, recipe_diagnostics
+    from pipeline.export import plate_qc_table, read_profiles
+
+    engine = make_engine(_db_url(args), create=False)
+    run_id, experiment_id = resolve_run(engine, args.run)
+    raw, normalized = read_profiles(
+        engine, run_id, experiment_id, **_profile_options(args)
+    )
+    trends = plate_trends(raw, normalized, plate_qc_table(normalized))
+    print(
+        f"{len(trends)} plates: DMSO cells per well, Z' of the activity, and how well "
+        "each plate's treatment wells correlate with their replicates on other plates"
+    )
+    _print_table(trends)
+    diagnostics = recipe_diagnostics(
+        raw, normalized, reference_column=args.reference_column
+    )
+    print(
+        "\nbefore/after the profile recipe: DMSO similarity within vs across plates "
+        "(a gap near 0 = no plate effect), replicate mAP of compound-doses"
+        + (", MoA 1-NN NSC / NSCB" if "nsc" in diagnostics else "")
+    )
+    _print_table(diagnostics)
+    if args.out:
+        _write_out(trends, args.out, "plate rows")
+    return 0
+
+
 def cmd_qc(args: argparse.Namespace) -> int:
     """Print per-plate QC."""
     from db.session import make_engine
@@ -625,16 +686,40 @@ def cmd_qc(args: argparse.Namespace) -> int:
 def cmd_moa(args: argparse.Namespace) -> int:
     """Print 1-NN annotation accuracies (and write the predictions)."""
     from pipeline.export import moa_table
+    from pipeline.hits import MIN_SIMILARITY
+    from pipeline.moa import KEYS as MOA_KEYS
 
+    url, options = _db_url(args), _profile_options(args)
+    reference = None
+    if args.reference_run is not None:
+        reference = _profiles(url, args.reference_run, **options)[1]
     predictions, accuracy = moa_table(
-        _profiles(_db_url(args), args.run, **_profile_options(args))[1],
+        _profiles(url, args.run, **options)[1],
         reference_column=args.reference_column,
+        reference=reference,
     )
+    scored = predictions["is_correct_nsc"].notna()
+    if scored.any():
+        n_scored = len(predictions[scored].drop_duplicates(MOA_KEYS))
+        print(
+            f"1-NN {args.reference_column} accuracy over {n_scored} annotated "
+            f"compound-doses: same compound left out (NSC) {accuracy['nsc']:.3f}, also "
+            f"same batch left out (NSCB) {accuracy['nscb']:.3f}; a random other "
+            f"compound: {accuracy['chance_nsc']:.3f}"
+        )
+    shown = ["Metadata_Compound", "Metadata_Concentration", "predicted_nsc",
+             "neighbor_nsc", "similarity_nsc"]  # fmt: skip
+    unannotated = predictions[~scored].drop_duplicates(shown[:2])
+    new = unannotated[unannotated["similarity_nsc"] >= MIN_SIMILARITY]
     print(
-        f"1-NN {args.reference_column} accuracy over {len(predictions)} compound-doses: "
-        f"same compound left out (NSC) {accuracy['nsc']:.3f}, also same batch left out "
-        f"(NSCB) {accuracy['nscb']:.3f}; a random other compound: {accuracy['chance_nsc']:.3f}"
+        f"{len(unannotated)} unannotated compound-doses; {len(new)} resemble an "
+        f"annotated one (cosine >= {MIN_SIMILARITY})"
+        + (", most similar first:" if len(new) else ".")
     )
+    if len(new):
+        _print_table(
+            new.sort_values("similarity_nsc", ascending=False)[shown].head(args.top)
+        )
     if args.out:
         _write_out(predictions, args.out, "predictions")
     return 0
@@ -810,8 +895,9 @@ def cmd_import_profiles(args: argparse.Namespace) -> int:
         platemap=str(args.platemap) if args.platemap else None,
         feature_set=args.feature_set,
     )
+    config = load_config(args.config) if args.config else None
     summary = import_profiles(
-        _db_url(args), args.path, options, experiment=args.experiment
+        _db_url(args), args.path, options, experiment=args.experiment, config=config
     )
     dropped = summary["n_dropped_features"]
     print(
@@ -962,6 +1048,7 @@ _COMMANDS = {
     "status": cmd_status,
     "hits": cmd_hits,
     "qc": cmd_qc,
+    "campaign": cmd_campaign,
     "moa": cmd_moa,
     "map": cmd_map,
     "demo": cmd_demo,

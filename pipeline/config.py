@@ -340,39 +340,63 @@ def _is_block_layer(layer: str) -> bool:
 
 
 WHITENINGS = ("none", "controls")
+WHITEN_SCOPES = ("plate", "batch", "all")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ProfileConfig:
     """How well profiles become comparable profiles (`pipeline.profiles`).
 
-    Every feature set of the run goes through the same recipe: each plate's wells
-    are robust-z scaled to the plate's negative-control wells, then optionally
-    whitened on the control wells (TVN: the controls' covariance, shrunk by
-    Ledoit-Wolf so few controls in many dimensions stay well conditioned, is
-    made the identity).
+    Every feature set of the run (classical, deep, combined, imported) goes
+    through the same recipe, in this order: each plate's wells are robust-z
+    scaled to the plate's negative-control wells (or to all its wells); features
+    are selected as pycytominer does (too many missing values, near-constant,
+    correlated above a threshold with a kept feature); then, optionally, profiles
+    are whitened on the control wells (TVN: the controls' covariance, shrunk by
+    Ledoit-Wolf so few controls in many dimensions stay well conditioned, is made
+    the identity), per plate, per batch or over all plates.
 
     Attributes
     ----------
+    normalize_to : {"controls", "all"}
+        Scale each plate to its negative-control wells, or to all its wells (for
+        screens whose controls are few or unrepresentative).
+    feature_select : bool
+        Drop missing, near-constant and correlated features (see
+        `pipeline.featureselect.select_features`).
+    corr_threshold : float
+        Of the feature selection: the absolute correlation above which a feature
+        is dropped. 0.95 rather than pycytominer's 0.9: at 0.9 the demo lost a
+        weak true active (`benchmarks/bench_profile_recipe.py`).
     whiten : {"none", "controls"}
         ``controls``: whiten on the negative-control wells.
-    whiten_scope : {"plate", "all"}
-        Fit the whitening per plate, or once on the controls of all plates.
+    whiten_scope : {"plate", "batch", "all"}
+        Fit the whitening per plate, per ``Metadata_Batch``, or once on the
+        controls of all plates.
     """
 
+    normalize_to: str = "controls"
+    feature_select: bool = True
+    corr_threshold: float = 0.95
     whiten: str = "none"
     whiten_scope: str = "all"
 
     def __post_init__(self) -> None:
+        if self.normalize_to not in ("controls", "all"):
+            raise InputError(
+                f"profile.normalize_to = {self.normalize_to!r} is unknown; choose "
+                "controls or all."
+            )
+        _check_range("profile", "corr_threshold", self.corr_threshold, 0.5, 1)
         if self.whiten not in WHITENINGS:
             raise InputError(
                 f"profile.whiten = {self.whiten!r} is unknown; choose one of "
                 f"{', '.join(WHITENINGS)}."
             )
-        if self.whiten_scope not in ("plate", "all"):
+        if self.whiten_scope not in WHITEN_SCOPES:
             raise InputError(
                 f"profile.whiten_scope = {self.whiten_scope!r} is unknown; choose "
-                "plate or all."
+                f"one of {', '.join(WHITEN_SCOPES)}."
             )
 
 

@@ -24,11 +24,13 @@ from sqlalchemy import Engine
 from db import store
 from pipeline.config import HitsConfig, ProfileConfig, RunConfig, config_from_dict
 from pipeline.hits import DOSE_KEYS, call_hits
+from pipeline.moa import KEYS as MOA_KEYS
 from pipeline.moa import consensus_profiles, predict_moa
 from pipeline.plateqc import edge_effect, plate_z_prime
 from pipeline.profiles import (
     aggregate_cells,
     dose_labels,
+    metadata_column,
     metadata_columns,
     normalize_profiles,
     normalize_to_controls,
@@ -341,12 +343,14 @@ def read_profiles(
     *,
     feature_set: str | None = None,
     include_flagged: bool = False,
+    recipe: ProfileConfig | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return a run's well profiles and the same after its profile recipe.
 
     The one path from stored cells to comparable profiles: `read_well_profiles`,
     then `pipeline.profiles.normalize_profiles` with the run's `profile_recipe`
-    (a combined feature set is normalized block by block).
+    (or `recipe`, to compare recipes; a combined feature set is normalized block by
+    block).
 
     Returns
     -------
@@ -370,7 +374,8 @@ def read_profiles(
             store.read_feature_set(engine, run_id, block)[1]
             for block in combined_blocks(engine, run_id, name)
         ]
-    return raw, normalize_profiles(raw, profile_recipe(engine, run_id), blocks=blocks)
+    recipe = recipe or profile_recipe(engine, run_id)
+    return raw, normalize_profiles(raw, recipe, blocks=blocks)
 
 
 def hit_tables(
@@ -562,7 +567,10 @@ def plate_qc_table(
 
 
 def moa_table(
-    normalized: pd.DataFrame, *, reference_column: str
+    normalized: pd.DataFrame,
+    *,
+    reference_column: str,
+    reference: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Predict an annotation (e.g. MoA) of every compound-dose by 1-NN, NSC and NSCB.
 
@@ -574,29 +582,67 @@ def moa_table(
         ``moa`` finds the plate map's ``Metadata_MoA`` (or an imported
         ``Metadata_moa``); any other name ``X`` finds ``Metadata_X`` or ``X``,
         case-insensitively. Batches are ``Metadata_Batch`` when present, else plates.
+    reference : DataFrame, optional
+        Normalized well profiles of another run (e.g. an imported reference set)
+        whose annotated compound-doses are the neighbours; then `normalized` needs
+        no annotation of its own (where it has one, it scores the predictions) and
+        only NSC is computed.
 
     Returns
     -------
     predictions : DataFrame
+        One row per compound-dose and batch: its NSCB prediction from its batch's
+        consensus, and its NSC prediction from the consensus of all its wells;
+        unannotated compound-doses get predictions but no ``is_correct_*``.
     accuracy : dict
-        See `pipeline.moa.predict_moa`.
+        See `pipeline.moa.predict_moa`; ``nsc`` and ``chance_nsc`` over the pooled
+        compound-doses, ``nscb`` over the per-batch ones.
 
     Raises
     ------
     ValueError
-        If the column is not found (the message lists the metadata columns).
+        If the column is not found (the message lists the metadata columns), or as
+        `pipeline.moa.predict_moa`.
     """
-    lower = {c.lower(): c for c in normalized.columns if c.startswith("Metadata_")}
-    name = reference_column.lower().removeprefix("metadata_")
-    column = lower.get(f"metadata_{name}")
+    source = normalized if reference is None else reference
+    column = metadata_column(source, reference_column)
     if column is None:
+        names = sorted(c for c in source.columns if c.startswith("Metadata_"))
+        where = "the plate map" if reference is None else "the reference run"
         raise ValueError(
             f"reference column {reference_column!r} is not among the metadata columns "
-            f"({', '.join(sorted(lower.values()))}); add it to the plate map."
+            f"of {where} ({', '.join(names)}); add it to {where}."
         )
-    batch = lower.get("metadata_batch", "Metadata_Plate")
-    consensus = consensus_profiles(normalized, batch_column=batch, carry=[column])
-    return predict_moa(consensus, reference_column=column, batch_column=batch)
+    if reference is not None:
+        ours = metadata_column(normalized, reference_column)
+        queries = (
+            normalized.rename(columns={ours: column})
+            if ours
+            else normalized.assign(**{column: ""})
+        )  # its own annotations, if any, score the reference's predictions
+        return predict_moa(
+            consensus_profiles(queries, batch_column=None, carry=[column]),
+            reference_column=column,
+            batch_column=None,
+            reference=consensus_profiles(reference, batch_column=None, carry=[column]),
+        )
+    batch = metadata_column(normalized, "batch") or "Metadata_Plate"
+    pooled, pooled_accuracy = predict_moa(
+        consensus_profiles(normalized, batch_column=None, carry=[column]),
+        reference_column=column,
+        batch_column=None,
+    )
+    per_batch, accuracy = predict_moa(
+        consensus_profiles(normalized, batch_column=batch, carry=[column]),
+        reference_column=column,
+        batch_column=batch,
+    )
+    nsc = [c for c in pooled.columns if c.endswith("_nsc")]
+    predictions = per_batch.drop(columns=nsc).merge(
+        pooled[[*MOA_KEYS, *nsc]], on=MOA_KEYS, how="left"
+    )
+    accuracy |= {k: pooled_accuracy[k] for k in ("nsc", "chance_nsc")}
+    return predictions[list(per_batch.columns)], accuracy
 
 
 def _role_suffix(role: str) -> str:

@@ -42,6 +42,7 @@ from sqlalchemy import Engine
 
 from db import store
 from db.session import check_store, make_engine
+from pipeline.config import RunConfig
 from pipeline.errors import InputError
 from pipeline.platemap import (
     canonical_role,
@@ -831,6 +832,7 @@ def import_profiles(
     options: ImportOptions = ImportOptions(),
     *,
     experiment: str | None = None,
+    config: RunConfig | None = None,
 ) -> dict[str, Any]:
     """Read, validate and store a profile source as a complete run.
 
@@ -845,6 +847,10 @@ def import_profiles(
     options : ImportOptions
     experiment : str or None
         Experiment name (default: the file or folder name without suffixes).
+    config : RunConfig, optional
+        Its ``[profile]`` recipe and ``[hits]`` settings are saved with the run and
+        used by every command that reads it, as for an analysed run (default:
+        `RunConfig` defaults).
 
     Returns
     -------
@@ -861,6 +867,7 @@ def import_profiles(
         Listing every problem; nothing is written then.
     """
     path = Path(path)
+    config = config or RunConfig()
     if isinstance(engine, str):
         check_store(engine)
     platemap = read_platemap(options.platemap) if options.platemap else None
@@ -901,7 +908,13 @@ def import_profiles(
         engine,
         experiment_id=experiment_id,
         analysis_key=key,
-        config_toml=tomli_w.dumps({"import": settings}),
+        config_toml=tomli_w.dumps(
+            {
+                "import": settings,
+                "profile": asdict(config.profile),
+                "hits": asdict(config.hits),
+            }
+        ),  # fmt: skip
         segmenter="imported",
         versions={},
     )

@@ -1,11 +1,14 @@
 """Mechanism-of-action similarity: nearest neighbours and 1-NN MoA prediction.
 
-Consensus profiles (median of a compound-dose's normalized wells, per batch) are
-compared by cosine similarity. A compound-dose's MoA is predicted from its most
-similar annotated compound-dose of *another* compound (not-same-compound, NSC) and,
-when there are several batches, of another compound in another batch (NSCB), the
-evaluation used for JUMP-CP and by Way et al. Multi-label annotations
-(``"a|b"``) count as correct when one label is shared.
+Consensus profiles (median of a compound-dose's normalized wells, over all its
+replicates or per batch) are compared by cosine similarity. A compound-dose's MoA
+is predicted from its most similar annotated compound-dose of *another* compound
+(not-same-compound, NSC, on profiles over all replicates) and, when there are
+several batches, of another compound in another batch (NSCB, on per-batch
+profiles), the evaluation of Ljosa et al. (2013) used for JUMP-CP and by Way et
+al. Multi-label annotations (``"a|b"``) count as correct when one label is shared.
+Compound-doses without an annotation get the annotation of their nearest annotated
+one (of the run, or of a reference run) as a prediction.
 """
 
 from __future__ import annotations
@@ -23,19 +26,19 @@ KEYS = ["Metadata_Compound", "Metadata_Concentration"]
 def consensus_profiles(
     normalized: pd.DataFrame,
     *,
-    batch_column: str,
+    batch_column: str | None,
     carry: Sequence[str] = (),
     control_role: str = "negative_control",
 ) -> pd.DataFrame:
-    """Return one median profile per (compound, concentration, batch), controls left out.
+    """Return one median profile per (compound, concentration[, batch]), no controls.
 
     Parameters
     ----------
     normalized : DataFrame
         Normalized well profiles with ``Metadata_Compound``,
         ``Metadata_Concentration``, ``Metadata_Role`` and `batch_column`.
-    batch_column : str
-        E.g. ``Metadata_Batch`` or ``Metadata_Plate``.
+    batch_column : str or None
+        E.g. ``Metadata_Batch`` or ``Metadata_Plate``; None pools every batch.
     carry : sequence of str
         Metadata columns constant within a compound (e.g. the MoA) to keep.
     control_role : str
@@ -44,32 +47,42 @@ def consensus_profiles(
     Returns
     -------
     DataFrame
-        ``Metadata_Compound``, ``Metadata_Concentration``, `batch_column`, `carry`,
-        ``n_wells`` and the features; wells without finite features are left out.
+        ``Metadata_Compound``, ``Metadata_Concentration``, `batch_column` (if given),
+        `carry`, ``n_wells`` and the features; wells without finite features are
+        left out.
 
     Raises
     ------
     ValueError
         If a column is missing.
     """
-    needed = [*KEYS, "Metadata_Role", batch_column, *carry]
+    by = [*KEYS, batch_column] if batch_column else list(KEYS)
+    needed = [*by, "Metadata_Role", *carry]
     missing = [c for c in needed if c not in normalized.columns]
     if missing:
         raise ValueError(f"normalized lacks columns {missing}.")
     features = feature_columns(normalized)
     finite = np.isfinite(normalized[features].to_numpy(float)).all(axis=1)
     wells = normalized[finite & (normalized["Metadata_Role"] != control_role)]
-    group = [*KEYS, batch_column]
-    grouped = wells.groupby(group, dropna=False, sort=True)
+    grouped = wells.groupby(by, dropna=False, sort=True)
     parts = [grouped[list(carry)].first(), grouped.size().rename("n_wells")]
     consensus = pd.concat([*parts, grouped[features].median()], axis=1)
     keys = consensus.index.to_frame(index=False)
     return pd.concat([keys, consensus.reset_index(drop=True)], axis=1)
 
 
+def _unit(values: np.ndarray) -> np.ndarray:
+    return values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-12)
+
+
 def _cosine(values: np.ndarray) -> np.ndarray:
-    unit = values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-12)
+    unit = _unit(values)
     return unit @ unit.T
+
+
+def _cosine_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every row of `a` (n, d) to every row of `b` (m, d)."""
+    return _unit(a) @ _unit(b).T
 
 
 def nearest_neighbors(consensus: pd.DataFrame, *, k: int = 5) -> pd.DataFrame:
@@ -126,10 +139,24 @@ def _labels(value: object) -> set[str]:
     return {part.strip() for part in str(value).split("|") if part.strip()}
 
 
+def _annotated(table: pd.DataFrame, column: str) -> np.ndarray:
+    """Rows of `table` whose `column` holds at least one label."""
+    values = table[column].astype(object)
+    return np.array([not pd.isna(v) and bool(_labels(v)) for v in values], bool)
+
+
 def predict_moa(
-    consensus: pd.DataFrame, *, reference_column: str, batch_column: str
+    consensus: pd.DataFrame,
+    *,
+    reference_column: str,
+    batch_column: str | None,
+    reference: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Predict each annotated compound-dose's MoA by 1-NN (NSC and NSCB).
+    """Predict every compound-dose's MoA by 1-NN among annotated ones (NSC and NSCB).
+
+    Each compound-dose gets the annotation of its most similar (cosine) annotated
+    compound-dose of another compound: annotated ones to score the profiles
+    (accuracy), unannotated ones as the prediction a screen is after.
 
     Parameters
     ----------
@@ -137,77 +164,113 @@ def predict_moa(
         From `consensus_profiles` with `reference_column` carried.
     reference_column : str
         The annotation to predict (e.g. ``Metadata_MoA``); rows where it is empty
-        are neither queried nor used as neighbours.
-    batch_column : str
+        are predicted but never used as neighbours.
+    batch_column : str or None
         Batch of each consensus profile; NSCB excludes neighbours of the same batch.
+        None: consensus over all batches (no NSCB).
+    reference : DataFrame, optional
+        Annotated compound-doses of another run (`consensus_profiles` with
+        `reference_column` carried) to take neighbours from instead; the features
+        both have are compared, and NSCB is not computed.
 
     Returns
     -------
     predictions : DataFrame
-        Per annotated compound-dose and batch: ``Metadata_Compound``,
+        Per compound-dose (and batch): ``Metadata_Compound``,
         ``Metadata_Concentration``, `batch_column`, `reference_column`,
-        ``predicted_nsc``, ``neighbor_nsc``, ``is_correct_nsc`` and the same for
-        ``nscb`` (empty when there is a single batch).
+        ``neighbor_nsc``, ``predicted_nsc``, ``similarity_nsc``, ``is_correct_nsc``
+        (missing for unannotated rows) and the same for ``nscb`` (empty with a
+        single batch or a `reference`).
     accuracy : dict
-        ``nsc`` and ``nscb`` (NaN with a single batch): fraction correct;
-        ``chance_nsc``: the expected accuracy of a random other compound.
+        Over the annotated rows: ``nsc`` and ``nscb`` (NaN with a single batch):
+        fraction correct; ``chance_nsc``: the expected accuracy of a random other
+        compound.
 
     Raises
     ------
     ValueError
-        If columns are missing or fewer than two compounds are annotated.
+        If columns are missing, fewer than two compounds are annotated (in
+        `reference` when given), or `reference` shares no feature with `consensus`.
     """
-    missing = [
-        c for c in (reference_column, batch_column) if c not in consensus.columns
-    ]
+    references = consensus if reference is None else reference
+    missing = [c for c in (reference_column, batch_column)
+               if c and c not in consensus.columns]  # fmt: skip
+    if reference_column not in references.columns:
+        missing.append(f"{reference_column} (in reference)")
     if missing:
         raise ValueError(
             f"consensus lacks columns {missing}; carry them from the wells."
         )
-    annotated = consensus[consensus[reference_column].map(lambda v: bool(_labels(v)) and
-                                                          str(v) != "nan")]  # fmt: skip
-    annotated = annotated.reset_index(drop=True)
-    if annotated["Metadata_Compound"].nunique() < 2:
+    references = references[_annotated(references, reference_column)]
+    references = references.reset_index(drop=True)
+    if references["Metadata_Compound"].nunique() < 2:
         raise ValueError(
-            f"fewer than two compounds have a {reference_column} annotation."
+            f"fewer than two compounds have a {reference_column} annotation; annotate "
+            "them (e.g. a moa column in the plate map) or take the neighbours from an "
+            "annotated reference run (phenoscreen moa --reference-run ID)."
         )
-    features = feature_columns(annotated.drop(columns="n_wells"))
-    similarity = _cosine(annotated[features].to_numpy(float))
-    compounds = annotated["Metadata_Compound"].to_numpy()
-    batches = annotated[batch_column].to_numpy()
-    labels = [_labels(v) for v in annotated[reference_column]]
+    queries = consensus.reset_index(drop=True)
+    ours = feature_columns(queries.drop(columns="n_wells"))
+    theirs = set(feature_columns(references.drop(columns="n_wells")))
+    features = [f for f in ours if f in theirs]
+    if not features:
+        raise ValueError(
+            "the reference shares no feature with these profiles; use a reference "
+            "run of the same feature set (e.g. classical features of both)."
+        )
+    similarity = _cosine_between(
+        queries[features].to_numpy(float), references[features].to_numpy(float)
+    )
+    compounds = queries["Metadata_Compound"].to_numpy()
+    ref_compounds = references["Metadata_Compound"].to_numpy()
+    if batch_column and reference is None:
+        batches = queries[batch_column].to_numpy()
+        ref_batches = references[batch_column].to_numpy()
+    else:
+        batches, ref_batches = np.zeros(len(queries)), np.zeros(len(references))
     several_batches = len(set(batches)) > 1
-    predictions = annotated[[*KEYS, batch_column, reference_column]].copy()
+    is_annotated = _annotated(queries, reference_column)
+    labels = [_labels(v) if a else set() for v, a in
+              zip(queries[reference_column], is_annotated, strict=True)]  # fmt: skip
+    ref_labels = [_labels(v) for v in references[reference_column]]
+    keep = [*KEYS, batch_column] if batch_column else list(KEYS)
+    predictions = queries[[*keep, reference_column]].copy()
+    other_compound = ref_compounds[None, :] != compounds[:, None]
     for name, exclude_batch in (("nsc", False), ("nscb", True)):
-        allowed = compounds[None, :] != compounds[:, None]
+        allowed = other_compound.copy()
         if exclude_batch:
-            allowed &= batches[None, :] != batches[:, None]
+            allowed &= ref_batches[None, :] != batches[:, None]
         masked = np.where(allowed, similarity, -np.inf)
         best = masked.argmax(axis=1)
-        valid = np.isfinite(masked[np.arange(len(best)), best]) & (
-            not exclude_batch or several_batches
-        )
-        predictions[f"neighbor_{name}"] = np.where(valid, compounds[best], None)
+        score = masked[np.arange(len(best)), best]
+        valid = np.isfinite(score) & (not exclude_batch or several_batches)
+        predictions[f"neighbor_{name}"] = np.where(valid, ref_compounds[best], None)
         predictions[f"predicted_{name}"] = np.where(
-            valid, annotated[reference_column].to_numpy()[best], None
+            valid, references[reference_column].to_numpy()[best], None
         )
-        predictions[f"is_correct_{name}"] = [
-            bool(ok and labels[i] & labels[j])
-            for i, (j, ok) in enumerate(zip(best, valid, strict=True))
-        ]
-        if not valid.any():
-            predictions[f"is_correct_{name}"] = np.nan
-    shares = np.array([[bool(a & b) for b in labels] for a in labels])
-    allowed = compounds[None, :] != compounds[:, None]
-    chance = (shares & allowed).sum(axis=1) / np.maximum(allowed.sum(axis=1), 1)
+        predictions[f"similarity_{name}"] = np.where(valid, score, np.nan)
+        predictions[f"is_correct_{name}"] = pd.array(
+            [bool(ref_labels[j] & labels[i]) if ok and is_annotated[i] else pd.NA
+             for i, (j, ok) in enumerate(zip(best, valid, strict=True))],
+            dtype="boolean",
+        )  # fmt: skip
+    shares = np.array([[bool(a & b) for b in ref_labels] for a in labels])
+    chance = (shares & other_compound).sum(axis=1) / np.maximum(
+        other_compound.sum(axis=1), 1
+    )
     accuracy = {
-        "chance_nsc": float(chance.mean()),
-        "nsc": float(predictions["is_correct_nsc"].mean()),
-        "nscb": float(predictions["is_correct_nscb"].mean())
-        if several_batches
-        else float("nan"),
-    }
+        "chance_nsc": float(chance[is_annotated].mean()) if is_annotated.any() else
+        float("nan"),
+        "nsc": _fraction(predictions["is_correct_nsc"]),
+        "nscb": _fraction(predictions["is_correct_nscb"]),
+    }  # fmt: skip
     return predictions, accuracy
+
+
+def _fraction(correct: pd.Series) -> float:
+    """Fraction of True among the scored (non-missing) rows; NaN if none."""
+    scored = correct.dropna()
+    return float(scored.mean()) if len(scored) else float("nan")
 
 
 def compare_compound(

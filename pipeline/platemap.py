@@ -55,7 +55,11 @@ _UNIT_HEADER_RE = re.compile(
     re.IGNORECASE,
 )
 REQUIRED_COLUMNS = ("well", "compound", "concentration", "role")
-_OPTIONAL_LABELS = {"moa": "Metadata_MoA", "smiles": "Metadata_SMILES"}
+_OPTIONAL_LABELS = {
+    "moa": "Metadata_MoA",
+    "smiles": "Metadata_SMILES",
+    "batch": "Metadata_Batch",
+}
 
 
 def parse_well(name: str) -> tuple[int, int]:
@@ -287,6 +291,14 @@ def read_platemap(path: str | Path) -> pd.DataFrame:
         label = _OPTIONAL_LABELS.get(column.lower(), f"Metadata_{column}")
         platemap[label] = raw[column].str.strip()
 
+    if has_plate and "Metadata_Batch" in platemap.columns:
+        batches = platemap.groupby("Metadata_Plate")["Metadata_Batch"].unique()
+        for plate, names in batches[batches.map(len) > 1].items():
+            problems.append(
+                f"plate {plate} is in batches {', '.join(map(str, names))}; a plate "
+                "belongs to one batch, so give all its rows the same batch."
+            )
+
     keys = platemap[["Metadata_Plate", "Metadata_Well"]].astype(str)
     duplicated = keys.duplicated(keep=False) & platemap["Metadata_Well"].notna()
     for (plate, well), group in keys[duplicated].groupby(list(keys.columns)):
@@ -353,7 +365,9 @@ def _outside_format(wells: list[str], n_wells: int) -> list[str]:
     """Return the `wells` that lie outside an `n_wells` plate."""
     rows, cols = PLATE_FORMATS[n_wells]
     positions = [parse_well(w) for w in wells]
-    return [w for w, (r, c) in zip(wells, positions, strict=True) if r >= rows or c >= cols]
+    return [
+        w for w, (r, c) in zip(wells, positions, strict=True) if r >= rows or c >= cols
+    ]
 
 
 def check_platemap_against_fields(
@@ -448,9 +462,7 @@ def check_platemap_against_fields(
                 f"plate {plate!r} plate-map well {well} lies outside the {n_wells}-well "
                 f"plate {how} ({_format_extent(n_wells)}); {fix}."
             )
-    unimaged = sorted(
-        (p, w) for p, w in mapped - imaged - outside if p in set(plates)
-    )
+    unimaged = sorted((p, w) for p, w in mapped - imaged - outside if p in set(plates))
     if unimaged and not allow_unimaged_wells:
         shown = ", ".join(f"{p}/{w}" for p, w in unimaged[:20])
         more = f" and {len(unimaged) - 20} more" if len(unimaged) > 20 else ""

@@ -34,6 +34,15 @@ def feature_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if not c.startswith("Metadata_")]
 
 
+def metadata_column(table: pd.DataFrame, name: str) -> str | None:
+    """Return the ``Metadata_`` column called `name`, case-insensitively, or None.
+
+    ``moa``, ``MoA`` and ``Metadata_moa`` all find ``Metadata_MoA``.
+    """
+    lower = {c.lower(): c for c in table.columns if c.startswith("Metadata_")}
+    return lower.get(f"metadata_{name.lower().removeprefix('metadata_')}")
+
+
 def dose_labels(table: pd.DataFrame) -> pd.Series:
     """Return ``"compound @ concentration"`` per row, or the compound alone without one.
 
@@ -132,8 +141,9 @@ def normalize_to_controls(
     method : {"robust_z", "z"}
         ``robust_z``: (x - median) / (1.4826 MAD) of the controls; ``z``: (x - mean)
         / std of the controls.
-    control_role : str
-        Value of ``Metadata_Role`` that marks the controls.
+    control_role : str or None
+        Value of ``Metadata_Role`` that marks the controls; None scales each plate
+        to all its wells.
     min_spread : float
         With ``robust_z``, a feature whose MAD is at most this uses the controls'
         standard deviation instead; features whose spread is still at most this
@@ -159,7 +169,12 @@ def normalize_to_controls(
     features = feature_columns(profiles)
     values = profiles[features].to_numpy(float)
     plates = profiles["Metadata_Plate"].to_numpy()
-    is_control = (profiles["Metadata_Role"] == control_role).to_numpy()
+    is_control = (
+        (profiles["Metadata_Role"] == control_role).to_numpy()
+        if control_role
+        else np.ones(len(profiles), bool)
+    )
+    reference = f"{control_role} wells" if control_role else "wells"
     centre = np.full_like(values, np.nan)
     spread = np.full_like(values, np.nan)
     with warnings.catch_warnings():  # all-NaN features: NaN spread, dropped below
@@ -170,10 +185,11 @@ def normalize_to_controls(
             n_usable = int(np.isfinite(controls).any(axis=1).sum())
             if n_usable < MIN_CONTROLS:
                 raise ValueError(
-                    f"at least {MIN_CONTROLS} {control_role} wells (with cells) per "
+                    f"at least {MIN_CONTROLS} {reference} (with cells) per "
                     f"plate are needed, as profiles are scaled to them; you have "
                     f"{n_usable} on plate {plate!r}. Add DMSO wells to the plate map "
-                    f"(Metadata_Role = {control_role}) or leave the plate out."
+                    f"(Metadata_Role = {control_role or 'negative_control'}) or "
+                    "leave the plate out."
                 )
             if method == "robust_z":
                 middle = np.nanmedian(controls, axis=0)
@@ -190,8 +206,8 @@ def normalize_to_controls(
     kept = (spread > min_spread).all(axis=0)
     if features and not kept.any():
         raise ValueError(
-            f"none of the {len(features)} features varies within the {control_role} "
-            "wells of every plate; nothing can be normalized."
+            f"none of the {len(features)} features varies within the {reference} "
+            "of every plate; nothing can be normalized."
         )
     normalized = pd.DataFrame(
         (values[:, kept] - centre[:, kept]) / spread[:, kept],
@@ -222,8 +238,9 @@ def sphere_to_controls(
     ----------
     normalized : DataFrame
         ``Metadata_Plate``, ``Metadata_Role`` and feature columns.
-    scope : {"plate", "all"}
-        Fit on each plate's controls, or once on the controls of all plates.
+    scope : {"plate", "batch", "all"}
+        Fit on each plate's controls, each ``Metadata_Batch``'s, or once on the
+        controls of all plates.
     control_role : str
         ``Metadata_Role`` of the controls.
 
@@ -237,21 +254,25 @@ def sphere_to_controls(
     Raises
     ------
     ValueError
-        If `scope` is unknown, columns are missing, or a group has fewer than two
-        control wells with values.
+        If `scope` is unknown, columns are missing (``Metadata_Batch`` with scope
+        ``batch``), or a group has fewer than two control wells with values.
     """
     from sklearn.covariance import LedoitWolf
 
-    if scope not in ("plate", "all"):
-        raise ValueError(f"scope {scope!r} is unknown; use 'plate' or 'all'.")
+    group_column = {"plate": "Metadata_Plate", "batch": "Metadata_Batch", "all": None}
+    if scope not in group_column:
+        raise ValueError(f"scope {scope!r} is unknown; use 'plate', 'batch' or 'all'.")
     missing = {"Metadata_Plate", "Metadata_Role"} - set(normalized.columns)
+    if scope == "batch" and "Metadata_Batch" not in normalized.columns:
+        missing.add("Metadata_Batch (add a batch column to the plate map)")
     if missing:
         raise ValueError(f"normalized lacks columns {sorted(missing)}.")
     features = feature_columns(normalized)
     out = normalized.copy()
+    column = group_column[scope]
     groups = (
-        normalized.groupby("Metadata_Plate", sort=False)
-        if scope == "plate"
+        normalized.groupby(column, sort=False)
+        if column
         else [("all plates", normalized)]
     )
     for plate, group in groups:
@@ -264,7 +285,7 @@ def sphere_to_controls(
         controls = values[is_control & finite.any(axis=1)]
         if len(controls) < 2:
             raise ValueError(
-                f"plate {plate!r} has {len(controls)} {control_role} wells with values; "
+                f"{scope} {plate!r} has {len(controls)} {control_role} wells with values; "
                 "whitening needs at least two (add control wells, or set "
                 '[profile] whiten = "none").'
             )
@@ -294,8 +315,9 @@ def normalize_profiles(
     """Apply a run's profile recipe: the one path from well profiles to comparable ones.
 
     Every feature set goes through it: robust z to each plate's negative
-    controls (`normalize_to_controls`), then whitening on the controls when the
-    recipe asks (`sphere_to_controls`). With `blocks` (a combined feature set,
+    controls or all its wells (`normalize_to_controls`), feature selection
+    (`pipeline.featureselect.select_features`), then whitening on the controls
+    when the recipe asks (`sphere_to_controls`). With `blocks` (a combined feature set,
     e.g. classical features and a CNN embedding) each block is normalized on its
     own and weighted so that every block contributes equally to distances
     (a block of d of the D features is scaled by sqrt(D / (n_blocks d))).
@@ -305,7 +327,8 @@ def normalize_profiles(
     profiles : DataFrame
         Well profiles: ``Metadata_*`` columns and features.
     recipe : ProfileConfig, optional
-        Default: `pipeline.config.ProfileConfig()` (robust z, no whitening).
+        Default: `pipeline.config.ProfileConfig()` (robust z to the controls,
+        feature selection, no whitening).
     blocks : sequence of sequence of str, optional
         Feature columns of each block; together all the feature columns.
 
@@ -313,7 +336,7 @@ def normalize_profiles(
     -------
     DataFrame
         Metadata and the normalized features (features constant in the controls
-        are dropped, as by `normalize_to_controls`).
+        are dropped, as by `normalize_to_controls`, and those the selection drops).
 
     Raises
     ------
@@ -328,9 +351,23 @@ def normalize_profiles(
     elif sorted(c for block in blocks for c in block) != sorted(features):
         raise ValueError("blocks must split the feature columns, each column once.")
     meta = profiles[metadata_columns(profiles)]
+    from pipeline.featureselect import select_features  # noqa: PLC0415 - a cycle
+
+    control_role = "negative_control" if recipe.normalize_to == "controls" else None
     parts = []
     for block in blocks:
-        part = normalize_to_controls(pd.concat([meta, profiles[list(block)]], axis=1))
+        part = normalize_to_controls(
+            pd.concat([meta, profiles[list(block)]], axis=1), control_role=control_role
+        )
+        if recipe.feature_select:
+            kept = select_features(part, corr_threshold=recipe.corr_threshold)
+            if not kept:
+                raise ValueError(
+                    f"feature selection kept none of {len(feature_columns(part))} "
+                    "features (all missing or constant); set [profile] "
+                    "feature_select = false to see them."
+                )
+            part = part[[*metadata_columns(part), *kept]]
         if recipe.whiten == "controls":
             part = sphere_to_controls(part, scope=recipe.whiten_scope)
         parts.append(part[feature_columns(part)])

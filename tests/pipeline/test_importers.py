@@ -83,6 +83,34 @@ def test_per_well_table_imports_once_and_calls_hits(db_url, tmp_path):
         next(iter_cell_tables(engine, *store.resolve_run(engine)))
 
 
+def test_an_import_keeps_the_profile_recipe_and_hit_settings_of_a_config(
+    tmp_path, capsys
+):
+    from pipeline.export import hit_settings, profile_recipe, read_profiles
+
+    path = tmp_path / "wells.csv"
+    pycytominer_wells().to_csv(path, index=False)
+    config = tmp_path / "recipe.toml"
+    config.write_text('[profile]\nwhiten = "controls"\nwhiten_scope = "plate"\n'
+                      "[hits]\nfdr = 0.1\n")  # fmt: skip
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert (
+        main(["import-profiles", str(path), "--db", url, "--config", str(config)]) == 0
+    )
+    engine = make_engine(url)
+    run_id, experiment_id = store.resolve_run(engine)
+    recipe = profile_recipe(engine, run_id)
+    assert (recipe.whiten, recipe.whiten_scope) == ("controls", "plate")
+    assert hit_settings(engine, run_id).fdr == 0.1
+    raw, normalized = read_profiles(engine, run_id, experiment_id)
+    pd.testing.assert_frame_equal(normalized, normalize_profiles(raw, recipe))
+    config.write_text("[profile]\nwhiten_scope = 'weekly'\n")
+    assert (
+        main(["import-profiles", str(path), "--db", url, "--config", str(config)]) == 2
+    )
+    assert "whiten_scope = 'weekly' is unknown" in capsys.readouterr().err
+
+
 def test_bad_tables_list_every_problem_and_write_nothing(tmp_path):
     table = pycytominer_wells(n_plates=1)
     table.loc[3, "Metadata_Well"] = "Z99x"
@@ -253,3 +281,51 @@ def test_real_lincs_and_jump_plates_through_the_cli(tmp_path, capsys):
     assert main(["moa", "--db", url, "--reference-column", "moa"]) == 0
     printed = capsys.readouterr().out
     assert "(NSC) 0.04" in printed  # 0.044 on the profiles as given
+
+
+def test_moa_predicts_a_new_screen_from_an_imported_reference_run(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/s.db"
+    reference = tmp_path / "reference.csv"
+    pycytominer_wells().to_csv(reference, index=False)
+    screen = pycytominer_wells(rng=1).drop(columns="Metadata_moa")
+    screen["Metadata_broad_sample"] = screen["Metadata_broad_sample"].str.replace(
+        "BRD", "NEW"
+    )
+    screen_path = tmp_path / "screen.csv"
+    screen.to_csv(screen_path, index=False)
+    assert main(["import-profiles", str(reference), "--db", url]) == 0
+    assert main(["import-profiles", str(screen_path), "--db", url]) == 0
+    capsys.readouterr()
+    out = tmp_path / "predictions.csv"
+    assert main(["moa", "--db", url, "--run", "2", "--reference-run", "1",
+                 "--reference-column", "moa", "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "accuracy" not in printed  # nothing of the screen is annotated
+    assert "8 unannotated compound-doses" in printed
+    predictions = pd.read_csv(out)
+    new0 = predictions.set_index("Metadata_Compound").loc["NEW-0"]
+    assert new0["neighbor_nsc"] == "BRD-0" and new0["predicted_nsc"] == "moa1"
+    assert new0["similarity_nsc"] > 0.5 and "NEW-0" in printed
+    assert main(["moa", "--db", url, "--run", "2", "--reference-column", "moa"]) == 2
+    assert "--reference-run ID" in capsys.readouterr().err
+
+
+def test_campaign_prints_plate_trends_and_the_recipe_before_and_after(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/s.db"
+    path = tmp_path / "wells.csv"
+    table = pycytominer_wells(n_plates=3)
+    features = [c for c in table.columns if not c.startswith("Metadata_")]
+    table.loc[table["Metadata_Plate"] == "SQ1", features] += 5.0  # a plate effect
+    table.to_csv(path, index=False)
+    assert main(["import-profiles", str(path), "--db", url]) == 0
+    capsys.readouterr()
+    out = tmp_path / "trends.csv"
+    assert main(["campaign", "--db", url, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "3 plates" in printed and "MoA 1-NN NSC / NSCB" in printed
+    assert "one scale, no plate alignment" in printed
+    trends = pd.read_csv(out)
+    assert list(trends["Metadata_Plate"]) == ["SQ0", "SQ1", "SQ2"]
+    assert (trends["dmso_wells"] == 16).all()
+    assert trends["dmso_cell_count"].tolist() == [507.5] * 3
+    assert main(["campaign", "--db", f"sqlite:///{tmp_path}/none.db"]) == 2

@@ -149,3 +149,81 @@ def test_compare_compound_ranks_neighbours_and_lists_top_features():
         compare_compound(consensus, "A", concentration=3.0)
     with pytest.raises(ValueError, match="must be >= 1"):
         compare_compound(consensus, "A", k=0)
+
+
+def test_consensus_over_all_batches_pools_replicates_and_predicts_nsc_only():
+    wells = make_wells()
+    pooled = consensus_profiles(wells, batch_column=None, carry=["Metadata_MoA"])
+    assert len(pooled) == 6 * 2 and (pooled["n_wells"] == 4).all()
+    assert "Metadata_Batch" not in pooled.columns
+    predictions, accuracy = predict_moa(
+        pooled, reference_column="Metadata_MoA", batch_column=None
+    )
+    assert np.isnan(accuracy["nscb"]) and accuracy["nsc"] > accuracy["chance_nsc"]
+    assert predictions["is_correct_nscb"].isna().all()
+
+
+def test_moa_table_takes_nsc_from_all_replicates_and_nscb_per_batch():
+    from pipeline.export import moa_table
+
+    wells = make_wells(rng=3)
+    noisy = wells.copy()  # each batch's wells alone are too noisy to tell MoAs apart
+    features = [c for c in wells.columns if not c.startswith("Metadata_")]
+    generator = np.random.default_rng(4)
+    noisy[features] += generator.normal(scale=2.5, size=(len(wells), len(features)))
+    predictions, accuracy = moa_table(noisy, reference_column="moa")
+    per_batch = consensus_profiles(
+        noisy, batch_column="Metadata_Batch", carry=["Metadata_MoA"]
+    )
+    _, batch_accuracy = predict_moa(
+        per_batch, reference_column="Metadata_MoA", batch_column="Metadata_Batch"
+    )
+    assert accuracy["nscb"] == batch_accuracy["nscb"]
+    assert accuracy["nsc"] >= batch_accuracy["nsc"]
+    assert len(predictions) == len(per_batch)  # a row per compound-dose and batch
+    pooled = predictions.groupby(["Metadata_Compound", "Metadata_Concentration"])
+    assert (pooled["predicted_nsc"].nunique() == 1).all()  # one NSC call per dose
+    with pytest.raises(ValueError, match="is not among the metadata columns"):
+        moa_table(noisy, reference_column="target")
+
+
+def test_unannotated_compounds_get_the_moa_of_their_nearest_annotated_one():
+    wells = make_wells()
+    wells.loc[wells["Metadata_Compound"] == "b1", "Metadata_MoA"] = ""
+    pooled = consensus_profiles(wells, batch_column=None, carry=["Metadata_MoA"])
+    predictions, accuracy = predict_moa(
+        pooled, reference_column="Metadata_MoA", batch_column=None
+    )
+    new = predictions[predictions["Metadata_Compound"] == "b1"]
+    top = new[new["Metadata_Concentration"] == 10.0].iloc[0]
+    assert top["predicted_nsc"] == "b" and top["neighbor_nsc"] == "b0"
+    assert top["similarity_nsc"] > 0.5 and pd.isna(top["is_correct_nsc"])
+    scored = predictions["is_correct_nsc"].notna()
+    assert scored.sum() == len(predictions) - 2  # b1's two doses are not scored
+    assert accuracy["nsc"] == pytest.approx(
+        predictions["is_correct_nsc"].dropna().mean()
+    )
+
+
+def test_predictions_from_a_reference_run_on_the_shared_features():
+    from pipeline.export import moa_table
+
+    reference = make_wells()
+    screen = make_wells().drop(columns=["Metadata_MoA", "f29"])  # same biology
+    screen["Metadata_Compound"] = "new_" + screen["Metadata_Compound"]
+    screen.loc[screen["Metadata_Role"] == "negative_control", "Metadata_Compound"] = (
+        "DMSO"
+    )
+    predictions, accuracy = moa_table(
+        screen, reference_column="moa", reference=reference
+    )
+    strong = predictions[predictions["Metadata_Concentration"] == 10.0]
+    expected = strong["Metadata_Compound"].str[4]  # new_a0 -> a
+    assert (strong["predicted_nsc"] == expected).all()
+    assert predictions["is_correct_nsc"].isna().all() and np.isnan(accuracy["nsc"])
+    with pytest.raises(ValueError, match="shares no feature"):
+        moa_table(screen.rename(columns=lambda c: c.replace("f", "g", 1)
+                                if c.startswith("f") else c),
+                  reference_column="moa", reference=reference)  # fmt: skip
+    with pytest.raises(ValueError, match="of the reference run"):
+        moa_table(screen, reference_column="target", reference=reference)

@@ -101,6 +101,22 @@ def test_read_platemap_happy(tmp_path):
     assert platemap["Metadata_Plate"].isna().all()
 
 
+def test_read_platemap_reads_a_batch_per_plate(tmp_path):
+    path = write(
+        tmp_path,
+        "plate,well,compound,concentration,role,batch\n"
+        "P1,A01,DMSO,,negcon,week1\nP2,A01,DMSO,,negcon,week2\n",
+    )
+    assert list(read_platemap(path)["Metadata_Batch"]) == ["week1", "week2"]
+    path = write(
+        tmp_path,
+        "plate,well,compound,concentration,role,batch\n"
+        "P1,A01,DMSO,,negcon,week1\nP1,A02,DMSO,,negcon,week2\n",
+    )
+    with pytest.raises(InputError, match="plate P1 is in batches week1, week2"):
+        read_platemap(path)
+
+
 def test_read_platemap_unit_column(tmp_path):
     path = write(
         tmp_path,
@@ -247,7 +263,9 @@ def test_check_platemap_against_fields_refuses_wells_outside_the_plate():
             platemap, _fields([("P1", "A01"), ("P1", "H12")]), allow_unimaged_wells=True
         )
     message = str(info.value)
-    assert "plate-map well I13 lies outside the 96-well plate its images fill" in message
+    assert (
+        "plate-map well I13 lies outside the 96-well plate its images fill" in message
+    )
     assert "rows A-H, columns 1-12" in message and "--plate-format" in message
     assert "have no images" not in message
 
@@ -268,7 +286,9 @@ def test_check_platemap_against_fields_takes_a_declared_plate_format():
             _fields([("P1", "A01"), ("P1", "P24")]), plate_format=96,
         )  # fmt: skip
     with pytest.raises(ValueError, match="plate_format = 100"):
-        check_platemap_against_fields(platemap, _fields([("P1", "A01")]), plate_format=100)
+        check_platemap_against_fields(
+            platemap, _fields([("P1", "A01")]), plate_format=100
+        )
 
 
 def test_check_platemap_against_fields_rejects_bad_fields_table():

@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import ProfileConfig
+from pipeline.errors import InputError
 from pipeline.profiles import (
     MAD_SCALE,
     aggregate_cells,
@@ -12,6 +13,7 @@ from pipeline.profiles import (
     normalize_profiles,
     normalize_to_controls,
     rank_compounds,
+    sphere_to_controls,
     weight_blocks,
     well_activity,
 )
@@ -230,6 +232,49 @@ def test_rank_compounds_rejects_missing_columns():
         rank_compounds(pd.DataFrame({"f": [1.0]}))
 
 
+def test_normalize_profiles_selects_features_and_scales_to_all_wells_when_asked():
+    profiles = make_profiles()
+    profiles["f_twin"] = 2 * profiles["f0"] + 1  # redundant: correlation 1 with f0
+    selected = normalize_profiles(profiles)
+    assert "f_twin" not in selected.columns and "f0" in selected.columns
+    kept = normalize_profiles(profiles, ProfileConfig(feature_select=False))
+    assert "f_twin" in kept.columns
+    to_all = normalize_profiles(profiles, ProfileConfig(normalize_to="all"))
+    medians = to_all.groupby("Metadata_Plate")[feature_columns(to_all)].median()
+    np.testing.assert_allclose(
+        medians, 0, atol=1e-12
+    )  # every plate centred on its wells
+    with pytest.raises(ValueError, match="at least 2 wells"):
+        normalize_to_controls(profiles.iloc[[0]], control_role=None)
+
+
+def test_profile_recipe_rejects_unknown_choices():
+    with pytest.raises(InputError, match="normalize_to = 'dmso' is unknown"):
+        ProfileConfig(normalize_to="dmso")
+    with pytest.raises(
+        InputError, match=r"corr_threshold = 0.2 must lie in \[0.5, 1\]"
+    ):
+        ProfileConfig(corr_threshold=0.2)
+    with pytest.raises(InputError, match="whiten_scope = 'week' is unknown"):
+        ProfileConfig(whiten_scope="week")
+
+
+def test_whitening_per_batch_needs_a_batch_column_and_matches_per_plate_batches():
+    profiles = normalize_to_controls(make_profiles())
+    with pytest.raises(ValueError, match="add a batch column to the plate map"):
+        sphere_to_controls(profiles, scope="batch")
+    batched = profiles.assign(Metadata_Batch=profiles["Metadata_Plate"])
+    pd.testing.assert_frame_equal(
+        sphere_to_controls(batched, scope="batch"),
+        sphere_to_controls(batched, scope="plate"),
+    )
+    one_batch = profiles.assign(Metadata_Batch="week1")
+    pd.testing.assert_frame_equal(
+        sphere_to_controls(one_batch, scope="batch"),
+        sphere_to_controls(one_batch, scope="all"),
+    )
+
+
 def test_normalize_profiles_is_robust_z_by_default_and_whitens_when_asked():
     profiles = make_profiles()
     pd.testing.assert_frame_equal(
@@ -253,7 +298,8 @@ def test_normalize_profiles_weights_blocks_equally():
     large = make_profiles(rng=1, n_features=40)
     profiles = pd.concat([small, large[feature_columns(large)]], axis=1)
     blocks = [feature_columns(small), feature_columns(large)]
-    combined = normalize_profiles(profiles, blocks=blocks)
+    no_selection = ProfileConfig(feature_select=False)  # the weights alone
+    combined = normalize_profiles(profiles, no_selection, blocks=blocks)
     plain = normalize_to_controls(profiles)
     share = (combined[blocks[0]] ** 2).sum(axis=1) / (combined[blocks[1]] ** 2).sum(
         axis=1
