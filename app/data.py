@@ -23,6 +23,7 @@ from db.store import (
     resolve_run,
     summarize_runs,
 )
+from pipeline.campaign import plate_trends, recipe_diagnostics
 from pipeline.config import HitsConfig
 from pipeline.export import (
     COMBINED_KIND,
@@ -157,6 +158,81 @@ def load_plate_qc(
     return plate_qc_table(
         load_normalized_profiles(url, run_id, feature_set),
         cell_count_control=load_hit_settings(url, run_id).cell_count_control,
+    )
+
+
+@st.cache_data
+def load_plate_trends(
+    url: str, run_id: int, feature_set: str | None = None, *, with_qc: bool = True
+) -> pd.DataFrame:
+    """Return one row per plate of a run: what drifts over a campaign, and its QC.
+
+    `pipeline.campaign.plate_trends` of the run's well profiles and the same after
+    its recipe (`load_profiles`), followed by the other columns of `load_plate_qc`
+    (robust Z', edge effects, ...) when `with_qc`.
+
+    Returns
+    -------
+    DataFrame
+        In plate order: ``Metadata_Plate``, ``Metadata_Batch`` (when the plate map
+        has one), ``n_wells``, ``dmso_wells``, ``dmso_cell_count``,
+        ``replicate_correlation_across_plates`` and, when `with_qc`,
+        ``z_prime_activity`` and the rest of the plate QC.
+
+    Raises
+    ------
+    ValueError
+        As `load_plate_qc` (a declared cell-count control the run does not hold):
+        pass ``with_qc=False`` to get the trends without QC.
+    """
+    raw, normalized = load_profiles(url, run_id, feature_set)
+    if not with_qc:
+        return plate_trends(raw, normalized)
+    qc = load_plate_qc(url, run_id, feature_set)
+    trends = plate_trends(raw, normalized, qc)
+    others = [c for c in qc.columns if c not in trends.columns]
+    return trends.merge(qc[["Metadata_Plate", *others]], on="Metadata_Plate",
+                        how="left")  # fmt: skip
+
+
+@st.cache_data
+def load_correction_diagnostics(
+    url: str, run_id: int, feature_set: str | None = None
+) -> pd.DataFrame:
+    """Return plate-effect diagnostics of a run's profiles before and after its recipe.
+
+    `pipeline.campaign.recipe_diagnostics` (before: robust z to the DMSO wells of
+    all plates pooled, on the features the recipe kept; after: the run's recipe),
+    with MoA NSC / NSCB when the plate map has a ``moa`` column.
+
+    Raises
+    ------
+    ValueError
+        As `pipeline.campaign.recipe_diagnostics` (e.g. fewer than two DMSO
+        wells).
+    """
+    raw, normalized = load_profiles(url, run_id, feature_set)
+    return recipe_diagnostics(raw, normalized, reference_column="moa")
+
+
+@st.cache_data
+def load_plate_batches(url: str, run_id: int) -> pd.Series:
+    """Return each plate's batch from a run's plate map (``Metadata_Batch``).
+
+    Returns
+    -------
+    Series
+        Plate -> batch, sorted by plate; empty when the plate map has no
+        ``Metadata_Batch`` column.
+    """
+    engine = get_engine(url)
+    wells = read_wells(engine, resolve_run(engine, run_id)[1])
+    if "Metadata_Batch" not in wells.columns:
+        return pd.Series(dtype=object, name="Metadata_Batch")
+    return (
+        wells.drop_duplicates("Metadata_Plate")
+        .set_index("Metadata_Plate")["Metadata_Batch"]
+        .sort_index()
     )
 
 

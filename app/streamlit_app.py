@@ -12,6 +12,7 @@ page = st.navigation(
     [
         st.Page(views / "hits.py", title="Hits", default=True),
         st.Page(views / "plate.py", title="Plates"),
+        st.Page(views / "campaign.py", title="Campaign"),
         st.Page(views / "phenotype_map.py", title="Phenotype map"),
         st.Page(views / "compare.py", title="Compare compounds"),
         st.Page(views / "gallery.py", title="Cell gallery"),

@@ -130,7 +130,35 @@ def show_glossary(terms: Sequence[str]) -> None:
         st.markdown("\n".join(f"- **{term}**: {GLOSSARY[term]}" for term in terms))
 
 
-def plate_heatmap(wells: pd.DataFrame, metric: str, *, title: str) -> go.Figure:
+def well_metric_options(wells: pd.DataFrame) -> list[str]:
+    """Return the numeric per-well columns a plate map can be coloured by.
+
+    Parameters
+    ----------
+    wells : DataFrame
+        `app.data.load_plate_map_metrics`.
+
+    Returns
+    -------
+    list of str
+        Columns with at least one value: cell count, activity, q-value and flagged
+        fields first (those present), then the other numeric columns in order.
+    """
+    numeric = [c for c in wells.columns
+               if wells[c].dtype.kind in "fi" and wells[c].notna().any()]  # fmt: skip
+    first = ["Metadata_CellCount", "activity", "q_value", "Metadata_FlaggedFields"]
+    return [*(c for c in first if c in numeric),
+            *(c for c in numeric if c not in first)]  # fmt: skip
+
+
+def plate_heatmap(
+    wells: pd.DataFrame,
+    metric: str,
+    *,
+    title: str,
+    color_range: tuple[float, float] | None = None,
+    width_px: int = 780,
+) -> go.Figure:
     """Return a plate-shaped map of one per-well metric, one square per well.
 
     Squares (not a heatmap image, whose cells Streamlit cannot select) so a click,
@@ -143,6 +171,11 @@ def plate_heatmap(wells: pd.DataFrame, metric: str, *, title: str) -> go.Figure:
     metric : str
         Numeric column to colour by.
     title : str
+    color_range : (float, float), optional
+        Values at the ends of the colour scale, so maps of several plates share
+        one; None: this plate's own range.
+    width_px : int
+        About the width of the wells' columns in pixels (squares of 4 to 34 px).
 
     Returns
     -------
@@ -169,7 +202,7 @@ def plate_heatmap(wells: pd.DataFrame, metric: str, *, title: str) -> go.Figure:
         raise ValueError("the wells fit no 96/384/1536-well plate.")
     n_rows, n_cols = shape
     row_names = [chr(65 + r) if r < 26 else "A" + chr(39 + r) for r in range(n_rows)]
-    side = max(4, min(34, 780 // n_cols))  # marker size in px
+    side = max(4, min(34, width_px // n_cols))  # marker size in px
     figure = go.Figure(
         go.Scatter(
             x=positions[:, 1] + 1,
@@ -177,7 +210,9 @@ def plate_heatmap(wells: pd.DataFrame, metric: str, *, title: str) -> go.Figure:
             mode="markers",
             marker={"symbol": "square", "size": side, "color": wells[metric],
                     "colorscale": "Viridis", "showscale": True,
-                    "colorbar": {"title": {"text": metric[:20]}}},
+                    "colorbar": {"title": {"text": metric[:20]}},
+                    "cmin": color_range[0] if color_range else None,
+                    "cmax": color_range[1] if color_range else None},
             customdata=wells["Metadata_Well"],
             text=wells["Metadata_Compound"],
             hovertemplate="%{customdata}: %{text}<br>" + metric
@@ -192,6 +227,62 @@ def plate_heatmap(wells: pd.DataFrame, metric: str, *, title: str) -> go.Figure:
                "range": [-0.5, n_rows - 0.5], "showgrid": False},
         plot_bgcolor="#eeeeee", clickmode="event+select",
         margin={"t": 80},
+    )  # fmt: skip
+    return figure
+
+
+def plate_trend_figure(trends: pd.DataFrame, metric: str) -> go.Figure:
+    """Return one per-plate metric across a campaign's plates, in plate order.
+
+    Parameters
+    ----------
+    trends : DataFrame
+        One row per plate in plate order (`app.data.load_plate_trends`):
+        ``Metadata_Plate``, `metric` and, when present, ``Metadata_Batch``.
+    metric : str
+        Numeric column to draw.
+
+    Returns
+    -------
+    plotly Figure
+        A grey line through every plate, then one trace of markers per batch
+        (named by the batch) or a single one named `metric` without batches.
+
+    Raises
+    ------
+    ValueError
+        If a column is missing.
+    """
+    missing = [c for c in ("Metadata_Plate", metric) if c not in trends.columns]
+    if missing:
+        raise ValueError(f"trends lacks columns {missing}.")
+    plates = trends["Metadata_Plate"].astype(str)
+    figure = go.Figure(
+        go.Scatter(
+            x=plates, y=trends[metric], mode="lines", showlegend=False,
+            line={"color": CONTROL_GREY, "width": 1}, hoverinfo="skip",
+        )
+    )  # fmt: skip
+    has_batch = "Metadata_Batch" in trends.columns
+    groups = (
+        trends.groupby(trends["Metadata_Batch"].astype(str), sort=False)
+        if has_batch
+        else [(metric, trends)]
+    )
+    for name, group in groups:
+        figure.add_trace(
+            go.Scatter(
+                x=group["Metadata_Plate"].astype(str), y=group[metric],
+                mode="markers", name=str(name), marker={"size": 9},
+                hovertemplate="%{x}: %{y:.3g}<extra>" + str(name) + "</extra>",
+            )
+        )  # fmt: skip
+    figure.update_layout(
+        title=f"{metric} across plates", height=340, showlegend=has_batch,
+        legend_title_text="batch" if has_batch else None,
+        xaxis={"type": "category", "categoryorder": "array",
+               "categoryarray": list(plates), "title": "plate"},
+        yaxis_title=metric, margin={"t": 50},
     )  # fmt: skip
     return figure
 

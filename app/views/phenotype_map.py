@@ -46,17 +46,31 @@ if run_id is not None:
         levels = [
             v for v in ("compound_dose", "well", "cell") if v in set(points["level"])
         ]
+        # plate and batch (from the plate map) show plate and batch effects
+        batches = data.load_plate_batches(url, run_id).dropna().astype(str)
         left, right = st.columns(2)
         level = left.radio("Points", levels, horizontal=True, key="map_level")
         colour = right.selectbox(
-            "Colour by", ["cluster", "compound", "moa", "role", "activity"],
+            "Colour by",
+            ["cluster", "compound", "moa", "role", "activity", "plate",
+             *(["batch"] if len(batches) else [])],
             key="map_colour",
+            help="plate or batch: wells that gather by plate or batch rather than "
+            "by compound show a plate or batch effect",
         )  # fmt: skip
         shown = (
             points[points["level"] == level]
             .astype({"cluster": str})
             .reset_index(drop=True)
         )
+        if len(batches):
+            shown["batch"] = shown["plate"].map(batches).fillna("no batch")
+        if colour in ("plate", "batch") and level == "compound_dose":
+            st.info(
+                f"A compound-dose pools its wells over plates: choose the well or "
+                f"cell points to colour them by {colour}."
+            )
+            colour = None
         figure = px.scatter(
             shown, x="umap_x", y="umap_y", color=colour, hover_name="label",
             hover_data=["compound", "concentration", "role", "moa", "activity"],

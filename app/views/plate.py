@@ -34,11 +34,7 @@ if run_id is not None:
         st.error(f"Plate QC: {exc}")
     wells = data.load_plate_map_metrics(url, run_id, feature_set)
     st.subheader("Plate map")
-    numeric = [c for c in wells.columns
-               if wells[c].dtype.kind in "fi" and wells[c].notna().any()]  # fmt: skip
-    first = ["Metadata_CellCount", "activity", "q_value", "Metadata_FlaggedFields"]
-    numeric = [*(c for c in first if c in numeric),
-               *(c for c in numeric if c not in first)]  # fmt: skip
+    numeric = widgets.well_metric_options(wells)
     left, right = st.columns(2)
     plate = left.selectbox("Plate", sorted(wells["Metadata_Plate"].unique()))
     metric = right.selectbox(

@@ -139,6 +139,11 @@ def test_every_view_in_headless_chromium(dashboard, tmp_path):
         field.wait_for(timeout=60_000)  # visible: the field with its outlines
         page.screenshot(path=shots / "plates.png")
 
+        page.get_by_role("link", name="Campaign").click()
+        page.get_by_text("Plate QC across the campaign").wait_for(timeout=60_000)
+        page.get_by_text("plate_trends.csv").wait_for(timeout=60_000)
+        page.screenshot(path=shots / "campaign.png")
+
         page.get_by_role("link", name="Phenotype map").click()
         page.get_by_role("heading", name="Phenotype map").wait_for(timeout=60_000)
         page.get_by_text("cell", exact=True).first.wait_for()  # the cell-level map

@@ -28,7 +28,8 @@ from tests.conftest import SHARED_DATA, copy_store
 
 APP = Path(__file__).resolve().parents[2] / "app"
 VIEWS = [
-    "hits.py", "plate.py", "phenotype_map.py", "compare.py", "gallery.py", "runs.py"
+    "hits.py", "plate.py", "campaign.py", "phenotype_map.py", "compare.py",
+    "gallery.py", "runs.py",
 ]  # fmt: skip
 JUMP_MOA = (
     "profiles/jump_moa_cpg0002_plate_BR00117060a10x/"
