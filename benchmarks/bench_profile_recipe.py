@@ -14,8 +14,11 @@ Recipes (`pipeline.config.ProfileConfig`), each applied by
 Figures per recipe:
 
 - JUMP-MOA plate BR00117060a10x (../shared/data; 88 compounds x 4 replicates, 47
-  MoAs): Percent Replicating (published 42.2), replicate activity (mean mAP of a
-  compound's wells vs DMSO, % with q < 0.05), 1-NN MoA accuracy NSC;
+  MoAs): Percent Replicating (published 42.2), Percent Matching (compounds of one
+  MoA, on compound consensus profiles; published 16.3), MoA mAP (each compound's
+  consensus retrieving the other compounds of its MoA; published 0.07-0.14 on such
+  plates), replicate activity (mean mAP of a compound's wells vs DMSO, % with
+  q < 0.05), 1-NN MoA accuracy NSC;
 - LINCS plate SQ00015054 (58 compounds x 6 doses): activity (doses as replicates vs
   DMSO; % compounds with q < 0.05; copairs: 33 of 58), 1-NN MoA accuracy NSC;
 - the demo (3 plates, 9 compounds with known truth): true actives called (of 7) and
@@ -51,6 +54,7 @@ from pipeline.activity import (  # noqa: E402
     average_precision,
     mean_average_precision,
     percent_replicating,
+    replicate_average_precision,
 )
 from pipeline.config import ProfileConfig  # noqa: E402
 from pipeline.export import moa_table  # noqa: E402
@@ -99,6 +103,22 @@ def activity(normalized: pd.DataFrame) -> dict[str, float]:
         "activity_percent_q_below_0.05": round(
             100 * float(summary["is_active"].mean()), 1
         ),
+    }
+
+
+def moa_retrieval(normalized: pd.DataFrame) -> dict[str, float]:
+    """Percent Matching and MoA mAP on compound consensus profiles (JUMP's way)."""
+    treated = normalized[normalized["Metadata_Role"] == "treatment"]
+    features = [c for c in normalized.columns if not c.startswith("Metadata_")]
+    consensus = treated.groupby(["Metadata_Compound", "Metadata_MoA"])[
+        features
+    ].median()
+    consensus = consensus.reset_index().assign(Metadata_Role="treatment")
+    matching, _ = percent_replicating(consensus, group_by=["Metadata_MoA"], rng=0)
+    retrieval = replicate_average_precision(consensus, group_by=["Metadata_MoA"])
+    return {
+        "percent_matching": round(matching, 1),
+        "moa_map": round(float(retrieval["replicate_map"].mean()), 3),
     }
 
 

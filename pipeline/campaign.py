@@ -172,6 +172,41 @@ def replicate_correlation_across_plates(normalized: pd.DataFrame) -> pd.Series:
     return pd.Series(result, name="replicate_correlation_across_plates")
 
 
+def plate_layouts(wells: pd.DataFrame) -> pd.Series:
+    """Return each plate's layout number; plates of one layout are replicate plates.
+
+    Parameters
+    ----------
+    wells : DataFrame
+        ``Metadata_Plate``, ``Metadata_Well``, ``Metadata_Compound`` and
+        ``Metadata_Concentration`` of every well.
+
+    Returns
+    -------
+    Series
+        Indexed by plate: ``layout`` 1, 2, ... in order of first appearance (plates
+        sorted); equal numbers hold the same compound-dose in every well.
+
+    Raises
+    ------
+    ValueError
+        If columns are missing.
+    """
+    needed = {"Metadata_Plate", "Metadata_Well", *DOSE_KEYS}
+    missing = needed - set(wells.columns)
+    if missing:
+        raise ValueError(f"wells lacks columns {sorted(missing)}.")
+    keys = wells[["Metadata_Well", *DOSE_KEYS]].map(str).agg("|".join, axis=1)
+    signature = keys.groupby(wells["Metadata_Plate"]).agg(
+        lambda k: "\n".join(sorted(k))
+    )
+    numbers: dict[str, int] = {}
+    layout = signature.sort_index().map(
+        lambda v: numbers.setdefault(v, len(numbers) + 1)
+    )
+    return layout.rename("layout")
+
+
 def plate_trends(
     raw: pd.DataFrame, normalized: pd.DataFrame, qc: pd.DataFrame | None = None
 ) -> pd.DataFrame:
@@ -189,17 +224,18 @@ def plate_trends(
     Returns
     -------
     DataFrame
-        ``Metadata_Plate``, ``Metadata_Batch`` (when present), ``n_wells``,
-        ``dmso_wells``, ``dmso_cell_count`` (median cells per DMSO well),
-        ``z_prime_activity`` (with `qc`) and
-        ``replicate_correlation_across_plates``, in plate order.
+        ``Metadata_Plate``, ``Metadata_Batch`` (when present), ``layout`` (equal
+        numbers: replicate plates, `plate_layouts`), ``n_wells``, ``dmso_wells``,
+        ``dmso_cell_count`` (median cells per DMSO well), ``z_prime_activity``
+        (with `qc`) and ``replicate_correlation_across_plates``, in plate order.
 
     Raises
     ------
     ValueError
         If columns are missing.
     """
-    needed = {"Metadata_Plate", "Metadata_Role", "Metadata_CellCount"}
+    needed = {"Metadata_Plate", "Metadata_Well", "Metadata_Role", "Metadata_CellCount",
+              *DOSE_KEYS}  # fmt: skip
     missing = needed - set(raw.columns)
     if missing:
         raise ValueError(f"raw lacks columns {sorted(missing)}.")
@@ -218,6 +254,7 @@ def plate_trends(
             .median(),
         }
     ).reset_index()
+    trends.insert(len(keys), "layout", trends["Metadata_Plate"].map(plate_layouts(raw)))
     if qc is not None:
         trends = trends.merge(
             qc[["Metadata_Plate", "z_prime_activity"]], on="Metadata_Plate", how="left"

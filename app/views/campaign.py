@@ -26,7 +26,9 @@ if run_id is not None:
         "positive controls separate from DMSO (> 0.5 excellent, < 0 they overlap); "
         "replicate_correlation_across_plates: median correlation of a plate's "
         "treatment wells with the same compound-dose on the other plates (low: the "
-        "plate disagrees with the rest); edge effects as on the Plates page."
+        "plate disagrees with the rest); layout: plates with the same number hold "
+        "the same compound-doses in every well (replicate plates); edge effects as "
+        "on the Plates page."
     )
     widgets.show_glossary(["activity", "Z'", "edge effect"])
     try:
@@ -45,8 +47,8 @@ if run_id is not None:
             "map is on the Plates page."
         )
     else:
-        numeric = [c for c in trends.columns
-                   if trends[c].dtype.kind in "fiu" and trends[c].notna().any()]  # fmt: skip
+        numeric = [c for c in trends.columns if c != "layout"
+                   and trends[c].dtype.kind in "fiu" and trends[c].notna().any()]  # fmt: skip
         first = ["dmso_cell_count", "z_prime_activity",
                  "replicate_correlation_across_plates"]  # fmt: skip
         numeric = [*(c for c in first if c in numeric),

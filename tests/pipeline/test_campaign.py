@@ -7,6 +7,7 @@ from pipeline.campaign import (
     BEFORE_RECIPE,
     correction_diagnostics,
     dmso_similarity,
+    plate_layouts,
     plate_trends,
     recipe_diagnostics,
     replicate_correlation_across_plates,
@@ -69,6 +70,7 @@ def test_plate_trends_report_each_plate_and_its_batch():
     trends = plate_trends(raw, after, qc)
     assert list(trends["Metadata_Plate"]) == ["P0", "P1", "P2", "P3"]
     assert list(trends["Metadata_Batch"]) == ["B0", "B0", "B1", "B1"]
+    assert (trends["layout"] == 1).all()  # four replicate plates
     assert list(trends["dmso_cell_count"]) == [400, 410, 420, 430]
     assert (trends["n_wells"] == 16).all() and (trends["dmso_wells"] == 8).all()
     assert trends["z_prime_activity"].tolist() == [0.1, 0.2, 0.3, 0.4]
@@ -99,6 +101,15 @@ def test_recipe_diagnostics_compare_the_same_features_before_and_after():
     assert (table["n_features"] == 24).all()
     with pytest.raises(ValueError, match="features not in raw"):
         uncorrected_profiles(raw, features=["nope"])
+
+
+def test_plate_layouts_tell_replicate_plates_apart():
+    raw = campaign()
+    second = raw["Metadata_Plate"].isin(["P2", "P3"]) & (raw["Metadata_Well"] == "B01")
+    raw.loc[second, "Metadata_Concentration"] = 3.0  # P2 and P3: another layout
+    assert plate_layouts(raw).to_dict() == {"P0": 1, "P1": 1, "P2": 2, "P3": 2}
+    with pytest.raises(ValueError, match="Metadata_Well"):
+        plate_layouts(raw.drop(columns="Metadata_Well"))
 
 
 def test_a_plate_with_a_blank_batch_stays_in_the_trends():

@@ -248,6 +248,20 @@ def test_normalize_profiles_selects_features_and_scales_to_all_wells_when_asked(
         normalize_to_controls(profiles.iloc[[0]], control_role=None)
 
 
+def test_the_recipe_never_returns_nan_profiles_from_awkward_features():
+    profiles = make_profiles()
+    profiles["f_nan"] = np.nan  # a feature nobody measured
+    profiles["f_dmso_flat"] = np.where(
+        profiles["Metadata_Role"] == "negative_control", 1.0, profiles["f1"]
+    )  # constant in the controls: no scale to divide by
+    profiles["Metadata_Batch"] = profiles["Metadata_Plate"]  # one plate per batch
+    recipe = ProfileConfig(whiten="controls", whiten_scope="batch")
+    normalized = normalize_profiles(profiles, recipe)
+    features = feature_columns(normalized)
+    assert "f_nan" not in features and "f_dmso_flat" not in features
+    assert np.isfinite(normalized[features].to_numpy()).all()
+
+
 def test_profile_recipe_rejects_unknown_choices():
     with pytest.raises(InputError, match="normalize_to = 'dmso' is unknown"):
         ProfileConfig(normalize_to="dmso")
