@@ -73,6 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_argument("--plates", type=int, default=3, help="replicate plates (3)")
     demo_data.add_argument("--fields-per-well", type=int, default=2)
     demo_data.add_argument("--field-size", type=int, default=256, help="pixels (256)")
+    demo_data.add_argument(
+        "--cells-per-field", type=int, default=30, help="mean DMSO cells (30)"
+    )
+    demo_data.add_argument(
+        "--nucleus-diameter", type=float, default=14.0, help="pixels (14)"
+    )
+    demo_data.add_argument(
+        "--plate-format", type=int, choices=[96, 384, 1536], default=96
+    )
+    demo_data.add_argument(
+        "--n-channels", type=int, choices=[3, 5], default=3,
+        help="DNA, Actin, Mito; 5 adds ER and RNA",
+    )  # fmt: skip
     demo_data.add_argument("--seed", type=int, default=0)
 
     run = sub.add_parser("run", help="segment and measure every field into the store")
@@ -503,6 +516,10 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
         n_plates=args.plates,
         fields_per_well=args.fields_per_well,
         field_size_px=args.field_size,
+        cells_per_field=args.cells_per_field,
+        nucleus_diameter_px=args.nucleus_diameter,
+        plate_format=args.plate_format,
+        n_channels=args.n_channels,
         seed=args.seed,
     )
     print(f"demo plate written to {args.out_dir}:")

@@ -22,9 +22,11 @@ import tifffile
 from scipy import ndimage as ndi
 from skimage.draw import ellipse
 
-from pipeline.platemap import format_well
+from pipeline.platemap import PLATE_FORMATS, format_well
 
 CHANNELS = {"DNA": "w1", "Actin": "w2", "Mito": "w3"}
+#: The five Cell Painting-like channels of `write_demo_plate(n_channels=5)`.
+CHANNELS_5 = CHANNELS | {"ER": "w4", "RNA": "w5"}
 DOSES_UM = tuple(float(10 * 10 ** (-0.5 * k)) for k in range(8))
 
 
@@ -60,35 +62,45 @@ POSITIVE_CONTROL_DOSE_UM = 10.0
 MIN_TRUE_EFFECT = 0.1
 
 
-def demo_platemap(plates: list[str]) -> pd.DataFrame:
+def demo_platemap(plates: list[str], plate_format: int = 96) -> pd.DataFrame:
     """Return the demo plate map: DMSO in columns 1 and 12, positive control in 11.
+
+    On 384- and 1536-well plates the 96-well layout is interleaved as a liquid
+    handler stamps four (sixteen) 96-well plates: 96-well (row, column) becomes
+    (k row + i, k column + j) for every quadrant (i, j) with k = 2 (4), so each
+    compound-dose has 4 (16) wells per plate.
 
     Parameters
     ----------
     plates : list of str
         Plate names; every plate gets the same layout.
+    plate_format : {96, 384, 1536}
 
     Returns
     -------
     DataFrame
-        Columns ``plate, well, compound, concentration_uM, role, moa``; 96 rows per
-        plate.
+        Columns ``plate, well, compound, concentration_uM, role, moa``;
+        `plate_format` rows per plate.
 
     Raises
     ------
     ValueError
-        If `plates` is empty.
+        If `plates` is empty or `plate_format` is not 96, 384 or 1536.
     """
     if not plates:
         raise ValueError("plates is empty; name at least one plate.")
+    if plate_format not in PLATE_FORMATS:
+        raise ValueError(f"plate_format = {plate_format}; choose 96, 384 or 1536.")
+    k = PLATE_FORMATS[plate_format][0] // 8
     rows = []
     for plate in plates:
-        for r in range(8):
-            for c in range(12):
+        for r in range(8 * k):
+            for c in range(12 * k):
                 well = format_well(r, c)
-                if c in (0, 11):
+                column = c // k
+                if column in (0, 11):
                     row = ("DMSO", 0.1, "negative_control", "control")
-                elif c == 10:
+                elif column == 10:
                     row = (
                         POSITIVE_CONTROL.name,
                         POSITIVE_CONTROL_DOSE_UM,
@@ -96,8 +108,8 @@ def demo_platemap(plates: list[str]) -> pd.DataFrame:
                         POSITIVE_CONTROL.moa,
                     )
                 else:
-                    compound = COMPOUNDS[c - 1]
-                    row = (compound.name, DOSES_UM[r], "treatment", compound.moa)
+                    compound = COMPOUNDS[column - 1]
+                    row = (compound.name, DOSES_UM[r // k], "treatment", compound.moa)
                 rows.append((plate, well, *row))
     return pd.DataFrame(
         rows, columns=["plate", "well", "compound", "concentration_uM", "role", "moa"]
@@ -144,6 +156,7 @@ def render_field(
     illumination: np.ndarray,
     nucleus_radius_px: float,
     rng: np.random.Generator,
+    n_channels: int = 3,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw one field of cells.
 
@@ -158,11 +171,14 @@ def render_field(
     nucleus_radius_px : float
         Mean DMSO nucleus radius.
     rng : Generator
+    n_channels : {3, 5}
+        5 adds ER (a perinuclear glow) and RNA (nucleoli and faint cytoplasm),
+        drawn after the first three, which stay as with 3.
 
     Returns
     -------
-    image : ndarray of shape (3, Y, X), uint16
-        DNA, Actin, Mito; 12-bit range.
+    image : ndarray of shape (n_channels, Y, X), uint16
+        DNA, Actin, Mito (, ER, RNA); 12-bit range.
     nuclei_labels, cell_labels : ndarray of shape (Y, X), uint16
         True objects 1..N.
     """
@@ -173,13 +189,17 @@ def render_field(
     actin = np.zeros(shape, np.float32)
     spots = np.zeros(shape, np.float32)
     min_distance = 2.6 * nucleus_radius_px * max(params["nucleus_scale"], 1.0)
-    centres: list[tuple[float, float]] = []
+    placed = np.empty((params["n_cells"], 2))  # rejection sampling, vectorized
+    n_placed = 0
     for _ in range(params["n_cells"] * 30):
-        if len(centres) == params["n_cells"]:
+        if n_placed == params["n_cells"]:
             break
         y, x = rng.uniform(0, height), rng.uniform(0, width)
-        if all((y - cy) ** 2 + (x - cx) ** 2 > min_distance**2 for cy, cx in centres):
-            centres.append((y, x))
+        distance2 = (y - placed[:n_placed, 0]) ** 2 + (x - placed[:n_placed, 1]) ** 2
+        if (distance2 > min_distance**2).all():
+            placed[n_placed] = y, x
+            n_placed += 1
+    centres = [(float(y), float(x)) for y, x in placed[:n_placed]]
     nucleus_shapes = []
     for k, (y, x) in enumerate(centres, start=1):
         radius = max(2.5, rng.normal(nucleus_radius_px, 0.12 * nucleus_radius_px))
@@ -218,7 +238,35 @@ def render_field(
     image = np.stack([ndi.gaussian_filter(ch, 1.0) for ch in (dna, actin * 0.9, mito)])
     image = image * illumination + 100.0
     noisy = rng.poisson(np.clip(image, 0, None)) + rng.normal(0, 6, image.shape)
+    if n_channels == 5:
+        noisy = np.concatenate([noisy, _er_rna(nuclei, cells, actin, nucleus_radius_px,
+                                               illumination, rng)])  # fmt: skip
     return np.clip(noisy, 0, 4095).astype(np.uint16), nuclei, cells
+
+
+def _er_rna(
+    nuclei: np.ndarray,
+    cells: np.ndarray,
+    actin: np.ndarray,
+    nucleus_radius_px: float,
+    illumination: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """ER and RNA channels of a field, shape (2, Y, X), with noise."""
+    inside = cells > 0
+    er = ndi.gaussian_filter((nuclei > 0).astype(np.float32), nucleus_radius_px)
+    er = er * inside * 2400.0 * (nuclei == 0) + (nuclei > 0) * 150.0
+    nucleoli = np.zeros(nuclei.shape, np.float32)
+    where = np.flatnonzero(nuclei)
+    if where.size:
+        n_spots = max(int(nuclei.max()), 1) * 3
+        np.add.at(
+            nucleoli.ravel(), rng.choice(where, n_spots), rng.gamma(4.0, 250.0, n_spots)
+        )
+    rna = ndi.gaussian_filter(nucleoli, 1.2) * 8.0 + 0.12 * actin
+    image = np.stack([ndi.gaussian_filter(ch, 1.0) for ch in (er, rna)])
+    image = image * illumination + 100.0
+    return rng.poisson(np.clip(image, 0, None)) + rng.normal(0, 6, image.shape)
 
 
 def _illumination(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -236,6 +284,9 @@ def write_demo_plate(
     field_size_px: int = 256,
     cells_per_field: int = 30,
     seed: int = 0,
+    plate_format: int = 96,
+    n_channels: int = 3,
+    nucleus_diameter_px: float = 14.0,
 ) -> dict[str, Path]:
     """Generate the demo experiment: images, plate map, run config and ground truth.
 
@@ -255,6 +306,14 @@ def write_demo_plate(
         Mean cell count of a DMSO field.
     seed : int
         Everything is reproducible from it.
+    plate_format : {96, 384, 1536}
+        Wells per plate (`demo_platemap`).
+    n_channels : {3, 5}
+        DNA, Actin, Mito (`CHANNELS`), or also ER and RNA (`CHANNELS_5`).
+    nucleus_diameter_px : float
+        Mean DMSO nucleus diameter. A real 1080 px Cell Painting field (JUMP)
+        holds about 200 nuclei of about 20 px: ``field_size_px=1080,
+        cells_per_field=200, nucleus_diameter_px=20``.
 
     Returns
     -------
@@ -270,12 +329,20 @@ def write_demo_plate(
         raise ValueError("n_plates, fields_per_well and cells_per_field must be >= 1.")
     if not 64 <= field_size_px <= 4096:
         raise ValueError(f"field_size_px = {field_size_px} must lie in [64, 4096].")
+    if n_channels not in (3, 5):
+        raise ValueError(f"n_channels = {n_channels} must be 3 or 5.")
+    if not 4 <= nucleus_diameter_px <= field_size_px / 4:
+        raise ValueError(
+            f"nucleus_diameter_px = {nucleus_diameter_px} must lie in [4, "
+            f"field_size_px / 4 = {field_size_px / 4:g}]."
+        )
+    channels = CHANNELS_5 if n_channels == 5 else CHANNELS
     out = Path(out_dir)
     images, masks = out / "images", out / "ground_truth" / "masks"
     masks.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     plates = [f"DEMO-P{i + 1}" for i in range(n_plates)]
-    platemap = demo_platemap(plates)
+    platemap = demo_platemap(plates, plate_format)
     shape = (field_size_px, field_size_px)
     by_name = {c.name: c for c in COMPOUNDS}
     true_counts = []
@@ -295,11 +362,12 @@ def write_demo_plate(
                     params,
                     shape=shape,
                     illumination=illumination,
-                    nucleus_radius_px=7.0,
+                    nucleus_radius_px=nucleus_diameter_px / 2,
                     rng=rng,
+                    n_channels=n_channels,
                 )
                 stem = f"{plate}_{row.well}_s{site}"
-                for c, token in enumerate(CHANNELS.values()):
+                for c, token in enumerate(channels.values()):
                     tifffile.imwrite(
                         images / plate / f"{stem}_{token}.tif",
                         image[c],
@@ -319,12 +387,13 @@ def write_demo_plate(
     config_path.write_text(
         "# Run config of the demo plate (see README: Configuration).\n"
         '[input]\nlayout = "imagexpress"\nnuclei_channel = "DNA"\n\n'
-        "[input.channels]\n" + "".join(f'{n} = "{t}"\n' for n, t in CHANNELS.items())
+        "[input.channels]\n" + "".join(f'{n} = "{t}"\n' for n, t in channels.items())
     )
     truth = {
         "description": "Ground truth of the PhenoScreen demo plate.",
         "seed": seed,
-        "channels": CHANNELS,
+        "plate_format": plate_format,
+        "channels": channels,
         "doses_uM": list(DOSES_UM),
         "compounds": [
             {

@@ -64,3 +64,70 @@ def test_demo_platemap_rejects_no_plates():
 def test_write_demo_plate_rejects_bad_size(tmp_path):
     with pytest.raises(ValueError, match="field_size_px"):
         write_demo_plate(tmp_path, field_size_px=10)
+
+
+def test_demo_platemap_interleaves_the_96_layout_on_larger_plates():
+    small = demo_platemap(["P"])
+    for plate_format, k in ((384, 2), (1536, 4)):
+        large = demo_platemap(["P"], plate_format)
+        assert len(large) == plate_format
+        per_dose = large.groupby(["compound", "concentration_uM"]).size()
+        assert (per_dose == per_dose.iloc[0]).all() or "DMSO" in per_dose
+        treated = large[large["role"] == "treatment"]
+        assert (treated.groupby(["compound", "concentration_uM"]).size() == k * k).all()
+        assert set(
+            map(tuple, small[["compound", "concentration_uM"]].to_numpy())
+        ) == set(map(tuple, large[["compound", "concentration_uM"]].to_numpy()))
+    quadrant = demo_platemap(["P"], 384).set_index("well")
+    assert quadrant.loc["A01", "compound"] == quadrant.loc["B02", "compound"] == "DMSO"
+    assert (
+        quadrant.loc["A03", "concentration_uM"]
+        == quadrant.loc["B04", "concentration_uM"]
+    )
+    with pytest.raises(ValueError, match="plate_format = 100"):
+        demo_platemap(["P"], 100)
+
+
+@pytest.mark.slow
+def test_a_384_well_five_channel_demo_plate_runs(tmp_path, capsys):
+    from pipeline.cli import main
+
+    out = tmp_path / "plate"
+    assert main(["demo-data", str(out), "--plates", "1", "--fields-per-well", "1",
+                 "--field-size", "64", "--cells-per-field", "3", "--plate-format", "384",
+                 "--n-channels", "5"]) == 0  # fmt: skip
+    assert len(list((out / "images" / "DEMO-P1").glob("*_w5.tif"))) == 384
+    config = tmp_path / "threads.toml"
+    config.write_text("[execution]\nn_workers = 2\nprocesses = false\n")
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert main(["run", str(out / "images"), "--platemap", str(out / "platemap.csv"),
+                 "--layout", "imagexpress", "--channels",
+                 "DNA=w1,Actin=w2,Mito=w3,ER=w4,RNA=w5", "--config", str(config),
+                 "--db", url]) == 0  # fmt: skip
+    assert "384 fields (384 processed" in capsys.readouterr().out
+    assert main(["qc", "--db", url]) == 0
+    assert "DEMO-P1" in capsys.readouterr().out
+
+
+def test_a_demo_field_at_jump_density_segments_to_its_true_count():
+    """A 1080 px field of ~200 nuclei of ~20 px, as a JUMP Cell Painting field."""
+    from pipeline.demo import _cell_params, _illumination, render_field
+    from pipeline.segment import segment_field
+
+    rng = np.random.default_rng(0)
+    image, nuclei, _ = render_field(
+        _cell_params("none", 0.0, rng, 200), shape=(1080, 1080),
+        illumination=_illumination((1080, 1080), rng), nucleus_radius_px=10.0,
+        rng=rng, n_channels=5,
+    )  # fmt: skip
+    assert image.shape == (5, 1080, 1080) and image.dtype == np.uint16
+    assert 170 <= nuclei.max() <= 230
+    found, _ = segment_field(image[0], image[1])
+    assert abs(int(found.max()) - int(nuclei.max())) <= 0.1 * nuclei.max()
+
+
+def test_write_demo_plate_rejects_bad_channels_and_nucleus_size(tmp_path):
+    with pytest.raises(ValueError, match="n_channels = 4"):
+        write_demo_plate(tmp_path, n_channels=4)
+    with pytest.raises(ValueError, match="nucleus_diameter_px = 100"):
+        write_demo_plate(tmp_path, field_size_px=128, nucleus_diameter_px=100)
