@@ -183,6 +183,6 @@ def test_every_view_in_headless_chromium(dashboard, tmp_path):
         page.screenshot(path=shots / "runs.png")
         browser.close()
     assert sorted(p.name for p in shots.glob("*.png")) == [
-        "compare.png", "gallery.png", "gallery_of_map_selection.png", "hits.png",
-        "phenotype_map.png", "plates.png", "runs.png",
+        "campaign.png", "compare.png", "gallery.png", "gallery_of_map_selection.png",
+        "hits.png", "phenotype_map.png", "plates.png", "runs.png",
     ]  # fmt: skip
