@@ -175,7 +175,8 @@ def load_plate_trends(
     -------
     DataFrame
         In plate order: ``Metadata_Plate``, ``Metadata_Batch`` (when the plate map
-        has one), ``n_wells``, ``dmso_wells``, ``dmso_cell_count``,
+        has one), ``layout`` (equal numbers: replicate plates), ``n_wells``,
+        ``dmso_wells``, ``dmso_cell_count``,
         ``replicate_correlation_across_plates`` and, when `with_qc`,
         ``z_prime_activity`` and the rest of the plate QC.
 

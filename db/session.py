@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, inspect, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    NoSuchModuleError,
+    OperationalError,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.schema import SCHEMA_VERSION, Base, SchemaInfo
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Waits (s) before each new attempt of a unit of work after a lost connection.
+RECONNECT_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+class StoreConnectionLost(RuntimeError):
+    """The store stayed unreachable through every reconnection attempt."""
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -208,3 +225,53 @@ def session_scope(engine: Engine) -> Iterator[Session]:
     factory = sessionmaker(engine, expire_on_commit=False)
     with factory() as session, session.begin():
         yield session
+
+
+def retry_lost_connection(
+    work: Callable[[], T], *, what: str, delays: Sequence[float] = RECONNECT_DELAYS_S
+) -> T:
+    """Run one unit of work (a whole transaction), again after a lost connection.
+
+    A dropped database connection (the server restarted, a network blip, a killed
+    backend; SQLite's "database is locked" too) rolls the transaction back, so
+    the unit is simply run again on a fresh connection, after each of `delays`.
+    Other database errors are raised at once.
+
+    Parameters
+    ----------
+    work : callable
+        Runs the transaction (e.g. `db.store.write_field_cells` of one field); it
+        must be safe to repeat after a rollback.
+    what : str
+        Named in the log and the error, e.g. ``"field 12"``.
+    delays : sequence of float
+        Seconds to wait before each new attempt (exponential back-off).
+
+    Returns
+    -------
+    The result of `work`.
+
+    Raises
+    ------
+    StoreConnectionLost
+        If the connection is still lost after the last attempt.
+    """
+    for attempt, delay in enumerate([*delays, None]):
+        try:
+            return work()
+        except DBAPIError as exc:
+            lost = exc.connection_invalidated or isinstance(exc, OperationalError)
+            if not lost:
+                raise
+            if delay is None:
+                raise StoreConnectionLost(
+                    f"{what}: the database connection was lost and {len(delays)} "
+                    f"reconnections over {sum(delays):g} s failed ({exc.orig}); check "
+                    "that the database server is up and rerun: completed fields "
+                    "are kept and the run resumes."
+                ) from exc
+            logger.warning(
+                "%s: database connection lost (%s); retrying in %g s (attempt %d of "
+                "%d)", what, exc.orig, delay, attempt + 2, len(delays) + 1,
+            )  # fmt: skip
+            time.sleep(delay)

@@ -26,7 +26,11 @@ from scipy.stats import false_discovery_control
 from pipeline.profiles import feature_columns
 
 
-def _unit_rows(values: np.ndarray) -> np.ndarray:
+def unit_rows(values: np.ndarray) -> np.ndarray:
+    """Return the rows of `values` (n, d) scaled to unit length; zero rows stay zero.
+
+    Row products of the result are cosine similarities.
+    """
     norms = np.linalg.norm(values, axis=1, keepdims=True)
     return values / np.where(norms > 0, norms, 1.0)
 
@@ -88,7 +92,7 @@ def average_precision(
             "profiles has NaN or infinite features; drop those wells or features first "
             "(e.g. wells without cells)."
         )
-    unit = _unit_rows(features)
+    unit = unit_rows(features)
     is_control = (profiles["Metadata_Role"] == control_role).to_numpy()
     if not is_control.any():
         raise ValueError(f"profiles has no {control_role} rows to rank against.")
@@ -271,7 +275,7 @@ def replicate_average_precision(
         If columns are missing or features are not finite.
     """
     treated, values = _treated_values(profiles, group_by, control_role)
-    unit = _unit_rows(values)
+    unit = unit_rows(values)
     rows = []
     for keys, members in treated.groupby(
         list(group_by), sort=True, dropna=False

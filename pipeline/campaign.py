@@ -18,7 +18,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline.activity import replicate_average_precision
+from pipeline.activity import replicate_average_precision, unit_rows
+from pipeline.moa import KEYS as MOA_KEYS
+from pipeline.moa import annotated_rows
 from pipeline.profiles import (
     feature_columns,
     metadata_column,
@@ -26,11 +28,7 @@ from pipeline.profiles import (
     normalize_to_controls,
 )
 
-DOSE_KEYS = ["Metadata_Compound", "Metadata_Concentration"]
-
-
-def _unit(values: np.ndarray) -> np.ndarray:
-    return values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-12)
+DOSE_KEYS = MOA_KEYS  # a compound-dose
 
 
 def _finite_rows(profiles: pd.DataFrame) -> pd.DataFrame:
@@ -100,7 +98,7 @@ def dmso_similarity(normalized: pd.DataFrame) -> dict[str, float]:
     if missing:
         raise ValueError(f"normalized lacks columns {sorted(missing)}.")
     dmso = _finite_rows(normalized[normalized["Metadata_Role"] == "negative_control"])
-    unit = _unit(dmso[feature_columns(dmso)].to_numpy(float))
+    unit = unit_rows(dmso[feature_columns(dmso)].to_numpy(float))
     # sums of unit vectors give every pair's cosine without the n x n matrix:
     # sum over ordered pairs i != j of u_i.u_j = |sum u|^2 - n
     total_pairs = float(unit.sum(axis=0) @ unit.sum(axis=0)) - len(unit)
@@ -149,7 +147,7 @@ def replicate_correlation_across_plates(normalized: pd.DataFrame) -> pd.Series:
         raise ValueError(f"normalized lacks columns {sorted(missing)}.")
     wells = _finite_rows(normalized[normalized["Metadata_Role"] != "negative_control"])
     values = wells[feature_columns(wells)].to_numpy(float)
-    centred = _unit(values - values.mean(axis=1, keepdims=True))  # rows: Pearson
+    centred = unit_rows(values - values.mean(axis=1, keepdims=True))  # rows: Pearson
     plates = wells["Metadata_Plate"].to_numpy()
     per_plate: dict[object, list[np.ndarray]] = {}
     groups = wells.groupby(DOSE_KEYS, dropna=False, sort=False).indices.values()
@@ -266,6 +264,12 @@ def plate_trends(
     return trends
 
 
+def _n_annotated(profiles: pd.DataFrame, column: str) -> int:
+    """Treatments (compounds) with a label in `column`."""
+    treated = profiles[profiles["Metadata_Role"] != "negative_control"]
+    return treated.loc[annotated_rows(treated, column), "Metadata_Compound"].nunique()
+
+
 def correction_diagnostics(
     stages: Mapping[str, pd.DataFrame], *, reference_column: str | None = None
 ) -> pd.DataFrame:
@@ -277,7 +281,7 @@ def correction_diagnostics(
         Stage name -> normalized well profiles (same wells).
     reference_column : str, optional
         An annotation (e.g. ``moa``) for MoA NSC / NSCB (`pipeline.export.moa_table`);
-        None or absent from the profiles: not computed.
+        not computed when None, absent, or held by fewer than two treatments.
 
     Returns
     -------
@@ -310,7 +314,8 @@ def correction_diagnostics(
             if len(replicate)
             else float("nan"),
         }
-        if reference_column and metadata_column(profiles, reference_column):
+        column = metadata_column(profiles, reference_column or "")
+        if column and _n_annotated(profiles, column) >= 2:
             _, accuracy = moa_table(profiles, reference_column=reference_column)
             row |= {"nsc": accuracy["nsc"], "nscb": accuracy["nscb"]}
         rows.append(row)
@@ -328,8 +333,9 @@ def recipe_diagnostics(
     """`correction_diagnostics` of a run's profiles before and after its recipe.
 
     Before: `uncorrected_profiles` of the features the recipe kept (so the two
-    stages differ by the per-plate alignment, not by the feature selection);
-    after: `normalized`.
+    stages differ by what the recipe does to those features: per-plate alignment,
+    and whitening or scaling to all wells if the recipe asks; not by the feature
+    selection); after: `normalized`.
 
     Parameters
     ----------

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from db.session import StoreConnectionLost
 from pipeline.config import (
     AGGREGATIONS,
     EMBED_SCALINGS,
@@ -356,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="take the annotated neighbours from this run of the store (e.g. an "
         "imported reference set) instead of the run itself",
     )
+    moa.add_argument(
+        "--reference-feature-set",
+        help="feature set of the reference run (default: its default one); it must "
+        "share feature names with --feature-set",
+    )
     _add_profile_options(moa)
     moa.add_argument("--top", type=int, default=15, help="predictions to print (15)")
     moa.add_argument(
@@ -382,8 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile_options(campaign)
     campaign.add_argument(
         "--reference-column",
-        default="moa",
-        help="annotation for MoA NSC / NSCB in the diagnostics (default: moa, if any)",
+        help="annotation for MoA NSC / NSCB in the diagnostics (default: moa, when "
+        "the plate map has one annotating two or more compounds)",
     )
     campaign.add_argument(
         "--out", type=Path, help="write the per-plate trends (.csv or .parquet)"
@@ -641,21 +647,27 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     from db.store import resolve_run
     from pipeline.campaign import plate_trends, recipe_diagnostics
     from pipeline.export import plate_qc_table, read_profiles
+    from pipeline.profiles import metadata_column
 
     engine = make_engine(_db_url(args), create=False)
     run_id, experiment_id = resolve_run(engine, args.run)
     raw, normalized = read_profiles(
         engine, run_id, experiment_id, **_profile_options(args)
     )
+    column = args.reference_column
+    if column and metadata_column(normalized, column) is None:
+        names = ", ".join(c for c in normalized.columns if c.startswith("Metadata_"))
+        raise ValueError(
+            f"--reference-column {column!r} is not among the metadata columns "
+            f"({names}); name one of them, or leave the option out."
+        )
     trends = plate_trends(raw, normalized, plate_qc_table(normalized))
     print(
         f"{len(trends)} plates: DMSO cells per well, Z' of the activity, and how well "
         "each plate's treatment wells correlate with their replicates on other plates"
     )
     _print_table(trends)
-    diagnostics = recipe_diagnostics(
-        raw, normalized, reference_column=args.reference_column
-    )
+    diagnostics = recipe_diagnostics(raw, normalized, reference_column=column or "moa")
     print(
         "\nbefore/after the profile recipe: DMSO similarity within vs across plates "
         "(a gap near 0 = no plate effect), replicate mAP of compound-doses"
@@ -703,13 +715,14 @@ def cmd_qc(args: argparse.Namespace) -> int:
 def cmd_moa(args: argparse.Namespace) -> int:
     """Print 1-NN annotation accuracies (and write the predictions)."""
     from pipeline.export import moa_table
-    from pipeline.hits import MIN_SIMILARITY
     from pipeline.moa import KEYS as MOA_KEYS
 
     url, options = _db_url(args), _profile_options(args)
     reference = None
     if args.reference_run is not None:
-        reference = _profiles(url, args.reference_run, **options)[1]
+        reference = _profiles(url, args.reference_run,
+                              include_flagged=args.include_flagged,
+                              feature_set=args.reference_feature_set)[1]  # fmt: skip
     predictions, accuracy = moa_table(
         _profiles(url, args.run, **options)[1],
         reference_column=args.reference_column,
@@ -718,12 +731,14 @@ def cmd_moa(args: argparse.Namespace) -> int:
     scored = predictions["is_correct_nsc"].notna()
     if scored.any():
         n_scored = len(predictions[scored].drop_duplicates(MOA_KEYS))
+        nscb = accuracy["nscb"]
         print(
             f"1-NN {args.reference_column} accuracy over {n_scored} annotated "
-            f"compound-doses: same compound left out (NSC) {accuracy['nsc']:.3f}, also "
-            f"same batch left out (NSCB) {accuracy['nscb']:.3f}; a random other "
-            f"compound: {accuracy['chance_nsc']:.3f}"
-        )
+            f"compound-doses: same compound left out (NSC) {accuracy['nsc']:.3f}, "
+            + (f"also same batch left out (NSCB) {nscb:.3f}; " if nscb == nscb else
+               "(NSCB: one batch only); ")
+            + f"a random other compound: {accuracy['chance_nsc']:.3f}"
+        )  # fmt: skip
     shown = ["Metadata_Compound", "Metadata_Concentration", "predicted_nsc",
              "neighbor_nsc", "similarity_nsc"]  # fmt: skip
     unannotated = predictions[~scored].drop_duplicates(shown[:2])
@@ -1089,7 +1104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"phenoscreen {args.command}: error: {exc}", file=sys.stderr)
         print("nothing was written.", file=sys.stderr)
         return 2
-    except PipelineError as exc:
+    except (PipelineError, StoreConnectionLost) as exc:
         print(f"phenoscreen {args.command}: run failed: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:

@@ -576,6 +576,8 @@ def config_from_dict(
             continue
         if name == "input" and "pattern" in values:
             values.setdefault("layout", None)  # a pattern replaces the default layout
+        if stored and name == "profile":  # saved before feature selection existed:
+            values.setdefault("feature_select", False)  # its results stay as they were
         for key in ("texture_scales", "percentiles"):
             if key in values:
                 values[key] = tuple(values[key])

@@ -62,7 +62,7 @@ POSITIVE_CONTROL_DOSE_UM = 10.0
 MIN_TRUE_EFFECT = 0.1
 
 
-def demo_platemap(plates: list[str], plate_format: int = 96) -> pd.DataFrame:
+def demo_platemap(plates: list[str], *, plate_format: int = 96) -> pd.DataFrame:
     """Return the demo plate map: DMSO in columns 1 and 12, positive control in 11.
 
     On 384- and 1536-well plates the 96-well layout is interleaved as a liquid
@@ -342,7 +342,7 @@ def write_demo_plate(
     masks.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     plates = [f"DEMO-P{i + 1}" for i in range(n_plates)]
-    platemap = demo_platemap(plates, plate_format)
+    platemap = demo_platemap(plates, plate_format=plate_format)
     shape = (field_size_px, field_size_px)
     by_name = {c.name: c for c in COMPOUNDS}
     true_counts = []

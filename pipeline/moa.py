@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from pipeline.activity import unit_rows
 from pipeline.profiles import dose_labels, feature_columns
 
 KEYS = ["Metadata_Compound", "Metadata_Concentration"]
@@ -71,18 +72,14 @@ def consensus_profiles(
     return pd.concat([keys, consensus.reset_index(drop=True)], axis=1)
 
 
-def _unit(values: np.ndarray) -> np.ndarray:
-    return values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-12)
-
-
 def _cosine(values: np.ndarray) -> np.ndarray:
-    unit = _unit(values)
+    unit = unit_rows(values)
     return unit @ unit.T
 
 
 def _cosine_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity of every row of `a` (n, d) to every row of `b` (m, d)."""
-    return _unit(a) @ _unit(b).T
+    return unit_rows(a) @ unit_rows(b).T
 
 
 def nearest_neighbors(consensus: pd.DataFrame, *, k: int = 5) -> pd.DataFrame:
@@ -139,8 +136,25 @@ def _labels(value: object) -> set[str]:
     return {part.strip() for part in str(value).split("|") if part.strip()}
 
 
-def _annotated(table: pd.DataFrame, column: str) -> np.ndarray:
-    """Rows of `table` whose `column` holds at least one label."""
+def annotated_rows(table: pd.DataFrame, column: str) -> np.ndarray:
+    """Return which rows of `table` hold at least one label in `column`.
+
+    Parameters
+    ----------
+    table : DataFrame
+    column : str
+        An annotation column, e.g. ``Metadata_MoA`` (``"a|b"``: two labels).
+
+    Returns
+    -------
+    ndarray of bool, shape (n_rows,)
+        False for missing, empty or blank values.
+
+    Raises
+    ------
+    KeyError
+        If `column` is not a column of `table`.
+    """
     values = table[column].astype(object)
     return np.array([not pd.isna(v) and bool(_labels(v)) for v in values], bool)
 
@@ -201,7 +215,7 @@ def predict_moa(
         raise ValueError(
             f"consensus lacks columns {missing}; carry them from the wells."
         )
-    references = references[_annotated(references, reference_column)]
+    references = references[annotated_rows(references, reference_column)]
     references = references.reset_index(drop=True)
     if references["Metadata_Compound"].nunique() < 2:
         raise ValueError(
@@ -223,13 +237,15 @@ def predict_moa(
     )
     compounds = queries["Metadata_Compound"].to_numpy()
     ref_compounds = references["Metadata_Compound"].to_numpy()
-    if batch_column and reference is None:
-        batches = queries[batch_column].to_numpy()
-        ref_batches = references[batch_column].to_numpy()
+    if batch_column and reference is None:  # a blank batch is one batch of its own
+        batches = queries[batch_column].astype(object).fillna("(blank)").to_numpy()
+        ref_batches = (
+            references[batch_column].astype(object).fillna("(blank)").to_numpy()
+        )
     else:
         batches, ref_batches = np.zeros(len(queries)), np.zeros(len(references))
     several_batches = len(set(batches)) > 1
-    is_annotated = _annotated(queries, reference_column)
+    is_annotated = annotated_rows(queries, reference_column)
     labels = [_labels(v) if a else set() for v, a in
               zip(queries[reference_column], is_annotated, strict=True)]  # fmt: skip
     ref_labels = [_labels(v) for v in references[reference_column]]

@@ -291,12 +291,17 @@ def read_platemap(path: str | Path) -> pd.DataFrame:
         label = _OPTIONAL_LABELS.get(column.lower(), f"Metadata_{column}")
         platemap[label] = raw[column].str.strip()
 
-    if has_plate and "Metadata_Batch" in platemap.columns:
-        batches = platemap.groupby("Metadata_Plate")["Metadata_Batch"].unique()
+    if "Metadata_Batch" in platemap.columns:
+        platemap["Metadata_Batch"] = platemap["Metadata_Batch"].replace("", None)
+        plates = (
+            platemap["Metadata_Plate"] if has_plate else pd.Series("", platemap.index)
+        )
+        batches = platemap["Metadata_Batch"].fillna("(blank)").groupby(plates).unique()
         for plate, names in batches[batches.map(len) > 1].items():
+            which = f"plate {plate} is" if has_plate else "the plates are"
             problems.append(
-                f"plate {plate} is in batches {', '.join(map(str, names))}; a plate "
-                "belongs to one batch, so give all its rows the same batch."
+                f"{which} in batches {', '.join(map(str, names))}; a plate belongs to "
+                "one batch, so give all its rows the same batch."
             )
 
     keys = platemap[["Metadata_Plate", "Metadata_Well"]].astype(str)

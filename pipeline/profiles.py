@@ -37,7 +37,17 @@ def feature_columns(table: pd.DataFrame) -> list[str]:
 def metadata_column(table: pd.DataFrame, name: str) -> str | None:
     """Return the ``Metadata_`` column called `name`, case-insensitively, or None.
 
-    ``moa``, ``MoA`` and ``Metadata_moa`` all find ``Metadata_MoA``.
+    Parameters
+    ----------
+    table : DataFrame
+        Any table with ``Metadata_*`` columns.
+    name : str
+        ``moa``, ``MoA`` and ``Metadata_moa`` all find ``Metadata_MoA``.
+
+    Returns
+    -------
+    str or None
+        The column's name as spelled in `table`; None if there is none.
     """
     lower = {c.lower(): c for c in table.columns if c.startswith("Metadata_")}
     return lower.get(f"metadata_{name.lower().removeprefix('metadata_')}")
@@ -184,12 +194,15 @@ def normalize_to_controls(
             controls = values[rows & is_control]
             n_usable = int(np.isfinite(controls).any(axis=1).sum())
             if n_usable < MIN_CONTROLS:
+                fix = (
+                    f"Add DMSO wells to the plate map (Metadata_Role = {control_role})"
+                    if control_role
+                    else "The plate has too few wells with cells to scale"
+                )
                 raise ValueError(
                     f"at least {MIN_CONTROLS} {reference} (with cells) per "
                     f"plate are needed, as profiles are scaled to them; you have "
-                    f"{n_usable} on plate {plate!r}. Add DMSO wells to the plate map "
-                    f"(Metadata_Role = {control_role or 'negative_control'}) or "
-                    "leave the plate out."
+                    f"{n_usable} on plate {plate!r}. {fix}, or leave the plate out."
                 )
             if method == "robust_z":
                 middle = np.nanmedian(controls, axis=0)
@@ -267,9 +280,17 @@ def sphere_to_controls(
         missing.add("Metadata_Batch (add a batch column to the plate map)")
     if missing:
         raise ValueError(f"normalized lacks columns {sorted(missing)}.")
+    column = group_column[scope]
+    if column == "Metadata_Batch" and normalized[column].isna().any():
+        blank = sorted(map(str, normalized.loc[normalized[column].isna(),
+                                               "Metadata_Plate"].unique()))  # fmt: skip
+        raise ValueError(
+            f"plates {', '.join(blank)} have no batch; whitening per batch needs one "
+            "for every plate: fill the plate map's batch column (or use whiten_scope "
+            '"plate" or "all").'
+        )
     features = feature_columns(normalized)
     out = normalized.copy()
-    column = group_column[scope]
     groups = (
         normalized.groupby(column, sort=False)
         if column

@@ -16,8 +16,10 @@ import platform
 import time
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import CancelledError
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -26,11 +28,12 @@ import dask
 import numpy as np
 import pandas as pd
 from distributed import Client, LocalCluster, as_completed
+from distributed.client import ClosedClientError
 from sqlalchemy import Engine
 from tqdm.auto import tqdm
 
 from db import store
-from db.session import check_store, make_engine
+from db.session import check_store, make_engine, retry_lost_connection
 from pipeline.config import (
     IlluminationConfig,
     MeasureConfig,
@@ -440,7 +443,12 @@ def dask_client(
                 "--scheduler to use a local cluster."
             ) from exc
         with client:
-            yield client
+            try:
+                yield client
+            except PipelineError:  # e.g. the scheduler went away: closing the client
+                # cancels its reconnection, which distributed logs as a traceback
+                logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
+                raise
         return
     # Dask sets MALLOC_TRIM_THRESHOLD_ in its workers, which also freezes glibc's
     # mmap threshold: every array over 128 KiB is then mmapped and page-faulted
@@ -462,6 +470,16 @@ def dask_client(
             yield client
         finally:  # workers slow to stop are killed: routine, not a warning
             logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
+
+
+def _scheduler_lost(client: Client, done: int, total: int) -> str:
+    """Return the message of a run whose Dask scheduler went away."""
+    address = getattr(client.scheduler, "address", None) or "the Dask scheduler"
+    return (
+        f"lost the connection to {address} after {done} of {total} fields were "
+        "stored; they are kept. Restart the scheduler and its workers, then rerun "
+        "the same command: the run resumes with the fields still to do."
+    )
 
 
 def _process_fields(
@@ -518,34 +536,49 @@ def _process_fields(
             if bar.disable and time.monotonic() - last_line >= PROGRESS_EVERY_S:
                 last_line = time.monotonic()  # no terminal: a line a minute instead
                 logger.info(progress_line(done, len(pending), last_line - started))
-            next_row = next(queue, None)
-            if next_row is not None:
-                futures.add(submit(next_row))
             field_id = field_of_key.pop(future.key)
             file = first_file.pop(field_id)
             try:
                 result = future.result()
+            except CancelledError as exc:  # the scheduler is gone, not this field
+                raise PipelineError(
+                    _scheduler_lost(client, done, len(pending))
+                ) from exc
             except Exception as exc:  # noqa: BLE001 - one field must not stop the plate
                 result = {"error": f"{type(exc).__name__}: {exc}"}
             future.release()
+            next_row = next(queue, None)
+            if next_row is not None:
+                try:
+                    futures.add(submit(next_row))
+                except ClosedClientError as exc:
+                    raise PipelineError(
+                        _scheduler_lost(client, done, len(pending))
+                    ) from exc
             t_write = time.perf_counter()
             if "error" in result:
                 failures.append((field_id, result["error"]))
                 logger.warning("field %d failed: %s", field_id, result["error"])
-                store.write_field_failure(
-                    engine, run_id=run_id, field_id=field_id, error=result["error"]
-                )
+                retry_lost_connection(
+                    partial(store.write_field_failure, engine, run_id=run_id,
+                            field_id=field_id, error=result["error"]),
+                    what=f"field {field_id}",
+                )  # fmt: skip
             else:
-                store.write_field_cells(
-                    engine,
-                    run_id=run_id,
-                    field_id=field_id,
-                    feature_set_id=feature_set_id,
-                    cells=result["cells"],
-                    features=result["features"],
-                    qc=result["qc"],
-                    seconds=result["seconds"],
-                    masks=result["masks"],
+                retry_lost_connection(
+                    partial(
+                        store.write_field_cells,
+                        engine,
+                        run_id=run_id,
+                        field_id=field_id,
+                        feature_set_id=feature_set_id,
+                        cells=result["cells"],
+                        features=result["features"],
+                        qc=result["qc"],
+                        seconds=result["seconds"],
+                        masks=result["masks"],
+                    ),
+                    what=f"field {field_id}",
                 )
                 n_cells += len(result["cells"])
                 if not len(result["cells"]):

@@ -225,6 +225,24 @@ def test_a_plate_map_well_outside_the_plate_is_named_not_dropped(
     assert row_counts(db) is None
 
 
+def test_a_declared_plate_format_reaches_validation(demo_plate, tmp_path, capsys):
+    from pipeline.cli import _run_config, build_parser
+
+    platemap = pd.read_csv(demo_plate["platemap"])
+    extra = platemap.iloc[[0]].assign(well="P24", role="treatment", compound="Far")
+    bad = tmp_path / "platemap.csv"
+    pd.concat([platemap, extra]).to_csv(bad, index=False)
+    db = tmp_path / "s.db"
+    expect(["run", demo_plate["images"], "--platemap", bad, "--layout", "imagexpress",
+            "--channels", DEMO_CHANNELS, "--plate-format", "96", "--allow-unimaged-wells",
+            "--db", f"sqlite:///{db}"], 2,
+           "plate-map well P24 lies outside the 96-well plate declared", capsys)  # fmt: skip
+    assert row_counts(db) is None
+    args = build_parser().parse_args(["run", "x", "--platemap", "p.csv",
+                                      "--plate-format", "1536"])  # fmt: skip
+    assert _run_config(args).input.plate_format == 1536
+
+
 def test_a_missing_image_folder_is_refused(demo_plate, tmp_path, capsys):
     expect(["run", tmp_path / "nowhere", "--platemap", demo_plate["platemap"],
             "--layout", "imagexpress", "--channels", DEMO_CHANNELS,

@@ -69,7 +69,7 @@ def test_write_demo_plate_rejects_bad_size(tmp_path):
 def test_demo_platemap_interleaves_the_96_layout_on_larger_plates():
     small = demo_platemap(["P"])
     for plate_format, k in ((384, 2), (1536, 4)):
-        large = demo_platemap(["P"], plate_format)
+        large = demo_platemap(["P"], plate_format=plate_format)
         assert len(large) == plate_format
         per_dose = large.groupby(["compound", "concentration_uM"]).size()
         assert (per_dose == per_dose.iloc[0]).all() or "DMSO" in per_dose
@@ -78,14 +78,14 @@ def test_demo_platemap_interleaves_the_96_layout_on_larger_plates():
         assert set(
             map(tuple, small[["compound", "concentration_uM"]].to_numpy())
         ) == set(map(tuple, large[["compound", "concentration_uM"]].to_numpy()))
-    quadrant = demo_platemap(["P"], 384).set_index("well")
+    quadrant = demo_platemap(["P"], plate_format=384).set_index("well")
     assert quadrant.loc["A01", "compound"] == quadrant.loc["B02", "compound"] == "DMSO"
     assert (
         quadrant.loc["A03", "concentration_uM"]
         == quadrant.loc["B04", "concentration_uM"]
     )
     with pytest.raises(ValueError, match="plate_format = 100"):
-        demo_platemap(["P"], 100)
+        demo_platemap(["P"], plate_format=100)
 
 
 @pytest.mark.slow

@@ -329,3 +329,20 @@ def test_campaign_prints_plate_trends_and_the_recipe_before_and_after(tmp_path, 
     assert (trends["dmso_wells"] == 16).all()
     assert trends["dmso_cell_count"].tolist() == [507.5] * 3
     assert main(["campaign", "--db", f"sqlite:///{tmp_path}/none.db"]) == 2
+    assert main(["campaign", "--db", url, "--reference-column", "target"]) == 2
+    assert "'target' is not among the metadata columns" in capsys.readouterr().err
+
+
+def test_campaign_leaves_out_moa_accuracy_when_one_compound_is_annotated(
+    tmp_path, capsys
+):
+    table = pycytominer_wells(n_plates=2)
+    table.loc[table["Metadata_broad_sample"] != "BRD-0", "Metadata_moa"] = None
+    path = tmp_path / "wells.csv"
+    table.to_csv(path, index=False)
+    url = f"sqlite:///{tmp_path}/s.db"
+    assert main(["import-profiles", str(path), "--db", url]) == 0
+    capsys.readouterr()
+    assert main(["campaign", "--db", url]) == 0
+    printed = capsys.readouterr().out
+    assert "replicate_map" in printed and "nsc" not in printed

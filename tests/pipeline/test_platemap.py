@@ -115,6 +115,13 @@ def test_read_platemap_reads_a_batch_per_plate(tmp_path):
     )
     with pytest.raises(InputError, match="plate P1 is in batches week1, week2"):
         read_platemap(path)
+    path = write(
+        tmp_path,
+        "well,compound,concentration,role,batch\n"
+        "A01,DMSO,,negcon,week1\nA02,DMSO,,negcon,\n",
+    )  # no plate column: one layout for every plate, so one batch
+    with pytest.raises(InputError, match=r"the plates are in batches week1, \(blank\)"):
+        read_platemap(path)
 
 
 def test_read_platemap_unit_column(tmp_path):

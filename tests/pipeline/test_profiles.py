@@ -244,7 +244,7 @@ def test_normalize_profiles_selects_features_and_scales_to_all_wells_when_asked(
     np.testing.assert_allclose(
         medians, 0, atol=1e-12
     )  # every plate centred on its wells
-    with pytest.raises(ValueError, match="at least 2 wells"):
+    with pytest.raises(ValueError, match="at least 2 wells.*too few wells with cells"):
         normalize_to_controls(profiles.iloc[[0]], control_role=None)
 
 
@@ -271,6 +271,24 @@ def test_profile_recipe_rejects_unknown_choices():
         ProfileConfig(corr_threshold=0.2)
     with pytest.raises(InputError, match="whiten_scope = 'week' is unknown"):
         ProfileConfig(whiten_scope="week")
+
+
+def test_a_run_saved_before_feature_selection_keeps_its_recipe():
+    from pipeline.config import config_from_dict
+
+    old = config_from_dict({"profile": {"whiten": "none"}}, stored=True).profile
+    assert old.feature_select is False  # its hit list stays as it was computed
+    assert config_from_dict({}, stored=True).profile.feature_select is False
+    assert config_from_dict({"profile": {}}).profile.feature_select is True  # new runs
+
+
+def test_whitening_per_batch_refuses_plates_without_a_batch():
+    profiles = normalize_to_controls(make_profiles())
+    batched = profiles.assign(
+        Metadata_Batch=profiles["Metadata_Plate"].map({"P1": "week1", "P2": None})
+    )
+    with pytest.raises(ValueError, match="plates P2 have no batch"):
+        sphere_to_controls(batched, scope="batch")
 
 
 def test_whitening_per_batch_needs_a_batch_column_and_matches_per_plate_batches():
