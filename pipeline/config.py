@@ -106,7 +106,12 @@ class IlluminationConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SegmentConfig:
-    """Options of `pipeline.segment.segment_field` (same names)."""
+    """Options of `pipeline.segment.segment_field` (same names).
+
+    ``device = "cuda"`` runs the U-Net on the GPU in bfloat16
+    (`pipeline.segment.UNET_PRECISION`); its cells differ slightly from float32 on
+    the CPU, so the device is part of the run's analysis key.
+    """
 
     method: str = "unet"  # = pipeline.segment.DEFAULT_SEGMENTER
     nucleus_diameter_px: float | None = None
@@ -119,10 +124,20 @@ class SegmentConfig:
     exclude_border_nuclei: bool = False
     ring_width_px: float | None = None
     weights: str | None = None
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         from pipeline.segment import SEGMENTERS  # noqa: PLC0415 - avoid a cycle
 
+        if self.device not in ("cpu", "cuda"):
+            raise InputError(
+                f'segment.device = {self.device!r} is unknown; choose "cpu" or "cuda".'
+            )
+        if self.device == "cuda" and self.method != "unet":
+            raise InputError(
+                f'segment.device = "cuda" runs the "unet" segmenter only (method is '
+                f'{self.method!r}); remove it or set method = "unet".'
+            )
         if self.method not in SEGMENTERS:
             raise InputError(
                 f"segment.method = {self.method!r} is unknown; choose one of "
@@ -648,6 +663,8 @@ def analysis_key(config: RunConfig, weights_sha256: str | None = None) -> str:
     }
     for key in ("allow_unimaged_wells", "plate_format"):  # validation, not cells
         payload["input"].pop(key)
+    if payload["segment"]["device"] == "cpu":  # keys of runs from before the option
+        payload["segment"].pop("device")
     if weights_sha256:
         payload["segment"]["weights_sha256"] = weights_sha256
     text = json.dumps(payload, sort_keys=True, default=list)

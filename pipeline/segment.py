@@ -461,11 +461,23 @@ def _stardist_nuclei(
 
 
 def _unet_nuclei(
-    plane: np.ndarray, nucleus_diameter_px: float | None, weights: str | None = None
+    plane: np.ndarray,
+    nucleus_diameter_px: float | None,
+    weights: str | None = None,
+    device: str = "cpu",
 ) -> np.ndarray:
-    from models.segmenter import segment_nuclei_unet  # noqa: PLC0415 - loads torch
+    import torch  # noqa: PLC0415 - loads torch
 
-    return segment_nuclei_unet(plane, nucleus_diameter_px, weights=weights)
+    from models.segmenter import segment_nuclei_unet  # noqa: PLC0415
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            'segment.device = "cuda" but this process sees no CUDA device (check the '
+            'driver and CUDA_VISIBLE_DEVICES on every worker), or set device = "cpu".'
+        )
+    return segment_nuclei_unet(
+        plane, nucleus_diameter_px, weights=weights, device=device
+    )
 
 
 _LEARNED: dict[str, Callable[..., np.ndarray]] = {
@@ -536,6 +548,7 @@ def segment_field(
     exclude_border_nuclei: bool = False,
     ring_width_px: float | None = None,
     weights: str | None = None,
+    device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Segment the nuclei and cells of one field.
 
@@ -558,6 +571,8 @@ exclude_border_nuclei
         See `segment_cells`.
     weights : str, optional
         Weights file of the ``unet`` segmenter; its shipped weights when None.
+    device : {"cpu", "cuda"}
+        Where the ``unet`` segmenter runs (bfloat16 on CUDA; `UNET_PRECISION`).
 
     Returns
     -------
@@ -586,7 +601,7 @@ exclude_border_nuclei
         )
     else:
         plane = check_plane(nuclei_plane, "nuclei plane")
-        extra = {"weights": weights} if method == "unet" else {}
+        extra = {"weights": weights, "device": device} if method == "unet" else {}
         nuclei = _LEARNED[method](plane, nucleus_diameter_px, **extra)
         if exclude_border_nuclei:
             nuclei = relabel_sequential(clear_border(nuclei))[0].astype(np.int32)

@@ -189,3 +189,29 @@ def test_embed_and_profile_sections_roundtrip(tmp_path):
     assert native.embed.input_size is None
     again.write_text(dump_config(native))
     assert load_config(again).embed.input_size is None  # not back to the default
+
+
+def test_segment_device_is_checked_and_keys_only_gpu_runs():
+    from pipeline.config import analysis_key
+
+    default = RunConfig()
+    assert default.segment.device == "cpu"
+    # the key of a CPU run is the one it had before the option existed
+    assert analysis_key(default) == "fb1bbfe4f3a54f59"
+    gpu = with_overrides(default, segment={"device": "cuda"})
+    assert analysis_key(gpu) != analysis_key(default)  # bfloat16 cells differ
+    with pytest.raises(InputError, match="segment.device = 'tpu' is unknown"):
+        with_overrides(default, segment={"device": "tpu"})
+    with pytest.raises(InputError, match='runs the "unet" segmenter only'):
+        with_overrides(default, segment={"device": "cuda", "method": "classical"})
+
+
+def test_a_cuda_segmenter_without_a_gpu_names_the_fix():
+    import numpy as np
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the test is about machines without one")
+    plane = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    with pytest.raises(InputError, match="sees no CUDA device"):
+        segment_field(plane, method="unet", device="cuda")

@@ -1,0 +1,180 @@
+"""Plate time on a GPU machine: segmentation, measurement, embedding and fine-tuning.
+
+One script to run whenever a CUDA machine is available (it runs on CPU too and says
+so). It draws real-size fields (`pipeline.demo.render_field`: 1080 px, 5 channels,
+about 200 nuclei of 20 px, as a JUMP Cell Painting field) and measures, side by side:
+
+- segmentation: `pipeline.segment.segment_field` with the U-Net on the device
+  (``segment.device = "cuda"``: bfloat16) and on the CPU, seconds per field;
+- measurement: `pipeline.features.measure_cells` (CPU), seconds per field;
+- embedding: the default recipe's `models.embed.CellEmbedder` (each channel as RGB,
+  ``blocks[3]``, 64 px) through `models.embed.embed_array` (bfloat16 autocast,
+  pinned memory, channels_last on CUDA), crops per second;
+- fine-tuning: forward + backward + AdamW steps of `models.train.Classifier` at the
+  default batch size (bfloat16 autocast on CUDA), crops per second.
+
+It then projects the time of a 384-well x 9-field plate (3,456 fields, about 690,000
+cells) on a machine of `--cores` CPU cores and one GPU: segmentation on the GPU (one
+queue; without a GPU, spread over the cores), measurement spread over the cores,
+embedding every cell, and the default fine-tuning (`models.train.TrainConfig`: up
+to 16,000 cells x 8 epochs).
+
+    python benchmarks/bench_gpu_plate.py [--fields 6] [--cores 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import save  # noqa: E402
+
+from models.embed import build_embedder, embed_array  # noqa: E402
+from models.train import Classifier, TrainConfig  # noqa: E402
+from pipeline.config import EmbedConfig  # noqa: E402
+from pipeline.crops import crop_cells  # noqa: E402
+from pipeline.demo import CHANNELS_5, _cell_params, _illumination, render_field  # noqa: E402
+from pipeline.features import measure_cells  # noqa: E402
+from pipeline.segment import segment_field  # noqa: E402
+
+FIELDS_PER_PLATE = 384 * 9
+
+
+def real_size_fields(n: int, seed: int = 0) -> list[np.ndarray]:
+    """`n` JUMP-like fields (5, 1080, 1080) of about 200 DMSO cells."""
+    rng = np.random.default_rng(seed)
+    illumination = _illumination((1080, 1080), rng)
+    return [
+        render_field(_cell_params("none", 0.0, rng, 200), shape=(1080, 1080),
+                     illumination=illumination, nucleus_radius_px=10.0, rng=rng,
+                     n_channels=5)[0]
+        for _ in range(n)
+    ]  # fmt: skip
+
+
+def timed(function, *args, **kwargs):
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
+def training_rate(embedder, n_features: int, crops: torch.Tensor, device) -> float:
+    """Crops/s of fine-tuning steps (forward, backward, AdamW) at the default batch."""
+    config = TrainConfig()
+    model = Classifier(embedder, n_features, n_classes=16).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+    labels = torch.randint(0, 16, (len(crops),), device=device)
+    cuda = device.type == "cuda"
+    batch = config.batch_size
+    steps = max(len(crops) // batch, 1)
+
+    def run(n_steps: int) -> None:
+        for step in range(n_steps):
+            rows = slice((step % steps) * batch, (step % steps + 1) * batch)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = torch.nn.functional.cross_entropy(
+                    model(crops[rows]), labels[rows]
+                )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    run(2)  # warm-up
+    _, seconds = timed(run, steps)
+    return steps * batch / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fields", type=int, default=6)
+    parser.add_argument("--cores", type=int, default=16)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    print("device:", torch.cuda.get_device_name(0) if cuda else
+          "no CUDA device: every figure below is from the CPU")  # fmt: skip
+    fields = real_size_fields(args.fields)
+    names = list(CHANNELS_5)
+    figures: dict[str, object] = {"device": str(device), "fields": args.fields}
+    seconds = {"segment_cpu": 0.0, "segment_device": 0.0, "measure": 0.0}
+    crops, n_cells = [], 0
+    for image in fields:
+        (nuclei, cells), t_cpu = timed(segment_field, image[0], image[1], device="cpu")
+        seconds["segment_cpu"] += t_cpu
+        if cuda:
+            segment_field(image[0], image[1], device="cuda")  # warm-up per size
+            _, t_gpu = timed(segment_field, image[0], image[1], device="cuda")
+            seconds["segment_device"] += t_gpu
+        (table, _), t_measure = timed(
+            measure_cells, image, nuclei, cells, channel_names=names
+        )
+        seconds["measure"] += t_measure
+        n_cells += int(nuclei.max())
+        centroids = table[["centroid_y", "centroid_x"]].to_numpy()
+        crops.append(crop_cells(image.astype(np.float32), centroids, 64)[0])
+    per_field = {k: v / args.fields for k, v in seconds.items()}
+    if not cuda:
+        per_field["segment_device"] = per_field["segment_cpu"]
+    cells_per_field = n_cells / args.fields
+    data = np.concatenate(crops)
+    data = (data / np.percentile(data, 99.9, axis=(0, 2, 3), keepdims=True)).astype(
+        np.float32
+    )  # a plate-like scaling; the rate does not depend on it
+    embedder, info = build_embedder(EmbedConfig(), len(names))
+    embedder = embedder.to(device)
+    embed_array(embedder, data[:256], batch_size=256, device=device)  # warm-up
+    _, t_embed = timed(embed_array, embedder, data, batch_size=256, device=device)
+    embed_rate = len(data) / t_embed
+    pooled, _ = build_embedder(replace(EmbedConfig(), layer="pooled"), len(names))
+    n_features = pooled(torch.from_numpy(data[:2])).shape[1]
+    train_rate = training_rate(
+        pooled.to(device), n_features, torch.from_numpy(data).to(device), device
+    )
+    train = TrainConfig()
+    plate_cells = cells_per_field * FIELDS_PER_PLATE
+    queues = 1 if cuda else args.cores  # one GPU, or the U-Net on every core
+    plate = {
+        "segment_h": per_field["segment_device"] * FIELDS_PER_PLATE / queues / 3600,
+        "measure_on_cores_h": per_field["measure"]
+        * FIELDS_PER_PLATE
+        / args.cores
+        / 3600,
+        "embed_h": plate_cells / embed_rate / 3600,
+        "fine_tune_h": train.max_cells * train.epochs / train_rate / 3600,
+    }
+    plate["total_h"] = (
+        max(plate["segment_h"], plate["measure_on_cores_h"])
+        + plate["embed_h"] + plate["fine_tune_h"]
+    )  # fmt: skip
+    figures |= {
+        "cells_per_field": round(cells_per_field, 1),
+        "seconds_per_field": {k: round(v, 3) for k, v in per_field.items()},
+        "embed_crops_per_s": round(embed_rate),
+        "fine_tune_crops_per_s": round(train_rate),
+        "embedder": info["name"],
+        f"plate_384x9_on_{args.cores}_cores_and_{'1 GPU' if cuda else 'no GPU'}": {
+            k: round(v, 2) for k, v in plate.items()
+        },
+        "note": "segmentation and measurement overlap (the GPU's queue and the CPU "
+        "workers), so the total takes the slower of the two, then embedding and "
+        "fine-tuning; without a GPU the segmentation also shares the cores, so the "
+        "total is optimistic",
+    }
+    for key, value in figures.items():
+        print(f"{key}: {value}")
+    save("gpu_plate" if cuda else "gpu_plate_cpu_only", figures)
+
+
+if __name__ == "__main__":
+    main()
