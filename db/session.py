@@ -17,7 +17,6 @@ from sqlalchemy.exc import (
     ArgumentError,
     DBAPIError,
     NoSuchModuleError,
-    OperationalError,
 )
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -227,15 +226,45 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         yield session
 
 
+#: PostgreSQL SQLSTATEs of a lost or refused connection and of a killed backend.
+_LOST_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+
+
+def transient_cause(exc: BaseException) -> str | None:
+    """Return why a database error is worth retrying, or None if it is not.
+
+    Parameters
+    ----------
+    exc : BaseException
+        An error raised by SQLAlchemy or by the driver (psycopg, sqlite3).
+
+    Returns
+    -------
+    ``"lost"`` for a dropped or refused connection (SQLAlchemy invalidated it, or
+    PostgreSQL SQLSTATE class 08 or 57P01-57P03), ``"locked"`` for SQLite's
+    "database is locked", None for any other error (a full disk, a missing
+    table, a cancelled statement: running it again would not help).
+    """
+    orig = getattr(exc, "orig", None) or exc
+    if getattr(exc, "connection_invalidated", False):
+        return "lost"
+    sqlstate = getattr(orig, "sqlstate", None) or ""
+    if sqlstate.startswith(_LOST_SQLSTATES):
+        return "lost"
+    if isinstance(orig, sqlite3.OperationalError) and "locked" in str(orig):
+        return "locked"
+    return None
+
+
 def retry_lost_connection(
     work: Callable[[], T], *, what: str, delays: Sequence[float] = RECONNECT_DELAYS_S
 ) -> T:
     """Run one unit of work (a whole transaction), again after a lost connection.
 
     A dropped database connection (the server restarted, a network blip, a killed
-    backend; SQLite's "database is locked" too) rolls the transaction back, so
-    the unit is simply run again on a fresh connection, after each of `delays`.
-    Other database errors are raised at once.
+    backend) or a SQLite database locked by another writer rolls the transaction
+    back, so the unit is simply run again on a fresh connection, after each of
+    `delays`. Any other error (`transient_cause` None) is raised at once.
 
     Parameters
     ----------
@@ -254,24 +283,31 @@ def retry_lost_connection(
     Raises
     ------
     StoreConnectionLost
-        If the connection is still lost after the last attempt.
+        If the connection is still lost (or the database still locked) after the
+        last attempt.
     """
     for attempt, delay in enumerate([*delays, None]):
         try:
             return work()
-        except DBAPIError as exc:
-            lost = exc.connection_invalidated or isinstance(exc, OperationalError)
-            if not lost:
+        except Exception as exc:
+            cause = transient_cause(exc)
+            if cause is None:
                 raise
             if delay is None:
+                problem = (
+                    "the database stayed locked by another program; close it"
+                    if cause == "locked"
+                    else "the database connection was lost; check that the "
+                    "database server is up"
+                )
                 raise StoreConnectionLost(
-                    f"{what}: the database connection was lost and {len(delays)} "
-                    f"reconnections over {sum(delays):g} s failed ({exc.orig}); check "
-                    "that the database server is up and rerun: completed fields "
-                    "are kept and the run resumes."
+                    f"{what}: {problem} ({len(delays)} retries over "
+                    f"{sum(delays):g} s failed: {getattr(exc, 'orig', exc)}), then "
+                    "rerun: completed fields are kept and the run resumes."
                 ) from exc
             logger.warning(
-                "%s: database connection lost (%s); retrying in %g s (attempt %d of "
-                "%d)", what, exc.orig, delay, attempt + 2, len(delays) + 1,
+                "%s: database %s (%s); retrying in %g s (attempt %d of %d)",
+                what, "locked" if cause == "locked" else "connection lost",
+                getattr(exc, "orig", exc), delay, attempt + 2, len(delays) + 1,
             )  # fmt: skip
             time.sleep(delay)

@@ -442,13 +442,19 @@ def dask_client(
                 "`dask scheduler` and workers with `dask worker ADDRESS`, or omit "
                 "--scheduler to use a local cluster."
             ) from exc
-        with client:
-            try:
-                yield client
-            except PipelineError:  # e.g. the scheduler went away: closing the client
-                # cancels its reconnection, which distributed logs as a traceback
-                logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
-                raise
+        client_log = logging.getLogger("distributed.client")
+        level = client_log.level
+        try:
+            with client:
+                try:
+                    yield client
+                except PipelineError:  # e.g. the scheduler went away: closing the
+                    # client cancels its reconnection, logged by distributed as a
+                    # traceback; the run's own message says what happened
+                    client_log.setLevel(logging.CRITICAL)
+                    raise
+        finally:
+            client_log.setLevel(level)
         return
     # Dask sets MALLOC_TRIM_THRESHOLD_ in its workers, which also freezes glibc's
     # mmap threshold: every array over 128 KiB is then mmapped and page-faulted
@@ -655,6 +661,14 @@ def run_experiment(
     t_start = time.perf_counter()
     check_store(db_url)  # store problems first; it is created after validation
     check_segmenter(config.segment.method, config.segment.weights)
+    if config.segment.device == "cuda" and not config.execution.scheduler:
+        import torch  # noqa: PLC0415 - loaded by the unet check above anyway
+
+        if not torch.cuda.is_available():  # local workers share this machine's GPUs
+            raise InputError(
+                'segment.device = "cuda" but this machine has no CUDA device; set '
+                'device = "cpu", or run on a machine (or --scheduler) with GPUs.'
+            )
     weights_sha = segmenter_weights_sha256(
         config.segment.method, config.segment.weights
     )

@@ -214,4 +214,24 @@ def test_a_cuda_segmenter_without_a_gpu_names_the_fix():
         pytest.skip("this machine has a GPU; the test is about machines without one")
     plane = np.random.default_rng(0).random((64, 64)).astype(np.float32)
     with pytest.raises(InputError, match="sees no CUDA device"):
-        segment_field(plane, method="unet", device="cuda")
+        segment_field(plane, method="unet", device="cuda")  # on a worker
+
+
+def test_a_local_cuda_run_without_a_gpu_is_refused_before_anything_is_written(
+    demo_plate, tmp_path
+):
+    import torch
+
+    from pipeline.demo import CHANNELS
+    from pipeline.run import run_experiment
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the test is about machines without one")
+    config = with_overrides(
+        config_from_dict({"input": {"layout": "imagexpress", "channels": CHANNELS}}),
+        segment={"device": "cuda"},
+    )
+    with pytest.raises(InputError, match="this machine has no CUDA device"):
+        run_experiment(demo_plate["images"], demo_plate["platemap"], config=config,
+                       db_url=f"sqlite:///{tmp_path}/s.db")  # fmt: skip
+    assert not (tmp_path / "s.db").exists()
