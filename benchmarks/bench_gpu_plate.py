@@ -109,6 +109,7 @@ def main() -> None:
     figures: dict[str, object] = {"device": str(device), "fields": args.fields}
     seconds = {"segment_cpu": 0.0, "segment_device": 0.0, "measure": 0.0}
     crops, n_cells = [], 0
+    segment_field(fields[0][0], fields[0][1], device="cpu")  # loads the U-Net
     for image in fields:
         (nuclei, cells), t_cpu = timed(segment_field, image[0], image[1], device="cpu")
         seconds["segment_cpu"] += t_cpu
