@@ -47,7 +47,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.covariance import LedoitWolf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,7 +62,7 @@ from pipeline.activity import (  # noqa: E402
 from pipeline.config import ProfileConfig  # noqa: E402
 from pipeline.export import moa_table  # noqa: E402
 from pipeline.importers import ImportOptions, read_source, standardize  # noqa: E402
-from pipeline.profiles import normalize_profiles  # noqa: E402
+from pipeline.profiles import normalize_profiles, sphere_to_controls  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/profiles"
 JUMP = (
@@ -136,24 +135,24 @@ def nsc(normalized: pd.DataFrame) -> float:
 
 
 def cross_fitted(normalized: pd.DataFrame, folds: int = 5) -> pd.DataFrame:
-    """Whitening on DMSO (as the recipe's, Ledoit-Wolf) but each DMSO well whitened
-    by a fit on the other folds of DMSO wells: a check of in-sample tightness."""
-    features = [c for c in normalized.columns if not c.startswith("Metadata_")]
-    values = np.nan_to_num(normalized[features].to_numpy(float))
+    """The recipe's whitening (`sphere_to_controls`, all plates), but each DMSO well
+    whitened by a fit on the other folds of DMSO wells: a check of in-sample
+    tightness."""
+    out = sphere_to_controls(normalized, scope="all")
     controls = np.flatnonzero(normalized["Metadata_Role"] == "negative_control")
-
-    def whiten(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        fit = LedoitWolf().fit(values[rows])
-        eigenvalues, vectors = np.linalg.eigh(fit.covariance_)
-        eigenvalues = np.clip(eigenvalues, eigenvalues.max() * 1e-9, None)
-        return fit.location_, (vectors / np.sqrt(eigenvalues)) @ vectors.T
-
-    location, matrix = whiten(controls)
-    out = (values - location) @ matrix
     for fold in np.array_split(np.random.default_rng(0).permutation(controls), folds):
-        location, matrix = whiten(np.setdiff1d(controls, fold))
-        out[fold] = (values[fold] - location) @ matrix
-    return normalized.assign(**dict(zip(features, out.T, strict=True)))
+        held_out = normalized.index[fold]  # fitted on the others, not on themselves
+        others = normalized.drop(index=held_out)
+        rows = pd.concat(
+            [
+                others[others["Metadata_Role"] == "negative_control"],
+                normalized.loc[held_out].assign(Metadata_Role="treatment"),
+            ]
+        )
+        out.loc[held_out] = sphere_to_controls(rows, scope="all").loc[held_out].assign(
+            Metadata_Role="negative_control"
+        )  # fmt: skip
+    return out
 
 
 def real_plates() -> dict[str, dict[str, dict[str, float]]]:

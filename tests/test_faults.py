@@ -201,6 +201,19 @@ def run_command(demo_plate, url, address):
             "--channels", CHANNELS, "--scheduler", address, "--db", url]  # fmt: skip
 
 
+def start_run(command, started):
+    """`phenoscreen run` in the background, its output piped, killed at teardown."""
+    run = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )  # its own group: stop()
+    started.append(run)
+    return run
+
+
 def free_port():
     import socket
 
@@ -215,10 +228,7 @@ def test_a_killed_worker_machine_leaves_its_fields_to_the_others(
 ):
     address, _, workers = cluster(free_port(), processes)
     url = f"sqlite:///{tmp_path}/s.db"
-    run = subprocess.Popen(run_command(demo_plate, url, address),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)  # fmt: skip
-    processes.append(run)
+    run = start_run(run_command(demo_plate, url, address), processes)
     wait_for_fields(url, 20)
     stop(workers[0])  # the worker and its nanny: a machine gone
     assert fields_done(url) < 96  # the kill landed mid-run
@@ -235,10 +245,7 @@ def test_a_lost_scheduler_stops_the_run_and_a_rerun_resumes_it(
     port = free_port()
     address, scheduler, workers = cluster(port, processes)
     url = f"sqlite:///{tmp_path}/s.db"
-    run = subprocess.Popen(run_command(demo_plate, url, address),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)  # fmt: skip
-    processes.append(run)
+    run = start_run(run_command(demo_plate, url, address), processes)
     wait_for_fields(url, 20)
     stop(scheduler, *workers)
     output, _ = run.communicate(timeout=300)
