@@ -418,18 +418,37 @@ def _allocate_cell_ids(connection: Connection, n: int) -> list[int]:
 def _copy_rows(
     connection: Connection, table: Table, columns: list[str], rows: Iterable[tuple]
 ) -> None:
-    """Bulk-insert rows: COPY on PostgreSQL, executemany elsewhere."""
+    """Bulk-insert rows: binary COPY on PostgreSQL, the driver's executemany on SQLite.
+
+    Binary COPY sends numbers and bytes as they are (text COPY would spell every
+    float and hex-encode every vector); its column types are read from the server,
+    so they match the table exactly. SQLite gets plain tuples through the DB-API
+    ``executemany``, without SQLAlchemy's per-row parameter handling.
+    """
+    quote = connection.dialect.identifier_preparer.quote
+    names = ", ".join(quote(c) for c in columns)  # "values" is an SQL keyword
     if connection.dialect.name == "postgresql":
         cursor = connection.connection.driver_connection.cursor()
+        types = dict(
+            cursor.execute(
+                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+                "WHERE attrelid = %s::regclass AND attnum > 0",
+                (table.name,),
+            ).fetchall()
+        )
         with cursor.copy(
-            f"COPY {table.name} ({', '.join(columns)}) FROM STDIN"
+            f"COPY {table.name} ({names}) FROM STDIN (FORMAT BINARY)"
         ) as copy:
+            copy.set_types([types[c] for c in columns])
             for row in rows:
                 copy.write_row(row)
         return
-    connection.execute(
-        insert(table), [dict(zip(columns, row, strict=True)) for row in rows]
-    )
+    rows = list(rows)
+    if rows:  # SQLite's qmark parameters; only SQLite and PostgreSQL are served
+        marks = ", ".join("?" * len(columns))
+        connection.exec_driver_sql(
+            f"INSERT INTO {table.name} ({names}) VALUES ({marks})", rows
+        )
 
 
 def write_field_cells(

@@ -160,17 +160,31 @@ def test_run_on_dask_with_two_worker_processes(demo_plate, sqlite_url):
 
 
 @pytest.mark.slow
-def test_run_on_an_existing_dask_scheduler(demo_plate, sqlite_url):
+@pytest.mark.postgres
+def test_run_on_an_existing_dask_scheduler_with_postgres_and_embedding(
+    demo_plate, postgres_url, monkeypatch
+):
+    """The cluster recipe end to end: worker processes write to PostgreSQL, then the
+    client embeds every stored cell (the `[embed]` section) into the same store."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
     ) as cluster:
+        config = demo_config(scheduler=cluster.scheduler_address)
         summary = run_experiment(
             demo_plate["images"],
             demo_plate["platemap"],
-            config=demo_config(scheduler=cluster.scheduler_address),
-            db_url=sqlite_url,
+            config=with_overrides(config, embed={"enabled": True}),
+            db_url=postgres_url,
         )
     assert summary.n_processed == 96 and summary.n_cells > 0
+    assert summary.embedding["n_cells"] == summary.n_cells
+    engine = make_engine(postgres_url, create=False)
+    name, kind = store.resolve_feature_set(engine, summary.run_id, "deep")
+    assert kind == "embedding" and name == summary.embedding["feature_set"]
+    fields = list(store.iter_field_vectors(engine, summary.run_id, name))
+    assert sum(len(numbers) for _, numbers, _ in fields) == summary.n_cells
+    assert all(np.isfinite(vectors).all() for _, _, vectors in fields)
 
 
 def test_unreachable_scheduler_is_an_input_error_before_any_write(demo_plate, tmp_path):
