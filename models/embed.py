@@ -124,11 +124,15 @@ def normalize_crops(crops: np.ndarray, ranges: np.ndarray) -> np.ndarray:
         raise ValueError(
             f"ranges {ranges.shape} must be (C, 2) for crops {crops.shape}."
         )
-    low = ranges[None, :, 0, None, None]
-    high = ranges[None, :, 1, None, None]
-    scaled = np.clip((crops.astype(np.float32) - low) / (high - low), 0, 1)
     mean, std = OFFLINE_NORMALIZATION
-    return ((scaled - mean) / std).astype(np.float32)
+    low, high = ranges[:, 0], ranges[:, 1]
+    # one affine map and a clip, in place (clipping commutes with it: std > 0)
+    gain = (1 / ((high - low) * std)).astype(np.float32)[None, :, None, None]
+    shift = ((-low / (high - low) - mean) / std).astype(np.float32)[None, :, None, None]
+    out = crops.astype(np.float32, copy=True)
+    out *= gain
+    out += shift
+    return np.clip(out, -mean / std, (1 - mean) / std, out=out)
 
 
 def minmax_crops(crops: np.ndarray) -> np.ndarray:
@@ -150,12 +154,15 @@ def minmax_crops(crops: np.ndarray) -> np.ndarray:
     """
     if crops.ndim != 4:
         raise ValueError(f"crops {crops.shape} must be (N, C, S, S).")
-    values = crops.astype(np.float32)
-    low = values.min(axis=(2, 3), keepdims=True)
-    span = values.max(axis=(2, 3), keepdims=True) - low
-    scaled = np.divide(values - low, span, out=np.zeros_like(values), where=span > 0)
     mean, std = OFFLINE_NORMALIZATION
-    return (scaled - mean) / std
+    out = crops.astype(np.float32, copy=True)
+    low = out.min(axis=(2, 3), keepdims=True)
+    span = out.max(axis=(2, 3), keepdims=True) - low
+    gain = np.divide(1, span * std, out=np.zeros_like(span), where=span > 0)
+    out -= low
+    out *= gain  # a constant channel becomes 0 here, then -mean / std
+    out -= np.float32(mean / std)
+    return out
 
 
 def scale_crops(

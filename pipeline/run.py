@@ -1054,7 +1054,9 @@ def iter_field_crops(
             size = default_crop_size(stored["area_px"].to_numpy())
         crops, masks = crop_cells(
             image,
-            stored[["centroid_y", "centroid_x"]].to_numpy(),
+            np.column_stack(
+                (stored["centroid_y"].to_numpy(), stored["centroid_x"].to_numpy())
+            ),
             size or 64,
             cell_labels=labels[int(row.field_id)][1] if with_masks else None,
             object_numbers=numbers if with_masks else None,
