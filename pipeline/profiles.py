@@ -424,11 +424,45 @@ def weight_blocks(blocks: Sequence[pd.DataFrame]) -> list[pd.DataFrame]:
     return [b * np.sqrt(total / (len(blocks) * b.shape[1])) for b in blocks]
 
 
+def well_distance(normalized: pd.DataFrame) -> pd.Series:
+    """Return each well's distance from DMSO: the root mean square of its features.
+
+    Parameters
+    ----------
+    normalized : DataFrame
+        Normalized profiles (features on the controls' scale, controls at 0):
+        ``Metadata_*`` and feature columns.
+
+    Returns
+    -------
+    Series
+        Same index, name ``distance``; missing features are left out of the mean,
+        and a well without finite features is NaN.
+
+    Raises
+    ------
+    ValueError
+        If there is no feature column.
+    """
+    features = feature_columns(normalized)
+    if not features:
+        raise ValueError("normalized has no feature column (only Metadata_*).")
+    values = normalized[features].to_numpy(np.float64)
+    n_values = np.isfinite(values).sum(axis=1)
+    sum_squares = np.nansum(values**2, axis=1)
+    distance = np.sqrt(
+        np.divide(
+            sum_squares, n_values, out=np.full(len(values), np.nan), where=n_values > 0
+        )
+    )
+    return pd.Series(distance, index=normalized.index, name="distance")
+
+
 def well_activity(normalized: pd.DataFrame) -> pd.Series:
     """Return each well's activity: PhenoScreen's one activity scale.
 
-    A well's distance from DMSO is the root mean square of its normalized features;
-    its activity is that distance in robust standard deviations above the
+    A well's distance from DMSO is the root mean square of its normalized features
+    (`well_distance`); its activity is that distance in robust standard deviations above the
     distances of its plate's negative-control wells:
     ``(d - median(d_controls)) / (1.4826 MAD(d_controls))``. DMSO wells therefore
     scatter around 0 with spread 1 on every plate, and a compound-dose's activity
@@ -455,21 +489,14 @@ def well_activity(normalized: pd.DataFrame) -> pd.Series:
     """
     if "Metadata_Role" not in normalized.columns:
         raise ValueError("normalized lacks column Metadata_Role.")
-    values = normalized[feature_columns(normalized)].to_numpy(np.float64)
-    n_values = np.isfinite(values).sum(axis=1)
-    sum_squares = np.nansum(values**2, axis=1)
-    distance = np.sqrt(
-        np.divide(
-            sum_squares, n_values, out=np.full(len(values), np.nan), where=n_values > 0
-        )
-    )
+    distance = well_distance(normalized).to_numpy()
     plates = (
         normalized["Metadata_Plate"].to_numpy()
         if "Metadata_Plate" in normalized.columns
         else np.zeros(len(normalized))
     )
     is_control = (normalized["Metadata_Role"] == "negative_control").to_numpy()
-    activity = np.full(len(values), np.nan)
+    activity = np.full(len(distance), np.nan)
     for plate in pd.unique(plates):
         rows = plates == plate
         reference = distance[rows & is_control]

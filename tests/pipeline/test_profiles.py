@@ -16,6 +16,7 @@ from pipeline.profiles import (
     sphere_to_controls,
     weight_blocks,
     well_activity,
+    well_distance,
 )
 
 
@@ -198,6 +199,19 @@ def test_dose_labels_leave_out_a_missing_concentration_and_reject_missing_column
     assert dose_labels(table).tolist() == ["a @ 0.25", "b"]
     with pytest.raises(ValueError, match="Metadata_Concentration"):
         dose_labels(table.drop(columns="Metadata_Concentration"))
+
+
+def test_well_distance_is_the_rms_of_finite_features_and_rejects():
+    table = pd.DataFrame(
+        {"Metadata_Role": ["treatment"] * 3, "f1": [3.0, np.nan, np.nan],
+         "f2": [4.0, 2.0, np.nan]}
+    )  # fmt: skip
+    distance = well_distance(table)
+    assert distance.name == "distance" and distance.index.equals(table.index)
+    np.testing.assert_allclose(distance[:2], [np.sqrt(12.5), 2.0])
+    assert np.isnan(distance[2])  # no finite feature
+    with pytest.raises(ValueError, match="no feature column"):
+        well_distance(table[["Metadata_Role"]])
 
 
 def test_well_activity_rejects_missing_role():
