@@ -11,7 +11,7 @@ network never saw; the same folds for every feature set). Reported per feature s
 
 - mAP of each dose's fields retrieving each other against the DMSO fields (copairs'
   phenotypic activity, `pipeline.activity`), with permutation p and BH q;
-- dose ordering: median distance to DMSO (RMS of the scaled features, `well_activity`) per dose, and
+- dose ordering: median distance to DMSO (RMS of the scaled features, `well_distance`) per dose, and
   Spearman's rho between dose and the fields' distance (treated fields only).
 
 Feature sets: ``classical`` (our CellProfiler-style features of the centre cell,
@@ -35,8 +35,10 @@ reference machine.
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +62,7 @@ from models.train import TrainConfig, fine_tune, validation_split  # noqa: E402
 from pipeline.activity import average_precision, mean_average_precision  # noqa: E402
 from pipeline.config import EmbedConfig  # noqa: E402
 from pipeline.features import measure_cells  # noqa: E402
-from pipeline.profiles import weight_blocks, well_activity  # noqa: E402
+from pipeline.profiles import weight_blocks, well_distance  # noqa: E402
 from pipeline.segment import estimate_nucleus_diameter, segment_field  # noqa: E402
 
 DATA = (
@@ -132,7 +134,7 @@ def imagenet_embeddings(crops: np.ndarray, *, strategy: str, layer: str) -> np.n
 
 
 def finetuned_embeddings(
-    crops: np.ndarray, meta: pd.DataFrame, epochs: int, layers: tuple[str, ...]
+    crops: np.ndarray, meta: pd.DataFrame, config: TrainConfig, layers: tuple[str, ...]
 ) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Embed each plate with a model fine-tuned on the other plates, at `layers`."""
     labels = np.where(
@@ -150,7 +152,6 @@ def finetuned_embeddings(
             meta.loc[train, "well"].to_numpy(),
             0.25,
         )
-        config = TrainConfig(epochs=epochs)
         start = time.perf_counter()
         result = fine_tune(crops[train], labels[train], is_val, config, device="cpu")
         best = result.log.loc[result.log["epoch"] == result.best_epoch].iloc[0]
@@ -251,7 +252,7 @@ def evaluate(
         table = combine([
             center_and_scale(b[b["Metadata_Plate"].isin(plates)]) for b in per_block
         ])  # fmt: skip
-        tables.append(table.assign(distance=well_activity(table))[
+        tables.append(table.assign(distance=well_distance(table))[
             ["Metadata_Role", "Metadata_Concentration", "distance"]
         ])  # fmt: skip
         aps.append(average_precision(table, group_by=["Metadata_Concentration"]))
@@ -280,7 +281,15 @@ def evaluate(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument(
+        "--train", nargs="*", default=[], metavar="KEY=VALUE",
+        help="other TrainConfig settings of the fine-tuning (Python literals)",
+    )  # fmt: skip
     args = parser.parse_args()
+    overrides = {
+        k: ast.literal_eval(v) for k, v in (a.split("=", 1) for a in args.train)
+    }
+    train_config = TrainConfig(epochs=args.epochs, **overrides)
     torch.manual_seed(0)
     crops, meta = load()
     print(f"{len(crops)} crops, {meta['plate'].nunique()} plates, doses "
@@ -301,7 +310,7 @@ def main() -> None:
         seconds[name] = time.perf_counter() - start
     start = time.perf_counter()
     finetuned, folds = finetuned_embeddings(
-        scaled, meta, args.epochs, (RECIPE.layer, "pooled")
+        scaled, meta, train_config, (RECIPE.layer, "pooled")
     )
     vectors["finetuned"] = (finetuned[RECIPE.layer], RECIPE.aggregate)
     vectors["finetuned_pooled"] = (finetuned["pooled"], RECIPE.aggregate)
@@ -316,8 +325,11 @@ def main() -> None:
         print(f"{name}: {figures}")
     save(
         "bbbc021_quality",
-        {"command": f"python benchmarks/bench_bbbc021_quality.py --epochs {args.epochs}",
+        {"command": " ".join(["python benchmarks/bench_bbbc021_quality.py",
+                              f"--epochs {args.epochs}", *(["--train", *args.train]
+                                                           if args.train else [])]),
          "threads": torch.get_num_threads(), "crop_px": SIZE,
+         "fine_tuning": asdict(train_config),
          "recipe": {k: v for k, v in vars(RECIPE).items() if k != "enabled"},
          "results": results},
     )  # fmt: skip

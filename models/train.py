@@ -88,6 +88,15 @@ class TrainConfig:
         hard).
     balanced : bool
         Sample every class equally often per epoch.
+    layer : str
+        The features the classifier reads: ``pooled`` (the network's final pooled
+        layer) or ``blocks.K`` (the spatial mean of stage K, as the embedding
+        recipe's `layer`), so training shapes the very features that are
+        embedded; the stages after K are not trained.
+    freeze_batchnorm : bool
+        Keep the backbone's batch-norm statistics at their ImageNet values while
+        it trains (its weights still learn), so the features of intermediate
+        layers stay on the scale the ImageNet network expects.
     seed : int
     """
 
@@ -109,6 +118,8 @@ class TrainConfig:
     scaling: str = "plate"
     label_smoothing: float = 0.1
     balanced: bool = True
+    layer: str = "pooled"
+    freeze_batchnorm: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -139,7 +150,7 @@ class TrainConfig:
 
 
 class Classifier(nn.Module):
-    """A `models.embed.CellEmbedder` (final pooled features) and a linear head."""
+    """A `models.embed.CellEmbedder` (at `TrainConfig.layer`) and a linear head."""
 
     def __init__(self, embedder: CellEmbedder, n_features: int, n_classes: int) -> None:
         super().__init__()
@@ -347,8 +358,9 @@ def fine_tune(
         weights=config.weights,
     )
     embedder = CellEmbedder(
-        backbone, strategy=config.strategy, layer="pooled", input_size=config.input_size
-    )
+        backbone, strategy=config.strategy, layer=config.layer,
+        input_size=config.input_size,
+    )  # fmt: skip
     model = Classifier(embedder, embedder.width(crops.shape[1]), len(classes))
     model = model.to(target).to(memory_format=torch.channels_last)
     head = list(model.head.parameters())
@@ -386,6 +398,10 @@ def fine_tune(
         model.train()
         if frozen:  # BN statistics of the frozen backbone stay
             model.embedder.eval()
+        elif config.freeze_batchnorm:
+            for module in model.embedder.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         start, loss_sum, seen = time.perf_counter(), 0.0, 0
         batches = tqdm(
             train_loader, desc=f"epoch {epoch}/{config.epochs}", unit="batch",

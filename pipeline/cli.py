@@ -273,6 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         help="px crops are resized to (64; 0: none)",
     )
+    train.add_argument(
+        "--layer",
+        help="features the classifier reads: pooled or blocks.K (default: "
+        "the fine-tuning default, see README)",
+    )
+    train.add_argument(
+        "--freeze-batchnorm",
+        action=argparse.BooleanOptionalAction,
+        help="keep the backbone's ImageNet batch-norm statistics while it trains",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
         "--out", type=Path, default=Path("finetuned.pt"), help="checkpoint file"
@@ -890,6 +900,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         crop_size=args.crop_size,
         input_size=args.input_size or None,
         seed=args.seed,
+        **{
+            key: value
+            for key, value in (
+                ("layer", args.layer),
+                ("freeze_batchnorm", args.freeze_batchnorm),
+            )
+            if value is not None
+        },
     )
     summary = train_run(
         make_engine(_db_url(args), create=False),

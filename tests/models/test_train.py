@@ -6,7 +6,7 @@ import torch
 from db import store
 from db.session import make_engine
 from models import train
-from models.backbones import load_checkpoint
+from models.backbones import create_backbone, load_checkpoint
 from models.embed import CellEmbedder, EmbedConfig, embed_run, minmax_crops
 from models.train import (
     TrainConfig,
@@ -93,6 +93,27 @@ def test_fine_tune_learns_frozen_then_unfrozen_and_rejects():
         fine_tune(crops[:3], labels, is_val, TrainConfig(**FAST))
 
 
+def test_fine_tune_at_an_intermediate_layer_with_frozen_batchnorm():
+    crops, labels, plates = _two_phenotypes()
+    is_val = plates == "P4"
+    config = TrainConfig(**FAST, layer="blocks.2", freeze_batchnorm=True, patience=5)
+    result = fine_tune(crops, labels, is_val, config)
+    assert result.log["val_accuracy"].max() >= 0.9  # chance is 0.5
+    backbone = result.model.embedder.backbone
+    assert (
+        result.model.head.in_features
+        == 2 * backbone.blocks[2][-1].conv_pwl.out_channels
+    )
+    trained = backbone.state_dict()
+    imagenet = create_backbone(config.model_name, in_chans=3)[0].state_dict()
+    stats = [k for k in trained if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(trained[k], imagenet[k]) for k in stats)
+    weights = [k for k in trained if k.startswith("blocks.0") and k.endswith("weight")]
+    assert any(not torch.equal(trained[k], imagenet[k]) for k in weights)  # it learned
+    with pytest.raises(InputError, match="blocks.99"):
+        fine_tune(crops, labels, is_val, TrainConfig(**FAST, layer="blocks.99"))
+
+
 def test_train_config_rejects():
     with pytest.raises(ValueError, match="label"):
         TrainConfig(label="moa")
@@ -169,7 +190,8 @@ def test_train_command_registers_checkpoint_and_embed_uses_it(
     out = tmp_path / "demo_ft.pt"
     args = ["train", "--db", url, "--epochs", "2", "--max-cells", "400",
             "--crop-size", "32", "--input-size", "0", "--batch-size", "32",
-            "--label", "compound", "--out", str(out)]  # fmt: skip
+            "--label", "compound", "--layer", "blocks.3", "--freeze-batchnorm",
+            "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "embed with it: phenoscreen embed" in printed and out.is_file()
@@ -184,6 +206,8 @@ def test_train_command_registers_checkpoint_and_embed_uses_it(
         checkpoint = session.scalars(select(ModelCheckpoint)).one()
         checkpoint_id, sha = checkpoint.id, checkpoint.sha256
         assert checkpoint.metrics["n_val"] > 0 and "DMSO" in checkpoint.classes
+        assert checkpoint.config["layer"] == "blocks.3"
+        assert checkpoint.config["freeze_batchnorm"] is True
     log = store.read_training_log(engine, checkpoint_id)
     assert list(log["epoch"]) == [1, 2] and list(log["phase"]) == ["frozen", "unfrozen"]
     recipe = EmbedConfig(checkpoint=str(out), batch_size=128, layer="blocks.2")
