@@ -22,14 +22,15 @@ recipe, `pipeline.config.EmbedConfig`: each channel as RGB, spatial mean of
 ``blocks[3]``, crops at 64 px, plate scaling, median over cells); ``finetuned``
 (the default fine-tuning, `models.train.TrainConfig`, on compound-dose labels with
 whole plates held out: 3 folds of 2 held-out plates, every plate embedded by the
-model that never saw it, with the recipe's layer; ``finetuned_pooled``: the same
-networks' final pooled layer, where the training signal is strongest); ``combined`` /
+model that never saw it, with the recipe's layer, the layer it was trained at by
+default; ``finetuned_pooled``: the same networks' final pooled layer, untrained
+ImageNet stages when training stopped at the recipe's layer); ``combined`` /
 ``combined_finetuned`` (classical + the recipe's or the fine-tuned embedding,
 each block centred and scaled on its own and weighted equally, as
 `pipeline.profiles.normalize_profiles` does with blocks). CPU, 2 threads on the
 reference machine.
 
-    python benchmarks/bench_bbbc021_quality.py [--epochs 8]
+    python benchmarks/bench_bbbc021_quality.py [--epochs 8] [--train KEY=VALUE ...]
 """
 
 from __future__ import annotations

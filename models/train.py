@@ -90,9 +90,11 @@ class TrainConfig:
         Sample every class equally often per epoch.
     layer : str
         The features the classifier reads: ``pooled`` (the network's final pooled
-        layer) or ``blocks.K`` (the spatial mean of stage K, as the embedding
-        recipe's `layer`), so training shapes the very features that are
-        embedded; the stages after K are not trained.
+        layer) or ``blocks.K`` (the spatial mean of stage K). Default: the
+        embedding recipe's layer (`pipeline.config.EmbedConfig`), so training
+        shapes the very features that are embedded; the stages after it are not
+        run, so not trained (on BBBC021 this beat ``pooled`` training, Spearman
+        0.63 vs 0.57, in a quarter of the time: README, Deep profiles).
     freeze_batchnorm : bool
         Keep the backbone's batch-norm statistics at their ImageNet values while
         it trains (its weights still learn), so the features of intermediate
@@ -118,7 +120,7 @@ class TrainConfig:
     scaling: str = "plate"
     label_smoothing: float = 0.1
     balanced: bool = True
-    layer: str = "pooled"
+    layer: str = EmbedConfig.layer
     freeze_batchnorm: bool = False
     seed: int = 0
 

@@ -275,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--layer",
-        help="features the classifier reads: pooled or blocks.K (default: "
-        "the fine-tuning default, see README)",
+        help="features the classifier reads: pooled or blocks.K (default: the "
+        "embedding recipe's layer, blocks.3)",
     )
     train.add_argument(
         "--freeze-batchnorm",

@@ -168,7 +168,7 @@ def test_checkpoint_roundtrip_and_bad_checkpoints(tmp_path):
     assert meta["classes"] == ["long", "round"] and meta["strategy"] == "rgb"
     assert meta["input_size"] is None and meta["scaling"] == "plate"
     batch = torch.from_numpy(crops[:4])
-    loaded = CellEmbedder(model, strategy="rgb", layer="pooled", input_size=None)
+    loaded = CellEmbedder(model, strategy="rgb", layer=config.layer, input_size=None)
     with torch.inference_mode():
         torch.testing.assert_close(
             loaded(batch), result.model.embedder(batch), atol=1e-4, rtol=1e-3
@@ -190,7 +190,7 @@ def test_train_command_registers_checkpoint_and_embed_uses_it(
     out = tmp_path / "demo_ft.pt"
     args = ["train", "--db", url, "--epochs", "2", "--max-cells", "400",
             "--crop-size", "32", "--input-size", "0", "--batch-size", "32",
-            "--label", "compound", "--layer", "blocks.3", "--freeze-batchnorm",
+            "--label", "compound", "--layer", "pooled", "--freeze-batchnorm",
             "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -206,7 +206,7 @@ def test_train_command_registers_checkpoint_and_embed_uses_it(
         checkpoint = session.scalars(select(ModelCheckpoint)).one()
         checkpoint_id, sha = checkpoint.id, checkpoint.sha256
         assert checkpoint.metrics["n_val"] > 0 and "DMSO" in checkpoint.classes
-        assert checkpoint.config["layer"] == "blocks.3"
+        assert checkpoint.config["layer"] == "pooled"
         assert checkpoint.config["freeze_batchnorm"] is True
     log = store.read_training_log(engine, checkpoint_id)
     assert list(log["epoch"]) == [1, 2] and list(log["phase"]) == ["frozen", "unfrozen"]
