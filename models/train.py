@@ -95,10 +95,6 @@ class TrainConfig:
         shapes the very features that are embedded; the stages after it are not
         run, so not trained (on BBBC021 this beat ``pooled`` training, Spearman
         0.63 vs 0.57, in a quarter of the time: README, Deep profiles).
-    freeze_batchnorm : bool
-        Keep the backbone's batch-norm statistics at their ImageNet values while
-        it trains (its weights still learn), so the features of intermediate
-        layers stay on the scale the ImageNet network expects.
     seed : int
     """
 
@@ -121,7 +117,6 @@ class TrainConfig:
     label_smoothing: float = 0.1
     balanced: bool = True
     layer: str = EmbedConfig.layer
-    freeze_batchnorm: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -400,10 +395,6 @@ def fine_tune(
         model.train()
         if frozen:  # BN statistics of the frozen backbone stay
             model.embedder.eval()
-        elif config.freeze_batchnorm:
-            for module in model.embedder.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
         start, loss_sum, seen = time.perf_counter(), 0.0, 0
         batches = tqdm(
             train_loader, desc=f"epoch {epoch}/{config.epochs}", unit="batch",

@@ -278,11 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="features the classifier reads: pooled or blocks.K (default: the "
         "embedding recipe's layer, blocks.3)",
     )
-    train.add_argument(
-        "--freeze-batchnorm",
-        action=argparse.BooleanOptionalAction,
-        help="keep the backbone's ImageNet batch-norm statistics while it trains",
-    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
         "--out", type=Path, default=Path("finetuned.pt"), help="checkpoint file"
@@ -900,14 +895,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         crop_size=args.crop_size,
         input_size=args.input_size or None,
         seed=args.seed,
-        **{
-            key: value
-            for key, value in (
-                ("layer", args.layer),
-                ("freeze_batchnorm", args.freeze_batchnorm),
-            )
-            if value is not None
-        },
+        **({"layer": args.layer} if args.layer else {}),
     )
     summary = train_run(
         make_engine(_db_url(args), create=False),
