@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -279,6 +280,17 @@ def evaluate(
     }  # fmt: skip
 
 
+def train_setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> (key, value): a Python literal, else the text itself."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        sys.exit(f"--train {text!r}: write KEY=VALUE, e.g. layer=pooled")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
@@ -287,10 +299,8 @@ def main() -> None:
         help="other TrainConfig settings of the fine-tuning (Python literals)",
     )  # fmt: skip
     args = parser.parse_args()
-    overrides = {
-        k: ast.literal_eval(v) for k, v in (a.split("=", 1) for a in args.train)
-    }
-    train_config = TrainConfig(epochs=args.epochs, **overrides)
+    overrides = dict(train_setting(a) for a in args.train)
+    train_config = TrainConfig(**({"epochs": args.epochs} | overrides))
     torch.manual_seed(0)
     crops, meta = load()
     print(f"{len(crops)} crops, {meta['plate'].nunique()} plates, doses "
@@ -326,9 +336,9 @@ def main() -> None:
         print(f"{name}: {figures}")
     save(
         "bbbc021_quality",
-        {"command": " ".join(["python benchmarks/bench_bbbc021_quality.py",
-                              f"--epochs {args.epochs}", *(["--train", *args.train]
-                                                           if args.train else [])]),
+        {"command": shlex.join(["python", "benchmarks/bench_bbbc021_quality.py",
+                                "--epochs", str(args.epochs),
+                                *(["--train", *args.train] if args.train else [])]),
          "threads": torch.get_num_threads(), "crop_px": SIZE,
          "fine_tuning": asdict(train_config),
          "recipe": {k: v for k, v in vars(RECIPE).items() if k != "enabled"},

@@ -1,8 +1,9 @@
 """Bulk writes and streaming reads of the store.
 
-Writes are Core bulk inserts (no per-row ORM objects), one transaction per unit of
-work: registering an experiment, or one field's cells + vectors + result row. Reads
-stream plate by plate; nothing loads all cells of an experiment.
+Writes are bulk inserts (binary COPY on PostgreSQL, DB-API executemany on SQLite; no
+per-row ORM objects), one transaction per unit of work: registering an experiment,
+or one field's cells + vectors + result row. Reads stream plate by plate; nothing
+loads all cells of an experiment.
 """
 
 from __future__ import annotations
@@ -423,32 +424,35 @@ def _copy_rows(
     Binary COPY sends numbers and bytes as they are (text COPY would spell every
     float and hex-encode every vector); its column types are read from the server,
     so they match the table exactly. SQLite gets plain tuples through the DB-API
-    ``executemany``, without SQLAlchemy's per-row parameter handling.
+    ``executemany``, without SQLAlchemy's per-row parameter handling. Other
+    databases get SQLAlchemy's generic insert.
     """
     quote = connection.dialect.identifier_preparer.quote
-    names = ", ".join(quote(c) for c in columns)  # "values" is an SQL keyword
+    target = f"{quote(table.name)} ({', '.join(quote(c) for c in columns)})"
     if connection.dialect.name == "postgresql":
-        cursor = connection.connection.driver_connection.cursor()
-        types = dict(
-            cursor.execute(
-                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
-                "WHERE attrelid = %s::regclass AND attnum > 0",
-                (table.name,),
-            ).fetchall()
-        )
-        with cursor.copy(
-            f"COPY {table.name} ({names}) FROM STDIN (FORMAT BINARY)"
-        ) as copy:
-            copy.set_types([types[c] for c in columns])
-            for row in rows:
-                copy.write_row(row)
+        with connection.connection.driver_connection.cursor() as cursor:
+            types = dict(
+                cursor.execute(
+                    "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+                    "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+                    (table.name,),
+                ).fetchall()
+            )
+            with cursor.copy(f"COPY {target} FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types([types[c] for c in columns])
+                for row in rows:
+                    copy.write_row(row)
         return
     rows = list(rows)
-    if rows:  # SQLite's qmark parameters; only SQLite and PostgreSQL are served
+    if not rows:
+        return
+    if connection.dialect.name == "sqlite":
         marks = ", ".join("?" * len(columns))
-        connection.exec_driver_sql(
-            f"INSERT INTO {table.name} ({names}) VALUES ({marks})", rows
-        )
+        connection.exec_driver_sql(f"INSERT INTO {target} VALUES ({marks})", rows)
+        return
+    connection.execute(
+        insert(table), [dict(zip(columns, row, strict=True)) for row in rows]
+    )
 
 
 def write_field_cells(

@@ -97,7 +97,9 @@ def fit_channel_ranges(
         raise ValueError("no cell pixels to fit the channel ranges on.")
     pixels = np.moveaxis(crops, 1, 0)[:, masks]  # (C, pixels)
     ranges = np.percentile(pixels, percentiles, axis=1).T.astype(np.float32)
-    ranges[:, 1] = np.maximum(ranges[:, 1], ranges[:, 0] + 1e-6)
+    # a constant channel still gets high > low, also where 1e-6 is below float32's
+    # resolution at `low` (raw counts of a few thousand)
+    ranges[:, 1] = np.maximum(ranges[:, 1], np.nextafter(ranges[:, 0], np.inf))
     return ranges
 
 
@@ -125,13 +127,14 @@ def normalize_crops(crops: np.ndarray, ranges: np.ndarray) -> np.ndarray:
             f"ranges {ranges.shape} must be (C, 2) for crops {crops.shape}."
         )
     mean, std = OFFLINE_NORMALIZATION
-    low, high = ranges[:, 0], ranges[:, 1]
-    # one affine map and a clip, in place (clipping commutes with it: std > 0)
-    gain = (1 / ((high - low) * std)).astype(np.float32)[None, :, None, None]
-    shift = ((-low / (high - low) - mean) / std).astype(np.float32)[None, :, None, None]
+    low = ranges[:, 0].astype(np.float64)
+    span = ranges[:, 1].astype(np.float64) - low
+    # in place: subtract, one gain, one shift, a clip (it commutes with them: std > 0)
+    gain = np.divide(1, span * std, out=np.zeros_like(span), where=span > 0)
     out = crops.astype(np.float32, copy=True)
-    out *= gain
-    out += shift
+    out -= low.astype(np.float32)[None, :, None, None]
+    out *= gain.astype(np.float32)[None, :, None, None]
+    out -= np.float32(mean / std)
     return np.clip(out, -mean / std, (1 - mean) / std, out=out)
 
 
@@ -296,13 +299,20 @@ class CellEmbedder(nn.Module):
         return width
 
 
+def _stage_order(layer: str) -> float:
+    """Depth of a layer name: K for ``blocks.K``, infinity for ``pooled``."""
+    return float("inf") if layer == "pooled" else float(layer.partition(".")[2])
+
+
 def build_embedder(
     config: EmbedConfig, n_channels: int
 ) -> tuple[CellEmbedder, dict[str, Any]]:
     """Build the embedder of a recipe, from ImageNet weights or a fine-tuned checkpoint.
 
     A checkpoint (`models.train.save_checkpoint`) brings its own strategy, input
-    size and scaling; the recipe's layer and aggregation still apply.
+    size and scaling; the recipe's layer and aggregation still apply, but a layer
+    after the one the network was trained at is refused (those stages kept their
+    ImageNet weights on top of fine-tuned ones).
 
     Returns
     -------
@@ -318,7 +328,8 @@ def build_embedder(
     ------
     InputError
         If the model, its weights or the checkpoint cannot be loaded, the
-        checkpoint was trained on other channels, or the layer does not exist.
+        checkpoint was trained on other channels or at an earlier layer, or the
+        layer does not exist.
     """
     if config.checkpoint:
         backbone, meta = load_checkpoint(config.checkpoint)
@@ -327,6 +338,13 @@ def build_embedder(
                 f"checkpoint {config.checkpoint} was trained on {meta['in_chans']} "
                 f"channels; this run has {n_channels}. Fine-tune on this run's "
                 "channels (phenoscreen train)."
+            )
+        if _stage_order(config.layer) > _stage_order(meta["layer"]):
+            raise InputError(
+                f"checkpoint {config.checkpoint} was trained at layer {meta['layer']}; "
+                f"the stages up to {config.layer} were not all trained. Embed with "
+                f"layer = {meta['layer']!r} (or an earlier stage), or fine-tune with "
+                f"phenoscreen train --layer {config.layer}."
             )
         config = replace(
             config, model_name=meta["model_name"], strategy=meta["strategy"],

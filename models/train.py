@@ -39,7 +39,12 @@ from tqdm.auto import tqdm
 from db import store
 from models.backbones import DEFAULT_MODEL, create_backbone
 from models.embed import CellEmbedder, plate_channel_ranges, scale_crops
-from pipeline.config import EMBED_SCALINGS, EMBED_STRATEGIES, EmbedConfig
+from pipeline.config import (
+    EMBED_SCALINGS,
+    EMBED_STRATEGIES,
+    EmbedConfig,
+    is_block_layer,
+)
 from pipeline.run import iter_field_crops
 
 logger = logging.getLogger(__name__)
@@ -93,8 +98,9 @@ class TrainConfig:
         layer) or ``blocks.K`` (the spatial mean of stage K). Default: the
         embedding recipe's layer (`pipeline.config.EmbedConfig`), so training
         shapes the very features that are embedded; the stages after it are not
-        run, so not trained (on BBBC021 this beat ``pooled`` training, Spearman
-        0.63 vs 0.57, in a quarter of the time: README, Deep profiles).
+        run, so not trained (on BBBC021 comparable or better than ``pooled``
+        training, Spearman 0.63 vs 0.57 in two runs, and faster per epoch: README,
+        Deep profiles).
     seed : int
     """
 
@@ -139,6 +145,11 @@ class TrainConfig:
             raise ValueError(
                 f"strategy {self.strategy!r} / scaling {self.scaling!r}: use one of "
                 f"{EMBED_STRATEGIES} / {EMBED_SCALINGS}."
+            )
+        if self.layer != "pooled" and not is_block_layer(self.layer):
+            raise ValueError(
+                f"layer {self.layer!r} must be 'pooled' or 'blocks.K' (K = 0, 1, ...: "
+                "a stage of the network)."
             )
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(
@@ -481,8 +492,8 @@ def save_checkpoint(
 
     The file is a plain dict of tensors, strings and numbers (loadable with
     ``weights_only=True``): the backbone's state dict (timm keys, no head), the
-    run's channel count, crop size, strategy, input size and scaling, the
-    classes and the config; written to ``<path>.tmp`` and renamed when complete.
+    run's channel count, crop size, strategy, input size, scaling and trained
+    layer, the classes and the config; written to ``<path>.tmp`` and renamed when complete.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -497,6 +508,7 @@ def save_checkpoint(
             "strategy": config.strategy,
             "input_size": config.input_size or 0,
             "scaling": config.scaling,
+            "layer": config.layer,
             "classes": list(fine_tuned.classes),
             "config": asdict(config),
         },

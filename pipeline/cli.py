@@ -21,6 +21,7 @@ from pipeline.config import (
     AGGREGATIONS,
     EMBED_SCALINGS,
     EMBED_STRATEGIES,
+    EmbedConfig,
     InputConfig,
     RunConfig,
     SegmentConfig,
@@ -221,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
         "with a C-channel stem",
     )
     embed.add_argument(
-        "--layer", help="pooled, or blocks.K: an intermediate stage (default blocks.3)"
+        "--layer",
+        help=f"pooled, or blocks.K: an intermediate stage (default {EmbedConfig.layer})",
     )
     embed.add_argument(
         "--crop-size", type=int, help="px around each nucleus (default: 4 diameters)"
@@ -275,8 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--layer",
+        default=EmbedConfig.layer,
         help="features the classifier reads: pooled or blocks.K (default: the "
-        "embedding recipe's layer, blocks.3)",
+        f"embedding recipe's layer, {EmbedConfig.layer})",
     )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
@@ -895,7 +898,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         crop_size=args.crop_size,
         input_size=args.input_size or None,
         seed=args.seed,
-        **({"layer": args.layer} if args.layer else {}),
+        layer=args.layer,
     )
     summary = train_run(
         make_engine(_db_url(args), create=False),
@@ -914,6 +917,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{', '.join(summary['val_plates'])})\n"
         f"embed with it: phenoscreen embed --db {_db_url(args)} --checkpoint "
         f"{summary['path']}"
+        + (f" --layer {config.layer}" if config.layer != EmbedConfig.layer else "")
     )
     return 0
 

@@ -436,8 +436,8 @@ def well_distance(normalized: pd.DataFrame) -> pd.Series:
     Returns
     -------
     Series
-        Same index, name ``distance``; missing features are left out of the mean,
-        and a well without finite features is NaN.
+        Same index, name ``distance``; missing (NaN or infinite) features are
+        left out of the mean, and a well without finite features is NaN.
 
     Raises
     ------
@@ -448,8 +448,9 @@ def well_distance(normalized: pd.DataFrame) -> pd.Series:
     if not features:
         raise ValueError("normalized has no feature column (only Metadata_*).")
     values = normalized[features].to_numpy(np.float64)
-    n_values = np.isfinite(values).sum(axis=1)
-    sum_squares = np.nansum(values**2, axis=1)
+    finite = np.isfinite(values)
+    n_values = finite.sum(axis=1)
+    sum_squares = np.square(values, out=np.zeros_like(values), where=finite).sum(axis=1)
     distance = np.sqrt(
         np.divide(
             sum_squares, n_values, out=np.full(len(values), np.nan), where=n_values > 0
@@ -485,7 +486,7 @@ def well_activity(normalized: pd.DataFrame) -> pd.Series:
     Raises
     ------
     ValueError
-        If ``Metadata_Role`` is missing.
+        If ``Metadata_Role`` or every feature column is missing.
     """
     if "Metadata_Role" not in normalized.columns:
         raise ValueError("normalized lacks column Metadata_Role.")

@@ -41,6 +41,11 @@ def test_fit_channel_ranges_and_normalize():
         1
     )
     assert normalized.dtype == np.float32
+    # a constant channel in raw counts still gets a range and finite values
+    flat = np.full((2, 1, 8, 8), 5000, np.uint16)
+    flat_range = fit_channel_ranges(flat, np.ones((2, 8, 8), bool), (1, 99))
+    assert flat_range[0, 1] > flat_range[0, 0]
+    assert np.isfinite(normalize_crops(flat, flat_range)).all()
 
 
 def test_fit_and_normalize_reject():

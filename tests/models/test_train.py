@@ -7,7 +7,13 @@ from db import store
 from db.session import make_engine
 from models import train
 from models.backbones import create_backbone, load_checkpoint
-from models.embed import CellEmbedder, EmbedConfig, embed_run, minmax_crops
+from models.embed import (
+    CellEmbedder,
+    EmbedConfig,
+    build_embedder,
+    embed_run,
+    minmax_crops,
+)
 from models.train import (
     TrainConfig,
     augment,
@@ -125,6 +131,8 @@ def test_train_config_rejects():
         TrainConfig(strategy="grey")
     with pytest.raises(ValueError, match="label_smoothing"):
         TrainConfig(label_smoothing=1)
+    with pytest.raises(ValueError, match="layer 'block3'"):
+        TrainConfig(layer="block3")
 
 
 def test_fine_tune_resumes_after_a_kill(tmp_path, monkeypatch, caplog):
@@ -165,6 +173,10 @@ def test_checkpoint_roundtrip_and_bad_checkpoints(tmp_path):
     assert meta["sha256"] == sha and meta["in_chans"] == 2
     assert meta["classes"] == ["long", "round"] and meta["strategy"] == "rgb"
     assert meta["input_size"] is None and meta["scaling"] == "plate"
+    assert meta["layer"] == config.layer == "blocks.3"
+    with pytest.raises(InputError, match="trained at layer blocks.3"):
+        build_embedder(EmbedConfig(checkpoint=str(path), layer="pooled"), 2)
+    assert build_embedder(EmbedConfig(checkpoint=str(path), layer="blocks.2"), 2)
     batch = torch.from_numpy(crops[:4])
     loaded = CellEmbedder(model, strategy="rgb", layer=config.layer, input_size=None)
     with torch.inference_mode():

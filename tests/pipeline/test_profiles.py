@@ -204,12 +204,12 @@ def test_dose_labels_leave_out_a_missing_concentration_and_reject_missing_column
 def test_well_distance_is_the_rms_of_finite_features_and_rejects():
     table = pd.DataFrame(
         {"Metadata_Role": ["treatment"] * 3, "f1": [3.0, np.nan, np.nan],
-         "f2": [4.0, 2.0, np.nan]}
+         "f2": [4.0, 2.0, np.inf]}
     )  # fmt: skip
     distance = well_distance(table)
     assert distance.name == "distance" and distance.index.equals(table.index)
     np.testing.assert_allclose(distance[:2], [np.sqrt(12.5), 2.0])
-    assert np.isnan(distance[2])  # no finite feature
+    assert np.isnan(distance[2])  # no finite feature (infinity is left out too)
     with pytest.raises(ValueError, match="no feature column"):
         well_distance(table[["Metadata_Role"]])
 

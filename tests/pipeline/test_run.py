@@ -164,8 +164,9 @@ def test_run_on_dask_with_two_worker_processes(demo_plate, sqlite_url):
 def test_run_on_an_existing_dask_scheduler_with_postgres_and_embedding(
     demo_plate, postgres_url, monkeypatch
 ):
-    """The cluster recipe end to end: worker processes write to PostgreSQL, then the
-    client embeds every stored cell (the `[embed]` section) into the same store."""
+    """The cluster recipe end to end: worker processes analyse the fields, the run
+    process writes them to PostgreSQL, then embeds every stored cell (the `[embed]`
+    section) into the same store."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
