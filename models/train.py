@@ -43,7 +43,7 @@ from pipeline.config import (
     EMBED_SCALINGS,
     EMBED_STRATEGIES,
     EmbedConfig,
-    is_block_layer,
+    is_layer_name,
 )
 from pipeline.run import iter_field_crops
 
@@ -146,7 +146,7 @@ class TrainConfig:
                 f"strategy {self.strategy!r} / scaling {self.scaling!r}: use one of "
                 f"{EMBED_STRATEGIES} / {EMBED_SCALINGS}."
             )
-        if self.layer != "pooled" and not is_block_layer(self.layer):
+        if not is_layer_name(self.layer):
             raise ValueError(
                 f"layer {self.layer!r} must be 'pooled' or 'blocks.K' (K = 0, 1, ...: "
                 "a stage of the network)."

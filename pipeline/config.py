@@ -328,7 +328,7 @@ class EmbedConfig:
                     f"embed.{key} = {value!r} is unknown; choose one of "
                     f"{', '.join(valid)}."
                 )
-        if self.layer != "pooled" and not is_block_layer(self.layer):
+        if not is_layer_name(self.layer):
             problems.append(
                 f"embed.layer = {self.layer!r} must be 'pooled' or 'blocks.K' "
                 "(K = 0, 1, ...: a stage of the network)."
@@ -349,10 +349,10 @@ class EmbedConfig:
         _check_range("embed", "max_control_fields", self.max_control_fields, 1, 10**6)
 
 
-def is_block_layer(layer: str) -> bool:
-    """Return whether `layer` names a stage, ``blocks.K`` with K = 0, 1, ..."""
+def is_layer_name(layer: str) -> bool:
+    """Return whether `layer` is ``pooled`` or names a stage, ``blocks.K`` (K >= 0)."""
     head, _, index = layer.partition(".")
-    return head == "blocks" and index.isdigit()
+    return layer == "pooled" or (head == "blocks" and index.isdigit())
 
 
 WHITENINGS = ("none", "controls")
