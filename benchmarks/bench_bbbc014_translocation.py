@@ -14,7 +14,9 @@ over the NF-kB stain) and profiled three ways:
 - ``combined``: both, each normalized and weighted equally.
 
 Tiles are normalized as `phenoscreen` normalizes wells
-(`pipeline.profiles.normalize_profiles`), scored by their distance from the
+(`pipeline.profiles.normalize_profiles`, the default recipe; for classical and
+deep features also with feature-selection correlations measured on all tiles and
+without feature selection), scored by their distance from the
 controls (`pipeline.profiles.well_activity`), and the Z' of that score between the
 stimulated and the control tiles is reported, with the nucleus/cytoplasm NF-kB
 intensity ratio (the assay's classic one-number readout) for reference.
@@ -45,7 +47,7 @@ from models.embed import (  # noqa: E402
     fit_channel_ranges,
     normalize_crops,
 )
-from pipeline.config import EmbedConfig  # noqa: E402
+from pipeline.config import EmbedConfig, ProfileConfig  # noqa: E402
 from pipeline.crops import crop_cells, default_crop_size  # noqa: E402
 from pipeline.features import measure_cells  # noqa: E402
 from pipeline.plateqc import z_prime  # noqa: E402
@@ -55,6 +57,11 @@ from pipeline.segment import segment_field  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared/data/fields/bbbc014_nfkb_vitra"
 WELLS = {"A01": "01-A-01", "A12": "12-A-12"}  # stimulated, control
 GRID = 4
+#: Profile recipes other than the default, to show what its choices do here.
+OTHER_RECIPES = {
+    "correlations_on_all_tiles": ProfileConfig(corr_on="all"),
+    "no_feature_selection": ProfileConfig(feature_select=False),
+}
 
 
 def load_cells() -> tuple[pd.DataFrame, pd.DataFrame, list, list]:
@@ -131,9 +138,13 @@ def tile_profiles(meta: pd.DataFrame, values: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def separation(profiles: pd.DataFrame, blocks: list[list[str]] | None = None) -> dict:
+def separation(
+    profiles: pd.DataFrame,
+    blocks: list[list[str]] | None = None,
+    recipe: ProfileConfig | None = None,
+) -> dict:
     """Z' of the distance from the control tiles, stimulated vs control tiles."""
-    normalized = normalize_profiles(profiles, blocks=blocks)
+    normalized = normalize_profiles(profiles, recipe, blocks=blocks)
     score = well_activity(normalized)
     stimulated = normalized["Metadata_Role"] == "treatment"
     return {
@@ -169,6 +180,11 @@ def main() -> None:
         combined, blocks=[list(classical.columns), list(deep.columns)]
     )
     results["deep"]["seconds"] = round(deep_seconds, 1)
+    for name, recipe in OTHER_RECIPES.items():  # the default recipe's choices
+        for feature_set in ("classical", "deep"):
+            results[f"{feature_set}_{name}"] = separation(
+                tiles[feature_set], recipe=recipe
+            )
     for name, figures in results.items():
         print(f"{name}: {figures}")
     save(

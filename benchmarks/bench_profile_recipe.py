@@ -6,8 +6,11 @@ Recipes (`pipeline.config.ProfileConfig`), each applied by
 - ``robust_z``: robust z per plate to the DMSO wells only (the wave-1 default);
 - ``robust_z_all``: robust z per plate to all wells;
 - ``feature_select_0.9``: robust z to DMSO, then pycytominer-style feature
-  selection (missing, near-constant, |correlation| > 0.9, pycytominer's threshold);
-- ``feature_select``: the same at |correlation| > 0.95 - the default;
+  selection (missing, near-constant, |correlation| > 0.9 over all wells,
+  pycytominer's threshold);
+- ``feature_select_all_wells``: the same at |correlation| > 0.95, correlations
+  measured on all wells (pycytominer's way; the default until 2026-12-04);
+- ``feature_select``: correlations measured on the DMSO wells - the default;
 - ``feature_select_whiten_all`` / ``_plate``: then whitening (TVN) on the DMSO wells
   of all plates / of each plate.
 
@@ -77,7 +80,8 @@ LINCS = (
 RECIPES = {
     "robust_z": ProfileConfig(feature_select=False),
     "robust_z_all": ProfileConfig(feature_select=False, normalize_to="all"),
-    "feature_select_0.9": ProfileConfig(corr_threshold=0.9),
+    "feature_select_0.9": ProfileConfig(corr_threshold=0.9, corr_on="all"),
+    "feature_select_all_wells": ProfileConfig(corr_on="all"),
     "feature_select": ProfileConfig(),
     "feature_select_whiten_all": ProfileConfig(whiten="controls", whiten_scope="all"),
     "feature_select_whiten_plate": ProfileConfig(

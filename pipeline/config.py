@@ -384,6 +384,12 @@ class ProfileConfig:
         Of the feature selection: the absolute correlation above which a feature
         is dropped. 0.95 rather than pycytominer's 0.9: at 0.9 the demo lost a
         weak true active (`benchmarks/bench_profile_recipe.py`).
+    corr_on : {"controls", "all"}
+        Wells whose profiles measure those correlations: the negative controls
+        (when there are at least `pipeline.profiles.MIN_CORRELATION_CONTROLS`,
+        else all wells, logged), so that features moved together by a treatment
+        (every readout of a translocation, of a strong positive control) are not
+        merged into one; or all wells, as pycytominer does.
     whiten : {"none", "controls"}
         ``controls``: whiten on the negative-control wells.
     whiten_scope : {"plate", "batch", "all"}
@@ -394,6 +400,7 @@ class ProfileConfig:
     normalize_to: str = "controls"
     feature_select: bool = True
     corr_threshold: float = 0.95
+    corr_on: str = "controls"
     whiten: str = "none"
     whiten_scope: str = "all"
 
@@ -404,6 +411,11 @@ class ProfileConfig:
                 "controls or all."
             )
         _check_range("profile", "corr_threshold", self.corr_threshold, 0.5, 1)
+        if self.corr_on not in ("controls", "all"):
+            raise InputError(
+                f"profile.corr_on = {self.corr_on!r} is unknown; choose controls or "
+                "all."
+            )
         if self.whiten not in WHITENINGS:
             raise InputError(
                 f"profile.whiten = {self.whiten!r} is unknown; choose one of "
@@ -592,8 +604,9 @@ def config_from_dict(
             continue
         if name == "input" and "pattern" in values:
             values.setdefault("layout", None)  # a pattern replaces the default layout
-        if stored and name == "profile":  # saved before feature selection existed:
+        if stored and name == "profile":  # saved before these settings existed:
             values.setdefault("feature_select", False)  # its results stay as they were
+            values.setdefault("corr_on", "all")
         for key in ("texture_scales", "percentiles"):
             if key in values:
                 values[key] = tuple(values[key])

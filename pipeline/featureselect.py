@@ -51,6 +51,7 @@ def select_features(
     freq_cut: float = 0.05,
     unique_cut: float = 0.01,
     corr_threshold: float = 0.9,
+    correlation_rows: np.ndarray | None = None,
     block_size: int = 512,
 ) -> list[str]:
     """Return the features to keep, in their original order.
@@ -70,6 +71,12 @@ def select_features(
     corr_threshold : float
         Greedy in column order: a feature whose absolute Pearson correlation with a
         kept feature exceeds this is dropped.
+    correlation_rows : ndarray of shape (N,), bool, optional
+        The rows whose values measure the correlations, e.g. the negative
+        controls, so that features that move together only because treatments
+        move them (all the readouts of one strong phenotype) are not merged into
+        one; None: all rows (pycytominer). The missing-value and variance cuts
+        always use all rows.
     block_size : int
         Columns per block of the correlation step.
 
@@ -80,7 +87,8 @@ def select_features(
     Raises
     ------
     ValueError
-        If a threshold is out of range or there are no feature columns.
+        If a threshold is out of range, there are no feature columns, or
+        `correlation_rows` is not one flag per row with at least two set.
     """
     for name, value in (
         ("max_missing_frac", max_missing_frac),
@@ -96,10 +104,23 @@ def select_features(
     if not names:
         raise ValueError("profiles has no feature columns.")
     values = profiles[names].to_numpy(np.float64)
+    if correlation_rows is None:
+        correlation_rows = np.ones(len(values), dtype=bool)
+    correlation_rows = np.asarray(correlation_rows)
+    if correlation_rows.dtype != bool or correlation_rows.shape != (len(values),):
+        raise ValueError(
+            f"correlation_rows must be {len(values)} booleans, one per row; got "
+            f"{correlation_rows.dtype} of shape {correlation_rows.shape}."
+        )
+    if correlation_rows.sum() < 2:
+        raise ValueError(
+            f"correlation_rows selects {int(correlation_rows.sum())} rows; a "
+            "correlation needs at least 2."
+        )
     candidates = np.isnan(values).mean(axis=0) <= max_missing_frac
     candidates &= ~_low_variance(values, freq_cut=freq_cut, unique_cut=unique_cut)
     index = np.flatnonzero(candidates)
-    unit = _standardize(values[:, index])
+    unit = _standardize(values[np.ix_(correlation_rows, index)])
     kept: list[int] = []  # positions in `index`
     for start in range(0, len(index), block_size):
         block = np.arange(start, min(start + block_size, len(index)))

@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 MAD_SCALE = 1.4826
 #: Negative-control wells (with cells) each plate needs.
 MIN_CONTROLS = 2
+#: Negative-control wells that feature selection needs to measure correlations on
+#: them: with 12 wells, two independent features pass |r| > 0.95 with p ~ 2e-6.
+MIN_CORRELATION_CONTROLS = 12
 
 
 def metadata_columns(table: pd.DataFrame) -> list[str]:
@@ -327,6 +330,50 @@ def sphere_to_controls(
     return out
 
 
+def correlation_wells(
+    profiles: pd.DataFrame, control_role: str = "negative_control"
+) -> np.ndarray | None:
+    """Flag the wells on which feature selection measures correlations.
+
+    The negative controls, so that features moved together by treatments are not
+    taken for redundant ones; None (all wells) when fewer than
+    `MIN_CORRELATION_CONTROLS` controls have profiles (logged).
+
+    Parameters
+    ----------
+    profiles : DataFrame
+        Well profiles with ``Metadata_Role``.
+    control_role : str
+
+    Returns
+    -------
+    ndarray of shape (N,), bool, or None
+
+    Raises
+    ------
+    ValueError
+        If ``Metadata_Role`` is missing.
+    """
+    if "Metadata_Role" not in profiles.columns:
+        raise ValueError(
+            "profiles lacks Metadata_Role; the controls cannot be found (give the "
+            'plate map a role column, or set [profile] corr_on = "all").'
+        )
+    is_control = (profiles["Metadata_Role"] == control_role).to_numpy()
+    features = feature_columns(profiles)
+    if features:
+        is_control = is_control & profiles[features].notna().any(axis=1).to_numpy()
+    if is_control.sum() < MIN_CORRELATION_CONTROLS:
+        logger.info(
+            "feature selection measures correlations on all %d wells: only %d "
+            "%s wells have profiles (it needs %d).",
+            len(profiles), int(is_control.sum()), control_role,
+            MIN_CORRELATION_CONTROLS,
+        )  # fmt: skip
+        return None
+    return is_control
+
+
 def normalize_profiles(
     profiles: pd.DataFrame,
     recipe: ProfileConfig | None = None,
@@ -337,7 +384,8 @@ def normalize_profiles(
 
     Every feature set goes through it: robust z to each plate's negative
     controls or all its wells (`normalize_to_controls`), feature selection
-    (`pipeline.featureselect.select_features`), then whitening on the controls
+    (`pipeline.featureselect.select_features`, correlations measured on the
+    controls unless the recipe says otherwise), then whitening on the controls
     when the recipe asks (`sphere_to_controls`). With `blocks` (a combined feature set,
     e.g. classical features and a CNN embedding) each block is normalized on its
     own and weighted so that every block contributes equally to distances
@@ -375,13 +423,24 @@ def normalize_profiles(
     from pipeline.featureselect import select_features  # noqa: PLC0415 - a cycle
 
     control_role = "negative_control" if recipe.normalize_to == "controls" else None
+    correlation_rows = None
+    if (
+        recipe.feature_select
+        and recipe.corr_on == "controls"
+        and "Metadata_Role" in profiles.columns  # without roles: all wells
+    ):
+        correlation_rows = correlation_wells(profiles)
     parts = []
     for block in blocks:
         part = normalize_to_controls(
             pd.concat([meta, profiles[list(block)]], axis=1), control_role=control_role
         )
         if recipe.feature_select:
-            kept = select_features(part, corr_threshold=recipe.corr_threshold)
+            kept = select_features(
+                part,
+                corr_threshold=recipe.corr_threshold,
+                correlation_rows=correlation_rows,
+            )
             if not kept:
                 raise ValueError(
                     f"feature selection kept none of {len(feature_columns(part))} "

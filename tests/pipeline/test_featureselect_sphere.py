@@ -56,9 +56,23 @@ def test_select_features_real_lincs_profiles():
     assert corr.max() <= 0.9
 
 
+def test_select_features_measures_correlations_on_the_rows_given():
+    table = make_table()
+    shifted = np.arange(len(table)) >= 40  # a treatment moves f0 and f3 together
+    table.loc[shifted, ["f0", "f3"]] += 50.0
+    assert "f3" not in select_features(table)  # all rows: one phenotype, one feature
+    kept = select_features(table, correlation_rows=~shifted)
+    assert kept == [f"f{i}" for i in range(6)]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"corr_threshold": 2}, "corr_threshold"), ({"block_size": 0}, "block_size")],
+    [
+        ({"corr_threshold": 2}, "corr_threshold"),
+        ({"block_size": 0}, "block_size"),
+        ({"correlation_rows": np.ones(3, bool)}, "60 booleans"),
+        ({"correlation_rows": np.arange(60) == 0}, "selects 1 rows"),
+    ],
 )
 def test_select_features_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):

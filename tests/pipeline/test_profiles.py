@@ -7,6 +7,7 @@ from pipeline.errors import InputError
 from pipeline.profiles import (
     MAD_SCALE,
     aggregate_cells,
+    correlation_wells,
     dose_labels,
     feature_columns,
     metadata_columns,
@@ -276,9 +277,45 @@ def test_the_recipe_never_returns_nan_profiles_from_awkward_features():
     assert np.isfinite(normalized[features].to_numpy()).all()
 
 
+def test_features_moved_together_by_a_treatment_are_both_kept():
+    profiles = make_profiles(hit="cmpd_1")  # cmpd_1 shifts every feature
+    treated = (profiles["Metadata_Compound"] == "cmpd_1").to_numpy()
+    rng = np.random.default_rng(3)
+    for name in ("readout_a", "readout_b"):  # independent in DMSO, one phenotype
+        profiles[name] = rng.normal(size=len(profiles)) + 40.0 * treated
+    default = normalize_profiles(profiles)
+    assert {"readout_a", "readout_b"} <= set(default.columns)
+    pooled = normalize_profiles(profiles, ProfileConfig(corr_on="all"))
+    assert len({"readout_a", "readout_b"} & set(pooled.columns)) == 1
+
+
+def test_correlation_wells_are_the_controls_when_there_are_enough(caplog):
+    profiles = make_profiles()  # 16 DMSO wells
+    wells = correlation_wells(profiles)
+    np.testing.assert_array_equal(
+        wells, (profiles["Metadata_Role"] == "negative_control").to_numpy()
+    )
+    few = profiles.drop(index=profiles.index[profiles["Metadata_Role"]
+                                              == "negative_control"][:6])  # fmt: skip
+    with caplog.at_level("INFO", logger="pipeline.profiles"):
+        assert correlation_wells(few) is None
+    assert "only 10 negative_control wells" in caplog.text
+    features = feature_columns(profiles)
+    empty = profiles.copy()
+    empty.loc[empty.index[:5], features] = np.nan  # 5 DMSO wells without cells
+    assert correlation_wells(empty) is None
+
+
+def test_correlation_wells_rejects_a_table_without_roles():
+    with pytest.raises(ValueError, match="lacks Metadata_Role"):
+        correlation_wells(pd.DataFrame({"f": [1.0]}))
+
+
 def test_profile_recipe_rejects_unknown_choices():
     with pytest.raises(InputError, match="normalize_to = 'dmso' is unknown"):
         ProfileConfig(normalize_to="dmso")
+    with pytest.raises(InputError, match="corr_on = 'dmso' is unknown"):
+        ProfileConfig(corr_on="dmso")
     with pytest.raises(
         InputError, match=r"corr_threshold = 0.2 must lie in \[0.5, 1\]"
     ):
@@ -294,6 +331,9 @@ def test_a_run_saved_before_feature_selection_keeps_its_recipe():
     assert old.feature_select is False  # its hit list stays as it was computed
     assert config_from_dict({}, stored=True).profile.feature_select is False
     assert config_from_dict({"profile": {}}).profile.feature_select is True  # new runs
+    before_corr_on = {"profile": {"feature_select": True}}
+    assert config_from_dict(before_corr_on, stored=True).profile.corr_on == "all"
+    assert config_from_dict(before_corr_on).profile.corr_on == "controls"
 
 
 def test_whitening_per_batch_refuses_plates_without_a_batch():
