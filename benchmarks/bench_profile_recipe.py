@@ -11,6 +11,9 @@ Recipes (`pipeline.config.ProfileConfig`), each applied by
 - ``feature_select_all_wells``: the same at |correlation| > 0.95, correlations
   measured on all wells (pycytominer's way; the default until 2026-12-04);
 - ``feature_select``: correlations measured on the DMSO wells - the default;
+- ``feature_select_scale_per_plate``: each plate scaled by its own DMSO wells'
+  spread instead of the spread pooled over the plates of a batch (the default;
+  one plate per dev set, so the two agree there: see the split plates below);
 - ``feature_select_whiten_all`` / ``_plate``: then whitening (TVN) on the DMSO wells
   of all plates / of each plate.
 
@@ -29,6 +32,10 @@ Figures per recipe:
   to see whether whitening's extra actives come from fitting DMSO to itself;
 - the demo (3 plates, 9 compounds with known truth): true actives called (of 7) and
   false hits, for classical features, the ImageNet embedding recipe and combined;
+- JUMP-MOA and LINCS each dealt into 2, 3 and 6 plates (DMSO wells and each
+  compound's wells round-robin, so 12, 8 and 4 DMSO wells per plate; no plate
+  effect added): the default recipe with the spread pooled over the plates vs
+  per plate, to see what the uncertainty of a few wells' MAD costs;
 - time and peak memory of the default recipe on 1,536 wells x 5,000 features
   (4 plates of 384 wells, 32 DMSO wells each; synthetic values).
 
@@ -83,6 +90,7 @@ RECIPES = {
     "feature_select_0.9": ProfileConfig(corr_threshold=0.9, corr_on="all"),
     "feature_select_all_wells": ProfileConfig(corr_on="all"),
     "feature_select": ProfileConfig(),
+    "feature_select_scale_per_plate": ProfileConfig(scale_by="plate"),
     "feature_select_whiten_all": ProfileConfig(whiten="controls", whiten_scope="all"),
     "feature_select_whiten_plate": ProfileConfig(
         whiten="controls", whiten_scope="plate"
@@ -186,6 +194,38 @@ def real_plates() -> dict[str, dict[str, dict[str, float]]]:
     return figures
 
 
+def dealt(table: pd.DataFrame, n_plates: int) -> pd.DataFrame:
+    """The plate dealt into `n_plates` plates: DMSO wells and each compound's wells
+    round-robin (a compound's first well on a different plate for each compound)."""
+    plate = np.empty(len(table), dtype=object)
+    for offset, rows in enumerate(table.groupby("Metadata_Compound").indices.values()):
+        plate[rows] = [f"P{(offset + i) % n_plates}" for i in range(len(rows))]
+    return table.assign(Metadata_Plate=plate)
+
+
+def split_plates() -> dict[str, dict[str, dict[str, float]]]:
+    jump = load(JUMP, ImportOptions(), Metadata_Concentration=3.0)
+    lincs = load(LINCS, ImportOptions(negative_control="DMSO"))
+    figures: dict[str, dict[str, dict[str, float]]] = {}
+    for n_plates in (2, 3, 6):
+        for name, recipe in (
+            ("pooled", RECIPES["feature_select"]),
+            ("per_plate", RECIPES["feature_select_scale_per_plate"]),
+        ):
+            row: dict[str, dict[str, float]] = {}
+            for plate, table in (("jump_moa", jump), ("lincs", lincs)):
+                normalized = normalize_profiles(dealt(table, n_plates), recipe)
+                row[plate] = {"moa_nsc": nsc(normalized)} | activity(normalized)
+                if plate == "jump_moa":
+                    row[plate] |= {
+                        "percent_replicating": percent_replicating_of(normalized)
+                    }
+                    row[plate] |= moa_retrieval(normalized)
+            figures[f"{n_plates}_plates_{name}"] = row
+            print(n_plates, "plates,", name, row, flush=True)
+    return figures
+
+
 def demo() -> dict[str, dict[str, str]]:
     from db.session import make_engine  # noqa: PLC0415
     from db.store import resolve_run  # noqa: PLC0415
@@ -253,7 +293,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # the whitening's shrinkage notes
     figures = {"recipes": {k: repr(v) for k, v in RECIPES.items()},
-               "real_plates": real_plates(), "scale_1536x5000": scale()}  # fmt: skip
+               "real_plates": real_plates(), "split_plates": split_plates(),
+               "scale_1536x5000": scale()}  # fmt: skip
     if not args.skip_demo:
         figures["demo"] = demo()
     save("profile_recipe", figures)

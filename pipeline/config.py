@@ -377,6 +377,15 @@ class ProfileConfig:
     normalize_to : {"controls", "all"}
         Scale each plate to its negative-control wells, or to all its wells (for
         screens whose controls are few or unrepresentative).
+    scale_by : {"batch", "plate"}
+        Each plate is centred on its own wells of reference; the spread features
+        are divided by is that of the reference wells of all plates of its
+        ``Metadata_Batch`` (of all plates without a batch column), centred per
+        plate (``batch``), or of the plate alone (``plate``, pycytominer's way).
+        The MAD of a plate's 16-24 DMSO wells is itself uncertain by 24-29 % per
+        feature (relative standard deviation for normal values); on JUMP-MOA and
+        LINCS dealt into plates of 4-12 DMSO wells, per-plate spreads lowered
+        replicate retrieval and activity (`benchmarks/bench_profile_recipe.py`).
     feature_select : bool
         Drop missing, near-constant and correlated features (see
         `pipeline.featureselect.select_features`).
@@ -398,6 +407,7 @@ class ProfileConfig:
     """
 
     normalize_to: str = "controls"
+    scale_by: str = "batch"
     feature_select: bool = True
     corr_threshold: float = 0.95
     corr_on: str = "controls"
@@ -409,6 +419,11 @@ class ProfileConfig:
             raise InputError(
                 f"profile.normalize_to = {self.normalize_to!r} is unknown; choose "
                 "controls or all."
+            )
+        if self.scale_by not in ("batch", "plate"):
+            raise InputError(
+                f"profile.scale_by = {self.scale_by!r} is unknown; choose batch or "
+                "plate."
             )
         _check_range("profile", "corr_threshold", self.corr_threshold, 0.5, 1)
         if self.corr_on not in ("controls", "all"):
@@ -607,6 +622,7 @@ def config_from_dict(
         if stored and name == "profile":  # saved before these settings existed:
             values.setdefault("feature_select", False)  # its results stay as they were
             values.setdefault("corr_on", "all")
+            values.setdefault("scale_by", "plate")
         for key in ("texture_scales", "percentiles"):
             if key in values:
                 values[key] = tuple(values[key])

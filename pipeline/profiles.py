@@ -138,29 +138,49 @@ def aggregate_cells(
     return profiles.reset_index()
 
 
+def _spread(centred: np.ndarray, method: str, min_spread: float) -> np.ndarray:
+    """Spread of each column of centred control profiles (1.4826 MAD, or std)."""
+    std = np.nanstd(centred, axis=0, ddof=1)
+    if method != "robust_z":
+        return std
+    scale = np.nanmedian(np.abs(centred - np.nanmedian(centred, axis=0)), axis=0)
+    # a MAD of 0 (e.g. a count, or an embedding dimension that is 0 in most
+    # controls) falls back to the controls' standard deviation
+    return np.where(scale * MAD_SCALE > min_spread, scale * MAD_SCALE, std)
+
+
 def normalize_to_controls(
     profiles: pd.DataFrame,
     *,
     method: str = "robust_z",
     control_role: str = "negative_control",
+    spread_by: str | None = "Metadata_Plate",
     min_spread: float = 1e-6,
 ) -> pd.DataFrame:
     """Normalize each plate's profiles to that plate's negative-control wells.
 
+    Each plate is centred on its controls; the spread that features are divided
+    by comes from the controls of the plate alone (``spread_by =
+    "Metadata_Plate"``) or, after centring, from the pooled controls of every
+    plate sharing its `spread_by` value (e.g. its ``Metadata_Batch``), or of all
+    plates (None).
+
     Parameters
     ----------
     profiles : DataFrame
-        ``Metadata_Plate``, ``Metadata_Role`` and feature columns.
+        ``Metadata_Plate``, ``Metadata_Role``, `spread_by` and feature columns.
     method : {"robust_z", "z"}
         ``robust_z``: (x - median) / (1.4826 MAD) of the controls; ``z``: (x - mean)
         / std of the controls.
     control_role : str or None
         Value of ``Metadata_Role`` that marks the controls; None scales each plate
         to all its wells.
+    spread_by : str or None
+        Column whose groups of plates share one spread; None: all plates.
     min_spread : float
         With ``robust_z``, a feature whose MAD is at most this uses the controls'
         standard deviation instead; features whose spread is still at most this
-        on any plate are dropped (they would divide by zero).
+        in any group are dropped (they would divide by zero).
 
     Returns
     -------
@@ -176,7 +196,8 @@ def normalize_to_controls(
     """
     if method not in ("robust_z", "z"):
         raise ValueError(f"method {method!r} is unknown; use 'robust_z' or 'z'.")
-    missing = {"Metadata_Plate", "Metadata_Role"} - set(profiles.columns)
+    missing = {"Metadata_Plate", "Metadata_Role", spread_by} - {None}
+    missing -= set(profiles.columns)
     if missing:
         raise ValueError(f"profiles lacks columns {sorted(missing)}.")
     features = feature_columns(profiles)
@@ -207,18 +228,19 @@ def normalize_to_controls(
                     f"plate are needed, as profiles are scaled to them; you have "
                     f"{n_usable} on plate {plate!r}. {fix}, or leave the plate out."
                 )
-            if method == "robust_z":
-                middle = np.nanmedian(controls, axis=0)
-                scale = np.nanmedian(np.abs(controls - middle), axis=0) * MAD_SCALE
-                # a MAD of 0 (e.g. a count, or an embedding dimension that is 0 in
-                # most controls) falls back to the controls' standard deviation
-                scale = np.where(
-                    scale > min_spread, scale, np.nanstd(controls, axis=0, ddof=1)
-                )
-            else:
-                middle = np.nanmean(controls, axis=0)
-                scale = np.nanstd(controls, axis=0, ddof=1)
-            centre[rows], spread[rows] = middle, scale
+            average = np.nanmedian if method == "robust_z" else np.nanmean
+            centre[rows] = average(controls, axis=0)
+        groups = (  # a missing batch is a group of its own
+            pd.factorize(profiles[spread_by], use_na_sentinel=False)[0]
+            if spread_by
+            else np.zeros(len(profiles), int)
+        )
+        for group in np.unique(groups):
+            rows = groups == group
+            spread[rows] = _spread(
+                values[rows & is_control] - centre[rows & is_control], method,
+                min_spread,
+            )  # fmt: skip
     kept = (spread > min_spread).all(axis=0)
     if features and not kept.any():
         raise ValueError(
@@ -383,7 +405,9 @@ def normalize_profiles(
     """Apply a run's profile recipe: the one path from well profiles to comparable ones.
 
     Every feature set goes through it: robust z to each plate's negative
-    controls or all its wells (`normalize_to_controls`), feature selection
+    controls or all its wells (`normalize_to_controls`; the spread pooled over
+    the plates of a batch, or of the run, unless the recipe says per plate),
+    feature selection
     (`pipeline.featureselect.select_features`, correlations measured on the
     controls unless the recipe says otherwise), then whitening on the controls
     when the recipe asks (`sphere_to_controls`). With `blocks` (a combined feature set,
@@ -423,6 +447,9 @@ def normalize_profiles(
     from pipeline.featureselect import select_features  # noqa: PLC0415 - a cycle
 
     control_role = "negative_control" if recipe.normalize_to == "controls" else None
+    spread_by = "Metadata_Plate"
+    if recipe.scale_by == "batch":
+        spread_by = "Metadata_Batch" if "Metadata_Batch" in profiles.columns else None
     correlation_rows = None
     if (
         recipe.feature_select
@@ -433,7 +460,9 @@ def normalize_profiles(
     parts = []
     for block in blocks:
         part = normalize_to_controls(
-            pd.concat([meta, profiles[list(block)]], axis=1), control_role=control_role
+            pd.concat([meta, profiles[list(block)]], axis=1),
+            control_role=control_role,
+            spread_by=spread_by,
         )
         if recipe.feature_select:
             kept = select_features(

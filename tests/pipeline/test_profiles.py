@@ -111,6 +111,47 @@ def test_normalize_to_controls_robust_z_matches_formula():
     assert metadata_columns(normalized) == metadata_columns(profiles)
 
 
+def test_normalize_to_controls_pools_the_spread_over_plates_when_asked():
+    profiles = make_profiles()
+    profiles.loc[profiles["Metadata_Plate"] == "P2", "f3"] *= 3.0  # a wider plate
+    is_control = (profiles["Metadata_Role"] == "negative_control").to_numpy()
+    pooled = normalize_to_controls(profiles, spread_by=None)
+    centred = profiles["f3"].copy()
+    for rows in profiles.groupby("Metadata_Plate").groups.values():
+        on_plate = profiles.index.isin(rows)
+        centred[on_plate] -= profiles.loc[on_plate & is_control, "f3"].median()
+    mad = np.median(np.abs(centred[is_control] - np.median(centred[is_control])))
+    np.testing.assert_allclose(pooled["f3"], centred / (mad * MAD_SCALE))
+    profiles["Metadata_Batch"] = profiles["Metadata_Plate"]  # one plate per batch
+    pd.testing.assert_frame_equal(
+        normalize_to_controls(profiles, spread_by="Metadata_Batch"),
+        normalize_to_controls(profiles),
+    )
+    profiles["Metadata_Batch"] = None  # no batch named: the plates share a spread
+    np.testing.assert_allclose(
+        normalize_to_controls(profiles, spread_by="Metadata_Batch")["f3"],
+        pooled["f3"],
+    )
+
+
+def test_normalize_profiles_scales_per_batch_by_default_or_per_plate():
+    profiles = make_profiles().assign(Metadata_Batch=lambda t: t["Metadata_Plate"])
+    no_selection = ProfileConfig(feature_select=False)
+    pd.testing.assert_frame_equal(
+        normalize_profiles(profiles, no_selection), normalize_to_controls(profiles)
+    )
+    per_plate = ProfileConfig(feature_select=False, scale_by="plate")
+    pd.testing.assert_frame_equal(
+        normalize_profiles(profiles.drop(columns="Metadata_Batch"), per_plate),
+        normalize_to_controls(profiles.drop(columns="Metadata_Batch")),
+    )
+
+
+def test_normalize_to_controls_rejects_a_missing_spread_column():
+    with pytest.raises(ValueError, match="Metadata_Batch"):
+        normalize_to_controls(make_profiles(), spread_by="Metadata_Batch")
+
+
 def test_normalize_to_controls_z_and_drops_constant_features():
     profiles = make_profiles().assign(const=1.0)
     normalized = normalize_to_controls(profiles, method="z")
@@ -316,6 +357,8 @@ def test_profile_recipe_rejects_unknown_choices():
         ProfileConfig(normalize_to="dmso")
     with pytest.raises(InputError, match="corr_on = 'dmso' is unknown"):
         ProfileConfig(corr_on="dmso")
+    with pytest.raises(InputError, match="scale_by = 'well' is unknown"):
+        ProfileConfig(scale_by="well")
     with pytest.raises(
         InputError, match=r"corr_threshold = 0.2 must lie in \[0.5, 1\]"
     ):
@@ -332,8 +375,10 @@ def test_a_run_saved_before_feature_selection_keeps_its_recipe():
     assert config_from_dict({}, stored=True).profile.feature_select is False
     assert config_from_dict({"profile": {}}).profile.feature_select is True  # new runs
     before_corr_on = {"profile": {"feature_select": True}}
-    assert config_from_dict(before_corr_on, stored=True).profile.corr_on == "all"
-    assert config_from_dict(before_corr_on).profile.corr_on == "controls"
+    stored = config_from_dict(before_corr_on, stored=True).profile
+    assert stored.corr_on == "all" and stored.scale_by == "plate"
+    new = config_from_dict(before_corr_on).profile
+    assert new.corr_on == "controls" and new.scale_by == "batch"
 
 
 def test_whitening_per_batch_refuses_plates_without_a_batch():
@@ -364,7 +409,7 @@ def test_whitening_per_batch_needs_a_batch_column_and_matches_per_plate_batches(
 def test_normalize_profiles_is_robust_z_by_default_and_whitens_when_asked():
     profiles = make_profiles()
     pd.testing.assert_frame_equal(
-        normalize_profiles(profiles), normalize_to_controls(profiles)
+        normalize_profiles(profiles), normalize_to_controls(profiles, spread_by=None)
     )
     whitened = normalize_profiles(profiles, ProfileConfig(whiten="controls"))
     controls = whitened[whitened["Metadata_Role"] == "negative_control"]
@@ -386,7 +431,7 @@ def test_normalize_profiles_weights_blocks_equally():
     blocks = [feature_columns(small), feature_columns(large)]
     no_selection = ProfileConfig(feature_select=False)  # the weights alone
     combined = normalize_profiles(profiles, no_selection, blocks=blocks)
-    plain = normalize_to_controls(profiles)
+    plain = normalize_to_controls(profiles, spread_by=None)
     share = (combined[blocks[0]] ** 2).sum(axis=1) / (combined[blocks[1]] ** 2).sum(
         axis=1
     )
