@@ -10,8 +10,9 @@ compounds (the rest stay controls) in one of four designs:
 - ``duplicates``: 6 compounds x 2 wells;
 - ``triplicates``: 4 compounds x 3 wells.
 
-The fake plate goes through the same steps as a screen (robust z to the remaining
-controls, then `pipeline.hits.call_hits` with its adaptive test). Nothing differs
+The fake plate goes through the same steps as a screen (the default profile
+recipe, `pipeline.profiles.normalize_profiles`, on the remaining controls, then
+`pipeline.hits.call_hits` with its adaptive test). Nothing differs
 from DMSO, so every hit is false: under this complete null the FDR is the fraction
 of splits with any hit, which should stay at or below the FDR level (0.05). Also
 reported: the fraction of fake compound-doses with p < 0.05 for the chosen test and
@@ -41,7 +42,7 @@ from db.store import resolve_run  # noqa: E402
 from pipeline.export import read_well_profiles  # noqa: E402
 from pipeline.hits import call_hits  # noqa: E402
 from pipeline.importers import ImportOptions, read_source, standardize  # noqa: E402
-from pipeline.profiles import normalize_to_controls  # noqa: E402
+from pipeline.profiles import normalize_profiles  # noqa: E402
 
 PROFILES = Path(__file__).resolve().parents[2] / "shared/data/profiles"
 PLATES = {
@@ -100,7 +101,7 @@ def calibrate(
     rng = np.random.default_rng(0)
     doses, hits = [], []
     for split in range(n_splits):
-        normalized = normalize_to_controls(fake_split(dmso, rng, design))
+        normalized = normalize_profiles(fake_split(dmso, rng, design))
         hit_list, dose_table = call_hits(normalized, null_size=10_000, rng=split)
         doses.append(dose_table[dose_table["Metadata_Role"] == "treatment"])
         hits.append(hit_list.assign(split=split))

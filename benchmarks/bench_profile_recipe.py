@@ -3,13 +3,14 @@
 Recipes (`pipeline.config.ProfileConfig`), each applied by
 `pipeline.profiles.normalize_profiles` exactly as every command applies a run's:
 
-- ``robust_z``: robust z per plate to the DMSO wells only (the wave-1 default);
-- ``robust_z_all``: robust z per plate to all wells;
-- ``feature_select_0.9``: robust z to DMSO, then pycytominer-style feature
-  selection (missing, near-constant, |correlation| > 0.9 over all wells,
-  pycytominer's threshold);
-- ``feature_select_all_wells``: the same at |correlation| > 0.95, correlations
-  measured on all wells (pycytominer's way; the default until 2026-12-04);
+- ``robust_z``: robust z per plate to the DMSO wells only, each plate scaled by
+  its own DMSO spread (the wave-1 default);
+- ``robust_z_all``: robust z per plate to all wells (per-plate spread);
+- ``feature_select_0.9``: robust z to DMSO (per-plate spread), then
+  pycytominer-style feature selection (missing, near-constant, |correlation| >
+  0.9 over all wells, pycytominer's threshold);
+- ``feature_select_all_wells``: the same at |correlation| > 0.95 (the default
+  until 2026-12-04);
 - ``feature_select``: correlations measured on the DMSO wells - the default;
 - ``feature_select_scale_per_plate``: each plate scaled by its own DMSO wells'
   spread instead of the spread pooled over the plates of a batch (the default;
@@ -85,10 +86,14 @@ LINCS = (
     / "SQ00015054_normalized_feature_select.csv.gz"
 )
 RECIPES = {
-    "robust_z": ProfileConfig(feature_select=False),
-    "robust_z_all": ProfileConfig(feature_select=False, normalize_to="all"),
-    "feature_select_0.9": ProfileConfig(corr_threshold=0.9, corr_on="all"),
-    "feature_select_all_wells": ProfileConfig(corr_on="all"),
+    "robust_z": ProfileConfig(feature_select=False, scale_by="plate"),
+    "robust_z_all": ProfileConfig(
+        feature_select=False, normalize_to="all", scale_by="plate"
+    ),
+    "feature_select_0.9": ProfileConfig(
+        corr_threshold=0.9, corr_on="all", scale_by="plate"
+    ),
+    "feature_select_all_wells": ProfileConfig(corr_on="all", scale_by="plate"),
     "feature_select": ProfileConfig(),
     "feature_select_scale_per_plate": ProfileConfig(scale_by="plate"),
     "feature_select_whiten_all": ProfileConfig(whiten="controls", whiten_scope="all"),

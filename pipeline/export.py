@@ -672,7 +672,9 @@ def phenotype_map_table(
     `normalized` are well profiles after the run's recipe (`read_profiles`); a
     compound-dose's point is the median of its wells over all plates. Wells without
     cells are left out. A sample of single cells (`sample_cells`), when given, is
-    normalized to its plate's negative-control cells and mapped on its own.
+    normalized to its plate's negative-control cells (robust z per plate: a
+    plate's sampled control cells are many, so its own spread is stable) and
+    mapped on its own.
 
     Returns
     -------

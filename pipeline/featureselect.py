@@ -114,7 +114,7 @@ def select_features(
         )
     if correlation_rows.sum() < 2:
         raise ValueError(
-            f"correlation_rows selects {int(correlation_rows.sum())} rows; a "
+            f"correlation_rows selects {int(correlation_rows.sum())} row(s); a "
             "correlation needs at least 2."
         )
     candidates = np.isnan(values).mean(axis=0) <= max_missing_frac

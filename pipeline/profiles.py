@@ -23,7 +23,8 @@ MAD_SCALE = 1.4826
 #: Negative-control wells (with cells) each plate needs.
 MIN_CONTROLS = 2
 #: Negative-control wells that feature selection needs to measure correlations on
-#: them: with 12 wells, two independent features pass |r| > 0.95 with p ~ 2e-6.
+#: them: with 12 wells, two independent features pass |r| > 0.95 with p ~ 2e-6 (per
+#: pair: about 0.3 spurious merges among 400 independent features, 25 among 5,000).
 MIN_CORRELATION_CONTROLS = 12
 
 
@@ -139,11 +140,15 @@ def aggregate_cells(
 
 
 def _spread(centred: np.ndarray, method: str, min_spread: float) -> np.ndarray:
-    """Spread of each column of centred control profiles (1.4826 MAD, or std)."""
+    """Spread of each column of control profiles centred on their plates.
+
+    1.4826 times the median absolute distance from their plates' medians, or the
+    standard deviation (`method` ``z``, and where that MAD is 0).
+    """
     std = np.nanstd(centred, axis=0, ddof=1)
     if method != "robust_z":
         return std
-    scale = np.nanmedian(np.abs(centred - np.nanmedian(centred, axis=0)), axis=0)
+    scale = np.nanmedian(np.abs(centred), axis=0)
     # a MAD of 0 (e.g. a count, or an embedding dimension that is 0 in most
     # controls) falls back to the controls' standard deviation
     return np.where(scale * MAD_SCALE > min_spread, scale * MAD_SCALE, std)
@@ -176,7 +181,8 @@ def normalize_to_controls(
         Value of ``Metadata_Role`` that marks the controls; None scales each plate
         to all its wells.
     spread_by : str or None
-        Column whose groups of plates share one spread; None: all plates.
+        Column whose groups of plates share one spread (constant within a plate;
+        plates without a value share one); None: all plates.
     min_spread : float
         With ``robust_z``, a feature whose MAD is at most this uses the controls'
         standard deviation instead; features whose spread is still at most this
@@ -190,16 +196,26 @@ def normalize_to_controls(
     Raises
     ------
     ValueError
-        If `method` is unknown, columns are missing, a plate has fewer than
-        `MIN_CONTROLS` control wells with features,
-        or no feature varies within the controls.
+        If `method` is unknown, columns are missing, a plate has several
+        `spread_by` values or fewer than `MIN_CONTROLS` control wells with
+        features, or no feature is measured and varies within the controls.
     """
     if method not in ("robust_z", "z"):
         raise ValueError(f"method {method!r} is unknown; use 'robust_z' or 'z'.")
     missing = {"Metadata_Plate", "Metadata_Role", spread_by} - {None}
     missing -= set(profiles.columns)
     if missing:
-        raise ValueError(f"profiles lacks columns {sorted(missing)}.")
+        raise ValueError(
+            f"profiles lacks columns {sorted(missing)}; add them (e.g. a plate map "
+            "batch column) or pool the spread over all plates (spread_by=None)."
+        )
+    if spread_by:
+        mixed = profiles.groupby("Metadata_Plate")[spread_by].nunique(dropna=False)
+        if (mixed > 1).any():
+            raise ValueError(
+                f"plate {mixed.index[mixed > 1][0]!r} has several {spread_by} values; "
+                f"give all rows of a plate the same {spread_by}."
+            )
     features = feature_columns(profiles)
     values = profiles[features].to_numpy(float)
     plates = profiles["Metadata_Plate"].to_numpy()
@@ -230,7 +246,7 @@ def normalize_to_controls(
                 )
             average = np.nanmedian if method == "robust_z" else np.nanmean
             centre[rows] = average(controls, axis=0)
-        groups = (  # a missing batch is a group of its own
+        groups = (  # plates without a value (None / NaN) share one spread
             pd.factorize(profiles[spread_by], use_na_sentinel=False)[0]
             if spread_by
             else np.zeros(len(profiles), int)
@@ -241,11 +257,12 @@ def normalize_to_controls(
                 values[rows & is_control] - centre[rows & is_control], method,
                 min_spread,
             )  # fmt: skip
-    kept = (spread > min_spread).all(axis=0)
+    # a feature no control of some plate measured has no centre there: dropped
+    kept = (spread > min_spread).all(axis=0) & np.isfinite(centre).all(axis=0)
     if features and not kept.any():
         raise ValueError(
-            f"none of the {len(features)} features varies within the {reference} "
-            "of every plate; nothing can be normalized."
+            f"none of the {len(features)} features is measured and varies within "
+            f"the {reference} of every plate; nothing can be normalized."
         )
     normalized = pd.DataFrame(
         (values[:, kept] - centre[:, kept]) / spread[:, kept],
@@ -353,7 +370,7 @@ def sphere_to_controls(
 
 
 def correlation_wells(
-    profiles: pd.DataFrame, control_role: str = "negative_control"
+    profiles: pd.DataFrame, *, control_role: str = "negative_control"
 ) -> np.ndarray | None:
     """Flag the wells on which feature selection measures correlations.
 
@@ -366,10 +383,13 @@ def correlation_wells(
     profiles : DataFrame
         Well profiles with ``Metadata_Role``.
     control_role : str
+        The ``Metadata_Role`` of the controls.
 
     Returns
     -------
     ndarray of shape (N,), bool, or None
+        True for the control wells with at least one measured feature; None to
+        measure correlations on all wells.
 
     Raises
     ------
@@ -379,7 +399,7 @@ def correlation_wells(
     if "Metadata_Role" not in profiles.columns:
         raise ValueError(
             "profiles lacks Metadata_Role; the controls cannot be found (give the "
-            'plate map a role column, or set [profile] corr_on = "all").'
+            "plate map a role column)."
         )
     is_control = (profiles["Metadata_Role"] == control_role).to_numpy()
     features = feature_columns(profiles)
@@ -451,11 +471,7 @@ def normalize_profiles(
     if recipe.scale_by == "batch":
         spread_by = "Metadata_Batch" if "Metadata_Batch" in profiles.columns else None
     correlation_rows = None
-    if (
-        recipe.feature_select
-        and recipe.corr_on == "controls"
-        and "Metadata_Role" in profiles.columns  # without roles: all wells
-    ):
+    if recipe.feature_select and recipe.corr_on == "controls":
         correlation_rows = correlation_wells(profiles)
     parts = []
     for block in blocks:

@@ -71,7 +71,7 @@ def test_select_features_measures_correlations_on_the_rows_given():
         ({"corr_threshold": 2}, "corr_threshold"),
         ({"block_size": 0}, "block_size"),
         ({"correlation_rows": np.ones(3, bool)}, "60 booleans"),
-        ({"correlation_rows": np.arange(60) == 0}, "selects 1 rows"),
+        ({"correlation_rows": np.arange(60) == 0}, "selects 1 row\\(s\\)"),
     ],
 )
 def test_select_features_rejects(kwargs, match):

@@ -280,7 +280,7 @@ def test_real_lincs_and_jump_plates_through_the_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main(["moa", "--db", url, "--reference-column", "moa"]) == 0
     printed = capsys.readouterr().out
-    assert "(NSC) 0.056" in printed  # 0.044 on the profiles as given
+    assert "(NSC) 0.056" in printed  # default recipe (0.044 without selection)
 
 
 def test_moa_predicts_a_new_screen_from_an_imported_reference_run(tmp_path, capsys):

@@ -134,22 +134,89 @@ def test_normalize_to_controls_pools_the_spread_over_plates_when_asked():
     )
 
 
+def four_plates_in_two_batches():
+    """P1, P2 (batch A; P2 twice as wide) and P3, P4 (batch B, P4 three times)."""
+    first, second = make_profiles(), make_profiles(rng=1)
+    second["Metadata_Plate"] = second["Metadata_Plate"].map({"P1": "P3", "P2": "P4"})
+    profiles = pd.concat([first, second], ignore_index=True)
+    features = feature_columns(profiles)
+    for plate, gain in (("P2", 2.0), ("P4", 3.0)):
+        profiles.loc[profiles["Metadata_Plate"] == plate, features] *= gain
+    batch = profiles["Metadata_Plate"].map({"P1": "A", "P2": "A", "P3": "B", "P4": "B"})
+    return profiles.assign(Metadata_Batch=batch)
+
+
 def test_normalize_profiles_scales_per_batch_by_default_or_per_plate():
-    profiles = make_profiles().assign(Metadata_Batch=lambda t: t["Metadata_Plate"])
+    profiles = four_plates_in_two_batches()
     no_selection = ProfileConfig(feature_select=False)
+    by_batch = normalize_profiles(profiles, no_selection)
     pd.testing.assert_frame_equal(
-        normalize_profiles(profiles, no_selection), normalize_to_controls(profiles)
+        by_batch, normalize_to_controls(profiles, spread_by="Metadata_Batch")
     )
-    per_plate = ProfileConfig(feature_select=False, scale_by="plate")
+    per_plate = normalize_profiles(
+        profiles, ProfileConfig(feature_select=False, scale_by="plate")
+    )
+    pd.testing.assert_frame_equal(per_plate, normalize_to_controls(profiles))
+    assert not np.allclose(by_batch["f0"], per_plate["f0"])
+    no_batch = normalize_profiles(profiles.drop(columns="Metadata_Batch"), no_selection)
     pd.testing.assert_frame_equal(
-        normalize_profiles(profiles.drop(columns="Metadata_Batch"), per_plate),
-        normalize_to_controls(profiles.drop(columns="Metadata_Batch")),
-    )
+        no_batch, normalize_to_controls(profiles.drop(columns="Metadata_Batch"),
+                                        spread_by=None),
+    )  # fmt: skip
+    # each batch's controls, centred per plate, have a pooled MAD of 1
+    for _, batch in by_batch.groupby("Metadata_Batch"):
+        controls = batch.loc[batch["Metadata_Role"] == "negative_control", "f0"]
+        np.testing.assert_allclose(np.median(np.abs(controls)) * MAD_SCALE, 1.0)
 
 
-def test_normalize_to_controls_rejects_a_missing_spread_column():
-    with pytest.raises(ValueError, match="Metadata_Batch"):
+def test_plates_without_a_batch_share_a_spread_and_z_pools_too():
+    profiles = four_plates_in_two_batches()
+    profiles["Metadata_Batch"] = profiles["Metadata_Batch"].where(
+        profiles["Metadata_Plate"].isin(["P1", "P2"]), None
+    )  # P3 and P4 blank: they share one spread
+    blank = normalize_to_controls(profiles, spread_by="Metadata_Batch")
+    named = normalize_to_controls(
+        profiles.fillna({"Metadata_Batch": "B"}), spread_by="Metadata_Batch"
+    )
+    pd.testing.assert_frame_equal(
+        blank, named.assign(Metadata_Batch=blank["Metadata_Batch"])
+    )
+    z = normalize_to_controls(profiles, method="z", spread_by=None)
+    controls = z[z["Metadata_Role"] == "negative_control"]
+    np.testing.assert_allclose(controls.groupby("Metadata_Plate")["f0"].mean(), 0,
+                               atol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(controls["f0"].std(ddof=1), 1.0)
+
+
+def test_a_feature_one_plate_never_measured_is_dropped_when_pooling():
+    profiles = four_plates_in_two_batches()
+    on_p1 = (profiles["Metadata_Plate"] == "P1") & (
+        profiles["Metadata_Role"] == "negative_control"
+    )
+    profiles.loc[on_p1, "f1"] = np.nan  # no P1 control measured f1
+    normalized = normalize_profiles(profiles)
+    assert "f1" not in normalized.columns
+    assert np.isfinite(normalized[feature_columns(normalized)].to_numpy()).all()
+
+
+def test_normalize_profiles_measures_correlations_on_all_wells_with_few_controls(
+    caplog,
+):
+    profiles = make_profiles()
+    profiles = profiles.drop(index=profiles.index[
+        profiles["Metadata_Role"] == "negative_control"][::2])  # fmt: skip
+    with caplog.at_level("INFO", logger="pipeline.profiles"):
+        normalize_profiles(profiles)
+    assert "measures correlations on all 20 wells: only 8" in caplog.text
+
+
+def test_normalize_to_controls_rejects_a_missing_or_mixed_spread_column():
+    with pytest.raises(ValueError, match="lacks columns.*Metadata_Batch"):
         normalize_to_controls(make_profiles(), spread_by="Metadata_Batch")
+    profiles = make_profiles().assign(Metadata_Batch="A")
+    profiles.loc[profiles.index[-1], "Metadata_Batch"] = None  # one unmapped well
+    with pytest.raises(ValueError, match="plate 'P2' has several Metadata_Batch"):
+        normalize_to_controls(profiles, spread_by="Metadata_Batch")
 
 
 def test_normalize_to_controls_z_and_drops_constant_features():
@@ -177,7 +244,9 @@ def test_robust_z_falls_back_to_std_when_the_mad_is_zero():
         ]
         np.testing.assert_allclose(treated, 3.0 / controls.std(ddof=1))  # median 0
     only_constant = profiles[["Metadata_Plate", "Metadata_Role"]].assign(c=1.0)
-    with pytest.raises(ValueError, match="none of the 1 features varies"):
+    with pytest.raises(
+        ValueError, match="none of the 1 features is measured and varies"
+    ):
         normalize_to_controls(only_constant)
 
 
