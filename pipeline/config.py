@@ -384,8 +384,9 @@ class ProfileConfig:
         plate (``batch``), or of the plate alone (``plate``, pycytominer's way).
         The MAD of a plate's 16-24 DMSO wells is itself uncertain by 24-29 % per
         feature (relative standard deviation for normal values); on JUMP-MOA and
-        LINCS dealt into plates of 4-12 DMSO wells, per-plate spreads lowered
-        replicate retrieval and activity (`benchmarks/bench_profile_recipe.py`).
+        LINCS dealt into plates of 4-12 DMSO wells, per-plate spreads lowered the
+        share of compounds called active at every split, and Percent Replicating
+        at 12 and 8 wells per plate (`benchmarks/bench_profile_recipe.py`).
     feature_select : bool
         Drop missing, near-constant and correlated features (see
         `pipeline.featureselect.select_features`).
