@@ -24,7 +24,7 @@ MAD_SCALE = 1.4826
 MIN_CONTROLS = 2
 #: Negative-control wells that feature selection needs to measure correlations on
 #: them: with 12 wells, two independent features pass |r| > 0.95 with p ~ 2e-6 (per
-#: pair: about 0.3 spurious merges among 400 independent features, 25 among 5,000).
+#: pair: about 0.2 spurious merges among 400 independent features, 28 among 5,000).
 MIN_CORRELATION_CONTROLS = 12
 
 
@@ -139,19 +139,44 @@ def aggregate_cells(
     return profiles.reset_index()
 
 
-def _spread(centred: np.ndarray, method: str, min_spread: float) -> np.ndarray:
-    """Spread of each column of control profiles centred on their plates.
+def _spread(
+    from_centre: np.ndarray,
+    from_mean: np.ndarray,
+    plates: np.ndarray,
+    method: str,
+    min_spread: float,
+) -> np.ndarray:
+    """Spread of each column of control profiles, each taken relative to its plate.
 
-    1.4826 times the median absolute distance from their plates' medians, or the
-    standard deviation (`method` ``z``, and where that MAD is 0).
+    Parameters
+    ----------
+    from_centre, from_mean : ndarray of shape (N, F)
+        The controls minus their plate's centre (median for ``robust_z``) and
+        minus their plate's mean; NaN where not measured.
+    plates : ndarray of shape (N,)
+        Each control's plate.
+    method : {"robust_z", "z"}
+    min_spread : float
+
+    Returns
+    -------
+    ndarray of shape (F,)
+        ``robust_z``: 1.4826 times the median of ``|from_centre|``, or where that
+        is at most `min_spread` (e.g. a count, or an embedding dimension that is 0
+        in most controls) the standard deviation; ``z``: the standard deviation,
+        pooled within plates (sum of squares over N - plates degrees of freedom;
+        NaN without any).
     """
-    std = np.nanstd(centred, axis=0, ddof=1)
+    measured = np.isfinite(from_mean)
+    n_plates = sum(measured[plates == p].any(axis=0) for p in pd.unique(plates))
+    dof = measured.sum(axis=0) - n_plates
+    squares = np.nansum(from_mean**2, axis=0)
+    std = np.sqrt(np.divide(squares, dof, out=np.full(dof.shape, np.nan),
+                            where=dof > 0))  # fmt: skip
     if method != "robust_z":
         return std
-    scale = np.nanmedian(np.abs(centred), axis=0)
-    # a MAD of 0 (e.g. a count, or an embedding dimension that is 0 in most
-    # controls) falls back to the controls' standard deviation
-    return np.where(scale * MAD_SCALE > min_spread, scale * MAD_SCALE, std)
+    scale = np.nanmedian(np.abs(from_centre), axis=0) * MAD_SCALE
+    return np.where(scale > min_spread, scale, std)
 
 
 def normalize_to_controls(
@@ -205,11 +230,14 @@ def normalize_to_controls(
     missing = {"Metadata_Plate", "Metadata_Role", spread_by} - {None}
     missing -= set(profiles.columns)
     if missing:
-        raise ValueError(
-            f"profiles lacks columns {sorted(missing)}; add them (e.g. a plate map "
-            "batch column) or pool the spread over all plates (spread_by=None)."
+        hint = (
+            " (a plate map batch column), or pool the spread over all plates "
+            "(spread_by=None)"
+            if spread_by in missing
+            else ""
         )
-    if spread_by:
+        raise ValueError(f"profiles lacks columns {sorted(missing)}; add them{hint}.")
+    if spread_by and spread_by != "Metadata_Plate":
         mixed = profiles.groupby("Metadata_Plate")[spread_by].nunique(dropna=False)
         if (mixed > 1).any():
             raise ValueError(
@@ -226,6 +254,7 @@ def normalize_to_controls(
     )
     reference = f"{control_role} wells" if control_role else "wells"
     centre = np.full_like(values, np.nan)
+    from_mean = np.full_like(values, np.nan)
     spread = np.full_like(values, np.nan)
     with warnings.catch_warnings():  # all-NaN features: NaN spread, dropped below
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -246,6 +275,7 @@ def normalize_to_controls(
                 )
             average = np.nanmedian if method == "robust_z" else np.nanmean
             centre[rows] = average(controls, axis=0)
+            from_mean[rows & is_control] = controls - np.nanmean(controls, axis=0)
         groups = (  # plates without a value (None / NaN) share one spread
             pd.factorize(profiles[spread_by], use_na_sentinel=False)[0]
             if spread_by
@@ -253,9 +283,10 @@ def normalize_to_controls(
         )
         for group in np.unique(groups):
             rows = groups == group
+            in_group = rows & is_control
             spread[rows] = _spread(
-                values[rows & is_control] - centre[rows & is_control], method,
-                min_spread,
+                values[in_group] - centre[in_group], from_mean[in_group],
+                plates[in_group], method, min_spread,
             )  # fmt: skip
     # a feature no control of some plate measured has no centre there: dropped
     kept = (spread > min_spread).all(axis=0) & np.isfinite(centre).all(axis=0)

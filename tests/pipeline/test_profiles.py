@@ -120,7 +120,7 @@ def test_normalize_to_controls_pools_the_spread_over_plates_when_asked():
     for rows in profiles.groupby("Metadata_Plate").groups.values():
         on_plate = profiles.index.isin(rows)
         centred[on_plate] -= profiles.loc[on_plate & is_control, "f3"].median()
-    mad = np.median(np.abs(centred[is_control] - np.median(centred[is_control])))
+    mad = np.median(np.abs(centred[is_control]))  # from each plate's own median
     np.testing.assert_allclose(pooled["f3"], centred / (mad * MAD_SCALE))
     profiles["Metadata_Batch"] = profiles["Metadata_Plate"]  # one plate per batch
     pd.testing.assert_frame_equal(
@@ -185,7 +185,8 @@ def test_plates_without_a_batch_share_a_spread_and_z_pools_too():
     controls = z[z["Metadata_Role"] == "negative_control"]
     np.testing.assert_allclose(controls.groupby("Metadata_Plate")["f0"].mean(), 0,
                                atol=1e-12)  # fmt: skip
-    np.testing.assert_allclose(controls["f0"].std(ddof=1), 1.0)
+    # pooled within plates: 32 controls - 4 plate means = 28 degrees of freedom
+    np.testing.assert_allclose((controls["f0"] ** 2).sum() / (len(controls) - 4), 1.0)
 
 
 def test_a_feature_one_plate_never_measured_is_dropped_when_pooling():
@@ -194,7 +195,7 @@ def test_a_feature_one_plate_never_measured_is_dropped_when_pooling():
         profiles["Metadata_Role"] == "negative_control"
     )
     profiles.loc[on_p1, "f1"] = np.nan  # no P1 control measured f1
-    normalized = normalize_profiles(profiles)
+    normalized = normalize_profiles(profiles, ProfileConfig(feature_select=False))
     assert "f1" not in normalized.columns
     assert np.isfinite(normalized[feature_columns(normalized)].to_numpy()).all()
 
@@ -206,8 +207,11 @@ def test_normalize_profiles_measures_correlations_on_all_wells_with_few_controls
     profiles = profiles.drop(index=profiles.index[
         profiles["Metadata_Role"] == "negative_control"][::2])  # fmt: skip
     with caplog.at_level("INFO", logger="pipeline.profiles"):
-        normalize_profiles(profiles)
+        fallback = normalize_profiles(profiles)
     assert "measures correlations on all 20 wells: only 8" in caplog.text
+    pd.testing.assert_frame_equal(
+        fallback, normalize_profiles(profiles, ProfileConfig(corr_on="all"))
+    )
 
 
 def test_normalize_to_controls_rejects_a_missing_or_mixed_spread_column():
