@@ -253,6 +253,7 @@ def normalize_to_controls(
         else np.ones(len(profiles), bool)
     )
     reference = f"{control_role} wells" if control_role else "wells"
+    average = np.nanmedian if method == "robust_z" else np.nanmean
     centre = np.full_like(values, np.nan)
     from_mean = np.full_like(values, np.nan)
     spread = np.full_like(values, np.nan)
@@ -273,7 +274,6 @@ def normalize_to_controls(
                     f"plate are needed, as profiles are scaled to them; you have "
                     f"{n_usable} on plate {plate!r}. {fix}, or leave the plate out."
                 )
-            average = np.nanmedian if method == "robust_z" else np.nanmean
             centre[rows] = average(controls, axis=0)
             from_mean[rows & is_control] = controls - np.nanmean(controls, axis=0)
         groups = (  # plates without a value (None / NaN) share one spread
@@ -458,12 +458,12 @@ def normalize_profiles(
     Every feature set goes through it: robust z to each plate's negative
     controls or all its wells (`normalize_to_controls`; the spread pooled over
     the plates of a batch, or of the run, unless the recipe says per plate),
-    feature selection
-    (`pipeline.featureselect.select_features`, correlations measured on the
-    controls unless the recipe says otherwise), then whitening on the controls
-    when the recipe asks (`sphere_to_controls`). With `blocks` (a combined feature set,
-    e.g. classical features and a CNN embedding) each block is normalized on its
-    own and weighted so that every block contributes equally to distances
+    feature selection (`pipeline.featureselect.select_features`, correlations
+    measured on the controls unless the recipe says otherwise), then whitening
+    on the controls when the recipe asks (`sphere_to_controls`). With `blocks`
+    (a combined feature set, e.g. classical features and a CNN embedding) each
+    block is normalized on its own and weighted so that every block contributes
+    equally to distances
     (a block of d of the D features is scaled by sqrt(D / (n_blocks d))).
 
     Parameters
