@@ -10,7 +10,8 @@ over the NF-kB stain) and profiled three ways:
 - ``classical``: our CellProfiler-style features, median per tile;
 - ``deep``: the default embedding recipe (`pipeline.config.EmbedConfig`: crops of
   four nucleus diameters resized to 64 px, scaled on the control cells, each
-  channel as RGB, ``blocks[3]``, median per tile);
+  channel as RGB, ``blocks[3]`` averaged over the cell's mask, median per tile);
+  ``deep_crop_pool``: the same averaged over the whole crop;
 - ``combined``: both, each normalized and weighted equally.
 
 Tiles are normalized as `phenoscreen` normalizes wells
@@ -89,9 +90,10 @@ def load_cells() -> tuple[pd.DataFrame, pd.DataFrame, list, list]:
             images, labels)  # fmt: skip
 
 
-def deep_vectors(meta: pd.DataFrame, images: list, labels: list) -> np.ndarray:
-    """The default recipe's vectors of every cell (controls' ranges for the scaling)."""
-    recipe = EmbedConfig()
+def deep_vectors(
+    meta: pd.DataFrame, images: list, labels: list, recipe: EmbedConfig
+) -> np.ndarray:
+    """A recipe's vectors of every cell (controls' ranges for the scaling)."""
     size = default_crop_size(meta["area_px"].to_numpy())
     crops, masks = [], []
     for (_, cells), image, label in zip(meta.groupby("well", sort=False), images, labels,
@@ -108,10 +110,10 @@ def deep_vectors(meta: pd.DataFrame, images: list, labels: list) -> np.ndarray:
     backbone, _ = create_backbone(in_chans=3)
     embedder = CellEmbedder(
         backbone, strategy=recipe.strategy, layer=recipe.layer,
-        input_size=recipe.input_size,
+        input_size=recipe.input_size, pool=recipe.pool,
     )  # fmt: skip
     return embed_array(
-        embedder, normalize_crops(crops, ranges), batch_size=64,
+        embedder, normalize_crops(crops, ranges), masks, batch_size=64,
         device=torch.device("cpu"),
     )  # fmt: skip
 
@@ -165,14 +167,19 @@ def main() -> None:
     print(f"{len(meta)} cells ({meta['well'].value_counts().to_dict()}), "
           f"{time.perf_counter() - start:.0f} s")  # fmt: skip
     start = time.perf_counter()
-    deep = pd.DataFrame(deep_vectors(meta, images, labels)).add_prefix("deep_")
+    deep = pd.DataFrame(deep_vectors(meta, images, labels, EmbedConfig()))
+    deep = deep.add_prefix("deep_")
     deep_seconds = time.perf_counter() - start
+    crop_pool = deep_vectors(meta, images, labels, EmbedConfig(pool="crop"))
     ratio = (classical["Nuclei_Intensity_MeanIntensity_NFkB"]
              / classical["Cytoplasm_Intensity_MeanIntensity_NFkB"]).rename("ratio")  # fmt: skip
     tiles = {
         "classical": tile_profiles(meta, classical),
         "deep": tile_profiles(meta, deep),
         "nucleus_cytoplasm_ratio": tile_profiles(meta, ratio.to_frame()),
+        "deep_crop_pool": tile_profiles(
+            meta, pd.DataFrame(crop_pool).add_prefix("deep_")
+        ),
     }
     results = {name: separation(table) for name, table in tiles.items()}
     combined = tiles["classical"].merge(tiles["deep"])

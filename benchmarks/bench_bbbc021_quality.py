@@ -18,8 +18,10 @@ Feature sets: ``classical`` (our CellProfiler-style features of the centre cell,
 segmented in its crop); ``imagenet_pooled_stem`` (the earlier default:
 tf_efficientnet_lite0 with offline ImageNet weights, one pass through a 3-channel
 stem, final pooled layer, fields averaged); ``imagenet_recipe`` (the default
-recipe, `pipeline.config.EmbedConfig`: each channel as RGB, spatial mean of
-``blocks[3]``, crops at 64 px, plate scaling, median over cells); ``finetuned``
+recipe, `pipeline.config.EmbedConfig`: each channel as RGB, ``blocks[3]``
+averaged over the centre cell's mask, crops at 64 px, plate scaling, median over
+cells; ``imagenet_recipe_crop_pool``: the same averaged over the whole crop);
+``finetuned``
 (the default fine-tuning, `models.train.TrainConfig`, on compound-dose labels with
 whole plates held out: 3 folds of 2 held-out plates, every plate embedded by the
 model that never saw it, with the recipe's layer, the layer it was trained at by
@@ -110,8 +112,9 @@ def classical_features(crops: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
 
 def scaled_crops(
     crops: np.ndarray, masks: np.ndarray, meta: pd.DataFrame
-) -> np.ndarray:
-    """Centre crops scaled per plate and channel on DMSO cells (as phenoscreen embed)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Centre crops scaled per plate and channel on DMSO cells (as phenoscreen embed),
+    and their cell masks."""
     lo = (crops.shape[-1] - SIZE) // 2
     centre = crops[..., lo : lo + SIZE, lo : lo + SIZE]
     centre_masks = masks[:, lo : lo + SIZE, lo : lo + SIZE]
@@ -121,22 +124,31 @@ def scaled_crops(
         dmso = rows[(meta.loc[rows, "role"] == "negative_control").to_numpy()]
         ranges = fit_channel_ranges(centre[dmso], centre_masks[dmso], (1.0, 99.9))
         out[rows] = normalize_crops(centre[rows], ranges)
-    return out
+    return out, centre_masks
 
 
 RECIPE = EmbedConfig()
 
 
-def imagenet_embeddings(crops: np.ndarray, *, strategy: str, layer: str) -> np.ndarray:
+def imagenet_embeddings(
+    crops: np.ndarray, masks: np.ndarray, *, strategy: str, layer: str, pool: str
+) -> np.ndarray:
     backbone, _ = create_backbone(in_chans=3 if strategy == "rgb" else crops.shape[1])
     embedder = CellEmbedder(
-        backbone, strategy=strategy, layer=layer, input_size=RECIPE.input_size
+        backbone, strategy=strategy, layer=layer, input_size=RECIPE.input_size,
+        pool=pool,
+    )  # fmt: skip
+    return embed_array(
+        embedder, crops, masks, batch_size=64, device=torch.device("cpu")
     )
-    return embed_array(embedder, crops, batch_size=64, device=torch.device("cpu"))
 
 
 def finetuned_embeddings(
-    crops: np.ndarray, meta: pd.DataFrame, config: TrainConfig, layers: tuple[str, ...]
+    crops: np.ndarray,
+    masks: np.ndarray,
+    meta: pd.DataFrame,
+    config: TrainConfig,
+    layers: tuple[str, ...],
 ) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Embed each plate with a model fine-tuned on the other plates, at `layers`."""
     labels = np.where(
@@ -155,7 +167,14 @@ def finetuned_embeddings(
             0.25,
         )
         start = time.perf_counter()
-        result = fine_tune(crops[train], labels[train], is_val, config, device="cpu")
+        result = fine_tune(
+            crops[train],
+            labels[train],
+            is_val,
+            config,
+            masks=masks[train],
+            device="cpu",
+        )
         best = result.log.loc[result.log["epoch"] == result.best_epoch].iloc[0]
         logs.append(
             {"held_out_plates": held_out, "best_epoch": result.best_epoch,
@@ -167,9 +186,9 @@ def finetuned_embeddings(
         for layer in layers:
             embedder = CellEmbedder(
                 result.model.embedder.backbone, strategy=config.strategy,
-                layer=layer, input_size=config.input_size,
+                layer=layer, input_size=config.input_size, pool=config.pool,
             )  # fmt: skip
-            vectors = embed_array(embedder, crops[test], batch_size=64,
+            vectors = embed_array(embedder, crops[test], masks[test], batch_size=64,
                                   device=torch.device("cpu"))  # fmt: skip
             if layer not in out:
                 out[layer] = np.zeros((len(crops), vectors.shape[1]), np.float32)
@@ -310,18 +329,22 @@ def main() -> None:
     classical, masks = classical_features(crops)
     vectors["classical"] = (classical.to_numpy(np.float64), "median")
     seconds["classical"] = time.perf_counter() - start
-    scaled = scaled_crops(crops, masks, meta)
-    for name, strategy, layer, method in (
-        ("imagenet_pooled_stem", "stem", "pooled", "mean"),  # the earlier default
-        ("imagenet_recipe", RECIPE.strategy, RECIPE.layer, RECIPE.aggregate),
-    ):
+    scaled, centre_masks = scaled_crops(crops, masks, meta)
+    for name, strategy, layer, pool, method in (
+        ("imagenet_pooled_stem", "stem", "pooled", "crop", "mean"),  # earlier default
+        ("imagenet_recipe", RECIPE.strategy, RECIPE.layer, RECIPE.pool,
+         RECIPE.aggregate),
+        ("imagenet_recipe_crop_pool", RECIPE.strategy, RECIPE.layer, "crop",
+         RECIPE.aggregate),
+    ):  # fmt: skip
         start = time.perf_counter()
-        vectors[name] = (imagenet_embeddings(scaled, strategy=strategy, layer=layer),
+        vectors[name] = (imagenet_embeddings(scaled, centre_masks, strategy=strategy,
+                                             layer=layer, pool=pool),
                          method)  # fmt: skip
         seconds[name] = time.perf_counter() - start
     start = time.perf_counter()
     finetuned, folds = finetuned_embeddings(
-        scaled, meta, train_config, (RECIPE.layer, "pooled")
+        scaled, centre_masks, meta, train_config, (RECIPE.layer, "pooled")
     )
     vectors["finetuned"] = (finetuned[RECIPE.layer], RECIPE.aggregate)
     vectors["finetuned_pooled"] = (finetuned["pooled"], RECIPE.aggregate)

@@ -4,8 +4,9 @@ The demo experiment (3 replicate 96-well plates, 9 compounds x 8 doses with know
 effects, `pipeline.demo`) is analysed once; then hits are called on each feature
 set: ``classical`` features; ImageNet embeddings of ``tf_efficientnet_lite0``: the
 earlier default (``imagenet_pooled_stem``: 3-channel stem, final pooled layer, crops
-at their size, wells averaged) and the default recipe (``imagenet_recipe``,
-`pipeline.config.EmbedConfig`); ``combined`` (classical + recipe); a fine-tuned
+at their size, wells averaged), the default recipe (``imagenet_recipe``,
+`pipeline.config.EmbedConfig`) and the recipe averaged over the whole crop instead
+of the cell (``imagenet_recipe_crop_pool``); ``combined`` (classical + recipe); a fine-tuned
 embedding (``finetuned``, default `models.train.TrainConfig`, embedded with the
 recipe's layer) and ``combined_finetuned``. The fine-tuned network is trained
 (`phenoscreen train`, compound-dose labels) on a *separate* demo experiment (another
@@ -89,7 +90,8 @@ def main() -> None:
             "imagenet_pooled_stem": EmbedConfig(
                 strategy="stem", layer="pooled", input_size=None, aggregate="mean"
             ),
-            "imagenet_recipe": EmbedConfig(),
+            "imagenet_recipe_crop_pool": EmbedConfig(pool="crop"),
+            "imagenet_recipe": EmbedConfig(),  # last: `combined` is built on it
         }
         for name, recipe in recipes.items():
             start = time.perf_counter()

@@ -2,16 +2,18 @@
 
 A demo plate (3 channels) is analysed into SQLite, then, for each network input
 size, in one run, with the default recipe otherwise (`pipeline.config.EmbedConfig`:
-each channel as RGB, ``blocks[3]``, plate scaling):
+each channel as RGB, ``blocks[3]`` averaged over each cell's mask, plate scaling):
 
 - raw: the recipe's `models.embed.CellEmbedder` alone (resize, three passes, stop
-  at the layer) on 2,048 distinct random 3-channel crops already in memory, same
+  at the layer, pool over random masks) on 2,048 distinct random 3-channel crops
+  already in memory, same
   batch (``torch.inference_mode``, channels_last), the ceiling; timed right before
   and right after the end-to-end pass, and their mean is the reference (the
   machines are shared: a single raw figure can be off by 2x);
 - end to end: `models.embed.embed_run` (reading fields, illumination correction,
-  cropping at the stored centroids, per-plate scaling, DataLoader, forward, one
-  transaction per field into the store), timed over its embedding loop.
+  cropping at the stored centroids, reading the stored cell masks, per-plate
+  scaling, DataLoader, forward, one transaction per field into the store), timed
+  over its embedding loop.
 
 Run: ``python benchmarks/bench_embed_throughput.py [--sizes 64 96 128] [--device cpu]``
 """
@@ -46,11 +48,17 @@ def raw_forward(
     (re-feeding one cache-hot batch overstates the speed by up to 1.5x at 96 px).
     """
     data = torch.randn(n, 3, size, size, device=device)
+    masks = torch.rand(n, size, size, device=device) < 0.3  # cell pooling weighs
     with torch.inference_mode():
-        model(data[:batch].contiguous(memory_format=torch.channels_last))  # warm-up
+        model(
+            data[:batch].contiguous(memory_format=torch.channels_last), masks[:batch]
+        )  # warm-up
         start = time.perf_counter()
         for lo in range(0, n - batch + 1, batch):
-            model(data[lo : lo + batch].contiguous(memory_format=torch.channels_last))
+            model(
+                data[lo : lo + batch].contiguous(memory_format=torch.channels_last),
+                masks[lo : lo + batch],
+            )
         if device.type == "cuda":
             torch.cuda.synchronize()
     return (n // batch) * batch / (time.perf_counter() - start)
@@ -88,8 +96,9 @@ def main() -> None:
         rows = {}
         for size in args.sizes:
             model = CellEmbedder(
-                backbone, strategy=recipe.strategy, layer=recipe.layer, input_size=size
-            ).eval()
+                backbone, strategy=recipe.strategy, layer=recipe.layer, input_size=size,
+                pool=recipe.pool,
+            ).eval()  # fmt: skip
             model = model.to(device).to(memory_format=torch.channels_last)
             raws = [
                 raw_forward(
@@ -143,7 +152,7 @@ def main() -> None:
             "device": str(device),
             "threads": torch.get_num_threads(),
             "model": f"tf_efficientnet_lite0, {recipe.strategy} x 3 channels, "
-            f"{recipe.layer}, batch {args.batch_size}",
+            f"{recipe.layer}, pool {recipe.pool}, batch {args.batch_size}",
             "results": rows,
         },
     )

@@ -69,7 +69,9 @@ def timed(function, *args, **kwargs):
     return result, time.perf_counter() - start
 
 
-def training_rate(embedder, n_features: int, crops: torch.Tensor, device) -> float:
+def training_rate(
+    embedder, n_features: int, crops: torch.Tensor, masks: torch.Tensor, device
+) -> float:
     """Crops/s of fine-tuning steps (forward, backward, AdamW) at the default batch."""
     config = TrainConfig()
     model = Classifier(embedder, n_features, n_classes=16).to(device).train()
@@ -84,7 +86,7 @@ def training_rate(embedder, n_features: int, crops: torch.Tensor, device) -> flo
             rows = slice((step % steps) * batch, (step % steps + 1) * batch)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                 loss = torch.nn.functional.cross_entropy(
-                    model(crops[rows]), labels[rows]
+                    model(crops[rows], masks[rows]), labels[rows]
                 )
             optimizer.zero_grad()
             loss.backward()
@@ -108,7 +110,7 @@ def main() -> None:
     names = list(CHANNELS_5)
     figures: dict[str, object] = {"device": str(device), "fields": args.fields}
     seconds = {"segment_cpu": 0.0, "segment_device": 0.0, "measure": 0.0}
-    crops, n_cells = [], 0
+    crops, masks, n_cells = [], [], 0
     segment_field(fields[0][0], fields[0][1], device="cpu")  # loads the U-Net
     for image in fields:
         (nuclei, cells), t_cpu = timed(segment_field, image[0], image[1], device="cpu")
@@ -123,25 +125,37 @@ def main() -> None:
         seconds["measure"] += t_measure
         n_cells += int(nuclei.max())
         centroids = table[["centroid_y", "centroid_x"]].to_numpy()
-        crops.append(crop_cells(image.astype(np.float32), centroids, 64)[0])
+        field_crops, field_masks = crop_cells(
+            image.astype(np.float32), centroids, 64, cell_labels=cells,
+            object_numbers=table["object_number"].to_numpy(),
+        )  # fmt: skip
+        crops.append(field_crops)
+        masks.append(field_masks)
     per_field = {k: v / args.fields for k, v in seconds.items()}
     if not cuda:
         per_field["segment_device"] = per_field["segment_cpu"]
     cells_per_field = n_cells / args.fields
-    data = np.concatenate(crops)
+    data, data_masks = np.concatenate(crops), np.concatenate(masks)
     data = (data / np.percentile(data, 99.9, axis=(0, 2, 3), keepdims=True)).astype(
         np.float32
     )  # a plate-like scaling; the rate does not depend on it
     embedder, info = build_embedder(EmbedConfig(), len(names))
     embedder = embedder.to(device)
-    embed_array(embedder, data[:256], batch_size=256, device=device)  # warm-up
-    _, t_embed = timed(embed_array, embedder, data, batch_size=256, device=device)
+    embed_array(
+        embedder, data[:256], data_masks[:256], batch_size=256, device=device
+    )  # warm-up
+    _, t_embed = timed(
+        embed_array, embedder, data, data_masks, batch_size=256, device=device
+    )
     embed_rate = len(data) / t_embed
     pooled, _ = build_embedder(replace(EmbedConfig(), layer="pooled"), len(names))
-    n_features = pooled(torch.from_numpy(data[:2])).shape[1]
+    n_features = pooled(
+        torch.from_numpy(data[:2]), torch.from_numpy(data_masks[:2])
+    ).shape[1]
     train_rate = training_rate(
-        pooled.to(device), n_features, torch.from_numpy(data).to(device), device
-    )
+        pooled.to(device), n_features, torch.from_numpy(data).to(device),
+        torch.from_numpy(data_masks).to(device), device,
+    )  # fmt: skip
     train = TrainConfig()
     plate_cells = cells_per_field * FIELDS_PER_PLATE
     queues = 1 if cuda else args.cores  # one GPU, or the U-Net on every core

@@ -270,10 +270,10 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     meta : dict
         ``model_name``, ``in_chans`` (the run's channels), ``crop_size``,
         ``strategy``, ``input_size`` (None: crops at their own size),
-        ``scaling``, ``layer`` (the layer it was trained at), ``classes``,
-        ``config``, ``sha256``. Checkpoints written before the recipe was
-        recorded read as ``stem``, native size and plate scaling; before the layer
-        was, as ``pooled``.
+        ``scaling``, ``layer`` (the layer it was trained at), ``pool``,
+        ``classes``, ``config``, ``sha256``. Checkpoints written before the recipe
+        was recorded read as ``stem``, native size and plate scaling; before the
+        layer was, as ``pooled``; before the pooling was, as ``crop``.
 
     Raises
     ------
@@ -301,6 +301,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     meta["input_size"] = saved.get("input_size") or None
     meta["scaling"] = saved.get("scaling", "plate")
     meta["layer"] = saved.get("layer", "pooled")  # trained through the pooled layer
+    meta["pool"] = saved.get("pool", "crop")  # averaged over the whole crop
     model = timm.create_model(
         meta["model_name"], pretrained=False,
         in_chans=saved.get("backbone_in_chans", meta["in_chans"]), num_classes=0,

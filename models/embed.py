@@ -11,9 +11,10 @@ what made CNN profiles match or beat CellProfiler features in the literature
   plate's negative-control cells (``scaling = "plate"``), or per crop;
 - channels fed one at a time as grey images replicated to RGB, the C vectors
   concatenated (``strategy = "rgb"``), or through one C-channel stem (``stem``);
-- features of an intermediate stage (``layer = "blocks.3"``: spatial mean of
-  EfficientNet's ``blocks[3]``, via timm's ``forward_intermediates``, which stops
-  there) or the final pooled layer;
+- features of an intermediate stage (``layer = "blocks.3"``: EfficientNet's
+  ``blocks[3]``, via timm's ``forward_intermediates``, which stops there) or the
+  final layer, averaged over the crop's own cell (``pool = "cell"``, its mask
+  shrunk to the feature map's grid) or over the whole crop;
 - cells aggregated into wells by their median (``aggregate``).
 
 Crops are streamed field by field from a run (`pipeline.run.iter_field_crops`),
@@ -53,7 +54,7 @@ from tqdm.auto import tqdm
 
 from db import store
 from models.backbones import OFFLINE_NORMALIZATION, create_backbone, load_checkpoint
-from pipeline.config import EMBED_STRATEGIES, EmbedConfig
+from pipeline.config import EMBED_POOLS, EMBED_STRATEGIES, EmbedConfig
 from pipeline.errors import InputError
 from pipeline.export import COMBINED_KIND, aggregate_run
 from pipeline.run import FieldCrops, iter_field_crops
@@ -236,11 +237,45 @@ def block_index(backbone: nn.Module, layer: str) -> int | None:
     return int(index) + 1
 
 
+def mask_pool(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Average feature maps over each crop's cell.
+
+    The masks are shrunk to the maps' grid by area, so each grid square weighs
+    by the share of it the cell covers; a crop whose cell covers no share of any
+    square (an empty mask) is averaged over the whole map.
+
+    Parameters
+    ----------
+    maps : Tensor of shape (B, K, H, W)
+    masks : Tensor of shape (B, S, S)
+        The crops' own-cell masks (bool or 0-1), at the crops' side S.
+
+    Returns
+    -------
+    Tensor of shape (B, K)
+
+    Raises
+    ------
+    ValueError
+        If `maps` is not 4-D or the batch sizes differ.
+    """
+    if maps.ndim != 4 or masks.ndim != 3 or len(maps) != len(masks):
+        raise ValueError(
+            f"maps {tuple(maps.shape)} and masks {tuple(masks.shape)} must be "
+            "(B, K, H, W) and (B, S, S) with the same B."
+        )
+    weights = F.adaptive_avg_pool2d(masks[:, None].float(), maps.shape[-2:])
+    total = weights.sum(dim=(-2, -1), keepdim=True)
+    weights = torch.where(total > 0, weights, torch.ones_like(weights))
+    return (maps * weights).sum(dim=(-2, -1)) / weights.sum(dim=(-2, -1))
+
+
 class CellEmbedder(nn.Module):
     """Crops (B, C, S, S) scaled to [-1, 1] -> one vector per crop (B, D).
 
-    Resizes the crops to `input_size`, feeds them by `strategy` and takes the
-    features of `layer` (see the module docstring).
+    Resizes the crops to `input_size`, feeds them by `strategy` and averages the
+    feature map of `layer` over each crop's cell or the whole crop by `pool` (see
+    the module docstring).
 
     Parameters
     ----------
@@ -252,22 +287,38 @@ class CellEmbedder(nn.Module):
         ``pooled`` or ``blocks.K`` (`block_index`).
     input_size : int or None
         Side the crops are resized to; None keeps theirs.
+    pool : {"cell", "crop"}
+        ``cell``: `mask_pool` over each crop's own cell (`forward` then needs the
+        masks); ``crop``: the mean over the whole map.
     """
 
     def __init__(
-        self, backbone: nn.Module, *, strategy: str, layer: str, input_size: int | None
+        self,
+        backbone: nn.Module,
+        *,
+        strategy: str,
+        layer: str,
+        input_size: int | None,
+        pool: str,
     ) -> None:
         super().__init__()
         if strategy not in EMBED_STRATEGIES:
             raise ValueError(
                 f"strategy {strategy!r} is unknown; use one of {EMBED_STRATEGIES}."
             )
+        if pool not in EMBED_POOLS:
+            raise ValueError(f"pool {pool!r} is unknown; use one of {EMBED_POOLS}.")
         self.backbone = backbone
         self.strategy, self.layer, self.input_size = strategy, layer, input_size
+        self.pool = pool
         self._index = block_index(backbone, layer)
 
-    def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        """Embed a batch of crops; see the class docstring."""
+    def forward(
+        self, crops: torch.Tensor, masks: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Embed a batch of crops (B, C, S, S), with their cell masks (B, S, S)."""
+        if self.pool == "cell" and masks is None:
+            raise ValueError("pool = 'cell' needs each crop's cell mask.")
         n, channels, side = crops.shape[0], crops.shape[1], crops.shape[-1]
         if self.input_size and self.input_size != side:
             crops = F.interpolate(
@@ -277,15 +328,24 @@ class CellEmbedder(nn.Module):
         if self.strategy == "rgb":
             size = crops.shape[-1]
             crops = crops.reshape(n * channels, 1, size, size).expand(-1, 3, -1, -1)
+        if self._index is None and self.pool == "crop":
+            return self.backbone(crops).reshape(n, -1)
         if self._index is None:
-            features = self.backbone(crops)
+            maps = self.backbone.forward_features(crops)
+            if maps.ndim != 4:
+                raise InputError(
+                    "embed.pool = 'cell' needs a network with a spatial feature "
+                    "map (a CNN); use pool = 'crop' with this model."
+                )
         else:
             (maps,) = self.backbone.forward_intermediates(
                 crops, indices=[self._index], intermediates_only=True,
                 stop_early=True, extra_blocks=True,
             )  # fmt: skip
-            features = maps.mean(dim=(-2, -1))
-        return features.reshape(n, -1)
+        maps = maps.reshape(n, -1, *maps.shape[-2:])  # rgb: the C passes side by side
+        if self.pool == "crop":
+            return maps.mean(dim=(-2, -1))
+        return mask_pool(maps, masks)
 
     def width(self, n_channels: int, side: int = 32) -> int:
         """Return the vector length for crops of `n_channels` channels."""
@@ -294,7 +354,8 @@ class CellEmbedder(nn.Module):
         parameter = next(self.backbone.parameters())
         with torch.inference_mode():
             probe = torch.zeros(1, n_channels, side, side, device=parameter.device)
-            width = int(self(probe).shape[1])
+            mask = torch.ones(1, side, side, device=parameter.device)
+            width = int(self(probe, mask).shape[1])
         self.train(was_training)
         return width
 
@@ -310,7 +371,8 @@ def build_embedder(
     """Build the embedder of a recipe, from ImageNet weights or a fine-tuned checkpoint.
 
     A checkpoint (`models.train.save_checkpoint`) brings its own strategy, input
-    size and scaling; the recipe's layer and aggregation still apply, but a layer
+    size, scaling and pooling (``crop`` for checkpoints saved before pooling was
+    recorded); the recipe's layer and aggregation still apply, but a layer
     after the one the network was trained at is refused (those stages kept their
     ImageNet weights on top of fine-tuned ones).
 
@@ -349,6 +411,7 @@ def build_embedder(
         config = replace(
             config, model_name=meta["model_name"], strategy=meta["strategy"],
             input_size=meta["input_size"], scaling=meta["scaling"],
+            pool=meta["pool"],
             crop_size=config.crop_size or meta["crop_size"],
         )  # fmt: skip
         tag = f"finetuned_{meta['sha256'][:8]}"
@@ -363,12 +426,12 @@ def build_embedder(
         weights = f"{info.source} sha256:{info.sha256}"
     embedder = CellEmbedder(
         backbone, strategy=config.strategy, layer=config.layer,
-        input_size=config.input_size,
+        input_size=config.input_size, pool=config.pool,
     ).eval()  # fmt: skip
     size = f"{config.input_size}px" if config.input_size else "native"
     name = (
-        f"{config.model_name}_{tag}_{config.layer}_{size}_{config.scaling}_"
-        f"{config.aggregate}"
+        f"{config.model_name}_{tag}_{config.layer}_{config.pool}_{size}_"
+        f"{config.scaling}_{config.aggregate}"
     )
     return embedder, {
         "name": name,
@@ -379,43 +442,62 @@ def build_embedder(
 
 
 def embed_array(
-    embedder: Callable[[torch.Tensor], torch.Tensor],
+    embedder: Callable[..., torch.Tensor],
     crops: np.ndarray,
+    masks: np.ndarray | None = None,
     *,
     batch_size: int,
     device: torch.device,
 ) -> np.ndarray:
     """Embed normalized crops in batches through a DataLoader.
 
+    Parameters
+    ----------
+    embedder : callable
+        ``embedder(crops)`` or, with `masks`, ``embedder(crops, masks)``
+        (`CellEmbedder`).
+    crops : ndarray of shape (N, C, S, S), float32
+    masks : ndarray of shape (N, S, S), bool, optional
+        Each crop's own-cell mask (for ``pool = "cell"``).
+
     Returns
     -------
     ndarray of shape (N, D), float32
+
+    Raises
+    ------
+    ValueError
+        If `masks` do not match the crops.
     """
+    if masks is not None and masks.shape != (len(crops), *crops.shape[2:]):
+        raise ValueError(
+            f"masks {masks.shape} must be (N, S, S) for crops {crops.shape}."
+        )
     if not len(crops):
         return np.zeros((0, 0), dtype=np.float32)
     if isinstance(embedder, nn.Module):
         embedder.eval()  # batch norms use their running statistics
     cuda = device.type == "cuda"
-    loader = DataLoader(
-        TensorDataset(torch.from_numpy(crops)),
-        batch_size=batch_size,
-        pin_memory=cuda,
-    )
+    tensors = [torch.from_numpy(crops)]
+    if masks is not None:
+        tensors.append(torch.from_numpy(masks))
+    loader = DataLoader(TensorDataset(*tensors), batch_size=batch_size, pin_memory=cuda)
     out = []
     with torch.inference_mode():
-        for (batch,) in loader:
+        for batch, *mask in loader:
             batch = batch.to(device, non_blocking=cuda).contiguous(
                 memory_format=torch.channels_last
             )
+            mask = [m.to(device, non_blocking=cuda) for m in mask]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                out.append(embedder(batch).float().cpu())
+                out.append(embedder(batch, *mask).float().cpu())
     return torch.cat(out).numpy()
 
 
 def _embed_and_write(
     writes: _Writer,
     run_id: int,
-    embedder: Callable[[torch.Tensor], torch.Tensor],
+    embedder: Callable[..., torch.Tensor],
     fields: list[tuple[FieldCrops, np.ndarray]],
     feature_set_id: int,
     width: int,
@@ -424,11 +506,14 @@ def _embed_and_write(
 ) -> int:
     """Embed fields' crops together; queue each field's write (one transaction).
 
-    Returns the batch size that fitted on the device.
+    The fields' cell masks go with the crops when they were read. Returns the
+    batch size that fitted on the device.
     """
+    with_masks = fields[0][0].masks is not None
     vectors, batch_size = embed_with_backoff(
         embedder,
         np.concatenate([crops for _, crops in fields]),
+        np.concatenate([field.masks for field, _ in fields]) if with_masks else None,
         batch_size=batch_size,
         device=device,
     )
@@ -535,8 +620,9 @@ def plate_channel_ranges(
 
 
 def embed_with_backoff(
-    embedder: Callable[[torch.Tensor], torch.Tensor],
+    embedder: Callable[..., torch.Tensor],
     crops: np.ndarray,
+    masks: np.ndarray | None = None,
     *,
     batch_size: int,
     device: torch.device,
@@ -557,7 +643,7 @@ def embed_with_backoff(
     while True:
         try:
             return embed_array(
-                embedder, crops, batch_size=batch_size, device=device
+                embedder, crops, masks, batch_size=batch_size, device=device
             ), batch_size
         except torch.cuda.OutOfMemoryError:
             if batch_size == 1:
@@ -684,7 +770,9 @@ def embed_run(
     todo = set(fields.loc[fields["n_cells"] > 0, "field_id"]) - done
     scaled = (
         (field, scale_crops(field.crops, cfg.scaling, ranges.get(field.plate)))
-        for field in iter_field_crops(engine, run_id, size=size, field_ids=todo)
+        for field in iter_field_crops(
+            engine, run_id, size=size, field_ids=todo, with_masks=cfg.pool == "cell"
+        )
     )
     pending: list[tuple[FieldCrops, np.ndarray]] = []
     progress = tqdm(total=len(todo), unit="field", desc="embed", disable=None)

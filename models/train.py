@@ -40,6 +40,7 @@ from db import store
 from models.backbones import DEFAULT_MODEL, create_backbone
 from models.embed import CellEmbedder, plate_channel_ranges, scale_crops
 from pipeline.config import (
+    EMBED_POOLS,
     EMBED_SCALINGS,
     EMBED_STRATEGIES,
     EmbedConfig,
@@ -94,13 +95,17 @@ class TrainConfig:
     balanced : bool
         Sample every class equally often per epoch.
     layer : str
-        The features the classifier reads: ``pooled`` (the network's final pooled
-        layer) or ``blocks.K`` (the spatial mean of stage K). Default: the
+        The features the classifier reads: ``pooled`` (the network's final
+        layer) or ``blocks.K`` (stage K), averaged as `pool` says. Default: the
         embedding recipe's layer (`pipeline.config.EmbedConfig`), so training
         shapes the very features that are embedded; the stages after it are not
         run, so not trained (on BBBC021 comparable or better than ``pooled``
         training, Spearman 0.63 vs 0.57 in two runs, and faster per epoch: README,
         Deep profiles).
+    pool : {"cell", "crop"}
+        Average the layer's map over each crop's cell or the whole crop
+        (`models.embed.CellEmbedder`); kept in the checkpoint. Default: the
+        embedding recipe's.
     seed : int
     """
 
@@ -123,6 +128,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     balanced: bool = True
     layer: str = EmbedConfig.layer
+    pool: str = EmbedConfig.pool
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -141,10 +147,15 @@ class TrainConfig:
             raise ValueError("batch_size, patience and max_cells must be >= 1.")
         if self.learning_rate <= 0 or self.backbone_lr_scale <= 0:
             raise ValueError("learning_rate and backbone_lr_scale must be > 0.")
-        if self.strategy not in EMBED_STRATEGIES or self.scaling not in EMBED_SCALINGS:
+        if (
+            self.strategy not in EMBED_STRATEGIES
+            or self.scaling not in EMBED_SCALINGS
+            or self.pool not in EMBED_POOLS
+        ):
             raise ValueError(
-                f"strategy {self.strategy!r} / scaling {self.scaling!r}: use one of "
-                f"{EMBED_STRATEGIES} / {EMBED_SCALINGS}."
+                f"strategy {self.strategy!r} / scaling {self.scaling!r} / pool "
+                f"{self.pool!r}: use one of {EMBED_STRATEGIES} / {EMBED_SCALINGS} / "
+                f"{EMBED_POOLS}."
             )
         if not is_layer_name(self.layer):
             raise ValueError(
@@ -167,9 +178,15 @@ class Classifier(nn.Module):
         nn.init.normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        """Return the class logits (B, n_classes) of crops (B, C, S, S)."""
-        return self.head(self.embedder(crops))
+    def forward(
+        self, crops: torch.Tensor, masks: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Return the class logits (B, n_classes) of crops (B, C, S, S).
+
+        `masks` (B, S, S) are the crops' cell masks, for an embedder that pools
+        over cells.
+        """
+        return self.head(self.embedder(crops, masks))
 
 
 @dataclass
@@ -225,7 +242,9 @@ def validation_split(
     return np.isin(units, held_out)
 
 
-def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(
+    batch: torch.Tensor, generator: torch.Generator, masks: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Randomly flip, rotate by 90-degree steps and jitter the intensity of crops.
 
     Parameters
@@ -233,14 +252,19 @@ def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     batch : Tensor of shape (B, C, S, S)
         Normalized crops.
     generator : torch.Generator
+    masks : Tensor of shape (B, S, S), optional
+        The crops' cell masks: flipped and rotated with them.
 
     Returns
     -------
-    Tensor of shape (B, C, S, S)
+    crops : Tensor of shape (B, C, S, S)
         One scale in [0.8, 1.2] and one offset in [-0.1, 0.1] per crop, the same
         for all its channels.
+    masks : Tensor of shape (B, S, S) or None
     """
-    n = len(batch)
+    n, channels = len(batch), batch.shape[1]
+    if masks is not None:  # moved as one more channel
+        batch = torch.cat([batch, masks[:, None].to(batch.dtype)], dim=1)
     flip = torch.rand(n, generator=generator) < 0.5
     batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
     turns = torch.randint(0, 4, (n,), generator=generator)
@@ -251,7 +275,8 @@ def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             rotated[chosen] = torch.rot90(batch[chosen], k, dims=(-2, -1))
     scale = torch.empty(n, 1, 1, 1).uniform_(0.8, 1.2, generator=generator)
     offset = torch.empty(n, 1, 1, 1).uniform_(-0.1, 0.1, generator=generator)
-    return rotated * scale + offset
+    crops = rotated[:, :channels] * scale + offset
+    return crops, (rotated[:, channels] > 0.5 if masks is not None else None)
 
 
 def _set_backbone_trainable(model: Classifier, trainable: bool) -> None:
@@ -267,11 +292,12 @@ def _evaluate(
     loss_sum, correct, total = 0.0, 0, 0
     cuda = device.type == "cuda"
     with torch.inference_mode():
-        for crops, labels in loader:
+        for crops, labels, *masks in loader:
             crops = crops.to(device, non_blocking=cuda)
             labels = labels.to(device, non_blocking=cuda)
+            masks = [m.to(device, non_blocking=cuda) for m in masks]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = model(crops).float()
+                logits = model(crops, *masks).float()
             loss_sum += nn.functional.cross_entropy(
                 logits, labels, reduction="sum"
             ).item()
@@ -286,6 +312,7 @@ def fine_tune(
     is_val: np.ndarray,
     config: TrainConfig,
     *,
+    masks: np.ndarray | None = None,
     device: str | None = None,
     state_path: str | Path | None = None,
 ) -> FineTuned:
@@ -300,6 +327,8 @@ def fine_tune(
     is_val : ndarray of shape (N,), bool
         Validation cells (`validation_split`).
     config : TrainConfig
+    masks : ndarray of shape (N, S, S), bool, optional
+        Each crop's own-cell mask; needed when ``config.pool`` is ``cell``.
     device : str, optional
         ``cuda`` or ``cpu``; default CUDA when available.
     state_path : str or Path, optional
@@ -318,13 +347,20 @@ def fine_tune(
     Raises
     ------
     ValueError
-        If shapes disagree, there are fewer than two classes, or either split is
-        empty.
+        If shapes disagree, the masks are missing for ``pool = "cell"``, there
+        are fewer than two classes, or either split is empty.
     """
     if crops.ndim != 4 or len(crops) != len(labels) or len(labels) != len(is_val):
         raise ValueError(
             f"crops {crops.shape}, labels ({len(labels)}) and is_val ({len(is_val)}) "
             "must describe the same N crops (N, C, S, S)."
+        )
+    if config.pool == "cell" and (
+        masks is None or masks.shape != (len(crops), *crops.shape[2:])
+    ):
+        raise ValueError(
+            f"pool = 'cell' needs a cell mask (N, S, S) per crop {crops.shape}; got "
+            f"{None if masks is None else masks.shape}."
         )
     classes = sorted(pd.unique(np.asarray(labels, dtype=object)).tolist())
     if len(classes) < 2:
@@ -342,6 +378,11 @@ def fine_tune(
     index = {name: i for i, name in enumerate(classes)}
     y = torch.tensor([index[v] for v in labels], dtype=torch.long)
     x = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))
+    m = (
+        torch.from_numpy(np.ascontiguousarray(masks, dtype=bool))
+        if config.pool == "cell"
+        else None
+    )
     val = torch.tensor(np.asarray(is_val, dtype=bool))  # a copy: may be read-only
     generator = torch.Generator().manual_seed(config.seed)
     y_train = y[~val]
@@ -353,13 +394,15 @@ def fine_tune(
             weights, num_samples=len(y_train), replacement=True, generator=generator
         )
     train_loader = DataLoader(
-        TensorDataset(x[~val], y_train), batch_size=config.batch_size,
+        TensorDataset(x[~val], y_train, *([] if m is None else [m[~val]])),
+        batch_size=config.batch_size,
         shuffle=sampler is None, sampler=sampler, generator=generator,
         pin_memory=cuda, drop_last=len(y_train) > config.batch_size,
     )  # fmt: skip
     val_loader = DataLoader(
-        TensorDataset(x[val], y[val]), batch_size=config.batch_size, pin_memory=cuda
-    )
+        TensorDataset(x[val], y[val], *([] if m is None else [m[val]])),
+        batch_size=config.batch_size, pin_memory=cuda,
+    )  # fmt: skip
     backbone, _ = create_backbone(
         config.model_name,
         in_chans=3 if config.strategy == "rgb" else crops.shape[1],
@@ -367,7 +410,7 @@ def fine_tune(
     )
     embedder = CellEmbedder(
         backbone, strategy=config.strategy, layer=config.layer,
-        input_size=config.input_size,
+        input_size=config.input_size, pool=config.pool,
     )  # fmt: skip
     model = Classifier(embedder, embedder.width(crops.shape[1]), len(classes))
     model = model.to(target).to(memory_format=torch.channels_last)
@@ -411,12 +454,15 @@ def fine_tune(
             train_loader, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
             disable=None, leave=False,
         )  # fmt: skip
-        for crops_batch, label_batch in batches:
-            crops_batch = augment(crops_batch, generator).to(target, non_blocking=cuda)
-            crops_batch = crops_batch.contiguous(memory_format=torch.channels_last)
+        for crops_batch, label_batch, *mask_batch in batches:
+            crops_batch, mask = augment(crops_batch, generator, *mask_batch)
+            crops_batch = crops_batch.to(target, non_blocking=cuda).contiguous(
+                memory_format=torch.channels_last
+            )
             label_batch = label_batch.to(target, non_blocking=cuda)
+            masks_batch = [] if mask is None else [mask.to(target, non_blocking=cuda)]
             with torch.autocast(target.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = loss_fn(model(crops_batch).float(), label_batch)
+                loss = loss_fn(model(crops_batch, *masks_batch).float(), label_batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -492,8 +538,9 @@ def save_checkpoint(
 
     The file is a plain dict of tensors, strings and numbers (loadable with
     ``weights_only=True``): the backbone's state dict (timm keys, no head), the
-    run's channel count, crop size, strategy, input size, scaling and trained
-    layer, the classes and the config; written to ``<path>.tmp`` and renamed when complete.
+    run's channel count, crop size, strategy, input size, scaling, trained
+    layer and pooling, the classes and the config; written to ``<path>.tmp`` and
+    renamed when complete.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -509,6 +556,7 @@ def save_checkpoint(
             "input_size": config.input_size or 0,
             "scaling": config.scaling,
             "layer": config.layer,
+            "pool": config.pool,
             "classes": list(fine_tuned.classes),
             "config": asdict(config),
         },
@@ -563,14 +611,17 @@ def train_run(
     )
     generator = np.random.default_rng(config.seed)
     rate = min(1.0, config.max_cells / int(fields["n_cells"].sum()))
-    crops, plates, well_names = [], [], []
+    crops, masks, plates, well_names = [], [], [], []
     for field in iter_field_crops(
-        engine, run_id, size=size, field_ids=set(fields["field_id"])
-    ):
+        engine, run_id, size=size, field_ids=set(fields["field_id"]),
+        with_masks=config.pool == "cell",
+    ):  # fmt: skip
         keep = generator.random(len(field.crops)) < rate
         crops.append(
             scale_crops(field.crops[keep], config.scaling, ranges.get(field.plate))
         )
+        if field.masks is not None:
+            masks.append(field.masks[keep])
         plates += [field.plate] * int(keep.sum())
         well_names += [field.well] * int(keep.sum())
     meta = wells.set_index(["Metadata_Plate", "Metadata_Well"])
@@ -589,8 +640,9 @@ def train_run(
     stacked = np.concatenate(crops)
     state = Path(out).with_name(Path(out).name + ".state")
     fine_tuned = fine_tune(
-        stacked, labels, is_val, config, device=device, state_path=state
-    )
+        stacked, labels, is_val, config, masks=np.concatenate(masks) if masks else None,
+        device=device, state_path=state,
+    )  # fmt: skip
     sha = save_checkpoint(out, fine_tuned, config=config, in_chans=stacked.shape[1],
                           crop_size=size)  # fmt: skip
     state.unlink(missing_ok=True)

@@ -19,6 +19,7 @@ import pandas as pd
 from db.session import StoreConnectionLost
 from pipeline.config import (
     AGGREGATIONS,
+    EMBED_POOLS,
     EMBED_SCALINGS,
     EMBED_STRATEGIES,
     EmbedConfig,
@@ -226,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"pooled, or blocks.K: an intermediate stage (default {EmbedConfig.layer})",
     )
     embed.add_argument(
+        "--pool",
+        choices=list(EMBED_POOLS),
+        help="average the layer over each crop's cell (default) or the whole crop",
+    )
+    embed.add_argument(
         "--crop-size", type=int, help="px around each nucleus (default: 4 diameters)"
     )
     embed.add_argument(
@@ -280,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=EmbedConfig.layer,
         help="features the classifier reads: pooled or blocks.K (default: the "
         f"embedding recipe's layer, {EmbedConfig.layer})",
+    )
+    train.add_argument(
+        "--pool",
+        choices=list(EMBED_POOLS),
+        default=EmbedConfig.pool,
+        help="average the layer over each crop's cell (default) or the whole crop",
     )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
@@ -831,7 +843,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     recipe = load_config(args.config).embed if args.config else RunConfig().embed
     given = {
         "model_name": args.model, "weights": args.weights, "strategy": args.strategy,
-        "layer": args.layer, "crop_size": args.crop_size, "scaling": args.scaling,
+        "layer": args.layer, "pool": args.pool, "crop_size": args.crop_size,
+        "scaling": args.scaling,
         "aggregate": args.aggregate, "batch_size": args.batch_size,
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
     }  # fmt: skip
@@ -899,6 +912,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         input_size=args.input_size or None,
         seed=args.seed,
         layer=args.layer,
+        pool=args.pool,
     )
     summary = train_run(
         make_engine(_db_url(args), create=False),

@@ -155,7 +155,7 @@ def test_cli_run_with_embed_makes_deep_and_combined_profiles(
     args = run_args(demo_plate, url, config)
     assert main([*args, "--embed", "--nuclei-channel", "DNA"]) == 0
     out = capsys.readouterr().out
-    name = "tf_efficientnet_lite0_rgb_blocks.2_native_plate_median_"
+    name = "tf_efficientnet_lite0_rgb_blocks.2_cell_native_plate_median_"
     assert f"cells into {name}" in out
     for feature_set in ("classical", "deep", "combined"):
         assert f"{feature_set}: " in out and "compounds are hits" in out

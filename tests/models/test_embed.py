@@ -18,6 +18,7 @@ from models.embed import (
     embed_run,
     embed_with_backoff,
     fit_channel_ranges,
+    mask_pool,
     minmax_crops,
     normalize_crops,
     prefetch,
@@ -63,6 +64,8 @@ def test_fit_and_normalize_reject():
         EmbedConfig(layer="head")
     with pytest.raises(InputError, match="scaling"):
         EmbedConfig(scaling="global")
+    with pytest.raises(InputError, match="embed.pool"):
+        EmbedConfig(pool="nucleus")
     with pytest.raises(InputError, match="input_size"):
         EmbedConfig(input_size=4)
 
@@ -93,12 +96,16 @@ def test_cell_embedder_layers_strategies_and_sizes():
     crops = np.random.default_rng(1).uniform(-1, 1, (5, 3, 32, 32)).astype(np.float32)
     rgb, _ = create_backbone(in_chans=3)
     cpu = torch.device("cpu")
-    pooled = CellEmbedder(rgb, strategy="stem", layer="pooled", input_size=None)
+    pooled = CellEmbedder(
+        rgb, strategy="stem", layer="pooled", input_size=None, pool="crop"
+    )
     a = embed_array(pooled, crops, batch_size=2, device=cpu)
     b = embed_array(pooled, crops, batch_size=5, device=cpu)
     assert a.shape == (5, rgb.num_features) == (5, pooled.width(3))
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # batch size does not matter
-    per_channel = CellEmbedder(rgb, strategy="rgb", layer="blocks.5", input_size=64)
+    per_channel = CellEmbedder(
+        rgb, strategy="rgb", layer="blocks.5", input_size=64, pool="crop"
+    )
     vectors = embed_array(per_channel, crops, batch_size=4, device=cpu)
     assert vectors.shape == (5, 3 * 192) == (5, per_channel.width(3))
     with torch.inference_mode():  # channel c of the vector is channel c as RGB
@@ -114,7 +121,9 @@ def test_cell_embedder_layers_strategies_and_sizes():
     )
     assert embed_array(pooled, crops[:0], batch_size=2, device=cpu).shape[0] == 0
     with pytest.raises(ValueError, match="strategy"):
-        CellEmbedder(rgb, strategy="mean", layer="pooled", input_size=None)
+        CellEmbedder(rgb, strategy="mean", layer="pooled", input_size=None, pool="crop")
+    with pytest.raises(ValueError, match="pool 'box'"):
+        CellEmbedder(rgb, strategy="rgb", layer="pooled", input_size=None, pool="box")
     with pytest.raises(InputError, match="blocks.0 to blocks.6"):
         block_index(rgb, "blocks.7")
     with pytest.raises(InputError, match="EfficientNet"):
@@ -122,10 +131,64 @@ def test_cell_embedder_layers_strategies_and_sizes():
     assert block_index(rgb, "pooled") is None and block_index(rgb, "blocks.2") == 3
 
 
+def test_mask_pool_averages_over_the_cell_and_rejects():
+    maps = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[0, :4, :4] = True  # the top-left quarter: grid squares (0..1, 0..1)
+    masks[0, 0, 4] = True  # a quarter of square (0, 2)
+    pooled = mask_pool(maps, masks)
+    weights = torch.zeros(4, 4)
+    weights[:2, :2], weights[0, 2] = 1.0, 0.25
+    expected = (maps[0] * weights).sum((-2, -1)) / weights.sum()
+    torch.testing.assert_close(pooled[0], expected)
+    # an empty mask (no cell pixel in the crop): the whole map
+    torch.testing.assert_close(pooled[1], maps[1].mean((-2, -1)))
+    with pytest.raises(ValueError, match="same B"):
+        mask_pool(maps, masks[:1])
+    with pytest.raises(ValueError, match=r"\(B, K, H, W\)"):
+        mask_pool(maps[0], masks)
+
+
+def test_cell_pooling_embedder_reads_the_masks():
+    rng = np.random.default_rng(2)
+    crops = torch.from_numpy(rng.uniform(-1, 1, (3, 2, 32, 32)).astype(np.float32))
+    masks = torch.zeros(3, 32, 32, dtype=torch.bool)
+    masks[:, 8:24, 8:24] = True
+    rgb, _ = create_backbone(in_chans=3)
+    cell = CellEmbedder(rgb, strategy="rgb", layer="blocks.3", input_size=64,
+                        pool="cell").eval()  # fmt: skip
+    crop = CellEmbedder(rgb, strategy="rgb", layer="blocks.3", input_size=64,
+                        pool="crop").eval()  # fmt: skip
+    with torch.inference_mode():
+        (maps,) = rgb.forward_intermediates(
+            torch.nn.functional.interpolate(
+                crops.reshape(6, 1, 32, 32), size=(64, 64), mode="bilinear",
+                align_corners=False,
+            ).expand(-1, 3, -1, -1),
+            indices=[4], intermediates_only=True, extra_blocks=True,
+        )  # fmt: skip
+        maps = maps.reshape(3, 2 * 80, *maps.shape[-2:])
+        torch.testing.assert_close(cell(crops, masks), mask_pool(maps, masks))
+        torch.testing.assert_close(crop(crops), maps.mean((-2, -1)))
+        assert cell.width(2) == 160
+        final = CellEmbedder(rgb, strategy="rgb", layer="pooled", input_size=None,
+                             pool="cell").eval()  # fmt: skip
+        full = torch.ones(3, 32, 32, dtype=torch.bool)  # the whole crop: as timm pools
+        torch.testing.assert_close(
+            final(crops, full), rgb(crops.reshape(6, 1, 32, 32).expand(-1, 3, -1, -1))
+            .reshape(3, -1), rtol=1e-4, atol=1e-5,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="needs each crop's cell mask"):
+        cell(crops)
+    with pytest.raises(ValueError, match=r"masks \(3, 16, 16\)"):
+        embed_array(cell, crops.numpy(), masks[:, :16, :16].numpy(), batch_size=2,
+                    device=torch.device("cpu"))  # fmt: skip
+
+
 FAST_RECIPE = EmbedConfig(
     crop_size=32, input_size=None, layer="blocks.2", batch_size=128
 )
-FAST_NAME = "tf_efficientnet_lite0_rgb_blocks.2_native_plate_median"
+FAST_NAME = "tf_efficientnet_lite0_rgb_blocks.2_cell_native_plate_median"
 
 
 def test_embed_run_writes_one_vector_per_cell_and_resumes(demo_run, capsys):
@@ -206,7 +269,7 @@ def test_embed_command_takes_the_recipe_from_flags_and_config(
                  "--input-size", "0", "--strategy", "stem", "--batch-size", "256"])  # fmt: skip
     assert code == 0
     out = capsys.readouterr().out
-    assert "tf_efficientnet_lite0_stem_blocks.1_native_crop_median" in out
+    assert "tf_efficientnet_lite0_stem_blocks.1_cell_native_crop_median" in out
 
 
 def test_embed_run_rejects_unknown_model_and_layer(demo_run, capsys):

@@ -49,21 +49,25 @@ def test_validation_split_holds_out_whole_plates_or_wells():
 def test_augment_keeps_channels_in_step():
     generator = torch.Generator().manual_seed(0)
     crops = torch.ones(64, 3, 8, 8) * torch.tensor([0.1, 0.4, 0.9])[None, :, None, None]
-    out = augment(crops, generator)
-    assert out.shape == crops.shape
+    out, no_masks = augment(crops, generator)
+    assert out.shape == crops.shape and no_masks is None
     # one scale and offset per crop for every channel: channel differences scale alike
     ratio = (out[:, 2] - out[:, 0]) / (out[:, 1] - out[:, 0])
     torch.testing.assert_close(ratio, torch.full_like(ratio, 0.8 / 0.3))
     assert out[:, 0].std() > 0  # crops differ
     marked = torch.zeros(16, 1, 4, 4)
     marked[:, 0, 0, 0] = 1.0  # a corner pixel moves with flips and rotations
-    moved = augment(marked, torch.Generator().manual_seed(1))
+    moved, masks = augment(marked, torch.Generator().manual_seed(1), marked[:, 0] > 0)
     corners = moved[:, 0].flatten(1).argmax(1)
     assert len(set(corners.tolist())) > 1 and set(corners.tolist()) <= {0, 3, 12, 15}
+    # the masks move with their crops and stay masks (no intensity jitter)
+    assert masks.dtype == torch.bool and masks.sum() == 16
+    assert torch.equal(masks.flatten(1).float().argmax(1), corners)
 
 
 def _two_phenotypes(n=96, rng=0):
-    """Crops of a bright round cell vs a dim elongated one on 4 plates."""
+    """Crops of a bright round cell vs a dim elongated one on 4 plates, the cells'
+    masks and the plates."""
     generator = np.random.default_rng(rng)
     yy, xx = np.mgrid[:32, :32] - 15.5
     round_cell = (yy**2 + xx**2 < 60).astype(np.float32)
@@ -76,35 +80,46 @@ def _two_phenotypes(n=96, rng=0):
             for lab in labels
         ]
     ).astype(np.float32)
-    return crops * 2 - 1, labels, np.repeat(["P1", "P2", "P3", "P4"], n // 4)
+    masks = np.stack(
+        [(round_cell if lab == "round" else long_cell) > 0 for lab in labels]
+    )
+    return crops * 2 - 1, labels, masks, np.repeat(["P1", "P2", "P3", "P4"], n // 4)
 
 
 def test_fine_tune_learns_frozen_then_unfrozen_and_rejects():
-    crops, labels, plates = _two_phenotypes()
+    crops, labels, masks, plates = _two_phenotypes()
     is_val = plates == "P4"
     config = TrainConfig(**FAST, patience=5, layer="pooled")  # blocks.3: other test
-    result = fine_tune(crops, labels, is_val, config)
+    result = fine_tune(crops, labels, is_val, config, masks=masks)
     log = result.log
     assert list(log["phase"]) == ["frozen", "unfrozen", "unfrozen"]
     assert result.classes == ["long", "round"]
     assert log["val_accuracy"].max() >= 0.9  # chance is 0.5
     assert result.best_epoch == int(log.loc[log["val_loss"].idxmin(), "epoch"])
     with torch.inference_mode():
-        logits = result.model(torch.from_numpy(crops[is_val]))
+        logits = result.model(
+            torch.from_numpy(crops[is_val]), torch.from_numpy(masks[is_val])
+        )
     assert logits.shape == (is_val.sum(), 2)
     with pytest.raises(ValueError, match="two treatment labels"):
-        fine_tune(crops, np.full(len(labels), "x"), is_val, TrainConfig(**FAST))
+        fine_tune(
+            crops, np.full(len(labels), "x"), is_val, TrainConfig(**FAST), masks=masks
+        )
     with pytest.raises(ValueError, match="no training or no validation"):
-        fine_tune(crops, labels, np.zeros(len(labels), bool), TrainConfig(**FAST))
+        fine_tune(
+            crops, labels, np.zeros(len(labels), bool), TrainConfig(**FAST), masks=masks
+        )
     with pytest.raises(ValueError, match="same N crops"):
-        fine_tune(crops[:3], labels, is_val, TrainConfig(**FAST))
+        fine_tune(crops[:3], labels, is_val, TrainConfig(**FAST), masks=masks)
+    with pytest.raises(ValueError, match="needs a cell mask"):
+        fine_tune(crops, labels, is_val, TrainConfig(**FAST))
 
 
 def test_fine_tune_at_an_intermediate_layer():
-    crops, labels, plates = _two_phenotypes()
+    crops, labels, masks, plates = _two_phenotypes()
     is_val = plates == "P4"
     config = TrainConfig(**FAST, layer="blocks.3", patience=5)
-    result = fine_tune(crops, labels, is_val, config)
+    result = fine_tune(crops, labels, is_val, config, masks=masks)
     assert result.log["val_accuracy"].max() >= 0.9  # chance is 0.5
     assert result.model.head.in_features == 2 * 80  # blocks.3: 80 per image channel
     trained = result.model.embedder.backbone.state_dict()
@@ -116,7 +131,9 @@ def test_fine_tune_at_an_intermediate_layer():
     assert any(c and s for c, s in zip(learned, stages, strict=True))
     assert not any(c and not s for c, s in zip(learned, stages, strict=True))
     with pytest.raises(InputError, match="blocks.99"):
-        fine_tune(crops, labels, is_val, TrainConfig(**FAST, layer="blocks.99"))
+        fine_tune(
+            crops, labels, is_val, TrainConfig(**FAST, layer="blocks.99"), masks=masks
+        )
 
 
 def test_train_config_rejects():
@@ -130,6 +147,8 @@ def test_train_config_rejects():
         TrainConfig(learning_rate=0)
     with pytest.raises(ValueError, match="strategy"):
         TrainConfig(strategy="grey")
+    with pytest.raises(ValueError, match="pool 'nucleus'"):
+        TrainConfig(pool="nucleus")
     with pytest.raises(ValueError, match="label_smoothing"):
         TrainConfig(label_smoothing=1)
     with pytest.raises(ValueError, match="layer 'block3'"):
@@ -137,7 +156,7 @@ def test_train_config_rejects():
 
 
 def test_fine_tune_resumes_after_a_kill(tmp_path, monkeypatch, caplog):
-    crops, labels, plates = _two_phenotypes(n=32)
+    crops, labels, masks, plates = _two_phenotypes(n=32)
     is_val = plates == "P4"
     config = TrainConfig(**FAST)
     state = tmp_path / "ft.state"
@@ -151,39 +170,46 @@ def test_fine_tune_resumes_after_a_kill(tmp_path, monkeypatch, caplog):
 
     monkeypatch.setattr(train, "_evaluate", killed_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        fine_tune(crops, labels, is_val, config, state_path=state)
+        fine_tune(crops, labels, is_val, config, masks=masks, state_path=state)
     assert state.is_file()
     monkeypatch.setattr(train, "_evaluate", real_evaluate)
     with caplog.at_level("INFO"):
-        result = fine_tune(crops, labels, is_val, config, state_path=state)
+        result = fine_tune(crops, labels, is_val, config, masks=masks, state_path=state)
     assert "resuming fine-tuning after epoch 1" in caplog.text
     assert list(result.log["epoch"]) == [1, 2, 3]
     other = TrainConfig(**(FAST | {"learning_rate": 1e-3}))  # another config: anew
     caplog.clear()
-    fine_tune(crops, labels, is_val, other, state_path=state)
+    fine_tune(crops, labels, is_val, other, masks=masks, state_path=state)
     assert "belongs to another config" in caplog.text
 
 
 def test_checkpoint_roundtrip_and_bad_checkpoints(tmp_path):
-    crops, labels, plates = _two_phenotypes(n=32)
+    crops, labels, masks, plates = _two_phenotypes(n=32)
     config = TrainConfig(**(FAST | {"epochs": 1}))
-    result = fine_tune(crops, labels, plates == "P4", config)
+    result = fine_tune(crops, labels, plates == "P4", config, masks=masks)
     path = tmp_path / "ft.pt"
     sha = save_checkpoint(path, result, config=config, in_chans=2, crop_size=32)
     model, meta = load_checkpoint(path)
     assert meta["sha256"] == sha and meta["in_chans"] == 2
     assert meta["classes"] == ["long", "round"] and meta["strategy"] == "rgb"
     assert meta["input_size"] is None and meta["scaling"] == "plate"
-    assert meta["layer"] == config.layer == "blocks.3"
+    assert meta["layer"] == config.layer == "blocks.3" and meta["pool"] == "cell"
     with pytest.raises(InputError, match="trained at layer blocks.3"):
         build_embedder(EmbedConfig(checkpoint=str(path), layer="pooled"), 2)
     assert build_embedder(EmbedConfig(checkpoint=str(path), layer="blocks.2"), 2)
-    batch = torch.from_numpy(crops[:4])
-    loaded = CellEmbedder(model, strategy="rgb", layer=config.layer, input_size=None)
+    batch, mask = torch.from_numpy(crops[:4]), torch.from_numpy(masks[:4])
+    loaded = CellEmbedder(
+        model, strategy="rgb", layer=config.layer, input_size=None, pool="cell"
+    )
     with torch.inference_mode():
         torch.testing.assert_close(
-            loaded(batch), result.model.embedder(batch), atol=1e-4, rtol=1e-3
-        )
+            loaded(batch, mask), result.model.embedder(batch, mask), atol=1e-4,
+            rtol=1e-3,
+        )  # fmt: skip
+    saved = torch.load(path, weights_only=True)
+    del saved["pool"]  # a checkpoint from before the pooling was recorded
+    torch.save(saved, tmp_path / "before_pooling.pt")
+    assert load_checkpoint(tmp_path / "before_pooling.pt")[1]["pool"] == "crop"
     (tmp_path / "corrupt.pt").write_bytes(b"garbage")
     with pytest.raises(InputError, match="not a PhenoScreen fine-tuned checkpoint"):
         load_checkpoint(tmp_path / "corrupt.pt")
@@ -223,15 +249,15 @@ def test_train_command_registers_checkpoint_and_embed_uses_it(
     recipe = EmbedConfig(checkpoint=str(out), batch_size=128, layer="blocks.2")
     result = embed_run(engine, summary.run_id, recipe)
     assert result["feature_set"].startswith(
-        f"tf_efficientnet_lite0_finetuned_{sha[:8]}_blocks.2_native_plate_median_"
+        f"tf_efficientnet_lite0_finetuned_{sha[:8]}_blocks.2_cell_native_plate_median_"
     )
     assert result["n_cells"] == summary.n_cells
     _, names = store.read_feature_set(engine, summary.run_id, result["feature_set"])
     assert len(names) == 3 * 40  # rgb: the checkpoint's strategy
     two = tmp_path / "two.pt"  # the demo has 3 channels
-    crops, labels, plates = _two_phenotypes(n=16)
+    crops, labels, masks, plates = _two_phenotypes(n=16)
     config = TrainConfig(**(FAST | {"epochs": 1}))
-    fine = fine_tune(crops, labels, plates == "P4", config)
+    fine = fine_tune(crops, labels, plates == "P4", config, masks=masks)
     save_checkpoint(two, fine, config=config, in_chans=2, crop_size=32)
     with pytest.raises(InputError, match="trained on 2 channels; this run has 3"):
         embed_run(engine, summary.run_id, EmbedConfig(checkpoint=str(two)))
@@ -252,7 +278,7 @@ def test_fine_tuning_on_real_bbbc021_crops_beats_chance():
     labels = np.where(meta["role"] == "negative_control", "DMSO", "cycloheximide")
     is_val = (meta["plate"] == plates[2]).to_numpy()
     config = TrainConfig(epochs=3, warmup_epochs=1, batch_size=32, input_size=32,
-                         learning_rate=3e-3, patience=3)  # fmt: skip
+                         learning_rate=3e-3, patience=3, pool="crop")  # fmt: skip
     result = fine_tune(minmax_crops(crops[:, :, 2:-2, 2:-2]), labels, is_val, config)
     chance = pd.Series(labels[is_val]).value_counts(normalize=True).max()
     assert result.log["val_accuracy"].max() > chance + 0.1
