@@ -23,9 +23,12 @@ from db.store import (
     resolve_run,
     summarize_runs,
 )
-from pipeline.campaign import plate_trends, recipe_diagnostics
+from pipeline.calls.campaign import plate_trends, recipe_diagnostics
+from pipeline.calls.hits import DOSE_KEYS
+from pipeline.cells.stored import StoredFieldReader
 from pipeline.config import HitsConfig
-from pipeline.export import (
+from pipeline.profiling.profiles import feature_columns, metadata_columns, well_activity
+from pipeline.views.export import (
     COMBINED_KIND,
     combined_blocks,
     hit_settings,
@@ -34,10 +37,7 @@ from pipeline.export import (
     read_hit_tables,
     read_profiles,
 )
-from pipeline.gallery import display_limits, field_thumbnail
-from pipeline.hits import DOSE_KEYS
-from pipeline.profiles import feature_columns, metadata_columns, well_activity
-from pipeline.run import StoredFieldReader, sample_cell_crops
+from pipeline.views.gallery import display_limits, field_thumbnail, sample_cell_crops
 
 DEFAULT_DB_URL = "sqlite:///phenoscreen.db"
 
@@ -101,7 +101,7 @@ def load_profiles(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return a run's well profiles and the same after its profile recipe.
 
-    `pipeline.export.read_profiles` of the feature set (a stored name; None: the
+    `pipeline.views.export.read_profiles` of the feature set (a stored name; None: the
     run's default); the loaders below take theirs from here.
     """
     engine = get_engine(url)
@@ -147,7 +147,7 @@ def load_plate_qc(
 ) -> pd.DataFrame:
     """Return per-plate QC of a run: Z' of activity, edge effects.
 
-    `pipeline.export.plate_qc_table`, with cell-count Z' when the run declares a
+    `pipeline.views.export.plate_qc_table`, with cell-count Z' when the run declares a
     ``[hits] cell_count_control``.
 
     Raises
@@ -167,7 +167,7 @@ def load_plate_trends(
 ) -> pd.DataFrame:
     """Return one row per plate of a run: what drifts over a campaign, and its QC.
 
-    `pipeline.campaign.plate_trends` of the run's well profiles and the same after
+    `pipeline.calls.campaign.plate_trends` of the run's well profiles and the same after
     its recipe (`load_profiles`), followed by the other columns of `load_plate_qc`
     (robust Z', edge effects, ...) when `with_qc`.
 
@@ -202,14 +202,14 @@ def load_correction_diagnostics(
 ) -> pd.DataFrame:
     """Return plate-effect diagnostics of a run's profiles before and after its recipe.
 
-    `pipeline.campaign.recipe_diagnostics` (before: robust z to the DMSO wells of
+    `pipeline.calls.campaign.recipe_diagnostics` (before: robust z to the DMSO wells of
     all plates pooled, on the features the recipe kept; after: the run's recipe),
     with MoA NSC / NSCB when the plate map has a ``moa`` column.
 
     Raises
     ------
     ValueError
-        As `pipeline.campaign.recipe_diagnostics` (e.g. fewer than two DMSO
+        As `pipeline.calls.campaign.recipe_diagnostics` (e.g. fewer than two DMSO
         wells).
     """
     raw, normalized = load_profiles(url, run_id, feature_set)
@@ -253,7 +253,7 @@ def load_well_activity(
 ) -> pd.DataFrame:
     """Return every well's metadata and activity.
 
-    ``activity`` is `pipeline.profiles.well_activity`: distance from DMSO in robust
+    ``activity`` is `pipeline.profiling.profiles.well_activity`: distance from DMSO in robust
     SDs of the plate's DMSO wells' own distances (DMSO wells: 0 +- 1).
     """
     normalized = load_normalized_profiles(url, run_id, feature_set)

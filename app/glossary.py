@@ -1,13 +1,13 @@
 """What the dashboard's columns and terms mean: one place for every view's help.
 
-Each definition follows the pipeline it describes (`pipeline.profiles.well_activity`,
-`pipeline.hits.call_hits`, `pipeline.doseresponse.fit_dose_response`,
-`pipeline.export.plate_qc_table`); `widgets.show_glossary` shows a selection.
+Each definition follows the pipeline it describes (`pipeline.profiling.profiles.well_activity`,
+`pipeline.calls.hits.call_hits`, `pipeline.calls.doseresponse.fit_dose_response`,
+`pipeline.views.export.plate_qc_table`); `widgets.show_glossary` shows a selection.
 """
 
-from pipeline.hits import MIN_SIMILARITY
+from pipeline.calls.hits import MIN_SIMILARITY
 
-#: Meaning of each value of ``ec50_flag`` (`pipeline.doseresponse.FLAGS`).
+#: Meaning of each value of ``ec50_flag`` (`pipeline.calls.doseresponse.FLAGS`).
 EC50_FLAGS = {
     "ok": "a monotone fit, EC50 inside the tested doses, 95% CI within 2 decades",
     "flat": "no dose dependence (fit vs a flat line and, with replicates, ANOVA "

@@ -12,9 +12,9 @@ import streamlit as st
 
 from app import data
 from app.glossary import GLOSSARY
-from pipeline.export import escape_formulas
-from pipeline.gallery import composite, display_limits, draw_outlines
-from pipeline.platemap import PLATE_FORMATS, parse_well
+from pipeline.images.platemap import PLATE_FORMATS, parse_well
+from pipeline.views.export import escape_formulas
+from pipeline.views.gallery import composite, display_limits, draw_outlines
 
 #: Colour of negative controls (DMSO) in every figure.
 CONTROL_GREY = "#999999"
@@ -439,7 +439,7 @@ def dose_response_figure(
     ----------
     wells : DataFrame
         The compound's wells: ``Metadata_Concentration`` (uM; NaN in designs
-        without concentrations), ``activity`` (`pipeline.profiles.well_activity`),
+        without concentrations), ``activity`` (`pipeline.profiling.profiles.well_activity`),
         ``Metadata_Plate``, ``Metadata_Well``.
     fit : Series
         Its hit-list row: ``bottom``, ``top``, ``ec50``, ``hill``, ``ec50_flag``.

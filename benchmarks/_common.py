@@ -34,11 +34,11 @@ def save(name: str, figures: dict[str, Any]) -> Path:
 
 
 def run_demo(out: Path, **plate: Any) -> tuple[str, dict[str, Path]]:
-    """Write a demo experiment (`pipeline.demo.write_demo_plate` with `plate`) into
+    """Write a demo experiment (`pipeline.images.demo.write_demo_plate` with `plate`) into
     `out` and run it into ``out/store.db`` as the demo command does (cytoplasm
     Actin); return the store URL and the demo's paths."""
     from pipeline.config import config_from_dict  # noqa: PLC0415 - after sys.path
-    from pipeline.demo import CHANNELS, write_demo_plate  # noqa: PLC0415
+    from pipeline.images.demo import CHANNELS, write_demo_plate  # noqa: PLC0415
     from pipeline.run import run_experiment  # noqa: PLC0415
 
     demo = write_demo_plate(out, **plate)

@@ -3,7 +3,7 @@
 Plate SQ00015054 (../shared/data/profiles/lincs_cpg0004_plate_SQ00015054): 58
 compounds x 6 doses and 24 DMSO wells, 454 CellProfiler features. As in copairs'
 phenotypic-activity example, the doses of a compound are its replicates and DMSO the
-negatives (cosine similarity). Runs our `pipeline.activity` and copairs side by side
+negatives (cosine similarity). Runs our `pipeline.profiling.activity` and copairs side by side
 on the same input, and reports per-compound |mAP difference|, agreement of hit calls
 at q < 0.05 (and how copairs' own calls move with its null's seed: both nulls are
 Monte Carlo, so a compound with q near 0.05 can flip), and the runtime ratio. Then
@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import save  # noqa: E402
 
-from pipeline.activity import average_precision, mean_average_precision  # noqa: E402
-from pipeline.export import hit_tables  # noqa: E402
-from pipeline.importers import ImportOptions, read_source, standardize  # noqa: E402
-from pipeline.profiles import normalize_profiles  # noqa: E402
+from pipeline.profiling.activity import average_precision, mean_average_precision  # noqa: E402
+from pipeline.profiling.importers import ImportOptions, read_source, standardize  # noqa: E402
+from pipeline.profiling.profiles import normalize_profiles  # noqa: E402
+from pipeline.views.export import hit_tables  # noqa: E402
 
 LINCS = (
     Path(__file__).resolve().parents[2]
@@ -130,7 +130,7 @@ def main() -> None:
 def full_hit_list() -> dict[str, object]:
     """What `phenoscreen hits` reports after `import-profiles`: the profiles are
     robust-z normalized to DMSO first (copairs above ran on them as given), then
-    `pipeline.hits.call_hits` (one well per dose: the distance test) and 4PL fits of
+    `pipeline.calls.hits.call_hits` (one well per dose: the distance test) and 4PL fits of
     well activity."""
     options = ImportOptions(negative_control="DMSO")
     imported = standardize(read_source(LINCS, options), options, source=str(LINCS))

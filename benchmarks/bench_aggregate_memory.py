@@ -2,7 +2,7 @@
 
 Builds a synthetic SQLite store (default 5,000,000 cells: 4 plates x 384 wells x
 4 fields, 50 float32 features per cell) through the store's per-field writes, then
-aggregates it to well profiles with `pipeline.export.read_well_profiles` in a fresh
+aggregates it to well profiles with `pipeline.views.export.read_well_profiles` in a fresh
 process and reports that process's peak RSS next to the size of the cell features
 (what holding them all would take). The store is kept between runs (``--store``).
 
@@ -114,7 +114,7 @@ def build_store(url: str, n_cells: int, seed: int = 0) -> int:
 
 def aggregate(url: str) -> None:
     """Aggregate the store's latest run to well profiles; print figures as TSV."""
-    from pipeline.export import read_well_profiles
+    from pipeline.views.export import read_well_profiles
 
     engine = make_engine(url, create=False)
     start = time.perf_counter()

@@ -15,10 +15,10 @@ over the NF-kB stain) and profiled three ways:
 - ``combined``: both, each normalized and weighted equally.
 
 Tiles are normalized as `phenoscreen` normalizes wells
-(`pipeline.profiles.normalize_profiles`, the default recipe; for classical and
+(`pipeline.profiling.profiles.normalize_profiles`, the default recipe; for classical and
 deep features also with feature-selection correlations measured on all tiles and
 without feature selection), scored by their distance from the
-controls (`pipeline.profiles.well_activity`), and the Z' of that score between the
+controls (`pipeline.profiling.profiles.well_activity`), and the Z' of that score between the
 stimulated and the control tiles is reported, with the nucleus/cytoplasm NF-kB
 intensity ratio (the assay's classic one-number readout) for reference.
 
@@ -48,12 +48,12 @@ from models.embed import (  # noqa: E402
     fit_channel_ranges,
     normalize_crops,
 )
+from pipeline.calls.plateqc import z_prime  # noqa: E402
+from pipeline.cells.crops import crop_cells, default_crop_size  # noqa: E402
+from pipeline.cells.segment import segment_field  # noqa: E402
 from pipeline.config import EmbedConfig, ProfileConfig  # noqa: E402
-from pipeline.crops import crop_cells, default_crop_size  # noqa: E402
-from pipeline.features import measure_cells  # noqa: E402
-from pipeline.plateqc import z_prime  # noqa: E402
-from pipeline.profiles import normalize_profiles, well_activity  # noqa: E402
-from pipeline.segment import segment_field  # noqa: E402
+from pipeline.measure.features import measure_cells  # noqa: E402
+from pipeline.profiling.profiles import normalize_profiles, well_activity  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/fields/bbbc014_nfkb_vitra"
 WELLS = {"A01": "01-A-01", "A12": "12-A-12"}  # stimulated, control

@@ -10,7 +10,7 @@ and fields are compared within three folds of two plates (the plates each fine-t
 network never saw; the same folds for every feature set). Reported per feature set:
 
 - mAP of each dose's fields retrieving each other against the DMSO fields (copairs'
-  phenotypic activity, `pipeline.activity`), with permutation p and BH q;
+  phenotypic activity, `pipeline.profiling.activity`), with permutation p and BH q;
 - dose ordering: median distance to DMSO (RMS of the scaled features, `well_distance`) per dose, and
   Spearman's rho between dose and the fields' distance (treated fields only).
 
@@ -29,7 +29,7 @@ default; ``finetuned_pooled``: the same networks' final pooled layer, untrained
 ImageNet stages when training stopped at the recipe's layer); ``combined`` /
 ``combined_finetuned`` (classical + the recipe's or the fine-tuned embedding,
 each block centred and scaled on its own and weighted equally, as
-`pipeline.profiles.normalize_profiles` does with blocks). CPU, 2 threads on the
+`pipeline.profiling.profiles.normalize_profiles` does with blocks). CPU, 2 threads on the
 reference machine.
 
     python benchmarks/bench_bbbc021_quality.py [--epochs 8] [--train KEY=VALUE ...]
@@ -63,11 +63,12 @@ from models.embed import (  # noqa: E402
     normalize_crops,
 )
 from models.train import TrainConfig, fine_tune, validation_split  # noqa: E402
-from pipeline.activity import average_precision, mean_average_precision  # noqa: E402
+from pipeline.cells.segment import segment_field  # noqa: E402
 from pipeline.config import EmbedConfig  # noqa: E402
-from pipeline.features import measure_cells  # noqa: E402
-from pipeline.profiles import weight_blocks, well_distance  # noqa: E402
-from pipeline.segment import estimate_nucleus_diameter, segment_field  # noqa: E402
+from pipeline.images.planes import estimate_nucleus_diameter  # noqa: E402
+from pipeline.measure.features import measure_cells  # noqa: E402
+from pipeline.profiling.activity import average_precision, mean_average_precision  # noqa: E402
+from pipeline.profiling.profiles import weight_blocks, well_distance  # noqa: E402
 
 DATA = (
     Path(__file__).resolve().parents[2]

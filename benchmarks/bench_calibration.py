@@ -11,8 +11,8 @@ compounds (the rest stay controls) in one of four designs:
 - ``triplicates``: 4 compounds x 3 wells.
 
 The fake plate goes through the same steps as a screen (the default profile
-recipe, `pipeline.profiles.normalize_profiles`, on the remaining controls, then
-`pipeline.hits.call_hits` with its adaptive test). Nothing differs
+recipe, `pipeline.profiling.profiles.normalize_profiles`, on the remaining controls, then
+`pipeline.calls.hits.call_hits` with its adaptive test). Nothing differs
 from DMSO, so every hit is false: under this complete null the FDR is the fraction
 of splits with any hit, which should stay at or below the FDR level (0.05). Also
 reported: the fraction of fake compound-doses with p < 0.05 for the chosen test and
@@ -39,10 +39,10 @@ from _common import run_demo, save  # noqa: E402
 
 from db.session import make_engine  # noqa: E402
 from db.store import resolve_run  # noqa: E402
-from pipeline.export import read_well_profiles  # noqa: E402
-from pipeline.hits import call_hits  # noqa: E402
-from pipeline.importers import ImportOptions, read_source, standardize  # noqa: E402
-from pipeline.profiles import normalize_profiles  # noqa: E402
+from pipeline.calls.hits import call_hits  # noqa: E402
+from pipeline.profiling.importers import ImportOptions, read_source, standardize  # noqa: E402
+from pipeline.profiling.profiles import normalize_profiles  # noqa: E402
+from pipeline.views.export import read_well_profiles  # noqa: E402
 
 PROFILES = Path(__file__).resolve().parents[2] / "shared/data/profiles"
 PLATES = {

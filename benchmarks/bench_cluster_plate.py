@@ -46,9 +46,9 @@ from bench_sql_insert import fresh_pg_database  # noqa: E402
 from db.session import make_engine  # noqa: E402
 from db.store import resolve_run  # noqa: E402
 from pipeline.config import config_from_dict  # noqa: E402
-from pipeline.demo import CHANNELS_5, write_demo_plate  # noqa: E402
-from pipeline.export import read_well_profiles  # noqa: E402
+from pipeline.images.demo import CHANNELS_5, write_demo_plate  # noqa: E402
 from pipeline.run import run_experiment  # noqa: E402
+from pipeline.views.export import read_well_profiles  # noqa: E402
 
 FULL_PLATE_FIELDS = 384 * 9
 ROOT = Path(__file__).resolve().parents[1]

@@ -78,10 +78,10 @@ def plate_map() -> pd.DataFrame:
 
 def segment_template() -> tuple[pd.DataFrame, pd.DataFrame, dict, dict, str]:
     """Segment and measure the JUMP field once: cells, features, masks, files, config."""
+    from pipeline.cells.segment import segment_field
     from pipeline.config import config_from_dict, dump_config
-    from pipeline.features import feature_names, measure_cells
-    from pipeline.io import read_field
-    from pipeline.segment import segment_field
+    from pipeline.images.io import read_field
+    from pipeline.measure.features import feature_names, measure_cells
 
     files = {name: next(JUMP.glob(f"*-{token}sk*.tiff")).name
              for name, token in CHANNELS.items()}  # fmt: skip
@@ -99,7 +99,7 @@ def segment_template() -> tuple[pd.DataFrame, pd.DataFrame, dict, dict, str]:
 
 def build_store(url: str, n_cells: int, seed: int = 0) -> dict:
     """Write the synthetic screen; return build figures."""
-    from pipeline.export import (
+    from pipeline.views.export import (
         aggregate_run,
         phenotype_map_table,
         read_hit_tables,

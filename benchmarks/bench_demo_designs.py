@@ -1,9 +1,9 @@
 """Hit calls against the demo's truth for 1, 2 and 3 replicate plates.
 
-The demo experiment (`pipeline.demo`: 96-well plates, 9 compounds x 8 doses, 7 truly
+The demo experiment (`pipeline.images.demo`: 96-well plates, 9 compounds x 8 doses, 7 truly
 active, DMSO in columns 1 and 12, one field per well here) is generated with 1, 2
 and 3 replicate plates, run through `pipeline.run.run_experiment` into SQLite and
-called by the same path as `phenoscreen hits` (`pipeline.export.read_hit_tables`,
+called by the same path as `phenoscreen hits` (`pipeline.views.export.read_hit_tables`,
 classical features). Reported per design: the tests used, true actives called,
 inactive compounds called, hits without an active dose (must be 0) and the
 compounds with an EC50 (fit flag ``ok``).
@@ -27,7 +27,7 @@ from _common import run_demo, save  # noqa: E402
 
 from db.session import make_engine  # noqa: E402
 from db.store import resolve_run  # noqa: E402
-from pipeline.export import read_hit_tables  # noqa: E402
+from pipeline.views.export import read_hit_tables  # noqa: E402
 
 
 def score(out: Path, n_plates: int, fields_per_well: int) -> dict[str, object]:

@@ -1,7 +1,7 @@
 """Recovery of the demo's planted phenotypes by each feature set.
 
 The demo experiment (3 replicate 96-well plates, 9 compounds x 8 doses with known
-effects, `pipeline.demo`) is analysed once; then hits are called on each feature
+effects, `pipeline.images.demo`) is analysed once; then hits are called on each feature
 set: ``classical`` features; ImageNet embeddings of ``tf_efficientnet_lite0``: the
 earlier default (``imagenet_pooled_stem``: 3-channel stem, final pooled layer, crops
 at their size, wells averaged), the default recipe (``imagenet_recipe``,
@@ -14,7 +14,7 @@ seed, 2 plates), so it never saw the evaluated cells, as when a model from earli
 screens is applied to a new one. Reported per feature set: which true actives are
 hits, false hits among the inactive compounds, and the EC50 of the strong actives
 against the truth; hits come from the same path as `phenoscreen hits`
-(`pipeline.export.read_profiles`, the run's profile recipe).
+(`pipeline.views.export.read_profiles`, the run's profile recipe).
 
     python benchmarks/bench_demo_feature_sets.py [--epochs 8]
 """
@@ -40,7 +40,7 @@ from db.store import resolve_run  # noqa: E402
 from models.embed import embed_run  # noqa: E402
 from models.train import TrainConfig, train_run  # noqa: E402
 from pipeline.config import EmbedConfig  # noqa: E402
-from pipeline.export import hit_tables, read_profiles  # noqa: E402
+from pipeline.views.export import hit_tables, read_profiles  # noqa: E402
 
 
 def analyse(out: Path, *, n_plates: int, seed: int) -> tuple[str, dict, Path]:

@@ -34,7 +34,7 @@ from db.session import make_engine  # noqa: E402
 from models.backbones import create_backbone  # noqa: E402
 from models.embed import CellEmbedder, embed_run  # noqa: E402
 from pipeline.config import EmbedConfig, config_from_dict  # noqa: E402
-from pipeline.demo import CHANNELS, write_demo_plate  # noqa: E402
+from pipeline.images.demo import CHANNELS, write_demo_plate  # noqa: E402
 from pipeline.run import run_experiment  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def raw_forward(
 
 def summary_crop_size(engine, run_id: int) -> int:
     """The recipe's default crop side on this run (four median nucleus diameters)."""
-    from pipeline.run import iter_field_crops
+    from pipeline.cells.stored import iter_field_crops
 
     return next(iter_field_crops(engine, run_id)).crops.shape[-1]
 

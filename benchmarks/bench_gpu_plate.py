@@ -1,12 +1,12 @@
 """Plate time on a GPU machine: segmentation, measurement, embedding and fine-tuning.
 
 One script to run whenever a CUDA machine is available (it runs on CPU too and says
-so). It draws real-size fields (`pipeline.demo.render_field`: 1080 px, 5 channels,
+so). It draws real-size fields (`pipeline.images.demo.render_field`: 1080 px, 5 channels,
 about 200 nuclei of 20 px, as a JUMP Cell Painting field) and measures, side by side:
 
-- segmentation: `pipeline.segment.segment_field` with the U-Net on the device
+- segmentation: `pipeline.cells.segment.segment_field` with the U-Net on the device
   (``segment.device = "cuda"``: bfloat16) and on the CPU, seconds per field;
-- measurement: `pipeline.features.measure_cells` (CPU), seconds per field;
+- measurement: `pipeline.measure.features.measure_cells` (CPU), seconds per field;
 - embedding: the default recipe's `models.embed.CellEmbedder` (each channel as RGB,
   ``blocks[3]``, 64 px) through `models.embed.embed_array` (bfloat16 autocast,
   pinned memory, channels_last on CUDA), crops per second;
@@ -40,11 +40,11 @@ from _common import save  # noqa: E402
 
 from models.embed import build_embedder, embed_array  # noqa: E402
 from models.train import Classifier, TrainConfig  # noqa: E402
+from pipeline.cells.crops import crop_cells  # noqa: E402
+from pipeline.cells.segment import segment_field  # noqa: E402
 from pipeline.config import EmbedConfig  # noqa: E402
-from pipeline.crops import crop_cells  # noqa: E402
-from pipeline.demo import CHANNELS_5, _cell_params, _illumination, render_field  # noqa: E402
-from pipeline.features import measure_cells  # noqa: E402
-from pipeline.segment import segment_field  # noqa: E402
+from pipeline.images.demo import CHANNELS_5, _cell_params, _illumination, render_field  # noqa: E402
+from pipeline.measure.features import measure_cells  # noqa: E402
 
 FIELDS_PER_PLATE = 384 * 9
 

@@ -30,15 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import save  # noqa: E402
 
-from pipeline.activity import (  # noqa: E402
+from pipeline.calls.moa import consensus_profiles, predict_moa  # noqa: E402
+from pipeline.cli import main as main_cli  # noqa: E402
+from pipeline.profiling.activity import (  # noqa: E402
     average_precision,
     mean_average_precision,
     percent_replicating,
 )
-from pipeline.cli import main as main_cli  # noqa: E402
-from pipeline.importers import ImportOptions, read_source, standardize  # noqa: E402
-from pipeline.moa import consensus_profiles, predict_moa  # noqa: E402
-from pipeline.profiles import sphere_to_controls  # noqa: E402
+from pipeline.profiling.importers import ImportOptions, read_source, standardize  # noqa: E402
+from pipeline.profiling.profiles import sphere_to_controls  # noqa: E402
 
 PLATE = (
     Path(__file__).resolve().parents[2]

@@ -32,8 +32,8 @@ from _common import save  # noqa: E402
 
 from db.session import make_engine  # noqa: E402
 from db.store import resolve_run, summarize_runs  # noqa: E402
-from pipeline.demo import write_demo_plate  # noqa: E402
-from pipeline.export import read_hit_tables, read_well_profiles  # noqa: E402
+from pipeline.images.demo import write_demo_plate  # noqa: E402
+from pipeline.views.export import read_hit_tables, read_well_profiles  # noqa: E402
 
 
 def run_command(demo: dict[str, Path], url: str) -> list[str]:

@@ -1,7 +1,7 @@
 """Each step of the profile recipe ([profile]) on real plates and the demo, side by side.
 
 Recipes (`pipeline.config.ProfileConfig`), each applied by
-`pipeline.profiles.normalize_profiles` exactly as every command applies a run's:
+`pipeline.profiling.profiles.normalize_profiles` exactly as every command applies a run's:
 
 - ``robust_z``: robust z per plate to the DMSO wells only, each plate scaled by
   its own DMSO spread (the wave-1 default);
@@ -64,16 +64,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import run_demo, save  # noqa: E402
 
-from pipeline.activity import (  # noqa: E402
+from pipeline.calls.moa import moa_table  # noqa: E402
+from pipeline.config import ProfileConfig  # noqa: E402
+from pipeline.profiling.activity import (  # noqa: E402
     average_precision,
     mean_average_precision,
     percent_replicating,
     replicate_average_precision,
 )
-from pipeline.config import ProfileConfig  # noqa: E402
-from pipeline.export import moa_table  # noqa: E402
-from pipeline.importers import ImportOptions, read_source, standardize  # noqa: E402
-from pipeline.profiles import normalize_profiles, sphere_to_controls  # noqa: E402
+from pipeline.profiling.importers import ImportOptions, read_source, standardize  # noqa: E402
+from pipeline.profiling.profiles import normalize_profiles, sphere_to_controls  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/profiles"
 JUMP = (
@@ -236,7 +236,7 @@ def demo() -> dict[str, dict[str, str]]:
     from db.store import resolve_run  # noqa: PLC0415
     from models.embed import embed_run  # noqa: PLC0415
     from pipeline.config import EmbedConfig  # noqa: PLC0415
-    from pipeline.export import hit_tables, read_profiles  # noqa: PLC0415
+    from pipeline.views.export import hit_tables, read_profiles  # noqa: PLC0415
 
     figures: dict[str, dict[str, str]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,7 @@ from _common import save  # noqa: E402
 from bench_sql_insert import fresh_pg_database  # noqa: E402
 
 from pipeline.config import config_from_dict  # noqa: E402
-from pipeline.demo import CHANNELS, write_demo_plate  # noqa: E402
+from pipeline.images.demo import CHANNELS, write_demo_plate  # noqa: E402
 from pipeline.run import run_experiment  # noqa: E402
 
 

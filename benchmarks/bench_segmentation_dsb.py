@@ -35,8 +35,8 @@ from skimage.segmentation import watershed
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import save  # noqa: E402
 from models.segmenter import segment_nuclei_unet  # noqa: E402
-from pipeline.segeval import average_precision, match_counts  # noqa: E402
-from pipeline.segment import segment_nuclei  # noqa: E402
+from pipeline.cells.segeval import average_precision, match_counts  # noqa: E402
+from pipeline.cells.segment import segment_nuclei  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/segmentation/dsb2018_dev"
 SHOWN = (0.5, 0.75, 0.9)

@@ -42,8 +42,8 @@ from skimage.io import imread
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks._common import save  # noqa: E402
-from pipeline.features import feature_names  # noqa: E402
-from pipeline.segment import segment_field  # noqa: E402
+from pipeline.cells.segment import segment_field  # noqa: E402
+from pipeline.measure.features import feature_names  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 FOVS = SHARED / "data/fields/cellpainting_fovs_cytodataframe"
@@ -77,8 +77,8 @@ _ONE_CORE = {
 OURS = """
 import json, sys, time
 import numpy as np, tifffile
-from pipeline.features import measure_cells
-from pipeline.segment import segment_field
+from pipeline.measure.features import measure_cells
+from pipeline.cells.segment import segment_field
 rows = []
 for dna, cell in json.loads(sys.argv[1]):
     start = time.perf_counter()

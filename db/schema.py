@@ -358,3 +358,21 @@ class PhenotypeMapPoint(Base):
     umap_y: Mapped[float]
     cluster: Mapped[int]
     feature_set: Mapped[str | None] = mapped_column(String(100))
+
+
+CELL_COLUMNS = (
+    "object_number",
+    "centroid_y",
+    "centroid_x",
+    "bbox_min_y",
+    "bbox_min_x",
+    "bbox_max_y",
+    "bbox_max_x",
+    "area_px",
+)
+
+
+MAP_COLUMNS = (
+    "level", "label", "plate", "well", "compound", "concentration", "role", "moa",
+    "activity", "umap_x", "umap_y", "cluster",
+)  # fmt: skip

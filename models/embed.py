@@ -17,7 +17,7 @@ what made CNN profiles match or beat CellProfiler features in the literature
   shrunk to the feature map's grid) or over the whole crop;
 - cells aggregated into wells by their median (``aggregate``).
 
-Crops are streamed field by field from a run (`pipeline.run.iter_field_crops`),
+Crops are streamed field by field from a run (`pipeline.cells.stored.iter_field_crops`),
 embedded in batches by a DataLoader under ``torch.inference_mode`` (CUDA with
 bfloat16 autocast, pinned memory and channels_last when present; CPU otherwise)
 and written to the store per field, one transaction each, as a feature set that
@@ -54,10 +54,10 @@ from tqdm.auto import tqdm
 
 from db import store
 from models.backbones import OFFLINE_NORMALIZATION, create_backbone, load_checkpoint
+from pipeline.cells.stored import FieldCrops, iter_field_crops
 from pipeline.config import EMBED_POOLS, EMBED_STRATEGIES, EmbedConfig
 from pipeline.errors import InputError
-from pipeline.export import COMBINED_KIND, aggregate_run
-from pipeline.run import FieldCrops, iter_field_crops
+from pipeline.views.export import COMBINED_KIND, aggregate_run
 
 __all__ = ["EmbedConfig", "embed_run"]
 
@@ -829,7 +829,7 @@ def register_combined(engine: Engine, run_id: int, embedding: str) -> str | None
 
     It stores no vectors: its well profiles are the two feature sets' well
     profiles, each normalized by the profile recipe on its own and weighted
-    equally (`pipeline.export.read_profiles`).
+    equally (`pipeline.views.export.read_profiles`).
 
     Returns
     -------

@@ -39,9 +39,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from pipeline.config import UNET_PRECISION
 from pipeline.errors import InputError
-from pipeline.segment import (
-    UNET_PRECISION,
+from pipeline.images.planes import (
     check_plane,
     estimate_nucleus_diameter,
     pixel_noise_sd,
@@ -254,7 +254,7 @@ def drop_faint_objects(
     on an empty, illumination-corrected demo field they reached 5 SDs but 18
     standard errors; dim real nuclei (StarDist's sample image) 3-6 SDs but >= 48.
     The background is the median of the pixels outside all objects, the noise SD
-    `pipeline.segment.pixel_noise_sd`.
+    `pipeline.cells.segment.pixel_noise_sd`.
 
     Parameters
     ----------
@@ -429,7 +429,7 @@ def labels_for_spec(
 def uses_bfloat16(device: str | torch.device) -> bool:
     """Whether the U-Net runs in bfloat16 autocast on `device`.
 
-    CUDA only (`pipeline.segment.UNET_PRECISION`). On CPUs, bfloat16 is fast on
+    CUDA only (`pipeline.config.UNET_PRECISION`). On CPUs, bfloat16 is fast on
     some (AMX tiles: about 2.4x) and slow or emulated on others, so choosing it per
     CPU would let a run resumed on another machine, or spread over mixed Dask
     workers, mix precisions silently; every CPU runs float32.

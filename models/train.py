@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from db import store
 from models.backbones import DEFAULT_MODEL, create_backbone
 from models.embed import CellEmbedder, plate_channel_ranges, scale_crops
+from pipeline.cells.stored import iter_field_crops
 from pipeline.config import (
     EMBED_POOLS,
     EMBED_SCALINGS,
@@ -46,7 +47,6 @@ from pipeline.config import (
     EmbedConfig,
     is_layer_name,
 )
-from pipeline.run import iter_field_crops
 
 logger = logging.getLogger(__name__)
 

@@ -42,9 +42,9 @@ from models.segmenter import (
     predict_field_maps,
     save_segmenter,
 )
+from pipeline.cells.segeval import average_precision, match_counts
 from pipeline.errors import InputError
-from pipeline.segeval import average_precision, match_counts
-from pipeline.segment import estimate_nucleus_diameter
+from pipeline.images.planes import estimate_nucleus_diameter
 
 logger = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from db.session import StoreConnectionLost
+from pipeline.calls.hits import HIT_COLUMNS, MIN_SIMILARITY
 from pipeline.config import (
     AGGREGATIONS,
     EMBED_POOLS,
@@ -30,9 +31,8 @@ from pipeline.config import (
     with_overrides,
 )
 from pipeline.errors import InputError, PipelineError
-from pipeline.export import TABLES
-from pipeline.hits import HIT_COLUMNS, MIN_SIMILARITY
-from pipeline.io import LAYOUTS, parse_channels
+from pipeline.images.io import LAYOUTS, parse_channels
+from pipeline.views.export import TABLES
 
 logger = logging.getLogger("phenoscreen")
 
@@ -535,7 +535,7 @@ def _print_hits(hits: pd.DataFrame, doses: pd.DataFrame, top: int) -> None:
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
     """Generate the demo plate."""
-    from pipeline.demo import write_demo_plate
+    from pipeline.images.demo import write_demo_plate
 
     paths = write_demo_plate(
         args.out_dir,
@@ -611,14 +611,14 @@ def _profiles(
     """Raw and normalized well profiles of a run (None: the latest complete one)."""
     from db.session import make_engine
     from db.store import resolve_run
-    from pipeline.export import read_profiles
+    from pipeline.views.export import read_profiles
 
     engine = make_engine(db_url, create=False)
     return read_profiles(engine, *resolve_run(engine, run_id), **options)
 
 
 def _write_out(table: pd.DataFrame, out: Path, what: str) -> None:
-    from pipeline.export import write_tables
+    from pipeline.views.export import write_tables
 
     write_tables(
         iter([table]), out, fmt="parquet" if out.suffix == ".parquet" else "csv"
@@ -640,7 +640,7 @@ def _hit_tables(
     """
     from db.session import make_engine
     from db.store import resolve_run
-    from pipeline.export import hit_settings, read_hit_tables
+    from pipeline.views.export import hit_settings, read_hit_tables
 
     engine = make_engine(db_url, create=False)
     run_id, experiment_id = resolve_run(engine, run_id)
@@ -665,9 +665,9 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     """Print per-plate trends and the profile recipe's before/after diagnostics."""
     from db.session import make_engine
     from db.store import resolve_run
-    from pipeline.campaign import plate_trends, recipe_diagnostics
-    from pipeline.export import plate_qc_table, read_profiles
-    from pipeline.profiles import metadata_column
+    from pipeline.calls.campaign import plate_trends, recipe_diagnostics
+    from pipeline.profiling.profiles import metadata_column
+    from pipeline.views.export import plate_qc_table, read_profiles
 
     engine = make_engine(_db_url(args), create=False)
     run_id, experiment_id = resolve_run(engine, args.run)
@@ -703,7 +703,7 @@ def cmd_qc(args: argparse.Namespace) -> int:
     """Print per-plate QC."""
     from db.session import make_engine
     from db.store import resolve_run
-    from pipeline.export import hit_settings, plate_qc_table, read_profiles
+    from pipeline.views.export import hit_settings, plate_qc_table, read_profiles
 
     engine = make_engine(_db_url(args), create=False)
     run_id, experiment_id = resolve_run(engine, args.run)
@@ -734,8 +734,8 @@ def cmd_qc(args: argparse.Namespace) -> int:
 
 def cmd_moa(args: argparse.Namespace) -> int:
     """Print 1-NN annotation accuracies (and write the predictions)."""
-    from pipeline.export import moa_table
-    from pipeline.moa import KEYS as MOA_KEYS
+    from pipeline.calls.moa import KEYS as MOA_KEYS
+    from pipeline.calls.moa import moa_table
 
     url, options = _db_url(args), _profile_options(args)
     reference = None
@@ -782,7 +782,7 @@ def _store_map(
 ) -> pd.DataFrame:
     from db.session import make_engine
     from db.store import resolve_feature_set, resolve_run, write_phenotype_map
-    from pipeline.export import phenotype_map_table, read_profiles, sample_cells
+    from pipeline.views.export import phenotype_map_table, read_profiles, sample_cells
 
     engine = make_engine(db_url, create=False)
     run_id, experiment_id = resolve_run(engine, run_id)
@@ -938,7 +938,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_import_profiles(args: argparse.Namespace) -> int:
     """Import existing profiles as a complete run."""
-    from pipeline.importers import ImportOptions, import_profiles
+    from pipeline.profiling.importers import ImportOptions, import_profiles
 
     options = ImportOptions(
         format=args.format,
@@ -971,7 +971,7 @@ def cmd_import_profiles(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a table."""
     from db.session import make_engine
-    from pipeline.export import export_table
+    from pipeline.views.export import export_table
 
     fmt = args.format or ("parquet" if args.out.suffix == ".parquet" else "csv")
     engine = make_engine(_db_url(args), create=False)
@@ -1034,7 +1034,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Generate the demo plate if needed, run it into SQLite and print the hits."""
     from pipeline.config import config_from_dict
-    from pipeline.demo import CHANNELS, write_demo_plate
+    from pipeline.images.demo import CHANNELS, write_demo_plate
     from pipeline.run import run_experiment
 
     out = args.out_dir

@@ -1,9 +1,9 @@
 """Run configuration: one frozen dataclass per step, loaded from and saved as TOML.
 
 Field names of `SegmentConfig` match the keyword arguments of
-`pipeline.segment.segment_field`, so ``segment_field(plane, **asdict(config.segment))``
+`pipeline.cells.segment.segment_field`, so ``segment_field(plane, **asdict(config.segment))``
 works (a test checks this); `MeasureConfig` is passed whole to
-`pipeline.features.measure_cells`.
+`pipeline.measure.features.measure_cells`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,15 @@ from typing import Any
 import tomli_w
 
 from pipeline.errors import InputError
-from pipeline.platemap import PLATE_FORMATS
+
+#: Plate formats as (rows, columns).
+PLATE_FORMATS: dict[int, tuple[int, int]] = {96: (8, 12), 384: (16, 24), 1536: (32, 48)}
+#: Nuclei segmenters (`pipeline.cells.segment` implements each).
+SEGMENTERS = ("classical", "unet", "cellpose", "stardist")
+
+#: How the learned segmenter runs on each kind of device (recorded with every run):
+#: bfloat16 autocast on CUDA, float32 on every CPU (`models.segmenter.uses_bfloat16`).
+UNET_PRECISION = {"cuda": "bfloat16", "cpu": "float32"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,7 +39,7 @@ class InputConfig:
     layout : str or None
         ``imagexpress``, ``phenix`` or ``multichannel``; None when `pattern` is given.
     pattern : str or None
-        A user regex (see `pipeline.io.compile_pattern`).
+        A user regex (see `pipeline.images.io.compile_pattern`).
     channels : dict of str to str
         Channel name -> file token (``w1``, ``ch5``) or 0-based index in a
         multi-channel file.
@@ -77,7 +85,7 @@ class InputConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class IlluminationConfig:
-    """Per-plate, per-channel illumination correction (see `pipeline.illumination`).
+    """Per-plate, per-channel illumination correction (see `pipeline.images.illumination`).
 
     Attributes
     ----------
@@ -106,14 +114,14 @@ class IlluminationConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SegmentConfig:
-    """Options of `pipeline.segment.segment_field` (same names).
+    """Options of `pipeline.cells.segment.segment_field` (same names).
 
     ``device = "cuda"`` runs the U-Net on the GPU in bfloat16
-    (`pipeline.segment.UNET_PRECISION`); its cells differ slightly from float32 on
+    (`UNET_PRECISION`); its cells differ slightly from float32 on
     the CPU, so the device is part of the run's analysis key.
     """
 
-    method: str = "unet"  # = pipeline.segment.DEFAULT_SEGMENTER
+    method: str = "unet"  # = pipeline.cells.segment.DEFAULT_SEGMENTER
     nucleus_diameter_px: float | None = None
     background_diameters: float = 1.0
     seed_fraction: float = 0.8
@@ -127,8 +135,6 @@ class SegmentConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        from pipeline.segment import SEGMENTERS  # noqa: PLC0415 - avoid a cycle
-
         if self.device not in ("cpu", "cuda"):
             raise InputError(
                 f'segment.device = {self.device!r} is unknown; choose "cpu" or "cuda".'
@@ -178,7 +184,7 @@ class SegmentConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class MeasureConfig:
-    """What `pipeline.features.measure_cells` measures.
+    """What `pipeline.measure.features.measure_cells` measures.
 
     Attributes
     ----------
@@ -371,7 +377,7 @@ WHITEN_SCOPES = ("plate", "batch", "all")
 
 @dataclass(frozen=True, kw_only=True)
 class ProfileConfig:
-    """How well profiles become comparable profiles (`pipeline.profiles`).
+    """How well profiles become comparable profiles (`pipeline.profiling.profiles`).
 
     Every feature set of the run (classical, deep, combined, imported) goes
     through the same recipe, in this order: each plate's wells are robust-z
@@ -399,14 +405,14 @@ class ProfileConfig:
         at 12 and 8 wells per plate (`benchmarks/bench_profile_recipe.py`).
     feature_select : bool
         Drop missing, near-constant and correlated features (see
-        `pipeline.featureselect.select_features`).
+        `pipeline.profiling.featureselect.select_features`).
     corr_threshold : float
         Of the feature selection: the absolute correlation above which a feature
         is dropped. 0.95 rather than pycytominer's 0.9: at 0.9 the demo lost a
         weak true active (`benchmarks/bench_profile_recipe.py`).
     corr_on : {"controls", "all"}
         Wells whose profiles measure those correlations: the negative controls
-        (when there are at least `pipeline.profiles.MIN_CORRELATION_CONTROLS`,
+        (when there are at least `pipeline.profiling.profiles.MIN_CORRELATION_CONTROLS`,
         else all wells, logged), so that features moved together by a treatment
         (every readout of a translocation, of a strong positive control) are not
         merged into one; or all wells, as pycytominer does.
@@ -456,7 +462,7 @@ class ProfileConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class HitsConfig:
-    """How compounds are called hits (`pipeline.hits.call_hits`).
+    """How compounds are called hits (`pipeline.calls.hits.call_hits`).
 
     Attributes
     ----------

@@ -1,8 +1,10 @@
 """Run an experiment: validate, register, process fields on Dask, commit per field.
 
-This is the only module (with `pipeline.export`) that reads files and writes to the
-store. Order of work: everything cheap is checked first (file names, plate map,
-channels) and nothing is written until it all passes; then the experiment is
+The orchestration on top of the stages: it reads the images (`pipeline.images`),
+segments and measures (`pipeline.cells`, `pipeline.measure`) and, with
+`pipeline.views.export`, writes results to the store. Order of work: everything
+cheap is checked first (file names, plate map, channels) and nothing is written
+until it all passes; then the experiment is
 registered in one transaction, and each field's cells are committed in their own
 transaction as its Dask task returns. A rerun of the same command finds the run by
 its analysis key and processes only the fields without a complete result, so a run
@@ -14,8 +16,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-import tomllib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from concurrent.futures import CancelledError
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -34,41 +35,37 @@ from tqdm.auto import tqdm
 
 from db import store
 from db.session import check_store, make_engine, retry_lost_connection
-from pipeline.config import (
-    IlluminationConfig,
-    MeasureConfig,
-    RunConfig,
-    analysis_key,
-    config_from_dict,
-    dump_config,
-)
-from pipeline.crops import crop_cells, default_crop_size
-from pipeline.errors import InputError, PipelineError, collect_input_errors
-from pipeline.export import aggregate_run
-from pipeline.features import FEATURE_SET_NAME, feature_names, measure_cells
-from pipeline.gallery import sample_fields
-from pipeline.illumination import correct as correct_illumination
-from pipeline.illumination import downsample, illumination_function
-from pipeline.io import (
-    compile_pattern,
-    discover_fields,
-    read_field,
-    resolve_under,
-    write_labels,
-)
-from pipeline.platemap import (
-    check_platemap_against_fields,
-    infer_plate_format,
-    read_platemap,
-)
-from pipeline.qc import flag_fields, measure_field_qc
-from pipeline.segment import (
+from pipeline.cells.segment import (
     DEFAULT_SEGMENTER,
-    UNET_PRECISION,
     check_segmenter,
     segment_field,
     segmenter_weights_sha256,
 )
+from pipeline.config import (
+    UNET_PRECISION,
+    IlluminationConfig,
+    MeasureConfig,
+    RunConfig,
+    analysis_key,
+    dump_config,
+)
+from pipeline.errors import InputError, PipelineError, collect_input_errors
+from pipeline.images.illumination import downsample, illumination_function
+from pipeline.images.io import (
+    compile_pattern,
+    discover_fields,
+    load_field,
+    read_field,
+    write_labels,
+)
+from pipeline.images.platemap import (
+    check_platemap_against_fields,
+    infer_plate_format,
+    read_platemap,
+)
+from pipeline.images.qc import flag_fields, measure_field_qc
+from pipeline.measure.features import FEATURE_SET_NAME, feature_names, measure_cells
+from pipeline.views.export import aggregate_run
 
 logger = logging.getLogger(__name__)
 
@@ -212,33 +209,6 @@ def prepare_run(
         channel_names=list(cfg.channels),
         channel_indexes=indexes,
     )
-
-
-def load_field(
-    paths: list[str],
-    *,
-    channel_indexes: list[int | None],
-    illumination: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Read a field and divide it by its plate's illumination function.
-
-    Returns
-    -------
-    raw : ndarray of shape (C, Y, X)
-        As stored.
-    corrected : ndarray of shape (C, Y, X), float32
-        ``raw`` / illumination function, or ``raw`` as float32 without one.
-
-    Raises
-    ------
-    OSError, ValueError
-        If a file cannot be read or the planes disagree (the message names the
-        file).
-    """
-    raw = read_field(paths, channel_indexes=channel_indexes)
-    if illumination is None:
-        return raw, raw.astype(np.float32)
-    return raw, correct_illumination(raw, illumination)
 
 
 def segment_image(
@@ -638,7 +608,7 @@ def run_experiment(
     images_dir : str or Path
         Folder of TIFFs (searched recursively).
     platemap_path : str or Path
-        Plate-map CSV (see `pipeline.platemap.read_platemap`).
+        Plate-map CSV (see `pipeline.images.platemap.read_platemap`).
     config : RunConfig
         Saved as TOML in the run row.
     db_url : str
@@ -846,7 +816,7 @@ def segment_files(
         Plane indexes inside multi-channel files; `cytoplasm_index` without
         `cytoplasm` takes the cytoplasm from the image file itself.
     segment : mapping, optional
-        Keyword options of `pipeline.segment.segment_field`.
+        Keyword options of `pipeline.cells.segment.segment_field`.
 
     Returns
     -------
@@ -906,262 +876,3 @@ def segment_files(
             }
         )
     return pd.DataFrame(rows)
-
-
-#: Fields whose stored cells `iter_field_crops` reads in one query.
-CELL_QUERY_FIELDS = 256
-
-
-@dataclass(frozen=True)
-class StoredFieldReader:
-    """Reads a run's fields again as the run saw them (files, channels, illumination).
-
-    Attributes
-    ----------
-    image_root : str
-    channel_names : list of str
-    channel_indexes : list of int or None
-        Per channel, its plane in a multi-channel file (None: one file per channel).
-    illumination : dict
-        Plate id -> (C, Y', X') illumination function; empty when switched off.
-    fields : DataFrame
-        The run's completed fields (`db.store.read_run_fields`).
-    """
-
-    image_root: str
-    channel_names: list[str]
-    channel_indexes: list[int | None]
-    illumination: dict[int, np.ndarray]
-    fields: pd.DataFrame
-
-    @classmethod
-    def open(cls, engine: Engine, run_id: int) -> StoredFieldReader:
-        """Read a run's config, fields and illumination functions from the store.
-
-        Raises
-        ------
-        ValueError
-            If the run does not exist.
-        """
-        config_toml, image_root, fields = store.read_run_fields(engine, run_id)
-        config = config_from_dict(
-            tomllib.loads(config_toml), source=f"run {run_id}", stored=True
-        )
-        names = list(config.input.channels)
-        pattern = compile_pattern(
-            layout=config.input.layout, pattern=config.input.pattern
-        )
-        indexes = (
-            [None] * len(names)
-            if "channel" in pattern.groupindex
-            else [int(t) for t in config.input.channels.values()]
-        )
-        illumination = store.read_illumination(engine, run_id, names)
-        return cls(image_root, names, indexes, illumination, fields)
-
-    def read(self, field: Any) -> np.ndarray:
-        """Return a field (a row of `fields`) corrected, (C, Y, X) float32.
-
-        Raises
-        ------
-        OSError, ValueError
-            If a file cannot be read, or its stored name leads outside the image
-            root (`pipeline.io.resolve_under`).
-        """
-        paths = [
-            str(resolve_under(self.image_root, field.files[name]))
-            for name in self.channel_names
-        ]
-        return load_field(
-            paths,
-            channel_indexes=self.channel_indexes,
-            illumination=self.illumination.get(field.plate_id),
-        )[1]
-
-
-@dataclass(frozen=True)
-class FieldCrops:
-    """The single-cell crops of one field (see `iter_field_crops`)."""
-
-    field_id: int
-    plate: str
-    well: str
-    site: int
-    object_numbers: np.ndarray
-    crops: np.ndarray
-    masks: np.ndarray | None
-
-
-def iter_field_crops(
-    engine: Engine,
-    run_id: int,
-    *,
-    size: int | None = None,
-    include_flagged: bool = False,
-    field_ids: set[int] | None = None,
-    with_masks: bool = False,
-) -> Iterator[FieldCrops]:
-    """Stream crops of a run's cells field by field, without writing them to disk.
-
-    Each field is read again and corrected with the run's stored illumination
-    functions; crops are centred on the stored nucleus centroids. With
-    `with_masks` each crop also gets its own cell's mask from the field's stored
-    labels.
-
-    Parameters
-    ----------
-    engine : Engine
-    run_id : int
-    size : int, optional
-        Crop side; default `pipeline.crops.default_crop_size` of the first field
-        with cells.
-    include_flagged : bool
-        Also crop fields flagged by QC.
-    field_ids : set of int, optional
-        Only these fields.
-    with_masks : bool
-        Also return the cell masks.
-
-    Yields
-    ------
-    FieldCrops
-        ``crops`` (N, C, size, size) float32 and ``masks`` (N, size, size) bool, or
-        None without `with_masks`.
-
-    Raises
-    ------
-    ValueError
-        If the run does not exist.
-    """
-    reader = StoredFieldReader.open(engine, run_id)
-    fields = reader.fields
-    if not include_flagged:
-        fields = fields[fields["qc_flags"] == ""]
-    if field_ids is not None:
-        fields = fields[fields["field_id"].isin(field_ids)]
-    cells: dict[int, pd.DataFrame] = {}
-    labels: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for i, row in enumerate(fields.itertuples(index=False)):
-        if i % CELL_QUERY_FIELDS == 0:  # one query per group of fields
-            group = fields["field_id"].iloc[i : i + CELL_QUERY_FIELDS]
-            cells = store.read_field_cells(engine, run_id, group)
-            if with_masks:
-                labels = store.read_field_masks(engine, run_id, group)
-        image = reader.read(row)
-        stored = cells[int(row.field_id)]
-        numbers = stored["object_number"].to_numpy()
-        if size is None and len(stored):
-            size = default_crop_size(stored["area_px"].to_numpy())
-        crops, masks = crop_cells(
-            image,
-            np.column_stack(
-                (stored["centroid_y"].to_numpy(), stored["centroid_x"].to_numpy())
-            ),
-            size or 64,
-            cell_labels=labels[int(row.field_id)][1] if with_masks else None,
-            object_numbers=numbers if with_masks else None,
-        )
-        yield FieldCrops(
-            field_id=int(row.field_id),
-            plate=row.Metadata_Plate,
-            well=row.Metadata_Well,
-            site=int(row.Metadata_Site),
-            object_numbers=numbers,
-            crops=crops,
-            masks=masks,
-        )
-
-
-def sample_cell_crops(
-    engine: Engine,
-    run_id: int,
-    *,
-    wells: pd.DataFrame | None = None,
-    cells: Sequence[tuple[str, str, int, int]] = (),
-    n_cells: int = 24,
-    n_fields: int = 8,
-    size: int | None = None,
-    rng: int = 0,
-) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """Return crops and masks of a random sample of cells from some wells, or of cells.
-
-    Only `n_fields` fields are read (one per well first, `pipeline.gallery.
-    sample_fields`), so a selection of any size costs a few field reads; fields
-    flagged by QC are left out.
-
-    Parameters
-    ----------
-    engine : Engine
-    run_id : int
-    wells : DataFrame, optional
-        ``Metadata_Plate``, ``Metadata_Well`` of the wells to sample from.
-    cells : sequence of (plate, well, site, object number)
-        Exact cells to show (e.g. selected on the phenotype map); used instead of
-        `wells` when given.
-    n_cells, n_fields : int
-        At most this many cells, from at most this many fields.
-    size : int, optional
-        Crop side (default from the nucleus size, as for embedding).
-    rng : int
-        Seed.
-
-    Returns
-    -------
-    crops : ndarray of shape (N, C, S, S), float32
-        Illumination-corrected.
-    masks : ndarray of shape (N, S, S), bool
-        Each crop's own cell.
-    table : DataFrame
-        ``Metadata_Plate``, ``Metadata_Well``, ``Metadata_Site``,
-        ``Metadata_ObjectNumber`` of each crop.
-
-    Raises
-    ------
-    ValueError
-        If neither `wells` nor `cells` is given, `n_cells` or `n_fields` < 1, or
-        the run does not exist.
-    """
-    if n_cells < 1 or n_fields < 1:
-        raise ValueError(f"n_cells = {n_cells} and n_fields = {n_fields} must be >= 1.")
-    if wells is None and not cells:
-        raise ValueError("give wells or cells to sample from.")
-    _, _, fields = store.read_run_fields(engine, run_id)
-    fields = fields[fields["qc_flags"] == ""]
-    site_key = ["Metadata_Plate", "Metadata_Well", "Metadata_Site"]
-    if cells:
-        wanted = pd.DataFrame(
-            list(cells), columns=[*site_key, "Metadata_ObjectNumber"]
-        ).head(n_cells)
-        chosen = fields.merge(wanted[site_key].drop_duplicates(), on=site_key)
-    else:
-        keys = ["Metadata_Plate", "Metadata_Well"]
-        chosen = sample_fields(
-            fields.merge(wells[keys].drop_duplicates(), on=keys), n_fields, rng=rng
-        )
-    parts: list[tuple[np.ndarray, np.ndarray, pd.DataFrame]] = []
-    for field in iter_field_crops(
-        engine, run_id, size=size, field_ids=set(chosen["field_id"]), with_masks=True
-    ):
-        table = pd.DataFrame(
-            {"Metadata_Plate": field.plate, "Metadata_Well": field.well,
-             "Metadata_Site": field.site,
-             "Metadata_ObjectNumber": field.object_numbers}
-        )  # fmt: skip
-        if cells:
-            keep = table.merge(wanted, how="left", indicator=True)["_merge"] == "both"
-            keep = keep.to_numpy()
-        else:
-            keep = np.ones(len(table), bool)
-        parts.append((field.crops[keep], field.masks[keep], table[keep]))
-    if not parts:
-        side = size or 64
-        return (np.zeros((0, 0, side, side), np.float32),
-                np.zeros((0, side, side), bool), pd.DataFrame(columns=[*site_key,
-                "Metadata_ObjectNumber"]))  # fmt: skip
-    crops = np.concatenate([p[0] for p in parts])
-    masks = np.concatenate([p[1] for p in parts])
-    table = pd.concat([p[2] for p in parts], ignore_index=True)
-    if len(table) > n_cells:
-        pick = np.sort(np.random.default_rng(rng).permutation(len(table))[:n_cells])
-        crops, masks, table = crops[pick], masks[pick], table.iloc[pick]
-    return crops, masks, table.reset_index(drop=True)

@@ -14,7 +14,7 @@ from skimage.draw import disk
 from sqlalchemy import create_engine, text
 
 from pipeline.config import config_from_dict
-from pipeline.demo import CHANNELS
+from pipeline.images.demo import CHANNELS
 from pipeline.run import run_experiment
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,7 +63,7 @@ def make_field(
 @pytest.fixture(scope="session")
 def demo_plate(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One small demo plate (96 wells x 1 field of 128 px), made once per session."""
-    from pipeline.demo import write_demo_plate
+    from pipeline.images.demo import write_demo_plate
 
     out = tmp_path_factory.mktemp("demo")
     return write_demo_plate(

@@ -14,7 +14,7 @@ from db.schema import Cell, FieldResult
 from db.session import make_engine, session_scope
 from db.store import resolve_run
 from pipeline.cli import main
-from pipeline.export import iter_cell_tables
+from pipeline.views.export import iter_cell_tables
 
 THREADS = "[execution]\nn_workers = 2\nprocesses = false\n"
 

@@ -7,11 +7,11 @@ from scipy import ndimage as ndi
 
 from db.session import make_engine
 from db.store import resolve_run
+from pipeline.cells.segeval import match_counts
+from pipeline.cells.segment import segment_field
 from pipeline.config import config_from_dict
-from pipeline.export import read_well_profiles
 from pipeline.run import run_experiment
-from pipeline.segeval import match_counts
-from pipeline.segment import segment_field
+from pipeline.views.export import read_well_profiles
 from tests.conftest import shared_data
 
 NF1 = "fields/cellpainting_fovs_cytodataframe/NF1_cellpainting_data_shrunken"

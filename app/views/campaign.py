@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from app import data, widgets
-from pipeline.campaign import AFTER_RECIPE, BEFORE_RECIPE
+from pipeline.calls.campaign import AFTER_RECIPE, BEFORE_RECIPE
 
 #: Plate maps per row of the side-by-side view.
 MAPS_PER_ROW = 4

@@ -4,8 +4,8 @@ import plotly.express as px
 import streamlit as st
 
 from app import data, widgets
-from pipeline.hits import MIN_SIMILARITY
-from pipeline.moa import compare_compound
+from pipeline.calls.hits import MIN_SIMILARITY
+from pipeline.calls.moa import compare_compound
 
 st.header("Compare compounds")
 st.caption(

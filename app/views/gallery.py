@@ -3,7 +3,7 @@
 import streamlit as st
 
 from app import data, widgets
-from pipeline.gallery import selection_wells
+from pipeline.views.gallery import selection_wells
 
 st.header("Cell gallery")
 st.caption(

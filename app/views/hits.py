@@ -4,7 +4,7 @@ import streamlit as st
 
 from app import data, widgets
 from app.glossary import GLOSSARY
-from pipeline.hits import DOSE_COLUMNS, HIT_COLUMNS
+from pipeline.calls.hits import DOSE_COLUMNS, HIT_COLUMNS
 
 st.header("Hits")
 run_id = widgets.pick_run()

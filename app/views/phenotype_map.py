@@ -4,7 +4,7 @@ import plotly.express as px
 import streamlit as st
 
 from app import data, widgets
-from pipeline.gallery import parse_cell_label, selection_wells
+from pipeline.views.gallery import parse_cell_label, selection_wells
 
 st.header("Phenotype map")
 st.caption(

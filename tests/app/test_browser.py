@@ -22,7 +22,7 @@ import pytest
 from db.session import make_engine
 from db.store import resolve_run, write_phenotype_map
 from pipeline.cli import dashboard_command
-from pipeline.export import phenotype_map_table, read_profiles, sample_cells
+from pipeline.views.export import phenotype_map_table, read_profiles, sample_cells
 from tests.conftest import copy_store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

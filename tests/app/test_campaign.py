@@ -11,7 +11,7 @@ from app.widgets import plate_trend_figure
 from db.session import make_engine
 from db.store import resolve_run, write_phenotype_map
 from pipeline.config import HitsConfig
-from pipeline.export import phenotype_map_table, read_profiles
+from pipeline.views.export import phenotype_map_table, read_profiles
 from tests.app.test_views import APP, figure_traces, plotly_figure, run_view
 from tests.conftest import copy_store
 
@@ -37,7 +37,7 @@ def _store_with_map(url):
 @pytest.fixture(scope="module")
 def campaign_store(tmp_path_factory):
     """Five imported plates in two batches, with MoAs and a phenotype map: its URL."""
-    from pipeline.importers import import_profiles
+    from pipeline.profiling.importers import import_profiles
     from tests.pipeline.test_importers import pycytominer_wells
 
     folder = tmp_path_factory.mktemp("campaign")

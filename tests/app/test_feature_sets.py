@@ -8,7 +8,7 @@ from streamlit.testing.v1 import AppTest
 
 from db.session import make_engine
 from db.store import resolve_run, write_phenotype_map
-from pipeline.export import phenotype_map_table, read_profiles, sample_cells
+from pipeline.views.export import phenotype_map_table, read_profiles, sample_cells
 from tests.app.test_views import VIEWS, run_view
 from tests.conftest import copy_store
 

@@ -20,10 +20,10 @@ from app.widgets import (
 )
 from db.session import make_engine
 from db.store import read_run_provenance, resolve_run, write_phenotype_map
+from pipeline.calls.doseresponse import FLAGS
+from pipeline.calls.hits import HIT_COLUMNS, MIN_SIMILARITY
 from pipeline.config import HitsConfig
-from pipeline.doseresponse import FLAGS
-from pipeline.export import phenotype_map_table, read_profiles, sample_cells
-from pipeline.hits import HIT_COLUMNS, MIN_SIMILARITY
+from pipeline.views.export import phenotype_map_table, read_profiles, sample_cells
 from tests.conftest import SHARED_DATA, copy_store
 
 APP = Path(__file__).resolve().parents[2] / "app"
@@ -83,7 +83,7 @@ def jump_stores(tmp_path_factory):
     ``no_cell_counts`` (the same table without its count columns, no map).
     """
     from pipeline.cli import main
-    from pipeline.importers import CELL_COUNT_COLUMNS
+    from pipeline.profiling.importers import CELL_COUNT_COLUMNS
 
     source = real_data(JUMP_MOA)
     folder = tmp_path_factory.mktemp("jump_moa")
@@ -384,7 +384,7 @@ def test_app_never_imports_torch_or_models():
 
 
 def test_views_on_imported_profiles_without_images(tmp_path, monkeypatch):
-    from pipeline.importers import import_profiles
+    from pipeline.profiling.importers import import_profiles
     from tests.pipeline.test_importers import pycytominer_wells
 
     path = tmp_path / "plates_normalized.csv"

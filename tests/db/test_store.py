@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 from sqlalchemy import func, select, text
 
-from db import store
+from db import store, writers
 from db.schema import Cell, CellVector, FieldResult, Well
 from db.session import make_engine, session_scope
 
@@ -168,14 +168,14 @@ def test_write_field_cells_is_all_or_nothing(db_url, monkeypatch):
     experiment_id, fields = register(engine)
     run_id, fs = open_run(engine, experiment_id)
     cells, features = cells_of(5)
-    real_copy = store._copy_rows
+    real_copy = writers._copy_rows
 
     def failing_copy(connection, table, columns, rows):
         if table.name == "cell_vector":
             raise RuntimeError("disk full")
         return real_copy(connection, table, columns, rows)
 
-    monkeypatch.setattr(store, "_copy_rows", failing_copy)
+    monkeypatch.setattr(writers, "_copy_rows", failing_copy)
     with pytest.raises(RuntimeError, match="disk full"):
         store.write_field_cells(
             engine,

@@ -26,7 +26,7 @@ from models.embed import (
 )
 from pipeline.cli import main
 from pipeline.errors import InputError
-from pipeline.export import iter_cell_tables, read_profiles, read_well_profiles
+from pipeline.views.export import iter_cell_tables, read_profiles, read_well_profiles
 
 
 def test_fit_channel_ranges_and_normalize():

@@ -25,9 +25,9 @@ from models.segmenter import (
     segmenter_sha256,
     uses_bfloat16,
 )
+from pipeline.cells.segeval import average_precision, match_counts
+from pipeline.cells.segment import check_segmenter, segment_field
 from pipeline.errors import InputError
-from pipeline.segeval import average_precision, match_counts
-from pipeline.segment import check_segmenter, segment_field
 from tests.conftest import shared_data
 
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score
 
-from pipeline.activity import (
+from pipeline.profiling.activity import (
     average_precision,
     leave_out_null,
     ledoit_wolf_shrinkage_gram,
@@ -15,7 +15,7 @@ from pipeline.activity import (
     percent_replicating,
     replicate_average_precision,
 )
-from pipeline.profiles import sphere_to_controls
+from pipeline.profiling.profiles import sphere_to_controls
 from tests.conftest import shared_data
 
 

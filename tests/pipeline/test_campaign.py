@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.campaign import (
+from pipeline.calls.campaign import (
     AFTER_RECIPE,
     BEFORE_RECIPE,
     correction_diagnostics,
@@ -14,7 +14,7 @@ from pipeline.campaign import (
     uncorrected_profiles,
 )
 from pipeline.config import ProfileConfig
-from pipeline.profiles import normalize_profiles
+from pipeline.profiling.profiles import normalize_profiles
 
 
 def campaign(rng=0, n_plates=4):

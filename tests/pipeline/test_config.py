@@ -3,6 +3,7 @@ from dataclasses import asdict, fields
 
 import pytest
 
+from pipeline.cells.segment import segment_field
 from pipeline.config import (
     ExecutionConfig,
     InputConfig,
@@ -16,8 +17,7 @@ from pipeline.config import (
     with_overrides,
 )
 from pipeline.errors import InputError
-from pipeline.features import measure_cells
-from pipeline.segment import segment_field
+from pipeline.measure.features import measure_cells
 
 
 def test_segment_config_matches_segment_field_keywords():
@@ -222,7 +222,7 @@ def test_a_local_cuda_run_without_a_gpu_is_refused_before_anything_is_written(
 ):
     import torch
 
-    from pipeline.demo import CHANNELS
+    from pipeline.images.demo import CHANNELS
     from pipeline.run import run_experiment
 
     if torch.cuda.is_available():

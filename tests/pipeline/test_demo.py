@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import tifffile
 
-from pipeline.demo import (
+from pipeline.images.demo import (
     COMPOUNDS,
     DOSES_UM,
     demo_platemap,
     effect_size,
     write_demo_plate,
 )
-from pipeline.platemap import read_platemap
+from pipeline.images.platemap import read_platemap
 
 
 def test_demo_plate_files_platemap_and_truth(demo_plate):
@@ -111,8 +111,8 @@ def test_a_384_well_five_channel_demo_plate_runs(tmp_path, capsys):
 
 def test_a_demo_field_at_jump_density_segments_to_its_true_count():
     """A 1080 px field of ~200 nuclei of ~20 px, as a JUMP Cell Painting field."""
-    from pipeline.demo import _cell_params, _illumination, render_field
-    from pipeline.segment import segment_field
+    from pipeline.cells.segment import segment_field
+    from pipeline.images.demo import _cell_params, _illumination, render_field
 
     rng = np.random.default_rng(0)
     image, nuclei, _ = render_field(

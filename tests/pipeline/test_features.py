@@ -5,8 +5,9 @@ from skimage.draw import disk, ellipse
 from skimage.feature import graycomatrix, graycoprops
 from skimage.measure import regionprops
 
+from pipeline.cells.segment import segment_field
 from pipeline.config import MeasureConfig
-from pipeline.features import (
+from pipeline.measure.features import (
     HARALICK_NAMES,
     check_labels,
     feature_names,
@@ -16,7 +17,6 @@ from pipeline.features import (
     quantize,
     zernike_indices,
 )
-from pipeline.segment import segment_field
 from tests.conftest import make_field, shared_data
 
 

@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.featureselect import select_features
-from pipeline.profiles import sphere_to_controls
+from pipeline.profiling.featureselect import select_features
+from pipeline.profiling.profiles import sphere_to_controls
 from tests.conftest import shared_data
 
 

@@ -6,25 +6,26 @@ import pytest
 
 from db import store
 from db.session import make_engine
+from pipeline.cells.stored import StoredFieldReader, iter_field_crops
 from pipeline.config import HitsConfig, ProfileConfig
-from pipeline.export import (
+from pipeline.images.io import resolve_under
+from pipeline.views.export import (
     hit_table_names,
     hit_tables,
     read_hit_tables,
     read_profiles,
     read_well_profiles,
 )
-from pipeline.gallery import (
+from pipeline.views.gallery import (
     composite,
     display_limits,
     draw_outlines,
     field_thumbnail,
     parse_cell_label,
+    sample_cell_crops,
     sample_fields,
     selection_wells,
 )
-from pipeline.io import resolve_under
-from pipeline.run import StoredFieldReader, iter_field_crops, sample_cell_crops
 from tests.conftest import copy_store
 
 

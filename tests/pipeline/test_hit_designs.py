@@ -6,12 +6,12 @@ import pytest
 
 from db.session import make_engine
 from db.store import resolve_run
+from pipeline.calls.doseresponse import FLAGS
+from pipeline.calls.hits import DOSE_COLUMNS, HIT_COLUMNS
 from pipeline.cli import main
-from pipeline.doseresponse import FLAGS
-from pipeline.export import hit_tables, plate_qc_table, read_hit_tables
-from pipeline.hits import DOSE_COLUMNS, HIT_COLUMNS
-from pipeline.platemap import PLATE_FORMATS
-from pipeline.profiles import normalize_to_controls
+from pipeline.images.platemap import PLATE_FORMATS
+from pipeline.profiling.profiles import normalize_to_controls
+from pipeline.views.export import hit_tables, plate_qc_table, read_hit_tables
 from tests.conftest import shared_data
 
 #: Compounds with a planted phenotype (at the upper half of their doses).

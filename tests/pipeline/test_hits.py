@@ -7,10 +7,7 @@ from scipy.stats import false_discovery_control
 
 from db.session import make_engine
 from db.store import resolve_run
-from pipeline.config import config_from_dict
-from pipeline.demo import CHANNELS, write_demo_plate
-from pipeline.export import hit_tables, read_profiles
-from pipeline.hits import (
+from pipeline.calls.hits import (
     DOSE_COLUMNS,
     HIT_COLUMNS,
     _hierarchical_calls,
@@ -23,7 +20,10 @@ from pipeline.hits import (
     replicate_consistency,
     simes,
 )
+from pipeline.config import config_from_dict
+from pipeline.images.demo import CHANNELS, write_demo_plate
 from pipeline.run import run_experiment
+from pipeline.views.export import hit_tables, read_profiles
 
 DOSE_KEYS_NO_ROLE = ["Metadata_Compound", "Metadata_Concentration"]
 

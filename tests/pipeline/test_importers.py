@@ -10,15 +10,15 @@ from db.schema import Cell, Experiment, WellProfile
 from db.session import make_engine, session_scope
 from pipeline.cli import main
 from pipeline.errors import InputError
-from pipeline.export import hit_tables, iter_cell_tables, read_well_profiles
-from pipeline.importers import (
+from pipeline.profiling.importers import (
     ImportOptions,
     import_profiles,
     merge_compartments,
     read_source,
     standardize,
 )
-from pipeline.profiles import normalize_profiles
+from pipeline.profiling.profiles import normalize_profiles
+from pipeline.views.export import hit_tables, iter_cell_tables, read_well_profiles
 from tests.conftest import shared_data
 
 CP_RAW = "profiles/cellprofiler_singlecell_raw"
@@ -86,7 +86,7 @@ def test_per_well_table_imports_once_and_calls_hits(db_url, tmp_path):
 def test_an_import_keeps_the_profile_recipe_and_hit_settings_of_a_config(
     tmp_path, capsys
 ):
-    from pipeline.export import hit_settings, profile_recipe, read_profiles
+    from pipeline.views.export import hit_settings, profile_recipe, read_profiles
 
     path = tmp_path / "wells.csv"
     pycytominer_wells().to_csv(path, index=False)

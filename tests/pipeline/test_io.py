@@ -5,7 +5,12 @@ import pytest
 import tifffile
 
 from pipeline.errors import InputError
-from pipeline.io import compile_pattern, discover_fields, parse_channels, read_field
+from pipeline.images.io import (
+    compile_pattern,
+    discover_fields,
+    parse_channels,
+    read_field,
+)
 from tests.conftest import shared_data
 
 BBBC022 = "fields/bbbc022_plate20585_hoechst_nfme/images"

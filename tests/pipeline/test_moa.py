@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.moa import (
+from pipeline.calls.moa import (
     compare_compound,
     consensus_profiles,
     nearest_neighbors,
@@ -164,7 +164,7 @@ def test_consensus_over_all_batches_pools_replicates_and_predicts_nsc_only():
 
 
 def test_moa_table_takes_nsc_from_all_replicates_and_nscb_per_batch():
-    from pipeline.export import moa_table
+    from pipeline.calls.moa import moa_table
 
     wells = make_wells(rng=3)
     noisy = wells.copy()  # each batch's wells alone are too noisy to tell MoAs apart
@@ -211,7 +211,7 @@ def test_unannotated_compounds_get_the_moa_of_their_nearest_annotated_one():
 
 
 def test_predictions_from_a_reference_run_on_the_shared_features():
-    from pipeline.export import moa_table
+    from pipeline.calls.moa import moa_table
 
     reference = make_wells()
     screen = make_wells().drop(columns=["Metadata_MoA", "f29"])  # same biology

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.platemap import (
+from pipeline.images.platemap import (
     check_platemap_against_fields,
     expand_platemap,
     format_well,

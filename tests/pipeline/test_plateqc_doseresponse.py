@@ -2,14 +2,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.doseresponse import (
+from pipeline.calls.doseresponse import (
     FLAGS,
     fit_dose_response,
     fit_dose_responses,
     four_parameter_logistic,
 )
-from pipeline.plateqc import edge_effect, plate_z_prime, z_prime
-from pipeline.profiles import normalize_to_controls, well_activity
+from pipeline.calls.plateqc import edge_effect, plate_z_prime, z_prime
+from pipeline.profiling.profiles import normalize_to_controls, well_activity
 from tests.conftest import shared_data
 
 DOSES = np.repeat([0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0], 3)
@@ -187,9 +187,9 @@ def test_plate_qc_table_on_the_demo_plate(demo_plate, sqlite_url):
     from db.session import make_engine
     from db.store import resolve_run
     from pipeline.config import config_from_dict
-    from pipeline.demo import CHANNELS
-    from pipeline.export import plate_qc_table, read_profiles
+    from pipeline.images.demo import CHANNELS
     from pipeline.run import run_experiment
+    from pipeline.views.export import plate_qc_table, read_profiles
 
     config = config_from_dict(
         {

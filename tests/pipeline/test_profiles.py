@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.config import ProfileConfig
 from pipeline.errors import InputError
-from pipeline.profiles import (
+from pipeline.profiling.profiles import (
     MAD_SCALE,
     aggregate_cells,
     correlation_wells,
@@ -206,7 +206,7 @@ def test_normalize_profiles_measures_correlations_on_all_wells_with_few_controls
     profiles = make_profiles()
     profiles = profiles.drop(index=profiles.index[
         profiles["Metadata_Role"] == "negative_control"][::2])  # fmt: skip
-    with caplog.at_level("INFO", logger="pipeline.profiles"):
+    with caplog.at_level("INFO", logger="pipeline.profiling.profiles"):
         fallback = normalize_profiles(profiles)
     assert "measures correlations on all 20 wells: only 8" in caplog.text
     pd.testing.assert_frame_equal(
@@ -411,7 +411,7 @@ def test_correlation_wells_are_the_controls_when_there_are_enough(caplog):
     )
     few = profiles.drop(index=profiles.index[profiles["Metadata_Role"]
                                               == "negative_control"][:6])  # fmt: skip
-    with caplog.at_level("INFO", logger="pipeline.profiles"):
+    with caplog.at_level("INFO", logger="pipeline.profiling.profiles"):
         assert correlation_wells(few) is None
     assert "only 10 negative_control wells" in caplog.text
     features = feature_columns(profiles)

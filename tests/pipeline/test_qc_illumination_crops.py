@@ -3,10 +3,10 @@ import pandas as pd
 import pytest
 from scipy import ndimage as ndi
 
+from pipeline.cells.crops import crop_cells, default_crop_size
 from pipeline.config import QCConfig
-from pipeline.crops import crop_cells, default_crop_size
-from pipeline.illumination import correct, downsample, illumination_function
-from pipeline.qc import flag_fields, measure_field_qc, power_log_log_slope
+from pipeline.images.illumination import correct, downsample, illumination_function
+from pipeline.images.qc import flag_fields, measure_field_qc, power_log_log_slope
 from tests.conftest import make_field
 
 

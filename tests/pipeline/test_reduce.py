@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.reduce import cluster_coordinates, umap_coordinates
+from pipeline.profiling.reduce import cluster_coordinates, umap_coordinates
 
 
 def two_groups(n=30, rng=0):

@@ -11,8 +11,8 @@ from db import store
 from db.schema import Cell, FieldResult, Run
 from db.session import make_engine, session_scope
 from pipeline.config import config_from_dict, with_overrides
-from pipeline.demo import CHANNELS
 from pipeline.errors import InputError, PipelineError
+from pipeline.images.demo import CHANNELS
 from pipeline.run import prepare_run, run_experiment
 
 

@@ -9,12 +9,13 @@ from scipy import ndimage as ndi
 
 from db import store
 from db.session import make_engine
+from pipeline.cells.stored import iter_field_crops
 from pipeline.cli import main
 from pipeline.config import config_from_dict
-from pipeline.demo import CHANNELS
 from pipeline.errors import InputError
-from pipeline.export import read_well_profiles
-from pipeline.run import iter_field_crops, progress_line, run_experiment, segment_files
+from pipeline.images.demo import CHANNELS
+from pipeline.run import progress_line, run_experiment, segment_files
+from pipeline.views.export import read_well_profiles
 
 
 def _config(**sections):

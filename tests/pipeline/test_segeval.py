@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.segeval import average_precision, match_counts, pairwise_iou
+from pipeline.cells.segeval import average_precision, match_counts, pairwise_iou
 
 
 def _labels():

@@ -9,19 +9,21 @@ from scipy import ndimage as ndi
 from skimage.draw import disk
 from skimage.io import imread
 
-from pipeline.config import SegmentConfig
-from pipeline.errors import InputError
-from pipeline.segeval import average_precision, match_counts
-from pipeline.segment import (
-    _log_on_grid,
-    check_plane,
+from pipeline.cells.segeval import average_precision, match_counts
+from pipeline.cells.segment import (
     check_segmenter,
-    estimate_nucleus_diameter,
-    pixel_noise_sd,
     segment_cells,
     segment_field,
     segment_nuclei,
     segmenter_weights_sha256,
+)
+from pipeline.config import SegmentConfig
+from pipeline.errors import InputError
+from pipeline.images.planes import (
+    _log_on_grid,
+    check_plane,
+    estimate_nucleus_diameter,
+    pixel_noise_sd,
 )
 from tests.conftest import make_field, shared_data
 
@@ -200,8 +202,8 @@ def test_unknown_or_missing_segmenters_are_clear_errors():
 def test_segment_config_matches_segment_field_keywords():
     import inspect
 
+    from pipeline.cells.segment import DEFAULT_SEGMENTER
     from pipeline.cli import build_parser
-    from pipeline.segment import DEFAULT_SEGMENTER
 
     image, _ = make_field(n_cells=2)
     options = asdict(SegmentConfig())

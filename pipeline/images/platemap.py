@@ -15,10 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.config import PLATE_FORMATS
 from pipeline.errors import InputError
-
-#: Plate formats as (rows, columns).
-PLATE_FORMATS: dict[int, tuple[int, int]] = {96: (8, 12), 384: (16, 24), 1536: (32, 48)}
 
 ROLES = ("negative_control", "positive_control", "treatment")
 _ROLE_ALIASES = {
@@ -389,7 +387,7 @@ def check_platemap_against_fields(
     platemap : DataFrame
         From `read_platemap`.
     fields : DataFrame
-        From `pipeline.io.discover_fields`: ``Metadata_Plate``, ``Metadata_Well``,
+        From `pipeline.images.io.discover_fields`: ``Metadata_Plate``, ``Metadata_Well``,
         ``Metadata_Site`` and one path column per channel.
     allow_unimaged_wells : bool
         Accept plate-map wells with no images (e.g. excluded outer wells); they are

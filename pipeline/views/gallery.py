@@ -14,6 +14,10 @@ import pandas as pd
 from skimage.measure import block_reduce
 from skimage.segmentation import find_boundaries
 from skimage.transform import downscale_local_mean
+from sqlalchemy import Engine
+
+from db import store
+from pipeline.cells.stored import iter_field_crops
 
 #: RGB colours given to channels in order (blue first: usually the DNA stain).
 PALETTE = (
@@ -308,3 +312,98 @@ def selection_wells(points: pd.DataFrame, wells: pd.DataFrame) -> pd.DataFrame:
         matched = keyed.merge(chosen[["Metadata_Compound", "_dose"]])
         parts.append(matched[["Metadata_Plate", "Metadata_Well"]])
     return pd.concat(parts, ignore_index=True).drop_duplicates(ignore_index=True)
+
+
+def sample_cell_crops(
+    engine: Engine,
+    run_id: int,
+    *,
+    wells: pd.DataFrame | None = None,
+    cells: Sequence[tuple[str, str, int, int]] = (),
+    n_cells: int = 24,
+    n_fields: int = 8,
+    size: int | None = None,
+    rng: int = 0,
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Return crops and masks of a random sample of cells from some wells, or of cells.
+
+    Only `n_fields` fields are read (one per well first, `sample_fields`), so a
+    selection of any size costs a few field reads; fields flagged by QC are left
+    out.
+
+    Parameters
+    ----------
+    engine : Engine
+    run_id : int
+    wells : DataFrame, optional
+        ``Metadata_Plate``, ``Metadata_Well`` of the wells to sample from.
+    cells : sequence of (plate, well, site, object number)
+        Exact cells to show (e.g. selected on the phenotype map); used instead of
+        `wells` when given.
+    n_cells, n_fields : int
+        At most this many cells, from at most this many fields.
+    size : int, optional
+        Crop side (default from the nucleus size, as for embedding).
+    rng : int
+        Seed.
+
+    Returns
+    -------
+    crops : ndarray of shape (N, C, S, S), float32
+        Illumination-corrected.
+    masks : ndarray of shape (N, S, S), bool
+        Each crop's own cell.
+    table : DataFrame
+        ``Metadata_Plate``, ``Metadata_Well``, ``Metadata_Site``,
+        ``Metadata_ObjectNumber`` of each crop.
+
+    Raises
+    ------
+    ValueError
+        If neither `wells` nor `cells` is given, `n_cells` or `n_fields` < 1, or
+        the run does not exist.
+    """
+    if n_cells < 1 or n_fields < 1:
+        raise ValueError(f"n_cells = {n_cells} and n_fields = {n_fields} must be >= 1.")
+    if wells is None and not cells:
+        raise ValueError("give wells or cells to sample from.")
+    _, _, fields = store.read_run_fields(engine, run_id)
+    fields = fields[fields["qc_flags"] == ""]
+    site_key = ["Metadata_Plate", "Metadata_Well", "Metadata_Site"]
+    if cells:
+        wanted = pd.DataFrame(
+            list(cells), columns=[*site_key, "Metadata_ObjectNumber"]
+        ).head(n_cells)
+        chosen = fields.merge(wanted[site_key].drop_duplicates(), on=site_key)
+    else:
+        keys = ["Metadata_Plate", "Metadata_Well"]
+        chosen = sample_fields(
+            fields.merge(wells[keys].drop_duplicates(), on=keys), n_fields, rng=rng
+        )
+    parts: list[tuple[np.ndarray, np.ndarray, pd.DataFrame]] = []
+    for field in iter_field_crops(
+        engine, run_id, size=size, field_ids=set(chosen["field_id"]), with_masks=True
+    ):
+        table = pd.DataFrame(
+            {"Metadata_Plate": field.plate, "Metadata_Well": field.well,
+             "Metadata_Site": field.site,
+             "Metadata_ObjectNumber": field.object_numbers}
+        )  # fmt: skip
+        if cells:
+            keep = table.merge(wanted, how="left", indicator=True)["_merge"] == "both"
+            keep = keep.to_numpy()
+        else:
+            keep = np.ones(len(table), bool)
+        parts.append((field.crops[keep], field.masks[keep], table[keep]))
+    if not parts:
+        side = size or 64
+        return (np.zeros((0, 0, side, side), np.float32),
+                np.zeros((0, side, side), bool), pd.DataFrame(columns=[*site_key,
+                "Metadata_ObjectNumber"]))  # fmt: skip
+    crops = np.concatenate([p[0] for p in parts])
+    masks = np.concatenate([p[1] for p in parts])
+    table = pd.concat([p[2] for p in parts], ignore_index=True)
+    if len(table) > n_cells:
+        pick = np.sort(np.random.default_rng(rng).permutation(len(table))[:n_cells])
+        crops, masks, table = crops[pick], masks[pick], table.iloc[pick]
+    return crops, masks, table.reset_index(drop=True)

@@ -22,21 +22,18 @@ import pyarrow.parquet as pq
 from sqlalchemy import Engine
 
 from db import store
+from pipeline.calls.hits import DOSE_KEYS, call_hits
+from pipeline.calls.plateqc import edge_effect, plate_z_prime
 from pipeline.config import HitsConfig, ProfileConfig, RunConfig, config_from_dict
-from pipeline.hits import DOSE_KEYS, call_hits
-from pipeline.moa import KEYS as MOA_KEYS
-from pipeline.moa import consensus_profiles, predict_moa
-from pipeline.plateqc import edge_effect, plate_z_prime
-from pipeline.profiles import (
+from pipeline.profiling.profiles import (
     aggregate_cells,
     dose_labels,
-    metadata_column,
     metadata_columns,
     normalize_profiles,
     normalize_to_controls,
     well_activity,
 )
-from pipeline.reduce import cluster_coordinates, umap_coordinates
+from pipeline.profiling.reduce import cluster_coordinates, umap_coordinates
 
 logger = logging.getLogger(__name__)
 
@@ -348,7 +345,7 @@ def read_profiles(
     """Return a run's well profiles and the same after its profile recipe.
 
     The one path from stored cells to comparable profiles: `read_well_profiles`,
-    then `pipeline.profiles.normalize_profiles` with the run's `profile_recipe`
+    then `pipeline.profiling.profiles.normalize_profiles` with the run's `profile_recipe`
     (or `recipe`, to compare recipes; a combined feature set is normalized block by
     block).
 
@@ -357,12 +354,12 @@ def read_profiles(
     raw : DataFrame
         `read_well_profiles`.
     normalized : DataFrame
-        `pipeline.profiles.normalize_profiles` of it.
+        `pipeline.profiling.profiles.normalize_profiles` of it.
 
     Raises
     ------
     ValueError
-        As `read_well_profiles` and `pipeline.profiles.normalize_profiles`.
+        As `read_well_profiles` and `pipeline.profiling.profiles.normalize_profiles`.
     """
     name, kind = store.resolve_feature_set(engine, run_id, feature_set)
     raw = read_well_profiles(
@@ -384,7 +381,7 @@ def hit_tables(
     """Return the compound hit list and the compound-dose table of well profiles.
 
     `normalized` are well profiles after the run's recipe (`read_profiles`);
-    `pipeline.hits.call_hits` runs on them with `settings` (default: `HitsConfig`
+    `pipeline.calls.hits.call_hits` runs on them with `settings` (default: `HitsConfig`
     defaults); the compound-dose table also carries each compound-dose's
     consensus profile (median of its normalized wells).
     """
@@ -427,7 +424,7 @@ def read_hit_tables(
     Raises
     ------
     ValueError
-        As `read_profiles` and `pipeline.hits.call_hits` (e.g. too few negative
+        As `read_profiles` and `pipeline.calls.hits.call_hits` (e.g. too few negative
         controls).
     """
     name, _ = store.resolve_feature_set(engine, run_id, feature_set)
@@ -463,10 +460,10 @@ def plate_qc_table(
 
     `normalized` are well profiles after the run's recipe (`read_profiles`);
     `well_profiles` the raw ones, needed for `features` only. Activity is
-    `pipeline.profiles.well_activity`, so ``z_prime_activity`` says how well the
+    `pipeline.profiling.profiles.well_activity`, so ``z_prime_activity`` says how well the
     positive controls separate from DMSO in the profile (> 0.5: an excellent
     assay; 0 to 0.5: usable for phenotypic screens). Edge effects compare the
-    plate's outer ring with its inner wells (`pipeline.plateqc.edge_effect`: DMSO
+    plate's outer ring with its inner wells (`pipeline.calls.plateqc.edge_effect`: DMSO
     wells when both rings have them, else all wells): the cell-count ratio (1 =
     none) and the activity difference (0 = none).
 
@@ -564,85 +561,6 @@ def plate_qc_table(
         lambda used: f"{used} (activity only: no cell counts)"
     )
     return table.merge(edges, on="Metadata_Plate", how="left")
-
-
-def moa_table(
-    normalized: pd.DataFrame,
-    *,
-    reference_column: str,
-    reference: pd.DataFrame | None = None,
-) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Predict an annotation (e.g. MoA) of every compound-dose by 1-NN, NSC and NSCB.
-
-    Parameters
-    ----------
-    normalized : DataFrame
-        Well profiles after the run's recipe (`read_profiles`).
-    reference_column : str
-        ``moa`` finds the plate map's ``Metadata_MoA`` (or an imported
-        ``Metadata_moa``); any other name ``X`` finds ``Metadata_X`` or ``X``,
-        case-insensitively. Batches are ``Metadata_Batch`` when present, else plates.
-    reference : DataFrame, optional
-        Normalized well profiles of another run (e.g. an imported reference set)
-        whose annotated compound-doses are the neighbours; then `normalized` needs
-        no annotation of its own (where it has one, it scores the predictions) and
-        only NSC is computed.
-
-    Returns
-    -------
-    predictions : DataFrame
-        One row per compound-dose and batch: its NSCB prediction from its batch's
-        consensus, and its NSC prediction from the consensus of all its wells;
-        unannotated compound-doses get predictions but no ``is_correct_*``.
-    accuracy : dict
-        See `pipeline.moa.predict_moa`; ``nsc`` and ``chance_nsc`` over the pooled
-        compound-doses, ``nscb`` over the per-batch ones.
-
-    Raises
-    ------
-    ValueError
-        If the column is not found (the message lists the metadata columns), or as
-        `pipeline.moa.predict_moa`.
-    """
-    source = normalized if reference is None else reference
-    column = metadata_column(source, reference_column)
-    if column is None:
-        names = sorted(c for c in source.columns if c.startswith("Metadata_"))
-        where = "the plate map" if reference is None else "the reference run"
-        raise ValueError(
-            f"reference column {reference_column!r} is not among the metadata columns "
-            f"of {where} ({', '.join(names)}); add it to {where}."
-        )
-    if reference is not None:
-        ours = metadata_column(normalized, reference_column)
-        queries = (
-            normalized.rename(columns={ours: column})
-            if ours
-            else normalized.assign(**{column: ""})
-        )  # its own annotations, if any, score the reference's predictions
-        return predict_moa(
-            consensus_profiles(queries, batch_column=None, carry=[column]),
-            reference_column=column,
-            batch_column=None,
-            reference=consensus_profiles(reference, batch_column=None, carry=[column]),
-        )
-    batch = metadata_column(normalized, "batch") or "Metadata_Plate"
-    pooled, pooled_accuracy = predict_moa(
-        consensus_profiles(normalized, batch_column=None, carry=[column]),
-        reference_column=column,
-        batch_column=None,
-    )
-    per_batch, accuracy = predict_moa(
-        consensus_profiles(normalized, batch_column=batch, carry=[column]),
-        reference_column=column,
-        batch_column=batch,
-    )
-    nsc = [c for c in pooled.columns if c.endswith("_nsc")]
-    predictions = per_batch.drop(columns=nsc).merge(
-        pooled[[*MOA_KEYS, *nsc]], on=MOA_KEYS, how="left"
-    )
-    accuracy |= {k: pooled_accuracy[k] for k in ("nsc", "chance_nsc")}
-    return predictions[list(per_batch.columns)], accuracy
 
 
 def _role_suffix(role: str) -> str:

@@ -22,7 +22,7 @@ import tifffile
 from scipy import ndimage as ndi
 from skimage.draw import ellipse
 
-from pipeline.platemap import PLATE_FORMATS, format_well
+from pipeline.images.platemap import PLATE_FORMATS, format_well
 
 CHANNELS = {"DNA": "w1", "Actin": "w2", "Mito": "w3"}
 #: The five Cell Painting-like channels of `write_demo_plate(n_channels=5)`.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.platemap import PLATE_FORMATS, infer_plate_format, parse_well
-from pipeline.profiles import MAD_SCALE
+from pipeline.images.platemap import PLATE_FORMATS, infer_plate_format, parse_well
+from pipeline.profiling.profiles import MAD_SCALE
 
 
 def z_prime(

@@ -20,9 +20,9 @@ One rule for every screen design (README: How hits are called):
    level; it depends on the number of hits, so it holds only at the run's FDR
    (call hits again with another ``--fdr`` rather than filtering q at another
    level).
-3. **Activity** is `pipeline.profiles.well_activity` everywhere.
+3. **Activity** is `pipeline.profiling.profiles.well_activity` everywhere.
 
-Also per compound: the 4PL EC50 of well activity (`pipeline.doseresponse`; blank
+Also per compound: the 4PL EC50 of well activity (`pipeline.calls.doseresponse`; blank
 unless the fit's flag is ``ok``), toxicity (cell count below a fraction of DMSO),
 replicate consistency (median correlation of replicate wells against the JUMP null)
 and the most similar other compounds above a cosine cut-off.
@@ -40,7 +40,8 @@ import pandas as pd
 from scipy import stats
 from scipy.stats import false_discovery_control
 
-from pipeline.activity import (
+from pipeline.calls.doseresponse import fit_dose_responses
+from pipeline.profiling.activity import (
     average_precision,
     leave_out_null,
     mahalanobis_to_controls,
@@ -48,8 +49,7 @@ from pipeline.activity import (
     percent_replicating,
     replicate_average_precision,
 )
-from pipeline.doseresponse import fit_dose_responses
-from pipeline.profiles import feature_columns, rank_compounds, well_activity
+from pipeline.profiling.profiles import feature_columns, rank_compounds, well_activity
 
 logger = logging.getLogger(__name__)
 
@@ -188,11 +188,11 @@ def dose_distances(
 
     The distance test of `call_hits`. A compound-dose's statistic is the
     `lower_median` of its wells' squared distances to their plates' negative
-    controls (`pipeline.activity.mahalanobis_to_controls`): with two wells the
+    controls (`pipeline.profiling.activity.mahalanobis_to_controls`): with two wells the
     smaller, so a dose is active only when its replicates agree that it is far
     from DMSO. Its null is sampled from the controls themselves: each control's
     leave-one-out distance (one well), or as many controls left out of the fit
-    together (`pipeline.activity.leave_out_null`) on each of the dose's plates.
+    together (`pipeline.profiling.activity.leave_out_null`) on each of the dose's plates.
     The p-value is the upper tail of log(statistic) under a t distribution
     ((n_controls - 1) / 2 degrees of freedom) centred and scaled by the log null,
     widened as a prediction interval: unlike an empirical p-value, which cannot go below
@@ -303,10 +303,10 @@ def dose_distances(
 def replicate_consistency(normalized: pd.DataFrame) -> pd.DataFrame:
     """Return each compound-dose's replicate consistency.
 
-    `pipeline.activity.percent_replicating` per compound-dose: the median Pearson
+    `pipeline.profiling.activity.percent_replicating` per compound-dose: the median Pearson
     correlation of its replicate wells against the 95th percentile of a null of
     wells of different compound-doses (JUMP's Percent Replicating); and its
-    replicate mAP (`pipeline.activity.replicate_average_precision`: its wells
+    replicate mAP (`pipeline.profiling.activity.replicate_average_precision`: its wells
     retrieving each other among all treatment wells).
 
     Parameters
@@ -538,7 +538,7 @@ def call_hits(
     Parameters
     ----------
     normalized : DataFrame
-        Well profiles after the run's recipe (`pipeline.profiles.normalize_profiles`),
+        Well profiles after the run's recipe (`pipeline.profiling.profiles.normalize_profiles`),
         with ``Metadata_Plate``, ``Metadata_Compound``, ``Metadata_Concentration``
         (may be all NaN: one dose per compound), ``Metadata_Role`` and
         ``Metadata_CellCount``.

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import false_discovery_control
 
-from pipeline.profiles import feature_columns
+from pipeline.profiling.profiles import feature_columns
 
 
 def unit_rows(values: np.ndarray) -> np.ndarray:
@@ -449,7 +449,7 @@ def mahalanobis_to_controls(
     Parameters
     ----------
     normalized : DataFrame
-        Well profiles after `pipeline.profiles.normalize_to_controls`:
+        Well profiles after `pipeline.profiling.profiles.normalize_to_controls`:
         ``Metadata_Plate``, ``Metadata_Role`` and features.
     control_role : str
         ``Metadata_Role`` of the negative controls.

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline.activity import unit_rows
-from pipeline.profiles import dose_labels, feature_columns
+from pipeline.profiling.activity import unit_rows
+from pipeline.profiling.profiles import dose_labels, feature_columns, metadata_column
 
 KEYS = ["Metadata_Compound", "Metadata_Concentration"]
 
@@ -366,3 +366,82 @@ def compare_compound(
         }
     )
     return neighbors.reset_index(drop=True), long
+
+
+def moa_table(
+    normalized: pd.DataFrame,
+    *,
+    reference_column: str,
+    reference: pd.DataFrame | None = None,
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Predict an annotation (e.g. MoA) of every compound-dose by 1-NN, NSC and NSCB.
+
+    Parameters
+    ----------
+    normalized : DataFrame
+        Well profiles after the run's recipe (`pipeline.views.export.read_profiles`).
+    reference_column : str
+        ``moa`` finds the plate map's ``Metadata_MoA`` (or an imported
+        ``Metadata_moa``); any other name ``X`` finds ``Metadata_X`` or ``X``,
+        case-insensitively. Batches are ``Metadata_Batch`` when present, else plates.
+    reference : DataFrame, optional
+        Normalized well profiles of another run (e.g. an imported reference set)
+        whose annotated compound-doses are the neighbours; then `normalized` needs
+        no annotation of its own (where it has one, it scores the predictions) and
+        only NSC is computed.
+
+    Returns
+    -------
+    predictions : DataFrame
+        One row per compound-dose and batch: its NSCB prediction from its batch's
+        consensus, and its NSC prediction from the consensus of all its wells;
+        unannotated compound-doses get predictions but no ``is_correct_*``.
+    accuracy : dict
+        See `predict_moa`; ``nsc`` and ``chance_nsc`` over the pooled
+        compound-doses, ``nscb`` over the per-batch ones.
+
+    Raises
+    ------
+    ValueError
+        If the column is not found (the message lists the metadata columns), or as
+        `predict_moa`.
+    """
+    source = normalized if reference is None else reference
+    column = metadata_column(source, reference_column)
+    if column is None:
+        names = sorted(c for c in source.columns if c.startswith("Metadata_"))
+        where = "the plate map" if reference is None else "the reference run"
+        raise ValueError(
+            f"reference column {reference_column!r} is not among the metadata columns "
+            f"of {where} ({', '.join(names)}); add it to {where}."
+        )
+    if reference is not None:
+        ours = metadata_column(normalized, reference_column)
+        queries = (
+            normalized.rename(columns={ours: column})
+            if ours
+            else normalized.assign(**{column: ""})
+        )  # its own annotations, if any, score the reference's predictions
+        return predict_moa(
+            consensus_profiles(queries, batch_column=None, carry=[column]),
+            reference_column=column,
+            batch_column=None,
+            reference=consensus_profiles(reference, batch_column=None, carry=[column]),
+        )
+    batch = metadata_column(normalized, "batch") or "Metadata_Plate"
+    pooled, pooled_accuracy = predict_moa(
+        consensus_profiles(normalized, batch_column=None, carry=[column]),
+        reference_column=column,
+        batch_column=None,
+    )
+    per_batch, accuracy = predict_moa(
+        consensus_profiles(normalized, batch_column=batch, carry=[column]),
+        reference_column=column,
+        batch_column=batch,
+    )
+    nsc = [c for c in pooled.columns if c.endswith("_nsc")]
+    predictions = per_batch.drop(columns=nsc).merge(
+        pooled[[*KEYS, *nsc]], on=KEYS, how="left"
+    )
+    accuracy |= {k: pooled_accuracy[k] for k in ("nsc", "chance_nsc")}
+    return predictions[list(per_batch.columns)], accuracy

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.profiles import feature_columns
+from pipeline.profiling.profiles import feature_columns
 
 
 def umap_coordinates(

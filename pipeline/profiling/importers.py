@@ -44,7 +44,7 @@ from db import store
 from db.session import check_store, make_engine
 from pipeline.config import RunConfig
 from pipeline.errors import InputError
-from pipeline.platemap import (
+from pipeline.images.platemap import (
     canonical_role,
     expand_platemap,
     infer_plate_format,
@@ -588,7 +588,7 @@ def standardize(
     source : str
         Shown in error messages (the path).
     platemap : DataFrame or None
-        From `pipeline.platemap.read_platemap`: joined on plate and well, its
+        From `pipeline.images.platemap.read_platemap`: joined on plate and well, its
         columns replace the source's.
 
     Returns

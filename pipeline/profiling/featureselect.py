@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.profiles import feature_columns
+from pipeline.profiling.columns import feature_columns
 
 
 def _low_variance(

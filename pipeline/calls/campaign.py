@@ -18,10 +18,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline.activity import replicate_average_precision, unit_rows
-from pipeline.moa import KEYS as MOA_KEYS
-from pipeline.moa import annotated_rows
-from pipeline.profiles import (
+from pipeline.calls.moa import KEYS as MOA_KEYS
+from pipeline.calls.moa import annotated_rows, moa_table
+from pipeline.profiling.activity import replicate_average_precision, unit_rows
+from pipeline.profiling.profiles import (
     feature_columns,
     metadata_column,
     metadata_columns,
@@ -48,7 +48,7 @@ def uncorrected_profiles(
     Parameters
     ----------
     raw : DataFrame
-        Well profiles (`pipeline.export.read_well_profiles`): ``Metadata_Plate``,
+        Well profiles (`pipeline.views.export.read_well_profiles`): ``Metadata_Plate``,
         ``Metadata_Role`` and features.
     features : sequence of str, optional
         Keep only these features (e.g. those the recipe kept); default all.
@@ -61,7 +61,7 @@ def uncorrected_profiles(
     Raises
     ------
     ValueError
-        As `pipeline.profiles.normalize_to_controls` (e.g. fewer than two DMSO wells).
+        As `pipeline.profiling.profiles.normalize_to_controls` (e.g. fewer than two DMSO wells).
     """
     if "Metadata_Plate" not in raw.columns:
         raise ValueError("raw lacks the column Metadata_Plate.")
@@ -217,7 +217,7 @@ def plate_trends(
     normalized : DataFrame
         The same after the run's recipe.
     qc : DataFrame, optional
-        `pipeline.export.plate_qc_table`; its ``z_prime_activity`` is carried.
+        `pipeline.views.export.plate_qc_table`; its ``z_prime_activity`` is carried.
 
     Returns
     -------
@@ -280,7 +280,7 @@ def correction_diagnostics(
     stages : mapping of str to DataFrame
         Stage name -> normalized well profiles (same wells).
     reference_column : str, optional
-        An annotation (e.g. ``moa``) for MoA NSC / NSCB (`pipeline.export.moa_table`);
+        An annotation (e.g. ``moa``) for MoA NSC / NSCB (`pipeline.calls.moa.moa_table`);
         not computed when None, absent, or held by fewer than two treatments.
 
     Returns
@@ -296,8 +296,6 @@ def correction_diagnostics(
     ValueError
         If `stages` is empty or a table lacks columns.
     """
-    from pipeline.export import moa_table  # noqa: PLC0415 - export imports this
-
     if not stages:
         raise ValueError("stages is empty; give at least one table of profiles.")
     rows = []
@@ -340,9 +338,9 @@ def recipe_diagnostics(
     Parameters
     ----------
     raw : DataFrame
-        Well profiles (`pipeline.export.read_well_profiles`).
+        Well profiles (`pipeline.views.export.read_well_profiles`).
     normalized : DataFrame
-        The same after the run's recipe (`pipeline.export.read_profiles`).
+        The same after the run's recipe (`pipeline.views.export.read_profiles`).
     reference_column : str, optional
         As `correction_diagnostics`.
 

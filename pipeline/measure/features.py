@@ -796,7 +796,7 @@ def measure_cells(
     image : ndarray of shape (C, Y, X)
         The (illumination-corrected) field, any real dtype.
     nuclei_labels, cell_labels : ndarray of shape (Y, X), int
-        Labels 1..N, the same object in both (see `pipeline.segment`). The
+        Labels 1..N, the same object in both (see `pipeline.cells.segment`). The
         cytoplasm is the cell minus its nucleus.
     channel_names : sequence of str
         One name per channel, used in feature names.

@@ -35,167 +35,15 @@ from skimage.segmentation import (
     watershed,
 )
 
+from pipeline.config import SEGMENTERS
 from pipeline.errors import InputError
-
-#: How the learned segmenter runs on each kind of device (recorded with every run):
-#: bfloat16 autocast on CUDA, float32 on every CPU (`models.segmenter.uses_bfloat16`).
-UNET_PRECISION = {"cuda": "bfloat16", "cpu": "float32"}
+from pipeline.images.planes import (
+    check_plane,
+    estimate_nucleus_diameter,
+    pixel_noise_sd,
+)
 
 DEFAULT_SEGMENTER = "unet"  # measured better than "classical" on DSB2018 and the demo
-_LOG_SIGMAS = 2.0 ** np.arange(0, 5.01, 1 / 3)  # 1 .. 32 px
-_MIN_DIAMETER, _MAX_DIAMETER = 4.0, 400.0
-
-
-def check_plane(plane: np.ndarray, name: str) -> np.ndarray:
-    """Return `plane` as float32 after checking it is a finite numeric 2-D array.
-
-    Raises
-    ------
-    ValueError
-        Naming `name`, if `plane` is not 2-D, not numeric or not finite.
-    """
-    if plane.ndim != 2:
-        raise ValueError(f"{name} has shape {plane.shape}; expected one (Y, X) plane.")
-    if plane.dtype.kind not in "uif":
-        raise ValueError(f"{name} has dtype {plane.dtype}; expected a numeric image.")
-    values = plane.astype(np.float32, copy=False)
-    if not np.isfinite(values).all():
-        raise ValueError(f"{name} holds NaN or infinite values; clean the image first.")
-    return values
-
-
-def _block_mean(plane: np.ndarray, factor: int) -> np.ndarray:
-    if factor == 1:
-        return plane
-    height = plane.shape[0] // factor * factor
-    width = plane.shape[1] // factor * factor
-    blocks = plane[:height, :width].reshape(
-        height // factor, factor, width // factor, factor
-    )
-    return blocks.mean(axis=(1, 3))
-
-
-def _first_strong_peak(curve: np.ndarray, strength: float = 0.5) -> int:
-    """Index of the first local maximum of `curve` reaching `strength` of its maximum.
-
-    The global maximum when no earlier one qualifies.
-    """
-    best = int(np.argmax(curve))
-    for i in range(1, best):
-        if (
-            curve[i - 1] <= curve[i] > curve[i + 1]
-            and curve[i] >= strength * curve[best]
-        ):
-            return i
-    return best
-
-
-def _log_on_grid(plane: np.ndarray, sigma: float, step: int) -> np.ndarray:
-    """Scale-normalized negative LoG of `plane`, only at every `step`-th row and column.
-
-    The same values as ``-sigma**2 * ndi.gaussian_laplace(plane, sigma)[::step,
-    ::step]``; the second (column) passes run on the kept columns only.
-    """
-    across = ndi.gaussian_filter1d(plane, sigma, axis=1, order=2)[:, ::step]
-    along = ndi.gaussian_filter1d(plane, sigma, axis=1)[:, ::step]
-    laplace = (
-        ndi.gaussian_filter1d(across, sigma, axis=0)[::step]
-        + ndi.gaussian_filter1d(along, sigma, axis=0, order=2)[::step]
-    )
-    return -(sigma**2) * laplace
-
-
-def estimate_nucleus_diameter(plane: np.ndarray) -> float:
-    """Estimate the typical nucleus diameter of a nuclear-stain plane, in pixels.
-
-    The diameter is ``2 sqrt(2) sigma`` for the smallest sigma (1 to 32 px) at
-    which the 99.5th-percentile response of the scale-normalized Laplacian of
-    Gaussian peaks over sigma with at least half the strongest response (the
-    strongest when no smaller one does): nuclei packed on a bright band, whose
-    width gives the strongest response, are still measured as nuclei. Large
-    sigmas are evaluated on block-averaged planes.
-
-    Parameters
-    ----------
-    plane : ndarray of shape (Y, X)
-
-    Returns
-    -------
-    float
-        Between 4 and 400 px; 4 for a constant plane.
-
-    Raises
-    ------
-    ValueError
-        If `plane` is not a finite numeric 2-D array.
-    """
-    values = check_plane(plane, "plane")
-    if values.size == 0 or values.max() <= values.min():
-        return _MIN_DIAMETER
-    responses = []
-    cache: dict[int, np.ndarray] = {}
-    for sigma in _LOG_SIGMAS:
-        factor = max(1, int(sigma // 2))
-        if min(values.shape) // factor < 8:
-            responses.append(-np.inf)
-            continue
-        small = cache.setdefault(factor, _block_mean(values, factor))
-        step = 2 if small.size > 2**18 else 1  # a subsample sets the percentile
-        response = _log_on_grid(small, sigma / factor, step)
-        responses.append(float(np.percentile(response, 99.5)))
-    sigma = _LOG_SIGMAS[_first_strong_peak(np.asarray(responses))]
-    return float(np.clip(2 * np.sqrt(2) * sigma, _MIN_DIAMETER, _MAX_DIAMETER))
-
-
-def _binned_median(counts: np.ndarray) -> float:
-    """Median of non-negative integers given as `counts`, interpolated in its bin.
-
-    Integer k stands for the interval [k - 1/2, k + 1/2) ([0, 1/2) for 0), as a
-    grouped-data median: values rounded to integers keep a continuous median.
-    """
-    cumulative = np.cumsum(counts) / counts.sum()
-    k = int(np.searchsorted(cumulative, 0.5))
-    below = float(cumulative[k - 1]) if k else 0.0
-    lower, width = (k - 0.5, 1.0) if k else (0.0, 0.5)
-    return lower + width * (0.5 - below) / (float(cumulative[k]) - below)
-
-
-def pixel_noise_sd(plane: np.ndarray) -> float:
-    """Robust standard deviation of a plane's pixel noise.
-
-    From differences of horizontally adjacent pixels (1.4826 MAD / sqrt 2), which
-    objects barely change because they are smooth at the pixel scale. For
-    integer-valued planes the median absolute deviation is interpolated within its
-    integer bin (`_binned_median`), so noise below a grey level (8-bit images:
-    most neighbours equal) is measured instead of rounded to 0.
-
-    Parameters
-    ----------
-    plane : ndarray of shape (Y, X)
-
-    Returns
-    -------
-    float
-        0 for empty planes and planes narrower than 2 pixels.
-
-    Raises
-    ------
-    ValueError
-        If `plane` is not 2-D.
-    """
-    if plane.ndim != 2:
-        raise ValueError(f"plane has shape {plane.shape}; expected (Y, X).")
-    if plane.shape[1] < 2 or plane.size == 0:
-        return 0.0
-    diff = np.diff(plane.astype(np.float64, copy=False), axis=1).ravel()
-    integer = np.array_equal(diff, np.round(diff))
-    centre = float(np.median(diff))
-    deviation = np.abs(diff - (round(centre) if integer else centre))
-    mad = float(np.median(deviation))
-    if integer:  # counts above the median's bin only add to the total
-        capped = np.minimum(deviation, np.ceil(mad) + 1).astype(np.int64)
-        mad = _binned_median(np.bincount(capped))
-    return 1.4826 * mad / np.sqrt(2)
 
 
 def _smoothed_noise(plane: np.ndarray, sigma: float) -> float:
@@ -485,7 +333,6 @@ _LEARNED: dict[str, Callable[..., np.ndarray]] = {
     "cellpose": _cellpose_nuclei,
     "stardist": _stardist_nuclei,
 }
-SEGMENTERS = ("classical", *_LEARNED)
 
 
 def check_segmenter(method: str, weights: str | None = None) -> None:
@@ -572,7 +419,7 @@ exclude_border_nuclei
     weights : str, optional
         Weights file of the ``unet`` segmenter; its shipped weights when None.
     device : {"cpu", "cuda"}
-        Where the ``unet`` segmenter runs (bfloat16 on CUDA; `UNET_PRECISION`).
+        Where the ``unet`` segmenter runs (bfloat16 on CUDA; `pipeline.config.UNET_PRECISION`).
 
     Returns
     -------

@@ -18,7 +18,8 @@ import pandas as pd
 import tifffile
 
 from pipeline.errors import InputError
-from pipeline.platemap import format_well, normalize_well
+from pipeline.images.illumination import correct as correct_illumination
+from pipeline.images.platemap import format_well, normalize_well
 
 logger = logging.getLogger(__name__)
 
@@ -414,3 +415,30 @@ def write_labels(path: str | Path, labels: np.ndarray) -> Path:
     tifffile.imwrite(partial, labels.astype(dtype), compression="zlib")
     partial.replace(path)
     return path
+
+
+def load_field(
+    paths: list[str],
+    *,
+    channel_indexes: list[int | None],
+    illumination: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read a field and divide it by its plate's illumination function.
+
+    Returns
+    -------
+    raw : ndarray of shape (C, Y, X)
+        As stored.
+    corrected : ndarray of shape (C, Y, X), float32
+        ``raw`` / illumination function, or ``raw`` as float32 without one.
+
+    Raises
+    ------
+    OSError, ValueError
+        If a file cannot be read or the planes disagree (the message names the
+        file).
+    """
+    raw = read_field(paths, channel_indexes=channel_indexes)
+    if illumination is None:
+        return raw, raw.astype(np.float32)
+    return raw, correct_illumination(raw, illumination)

@@ -3,7 +3,7 @@
 Pure functions on DataFrames. Profiles follow pycytominer: ``Metadata_*`` columns
 plus feature columns. `well_activity` defines the one activity scale (distance from
 DMSO in robust standard deviations of the DMSO wells' own distances); hit calling
-(mAP, distance tests, FDR) lives in `pipeline.hits`.
+(mAP, distance tests, FDR) lives in `pipeline.calls.hits`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import ProfileConfig
+from pipeline.profiling.columns import feature_columns, metadata_columns
+from pipeline.profiling.featureselect import select_features
 
 logger = logging.getLogger(__name__)
 
@@ -26,16 +28,6 @@ MIN_CONTROLS = 2
 #: them: with 12 wells, two independent features pass |r| > 0.95 with p ~ 2e-6 (per
 #: pair: about 0.2 spurious merges among 400 independent features, 28 among 5,000).
 MIN_CORRELATION_CONTROLS = 12
-
-
-def metadata_columns(table: pd.DataFrame) -> list[str]:
-    """Return the ``Metadata_*`` columns of a profile table, in order."""
-    return [c for c in table.columns if c.startswith("Metadata_")]
-
-
-def feature_columns(table: pd.DataFrame) -> list[str]:
-    """Return the feature columns (all but ``Metadata_*``), in order."""
-    return [c for c in table.columns if not c.startswith("Metadata_")]
 
 
 def metadata_column(table: pd.DataFrame, name: str) -> str | None:
@@ -458,7 +450,7 @@ def normalize_profiles(
     Every feature set goes through it: robust z to each plate's negative
     controls or all its wells (`normalize_to_controls`; the spread pooled over
     the plates of a batch, or of the run, unless the recipe says per plate),
-    feature selection (`pipeline.featureselect.select_features`, correlations
+    feature selection (`pipeline.profiling.featureselect.select_features`, correlations
     measured on the controls unless the recipe says otherwise), then whitening
     on the controls when the recipe asks (`sphere_to_controls`). With `blocks`
     (a combined feature set, e.g. classical features and a CNN embedding) each
@@ -495,8 +487,6 @@ def normalize_profiles(
     elif sorted(c for block in blocks for c in block) != sorted(features):
         raise ValueError("blocks must split the feature columns, each column once.")
     meta = profiles[metadata_columns(profiles)]
-    from pipeline.featureselect import select_features  # noqa: PLC0415 - a cycle
-
     control_role = "negative_control" if recipe.normalize_to == "controls" else None
     spread_by = "Metadata_Plate"
     if recipe.scale_by == "batch":

@@ -1,0 +1,588 @@
+"""Bulk writes of the store, one transaction per unit of work.
+
+Bulk inserts (binary COPY on PostgreSQL, DB-API executemany on SQLite; no per-row
+ORM objects): one field's cells + vectors + masks + result row, a field's
+embedding vectors, well aggregates and profiles, cached tables, the phenotype map.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+
+from db.runs import _none_if_nan, read_feature_set
+from db.schema import (
+    CELL_COLUMNS,
+    MAP_COLUMNS,
+    Cell,
+    CellVector,
+    FieldMask,
+    FieldResult,
+    IlluminationFunction,
+    PhenotypeMapPoint,
+    Run,
+    TableCache,
+    WellAggregate,
+    WellProfile,
+)
+from db.session import session_scope
+
+
+def _drop_aggregates(session: Any, run_id: int) -> None:
+    """Forget a run's cached aggregates and tables (its cells, vectors or flags change)."""
+    for table in (WellAggregate, TableCache):
+        session.execute(delete(table).where(table.run_id == run_id))
+
+
+def _clear_field(session: Any, run_id: int, field_id: int) -> None:
+    for table in (FieldResult, FieldMask, Cell):
+        session.execute(
+            delete(table).where(table.run_id == run_id, table.field_id == field_id)
+        )
+    _drop_aggregates(session, run_id)
+
+
+def encode_masks(nuclei: np.ndarray, cells: np.ndarray) -> dict[str, Any]:
+    """Pack a field's nucleus and cell labels for `write_field_cells`.
+
+    Parameters
+    ----------
+    nuclei, cells : ndarray of shape (Y, X), integer
+        Instance labels (0 = background) of the same field.
+
+    Returns
+    -------
+    dict
+        ``height``, ``width``, ``dtype`` (uint16 when labels fit, else uint32) and
+        ``labels``: zlib bytes of the (2, Y, X) stack.
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ, are not 2-D, or a label is negative.
+    """
+    nuclei, cells = np.asarray(nuclei), np.asarray(cells)
+    if nuclei.ndim != 2 or nuclei.shape != cells.shape:
+        raise ValueError(
+            f"nuclei {nuclei.shape} and cells {cells.shape} must be 2-D label images "
+            "of the same shape."
+        )
+    stack = np.stack([nuclei, cells])
+    if stack.size and stack.min() < 0:
+        raise ValueError("labels must be >= 0 (0 = background).")
+    dtype = "<u2" if not stack.size or stack.max() < 2**16 else "<u4"
+    return {
+        "height": int(stack.shape[1]),
+        "width": int(stack.shape[2]),
+        "dtype": dtype,
+        "labels": zlib.compress(np.ascontiguousarray(stack, dtype=dtype).tobytes(), 1),
+    }
+
+
+def _allocate_cell_ids(connection: Connection, n: int) -> list[int]:
+    """Reserve `n` consecutive-or-not cell ids inside the current write transaction.
+
+    PostgreSQL draws them from the id sequence (safe with concurrent writers); SQLite
+    continues after the largest id, which is safe because the caller already holds
+    the database's write lock.
+    """
+    if connection.dialect.name == "postgresql":
+        return list(
+            connection.scalars(
+                text(
+                    "SELECT nextval(pg_get_serial_sequence('cell', 'id')) "
+                    "FROM generate_series(1, :n)"
+                ),
+                {"n": n},
+            )
+        )
+    start = connection.scalar(select(func.coalesce(func.max(Cell.id), 0)))
+    return list(range(start + 1, start + n + 1))
+
+
+def _copy_rows(
+    connection: Connection, table: Table, columns: list[str], rows: Iterable[tuple]
+) -> None:
+    """Bulk-insert rows: binary COPY on PostgreSQL, the driver's executemany on SQLite.
+
+    Binary COPY sends numbers and bytes as they are (text COPY would spell every
+    float and hex-encode every vector); its column types are read from the server,
+    so they match the table exactly. SQLite gets plain tuples through the DB-API
+    ``executemany``, without SQLAlchemy's per-row parameter handling. Other
+    databases get SQLAlchemy's generic insert.
+    """
+    quote = connection.dialect.identifier_preparer.quote
+    target = f"{quote(table.name)} ({', '.join(quote(c) for c in columns)})"
+    if connection.dialect.name == "postgresql":
+        with connection.connection.driver_connection.cursor() as cursor:
+            types = dict(
+                cursor.execute(
+                    "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+                    "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+                    (table.name,),
+                ).fetchall()
+            )
+            with cursor.copy(f"COPY {target} FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types([types[c] for c in columns])
+                for row in rows:
+                    copy.write_row(row)
+        return
+    rows = list(rows)
+    if not rows:
+        return
+    if connection.dialect.name == "sqlite":
+        marks = ", ".join("?" * len(columns))
+        connection.exec_driver_sql(f"INSERT INTO {target} VALUES ({marks})", rows)
+        return
+    connection.execute(
+        insert(table), [dict(zip(columns, row, strict=True)) for row in rows]
+    )
+
+
+def write_field_cells(
+    engine: Engine,
+    *,
+    run_id: int,
+    field_id: int,
+    feature_set_id: int,
+    cells: pd.DataFrame,
+    features: np.ndarray,
+    qc: Mapping[str, Any],
+    seconds: Mapping[str, float],
+    masks: Mapping[str, Any] | None = None,
+) -> None:
+    """Write one field's cells, vectors, masks and result row in one transaction.
+
+    Parameters
+    ----------
+    engine : Engine
+    run_id, field_id, feature_set_id : int
+    cells : DataFrame
+        `CELL_COLUMNS`, one row per cell.
+    features : ndarray of shape (N, F)
+        Row i belongs to ``cells.iloc[i]``; stored as float32 bytes.
+    qc : mapping
+        Per-field QC values (JSON-serializable).
+    seconds : mapping of str to float
+        Time per step for this field.
+    masks : mapping or None
+        The field's labels as `encode_masks` packs them.
+
+    Raises
+    ------
+    ValueError
+        If `cells` and `features` differ in length or `cells` lacks columns.
+    """
+    missing = [c for c in CELL_COLUMNS if c not in cells.columns]
+    if missing:
+        raise ValueError(f"cells lacks columns {missing}.")
+    if len(cells) != len(features):
+        raise ValueError(
+            f"cells has {len(cells)} rows but features has {len(features)}; they must "
+            "describe the same cells in the same order."
+        )
+    vectors = np.ascontiguousarray(features, dtype="<f4")
+    n_cells = len(cells)
+    columns = [cells[c].to_numpy().tolist() for c in CELL_COLUMNS]  # Python scalars
+    with session_scope(engine) as session:
+        _clear_field(session, run_id, field_id)  # also takes SQLite's write lock
+        if n_cells:
+            connection = session.connection()
+            cell_ids = _allocate_cell_ids(connection, n_cells)
+            _copy_rows(
+                connection,
+                Cell.__table__,
+                ["id", "run_id", "field_id", *CELL_COLUMNS],
+                zip(
+                    cell_ids,
+                    [run_id] * n_cells,
+                    [field_id] * n_cells,
+                    *columns,
+                    strict=True,
+                ),
+            )
+            _copy_rows(
+                connection,
+                CellVector.__table__,
+                ["cell_id", "feature_set_id", "values"],
+                (
+                    (i, feature_set_id, v.tobytes())
+                    for i, v in zip(cell_ids, vectors, strict=True)
+                ),
+            )
+        if masks is not None:
+            session.execute(
+                insert(FieldMask),
+                [{"run_id": run_id, "field_id": field_id, **dict(masks)}],
+            )
+        session.execute(
+            insert(FieldResult),
+            [
+                {
+                    "run_id": run_id,
+                    "field_id": field_id,
+                    "status": "complete",
+                    "n_cells": n_cells,
+                    "qc": dict(qc),
+                    "seconds": dict(seconds),
+                }
+            ],
+        )
+
+
+def write_field_failure(
+    engine: Engine, *, run_id: int, field_id: int, error: str
+) -> None:
+    """Record that a field could not be processed (its cells are removed)."""
+    with session_scope(engine) as session:
+        _clear_field(session, run_id, field_id)
+        session.execute(
+            insert(FieldResult),
+            [
+                {
+                    "run_id": run_id,
+                    "field_id": field_id,
+                    "status": "failed",
+                    "error": error,
+                    "n_cells": 0,
+                    "qc": {},
+                    "seconds": {},
+                }
+            ],
+        )
+
+
+def write_illumination(
+    engine: Engine,
+    *,
+    run_id: int,
+    plate_id: int,
+    channel_names: list[str],
+    functions: np.ndarray,
+    n_fields: int,
+) -> None:
+    """Store one plate's illumination functions, shape (C, h, w), in one transaction."""
+    if functions.ndim != 3 or functions.shape[0] != len(channel_names):
+        raise ValueError(
+            f"functions has shape {functions.shape}; expected (C, h, w) with C = "
+            f"{len(channel_names)} channels."
+        )
+    with session_scope(engine) as session:
+        session.execute(
+            delete(IlluminationFunction).where(
+                IlluminationFunction.run_id == run_id,
+                IlluminationFunction.plate_id == plate_id,
+            )
+        )
+        session.execute(
+            insert(IlluminationFunction),
+            [
+                {
+                    "run_id": run_id,
+                    "plate_id": plate_id,
+                    "channel": name,
+                    "height": plane.shape[0],
+                    "width": plane.shape[1],
+                    "n_fields": n_fields,
+                    "values": np.ascontiguousarray(plane, dtype="<f4").tobytes(),
+                }
+                for name, plane in zip(channel_names, functions, strict=True)
+            ],
+        )
+
+
+def write_field_flags(engine: Engine, run_id: int, flags: pd.Series) -> None:
+    """Set the QC flags of a run's fields (index: field id) in one transaction."""
+    with session_scope(engine) as session:
+        _drop_aggregates(session, run_id)
+        session.execute(
+            update(FieldResult).where(FieldResult.run_id == run_id).values(qc_flags="")
+        )
+        flagged = flags[flags.astype(bool)]
+        for field_id, value in flagged.items():
+            session.execute(
+                update(FieldResult)
+                .where(
+                    FieldResult.run_id == run_id, FieldResult.field_id == int(field_id)
+                )
+                .values(qc_flags=str(value))
+            )
+
+
+def write_well_profiles(
+    engine: Engine,
+    *,
+    run_id: int,
+    feature_set_id: int,
+    field_ids: Sequence[int],
+    well_ids: Sequence[int],
+    cell_counts: Sequence[int | None],
+    values: np.ndarray,
+) -> None:
+    """Write imported per-well profiles and their fields' results in one transaction.
+
+    Parameters
+    ----------
+    engine : Engine
+    run_id, feature_set_id : int
+    field_ids, well_ids : sequence of int
+        The well of each profile and the one field that stands for it.
+    cell_counts : sequence of int or None
+        Cells behind each profile, when the import says.
+    values : ndarray of shape (W, F)
+        Row i is the profile of ``well_ids[i]``; stored as float32 bytes.
+
+    Raises
+    ------
+    ValueError
+        If the lengths differ.
+    """
+    lengths = {len(field_ids), len(well_ids), len(cell_counts), len(values)}
+    if len(lengths) != 1:
+        raise ValueError(
+            "field_ids, well_ids, cell_counts and values differ in length."
+        )
+    vectors = np.ascontiguousarray(values, dtype="<f4")
+    counts = [None if c is None else int(c) for c in cell_counts]
+    with session_scope(engine) as session:
+        _drop_aggregates(session, run_id)
+        session.execute(
+            delete(WellProfile).where(WellProfile.feature_set_id == feature_set_id)
+        )
+        session.execute(delete(FieldResult).where(FieldResult.run_id == run_id))
+        if not len(vectors):
+            return
+        session.execute(
+            insert(WellProfile),
+            [
+                {"run_id": run_id, "feature_set_id": feature_set_id,
+                 "well_id": int(w), "cell_count": c, "values": v.tobytes()}
+                for w, c, v in zip(well_ids, counts, vectors, strict=True)
+            ],
+        )  # fmt: skip
+        session.execute(
+            insert(FieldResult),
+            [
+                {"run_id": run_id, "field_id": int(f), "status": "complete",
+                 "n_cells": c or 0, "qc": {}, "seconds": {}}
+                for f, c in zip(field_ids, counts, strict=True)
+            ],
+        )  # fmt: skip
+
+
+def write_well_aggregates(
+    engine: Engine,
+    run_id: int,
+    feature_set: str,
+    *,
+    include_flagged: bool,
+    profiles: pd.DataFrame,
+) -> bool:
+    """Cache per-well aggregates of a complete run in one transaction.
+
+    Any later write to the run's cells, vectors or QC flags drops the cache. A
+    run that is not complete is not cached (its fields are still changing).
+
+    Parameters
+    ----------
+    engine : Engine
+    run_id : int
+    feature_set : str
+    include_flagged : bool
+        Whether QC-flagged fields were aggregated too.
+    profiles : DataFrame
+        ``well_id``, ``Metadata_CellCount`` and the feature set's columns, in its
+        order.
+
+    Returns
+    -------
+    bool
+        Whether the aggregates were cached.
+
+    Raises
+    ------
+    ValueError
+        If `profiles` lacks a column.
+    """
+    feature_set_id, names = read_feature_set(engine, run_id, feature_set)
+    missing = [c for c in ("well_id", "Metadata_CellCount", *names)
+               if c not in profiles.columns]  # fmt: skip
+    if missing:
+        raise ValueError(f"profiles lacks columns {missing[:5]}.")
+    values = np.ascontiguousarray(profiles[names].to_numpy(np.float32), dtype="<f4")
+    with session_scope(engine) as session:
+        if session.scalar(select(Run.status).where(Run.id == run_id)) != "complete":
+            return False
+        session.execute(
+            delete(WellAggregate).where(
+                WellAggregate.feature_set_id == feature_set_id,
+                WellAggregate.include_flagged == include_flagged,
+            )
+        )
+        if len(values):
+            session.execute(
+                insert(WellAggregate),
+                [
+                    {"run_id": run_id, "feature_set_id": feature_set_id,
+                     "include_flagged": include_flagged, "well_id": int(w),
+                     "cell_count": int(c), "values": v.tobytes()}
+                    for w, c, v in zip(profiles["well_id"],
+                                       profiles["Metadata_CellCount"], values,
+                                       strict=True)
+                ],
+            )  # fmt: skip
+    return True
+
+
+def write_cached_tables(
+    engine: Engine,
+    run_id: int,
+    feature_set: str,
+    *,
+    include_flagged: bool,
+    tables: Mapping[str, pd.DataFrame],
+) -> bool:
+    """Cache tables computed from a complete run's well profiles, in one transaction.
+
+    Stored as Parquet; dropped, like the well aggregates, by any later write to the
+    run's cells, vectors, flags or imported profiles. A run that is not complete
+    is not cached.
+
+    Returns
+    -------
+    bool
+        Whether the tables were cached.
+
+    Raises
+    ------
+    ValueError
+        If a table name is longer than 50 characters.
+    """
+    feature_set_id, _ = read_feature_set(engine, run_id, feature_set)
+    if any(len(name) > 50 for name in tables):
+        raise ValueError(f"table names {list(tables)} must be at most 50 characters.")
+    payloads = {}
+    for name, table in tables.items():
+        buffer = io.BytesIO()
+        table.to_parquet(buffer, index=False)
+        payloads[name] = buffer.getvalue()
+    with session_scope(engine) as session:
+        if session.scalar(select(Run.status).where(Run.id == run_id)) != "complete":
+            return False
+        session.execute(
+            delete(TableCache).where(
+                TableCache.feature_set_id == feature_set_id,
+                TableCache.include_flagged == include_flagged,
+                TableCache.name.in_(list(payloads)),
+            )
+        )
+        session.execute(
+            insert(TableCache),
+            [{"run_id": run_id, "feature_set_id": feature_set_id,
+              "include_flagged": include_flagged, "name": name, "parquet": payload}
+             for name, payload in payloads.items()],
+        )  # fmt: skip
+    return True
+
+
+def write_phenotype_map(
+    engine: Engine, run_id: int, points: pd.DataFrame, *, feature_set: str | None = None
+) -> None:
+    """Replace a run's stored phenotype map in one transaction.
+
+    `feature_set` names the feature set the map was computed from (stored with
+    every point, read back as the ``feature_set`` column).
+
+    Raises
+    ------
+    ValueError
+        If `points` lacks a column of `MAP_COLUMNS`.
+    """
+    missing = [c for c in MAP_COLUMNS if c not in points.columns]
+    if missing:
+        raise ValueError(f"points lacks columns {missing}.")
+    records = [
+        {key: _none_if_nan(value) for key, value in record.items()}
+        for record in points[list(MAP_COLUMNS)].astype(object).to_dict("records")
+    ]
+    with session_scope(engine) as session:
+        session.execute(
+            delete(PhenotypeMapPoint).where(PhenotypeMapPoint.run_id == run_id)
+        )
+        if records:
+            session.execute(
+                insert(PhenotypeMapPoint),
+                [r | {"run_id": run_id, "feature_set": feature_set} for r in records],
+            )
+
+
+def write_field_vectors(
+    engine: Engine,
+    *,
+    run_id: int,
+    field_id: int,
+    feature_set_id: int,
+    object_numbers: np.ndarray,
+    vectors: np.ndarray,
+) -> None:
+    """Store one field's vectors of a feature set for its existing cells, atomically.
+
+    Raises
+    ------
+    ValueError
+        If the lengths differ or an object number has no stored cell (the run's
+        cells and the vectors would not line up).
+    """
+    if len(object_numbers) != len(vectors):
+        raise ValueError(
+            f"{len(object_numbers)} object numbers but {len(vectors)} vectors."
+        )
+    rows = np.ascontiguousarray(vectors, dtype="<f4")
+    with session_scope(engine) as session:
+        ids = dict(
+            session.execute(
+                select(Cell.object_number, Cell.id).where(
+                    Cell.run_id == run_id, Cell.field_id == field_id
+                )
+            ).all()
+        )
+        missing = [int(k) for k in object_numbers if int(k) not in ids]
+        if missing or len(ids) != len(object_numbers):
+            raise ValueError(
+                f"field {field_id}: {len(object_numbers)} objects to embed but "
+                f"{len(ids)} stored cells (missing {missing[:5]}); rerun the field."
+            )
+        cell_ids = [ids[int(k)] for k in object_numbers]
+        _drop_aggregates(session, run_id)
+        session.execute(
+            delete(CellVector).where(
+                CellVector.feature_set_id == feature_set_id,
+                CellVector.cell_id.in_(cell_ids),
+            )
+        )
+        if cell_ids:
+            _copy_rows(
+                session.connection(),
+                CellVector.__table__,
+                ["cell_id", "feature_set_id", "values"],
+                (
+                    (i, feature_set_id, v.tobytes())
+                    for i, v in zip(cell_ids, rows, strict=True)
+                ),
+            )

@@ -1,0 +1,1 @@
+"""Calls: hits, dose responses, mechanisms of action, plate and campaign QC."""

@@ -1,0 +1,1 @@
+"""Cells: nuclei and cell segmentation, its accuracy, and single-cell crops."""

@@ -1,0 +1,1 @@
+"""Images in: reading fields and plate maps, illumination, field QC, demo plates."""

@@ -1,0 +1,1 @@
+"""Measurements: CellProfiler-style features of every cell."""

@@ -1,0 +1,1 @@
+"""Profiles: well profiles normalized, selected and compared (and imported ones)."""

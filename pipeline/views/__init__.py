@@ -1,0 +1,1 @@
+"""Views and exports: tables and images for people and other tools."""
