@@ -88,7 +88,11 @@ def main() -> None:
         engine = make_engine(url, create=False)
         recipes = {
             "imagenet_pooled_stem": EmbedConfig(
-                strategy="stem", layer="pooled", input_size=None, aggregate="mean"
+                strategy="stem",
+                layer="pooled",
+                pool="crop",
+                input_size=None,
+                aggregate="mean",
             ),
             "imagenet_recipe_crop_pool": EmbedConfig(pool="crop"),
             "imagenet_recipe": EmbedConfig(),  # last: `combined` is built on it

@@ -254,7 +254,7 @@ def drop_faint_objects(
     on an empty, illumination-corrected demo field they reached 5 SDs but 18
     standard errors; dim real nuclei (StarDist's sample image) 3-6 SDs but >= 48.
     The background is the median of the pixels outside all objects, the noise SD
-    `pipeline.cells.segment.pixel_noise_sd`.
+    `pipeline.images.planes.pixel_noise_sd`.
 
     Parameters
     ----------

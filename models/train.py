@@ -100,8 +100,8 @@ class TrainConfig:
         embedding recipe's layer (`pipeline.config.EmbedConfig`), so training
         shapes the very features that are embedded; the stages after it are not
         run, so not trained (on BBBC021 comparable or better than ``pooled``
-        training, Spearman 0.63 vs 0.57 in two runs, and faster per epoch: README,
-        Deep profiles).
+        training, Spearman 0.63 vs 0.57 in two runs before cell pooling, and
+        faster per epoch: README, Deep profiles).
     pool : {"cell", "crop"}
         Average the layer's map over each crop's cell or the whole crop
         (`models.embed.CellEmbedder`); kept in the checkpoint. Default: the

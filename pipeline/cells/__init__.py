@@ -1,1 +1,1 @@
-"""Cells: nuclei and cell segmentation, its accuracy, and single-cell crops."""
+"""Cells: segmentation, its accuracy, single-cell crops, a run's cells read back."""

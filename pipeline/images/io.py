@@ -3,7 +3,8 @@
 A *field* is one site of one well: one TIFF per channel (ImageXpress, Phenix, any
 regex with a ``channel`` group) or one multi-channel TIFF/OME-TIFF (a regex without a
 ``channel`` group). `discover_fields` lists the fields of a folder without reading
-pixels; `read_field` reads one field into a ``(C, Y, X)`` array.
+pixels; `read_field` reads one field into a ``(C, Y, X)`` array and `load_field`
+also divides it by its plate's illumination function.
 """
 
 from __future__ import annotations

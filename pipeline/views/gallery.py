@@ -1,8 +1,10 @@
 """Display images of cells and fields: channel compositing, outlines, sampling.
 
 Pure functions on arrays and tables, used by the dashboard's plate view and cell
-gallery. Channels are mixed additively, each in its own colour, between limits
-shared by every image shown together, so brightness compares across cells.
+gallery, and `sample_cell_crops`, which reads a sample of a run's cells back from
+the store and the images (`pipeline.cells.stored`). Channels are mixed
+additively, each in its own colour, between limits shared by every image shown
+together, so brightness compares across cells.
 """
 
 from __future__ import annotations

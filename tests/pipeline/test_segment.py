@@ -296,3 +296,12 @@ def test_segmenter_weights_sha256_names_the_weights(tmp_path):
     assert len(segmenter_weights_sha256("unet")) == 64
     with pytest.raises(InputError, match="not found"):
         segmenter_weights_sha256("unet", str(tmp_path / "none.pt"))
+
+
+def test_every_segmenter_named_in_the_config_is_implemented():
+    from pipeline.cells import segment
+    from pipeline.config import SEGMENTERS
+
+    assert set(SEGMENTERS) == {"classical", *segment._LEARNED}
+    with pytest.raises(ValueError, match="unknown segmenter 'otsu'"):
+        segment.check_segmenter("otsu")
