@@ -28,6 +28,7 @@ from _common import save  # noqa: E402
 
 from db import store  # noqa: E402
 from db.session import make_engine  # noqa: E402
+from pipeline.images.platemap import with_well_positions  # noqa: E402
 
 N_PLATES, N_ROWS, N_COLUMNS, N_SITES, N_FEATURES = 4, 16, 24, 4, 50
 
@@ -59,7 +60,7 @@ def build_store(url: str, n_cells: int, seed: int = 0) -> int:
         name="bench",
         image_root="/none",
         channels={"DNA": "none"},
-        wells=wells,
+        wells=with_well_positions(wells),
         fields=fields,
         plate_formats={f"P{p}": 384 for p in range(N_PLATES)},
     )

@@ -41,6 +41,7 @@ from _common import save  # noqa: E402
 
 from db import store  # noqa: E402
 from db.session import make_engine  # noqa: E402
+from pipeline.images.platemap import with_well_positions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 JUMP = (
@@ -121,7 +122,7 @@ def build_store(url: str, n_cells: int, seed: int = 0) -> dict:
     engine = make_engine(url)
     experiment_id, fields = store.register_experiment(
         engine, name="bench_dashboard", image_root=str(JUMP), channels=CHANNELS,
-        wells=wells, fields=fields, plate_formats={p: 384 for p in
+        wells=with_well_positions(wells), fields=fields, plate_formats={p: 384 for p in
                                                    wells["Metadata_Plate"].unique()},
     )  # fmt: skip
     run_id, _ = store.open_run(

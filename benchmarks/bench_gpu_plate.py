@@ -43,7 +43,7 @@ from models.train import Classifier, TrainConfig  # noqa: E402
 from pipeline.cells.crops import crop_cells  # noqa: E402
 from pipeline.cells.segment import segment_field  # noqa: E402
 from pipeline.config import EmbedConfig  # noqa: E402
-from pipeline.images.demo import CHANNELS_5, _cell_params, _illumination, render_field  # noqa: E402
+from pipeline.images.demo import CHANNELS_5, cell_params, render_field, vignetting  # noqa: E402
 from pipeline.measure.features import measure_cells  # noqa: E402
 
 FIELDS_PER_PLATE = 384 * 9
@@ -52,9 +52,9 @@ FIELDS_PER_PLATE = 384 * 9
 def real_size_fields(n: int, seed: int = 0) -> list[np.ndarray]:
     """`n` JUMP-like fields (5, 1080, 1080) of about 200 DMSO cells."""
     rng = np.random.default_rng(seed)
-    illumination = _illumination((1080, 1080), rng)
+    illumination = vignetting((1080, 1080), rng)
     return [
-        render_field(_cell_params("none", 0.0, rng, 200), shape=(1080, 1080),
+        render_field(cell_params("none", 0.0, rng, 200), shape=(1080, 1080),
                      illumination=illumination, nucleus_radius_px=10.0, rng=rng,
                      n_channels=5)[0]
         for _ in range(n)

@@ -30,6 +30,7 @@ from _common import save  # noqa: E402
 from db import store  # noqa: E402
 from db.schema import Cell, CellVector  # noqa: E402
 from db.session import make_engine  # noqa: E402
+from pipeline.images.platemap import with_well_positions  # noqa: E402
 
 PG_URL = os.environ.get(
     "PHENOSCREEN_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -60,7 +61,7 @@ def setup(url: str, n_fields: int, n_features: int) -> tuple:
         name="bench",
         image_root="/",
         channels={"DNA": "w1"},
-        wells=wells,
+        wells=with_well_positions(wells),
         fields=fields,
         plate_formats={"P1": 96},
     )

@@ -1,7 +1,8 @@
 """Streaming reads of the store.
 
 Cells, vectors and masks stream plate by plate or field group by field group;
-nothing loads all cells of an experiment. Also the wells, field QC, illumination
+nothing loads all cells of an experiment. Also a run's completed fields (with its
+config and image root), the wells, field QC, illumination
 functions, well aggregates and cached tables of a run.
 """
 
@@ -22,11 +23,13 @@ from sqlalchemy import (
     select,
 )
 
-from db.runs import _WELL_COLUMNS, _completed_fields, read_feature_set
+from db.runs import read_feature_set
 from db.schema import (
     MAP_COLUMNS,
+    WELL_COLUMNS,
     Cell,
     CellVector,
+    Experiment,
     Field,
     FieldMask,
     FieldResult,
@@ -76,6 +79,68 @@ def read_illumination(
         for plate_id, found in planes.items()
         if all(c in found for c in channel_names)
     }
+
+
+_FIELD_COLUMNS = [
+    "field_id",
+    "plate_id",
+    "Metadata_Plate",
+    "Metadata_Well",
+    "Metadata_Site",
+    "qc_flags",
+    "n_cells",
+]
+
+
+def _completed_fields(session: Any, run_id: int, extra: Any) -> pd.DataFrame:
+    """Return a run's completed fields (`_FIELD_COLUMNS` + `extra`), in plate order."""
+    rows = session.execute(
+        select(
+            Field.id,
+            Plate.id,
+            Plate.name,
+            Well.name,
+            Field.site,
+            FieldResult.qc_flags,
+            FieldResult.n_cells,
+            extra,
+        )
+        .join(FieldResult, FieldResult.field_id == Field.id)
+        .join(Well, Well.id == Field.well_id)
+        .join(Plate, Plate.id == Well.plate_id)
+        .where(FieldResult.run_id == run_id, FieldResult.status == "complete")
+        .order_by(Plate.name, Well.row_index, Well.column_index, Field.site)
+    ).all()
+    return pd.DataFrame(rows, columns=[*_FIELD_COLUMNS, extra.key])
+
+
+def read_run_fields(engine: Engine, run_id: int) -> tuple[str, str, pd.DataFrame]:
+    """Return a run's config TOML, image root and completed fields.
+
+    Returns
+    -------
+    config_toml : str
+    image_root : str
+    fields : DataFrame
+        ``field_id``, ``plate_id``, ``Metadata_Plate``, ``Metadata_Well``,
+        ``Metadata_Site``, ``qc_flags``, ``n_cells`` and ``files`` (dict channel ->
+        file name relative to the image root), ordered by plate, well and site.
+
+    Raises
+    ------
+    ValueError
+        If the run does not exist.
+    """
+    with session_scope(engine) as session:
+        found = session.execute(
+            select(Run.config_toml, Experiment.image_root)
+            .join(Experiment, Experiment.id == Run.experiment_id)
+            .where(Run.id == run_id)
+        ).first()
+        if found is None:
+            raise ValueError(f"run {run_id} does not exist; see `phenoscreen status`.")
+        fields = _completed_fields(session, run_id, Field.files)
+    return found[0], found[1], fields
 
 
 def read_field_qc(engine: Engine, run_id: int) -> pd.DataFrame:
@@ -142,10 +207,10 @@ def read_wells(engine: Engine, experiment_id: int) -> pd.DataFrame:
             "Metadata_Plate": plate_name,
             "Metadata_Well": well.name,
         }
-        record |= {key: getattr(well, column) for key, column in _WELL_COLUMNS.items()}
+        record |= {key: getattr(well, column) for key, column in WELL_COLUMNS.items()}
         record |= well.extra
         records.append(record)
-    columns = ["well_id", "Metadata_Plate", "Metadata_Well", *_WELL_COLUMNS]
+    columns = ["well_id", "Metadata_Plate", "Metadata_Well", *WELL_COLUMNS]
     wells = pd.DataFrame.from_records(records, columns=None if records else columns)
     wells["Metadata_Concentration"] = wells["Metadata_Concentration"].astype(float)
     return wells

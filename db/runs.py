@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from sqlalchemy import (
     Engine,
@@ -21,6 +20,7 @@ from sqlalchemy import (
 )
 
 from db.schema import (
+    WELL_COLUMNS,
     Experiment,
     FeatureSet,
     Field,
@@ -30,38 +30,19 @@ from db.schema import (
     Run,
     TrainingEpoch,
     Well,
+    none_if_nan,
     utcnow,
 )
 from db.session import session_scope
-from pipeline.images.platemap import parse_well
-
-_WELL_COLUMNS = {
-    "Metadata_Compound": "compound",
-    "Metadata_Concentration": "concentration",
-    "Metadata_ConcentrationUnit": "concentration_unit",
-    "Metadata_Role": "role",
-    "Metadata_MoA": "moa",
-    "Metadata_SMILES": "smiles",
-}
-
-
-def _none_if_nan(value: Any) -> Any:
-    return (
-        None
-        if value is None or (isinstance(value, float) and np.isnan(value))
-        else value
-    )
 
 
 def _well_row(record: Mapping[str, Any]) -> dict[str, Any]:
-    row = {
-        column: _none_if_nan(record.get(key)) for key, column in _WELL_COLUMNS.items()
-    }
+    row = {column: none_if_nan(record.get(key)) for key, column in WELL_COLUMNS.items()}
     row["extra"] = {
-        key: _none_if_nan(value)
+        key: none_if_nan(value)
         for key, value in record.items()
         if key.startswith("Metadata_")
-        and key not in _WELL_COLUMNS
+        and key not in WELL_COLUMNS
         and key not in ("Metadata_Plate", "Metadata_Well")
     }
     return row
@@ -92,7 +73,9 @@ def register_experiment(
     channels : mapping of str to str
         Channel name -> token, saved for the record.
     wells : DataFrame
-        From `pipeline.images.platemap.check_platemap_against_fields`.
+        From `pipeline.images.platemap.check_platemap_against_fields`, with the
+        zero-based ``row_index`` and ``column_index`` of each well
+        (`pipeline.images.platemap.with_well_positions`).
     fields : DataFrame
         From `pipeline.images.io.discover_fields`.
     plate_formats : mapping of str to int
@@ -104,6 +87,12 @@ def register_experiment(
     fields : DataFrame
         `fields` with ``field_id`` and ``plate_id`` columns, same row order.
     """
+    missing = {"row_index", "column_index"} - set(wells.columns)
+    if missing:
+        raise ValueError(
+            f"wells lack the column(s) {sorted(missing)}; add the well positions with "
+            "pipeline.images.platemap.with_well_positions."
+        )
     file_columns = [c for c in fields.columns if c.startswith("FileName_")]
     with session_scope(engine) as session:
         experiment = session.scalar(select(Experiment).where(Experiment.name == name))
@@ -142,10 +131,9 @@ def register_experiment(
             )
             new_rows, changed_rows = [], []
             for record in plate_wells.to_dict("records"):
-                row_index, column_index = parse_well(record["Metadata_Well"])
                 row = _well_row(record) | {
-                    "row_index": row_index,
-                    "column_index": column_index,
+                    "row_index": int(record["row_index"]),
+                    "column_index": int(record["column_index"]),
                 }
                 if record["Metadata_Well"] in existing:
                     changed_rows.append(row | {"id": existing[record["Metadata_Well"]]})
@@ -507,68 +495,6 @@ def resolve_run(engine: Engine, run_id: int | None = None) -> tuple[int, int]:
             f"no complete run in the store (runs: {listing}); run a plate first."
         )
     return complete[-1]
-
-
-_FIELD_COLUMNS = [
-    "field_id",
-    "plate_id",
-    "Metadata_Plate",
-    "Metadata_Well",
-    "Metadata_Site",
-    "qc_flags",
-    "n_cells",
-]
-
-
-def _completed_fields(session: Any, run_id: int, extra: Any) -> pd.DataFrame:
-    """Return a run's completed fields (`_FIELD_COLUMNS` + `extra`), in plate order."""
-    rows = session.execute(
-        select(
-            Field.id,
-            Plate.id,
-            Plate.name,
-            Well.name,
-            Field.site,
-            FieldResult.qc_flags,
-            FieldResult.n_cells,
-            extra,
-        )
-        .join(FieldResult, FieldResult.field_id == Field.id)
-        .join(Well, Well.id == Field.well_id)
-        .join(Plate, Plate.id == Well.plate_id)
-        .where(FieldResult.run_id == run_id, FieldResult.status == "complete")
-        .order_by(Plate.name, Well.row_index, Well.column_index, Field.site)
-    ).all()
-    return pd.DataFrame(rows, columns=[*_FIELD_COLUMNS, extra.key])
-
-
-def read_run_fields(engine: Engine, run_id: int) -> tuple[str, str, pd.DataFrame]:
-    """Return a run's config TOML, image root and completed fields.
-
-    Returns
-    -------
-    config_toml : str
-    image_root : str
-    fields : DataFrame
-        ``field_id``, ``plate_id``, ``Metadata_Plate``, ``Metadata_Well``,
-        ``Metadata_Site``, ``qc_flags``, ``n_cells`` and ``files`` (dict channel ->
-        file name relative to the image root), ordered by plate, well and site.
-
-    Raises
-    ------
-    ValueError
-        If the run does not exist.
-    """
-    with session_scope(engine) as session:
-        found = session.execute(
-            select(Run.config_toml, Experiment.image_root)
-            .join(Experiment, Experiment.id == Run.experiment_id)
-            .where(Run.id == run_id)
-        ).first()
-        if found is None:
-            raise ValueError(f"run {run_id} does not exist; see `phenoscreen status`.")
-        fields = _completed_fields(session, run_id, Field.files)
-    return found[0], found[1], fields
 
 
 #: Columns of a training log (`register_checkpoint`, `read_training_log`).

@@ -376,3 +376,23 @@ MAP_COLUMNS = (
     "level", "label", "plate", "well", "compound", "concentration", "role", "moa",
     "activity", "umap_x", "umap_y", "cluster",
 )  # fmt: skip
+
+
+#: Plate-map metadata columns -> their `Well` columns (the rest go to ``extra``).
+WELL_COLUMNS = {
+    "Metadata_Compound": "compound",
+    "Metadata_Concentration": "concentration",
+    "Metadata_ConcentrationUnit": "concentration_unit",
+    "Metadata_Role": "role",
+    "Metadata_MoA": "moa",
+    "Metadata_SMILES": "smiles",
+}
+
+
+def none_if_nan(value: Any) -> Any:
+    """Return `value` as a column value: NaN and None become SQL NULL."""
+    return (
+        None
+        if value is None or (isinstance(value, float) and value != value)
+        else value
+    )

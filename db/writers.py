@@ -26,7 +26,7 @@ from sqlalchemy import (
     update,
 )
 
-from db.runs import _none_if_nan, read_feature_set
+from db.runs import read_feature_set
 from db.schema import (
     CELL_COLUMNS,
     MAP_COLUMNS,
@@ -40,6 +40,7 @@ from db.schema import (
     TableCache,
     WellAggregate,
     WellProfile,
+    none_if_nan,
 )
 from db.session import session_scope
 
@@ -518,7 +519,7 @@ def write_phenotype_map(
     if missing:
         raise ValueError(f"points lacks columns {missing}.")
     records = [
-        {key: _none_if_nan(value) for key, value in record.items()}
+        {key: none_if_nan(value) for key, value in record.items()}
         for record in points[list(MAP_COLUMNS)].astype(object).to_dict("records")
     ]
     with session_scope(engine) as session:

@@ -62,6 +62,7 @@ from pipeline.images.platemap import (
     check_platemap_against_fields,
     infer_plate_format,
     read_platemap,
+    with_well_positions,
 )
 from pipeline.images.qc import flag_fields, measure_field_qc
 from pipeline.measure.features import FEATURE_SET_NAME, feature_names, measure_cells
@@ -659,7 +660,7 @@ def run_experiment(
             name=prepared.experiment_name,
             image_root=str(prepared.image_root),
             channels=config.input.channels,
-            wells=prepared.wells,
+            wells=with_well_positions(prepared.wells),
             fields=prepared.fields,
             plate_formats=prepared.plate_formats,
         )

@@ -7,6 +7,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: `pipeline` sub-packages and modules, in the order of the flow (README, Development).
 STAGES = ["errors", "config", "images", "cells", "measure", "profiling", "calls",
           "views", "run", "cli"]  # fmt: skip
+#: Packages above the store (it may import none of them).
+UPPER_PACKAGES = {"pipeline", "models", "app"}
 
 
 def _imports(path: Path) -> list[str]:
@@ -62,3 +64,19 @@ def test_store_is_split_by_concern_and_re_exported():
     assert store.write_field_cells.__module__ == "db.writers"
     assert store.iter_plate_cells.__module__ == "db.readers"
     assert store.open_run.__module__ == "db.runs"
+
+
+def test_store_imports_no_pipeline_stage_and_no_private_names():
+    """The store sits below the pipeline; its modules share only public names."""
+    for path in sorted((ROOT / "db").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        upward = [m for m in _imports(path) if m.split(".")[0] in UPPER_PACKAGES]
+        assert not upward, f"{path.name} imports {upward}"
+        private = [
+            f"{node.module}.{alias.name}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("db")
+            for alias in node.names
+            if alias.name.startswith("_")
+        ]
+        assert not private, f"{path.name} imports private {private}"

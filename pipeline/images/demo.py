@@ -128,10 +128,45 @@ def effect_size(compound: DemoCompound, concentration_um: float) -> float:
     return float(ratio / (1.0 + ratio))
 
 
-def _cell_params(
+#: The phenotypes a demo compound can have (`DemoCompound.effect`).
+EFFECTS = (
+    "none", "nuclear_size_up", "nuclear_size_down", "cell_elongation",
+    "organelle_intensity", "organelle_texture", "cell_loss",
+)  # fmt: skip
+
+
+def cell_params(
     effect: str, strength: float, rng: np.random.Generator, n_max: int
 ) -> dict:
-    """Per-field cell parameters under one compound effect of a given strength."""
+    """Return one field's cell parameters under an effect of a given strength.
+
+    Parameters
+    ----------
+    effect : str
+        One of `EFFECTS`.
+    strength : float
+        In [0, 1] (`effect_size`).
+    rng : numpy.random.Generator
+        Draws the field's cell count (Poisson).
+    n_max : int
+        Mean cell count of an unaffected field.
+
+    Returns
+    -------
+    dict
+        ``n_cells``, ``nucleus_scale``, ``dna_gain``, ``elongation``, ``mito_gain``
+        and ``spot_factor``, as `render_field` takes them.
+
+    Raises
+    ------
+    ValueError
+        If `effect` is unknown, `strength` outside [0, 1] or `n_max` negative.
+    """
+    if effect not in EFFECTS or not 0 <= strength <= 1 or n_max < 0:
+        raise ValueError(
+            f"effect {effect!r} must be one of {EFFECTS}, strength {strength} in "
+            f"[0, 1] and n_max {n_max} >= 0."
+        )
     n_cells = rng.poisson(
         n_max * (1 - 0.85 * strength if effect == "cell_loss" else 1.0)
     )
@@ -163,7 +198,7 @@ def render_field(
     Parameters
     ----------
     params : dict
-        From `_cell_params`.
+        From `cell_params`.
     shape : tuple of int
         (Y, X) of the field.
     illumination : ndarray of shape (Y, X)
@@ -269,7 +304,27 @@ def _er_rna(
     return rng.poisson(np.clip(image, 0, None)) + rng.normal(0, 6, image.shape)
 
 
-def _illumination(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+def vignetting(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Return a smooth illumination falloff, 1 near a random centre, 0.65 at the rim.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        (H, W) of the field, both >= 1.
+    rng : numpy.random.Generator
+        Places the bright centre within the middle fifth of each axis.
+
+    Returns
+    -------
+    ndarray of shape (H, W), float32
+
+    Raises
+    ------
+    ValueError
+        If `shape` is not two positive sides.
+    """
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"shape {shape} must be two positive sides (H, W).")
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
     cy, cx = shape[0] * rng.uniform(0.4, 0.6), shape[1] * rng.uniform(0.4, 0.6)
     r2 = ((yy - cy) ** 2 + (xx - cx) ** 2) / (0.5 * max(shape)) ** 2
@@ -348,7 +403,7 @@ def write_demo_plate(
     true_counts = []
     for plate in plates:
         (images / plate).mkdir(parents=True, exist_ok=True)
-        illumination = _illumination(shape, rng)
+        illumination = vignetting(shape, rng)
         for row in platemap[platemap["plate"] == plate].itertuples():
             compound = by_name.get(row.compound, POSITIVE_CONTROL)
             strength = (
@@ -357,7 +412,7 @@ def write_demo_plate(
                 else effect_size(compound, row.concentration_uM)
             )
             for site in range(1, fields_per_well + 1):
-                params = _cell_params(compound.effect, strength, rng, cells_per_field)
+                params = cell_params(compound.effect, strength, rng, cells_per_field)
                 image, nuclei, cells = render_field(
                     params,
                     shape=shape,

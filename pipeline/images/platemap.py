@@ -127,6 +127,37 @@ def normalize_well(name: str) -> str:
     return format_well(*parse_well(name))
 
 
+def with_well_positions(wells: pd.DataFrame) -> pd.DataFrame:
+    """Return `wells` with each well's zero-based ``row_index`` and ``column_index``.
+
+    The store takes well positions in this form (`db.runs.register_experiment`), so
+    well naming stays here.
+
+    Parameters
+    ----------
+    wells : DataFrame
+        One row per well with a ``Metadata_Well`` column.
+
+    Returns
+    -------
+    DataFrame
+        A copy with integer ``row_index`` and ``column_index`` columns added.
+
+    Raises
+    ------
+    ValueError
+        If ``Metadata_Well`` is missing or holds a name that is no well.
+    """
+    if "Metadata_Well" not in wells.columns:
+        raise ValueError(
+            f"wells have no Metadata_Well column (columns: {list(wells.columns)})."
+        )
+    positions = np.array(
+        [parse_well(w) for w in wells["Metadata_Well"]], dtype=int
+    ).reshape(-1, 2)
+    return wells.assign(row_index=positions[:, 0], column_index=positions[:, 1])
+
+
 def infer_plate_format(wells: pd.Series) -> int:
     """Return the smallest plate format (96, 384, 1536) holding all `wells`.
 

@@ -50,6 +50,7 @@ from pipeline.images.platemap import (
     infer_plate_format,
     normalize_well,
     read_platemap,
+    with_well_positions,
 )
 
 logger = logging.getLogger(__name__)
@@ -894,7 +895,7 @@ def import_profiles(
         name=name,
         image_root="",
         channels={},
-        wells=wells,
+        wells=with_well_positions(wells),
         fields=fields.reset_index(drop=True),
         plate_formats=plate_formats,
     )

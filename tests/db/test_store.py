@@ -6,6 +6,7 @@ from sqlalchemy import func, select, text
 from db import store, writers
 from db.schema import Cell, CellVector, FieldResult, Well
 from db.session import make_engine, session_scope
+from pipeline.images.platemap import with_well_positions
 
 
 def register(engine, *, compound="x"):
@@ -33,7 +34,7 @@ def register(engine, *, compound="x"):
         name="exp",
         image_root="/data",
         channels={"DNA": "w1"},
-        wells=wells,
+        wells=with_well_positions(wells),
         fields=fields,
         plate_formats={"P1": 96},
     )
@@ -134,6 +135,19 @@ def test_register_experiment_is_idempotent_and_updates_metadata(db_url):
         assert (
             session.scalar(select(Well.compound).where(Well.name == "B02")) == "renamed"
         )
+
+
+def test_register_experiment_rejects_wells_without_positions(db_url):
+    engine = make_engine(db_url)
+    wells = pd.DataFrame({"Metadata_Plate": ["P1"], "Metadata_Well": ["A01"]})
+    fields = wells.assign(Metadata_Site=1, FileName_DNA="a.tif")
+    with pytest.raises(ValueError, match="with_well_positions"):
+        store.register_experiment(
+            engine, name="exp", image_root="/data", channels={"DNA": "w1"},
+            wells=wells, fields=fields, plate_formats={"P1": 96},
+        )  # fmt: skip
+    with session_scope(engine) as session:  # nothing half-written
+        assert session.scalar(select(func.count()).select_from(Well)) == 0
 
 
 def test_rewriting_a_field_replaces_its_cells(db_url):

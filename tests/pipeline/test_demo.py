@@ -112,12 +112,12 @@ def test_a_384_well_five_channel_demo_plate_runs(tmp_path, capsys):
 def test_a_demo_field_at_jump_density_segments_to_its_true_count():
     """A 1080 px field of ~200 nuclei of ~20 px, as a JUMP Cell Painting field."""
     from pipeline.cells.segment import segment_field
-    from pipeline.images.demo import _cell_params, _illumination, render_field
+    from pipeline.images.demo import cell_params, render_field, vignetting
 
     rng = np.random.default_rng(0)
     image, nuclei, _ = render_field(
-        _cell_params("none", 0.0, rng, 200), shape=(1080, 1080),
-        illumination=_illumination((1080, 1080), rng), nucleus_radius_px=10.0,
+        cell_params("none", 0.0, rng, 200), shape=(1080, 1080),
+        illumination=vignetting((1080, 1080), rng), nucleus_radius_px=10.0,
         rng=rng, n_channels=5,
     )  # fmt: skip
     assert image.shape == (5, 1080, 1080) and image.dtype == np.uint16
@@ -131,3 +131,18 @@ def test_write_demo_plate_rejects_bad_channels_and_nucleus_size(tmp_path):
         write_demo_plate(tmp_path, n_channels=4)
     with pytest.raises(ValueError, match="nucleus_diameter_px = 100"):
         write_demo_plate(tmp_path, field_size_px=128, nucleus_diameter_px=100)
+
+
+def test_cell_params_and_vignetting_reject_bad_input():
+    from pipeline.images.demo import EFFECTS, cell_params, vignetting
+
+    rng = np.random.default_rng(0)
+    assert cell_params("cell_loss", 1.0, rng, 0)["n_cells"] == 0
+    assert {d.effect for d in COMPOUNDS} <= set(EFFECTS)
+    for bad in [("glow", 0.5, 10), ("none", 1.5, 10), ("none", 0.5, -1)]:
+        with pytest.raises(ValueError, match="effect"):
+            cell_params(bad[0], bad[1], rng, bad[2])
+    field = vignetting((40, 60), rng)
+    assert field.shape == (40, 60) and 0.6 < field.min() < field.max() <= 1.0
+    with pytest.raises(ValueError, match="shape"):
+        vignetting((0, 5), rng)

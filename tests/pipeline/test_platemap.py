@@ -12,6 +12,7 @@ from pipeline.images.platemap import (
     normalize_well,
     parse_well,
     read_platemap,
+    with_well_positions,
 )
 from tests.conftest import shared_data
 
@@ -50,6 +51,21 @@ def test_format_well_roundtrip_all_1536():
     names = [format_well(r, c) for r in range(32) for c in range(48)]
     assert names[0] == "A01" and names[-1] == "AF48" and len(set(names)) == 1536
     assert all(format_well(*parse_well(n)) == n for n in names)
+
+
+def test_with_well_positions_adds_zero_based_rows_and_columns():
+    wells = pd.DataFrame({"Metadata_Well": ["A01", "P24", "AF48"], "x": [1, 2, 3]})
+    out = with_well_positions(wells)
+    assert out["row_index"].tolist() == [0, 15, 31]
+    assert out["column_index"].tolist() == [0, 23, 47]
+    assert out["x"].tolist() == [1, 2, 3] and "row_index" not in wells
+
+
+def test_with_well_positions_rejects_missing_column_and_bad_names():
+    with pytest.raises(ValueError, match="Metadata_Well"):
+        with_well_positions(pd.DataFrame({"well": ["A01"]}))
+    with pytest.raises(ValueError, match="not a well name"):
+        with_well_positions(pd.DataFrame({"Metadata_Well": ["A01", "Q-7"]}))
 
 
 def test_format_well_rejects_out_of_range():
