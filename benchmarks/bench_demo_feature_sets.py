@@ -120,7 +120,8 @@ def main() -> None:
         results["finetuned"] = recovery(url, summary["feature_set"], truth) | {
             "training": {k: trained[k] for k in
                          ("best_epoch", "epochs", "val_accuracy", "chance_accuracy",
-                          "n_classes", "n_train", "n_val")}
+                          "val_balanced_accuracy", "balanced_chance", "n_classes",
+                          "n_train", "n_val")}
         }  # fmt: skip
         results["combined_finetuned"] = recovery(
             url, summary["combined_feature_set"], truth

@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.metrics import balanced_accuracy_score
 from sqlalchemy import Engine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -78,7 +80,8 @@ class TrainConfig:
     patience : int
         Epochs without a lower validation loss before stopping.
     val_fraction : float
-        Share of plates (or wells, with one plate) held out for validation.
+        Share of plates held out for validation (with one plate: of each
+        treatment's wells, fields or cells, `validation_split`).
     max_cells : int
         Cells sampled uniformly from the run to train on.
     crop_size : int or None
@@ -200,19 +203,34 @@ class FineTuned:
 
 
 def validation_split(
-    plates: np.ndarray, wells: np.ndarray, val_fraction: float, *, rng: int = 0
+    plates: np.ndarray,
+    wells: np.ndarray,
+    val_fraction: float,
+    *,
+    labels: np.ndarray | None = None,
+    fields: np.ndarray | None = None,
+    rng: int = 0,
 ) -> np.ndarray:
-    """Return a boolean mask of the cells held out for validation, by plate.
+    """Return a boolean mask of the cells held out for validation.
 
-    Whole plates are held out (at least one, at most all but one) so validation
-    measures what happens on a new plate; with a single plate, whole wells are.
+    With two or more plates, whole plates are held out (at least one, at most all
+    but one), so validation measures what happens on a new plate. With a single
+    plate, validation must still see treatments the network learns: of every
+    label found in two or more wells (controls, replicate wells) a share of the
+    wells is held out; of a label found in one well only (a compound-dose without
+    replicate) a share of that well's fields, or of its cells when the well has
+    one field.
 
     Parameters
     ----------
     plates, wells : ndarray of shape (N,)
         Plate and well of each cell.
     val_fraction : float
-        Share of plates (or wells) to hold out, in (0, 1).
+        Share of plates (or wells, fields, cells) to hold out, in (0, 1).
+    labels : ndarray of shape (N,), optional
+        Training label of each cell; default: every well its own label.
+    fields : ndarray of shape (N,), optional
+        Field (image) of each cell; default: every cell its own field.
     rng : int
         Seed.
 
@@ -226,20 +244,39 @@ def validation_split(
         If the lengths differ, `val_fraction` is out of range, or there is only one
         well.
     """
-    if len(plates) != len(wells):
-        raise ValueError(f"plates ({len(plates)}) and wells ({len(wells)}) differ.")
+    n = len(plates)
+    if len(wells) != n or any(a is not None and len(a) != n for a in (labels, fields)):
+        raise ValueError(
+            f"plates ({n}), wells ({len(wells)}), labels and fields differ in length."
+        )
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction = {val_fraction} must lie in (0, 1).")
-    units = np.asarray(plates, dtype=object)
-    if len(pd.unique(units)) < 2:
-        units = np.array([f"{p}/{w}" for p, w in zip(plates, wells, strict=True)])
-    names = pd.unique(units)
-    if len(names) < 2:
-        raise ValueError("one well only: nothing to hold out for validation.")
     generator = np.random.default_rng(rng)
-    n_val = min(max(1, round(val_fraction * len(names))), len(names) - 1)
-    held_out = generator.permutation(names)[:n_val]
-    return np.isin(units, held_out)
+
+    def hold_out(units: np.ndarray) -> np.ndarray:
+        names = pd.unique(units)
+        k = min(max(1, round(val_fraction * len(names))), len(names) - 1)
+        return np.isin(units, generator.permutation(names)[:k])
+
+    plates = np.asarray(plates, dtype=object)
+    if len(pd.unique(plates)) >= 2:
+        return hold_out(plates)
+    wells = np.asarray(wells, dtype=object)
+    if len(pd.unique(wells)) < 2:
+        raise ValueError("one well only: nothing to hold out for validation.")
+    labels = wells if labels is None else np.asarray(labels, dtype=object)
+    fields = np.arange(n) if fields is None else np.asarray(fields, dtype=object)
+    is_val = np.zeros(n, dtype=bool)
+    rows_of_well = pd.Series(np.arange(n)).groupby(wells).indices
+    well_label = pd.Series(labels).groupby(wells).first()
+    for _, label_wells in well_label.groupby(well_label, sort=True):
+        rows = np.sort(np.concatenate([rows_of_well[w] for w in label_wells.index]))
+        units = wells[rows] if len(label_wells) >= 2 else fields[rows]
+        if len(pd.unique(units)) == 1:
+            units = rows  # a one-field well: its cells
+        if len(units) >= 2:
+            is_val[rows] = hold_out(units)
+    return is_val
 
 
 def augment(
@@ -286,10 +323,15 @@ def _set_backbone_trainable(model: Classifier, trainable: bool) -> None:
 
 def _evaluate(
     model: nn.Module, loader: DataLoader, device: torch.device
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of a loader."""
+) -> tuple[float, float, float]:
+    """Mean cross-entropy, accuracy and balanced accuracy of a loader.
+
+    Balanced accuracy is the mean recall of the classes present: with
+    class-balanced training its chance level is one over their number, while
+    plain accuracy is best matched against the share of the largest class.
+    """
     model.eval()
-    loss_sum, correct, total = 0.0, 0, 0
+    loss_sum, truth, predicted = 0.0, [], []
     cuda = device.type == "cuda"
     with torch.inference_mode():
         for crops, labels, *masks in loader:
@@ -301,9 +343,13 @@ def _evaluate(
             loss_sum += nn.functional.cross_entropy(
                 logits, labels, reduction="sum"
             ).item()
-            correct += int((logits.argmax(1) == labels).sum())
-            total += len(labels)
-    return loss_sum / total, correct / total
+            truth.append(labels.cpu())
+            predicted.append(logits.argmax(1).cpu())
+    y, pred = torch.cat(truth).numpy(), torch.cat(predicted).numpy()
+    with warnings.catch_warnings():  # predictions of classes absent from y
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = balanced_accuracy_score(y, pred)
+    return loss_sum / len(y), float((pred == y).mean()), float(balanced)
 
 
 def fine_tune(
@@ -341,7 +387,8 @@ def fine_tune(
     FineTuned
         The model (eval mode) at the epoch of lowest validation loss, the classes
         (output order) and the log: ``epoch``, ``phase`` (``frozen``/``unfrozen``),
-        ``train_loss``, ``val_loss``, ``val_accuracy``, ``learning_rate``,
+        ``train_loss``, ``val_loss``, ``val_accuracy``, ``val_balanced_accuracy``
+        (mean recall of the validation classes), ``learning_rate``,
         ``seconds``.
 
     Raises
@@ -469,17 +516,18 @@ def fine_tune(
             scheduler.step()
             loss_sum += loss.item() * len(label_batch)
             seen += len(label_batch)
-        val_loss, val_accuracy = _evaluate(model, val_loader, target)
+        val_loss, val_accuracy, val_balanced = _evaluate(model, val_loader, target)
         rows.append(
             {"epoch": epoch, "phase": "frozen" if frozen else "unfrozen",
              "train_loss": loss_sum / max(seen, 1), "val_loss": val_loss,
-             "val_accuracy": val_accuracy,
+             "val_accuracy": val_accuracy, "val_balanced_accuracy": val_balanced,
              "learning_rate": optimizer.param_groups[1]["lr"],
              "seconds": time.perf_counter() - start}
         )  # fmt: skip
         logger.info(
-            "epoch %d (%s): train loss %.3f, validation loss %.3f, accuracy %.3f",
-            epoch, rows[-1]["phase"], rows[-1]["train_loss"], val_loss, val_accuracy,
+            "epoch %d (%s): train loss %.3f, validation loss %.3f, accuracy %.3f, "
+            "balanced accuracy %.3f", epoch, rows[-1]["phase"], rows[-1]["train_loss"],
+            val_loss, val_accuracy, val_balanced,
         )  # fmt: skip
         if val_loss < best_loss:
             best_loss, best_epoch, stale = val_loss, epoch, 0
@@ -587,7 +635,10 @@ def train_run(
     -------
     dict
         ``checkpoint_id``, ``path``, ``sha256``, ``n_train``, ``n_val``,
-        ``n_classes``, ``best_epoch``, ``val_loss``, ``val_accuracy``, ``epochs``.
+        ``n_classes``, ``best_epoch``, ``val_loss``, ``val_accuracy``,
+        ``chance_accuracy`` (share of the largest validation class),
+        ``val_balanced_accuracy``, ``balanced_chance`` (one over the validation
+        classes), ``val_plates``, ``n_plates``, ``epochs``.
 
     Raises
     ------
@@ -611,7 +662,7 @@ def train_run(
     )
     generator = np.random.default_rng(config.seed)
     rate = min(1.0, config.max_cells / int(fields["n_cells"].sum()))
-    crops, masks, plates, well_names = [], [], [], []
+    crops, masks, plates, well_names, field_ids = [], [], [], [], []
     for field in iter_field_crops(
         engine, run_id, size=size, field_ids=set(fields["field_id"]),
         with_masks=config.pool == "cell",
@@ -624,6 +675,7 @@ def train_run(
             masks.append(field.masks[keep])
         plates += [field.plate] * int(keep.sum())
         well_names += [field.well] * int(keep.sum())
+        field_ids += [field.field_id] * int(keep.sum())
     meta = wells.set_index(["Metadata_Plate", "Metadata_Well"])
     keys = list(zip(plates, well_names, strict=True))
     compounds = meta.loc[keys, "Metadata_Compound"].astype(str).to_numpy()
@@ -635,8 +687,15 @@ def train_run(
             [c if np.isnan(d) else f"{c} @ {d:g}" for c, d in zip(compounds, doses, strict=True)],
             dtype=object,
         )  # fmt: skip
-    is_val = validation_split(np.array(plates), np.array(well_names), config.val_fraction,
-                              rng=config.seed)  # fmt: skip
+    is_val = validation_split(
+        np.array(plates), np.array(well_names), config.val_fraction, labels=labels,
+        fields=np.array(field_ids), rng=config.seed,
+    )  # fmt: skip
+    if not is_val.any():
+        raise ValueError(
+            f"run {run_id}: no cells to hold out for validation; every treatment has "
+            "a single cell. Image more cells or wells."
+        )
     stacked = np.concatenate(crops)
     state = Path(out).with_name(Path(out).name + ".state")
     fine_tuned = fine_tune(
@@ -651,12 +710,15 @@ def train_run(
         "best_epoch": fine_tuned.best_epoch,
         "val_loss": float(best["val_loss"]),
         "val_accuracy": float(best["val_accuracy"]),
+        "val_balanced_accuracy": float(best.get("val_balanced_accuracy", np.nan)),
+        "balanced_chance": 1 / len(pd.unique(labels[is_val])),
         "chance_accuracy": float(
             pd.Series(labels[is_val]).value_counts(normalize=True).max()
         ),
         "n_train": int((~is_val).sum()),
         "n_val": int(is_val.sum()),
         "val_plates": sorted(map(str, set(np.array(plates)[is_val]))),
+        "n_plates": len(set(plates)),
     }
     checkpoint_id = store.register_checkpoint(
         engine, run_id=run_id, model_name=config.model_name, path=str(Path(out).resolve()),

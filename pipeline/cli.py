@@ -925,11 +925,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"checkpoint {summary['checkpoint_id']}: {summary['path']} (sha256 "
         f"{summary['sha256'][:12]}...), best epoch {summary['best_epoch']} of "
         f"{summary['epochs']}: validation loss {summary['val_loss']:.3f}, accuracy "
-        f"{summary['val_accuracy']:.3f} ({summary['n_classes']} classes, chance "
-        f"{summary['chance_accuracy']:.3f}; {summary['n_train']} training and "
-        f"{summary['n_val']} validation cells, validation plates "
-        f"{', '.join(summary['val_plates'])})\n"
-        f"embed with it: phenoscreen embed --db {_db_url(args)} --checkpoint "
+        f"{summary['val_accuracy']:.3f} (largest class {summary['chance_accuracy']:.3f}),"
+        f" balanced accuracy {summary['val_balanced_accuracy']:.3f} (chance "
+        f"{summary['balanced_chance']:.3f}; {summary['n_classes']} classes, "
+        f"{summary['n_train']} training and "
+        f"{summary['n_val']} validation cells"
+        + (
+            f", validation plates {', '.join(summary['val_plates'])})\n"
+            if summary["n_plates"] > 1
+            else " from the wells and fields of each treatment on its one plate)\n"
+        )
+        + f"embed with it: phenoscreen embed --db {_db_url(args)} --checkpoint "
         f"{summary['path']}"
         + (f" --layer {config.layer}" if config.layer != EmbedConfig.layer else "")
     )

@@ -36,14 +36,35 @@ def test_validation_split_holds_out_whole_plates_or_wells():
     assert len(set(plates[is_val])) == 1 and not set(plates[is_val]) & set(
         plates[~is_val]
     )
-    one_plate = validation_split(np.full(10, "P1"), wells[:10], 0.5, rng=0)
-    assert one_plate.sum() == 5 and len(set(wells[:10][one_plate])) == 1
     with pytest.raises(ValueError, match="one well"):
         validation_split(np.full(4, "P1"), np.full(4, "A01"), 0.5)
     with pytest.raises(ValueError, match="val_fraction"):
         validation_split(plates, wells, 1.0)
     with pytest.raises(ValueError, match="differ"):
         validation_split(plates, wells[:3], 0.5)
+    with pytest.raises(ValueError, match="differ"):
+        validation_split(plates, wells, 0.5, labels=wells[:3])
+
+
+def test_validation_split_on_one_plate_keeps_every_treatment_in_training():
+    """Replicated labels lose whole wells; a one-well label loses fields, then cells."""
+    wells = np.repeat(["A01", "A02", "A03", "A04", "B01", "C01"], 6)
+    labels = np.repeat(["DMSO"] * 4 + ["x @ 1", "y @ 1"], 6)
+    fields = np.tile(np.repeat([1, 2, 3], 2), 6)
+    fields[wells == "C01"] = 1  # one field: its cells are split
+    is_val = validation_split(
+        np.full(len(wells), "P1"), wells, 0.25, labels=labels, fields=fields, rng=0
+    )
+    dmso = labels == "DMSO"
+    held = set(wells[dmso & is_val])
+    assert len(held) == 1 and not held & set(wells[dmso & ~is_val])
+    for well in ("B01", "C01"):
+        mine = wells == well
+        assert 0 < is_val[mine].sum() < mine.sum()
+    b01 = wells == "B01"
+    assert len(set(fields[b01 & is_val])) == 1
+    assert not set(fields[b01 & is_val]) & set(fields[b01 & ~is_val])
+    assert set(labels[is_val]) == set(labels[~is_val]) == set(labels)
 
 
 def test_augment_keeps_channels_in_step():
@@ -95,6 +116,7 @@ def test_fine_tune_learns_frozen_then_unfrozen_and_rejects():
     assert list(log["phase"]) == ["frozen", "unfrozen", "unfrozen"]
     assert result.classes == ["long", "round"]
     assert log["val_accuracy"].max() >= 0.9  # chance is 0.5
+    assert log["val_balanced_accuracy"].max() >= 0.9
     assert result.best_epoch == int(log.loc[log["val_loss"].idxmin(), "epoch"])
     with torch.inference_mode():
         logits = result.model(
@@ -232,6 +254,7 @@ def test_train_command_registers_checkpoint_and_embed_uses_it(
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "embed with it: phenoscreen embed" in printed and out.is_file()
+    assert "from the wells and fields of each treatment on its one plate" in printed
     assert not out.with_name(out.name + ".state").exists()  # removed when done
     engine = make_engine(url, create=False)
     from sqlalchemy import select
@@ -243,6 +266,7 @@ def test_train_command_registers_checkpoint_and_embed_uses_it(
         checkpoint = session.scalars(select(ModelCheckpoint)).one()
         checkpoint_id, sha = checkpoint.id, checkpoint.sha256
         assert checkpoint.metrics["n_val"] > 0 and "DMSO" in checkpoint.classes
+        assert checkpoint.metrics["n_plates"] == 1
         assert checkpoint.config["layer"] == "pooled"
     log = store.read_training_log(engine, checkpoint_id)
     assert list(log["epoch"]) == [1, 2] and list(log["phase"]) == ["frozen", "unfrozen"]
