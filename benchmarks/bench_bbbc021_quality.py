@@ -34,7 +34,8 @@ reference machine.
 
 The fine-tuning is repeated with ``--seeds`` (default 0 1 2): a single training's
 Spearman moves by about 0.07 between seeds, so ``finetuned_by_seed`` reports each
-seed's figures and their mean.
+seed's figures and their mean. Other seeds than the default save to
+``bbbc021_quality_seeds_<seeds>.json``, so the default run's file stays.
 
     python benchmarks/bench_bbbc021_quality.py [--epochs 8] [--seeds 0 1 2]
         [--train KEY=VALUE ...]
@@ -390,8 +391,9 @@ def main() -> None:
         if name != "finetuned_by_seed":
             figures["seconds"] = round(seconds.get(name, 0.0), 1)
         print(f"{name}: {figures}")
+    default_seeds = args.seeds == [0, 1, 2]
     save(
-        "bbbc021_quality",
+        "bbbc021_quality" + ("" if default_seeds else "_seeds_" + "_".join(map(str, args.seeds))),
         {"command": shlex.join(["python", "benchmarks/bench_bbbc021_quality.py",
                                 "--epochs", str(args.epochs),
                                 "--seeds", *map(str, args.seeds),
