@@ -452,6 +452,48 @@ def _window(size: int, ramp: int) -> np.ndarray:
     return weight
 
 
+def tile_side(length: int, tile_px: int, overlap_px: int, multiple: int) -> int:
+    """Return the tile side along an axis: as few tiles as `tile_px` needs, no bigger.
+
+    A 1080 px field cut into 1024 px tiles would run the network over four
+    1024 px tiles (3.6x its area); two 576 px tiles per axis cover it with the
+    same overlap at 1.1x.
+
+    Parameters
+    ----------
+    length : int
+        Axis length, a multiple of `multiple`.
+    tile_px, overlap_px : int
+        Largest tile side (a multiple of `multiple`, more than twice the overlap)
+        and the overlap between neighbouring tiles.
+    multiple : int
+        Tile sides are multiples of this.
+
+    Returns
+    -------
+    int
+        `length` when it fits one tile, else the smallest multiple of `multiple`,
+        above twice the overlap, with which ``ceil((length - overlap_px) /
+        (tile_px - overlap_px))`` tiles overlapping by at least `overlap_px`
+        cover `length`.
+
+    Raises
+    ------
+    ValueError
+        If `tile_px` is not a multiple of `multiple` above twice the overlap.
+    """
+    if tile_px % multiple or tile_px <= 2 * overlap_px or overlap_px < 0:
+        raise ValueError(
+            f"tile_px {tile_px} must be a multiple of {multiple} and exceed twice "
+            f"overlap_px {overlap_px} (>= 0)."
+        )
+    if length <= tile_px:
+        return length
+    n_tiles = -(-(length - overlap_px) // (tile_px - overlap_px))
+    side = max(-(-(length + (n_tiles - 1) * overlap_px) // n_tiles), 2 * overlap_px + 1)
+    return min(-(-side // multiple) * multiple, tile_px)
+
+
 def _tile_starts(length: int, tile: int, step: int) -> list[int]:
     if length <= tile:
         return [0]
@@ -481,7 +523,8 @@ def predict_maps(
     multiple : int
         Tiles are padded to multiples of this (`UNetSpec.multiple`).
     tile_px, overlap_px : int
-        Tile side and overlap; tiles are blended with linear ramps over the overlap.
+        Largest tile side and the overlap; tiles (`tile_side`) are blended with
+        linear ramps over the overlap.
     flips : bool
         Average the four horizontal/vertical flips (4x slower).
     device : str or torch.device
@@ -495,27 +538,23 @@ def predict_maps(
     ValueError
         If the tile is not larger than twice the overlap, or not a multiple.
     """
-    if tile_px % multiple or tile_px <= 2 * overlap_px:
-        raise ValueError(
-            f"tile_px {tile_px} must be a multiple of {multiple} and exceed twice "
-            f"overlap_px {overlap_px}."
-        )
     height, width = image.shape
     pad_y, pad_x = (-height) % multiple, (-width) % multiple
     padded = np.pad(image, ((0, pad_y), (0, pad_x)), mode="symmetric")
     big_y, big_x = padded.shape
-    tile_y, tile_x = min(tile_px, big_y), min(tile_px, big_x)
+    tile_y, tile_x = (
+        tile_side(n, tile_px, overlap_px, multiple) for n in (big_y, big_x)
+    )
     total = np.zeros((2, big_y, big_x), np.float32)
     weight = np.zeros((big_y, big_x), np.float32)
     window = np.outer(
         _window(tile_y, overlap_px if big_y > tile_y else 0),
         _window(tile_x, overlap_px if big_x > tile_x else 0),
     )
-    step = tile_px - overlap_px
     kind = torch.device(device).type
     use_amp = uses_bfloat16(device)
-    for y in _tile_starts(big_y, tile_y, step):
-        for x in _tile_starts(big_x, tile_x, step):
+    for y in _tile_starts(big_y, tile_y, tile_y - overlap_px):
+        for x in _tile_starts(big_x, tile_x, tile_x - overlap_px):
             crop = torch.from_numpy(
                 np.ascontiguousarray(padded[y : y + tile_y, x : x + tile_x])
             )

@@ -23,6 +23,7 @@ from models.segmenter import (
     save_segmenter,
     segment_nuclei_unet,
     segmenter_sha256,
+    tile_side,
     uses_bfloat16,
 )
 from pipeline.cells.segeval import average_precision, match_counts
@@ -204,6 +205,19 @@ def test_tiled_prediction_matches_whole_image():
         predict_maps(model, image, multiple=8, tile_px=100)
     with pytest.raises(ValueError, match="overlap"):
         predict_maps(model, image, multiple=2, tile_px=64, overlap_px=32)
+
+
+def test_tile_side_covers_the_axis_with_as_few_and_small_tiles_as_it_can():
+    assert tile_side(1000, 1024, 64, 8) == 1000  # one tile: the whole axis
+    assert tile_side(1080, 1024, 64, 8) == 576  # two tiles, not two of 1024
+    for length in range(136, 5000, 8):
+        side = tile_side(length, 1024, 64, 8)
+        n_tiles = 1 if length <= 1024 else -(-(length - 64) // (1024 - 64))
+        assert side % 8 == 0 and 128 < side <= min(length, 1024)
+        assert n_tiles * side - (n_tiles - 1) * 64 >= length  # covered
+    for bad in [(1080, 100, 64, 8), (1080, 128, 64, 8), (1080, 256, -1, 8)]:
+        with pytest.raises(ValueError, match="tile_px"):
+            tile_side(*bad)
 
 
 def test_predict_field_maps_rescales_and_rejects():
