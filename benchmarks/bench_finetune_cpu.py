@@ -8,8 +8,10 @@ binds) is generated and run into SQLite with the demo's config; then
 held out), as ``phenoscreen train`` does, on the CPU with torch's default
 threads. Reported: wall time of the training (crop reading included), per-epoch
 seconds, cells trained on and held out, validation accuracy against the largest
-class and balanced accuracy against one over the classes, and
-the process's peak RSS. The issue's goal is <= 30 minutes.
+class and balanced accuracy against one over the classes, the run's cells, and
+the process's peak RSS (``peak_rss_gb``: the segmentation run and the training
+together; `phenoscreen train` under GNU ``time -v`` gives the training's alone).
+The issue's goal is <= 30 minutes.
 
     python benchmarks/bench_finetune_cpu.py [--fields-per-well 8] [--cells-per-field 40]
 """
@@ -55,6 +57,8 @@ def main() -> None:
                             device="cpu")  # fmt: skip
         train_s = time.perf_counter() - start
         log = store.read_training_log(engine, summary["checkpoint_id"])
+        run_id, _ = store.resolve_run(engine)
+        n_cells = int(store.read_run_fields(engine, run_id)[2]["n_cells"].sum())
     figures = {
         "command": "python benchmarks/bench_finetune_cpu.py "
         f"--fields-per-well {args.fields_per_well} "
@@ -63,6 +67,7 @@ def main() -> None:
         "config": asdict(config),
         "plate": "one 96-well demo plate, 256 px fields",
         "segment_and_measure_s": round(run_s, 1),
+        "n_cells_in_run": n_cells,
         "train_s": round(train_s, 1),
         "train_min": round(train_s / 60, 2),
         "goal_min": 30,

@@ -456,13 +456,13 @@ def tile_side(length: int, tile_px: int, overlap_px: int, multiple: int) -> int:
     """Return the tile side along an axis: as few tiles as `tile_px` needs, no bigger.
 
     A 1080 px field cut into 1024 px tiles would run the network over four
-    1024 px tiles (3.6x its area); two 576 px tiles per axis cover it with the
-    same overlap at 1.1x.
+    1024 px tiles (3.6x its area); two 576 px tiles per axis cover it, overlapping
+    by at least the overlap, at 1.14x.
 
     Parameters
     ----------
     length : int
-        Axis length, a multiple of `multiple`.
+        Axis length (>= 1), a multiple of `multiple`.
     tile_px, overlap_px : int
         Largest tile side (a multiple of `multiple`, more than twice the overlap)
         and the overlap between neighbouring tiles.
@@ -480,13 +480,21 @@ def tile_side(length: int, tile_px: int, overlap_px: int, multiple: int) -> int:
     Raises
     ------
     ValueError
-        If `tile_px` is not a multiple of `multiple` above twice the overlap.
+        If `tile_px` is not a multiple of `multiple` above twice the overlap, or
+        `length` is not a positive multiple of `multiple` (>= 1).
     """
-    if tile_px % multiple or tile_px <= 2 * overlap_px or overlap_px < 0:
+    if (
+        multiple < 1
+        or tile_px % multiple
+        or tile_px <= 2 * overlap_px
+        or overlap_px < 0
+    ):
         raise ValueError(
-            f"tile_px {tile_px} must be a multiple of {multiple} and exceed twice "
-            f"overlap_px {overlap_px} (>= 0)."
+            f"tile_px {tile_px} must be a multiple of {multiple} (>= 1) and exceed "
+            f"twice overlap_px {overlap_px} (>= 0)."
         )
+    if length < 1 or length % multiple:
+        raise ValueError(f"length {length} must be a positive multiple of {multiple}.")
     if length <= tile_px:
         return length
     n_tiles = -(-(length - overlap_px) // (tile_px - overlap_px))

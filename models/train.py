@@ -5,8 +5,9 @@ embedding recipe feeds it (`models.embed.CellEmbedder`: each channel as a grey
 image replicated to RGB by default, crops resized to ``input_size``), learns to
 tell single-cell crops apart by their treatment (compound, or compound and dose;
 the negative controls are a class too), so its features become sensitive to what
-compounds do to cells. Training: validation on whole held-out plates (wells when
-there is one plate), class-balanced sampling (every treatment equally often, not
+compounds do to cells. Training: validation on whole held-out plates (on one
+plate, a share of each treatment's wells, or of its only well's fields or cells),
+class-balanced sampling (every treatment equally often, not
 DMSO most of the time), label smoothing, a warm-up with the backbone frozen (only
 the new classifier learns) then everything unfrozen at a lower learning rate,
 AdamW with a cosine schedule, early stopping on the validation loss (the best
@@ -228,7 +229,8 @@ def validation_split(
     val_fraction : float
         Share of plates (or wells, fields, cells) to hold out, in (0, 1).
     labels : ndarray of shape (N,), optional
-        Training label of each cell; default: every well its own label.
+        Training label of each cell, one per well; default: one label for all
+        (a share of the wells is held out).
     fields : ndarray of shape (N,), optional
         Field (image) of each cell; default: every cell its own field.
     rng : int
@@ -241,8 +243,9 @@ def validation_split(
     Raises
     ------
     ValueError
-        If the lengths differ, `val_fraction` is out of range, or there is only one
-        well.
+        If the lengths differ, `val_fraction` is out of range, there is only one
+        well, a well holds two labels, or nothing can be held out (every label of
+        a single plate has a single cell).
     """
     n = len(plates)
     if len(wells) != n or any(a is not None and len(a) != n for a in (labels, fields)):
@@ -264,10 +267,16 @@ def validation_split(
     wells = np.asarray(wells, dtype=object)
     if len(pd.unique(wells)) < 2:
         raise ValueError("one well only: nothing to hold out for validation.")
-    labels = wells if labels is None else np.asarray(labels, dtype=object)
+    labels = np.zeros(n) if labels is None else np.asarray(labels, dtype=object)
     fields = np.arange(n) if fields is None else np.asarray(fields, dtype=object)
     is_val = np.zeros(n, dtype=bool)
     rows_of_well = pd.Series(np.arange(n)).groupby(wells).indices
+    label_counts = pd.Series(labels).groupby(wells).nunique()
+    if (label_counts > 1).any():
+        raise ValueError(
+            f"wells {label_counts.index[label_counts > 1].tolist()[:5]} hold cells of "
+            "more than one label; a well is one treatment."
+        )
     well_label = pd.Series(labels).groupby(wells).first()
     for _, label_wells in well_label.groupby(well_label, sort=True):
         rows = np.sort(np.concatenate([rows_of_well[w] for w in label_wells.index]))
@@ -276,6 +285,11 @@ def validation_split(
             units = rows  # a one-field well: its cells
         if len(units) >= 2:
             is_val[rows] = hold_out(units)
+    if not is_val.any():
+        raise ValueError(
+            "no cells to hold out for validation: every treatment has a single cell. "
+            "Image more cells or wells."
+        )
     return is_val
 
 
@@ -643,7 +657,8 @@ def train_run(
     Raises
     ------
     ValueError
-        If the run has no cells, one label, or a single well.
+        If the run has no cells, one label, a single well, or no cell to hold out
+        for validation (`validation_split`).
     """
     run_id, experiment_id = store.resolve_run(engine, run_id)
     fields = store.read_run_fields(engine, run_id)[2]
@@ -691,11 +706,6 @@ def train_run(
         np.array(plates), np.array(well_names), config.val_fraction, labels=labels,
         fields=np.array(field_ids), rng=config.seed,
     )  # fmt: skip
-    if not is_val.any():
-        raise ValueError(
-            f"run {run_id}: no cells to hold out for validation; every treatment has "
-            "a single cell. Image more cells or wells."
-        )
     stacked = np.concatenate(crops)
     state = Path(out).with_name(Path(out).name + ".state")
     fine_tuned = fine_tune(
@@ -710,7 +720,11 @@ def train_run(
         "best_epoch": fine_tuned.best_epoch,
         "val_loss": float(best["val_loss"]),
         "val_accuracy": float(best["val_accuracy"]),
-        "val_balanced_accuracy": float(best.get("val_balanced_accuracy", np.nan)),
+        "val_balanced_accuracy": (  # None: resumed from an older state file
+            float(best["val_balanced_accuracy"])
+            if pd.notna(best.get("val_balanced_accuracy"))
+            else None
+        ),
         "balanced_chance": 1 / len(pd.unique(labels[is_val])),
         "chance_accuracy": float(
             pd.Series(labels[is_val]).value_counts(normalize=True).max()

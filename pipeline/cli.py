@@ -921,12 +921,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.out,
         device=args.device,
     )
+    balanced = summary["val_balanced_accuracy"]
+    balanced = "n/a" if balanced is None else f"{balanced:.3f}"  # older state file
     print(
         f"checkpoint {summary['checkpoint_id']}: {summary['path']} (sha256 "
         f"{summary['sha256'][:12]}...), best epoch {summary['best_epoch']} of "
         f"{summary['epochs']}: validation loss {summary['val_loss']:.3f}, accuracy "
         f"{summary['val_accuracy']:.3f} (largest class {summary['chance_accuracy']:.3f}),"
-        f" balanced accuracy {summary['val_balanced_accuracy']:.3f} (chance "
+        f" balanced accuracy {balanced} (chance "
         f"{summary['balanced_chance']:.3f}; {summary['n_classes']} classes, "
         f"{summary['n_train']} training and "
         f"{summary['n_val']} validation cells"

@@ -162,11 +162,10 @@ def cell_params(
     ValueError
         If `effect` is unknown, `strength` outside [0, 1] or `n_max` negative.
     """
-    if effect not in EFFECTS or not 0 <= strength <= 1 or n_max < 0:
-        raise ValueError(
-            f"effect {effect!r} must be one of {EFFECTS}, strength {strength} in "
-            f"[0, 1] and n_max {n_max} >= 0."
-        )
+    if effect not in EFFECTS:
+        raise ValueError(f"effect {effect!r} is unknown; use one of {EFFECTS}.")
+    if not 0 <= strength <= 1 or n_max < 0:
+        raise ValueError(f"need strength {strength} in [0, 1] and n_max {n_max} >= 0.")
     n_cells = rng.poisson(
         n_max * (1 - 0.85 * strength if effect == "cell_loss" else 1.0)
     )
@@ -305,7 +304,10 @@ def _er_rna(
 
 
 def vignetting(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """Return a smooth illumination falloff, 1 near a random centre, 0.65 at the rim.
+    """Return a smooth illumination falloff: 1 at a random centre, down to 0.65.
+
+    The falloff is quadratic in the distance from the centre and reaches 0.65 at
+    0.63 of the longest side from it (the far corners).
 
     Parameters
     ----------

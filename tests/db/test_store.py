@@ -4,7 +4,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from db import store, writers
-from db.schema import Cell, CellVector, FieldResult, Well
+from db.schema import Cell, CellVector, Experiment, FieldResult, Well
 from db.session import make_engine, session_scope
 from pipeline.images.platemap import with_well_positions
 
@@ -148,6 +148,7 @@ def test_register_experiment_rejects_wells_without_positions(db_url):
         )  # fmt: skip
     with session_scope(engine) as session:  # nothing half-written
         assert session.scalar(select(func.count()).select_from(Well)) == 0
+        assert session.scalar(select(func.count()).select_from(Experiment)) == 0
 
 
 def test_rewriting_a_field_replaces_its_cells(db_url):

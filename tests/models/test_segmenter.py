@@ -215,9 +215,13 @@ def test_tile_side_covers_the_axis_with_as_few_and_small_tiles_as_it_can():
         n_tiles = 1 if length <= 1024 else -(-(length - 64) // (1024 - 64))
         assert side % 8 == 0 and 128 < side <= min(length, 1024)
         assert n_tiles * side - (n_tiles - 1) * 64 >= length  # covered
-    for bad in [(1080, 100, 64, 8), (1080, 128, 64, 8), (1080, 256, -1, 8)]:
+    for bad in [(1080, 100, 64, 8), (1080, 128, 64, 8), (1080, 256, -1, 8),
+                (1080, 1024, 64, 0)]:  # fmt: skip
         with pytest.raises(ValueError, match="tile_px"):
             tile_side(*bad)
+    for length in (0, 1081):
+        with pytest.raises(ValueError, match="length"):
+            tile_side(length, 1024, 64, 8)
 
 
 def test_predict_field_maps_rescales_and_rejects():

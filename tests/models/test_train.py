@@ -29,7 +29,7 @@ FAST = {"batch_size": 32, "epochs": 3, "warmup_epochs": 1, "learning_rate": 3e-3
         "input_size": None}  # fmt: skip
 
 
-def test_validation_split_holds_out_whole_plates_or_wells():
+def test_validation_split_holds_out_whole_plates_and_rejects():
     plates = np.repeat(["P1", "P2", "P3", "P4"], 10)
     wells = np.tile(np.repeat(["A01", "B02"], 5), 4)
     is_val = validation_split(plates, wells, 0.25, rng=0)
@@ -44,6 +44,15 @@ def test_validation_split_holds_out_whole_plates_or_wells():
         validation_split(plates, wells[:3], 0.5)
     with pytest.raises(ValueError, match="differ"):
         validation_split(plates, wells, 0.5, labels=wells[:3])
+    with pytest.raises(ValueError, match="differ"):
+        validation_split(plates, wells, 0.5, fields=wells[:3])
+    one = np.full(4, "P1")
+    with pytest.raises(ValueError, match="more than one label"):
+        validation_split(one, np.array(["A01", "A01", "B01", "B01"]), 0.5,
+                         labels=np.array(["x", "y", "x", "x"]))  # fmt: skip
+    with pytest.raises(ValueError, match="single cell"):
+        validation_split(one[:2], np.array(["A01", "B01"]), 0.5,
+                         labels=np.array(["x", "y"]))  # fmt: skip
 
 
 def test_validation_split_on_one_plate_keeps_every_treatment_in_training():
@@ -65,6 +74,9 @@ def test_validation_split_on_one_plate_keeps_every_treatment_in_training():
     assert len(set(fields[b01 & is_val])) == 1
     assert not set(fields[b01 & is_val]) & set(fields[b01 & ~is_val])
     assert set(labels[is_val]) == set(labels[~is_val]) == set(labels)
+    unlabelled = validation_split(np.full(len(wells), "P1"), wells, 0.25, rng=0)
+    assert len(set(wells[unlabelled])) == 2  # whole wells: a quarter of the six
+    assert not set(wells[unlabelled]) & set(wells[~unlabelled])
 
 
 def test_augment_keeps_channels_in_step():

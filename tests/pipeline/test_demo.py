@@ -139,9 +139,12 @@ def test_cell_params_and_vignetting_reject_bad_input():
     rng = np.random.default_rng(0)
     assert cell_params("cell_loss", 1.0, rng, 0)["n_cells"] == 0
     assert {d.effect for d in COMPOUNDS} <= set(EFFECTS)
-    for bad in [("glow", 0.5, 10), ("none", 1.5, 10), ("none", 0.5, -1)]:
-        with pytest.raises(ValueError, match="effect"):
-            cell_params(bad[0], bad[1], rng, bad[2])
+    with pytest.raises(ValueError, match="effect 'glow' is unknown"):
+        cell_params("glow", 0.5, rng, 10)
+    with pytest.raises(ValueError, match="strength 1.5"):
+        cell_params("none", 1.5, rng, 10)
+    with pytest.raises(ValueError, match="n_max -1"):
+        cell_params("none", 0.5, rng, -1)
     field = vignetting((40, 60), rng)
     assert field.shape == (40, 60) and 0.6 < field.min() < field.max() <= 1.0
     with pytest.raises(ValueError, match="shape"):
