@@ -923,21 +923,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     balanced = summary["val_balanced_accuracy"]
     balanced = "n/a" if balanced is None else f"{balanced:.3f}"  # older state file
+    held_out = (
+        f"on held-out plates {', '.join(summary['val_plates'])}"
+        if summary["n_plates"] > 1
+        else "from the wells and fields of each treatment on its one plate"
+    )
     print(
         f"checkpoint {summary['checkpoint_id']}: {summary['path']} (sha256 "
         f"{summary['sha256'][:12]}...), best epoch {summary['best_epoch']} of "
         f"{summary['epochs']}: validation loss {summary['val_loss']:.3f}, accuracy "
         f"{summary['val_accuracy']:.3f} (largest class {summary['chance_accuracy']:.3f}),"
-        f" balanced accuracy {balanced} (chance "
-        f"{summary['balanced_chance']:.3f}; {summary['n_classes']} classes, "
-        f"{summary['n_train']} training and "
-        f"{summary['n_val']} validation cells"
-        + (
-            f", validation plates {', '.join(summary['val_plates'])})\n"
-            if summary["n_plates"] > 1
-            else " from the wells and fields of each treatment on its one plate)\n"
-        )
-        + f"embed with it: phenoscreen embed --db {_db_url(args)} --checkpoint "
+        f" balanced accuracy {balanced} (chance {summary['balanced_chance']:.3f}; "
+        f"{summary['n_classes']} classes, {summary['n_train']} training and "
+        f"{summary['n_val']} validation cells {held_out})\n"
+        f"embed with it: phenoscreen embed --db {_db_url(args)} --checkpoint "
         f"{summary['path']}"
         + (f" --layer {config.layer}" if config.layer != EmbedConfig.layer else "")
     )
