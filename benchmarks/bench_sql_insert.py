@@ -1,10 +1,12 @@
-"""Cells/s of the store's bulk per-field writes, SQLite and PostgreSQL, side by side.
+"""Cells/s of the store's bulk writes, SQLite and PostgreSQL, side by side.
 
-Writes N fields of C cells with F float32 features each through
-`db.store.write_field_cells` (one transaction per field: cells, vectors, result row),
-and, as a reference in the same run, the same cells as one ORM object per row.
+Writes N fields of C cells with F float32 features each three ways: ``batched``,
+as `phenoscreen run` commits a fast stream of fields (`db.store.write_fields_cells`,
+one transaction per batch of fields holding `pipeline.run.WRITE_BATCH_CELLS` cells);
+``bulk``, one field per transaction (`db.store.write_field_cells`: cells, vectors,
+result row); and, as a reference, one ORM object per row, one commit per field.
 
-    python benchmarks/bench_sql_insert.py [--fields 40] [--cells 500] [--features 60 1280]
+    python benchmarks/bench_sql_insert.py [--fields 120] [--cells 500] [--features 60 1280]
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from db import store  # noqa: E402
 from db.schema import Cell, CellVector  # noqa: E402
 from db.session import make_engine  # noqa: E402
 from pipeline.images.platemap import with_well_positions  # noqa: E402
+from pipeline.run import WRITE_BATCH_CELLS  # noqa: E402
 
 PG_URL = os.environ.get(
     "PHENOSCREEN_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -121,6 +124,29 @@ def bench_bulk(url: str, n_fields: int, n_cells: int, n_features: int) -> float:
     return n_fields * n_cells / elapsed
 
 
+def bench_batched(url: str, n_fields: int, n_cells: int, n_features: int) -> float:
+    """Fields committed in batches of `WRITE_BATCH_CELLS` cells, as runs do."""
+    engine, run_id, fs, field_ids = setup(url, n_fields, n_features)
+    rng = np.random.default_rng(0)
+    fields = [
+        {"field_id": field_id, "cells": cells, "features": features, "qc": {},
+         "seconds": {}}
+        for field_id, (cells, features) in zip(
+            field_ids, (make_cells(n_cells, n_features, rng) for _ in field_ids),
+            strict=True,
+        )
+    ]  # fmt: skip
+    per_batch = max(WRITE_BATCH_CELLS // max(n_cells, 1), 1)
+    start = time.perf_counter()
+    for i in range(0, n_fields, per_batch):
+        store.write_fields_cells(
+            engine, run_id=run_id, feature_set_id=fs, fields=fields[i : i + per_batch]
+        )
+    elapsed = time.perf_counter() - start
+    engine.dispose()
+    return n_fields * n_cells / elapsed
+
+
 def bench_orm_rows(url: str, n_fields: int, n_cells: int, n_features: int) -> float:
     """Reference: one ORM object per cell and per vector, one commit per field."""
     engine, run_id, fs, field_ids = setup(url, n_fields, n_features)
@@ -159,7 +185,7 @@ def fresh_pg_database() -> tuple[str, callable]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--fields", type=int, default=40)
+    parser.add_argument("--fields", type=int, default=120)
     parser.add_argument("--cells", type=int, default=500)
     parser.add_argument("--features", type=int, nargs="+", default=[60, 1280])
     parser.add_argument("--no-postgres", action="store_true")
@@ -169,6 +195,7 @@ def main() -> None:
         for backend in ["sqlite"] + ([] if args.no_postgres else ["postgresql"]):
             for n_features in args.features:
                 for method, bench in (
+                    ("batched", bench_batched),
                     ("bulk", bench_bulk),
                     ("orm_rows", bench_orm_rows),
                 ):
@@ -180,7 +207,9 @@ def main() -> None:
                     else:
                         url, drop = fresh_pg_database()
                     n_fields = (
-                        args.fields if method == "bulk" else max(args.fields // 4, 2)
+                        max(args.fields // 4, 2)
+                        if method == "orm_rows"
+                        else args.fields
                     )
                     try:
                         cells_per_s = bench(url, n_fields, args.cells, n_features)
@@ -202,6 +231,7 @@ def main() -> None:
         index=["backend", "features"], columns="method", values="cells_per_s"
     )
     wide["bulk_vs_orm_rows"] = (wide["bulk"] / wide["orm_rows"]).round(1)
+    wide["batched_vs_bulk"] = (wide["batched"] / wide["bulk"]).round(2)
     print(wide.to_string())
     save("sql_insert", {"rows": rows, "summary": wide.reset_index().to_dict("records")})
 

@@ -44,6 +44,9 @@ from db.schema import (
 )
 from db.session import session_scope
 
+#: Field ids per ``IN (...)`` list of one statement (SQLite allows 32,766 variables).
+_IN_LIST = 10_000
+
 
 def _drop_aggregates(session: Any, run_id: int) -> None:
     """Forget a run's cached aggregates and tables (its cells, vectors or flags change)."""
@@ -51,11 +54,14 @@ def _drop_aggregates(session: Any, run_id: int) -> None:
         session.execute(delete(table).where(table.run_id == run_id))
 
 
-def _clear_field(session: Any, run_id: int, field_id: int) -> None:
-    for table in (FieldResult, FieldMask, Cell):
-        session.execute(
-            delete(table).where(table.run_id == run_id, table.field_id == field_id)
-        )
+def _clear_fields(session: Any, run_id: int, field_ids: Sequence[int]) -> None:
+    """Delete the fields' results, masks and cells (their vectors cascade)."""
+    for start in range(0, len(field_ids), _IN_LIST):
+        chunk = list(field_ids[start : start + _IN_LIST])
+        for table in (FieldResult, FieldMask, Cell):
+            session.execute(
+                delete(table).where(table.run_id == run_id, table.field_id.in_(chunk))
+            )
     _drop_aggregates(session, run_id)
 
 
@@ -190,19 +196,86 @@ def write_field_cells(
     ValueError
         If `cells` and `features` differ in length or `cells` lacks columns.
     """
-    missing = [c for c in CELL_COLUMNS if c not in cells.columns]
-    if missing:
-        raise ValueError(f"cells lacks columns {missing}.")
-    if len(cells) != len(features):
+    write_fields_cells(
+        engine,
+        run_id=run_id,
+        feature_set_id=feature_set_id,
+        fields=[
+            {"field_id": field_id, "cells": cells, "features": features, "qc": qc,
+             "seconds": seconds, "masks": masks}
+        ],
+    )  # fmt: skip
+
+
+def write_fields_cells(
+    engine: Engine,
+    *,
+    run_id: int,
+    feature_set_id: int,
+    fields: Sequence[Mapping[str, Any]],
+) -> None:
+    """Write several fields' cells, vectors, masks and result rows in one transaction.
+
+    The fields are committed together or not at all: a run killed before the
+    commit finds none of them done and segments them again. One bulk insert per
+    table serves all the fields, so a batch costs a few statements however many
+    fields it holds (`benchmarks/bench_sql_insert.py`).
+
+    Parameters
+    ----------
+    engine : Engine
+    run_id, feature_set_id : int
+    fields : sequence of mapping
+        One per field, each with the arguments of `write_field_cells`:
+        ``field_id``, ``cells`` (DataFrame of `CELL_COLUMNS`), ``features``
+        (ndarray of shape (N, F), row i for ``cells.iloc[i]``), ``qc``,
+        ``seconds`` and optionally ``masks``.
+
+    Raises
+    ------
+    ValueError
+        If a field's `cells` and `features` differ in length, its `cells` lacks
+        columns, its `features` have another width than the others', or a field
+        appears twice.
+    """
+    ids = [int(f["field_id"]) for f in fields]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"fields {sorted(ids)} name a field twice; write it once.")
+    widths = set()
+    for field in fields:
+        cells, features = field["cells"], np.asarray(field["features"])
+        missing = [c for c in CELL_COLUMNS if c not in cells.columns]
+        if missing:
+            raise ValueError(
+                f"field {field['field_id']}: cells lacks columns {missing}."
+            )
+        if len(cells) != len(features):
+            raise ValueError(
+                f"field {field['field_id']}: cells has {len(cells)} rows but features "
+                f"has {len(features)}; they must describe the same cells in the same "
+                "order."
+            )
+        if len(features):
+            widths.add(features.reshape(len(features), -1).shape[1])
+    if len(widths) > 1:
         raise ValueError(
-            f"cells has {len(cells)} rows but features has {len(features)}; they must "
-            "describe the same cells in the same order."
+            f"the fields' features have widths {sorted(widths)}; one feature set has "
+            "one width."
         )
-    vectors = np.ascontiguousarray(features, dtype="<f4")
-    n_cells = len(cells)
-    columns = [cells[c].to_numpy().tolist() for c in CELL_COLUMNS]  # Python scalars
+    n_cells = sum(len(f["cells"]) for f in fields)
+    if n_cells:
+        cells = pd.concat(
+            [f["cells"][list(CELL_COLUMNS)] for f in fields if len(f["cells"])]
+        )
+        vectors = np.ascontiguousarray(
+            np.concatenate([np.asarray(f["features"]).reshape(len(f["cells"]), -1)
+                            for f in fields if len(f["cells"])]),
+            dtype="<f4",
+        )  # fmt: skip
+        field_of_cell = np.repeat(ids, [len(f["cells"]) for f in fields]).tolist()
+        columns = [cells[c].to_numpy().tolist() for c in CELL_COLUMNS]  # Python scalars
     with session_scope(engine) as session:
-        _clear_field(session, run_id, field_id)  # also takes SQLite's write lock
+        _clear_fields(session, run_id, ids)  # also takes SQLite's write lock
         if n_cells:
             connection = session.connection()
             cell_ids = _allocate_cell_ids(connection, n_cells)
@@ -210,13 +283,7 @@ def write_field_cells(
                 connection,
                 Cell.__table__,
                 ["id", "run_id", "field_id", *CELL_COLUMNS],
-                zip(
-                    cell_ids,
-                    [run_id] * n_cells,
-                    [field_id] * n_cells,
-                    *columns,
-                    strict=True,
-                ),
+                zip(cell_ids, [run_id] * n_cells, field_of_cell, *columns, strict=True),
             )
             _copy_rows(
                 connection,
@@ -227,24 +294,28 @@ def write_field_cells(
                     for i, v in zip(cell_ids, vectors, strict=True)
                 ),
             )
-        if masks is not None:
+        masks = [
+            {"run_id": run_id, "field_id": i, **dict(f["masks"])}
+            for i, f in zip(ids, fields, strict=True)
+            if f.get("masks") is not None
+        ]
+        if masks:
+            session.execute(insert(FieldMask), masks)
+        if fields:
             session.execute(
-                insert(FieldMask),
-                [{"run_id": run_id, "field_id": field_id, **dict(masks)}],
+                insert(FieldResult),
+                [
+                    {
+                        "run_id": run_id,
+                        "field_id": i,
+                        "status": "complete",
+                        "n_cells": len(f["cells"]),
+                        "qc": dict(f["qc"]),
+                        "seconds": dict(f["seconds"]),
+                    }
+                    for i, f in zip(ids, fields, strict=True)
+                ],
             )
-        session.execute(
-            insert(FieldResult),
-            [
-                {
-                    "run_id": run_id,
-                    "field_id": field_id,
-                    "status": "complete",
-                    "n_cells": n_cells,
-                    "qc": dict(qc),
-                    "seconds": dict(seconds),
-                }
-            ],
-        )
 
 
 def write_field_failure(
@@ -252,7 +323,7 @@ def write_field_failure(
 ) -> None:
     """Record that a field could not be processed (its cells are removed)."""
     with session_scope(engine) as session:
-        _clear_field(session, run_id, field_id)
+        _clear_fields(session, run_id, [field_id])
         session.execute(
             insert(FieldResult),
             [

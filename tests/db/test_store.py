@@ -234,6 +234,94 @@ def test_write_field_cells_rejects_mismatched_rows(sqlite_url):
         )
 
 
+def field_batch(field_ids, sizes, start=0.0):
+    out = []
+    for field_id, n in zip(field_ids, sizes, strict=True):
+        cells, features = cells_of(n, start=start + 100 * n)
+        out.append({"field_id": int(field_id), "cells": cells, "features": features,
+                    "qc": {"n": n}, "seconds": {"read": 0.1}})  # fmt: skip
+    return out
+
+
+def test_write_fields_cells_in_one_batch_equals_one_field_at_a_time(db_url, tmp_path):
+    """Batched and per-field writes store the same cells; rewriting replaces them."""
+    stored = []
+    for batched in (True, False):
+        engine = make_engine(
+            db_url if batched else f"sqlite:///{tmp_path}/one_at_a_time.db"
+        )
+        experiment_id, fields = register(engine)
+        run_id, fs = open_run(engine, experiment_id)
+        batch = field_batch(fields["field_id"], [4, 0, 6])  # a field without cells
+        if batched:
+            store.write_fields_cells(
+                engine, run_id=run_id, feature_set_id=fs, fields=batch[:2]
+            )
+            store.write_fields_cells(  # field 2 again, with the last one
+                engine, run_id=run_id, feature_set_id=fs, fields=batch[1:]
+            )
+        else:
+            for field in batch:
+                store.write_field_cells(
+                    engine, run_id=run_id, feature_set_id=fs, **field
+                )
+        assert store.completed_field_ids(engine, run_id) == set(fields["field_id"])
+        _, cells, features = next(
+            store.iter_plate_cells(engine, run_id, "classical_baseline")
+        )
+        stored.append((cells.drop(columns=["cell_id"], errors="ignore"), features))
+        with session_scope(engine) as session:
+            assert session.scalar(select(func.count()).select_from(Cell)) == 10
+            counts = dict(session.execute(select(FieldResult.field_id,
+                                                 FieldResult.n_cells)).all())  # fmt: skip
+        assert sorted(counts.values()) == [0, 4, 6]
+        engine.dispose()
+    pd.testing.assert_frame_equal(stored[0][1], stored[1][1])
+    pd.testing.assert_frame_equal(
+        stored[0][0].drop(columns=["Metadata_Field"], errors="ignore"),
+        stored[1][0].drop(columns=["Metadata_Field"], errors="ignore"),
+    )
+
+
+def test_write_fields_cells_is_all_or_nothing(db_url, monkeypatch):
+    """A failure while writing a batch commits none of its fields."""
+    engine = make_engine(db_url)
+    experiment_id, fields = register(engine)
+    run_id, fs = open_run(engine, experiment_id)
+    real_copy = writers._copy_rows
+
+    def failing_copy(connection, table, columns, rows):
+        if table.name == "cell_vector":
+            raise RuntimeError("disk full")
+        return real_copy(connection, table, columns, rows)
+
+    monkeypatch.setattr(writers, "_copy_rows", failing_copy)
+    with pytest.raises(RuntimeError, match="disk full"):
+        store.write_fields_cells(
+            engine, run_id=run_id, feature_set_id=fs,
+            fields=field_batch(fields["field_id"], [3, 2, 1]),
+        )  # fmt: skip
+    assert store.completed_field_ids(engine, run_id) == set()
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Cell)) == 0
+
+
+def test_write_fields_cells_rejects_bad_batches(sqlite_url):
+    engine = make_engine(sqlite_url)
+    batch = field_batch([1, 2], [3, 2])
+    write = lambda fields: store.write_fields_cells(  # noqa: E731
+        engine, run_id=1, feature_set_id=1, fields=fields
+    )
+    with pytest.raises(ValueError, match="name a field twice"):
+        write([batch[0], batch[0]])
+    with pytest.raises(ValueError, match="field 2: cells has 2 rows but features"):
+        write([batch[0], batch[1] | {"features": batch[1]["features"][:1]}])
+    with pytest.raises(ValueError, match="field 1: cells lacks columns"):
+        write([batch[0] | {"cells": batch[0]["cells"].drop(columns="centroid_x")}])
+    with pytest.raises(ValueError, match="widths \\[3, 4\\]"):
+        write([batch[0], batch[1] | {"features": np.zeros((2, 4), np.float32)}])
+
+
 def test_ensure_feature_set_rejects_changed_names(sqlite_url):
     engine = make_engine(sqlite_url)
     experiment_id, _ = register(engine)
