@@ -2,9 +2,10 @@
 
 Writes N fields of C cells with F float32 features each three ways: ``batched``,
 as `phenoscreen run` commits a fast stream of fields (`db.store.write_fields_cells`,
-one transaction per batch of fields holding `pipeline.run.WRITE_BATCH_CELLS` cells);
-``bulk``, one field per transaction (`db.store.write_field_cells`: cells, vectors,
-result row); and, as a reference, one ORM object per row, one commit per field.
+one transaction per group of fields holding the `db.store.FieldBatches` cell cap,
+20,000); ``bulk``, one field per transaction (`db.store.write_field_cells`: cells,
+vectors, result row); and, as a reference, one ORM object per row, one commit per
+field.
 
     python benchmarks/bench_sql_insert.py [--fields 120] [--cells 500] [--features 60 1280]
 """
@@ -33,7 +34,6 @@ from db import store  # noqa: E402
 from db.schema import Cell, CellVector  # noqa: E402
 from db.session import make_engine  # noqa: E402
 from pipeline.images.platemap import with_well_positions  # noqa: E402
-from pipeline.run import WRITE_BATCH_CELLS  # noqa: E402
 
 PG_URL = os.environ.get(
     "PHENOSCREEN_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -125,7 +125,7 @@ def bench_bulk(url: str, n_fields: int, n_cells: int, n_features: int) -> float:
 
 
 def bench_batched(url: str, n_fields: int, n_cells: int, n_features: int) -> float:
-    """Fields committed in batches of `WRITE_BATCH_CELLS` cells, as runs do."""
+    """Fields committed in batches of `FieldBatches().max_cells` cells, as runs do."""
     engine, run_id, fs, field_ids = setup(url, n_fields, n_features)
     rng = np.random.default_rng(0)
     fields = [
@@ -136,7 +136,7 @@ def bench_batched(url: str, n_fields: int, n_cells: int, n_features: int) -> flo
             strict=True,
         )
     ]  # fmt: skip
-    per_batch = max(WRITE_BATCH_CELLS // max(n_cells, 1), 1)
+    per_batch = max(store.FieldBatches().max_cells // max(n_cells, 1), 1)
     start = time.perf_counter()
     for i in range(0, n_fields, per_batch):
         store.write_fields_cells(

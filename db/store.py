@@ -51,13 +51,14 @@ from db.schema import (
     MAP_COLUMNS,
 )
 from db.writers import (
+    FieldBatches,
     encode_masks,
     write_cached_tables,
     write_field_cells,
     write_field_failure,
     write_field_flags,
-    write_field_vectors,
     write_fields_cells,
+    write_fields_vectors,
     write_illumination,
     write_phenotype_map,
     write_well_aggregates,
@@ -65,6 +66,7 @@ from db.writers import (
 )
 
 __all__ = [
+    "FieldBatches",
     "CELL_COLUMNS",
     "CHUNK_CELLS",
     "FEATURE_SET_ALIASES",
@@ -106,7 +108,7 @@ __all__ = [
     "write_fields_cells",
     "write_field_failure",
     "write_field_flags",
-    "write_field_vectors",
+    "write_fields_vectors",
     "write_illumination",
     "write_phenotype_map",
     "write_well_aggregates",

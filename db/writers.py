@@ -8,6 +8,7 @@ embedding vectors, well aggregates and profiles, cached tables, the phenotype ma
 from __future__ import annotations
 
 import io
+import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -46,6 +47,53 @@ from db.session import session_scope
 
 #: Field ids per ``IN (...)`` list of one statement (SQLite allows 32,766 variables).
 _IN_LIST = 10_000
+
+
+class FieldBatches:
+    """Group a stream of finished fields into transactions.
+
+    A field is committed together with those that came in since the last commit,
+    once `every_s` seconds have passed since that commit or the group holds
+    `max_cells` cells: a slow stream commits each field as it comes, a fast one
+    fewer and larger transactions (`write_fields_cells`, `write_fields_vectors`),
+    and a process killed mid-stream loses about `every_s` seconds of work.
+
+    Parameters
+    ----------
+    max_cells : int
+        Cells a group may hold before it is committed, >= 1.
+    every_s : float
+        Seconds after a commit when the next field is committed with the group,
+        >= 0 (0: every field at once).
+
+    Raises
+    ------
+    ValueError
+        If `max_cells` < 1 or `every_s` < 0.
+    """
+
+    def __init__(self, max_cells: int = 20_000, every_s: float = 1.0) -> None:
+        if max_cells < 1 or every_s < 0:
+            raise ValueError(
+                f"max_cells {max_cells} must be >= 1 and every_s {every_s} >= 0."
+            )
+        self.max_cells, self.every_s = max_cells, every_s
+        self._items: list[Any] = []
+        self._cells = 0
+        self._last = time.monotonic()
+
+    def add(self, item: Any, n_cells: int) -> list[Any]:
+        """Add a finished field; return the group to commit now (empty: not yet)."""
+        self._items.append(item)
+        self._cells += n_cells
+        due = time.monotonic() - self._last >= self.every_s
+        return self.take() if due or self._cells >= self.max_cells else []
+
+    def take(self) -> list[Any]:
+        """Return and forget the waiting fields (to commit them, e.g. at the end)."""
+        items, self._items, self._cells = self._items, [], 0
+        self._last = time.monotonic()
+        return items
 
 
 def _drop_aggregates(session: Any, run_id: int) -> None:
@@ -604,51 +652,77 @@ def write_phenotype_map(
             )
 
 
-def write_field_vectors(
+def write_fields_vectors(
     engine: Engine,
     *,
     run_id: int,
-    field_id: int,
     feature_set_id: int,
-    object_numbers: np.ndarray,
-    vectors: np.ndarray,
+    fields: Sequence[Mapping[str, Any]],
 ) -> None:
-    """Store one field's vectors of a feature set for its existing cells, atomically.
+    """Store several fields' vectors of a feature set for their stored cells, atomically.
+
+    Parameters
+    ----------
+    engine : Engine
+    run_id, feature_set_id : int
+    fields : sequence of mapping
+        One per field: ``field_id``, ``object_numbers`` (ndarray of shape (N,),
+        every stored cell of the field) and ``vectors`` (ndarray of shape (N, F),
+        row i for object ``object_numbers[i]``; stored as float32 bytes).
 
     Raises
     ------
     ValueError
-        If the lengths differ or an object number has no stored cell (the run's
-        cells and the vectors would not line up).
+        If a field appears twice, its lengths differ or its object numbers are not
+        its stored cells (the run's cells and the vectors would not line up).
     """
-    if len(object_numbers) != len(vectors):
-        raise ValueError(
-            f"{len(object_numbers)} object numbers but {len(vectors)} vectors."
-        )
-    rows = np.ascontiguousarray(vectors, dtype="<f4")
-    with session_scope(engine) as session:
-        ids = dict(
-            session.execute(
-                select(Cell.object_number, Cell.id).where(
-                    Cell.run_id == run_id, Cell.field_id == field_id
-                )
-            ).all()
-        )
-        missing = [int(k) for k in object_numbers if int(k) not in ids]
-        if missing or len(ids) != len(object_numbers):
+    ids = [int(f["field_id"]) for f in fields]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"fields {sorted(ids)} name a field twice; write it once.")
+    for field in fields:
+        if len(field["object_numbers"]) != len(field["vectors"]):
             raise ValueError(
-                f"field {field_id}: {len(object_numbers)} objects to embed but "
-                f"{len(ids)} stored cells (missing {missing[:5]}); rerun the field."
+                f"field {field['field_id']}: {len(field['object_numbers'])} object "
+                f"numbers but {len(field['vectors'])} vectors."
             )
-        cell_ids = [ids[int(k)] for k in object_numbers]
+    with session_scope(engine) as session:
+        stored: dict[int, dict[int, int]] = {i: {} for i in ids}
+        for start in range(0, len(ids), _IN_LIST):
+            chunk = ids[start : start + _IN_LIST]
+            for field_id, number, cell_id in session.execute(
+                select(Cell.field_id, Cell.object_number, Cell.id).where(
+                    Cell.run_id == run_id, Cell.field_id.in_(chunk)
+                )
+            ):
+                stored[field_id][number] = cell_id
+        cell_ids: list[int] = []
+        for field_id, field in zip(ids, fields, strict=True):
+            numbers = [int(k) for k in field["object_numbers"]]
+            missing = [k for k in numbers if k not in stored[field_id]]
+            if missing or len(stored[field_id]) != len(numbers):
+                raise ValueError(
+                    f"field {field_id}: {len(numbers)} objects to embed but "
+                    f"{len(stored[field_id])} stored cells (missing {missing[:5]}); "
+                    "rerun the field."
+                )
+            cell_ids += [stored[field_id][k] for k in numbers]
         _drop_aggregates(session, run_id)
-        session.execute(
-            delete(CellVector).where(
-                CellVector.feature_set_id == feature_set_id,
-                CellVector.cell_id.in_(cell_ids),
+        for start in range(0, len(ids), _IN_LIST):
+            of_fields = select(Cell.id).where(
+                Cell.run_id == run_id, Cell.field_id.in_(ids[start : start + _IN_LIST])
             )
-        )
+            session.execute(
+                delete(CellVector).where(
+                    CellVector.feature_set_id == feature_set_id,
+                    CellVector.cell_id.in_(of_fields),
+                )
+            )
         if cell_ids:
+            rows = np.ascontiguousarray(
+                np.concatenate([np.asarray(f["vectors"]).reshape(len(f["vectors"]), -1)
+                                for f in fields]),
+                dtype="<f4",
+            )  # fmt: skip
             _copy_rows(
                 session.connection(),
                 CellVector.__table__,

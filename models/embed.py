@@ -496,6 +496,7 @@ def embed_array(
 
 def _embed_and_write(
     writes: _Writer,
+    batches: store.FieldBatches,
     run_id: int,
     embedder: Callable[..., torch.Tensor],
     fields: list[tuple[FieldCrops, np.ndarray]],
@@ -504,7 +505,7 @@ def _embed_and_write(
     batch_size: int,
     device: torch.device,
 ) -> int:
-    """Embed fields' crops together; queue each field's write (one transaction).
+    """Embed fields' crops together; queue their writes, grouped by `batches`.
 
     The fields' cell masks go with the crops when they were read. Returns the
     batch size that fitted on the device.
@@ -519,24 +520,36 @@ def _embed_and_write(
     )
     offsets = np.cumsum([0] + [len(crops) for _, crops in fields])
     for (field, _), lo, hi in zip(fields, offsets[:-1], offsets[1:], strict=True):
-        writes.submit(
-            store.write_field_vectors,
-            run_id=run_id,
-            field_id=field.field_id,
-            feature_set_id=feature_set_id,
-            object_numbers=field.object_numbers,
-            vectors=vectors[lo:hi].reshape(hi - lo, width),
-        )
+        item = {
+            "field_id": field.field_id,
+            "object_numbers": field.object_numbers,
+            "vectors": vectors[lo:hi].reshape(hi - lo, width),
+        }
+        _write_vectors(writes, run_id, feature_set_id, batches.add(item, hi - lo))
     return batch_size
+
+
+def _write_vectors(
+    writes: _Writer, run_id: int, feature_set_id: int, fields: list[dict[str, Any]]
+) -> None:
+    """Queue one transaction writing `fields`' vectors (none when empty)."""
+    if fields:
+        writes.submit(
+            store.write_fields_vectors,
+            run_id=run_id,
+            feature_set_id=feature_set_id,
+            fields=fields,
+        )
 
 
 class _Writer:
     """Store writes on one background thread, so they overlap the forward pass.
 
-    At most `depth` writes wait; `close` waits for all and raises the first error.
+    At most `depth` writes wait (each up to `db.store.FieldBatches`' 20,000 cells,
+    100 MB of 1,280-d vectors); `close` waits for all and raises the first error.
     """
 
-    def __init__(self, engine: Engine, depth: int = 16) -> None:
+    def __init__(self, engine: Engine, depth: int = 4) -> None:
         self._engine, self._depth = engine, depth
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._pending: deque[Future] = deque()
@@ -776,7 +789,7 @@ def embed_run(
     )
     pending: list[tuple[FieldCrops, np.ndarray]] = []
     progress = tqdm(total=len(todo), unit="field", desc="embed", disable=None)
-    writes = _Writer(engine)
+    writes, batches = _Writer(engine), store.FieldBatches()
     try:
         # reading and writing overlap the forward pass; None flushes the last group
         for item in chain(prefetch(scaled), [None]):
@@ -786,13 +799,14 @@ def embed_run(
                     continue
             if pending:
                 batch_size = _embed_and_write(
-                    writes, run_id, embedder, pending, feature_set_id, width, batch_size,
-                    target,
+                    writes, batches, run_id, embedder, pending, feature_set_id, width,
+                    batch_size, target,
                 )  # fmt: skip
                 n_cells += sum(len(c) for _, c in pending)
                 n_fields += len(pending)
                 progress.update(len(pending))
                 pending = []
+        _write_vectors(writes, run_id, feature_set_id, batches.take())
     finally:
         writes.close()
     progress.close()

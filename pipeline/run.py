@@ -366,14 +366,6 @@ def _illumination_functions(
 #: Seconds between progress lines when the output is not a terminal.
 PROGRESS_EVERY_S = 60.0
 
-#: A finished field is committed with those that came in since the last commit,
-#: once `WRITE_EVERY_S` have passed since it or the batch holds `WRITE_BATCH_CELLS`
-#: cells: one transaction per batch (`db.store.write_fields_cells`). Slow runs
-#: commit every field as it comes; fast ones write fewer, larger transactions and
-#: a killed run loses about a second of work.
-WRITE_BATCH_CELLS = 20_000
-WRITE_EVERY_S = 1.0
-
 
 def progress_line(done: int, total: int, elapsed_s: float) -> str:
     """Return ``"120/960 fields (12.5 %), 2.0 fields/s, about 7 min left"``.
@@ -481,8 +473,8 @@ def _process_fields(
     """Run `process_field` on Dask for each pending field; commit fields as they return.
 
     At most four tasks per worker are in flight, so the client holds few results.
-    Finished fields are committed in batches (`WRITE_BATCH_CELLS`, `WRITE_EVERY_S`),
-    failed ones at once. `illumination` maps plate id to its (scattered) function,
+    Finished fields are committed in batches (`db.store.FieldBatches`), failed
+    ones at once. `illumination` maps plate id to its (scattered) function,
     or is empty.
 
     Returns
@@ -498,19 +490,15 @@ def _process_fields(
     field_of_key: dict[str, int] = {}
     first_file: dict[int, str] = {}
     queue = iter(pending.itertuples(index=False))
-    batch: list[dict[str, Any]] = []
-    last_commit = time.monotonic()
+    batches = store.FieldBatches()
 
-    def commit_batch() -> None:
-        nonlocal last_commit
-        last_commit = time.monotonic()
+    def commit(batch: list[dict[str, Any]]) -> None:
         if batch:
             retry_lost_connection(
                 partial(store.write_fields_cells, engine, run_id=run_id,
-                        feature_set_id=feature_set_id, fields=list(batch)),
+                        feature_set_id=feature_set_id, fields=batch),
                 what=f"{len(batch)} fields ({batch[0]['field_id']}, ...)",
             )  # fmt: skip
-            batch.clear()
 
     def submit(row: Any) -> Any:
         paths = [str(image_root / getattr(row, c)) for c in file_columns]
@@ -541,7 +529,7 @@ def _process_fields(
             try:
                 result = future.result()
             except CancelledError as exc:  # the scheduler is gone, not this field
-                commit_batch()
+                commit(batches.take())
                 raise PipelineError(
                     _scheduler_lost(client, done, len(pending))
                 ) from exc
@@ -553,7 +541,7 @@ def _process_fields(
                 try:
                     futures.add(submit(next_row))
                 except ClosedClientError as exc:
-                    commit_batch()
+                    commit(batches.take())
                     raise PipelineError(
                         _scheduler_lost(client, done, len(pending))
                     ) from exc
@@ -567,13 +555,10 @@ def _process_fields(
                     what=f"field {field_id}",
                 )  # fmt: skip
             else:
-                batch.append({"field_id": field_id} | result)
+                commit(
+                    batches.add({"field_id": field_id} | result, len(result["cells"]))
+                )
                 n_cells += len(result["cells"])
-                if (
-                    sum(len(f["cells"]) for f in batch) >= WRITE_BATCH_CELLS
-                    or time.monotonic() - last_commit >= WRITE_EVERY_S
-                ):
-                    commit_batch()
                 if not len(result["cells"]):
                     logger.warning(
                         "field %d (%s): no cells found (a blank or unfocused image?); "
@@ -585,7 +570,7 @@ def _process_fields(
             step_seconds["write"] += time.perf_counter() - t_write
             bar.update()
     t_write = time.perf_counter()
-    commit_batch()
+    commit(batches.take())
     step_seconds["write"] += time.perf_counter() - t_write
     return n_cells, failures, step_seconds
 

@@ -552,3 +552,19 @@ def test_count_flagged_fields_per_well(db_url):
     counts = store.count_flagged_fields(engine, run_id).set_index("Metadata_Well")
     assert counts["Metadata_FlaggedFields"].to_dict() == {"A01": 1, "B02": 0}
     assert store.count_flagged_fields(engine, 999).empty
+
+
+def test_field_batches_commit_slow_streams_field_by_field_and_cap_fast_ones():
+    slow = store.FieldBatches(max_cells=100, every_s=0.0)
+    assert slow.add("a", 5) == ["a"] and slow.add("b", 5) == ["b"]
+    fast = store.FieldBatches(max_cells=10, every_s=3600.0)
+    assert fast.add("a", 4) == [] and fast.add("b", 4) == []
+    assert fast.add("c", 4) == ["a", "b", "c"]  # 12 cells >= 10
+    assert fast.add("d", 1) == [] and fast.take() == ["d"] and fast.take() == []
+
+
+def test_field_batches_rejects_bad_limits():
+    with pytest.raises(ValueError, match="max_cells 0 must be >= 1"):
+        store.FieldBatches(max_cells=0)
+    with pytest.raises(ValueError, match="every_s -1"):
+        store.FieldBatches(every_s=-1)

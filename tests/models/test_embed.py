@@ -279,7 +279,7 @@ def test_embed_run_rejects_unknown_model_and_layer(demo_run, capsys):
     assert "blocks.0 to blocks.6" in capsys.readouterr().err
 
 
-def test_write_field_vectors_rejects_misaligned_cells(demo_run):
+def test_write_fields_vectors_rejects_misaligned_cells(demo_run):
     url, summary = demo_run
     engine = make_engine(url, create=False)
     name = embed_run(engine, summary.run_id, FAST_RECIPE)["feature_set"]
@@ -287,18 +287,20 @@ def test_write_field_vectors_rejects_misaligned_cells(demo_run):
     field_id = next(
         iter(store.embedded_field_ids(engine, summary.run_id, feature_set_id))
     )
-    with pytest.raises(ValueError, match="object numbers but"):
-        store.write_field_vectors(
-            engine, run_id=summary.run_id, field_id=field_id,
-            feature_set_id=feature_set_id, object_numbers=np.array([1]),
-            vectors=np.zeros((2, 4)),
+
+    def write(*fields):
+        store.write_fields_vectors(
+            engine, run_id=summary.run_id, feature_set_id=feature_set_id,
+            fields=[{"field_id": field_id} | f for f in fields],
         )  # fmt: skip
+
+    with pytest.raises(ValueError, match="1 object numbers but 2 vectors"):
+        write({"object_numbers": np.array([1]), "vectors": np.zeros((2, 4))})
     with pytest.raises(ValueError, match="stored cells"):
-        store.write_field_vectors(
-            engine, run_id=summary.run_id, field_id=field_id,
-            feature_set_id=feature_set_id, object_numbers=np.array([999]),
-            vectors=np.zeros((1, 4)),
-        )  # fmt: skip
+        write({"object_numbers": np.array([999]), "vectors": np.zeros((1, 4))})
+    one = {"object_numbers": np.array([1]), "vectors": np.zeros((1, 4))}
+    with pytest.raises(ValueError, match="name a field twice"):
+        write(one, one)
 
 
 def test_out_of_memory_halves_the_batch_and_goes_on(caplog):
