@@ -19,6 +19,8 @@ worker x N)``, writes included); the run's own per-step times are printed too.
     python benchmarks/bench_cluster_plate.py [--plate-format 96] [--fields-per-well 1]
         [--workers 1 2]
 
+Another plate than 96 x 1 saves to ``cluster_plate_<format>x<fields>.json``.
+
 Needs a PostgreSQL server (``$PHENOSCREEN_TEST_PG_URL``, default the test one).
 """
 
@@ -202,8 +204,10 @@ def main() -> None:
             FULL_PLATE_FIELDS / (per_worker * 16) / 3600, 2
         )
         print(row)
+    default_plate = (args.plate_format, args.fields_per_well) == (96, 1)
     save(
-        "cluster_plate",
+        "cluster_plate" + ("" if default_plate else
+                           f"_{args.plate_format}x{args.fields_per_well}"),
         {"command": shlex.join(["python", *sys.argv]),
          "plate": f"{args.plate_format} wells x {args.fields_per_well} field(s) x 5 "
                   f"channels x {args.field_size} px, ~{args.cells_per_field} nuclei "

@@ -157,15 +157,13 @@ def _allocate_cell_ids(connection: Connection, n: int) -> list[int]:
     continues after the largest id, which is safe because the caller already holds
     the database's write lock.
     """
-    if connection.dialect.name == "postgresql":
-        return list(
-            connection.scalars(
-                text(
-                    "SELECT nextval(pg_get_serial_sequence('cell', 'id')) "
-                    "FROM generate_series(1, :n)"
-                ),
-                {"n": n},
-            )
+    if connection.dialect.name == "postgresql":  # one row: an array of n ids
+        return connection.scalar(
+            text(
+                "SELECT array_agg(nextval(pg_get_serial_sequence('cell', 'id'))) "
+                "FROM generate_series(1, :n)"
+            ),
+            {"n": n},
         )
     start = connection.scalar(select(func.coalesce(func.max(Cell.id), 0)))
     return list(range(start + 1, start + n + 1))
@@ -289,6 +287,8 @@ def write_fields_cells(
     ids = [int(f["field_id"]) for f in fields]
     if len(set(ids)) != len(ids):
         raise ValueError(f"fields {sorted(ids)} name a field twice; write it once.")
+    if not ids:
+        return
     widths = set()
     for field in fields:
         cells, features = field["cells"], np.asarray(field["features"])
@@ -349,21 +349,20 @@ def write_fields_cells(
         ]
         if masks:
             session.execute(insert(FieldMask), masks)
-        if fields:
-            session.execute(
-                insert(FieldResult),
-                [
-                    {
-                        "run_id": run_id,
-                        "field_id": i,
-                        "status": "complete",
-                        "n_cells": len(f["cells"]),
-                        "qc": dict(f["qc"]),
-                        "seconds": dict(f["seconds"]),
-                    }
-                    for i, f in zip(ids, fields, strict=True)
-                ],
-            )
+        session.execute(
+            insert(FieldResult),
+            [
+                {
+                    "run_id": run_id,
+                    "field_id": i,
+                    "status": "complete",
+                    "n_cells": len(f["cells"]),
+                    "qc": dict(f["qc"]),
+                    "seconds": dict(f["seconds"]),
+                }
+                for i, f in zip(ids, fields, strict=True)
+            ],
+        )
 
 
 def write_field_failure(
@@ -685,6 +684,8 @@ def write_fields_vectors(
                 f"field {field['field_id']}: {len(field['object_numbers'])} object "
                 f"numbers but {len(field['vectors'])} vectors."
             )
+    if not ids:
+        return
     with session_scope(engine) as session:
         stored: dict[int, dict[int, int]] = {i: {} for i in ids}
         for start in range(0, len(ids), _IN_LIST):
