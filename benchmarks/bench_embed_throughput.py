@@ -12,7 +12,7 @@ each channel as RGB, ``blocks[3]`` averaged over each cell's mask, plate scaling
   machines are shared: a single raw figure can be off by 2x);
 - end to end: `models.embed.embed_run` (reading fields, illumination correction,
   cropping at the stored centroids, reading the stored cell masks, per-plate
-  scaling, DataLoader, forward, one transaction per field into the store), timed
+  scaling, DataLoader, forward, grouped transactions into the store), timed
   over its embedding loop.
 
 Run: ``python benchmarks/bench_embed_throughput.py [--sizes 64 96 128] [--device cpu]``

@@ -1,8 +1,9 @@
 """Bulk writes of the store, one transaction per unit of work.
 
 Bulk inserts (binary COPY on PostgreSQL, DB-API executemany on SQLite; no per-row
-ORM objects): one field's cells + vectors + masks + result row, a field's
-embedding vectors, well aggregates and profiles, cached tables, the phenotype map.
+ORM objects): fields' cells + vectors + masks + result rows, fields' embedding
+vectors (a field, or a group of them, `FieldBatches`, per transaction), well
+aggregates and profiles, cached tables, the phenotype map.
 """
 
 from __future__ import annotations
@@ -45,26 +46,28 @@ from db.schema import (
 )
 from db.session import session_scope
 
-#: Field ids per ``IN (...)`` list of one statement (SQLite allows 32,766 variables).
+#: Field ids per ``IN (...)`` list of one statement (SQLite 3.32+ allows 32,766
+#: variables).
 _IN_LIST = 10_000
 
 
 class FieldBatches:
     """Group a stream of finished fields into transactions.
 
-    A field is committed together with those that came in since the last commit,
-    once `every_s` seconds have passed since that commit or the group holds
-    `max_cells` cells: a slow stream commits each field as it comes, a fast one
-    fewer and larger transactions (`write_fields_cells`, `write_fields_vectors`),
-    and a process killed mid-stream loses about `every_s` seconds of work.
+    A field is committed together with the fields waiting before it as soon as no
+    other finished field is ready to join them, the group has waited `every_s`
+    seconds (since its first field) or it holds `max_cells` cells. A slow stream
+    commits each field as it comes; a fast one (many workers, a GPU), whose fields
+    queue up, writes fewer and larger transactions (`write_fields_cells`,
+    `write_fields_vectors`); a process killed mid-stream loses at most the fields
+    of `every_s` seconds.
 
     Parameters
     ----------
     max_cells : int
         Cells a group may hold before it is committed, >= 1.
     every_s : float
-        Seconds after a commit when the next field is committed with the group,
-        >= 0 (0: every field at once).
+        Seconds a group may wait for more fields, >= 0 (0: no waiting).
 
     Raises
     ------
@@ -80,19 +83,27 @@ class FieldBatches:
         self.max_cells, self.every_s = max_cells, every_s
         self._items: list[Any] = []
         self._cells = 0
-        self._last = time.monotonic()
+        self._since = 0.0
 
-    def add(self, item: Any, n_cells: int) -> list[Any]:
-        """Add a finished field; return the group to commit now (empty: not yet)."""
+    def add(self, item: Any, n_cells: int, *, more_ready: bool = False) -> list[Any]:
+        """Add a finished field; return the group to commit now (empty: not yet).
+
+        `more_ready`: another finished field is waiting to be added at once.
+        """
+        if not self._items:
+            self._since = time.monotonic()
         self._items.append(item)
         self._cells += n_cells
-        due = time.monotonic() - self._last >= self.every_s
-        return self.take() if due or self._cells >= self.max_cells else []
+        due = (
+            not more_ready
+            or self._cells >= self.max_cells
+            or time.monotonic() - self._since >= self.every_s
+        )
+        return self.take() if due else []
 
     def take(self) -> list[Any]:
         """Return and forget the waiting fields (to commit them, e.g. at the end)."""
         items, self._items, self._cells = self._items, [], 0
-        self._last = time.monotonic()
         return items
 
 
@@ -281,8 +292,8 @@ def write_fields_cells(
     ------
     ValueError
         If a field's `cells` and `features` differ in length, its `cells` lacks
-        columns, its `features` have another width than the others', or a field
-        appears twice.
+        columns, its `features` are not 2-D or have another width than the others',
+        or a field appears twice.
     """
     ids = [int(f["field_id"]) for f in fields]
     if len(set(ids)) != len(ids):
@@ -304,7 +315,9 @@ def write_fields_cells(
                 "order."
             )
         if len(features):
-            widths.add(features.reshape(len(features), -1).shape[1])
+            widths.add(features.shape[1] if features.ndim == 2 else -1)
+    if -1 in widths:
+        raise ValueError("features must be 2-D (cells x features) for every field.")
     if len(widths) > 1:
         raise ValueError(
             f"the fields' features have widths {sorted(widths)}; one feature set has "
@@ -316,8 +329,8 @@ def write_fields_cells(
             [f["cells"][list(CELL_COLUMNS)] for f in fields if len(f["cells"])]
         )
         vectors = np.ascontiguousarray(
-            np.concatenate([np.asarray(f["features"]).reshape(len(f["cells"]), -1)
-                            for f in fields if len(f["cells"])]),
+            np.concatenate([np.asarray(f["features"]) for f in fields
+                            if len(f["cells"])]),
             dtype="<f4",
         )  # fmt: skip
         field_of_cell = np.repeat(ids, [len(f["cells"]) for f in fields]).tolist()
@@ -672,18 +685,30 @@ def write_fields_vectors(
     Raises
     ------
     ValueError
-        If a field appears twice, its lengths differ or its object numbers are not
-        its stored cells (the run's cells and the vectors would not line up).
+        If a field appears twice, its lengths differ, its vectors are not 2-D or
+        have another width than the others', or its object numbers are not its
+        stored cells (the run's cells and the vectors would not line up).
     """
     ids = [int(f["field_id"]) for f in fields]
     if len(set(ids)) != len(ids):
         raise ValueError(f"fields {sorted(ids)} name a field twice; write it once.")
+    widths = set()
     for field in fields:
-        if len(field["object_numbers"]) != len(field["vectors"]):
+        vectors = np.asarray(field["vectors"])
+        if len(field["object_numbers"]) != len(vectors):
             raise ValueError(
                 f"field {field['field_id']}: {len(field['object_numbers'])} object "
-                f"numbers but {len(field['vectors'])} vectors."
+                f"numbers but {len(vectors)} vectors."
             )
+        if len(vectors):
+            widths.add(vectors.shape[1] if vectors.ndim == 2 else -1)
+    if -1 in widths:
+        raise ValueError("vectors must be 2-D (cells x features) for every field.")
+    if len(widths) > 1:
+        raise ValueError(
+            f"the fields' vectors have widths {sorted(widths)}; one feature set has "
+            "one width."
+        )
     if not ids:
         return
     with session_scope(engine) as session:
@@ -720,8 +745,8 @@ def write_fields_vectors(
             )
         if cell_ids:
             rows = np.ascontiguousarray(
-                np.concatenate([np.asarray(f["vectors"]).reshape(len(f["vectors"]), -1)
-                                for f in fields]),
+                np.concatenate([np.asarray(f["vectors"]) for f in fields
+                                if len(f["vectors"])]),
                 dtype="<f4",
             )  # fmt: skip
             _copy_rows(

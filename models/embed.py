@@ -20,7 +20,8 @@ what made CNN profiles match or beat CellProfiler features in the literature
 Crops are streamed field by field from a run (`pipeline.cells.stored.iter_field_crops`),
 embedded in batches by a DataLoader under ``torch.inference_mode`` (CUDA with
 bfloat16 autocast, pinned memory and channels_last when present; CPU otherwise)
-and written to the store per field, one transaction each, as a feature set that
+and written to the store a field or a group of fields per transaction
+(`db.store.FieldBatches`), as a feature set that
 records the model, the weights' source and hash and the recipe. A rerun skips
 fields already embedded. When the run has classical features, a ``combined``
 feature set (classical + this embedding, each block normalized on its own by the
@@ -525,7 +526,8 @@ def _embed_and_write(
             "object_numbers": field.object_numbers,
             "vectors": vectors[lo:hi].reshape(hi - lo, width),
         }
-        _write_vectors(writes, run_id, feature_set_id, batches.add(item, hi - lo))
+        group = batches.add(item, hi - lo, more_ready=True)  # the stream goes on
+        _write_vectors(writes, run_id, feature_set_id, group)
     return batch_size
 
 
@@ -545,8 +547,9 @@ def _write_vectors(
 class _Writer:
     """Store writes on one background thread, so they overlap the forward pass.
 
-    At most `depth` writes wait (each up to `db.store.FieldBatches`' 20,000 cells,
-    100 MB of 1,280-d vectors); `close` waits for all and raises the first error.
+    At most `depth` writes wait besides the one being written (each a group of
+    about `db.store.FieldBatches`' 20,000 cells at most, 100 MB of 1,280-d
+    vectors); `close` waits for all and raises the first error.
     """
 
     def __init__(self, engine: Engine, depth: int = 4) -> None:
@@ -806,8 +809,8 @@ def embed_run(
                 n_fields += len(pending)
                 progress.update(len(pending))
                 pending = []
+    finally:  # also on an error: the fields embedded so far are kept
         _write_vectors(writes, run_id, feature_set_id, batches.take())
-    finally:
         writes.close()
     progress.close()
     seconds = time.perf_counter() - start

@@ -1,12 +1,13 @@
-"""Run an experiment: validate, register, process fields on Dask, commit per field.
+"""Run an experiment: validate, register, process fields on Dask, commit fields.
 
 The orchestration on top of the stages: it reads the images (`pipeline.images`),
 segments and measures (`pipeline.cells`, `pipeline.measure`) and, with
 `pipeline.views.export`, writes results to the store. Order of work: everything
 cheap is checked first (file names, plate map, channels) and nothing is written
 until it all passes; then the experiment is
-registered in one transaction, and each field's cells are committed in their own
-transaction as its Dask task returns. A rerun of the same command finds the run by
+registered in one transaction, and the fields' cells are committed as their Dask
+tasks return, each field whole (alone, or with the fields that finished with it:
+`db.store.FieldBatches`). A rerun of the same command finds the run by
 its analysis key and processes only the fields without a complete result, so a run
 killed at any moment resumes without duplicated or missing cells.
 """
@@ -473,9 +474,10 @@ def _process_fields(
     """Run `process_field` on Dask for each pending field; commit fields as they return.
 
     At most four tasks per worker are in flight, so the client holds few results.
-    Finished fields are committed in batches (`db.store.FieldBatches`), failed
-    ones at once. `illumination` maps plate id to its (scattered) function,
-    or is empty.
+    Finished fields are committed in groups (`db.store.FieldBatches`: alone
+    unless others are ready with them), failed ones at once; on any error the
+    waiting group is committed before the error goes on. `illumination` maps plate
+    id to its (scattered) function, or is empty.
 
     Returns
     -------
@@ -497,7 +499,7 @@ def _process_fields(
             retry_lost_connection(
                 partial(store.write_fields_cells, engine, run_id=run_id,
                         feature_set_id=feature_set_id, fields=batch),
-                what=f"{len(batch)} fields ({batch[0]['field_id']}, ...)",
+                what=f"{len(batch)} field(s) ({batch[0]['field_id']}, ...)",
             )  # fmt: skip
 
     def submit(row: Any) -> Any:
@@ -519,60 +521,83 @@ def _process_fields(
         [submit(row) for _, row in zip(range(window), queue, strict=False)]
     )
     started = last_line = time.monotonic()
-    with tqdm(total=len(pending), unit="field", disable=None) as bar:
-        for done, future in enumerate(futures):
-            if bar.disable and time.monotonic() - last_line >= PROGRESS_EVERY_S:
-                last_line = time.monotonic()  # no terminal: a line a minute instead
-                logger.info(progress_line(done, len(pending), last_line - started))
-            field_id = field_of_key.pop(future.key)
-            file = first_file.pop(field_id)
-            try:
-                result = future.result()
-            except CancelledError as exc:  # the scheduler is gone, not this field
-                commit(batches.take())
-                raise PipelineError(
-                    _scheduler_lost(client, done, len(pending))
-                ) from exc
-            except Exception as exc:  # noqa: BLE001 - one field must not stop the plate
-                result = {"error": f"{type(exc).__name__}: {exc}"}
-            future.release()
-            next_row = next(queue, None)
-            if next_row is not None:
+    try:
+        with tqdm(total=len(pending), unit="field", disable=None) as bar:
+            for done, future in enumerate(futures):
+                if bar.disable and time.monotonic() - last_line >= PROGRESS_EVERY_S:
+                    last_line = time.monotonic()  # no terminal: a line a minute
+                    logger.info(progress_line(done, len(pending), last_line - started))
+                field_id = field_of_key.pop(future.key)
+                file = first_file.pop(field_id)
                 try:
-                    futures.add(submit(next_row))
-                except ClosedClientError as exc:
-                    commit(batches.take())
+                    result = future.result()
+                except CancelledError as exc:  # the scheduler is gone, not this field
                     raise PipelineError(
                         _scheduler_lost(client, done, len(pending))
                     ) from exc
-            t_write = time.perf_counter()
-            if "error" in result:
-                failures.append((field_id, result["error"]))
-                logger.warning("field %d failed: %s", field_id, result["error"])
-                retry_lost_connection(
-                    partial(store.write_field_failure, engine, run_id=run_id,
-                            field_id=field_id, error=result["error"]),
-                    what=f"field {field_id}",
-                )  # fmt: skip
-            else:
-                commit(
-                    batches.add({"field_id": field_id} | result, len(result["cells"]))
-                )
-                n_cells += len(result["cells"])
-                if not len(result["cells"]):
-                    logger.warning(
-                        "field %d (%s): no cells found (a blank or unfocused image?); "
-                        "it counts as done with 0 cells",
-                        field_id, file,
+                except Exception as exc:  # noqa: BLE001 - one field must not stop the plate
+                    result = {"error": f"{type(exc).__name__}: {exc}"}
+                future.release()
+                next_row = next(queue, None)
+                if next_row is not None:
+                    try:
+                        futures.add(submit(next_row))
+                    except ClosedClientError as exc:
+                        raise PipelineError(
+                            _scheduler_lost(client, done, len(pending))
+                        ) from exc
+                t_write = time.perf_counter()
+                if "error" in result:
+                    failures.append((field_id, result["error"]))
+                    logger.warning("field %d failed: %s", field_id, result["error"])
+                    retry_lost_connection(
+                        partial(store.write_field_failure, engine, run_id=run_id,
+                                field_id=field_id, error=result["error"]),
+                        what=f"field {field_id}",
                     )  # fmt: skip
-                for step, seconds in result["seconds"].items():
-                    step_seconds[step] += seconds
-            step_seconds["write"] += time.perf_counter() - t_write
-            bar.update()
+                else:
+                    commit(batches.add({"field_id": field_id} | result,
+                                       len(result["cells"]),
+                                       more_ready=futures.has_ready()))  # fmt: skip
+                    n_cells += len(result["cells"])
+                    if not len(result["cells"]):
+                        logger.warning(
+                            "field %d (%s): no cells found (a blank or unfocused "
+                            "image?); it counts as done with 0 cells",
+                            field_id, file,
+                        )  # fmt: skip
+                    for step, seconds in result["seconds"].items():
+                        step_seconds[step] += seconds
+                step_seconds["write"] += time.perf_counter() - t_write
+                bar.update()
+    except BaseException:
+        _commit_before_raising(engine, run_id, feature_set_id, batches.take())
+        raise
     t_write = time.perf_counter()
     commit(batches.take())
     step_seconds["write"] += time.perf_counter() - t_write
     return n_cells, failures, step_seconds
+
+
+def _commit_before_raising(
+    engine: Engine, run_id: int, feature_set_id: int, fields: list[dict[str, Any]]
+) -> None:
+    """Write the fields that waited for their group when the run stops on an error.
+
+    One attempt; its failure is logged, not raised (the error that stopped the run
+    is the one to report).
+    """
+    if not fields:
+        return
+    try:
+        store.write_fields_cells(
+            engine, run_id=run_id, feature_set_id=feature_set_id, fields=fields
+        )
+    except Exception as exc:  # noqa: BLE001
+        logger.warning(
+            "%d finished fields could not be written (%s); a rerun processes them "
+            "again", len(fields), exc,
+        )  # fmt: skip
 
 
 def _flag_fields(

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 
 import pandas as pd
 import pytest
@@ -19,6 +20,7 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.pool import NullPool
 
+from db import store
 from db.schema import FieldResult
 from db.session import (
     StoreConnectionLost,
@@ -119,10 +121,12 @@ def reference(demo_plate, tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_run_survives_its_database_connections_being_killed(
-    demo_plate, postgres_url, reference
+    demo_plate, postgres_url, reference, monkeypatch
 ):
     """Twice, the run's write transaction is killed while it waits for a lock; the
     field's transaction is retried and the run ends with the uninterrupted cells."""
+    # each field its own transaction, so a field's write is always still to come
+    monkeypatch.setattr(store, "FieldBatches", partial(store.FieldBatches, max_cells=1))
     admin = create_engine(postgres_url, poolclass=NullPool)
     killed = []
 
@@ -253,6 +257,7 @@ def test_a_lost_scheduler_stops_the_run_and_a_rerun_resumes_it(
     assert "lost the connection to tcp://" in output and "Traceback" not in output
     done = fields_done(url)
     assert 20 <= done < 96
+    assert f"after {done} of 96 fields were stored" in output  # all it had, written
     address, _, _ = cluster(port, processes)  # restarted
     rerun = subprocess.run(run_command(demo_plate, url, address),
                            capture_output=True, text=True, timeout=300)  # fmt: skip

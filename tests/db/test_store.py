@@ -243,8 +243,12 @@ def field_batch(field_ids, sizes, start=0.0):
     return out
 
 
-def test_write_fields_cells_in_one_batch_equals_one_field_at_a_time(db_url, tmp_path):
-    """Batched and per-field writes store the same cells; rewriting replaces them."""
+def test_write_fields_cells_in_one_batch_equals_one_field_at_a_time(
+    db_url, tmp_path, monkeypatch
+):
+    """Batched and per-field writes store the same cells; rewriting a field in a later
+    batch replaces its cells, vectors and masks; masks may come for some fields."""
+    monkeypatch.setattr(writers, "_IN_LIST", 1)  # every IN list split into chunks
     stored = []
     for batched in (True, False):
         engine = make_engine(
@@ -253,12 +257,16 @@ def test_write_fields_cells_in_one_batch_equals_one_field_at_a_time(db_url, tmp_
         experiment_id, fields = register(engine)
         run_id, fs = open_run(engine, experiment_id)
         batch = field_batch(fields["field_id"], [4, 0, 6])  # a field without cells
+        masks = store.encode_masks(np.ones((4, 4), int), np.ones((4, 4), int))
+        batch[0]["masks"] = masks
         if batched:
+            first = [batch[0] | {"cells": cells_of(9)[0], "features": cells_of(9)[1],
+                                 "masks": None}, batch[1]]  # fmt: skip
             store.write_fields_cells(
-                engine, run_id=run_id, feature_set_id=fs, fields=batch[:2]
+                engine, run_id=run_id, feature_set_id=fs, fields=first
             )
-            store.write_fields_cells(  # field 2 again, with the last one
-                engine, run_id=run_id, feature_set_id=fs, fields=batch[1:]
+            store.write_fields_cells(  # field 1 again, with the others
+                engine, run_id=run_id, feature_set_id=fs, fields=batch
             )
         else:
             for field in batch:
@@ -269,18 +277,58 @@ def test_write_fields_cells_in_one_batch_equals_one_field_at_a_time(db_url, tmp_
         _, cells, features = next(
             store.iter_plate_cells(engine, run_id, "classical_baseline")
         )
-        stored.append((cells.drop(columns=["cell_id"], errors="ignore"), features))
+        stored.append((cells, features))
+        saved = store.read_field_masks(engine, run_id, fields["field_id"])
+        assert list(saved) == [int(fields["field_id"].iloc[0])]
         with session_scope(engine) as session:
             assert session.scalar(select(func.count()).select_from(Cell)) == 10
+            assert session.scalar(select(func.count()).select_from(CellVector)) == 10
             counts = dict(session.execute(select(FieldResult.field_id,
                                                  FieldResult.n_cells)).all())  # fmt: skip
         assert sorted(counts.values()) == [0, 4, 6]
         engine.dispose()
     pd.testing.assert_frame_equal(stored[0][1], stored[1][1])
-    pd.testing.assert_frame_equal(
-        stored[0][0].drop(columns=["Metadata_Field"], errors="ignore"),
-        stored[1][0].drop(columns=["Metadata_Field"], errors="ignore"),
+    pd.testing.assert_frame_equal(stored[0][0], stored[1][0])
+
+
+def test_write_fields_vectors_stores_a_second_feature_set_and_replaces_it(
+    db_url, monkeypatch
+):
+    monkeypatch.setattr(writers, "_IN_LIST", 1)
+    engine = make_engine(db_url)
+    experiment_id, fields = register(engine)
+    run_id, fs = open_run(engine, experiment_id)
+    ids = [int(i) for i in fields["field_id"]]
+    store.write_fields_cells(
+        engine, run_id=run_id, feature_set_id=fs, fields=field_batch(ids, [4, 0, 6])
     )
+    deep = store.ensure_feature_set(
+        engine, run_id=run_id, name="deep", kind="embedding",
+        feature_names=["d0", "d1"], config={},
+    )  # fmt: skip
+
+    def vectors_of(field_id, n, start):
+        numbers = np.arange(n, 0, -1)  # any order of the stored cells
+        return {"field_id": field_id, "object_numbers": numbers,
+                "vectors": np.c_[numbers + start, -numbers].astype(np.float32)}  # fmt: skip
+
+    for start in (0.0, 100.0):  # the second write replaces the first
+        store.write_fields_vectors(
+            engine, run_id=run_id, feature_set_id=deep,
+            fields=[vectors_of(ids[0], 4, start), vectors_of(ids[1], 0, start),
+                    vectors_of(ids[2], 6, start)],
+        )  # fmt: skip
+    got = {f: (n, v) for f, n, v in store.iter_field_vectors(engine, run_id, "deep")}
+    assert sorted(got) == [ids[0], ids[2]]
+    numbers, values = got[ids[2]]
+    np.testing.assert_array_equal(numbers, np.arange(1, 7))
+    np.testing.assert_array_equal(values, np.c_[numbers + 100.0, -numbers])
+    assert store.embedded_field_ids(engine, run_id, deep) == {ids[0], ids[2]}
+    classical = {f: v for f, _, v in
+                 store.iter_field_vectors(engine, run_id, "classical_baseline")}  # fmt: skip
+    np.testing.assert_array_equal(classical[ids[0]], cells_of(4, start=400.0)[1])
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).select_from(CellVector)) == 20
 
 
 def test_write_fields_cells_is_all_or_nothing(db_url, monkeypatch):
@@ -320,6 +368,29 @@ def test_write_fields_cells_rejects_bad_batches(sqlite_url):
         write([batch[0] | {"cells": batch[0]["cells"].drop(columns="centroid_x")}])
     with pytest.raises(ValueError, match="widths \\[3, 4\\]"):
         write([batch[0], batch[1] | {"features": np.zeros((2, 4), np.float32)}])
+    with pytest.raises(ValueError, match="must be 2-D"):
+        write([batch[0] | {"features": np.zeros(3, np.float32)}])
+
+
+def test_write_fields_vectors_rejects_bad_batches(sqlite_url):
+    engine = make_engine(sqlite_url)
+
+    def write(*fields):
+        store.write_fields_vectors(engine, run_id=1, feature_set_id=1, fields=fields)
+
+    one = {
+        "field_id": 1,
+        "object_numbers": np.array([1, 2]),
+        "vectors": np.zeros((2, 3)),
+    }
+    with pytest.raises(ValueError, match="name a field twice"):
+        write(one, one)
+    with pytest.raises(ValueError, match="field 1: 2 object numbers but 1 vectors"):
+        write(one | {"vectors": np.zeros((1, 3))})
+    with pytest.raises(ValueError, match="widths \\[3, 4\\]"):
+        write(one, one | {"field_id": 2, "vectors": np.zeros((2, 4))})
+    with pytest.raises(ValueError, match="must be 2-D"):
+        write(one | {"vectors": np.zeros(2)})
 
 
 def test_ensure_feature_set_rejects_changed_names(sqlite_url):
@@ -554,13 +625,23 @@ def test_count_flagged_fields_per_well(db_url):
     assert store.count_flagged_fields(engine, 999).empty
 
 
-def test_field_batches_commit_slow_streams_field_by_field_and_cap_fast_ones():
-    slow = store.FieldBatches(max_cells=100, every_s=0.0)
-    assert slow.add("a", 5) == ["a"] and slow.add("b", 5) == ["b"]
-    fast = store.FieldBatches(max_cells=10, every_s=3600.0)
-    assert fast.add("a", 4) == [] and fast.add("b", 4) == []
-    assert fast.add("c", 4) == ["a", "b", "c"]  # 12 cells >= 10
-    assert fast.add("d", 1) == [] and fast.take() == ["d"] and fast.take() == []
+def test_field_batches_commit_alone_unless_more_are_ready(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(writers.time, "monotonic", lambda: now[0])
+    batches = store.FieldBatches(max_cells=10, every_s=1.0)
+    assert batches.add("a", 5) == ["a"]  # nothing else ready: at once
+    assert batches.add("b", 4, more_ready=True) == []
+    now[0] = 0.5
+    assert batches.add("c", 4, more_ready=True) == []  # 8 cells, 0.5 s
+    assert batches.add("d", 4, more_ready=True) == ["b", "c", "d"]  # 12 >= 10
+    now[0] = 10.0
+    assert batches.add("e", 1, more_ready=True) == []
+    now[0] = 10.9
+    assert batches.add("f", 1, more_ready=True) == []  # the group waited 0.9 s
+    now[0] = 11.0
+    assert batches.add("g", 1, more_ready=True) == ["e", "f", "g"]  # 1 s: due
+    assert batches.add("h", 1, more_ready=True) == []
+    assert batches.take() == ["h"] and batches.take() == []
 
 
 def test_field_batches_rejects_bad_limits():
