@@ -66,13 +66,13 @@ from db.writers import (
 )
 
 __all__ = [
-    "FieldBatches",
     "CELL_COLUMNS",
     "CHUNK_CELLS",
     "FEATURE_SET_ALIASES",
     "MAP_COLUMNS",
     "TRAINING_LOG_COLUMNS",
     "WELL_PROFILE_KIND",
+    "FieldBatches",
     "completed_field_ids",
     "count_flagged_fields",
     "decode_masks",
@@ -105,9 +105,9 @@ __all__ = [
     "summarize_runs",
     "write_cached_tables",
     "write_field_cells",
-    "write_fields_cells",
     "write_field_failure",
     "write_field_flags",
+    "write_fields_cells",
     "write_fields_vectors",
     "write_illumination",
     "write_phenotype_map",

@@ -1,3 +1,5 @@
+from functools import partial
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -177,36 +179,6 @@ def test_rewriting_a_field_replaces_its_cells(db_url):
         assert session.scalar(select(FieldResult.status)) == "complete"
 
 
-def test_write_field_cells_is_all_or_nothing(db_url, monkeypatch):
-    """A failure midway (after cells, before vectors) commits nothing."""
-    engine = make_engine(db_url)
-    experiment_id, fields = register(engine)
-    run_id, fs = open_run(engine, experiment_id)
-    cells, features = cells_of(5)
-    real_copy = writers._copy_rows
-
-    def failing_copy(connection, table, columns, rows):
-        if table.name == "cell_vector":
-            raise RuntimeError("disk full")
-        return real_copy(connection, table, columns, rows)
-
-    monkeypatch.setattr(writers, "_copy_rows", failing_copy)
-    with pytest.raises(RuntimeError, match="disk full"):
-        store.write_field_cells(
-            engine,
-            run_id=run_id,
-            field_id=int(fields["field_id"].iloc[0]),
-            feature_set_id=fs,
-            cells=cells,
-            features=features,
-            qc={},
-            seconds={},
-        )
-    with session_scope(engine) as session:
-        assert session.scalar(select(func.count()).select_from(Cell)) == 0
-        assert session.scalar(select(func.count()).select_from(FieldResult)) == 0
-
-
 def test_write_field_cells_rejects_mismatched_rows(sqlite_url):
     engine = make_engine(sqlite_url)
     cells, features = cells_of(3)
@@ -331,8 +303,9 @@ def test_write_fields_vectors_stores_a_second_feature_set_and_replaces_it(
         assert session.scalar(select(func.count()).select_from(CellVector)) == 20
 
 
-def test_write_fields_cells_is_all_or_nothing(db_url, monkeypatch):
-    """A failure while writing a batch commits none of its fields."""
+@pytest.mark.parametrize("sizes", [[5], [3, 2, 1]], ids=["one field", "a batch"])
+def test_writing_fields_is_all_or_nothing(db_url, monkeypatch, sizes):
+    """A failure midway (after cells, before vectors) commits none of the fields."""
     engine = make_engine(db_url)
     experiment_id, fields = register(engine)
     run_id, fs = open_run(engine, experiment_id)
@@ -344,14 +317,18 @@ def test_write_fields_cells_is_all_or_nothing(db_url, monkeypatch):
         return real_copy(connection, table, columns, rows)
 
     monkeypatch.setattr(writers, "_copy_rows", failing_copy)
+    batch = field_batch(fields["field_id"][: len(sizes)], sizes)
+    write = (
+        partial(store.write_field_cells, **batch[0])
+        if len(batch) == 1
+        else partial(store.write_fields_cells, fields=batch)
+    )
     with pytest.raises(RuntimeError, match="disk full"):
-        store.write_fields_cells(
-            engine, run_id=run_id, feature_set_id=fs,
-            fields=field_batch(fields["field_id"], [3, 2, 1]),
-        )  # fmt: skip
+        write(engine, run_id=run_id, feature_set_id=fs)
     assert store.completed_field_ids(engine, run_id) == set()
     with session_scope(engine) as session:
         assert session.scalar(select(func.count()).select_from(Cell)) == 0
+        assert session.scalar(select(func.count()).select_from(FieldResult)) == 0
 
 
 def test_write_fields_cells_rejects_bad_batches(sqlite_url):
