@@ -3,9 +3,11 @@
 Names follow CellProfiler, ``<Compartment>_<Category>_<Name>[_<Channel>]``
 (``Nuclei_AreaShape_Area``, ``Cells_Texture_Contrast_Actin_3``), so that users of
 CellProfiler recognise them. Every measurement is computed for all objects of a
-field at once from pixel coordinates with `numpy.bincount`, `scipy.ndimage` label
-reductions and one sort per channel, never in a Python loop over pixels; only
-convex hulls loop over objects.
+field at once from pixel coordinates shared by a compartment's measurements, with
+`numpy.bincount` and sparse pixel-to-object products (many sums in one pass),
+`scipy.ndimage` label reductions, one sort per compartment for maxima and one per
+channel for quantiles, never in a Python loop over pixels; only convex hulls loop
+over objects.
 
 Categories: AreaShape (size, moments, Hu and Zernike moments, convex hull and
 Feret diameter, radii), Intensity (statistics over the object and its edge, mass
@@ -213,8 +215,8 @@ def _label_quantiles(
 class _Groups(NamedTuple):
     """Flat pixels grouped by label.
 
-    ``order`` sorts them by label; ``starts``: where each label's run begins in that
-    order; ``labels``: the label of each run.
+    ``order`` (P,) sorts them by label; ``starts`` (G,): where each of the G labels
+    present begins in that order; ``labels`` (G,): those labels.
     """
 
     order: np.ndarray
@@ -231,7 +233,10 @@ def _groups(labels: np.ndarray) -> _Groups:
 
 
 def _label_max(values: np.ndarray, groups: _Groups, n: int) -> np.ndarray:
-    """Per-label maximum of flat `values` (NaN for absent labels); shape (n,)."""
+    """Per-label maximum of flat (P,) `values`; shape (n,), NaN for absent labels.
+
+    `values` are aligned with the pixels `groups` was made from.
+    """
     out = np.full(n + 1, np.nan)
     if len(values):
         out[groups.labels] = np.maximum.reduceat(values[groups.order], groups.starts)
@@ -243,13 +248,13 @@ class _Objects(NamedTuple):
 
     ``labels`` (Y, X) and ``edge`` (Y, X) bool (`_edge_mask`); ``index``, ``lab``,
     ``yy``, ``xx``: the flat index, label, row and column of every object pixel in
-    raster order, (P,); ``groups``: those pixels by label; ``area`` and the
+    raster order, (P,); ``groups``: those pixels by label (`_Groups`); ``area`` and the
     ``centroid`` (rows, columns) of objects 1..n, (n,); ``edge_index``,
-    ``edge_lab``, ``edge_groups``: the same for the edge pixels, (E,);
+    ``edge_lab`` (E,) and ``edge_groups``: the same for the edge pixels;
     ``indicator``: (n, P) sparse 0/1 matrix of which pixel is whose, so that
-    ``indicator @ W`` sums many (P, K) weights per object in one pass: the same
-    additions in the same order as `_sums` column by column (so the same values),
-    without a pass and a float64 copy per column.
+    ``indicator @ W`` sums K (P,) weights stacked as W (P, K) per object in one
+    pass, with the same additions in the same order as `_sums` column by column
+    (so the same values).
     """
 
     labels: np.ndarray
@@ -287,7 +292,7 @@ def _objects(labels: np.ndarray, n: int) -> _Objects:
 
 def _object_sums(objects: _Objects, weights: Sequence[np.ndarray]) -> np.ndarray:
     """Per-object sums of several (P,) pixel weights at once; shape (n, K)."""
-    return objects.indicator @ np.column_stack(weights).astype(np.float64)
+    return objects.indicator @ np.column_stack(weights).astype(np.float64, copy=False)
 
 
 # --- AreaShape -------------------------------------------------------------------

@@ -239,3 +239,19 @@ def test_measure_cells_real_jump_field_is_finite():
     finite = np.isfinite(features.to_numpy()).mean(axis=0)
     frame = pd.Series(finite, index=features.columns)
     assert (frame > 0.95).mean() > 0.98, frame[frame <= 0.95]
+
+
+def test_object_sums_add_in_the_order_of_bincount():
+    """The sparse per-object sums equal `np.bincount` to the last bit, with weights
+    whose sum depends on the order of the additions and a label without pixels."""
+    from pipeline.measure import features
+
+    labels = np.array([[1, 1, 0, 3], [1, 3, 3, 1]], dtype=np.int32)  # no label 2
+    objects = features._objects(labels, 3)
+    weights = np.array([1e16, 1.0, -1e16, 3.0, 1.0, -1.0, 1.0])  # per object pixel
+    sums = features._object_sums(objects, [weights, weights[::-1].copy()])
+    for k, w in enumerate([weights, weights[::-1]]):
+        np.testing.assert_array_equal(sums[:, k], features._sums(objects.lab, 3, w))
+    assert (
+        sums[1, 0] == 0.0 and sums[0, 0] == features._sums(objects.lab, 3, weights)[0]
+    )
