@@ -4,6 +4,11 @@ Both tools get the same two-channel fields (nuclear stain DNA, cell-body stain C
 from ../shared/data/fields/cellpainting_fovs_cytodataframe (the JUMP CPJUMP1 field
 with AGP, the pediatric-atlas field with AGP), each written ``--copies`` times, and
 run on one core (``taskset -c 0``, one thread), one after the other in this run.
+Ours runs twice per segmenter: with the default features (more modules than the
+CellProfiler pipeline: granularity, texture at scales 3 and 5, the cytoplasm
+compartment, radial distribution, neighbours) and with ``cellprofiler_modules``
+(texture at scale 3 only, no granularity: CellProfiler's modules, plus the
+cytoplasm, radial and neighbour features ours always measures).
 CellProfiler runs the peer pipeline ../shared/peers/cellprofiler/nuc_cell_csv.cppipe
 (nuclei by Otsu + shape declumping, cells by propagation, size/shape with Zernike,
 intensity, texture at scale 3, CSV export); its per-field time is the difference
@@ -43,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks._common import save  # noqa: E402
 from pipeline.cells.segment import segment_field  # noqa: E402
+from pipeline.config import MeasureConfig  # noqa: E402
 from pipeline.measure.features import feature_names  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -68,6 +74,12 @@ _NOT_FEATURES = (
     "Parent_",
     "Children_",
 )  # noqa: E501
+MEASURES = {  # MeasureConfig arguments per feature set
+    "default": {},
+    # the CellProfiler pipeline's modules: texture at scale 3 only, no granularity;
+    # ours still adds the cytoplasm compartment, radial distribution and neighbours
+    "cellprofiler_modules": {"texture_scales": [3], "granularity_scales": 0},
+}
 _ONE_CORE = {
     "OMP_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
@@ -77,8 +89,10 @@ _ONE_CORE = {
 OURS = """
 import json, sys, time
 import numpy as np, tifffile
+from benchmarks.bench_vs_cellprofiler import measure_config
 from pipeline.measure.features import measure_cells
 from pipeline.cells.segment import segment_field
+options = measure_config(json.loads(sys.argv[3]))
 rows = []
 for dna, cell in json.loads(sys.argv[1]):
     start = time.perf_counter()
@@ -86,7 +100,8 @@ for dna, cell in json.loads(sys.argv[1]):
     read = time.perf_counter()
     nuclei, cells = segment_field(image[0], image[1], method=sys.argv[2])
     seg = time.perf_counter()
-    table, features = measure_cells(image, nuclei, cells, channel_names=["DNA", "CELL"])
+    table, features = measure_cells(image, nuclei, cells, channel_names=["DNA", "CELL"],
+                                    options=options)
     end = time.perf_counter()
     rows.append({"read_s": read - start, "segment_s": seg - read,
                  "measure_s": end - seg, "total_s": end - start,
@@ -142,6 +157,51 @@ def shipped_masks(segmenters: list[str]) -> list[dict]:
             }
         )
     return rows
+
+
+def measure_config(options: dict) -> MeasureConfig:
+    """A `MeasureConfig` from JSON arguments (lists become tuples)."""
+    return MeasureConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    )
+
+
+def run_ours(
+    pairs: list[list[str]],
+    method: str,
+    options: dict,
+    env: dict[str, str],
+    cp_per_field: float,
+) -> dict:
+    """Segment and measure the fields in a fresh one-core process; its figures."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        one_core([sys.executable, "-c", OURS, json.dumps(pairs), method,
+                  json.dumps(options)]),
+        env=env | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    if done.returncode:
+        sys.exit(f"PhenoScreen failed:\n{done.stderr[-3000:]}")
+    wall = time.perf_counter() - start
+    rows = pd.DataFrame(json.loads(done.stdout.strip().splitlines()[-1]))
+    warm = rows.iloc[1:] if len(rows) > 1 else rows  # the first pays imports
+    per_field = float(warm["total_s"].mean())
+    return {
+        "wall_all_s": round(wall, 2),
+        "per_field_s": round(per_field, 3),
+        "per_field_steps_s": {
+            c: round(float(warm[c].mean()), 3)
+            for c in ("read_s", "segment_s", "measure_s")
+        },
+        "measure_options": options,
+        "features_per_cell": len(
+            feature_names(["DNA", "CELL"], measure_config(options))
+        ),
+        "nuclei_per_field": rows["n_nuclei"].tolist(),
+        "speedup_per_field": round(cp_per_field / per_field, 2),
+    }
 
 
 def cellprofiler_features(out: Path) -> int:
@@ -205,31 +265,10 @@ def main() -> None:
     cp_counts = nuclei_csv.groupby("ImageNumber").size().tolist()
     ours = {}
     for method in segmenters:
-        print(f"PhenoScreen ({method} segmenter) on the same files, one core ...")
-        start = time.perf_counter()
-        done = subprocess.run(
-            one_core([sys.executable, "-c", OURS, json.dumps(pairs), method]),
-            env=env | {"PYTHONPATH": str(ROOT)},
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode:
-            sys.exit(f"PhenoScreen failed:\n{done.stderr[-3000:]}")
-        wall = time.perf_counter() - start
-        rows = pd.DataFrame(json.loads(done.stdout.strip().splitlines()[-1]))
-        warm = rows.iloc[1:] if len(rows) > 1 else rows  # the first pays imports
-        per_field = float(warm["total_s"].mean())
-        ours[method] = {
-            "wall_all_s": round(wall, 2),
-            "per_field_s": round(per_field, 3),
-            "per_field_steps_s": {
-                c: round(float(warm[c].mean()), 3)
-                for c in ("read_s", "segment_s", "measure_s")
-            },
-            "features_per_cell": len(feature_names(["DNA", "CELL"])),
-            "nuclei_per_field": rows["n_nuclei"].tolist(),
-            "speedup_per_field": round(cp_per_field / per_field, 2),
-        }
+        for measure, options in MEASURES.items():
+            name = method if measure == "default" else f"{method}_{measure}"
+            print(f"PhenoScreen ({method} segmenter, {measure} features), one core ...")
+            ours[name] = run_ours(pairs, method, options, env, cp_per_field)
     figures = {
         "command": f"python benchmarks/bench_vs_cellprofiler.py --segmenters {args.segmenters}",
         "fields": n_sets,

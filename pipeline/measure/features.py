@@ -190,26 +190,76 @@ def _exposed_edges(labels: np.ndarray, n: int) -> np.ndarray:
 
 def _label_quantiles(
     values: np.ndarray, labels: np.ndarray, n: int, quantiles: Sequence[float]
-) -> np.ndarray:
-    """Per-label quantiles (lower interpolation) of flat `values`; shape (n, q).
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label quantiles (lower interpolation) and median absolute deviations.
 
-    One float sort on the key ``label + rescaled value`` orders pixels by label,
-    then by value.
+    One float sort on the key ``label + rescaled value`` orders the flat (P,)
+    pixels by label, then by value; the deviations from each label's median are
+    then two sorted runs per label (below and above the median), whose lower
+    median `_kth_of_two_runs` selects without a second sort.
+
+    Returns
+    -------
+    quantiles : ndarray of shape (n, q)
+    mad : ndarray of shape (n,)
+        NaN for labels without pixels.
     """
     out = np.full((n, len(quantiles)), np.nan)
+    mad = np.full(n, np.nan)
     if not len(values):
-        return out
+        return out, mad
     low, high = float(values.min()), float(values.max())
     key = labels + (values - low) * (0.5 / max(high - low, _EPS))
-    order = np.argsort(key)
-    val = values[order]
+    val = values[np.argsort(key)]
     counts = np.bincount(labels, minlength=n + 1)[1 : n + 1]
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     present = counts > 0
     for j, q in enumerate(quantiles):
         index = starts + np.floor(q * (counts - 1)).astype(np.int64)
         out[present, j] = val[index[present]]
-    return out
+    starts, counts = starts[present], counts[present]
+    middle = starts + (counts - 1) // 2  # the lower median, as quantile 0.5
+    mad[present] = _kth_of_two_runs(val, middle, starts, counts, (counts - 1) // 2)
+    return out, mad
+
+
+def _kth_of_two_runs(
+    val: np.ndarray,
+    middle: np.ndarray,
+    starts: np.ndarray,
+    counts: np.ndarray,
+    k: np.ndarray,
+) -> np.ndarray:
+    """Return the k-th smallest (0-based) ``|v - val[middle]|`` per group; shape (G,).
+
+    Group g holds ``val[starts[g] : starts[g] + counts[g]]``, sorted ascending, and
+    its ``middle[g]``; its deviations are run A, ``m - val[middle - i]`` (i = 0 ..
+    middle - start), and run B, ``val[middle + 1 + i] - m``, both ascending. A binary
+    search over how many of the k + 1 smallest come from A (all groups at once)
+    finds the answer: exactly the value a sort of the deviations would give.
+    """
+    m = val[middle]
+    len_a = middle - starts + 1
+    len_b = counts - len_a
+    take = k + 1
+    lo = np.maximum(0, take - len_b)
+    hi = np.minimum(take, len_a)
+    while np.any(lo < hi):  # smallest i in [lo, hi] where A[i] >= B[take - i - 1]
+        i = (lo + hi) // 2
+        searching = lo < hi
+        a = m - val[np.where(searching, middle - i, middle)]
+        b = val[np.where(searching, middle + take - i, middle)] - m
+        more = searching & (a < b)
+        lo = np.where(more, i + 1, lo)
+        hi = np.where(searching & ~more, i, hi)
+    i = lo
+    last_a = np.where(i > 0, m - val[np.maximum(middle - i + 1, starts)], -np.inf)
+    last_b = np.where(
+        take - i > 0,
+        val[np.minimum(middle + take - i, starts + counts - 1)] - m,
+        -np.inf,
+    )
+    return np.maximum(last_a, last_b)
 
 
 class _Groups(NamedTuple):
@@ -478,9 +528,8 @@ def _intensity(objects: _Objects, n: int, plane: np.ndarray) -> dict[str, np.nda
     ).T
     mean = _safe_div(total, area)
     var = np.maximum(_safe_div(squares, area) - mean**2, 0)
-    quantiles = _label_quantiles(val, lab, n, (0.0, 0.25, 0.5, 0.75, 1.0))
+    quantiles, mad = _label_quantiles(val, lab, n, (0.0, 0.25, 0.5, 0.75, 1.0))
     median = quantiles[:, 2]
-    mad = _label_quantiles(np.abs(val - median[lab - 1]), lab, n, (0.5,))[:, 0]
     elab = objects.edge_lab
     eval_ = plane.ravel()[objects.edge_index].astype(np.float64)
     edge_n = _sums(elab, n).astype(np.float64)

@@ -255,3 +255,29 @@ def test_object_sums_add_in_the_order_of_bincount():
     assert (
         sums[1, 0] == 0.0 and sums[0, 0] == features._sums(objects.lab, 3, weights)[0]
     )
+
+
+def test_label_quantiles_and_mad_equal_a_sort_per_label():
+    """Quantiles and median absolute deviations equal those of sorting each label's
+    values, with ties, even and odd counts, one-pixel labels and an absent label."""
+    from pipeline.measure import features
+
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        n = int(rng.integers(2, 12))
+        labels = rng.integers(1, n, int(rng.integers(1, 300)))  # label n is absent
+        values = (
+            rng.integers(0, 6, len(labels)).astype(float)  # many ties
+            if trial % 2
+            else rng.normal(size=len(labels))
+        )
+        quantiles, mad = features._label_quantiles(values, labels, n, (0, 0.5, 1))
+        for k in range(1, n + 1):
+            own = np.sort(values[labels == k])
+            if not len(own):
+                assert np.isnan(mad[k - 1]) and np.isnan(quantiles[k - 1]).all()
+                continue
+            median = own[(len(own) - 1) // 2]
+            deviations = np.sort(np.abs(own - median))
+            assert quantiles[k - 1].tolist() == [own[0], median, own[-1]]
+            assert mad[k - 1] == deviations[(len(own) - 1) // 2]
