@@ -7,8 +7,8 @@ run on one core (``taskset -c 0``, one thread), one after the other in this run.
 Ours runs twice per segmenter: with the default features (more modules than the
 CellProfiler pipeline: granularity, texture at scales 3 and 5, the cytoplasm
 compartment, radial distribution, neighbours) and with ``cellprofiler_modules``
-(texture at scale 3 only, no granularity: CellProfiler's modules, plus the
-cytoplasm, radial and neighbour features ours always measures).
+(nuclei and cells only, texture at scale 3 only, no granularity: CellProfiler's
+modules, plus the radial and neighbour features ours always measures).
 CellProfiler runs the peer pipeline ../shared/peers/cellprofiler/nuc_cell_csv.cppipe
 (nuclei by Otsu + shape declumping, cells by propagation, size/shape with Zernike,
 intensity, texture at scale 3, CSV export); its per-field time is the difference
@@ -76,9 +76,13 @@ _NOT_FEATURES = (
 )  # noqa: E501
 MEASURES = {  # MeasureConfig arguments per feature set
     "default": {},
-    # the CellProfiler pipeline's modules: texture at scale 3 only, no granularity;
-    # ours still adds the cytoplasm compartment, radial distribution and neighbours
-    "cellprofiler_modules": {"texture_scales": [3], "granularity_scales": 0},
+    # the CellProfiler pipeline's modules: nuclei and cells, texture at scale 3
+    # only, no granularity; ours still adds radial distribution and neighbours
+    "cellprofiler_modules": {
+        "texture_scales": [3],
+        "granularity_scales": 0,
+        "cytoplasm": False,
+    },
 }
 _ONE_CORE = {
     "OMP_NUM_THREADS": "1",

@@ -202,6 +202,11 @@ class MeasureConfig:
         Openings of the granular spectrum.
     neighbor_distance_px : int
         Also count nuclei within this distance; 0 for none.
+    cytoplasm : bool
+        Measure the cytoplasm (each cell minus its nucleus) as a third compartment.
+        False drops its shape, intensity and texture features (about a third of
+        them, a quarter of the measuring time), as a CellProfiler pipeline that
+        measures nuclei and cells only; keep it for translocation readouts.
     """
 
     zernike_degree: int = 9
@@ -210,6 +215,7 @@ class MeasureConfig:
     radial_bins: int = 4
     granularity_scales: int = 8
     neighbor_distance_px: int = 0
+    cytoplasm: bool = True
 
     def __post_init__(self) -> None:
         _check_range("measure", "zernike_degree", self.zernike_degree, 0, 20)
@@ -716,6 +722,8 @@ def analysis_key(config: RunConfig, weights_sha256: str | None = None) -> str:
         payload["input"].pop(key)
     if payload["segment"]["device"] == "cpu":  # keys of runs from before the option
         payload["segment"].pop("device")
+    if payload["measure"]["cytoplasm"]:  # keys of runs from before the option
+        payload["measure"].pop("cytoplasm")
     if weights_sha256:
         payload["segment"]["weights_sha256"] = weights_sha256
     text = json.dumps(payload, sort_keys=True, default=list)

@@ -109,6 +109,11 @@ def zernike_indices(degree: int) -> list[tuple[int, int]]:
     return [(n, m) for n in range(degree + 1) for m in range(n % 2, n + 1, 2)]
 
 
+def _compartments(options: MeasureConfig) -> tuple[str, ...]:
+    """Return the compartments `options` measures, in `COMPARTMENTS` order."""
+    return tuple(c for c in COMPARTMENTS if c != "Cytoplasm" or options.cytoplasm)
+
+
 def feature_names(
     channel_names: Sequence[str], options: MeasureConfig | None = None
 ) -> list[str]:
@@ -126,7 +131,7 @@ def feature_names(
     opt = options or MeasureConfig()
     zernike = [f"Zernike_{n}_{m}" for n, m in zernike_indices(opt.zernike_degree)]
     names = []
-    for comp in COMPARTMENTS:
+    for comp in _compartments(opt):
         names += [f"{comp}_AreaShape_{name}" for name in SHAPE_NAMES]
         if comp in ZERNIKE_COMPARTMENTS:
             names += [f"{comp}_AreaShape_{name}" for name in zernike]
@@ -909,7 +914,7 @@ def measure_cells(
     channel_names: Sequence[str],
     options: MeasureConfig | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Measure every cell of a field in three compartments and every channel.
+    """Measure every cell of a field in its compartments and every channel.
 
     Parameters
     ----------
@@ -917,12 +922,14 @@ def measure_cells(
         The (illumination-corrected) field, any real dtype.
     nuclei_labels, cell_labels : ndarray of shape (Y, X), int
         Labels 1..N, the same object in both (see `pipeline.cells.segment`). The
-        cytoplasm is the cell minus its nucleus.
+        cytoplasm, measured unless ``options.cytoplasm`` is false, is the cell minus
+        its nucleus.
     channel_names : sequence of str
         One name per channel, used in feature names.
     options : MeasureConfig, optional
         Zernike degree, texture scales and grey levels, radial bins, granularity
-        scales, neighbour distance; defaults if None.
+        scales, neighbour distance, whether to measure the cytoplasm; defaults if
+        None.
 
     Returns
     -------
@@ -949,8 +956,9 @@ def measure_cells(
     planes = image.astype(np.float32, copy=False)
     nuclei = nuclei_labels.astype(np.int32, copy=False)
     cells = np.where(cell_labels > 0, cell_labels, nuclei).astype(np.int32)
-    cytoplasm = np.where(nuclei > 0, 0, cells)
-    compartments = {"Nuclei": nuclei, "Cells": cells, "Cytoplasm": cytoplasm}
+    compartments = {"Nuclei": nuclei, "Cells": cells}
+    if opt.cytoplasm:
+        compartments["Cytoplasm"] = np.where(nuclei > 0, 0, cells)
     columns: dict[str, np.ndarray] = {}
     nucleus_shape = None
     for comp, labels in compartments.items():

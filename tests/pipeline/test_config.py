@@ -200,6 +200,8 @@ def test_segment_device_is_checked_and_keys_only_gpu_runs():
     assert analysis_key(default) == "fb1bbfe4f3a54f59"
     gpu = with_overrides(default, segment={"device": "cuda"})
     assert analysis_key(gpu) != analysis_key(default)  # bfloat16 cells differ
+    lean = with_overrides(default, measure={"cytoplasm": False})
+    assert analysis_key(lean) != analysis_key(default)  # fewer features
     with pytest.raises(InputError, match="segment.device = 'tpu' is unknown"):
         with_overrides(default, segment={"device": "tpu"})
     with pytest.raises(InputError, match='runs the "unet" segmenter only'):

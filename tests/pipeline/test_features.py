@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -281,3 +283,18 @@ def test_label_quantiles_and_mad_equal_a_sort_per_label():
             deviations = np.sort(np.abs(own - median))
             assert quantiles[k - 1].tolist() == [own[0], median, own[-1]]
             assert mad[k - 1] == deviations[(len(own) - 1) // 2]
+
+
+def test_without_cytoplasm_the_other_features_are_unchanged():
+    image, nuclei, cells = _two_cells()
+    options = MeasureConfig(texture_scales=(3,), granularity_scales=2)
+    _, full = measure_cells(image, nuclei, cells, channel_names=["a", "b"],
+                            options=options)  # fmt: skip
+    lean = replace(options, cytoplasm=False)
+    _, short = measure_cells(image, nuclei, cells, channel_names=["a", "b"],
+                             options=lean)  # fmt: skip
+    assert list(short.columns) == feature_names(["a", "b"], lean)
+    assert not short.columns.str.startswith("Cytoplasm_").any()
+    assert set(short.columns) == set(full.columns[~full.columns.str.startswith(
+        "Cytoplasm_")])  # fmt: skip
+    pd.testing.assert_frame_equal(short, full[short.columns])
