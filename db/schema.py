@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
-    DDL,
     JSON,
     DateTime,
     Float,
@@ -30,7 +29,6 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    event,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -231,20 +229,6 @@ class CellVector(Base):
         ForeignKey("feature_set.id", ondelete="CASCADE"), primary_key=True
     )
     values: Mapped[bytes] = mapped_column(LargeBinary)
-
-
-# PostgreSQL moves values over ~2 KB (a vector of more than ~500 features) into a
-# TOAST table, several chunk rows per cell, after a compression attempt that float32
-# noise defeats; kept in the row, uncompressed, vectors of up to ~2,000 features
-# write 1.3x faster (benchmarks/bench_sql_insert.py, 1,280 features).
-event.listen(
-    CellVector.__table__,
-    "after_create",
-    DDL(
-        "ALTER TABLE cell_vector SET (toast_tuple_target = 8160), "
-        'ALTER COLUMN "values" SET STORAGE EXTERNAL'
-    ).execute_if(dialect="postgresql"),
-)
 
 
 class WellProfile(Base):

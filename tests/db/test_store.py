@@ -451,36 +451,6 @@ def test_sqlite_store_uses_wal(sqlite_url):
         assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
 
 
-def test_postgres_keeps_long_vectors_in_the_row_uncompressed(postgres_url):
-    """A 1,280-feature vector (5 KB) stays in cell_vector's row, not in TOAST."""
-    engine = make_engine(postgres_url)
-    experiment_id, fields = register(engine)
-    run_id, _ = open_run(engine, experiment_id)
-    wide = store.ensure_feature_set(
-        engine, run_id=run_id, name="wide", kind="embedding",
-        feature_names=[f"f{i}" for i in range(1280)], config={},
-    )  # fmt: skip
-    cells, _ = cells_of(3)
-    vectors = np.random.default_rng(0).normal(size=(3, 1280)).astype(np.float32)
-    field_id = int(fields["field_id"].iloc[0])
-    store.write_field_cells(
-        engine, run_id=run_id, field_id=field_id, feature_set_id=wide, cells=cells,
-        features=vectors, qc={}, seconds={},
-    )  # fmt: skip
-    with engine.connect() as connection:
-        storage, options, toast = connection.execute(
-            text(
-                "SELECT a.attstorage, c.reloptions, c.reltoastrelid::regclass::text "
-                "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
-                "WHERE c.relname = 'cell_vector' AND a.attname = 'values'"
-            )
-        ).one()
-        assert storage == "e" and "toast_tuple_target=8160" in options
-        assert connection.execute(text(f"SELECT count(*) FROM {toast}")).scalar() == 0
-    _, _, features = next(store.iter_plate_cells(engine, run_id, "wide"))
-    np.testing.assert_array_equal(features.to_numpy(), vectors)
-
-
 def test_make_engine_rejects(tmp_path):
     with pytest.raises(ValueError, match="not a database URL"):
         make_engine("phenoscreen.db")
