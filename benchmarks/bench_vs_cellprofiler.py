@@ -13,9 +13,9 @@ CellProfiler runs the peer pipeline ../shared/peers/cellprofiler/nuc_cell_csv.cp
 (nuclei by Otsu + shape declumping, cells by propagation, size/shape with Zernike,
 intensity, texture at scale 3, CSV export); its per-field time is the difference
 of a run over all image sets and a run over the first one (start-up removed).
-PhenoScreen runs `segment_field` + `measure_cells` on the same files, once per
+PhenoScreen runs `segment_field` + `measure_cells` on the same files, for each
 segmenter (``--segmenters classical,unet``: the learned U-Net also on one core, one
-torch thread).
+torch thread) and each of the two feature sets below.
 
 Also reported: nuclei counts per field against CellProfiler's (this run, and the
 CellProfiler masks shipped with the data: 5 NF1 fields, the pediatric and JUMP

@@ -204,8 +204,8 @@ class MeasureConfig:
         Also count nuclei within this distance; 0 for none.
     cytoplasm : bool
         Measure the cytoplasm (each cell minus its nucleus) as a third compartment.
-        False drops its shape, intensity and texture features (about a third of
-        them, a quarter of the measuring time), as a CellProfiler pipeline that
+        False drops its shape, intensity and texture features (about a quarter of
+        them, and of the measuring time), as a CellProfiler pipeline that
         measures nuclei and cells only; keep it for translocation readouts.
     """
 

@@ -91,9 +91,10 @@ def _nuclei_mask(
     peak = np.zeros(len(peaks) + 1)
     smooth_signal = ndi.gaussian_filter(signal, max(1.0, 0.15 * d))
     inside = parts > 0  # only the candidates' pixels: ~10x faster on sparse nuclei
-    peak[1:] = ndi.maximum(
-        smooth_signal[inside], parts[inside], np.arange(1, len(peaks) + 1)
-    )
+    if len(peaks):
+        peak[1:] = ndi.maximum(
+            smooth_signal[inside], parts[inside], np.arange(1, len(peaks) + 1)
+        )
     level = median + edge_fraction * (peak - median)
     level[0] = np.inf
     return ndi.binary_fill_holes((signal > level[parts]) & (peak[parts] > high))
