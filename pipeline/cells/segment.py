@@ -90,7 +90,7 @@ def _nuclei_mask(
     parts = watershed(-intensity, markers, mask=candidate)
     peak = np.zeros(len(peaks) + 1)
     smooth_signal = ndi.gaussian_filter(signal, max(1.0, 0.15 * d))
-    inside = parts > 0  # only the candidates' pixels: ~10x faster on sparse nuclei
+    inside = parts > 0  # the candidates' pixels only (half the time on a JUMP field)
     if len(peaks):
         peak[1:] = ndi.maximum(
             smooth_signal[inside], parts[inside], np.arange(1, len(peaks) + 1)
