@@ -161,6 +161,22 @@ def encode_masks(nuclei: np.ndarray, cells: np.ndarray) -> dict[str, Any]:
     }
 
 
+def _check_one_width(arrays: Sequence[Any], name: str) -> None:
+    """Reject per-field (cells x features) arrays that are not 2-D or differ in width.
+
+    Fields without cells are skipped.
+    """
+    widths = {a.shape[1] if a.ndim == 2 else -1
+              for a in map(np.asarray, arrays) if len(a)}  # fmt: skip
+    if -1 in widths:
+        raise ValueError(f"{name} must be 2-D (cells x features) for every field.")
+    if len(widths) > 1:
+        raise ValueError(
+            f"the fields' {name} have widths {sorted(widths)}; one feature set has "
+            "one width."
+        )
+
+
 def _allocate_cell_ids(connection: Connection, n: int) -> list[int]:
     """Reserve `n` consecutive-or-not cell ids inside the current write transaction.
 
@@ -300,9 +316,8 @@ def write_fields_cells(
         raise ValueError(f"fields {sorted(ids)} name a field twice; write it once.")
     if not ids:
         return
-    widths = set()
     for field in fields:
-        cells, features = field["cells"], np.asarray(field["features"])
+        cells, features = field["cells"], field["features"]
         missing = [c for c in CELL_COLUMNS if c not in cells.columns]
         if missing:
             raise ValueError(
@@ -314,15 +329,7 @@ def write_fields_cells(
                 f"has {len(features)}; they must describe the same cells in the same "
                 "order."
             )
-        if len(features):
-            widths.add(features.shape[1] if features.ndim == 2 else -1)
-    if -1 in widths:
-        raise ValueError("features must be 2-D (cells x features) for every field.")
-    if len(widths) > 1:
-        raise ValueError(
-            f"the fields' features have widths {sorted(widths)}; one feature set has "
-            "one width."
-        )
+    _check_one_width([f["features"] for f in fields], "features")
     n_cells = sum(len(f["cells"]) for f in fields)
     if n_cells:
         cells = pd.concat(
@@ -692,23 +699,13 @@ def write_fields_vectors(
     ids = [int(f["field_id"]) for f in fields]
     if len(set(ids)) != len(ids):
         raise ValueError(f"fields {sorted(ids)} name a field twice; write it once.")
-    widths = set()
     for field in fields:
-        vectors = np.asarray(field["vectors"])
-        if len(field["object_numbers"]) != len(vectors):
+        if len(field["object_numbers"]) != len(field["vectors"]):
             raise ValueError(
                 f"field {field['field_id']}: {len(field['object_numbers'])} object "
-                f"numbers but {len(vectors)} vectors."
+                f"numbers but {len(field['vectors'])} vectors."
             )
-        if len(vectors):
-            widths.add(vectors.shape[1] if vectors.ndim == 2 else -1)
-    if -1 in widths:
-        raise ValueError("vectors must be 2-D (cells x features) for every field.")
-    if len(widths) > 1:
-        raise ValueError(
-            f"the fields' vectors have widths {sorted(widths)}; one feature set has "
-            "one width."
-        )
+    _check_one_width([f["vectors"] for f in fields], "vectors")
     if not ids:
         return
     with session_scope(engine) as session:
