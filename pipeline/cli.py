@@ -293,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=EmbedConfig.pool,
         help="average the layer over each crop's cell (default) or the whole crop",
     )
+    train.add_argument(
+        "--ema-epochs",
+        type=float,
+        default=1.0,
+        help="horizon of the weights' moving average that is kept, in epochs "
+        "(default 1; 0: the network as trained)",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
         "--out", type=Path, default=Path("finetuned.pt"), help="checkpoint file"
@@ -913,6 +920,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         layer=args.layer,
         pool=args.pool,
+        ema_epochs=args.ema_epochs,
     )
     summary = train_run(
         make_engine(_db_url(args), create=False),

@@ -152,7 +152,7 @@ def test_fine_tune_learns_frozen_then_unfrozen_and_rejects():
 def test_fine_tune_at_an_intermediate_layer():
     crops, labels, masks, plates = _two_phenotypes()
     is_val = plates == "P4"
-    config = TrainConfig(**FAST, layer="blocks.3", patience=5)
+    config = TrainConfig(**(FAST | {"epochs": 5}), layer="blocks.3", patience=5)
     result = fine_tune(crops, labels, is_val, config, masks=masks)
     assert result.log["val_accuracy"].max() >= 0.9  # chance is 0.5
     assert result.model.head.in_features == 2 * 80  # blocks.3: 80 per image channel
@@ -187,6 +187,30 @@ def test_train_config_rejects():
         TrainConfig(label_smoothing=1)
     with pytest.raises(ValueError, match="layer 'block3'"):
         TrainConfig(layer="block3")
+    with pytest.raises(ValueError, match="ema_epochs"):
+        TrainConfig(ema_epochs=-1)
+
+
+def test_fine_tune_keeps_the_moving_average_of_the_weights():
+    """By default the network validated and kept is the weights' moving average;
+    ema_epochs = 0 keeps the network as trained. Both learn."""
+    crops, labels, masks, plates = _two_phenotypes()
+    is_val = plates == "P4"
+    kept = {}
+    for ema_epochs in (1.0, 0.0):
+        config = TrainConfig(
+            **(FAST | {"epochs": 5}),
+            patience=5,
+            layer="blocks.3",
+            ema_epochs=ema_epochs,
+        )
+        result = fine_tune(crops, labels, is_val, config, masks=masks)
+        assert result.log["val_accuracy"].max() >= 0.9  # chance is 0.5
+        kept[ema_epochs] = result.model.state_dict()
+    assert TrainConfig().ema_epochs == 1.0
+    assert kept[1.0].keys() == kept[0.0].keys()  # same checkpoint layout
+    trained = [k for k, v in kept[0.0].items() if v.is_floating_point()]
+    assert any(not torch.equal(kept[1.0][k], kept[0.0][k]) for k in trained)
 
 
 def test_fine_tune_resumes_after_a_kill(tmp_path, monkeypatch, caplog):
@@ -211,6 +235,11 @@ def test_fine_tune_resumes_after_a_kill(tmp_path, monkeypatch, caplog):
         result = fine_tune(crops, labels, is_val, config, masks=masks, state_path=state)
     assert "resuming fine-tuning after epoch 1" in caplog.text
     assert list(result.log["epoch"]) == [1, 2, 3]
+    # the same network as a training never killed: weights, their moving average
+    # and the batches' order all resumed
+    whole = fine_tune(crops, labels, is_val, config, masks=masks)
+    for key, value in whole.model.state_dict().items():
+        torch.testing.assert_close(result.model.state_dict()[key], value)
     other = TrainConfig(**(FAST | {"learning_rate": 1e-3}))  # another config: anew
     caplog.clear()
     fine_tune(crops, labels, is_val, other, masks=masks, state_path=state)
@@ -261,7 +290,7 @@ def test_train_command_registers_checkpoint_and_embed_uses_it(
     out = tmp_path / "demo_ft.pt"
     args = ["train", "--db", url, "--epochs", "2", "--max-cells", "400",
             "--crop-size", "32", "--input-size", "0", "--batch-size", "32",
-            "--label", "compound", "--layer", "pooled",
+            "--label", "compound", "--layer", "pooled", "--ema-epochs", "0.5",
             "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -280,6 +309,7 @@ def test_train_command_registers_checkpoint_and_embed_uses_it(
         assert checkpoint.metrics["n_val"] > 0 and "DMSO" in checkpoint.classes
         assert checkpoint.metrics["n_plates"] == 1
         assert checkpoint.config["layer"] == "pooled"
+        assert checkpoint.config["ema_epochs"] == 0.5
     log = store.read_training_log(engine, checkpoint_id)
     assert list(log["epoch"]) == [1, 2] and list(log["phase"]) == ["frozen", "unfrozen"]
     recipe = EmbedConfig(checkpoint=str(out), batch_size=128, layer="blocks.2")
