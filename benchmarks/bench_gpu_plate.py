@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.utils import ModelEmaV3
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -72,10 +73,12 @@ def timed(function, *args, **kwargs):
 def training_rate(
     embedder, n_features: int, crops: torch.Tensor, masks: torch.Tensor, device
 ) -> float:
-    """Crops/s of fine-tuning steps (forward, backward, AdamW) at the default batch."""
+    """Crops/s of fine-tuning steps (forward, backward, AdamW, the weights' moving
+    average) at the default batch."""
     config = TrainConfig()
     model = Classifier(embedder, n_features, n_classes=16).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+    ema = ModelEmaV3(model, decay=0.99)
     labels = torch.randint(0, 16, (len(crops),), device=device)
     cuda = device.type == "cuda"
     batch = config.batch_size
@@ -91,6 +94,7 @@ def training_rate(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            ema.update(model)
 
     run(2)  # warm-up
     _, seconds = timed(run, steps)

@@ -178,9 +178,10 @@ class TrainConfig:
                 f"layer {self.layer!r} must be 'pooled' or 'blocks.K' (K = 0, 1, ...: "
                 "a stage of the network)."
             )
-        if not self.ema_epochs >= 0:
+        if not 0 <= self.ema_epochs < float("inf"):
             raise ValueError(
-                f"ema_epochs = {self.ema_epochs} must be >= 0 (0: no averaging)."
+                f"ema_epochs = {self.ema_epochs} must be finite and >= 0 (0: no "
+                "averaging)."
             )
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(
