@@ -16,9 +16,9 @@ the validation loss (the best epoch is kept), microscopy augmentation (flips,
 90-degree rotations, one intensity scale and offset per crop for all channels: no
 colour jitter between channels), mixed precision (bfloat16) on CUDA. The training
 state (the moving average included) is written after every epoch, so a killed
-training resumes from its last epoch. The
-checkpoint is saved with its recipe, classes and a SHA-256 and registered in the
-store with a per-epoch log; ``phenoscreen embed --checkpoint`` embeds with it.
+training resumes from its last epoch. The checkpoint is saved with its recipe,
+classes and a SHA-256 and registered in the store with a per-epoch log;
+``phenoscreen embed --checkpoint`` embeds with it.
 """
 
 from __future__ import annotations
@@ -523,8 +523,8 @@ def fine_tune(
     if config.ema_epochs > 0:  # the network validated and kept
         steps = config.ema_epochs * max(len(train_loader), 1)
         ema = ModelEmaV3(model, decay=max(1 - 1 / steps, 0.0))
-    if resumed is not None and ema is not None:
-        ema.module.load_state_dict(resumed["ema"])
+        if resumed is not None:
+            ema.module.load_state_dict(resumed["ema"])
     kept = model if ema is None else ema.module
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     for epoch in range(len(rows) + 1, config.epochs + 1):
