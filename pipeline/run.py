@@ -77,6 +77,7 @@ _VERSIONED = (
     "pandas",
     "scikit-image",
     "scipy",
+    "opencv-python-headless",
     "sqlalchemy",
     "dask",
     "distributed",

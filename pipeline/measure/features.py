@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import cv2
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
@@ -32,6 +33,8 @@ from scipy.spatial import ConvexHull, QhullError, cKDTree
 from scipy.spatial.distance import pdist
 
 from pipeline.config import MeasureConfig
+
+cv2.setNumThreads(1)  # fields run in parallel, one per Dask worker and core
 
 FEATURE_SET_NAME = "classical"
 COMPARTMENTS = ("Nuclei", "Cells", "Cytoplasm")
@@ -307,9 +310,8 @@ class _Objects(NamedTuple):
     ``centroid`` (rows, columns) of objects 1..n, (n,); ``edge_index``,
     ``edge_lab`` (E,) and ``edge_groups``: the same for the edge pixels;
     ``indicator``: (n, P) sparse 0/1 matrix of which pixel is whose, so that
-    ``indicator @ W`` sums K (P,) weights stacked as W (P, K) per object in one
-    pass, with the same additions in the same order as `_sums` column by column
-    (so the same values).
+    ``indicator @ w`` sums a (P,) weight per object with the same additions in the
+    same order as `_sums` (so the same values).
     """
 
     labels: np.ndarray
@@ -346,8 +348,13 @@ def _objects(labels: np.ndarray, n: int) -> _Objects:
 
 
 def _object_sums(objects: _Objects, weights: Sequence[np.ndarray]) -> np.ndarray:
-    """Per-object sums of several (P,) pixel weights at once; shape (n, K)."""
-    return objects.indicator @ np.column_stack(weights).astype(np.float64, copy=False)
+    """Per-object sums of several (P,) pixel weights; shape (n, K).
+
+    One sparse product per weight: twice as fast as one over the weights stacked
+    into a (P, K) matrix, which costs a copy of them all.
+    """
+    indicator = objects.indicator
+    return np.stack([indicator @ w.astype(np.float64, copy=False) for w in weights], 1)
 
 
 # --- AreaShape -------------------------------------------------------------------
@@ -780,6 +787,16 @@ def _radial(
     return out
 
 
+def _square_opening(plane: np.ndarray, size: int) -> np.ndarray:
+    """Grey opening of a float32 (Y, X) plane by a `size` x `size` square.
+
+    The values of ``scipy.ndimage.grey_opening(plane, size=(size, size))`` (the
+    square's parts outside the image ignored), from OpenCV: 10-30x faster.
+    """
+    square = np.ones((size, size), np.uint8)
+    return cv2.morphologyEx(plane, cv2.MORPH_OPEN, square)
+
+
 def _granularity(
     cells: np.ndarray, n: int, planes: np.ndarray, scales: int
 ) -> np.ndarray:
@@ -805,11 +822,11 @@ def _granularity(
             .reshape(height // 2, 2, width // 2, 2)
             .mean(axis=(1, 3))
         )
-        current = values - ndi.grey_opening(values, size=(2 * scales + 3,) * 2)
+        current = values - _square_opening(values, 2 * scales + 3)
         start = _sums(lab, n, current.ravel()[inside].astype(np.float64))
         previous = start
         for k in range(scales):
-            current = ndi.grey_opening(current, size=(2 * k + 3,) * 2)
+            current = _square_opening(current, 2 * k + 3)
             now = _sums(lab, n, current.ravel()[inside].astype(np.float64))
             out[:, c, k] = 100 * _safe_div(previous - now, start)
             previous = now
@@ -868,8 +885,14 @@ def _neighbors(
 
 
 def _distance_inside(labels: np.ndarray, edge: np.ndarray) -> np.ndarray:
-    """Distance of each object pixel to the nearest pixel outside its object."""
-    return ndi.distance_transform_edt(edge ^ (labels > 0)) + (labels > 0)
+    """Distance of each object pixel to the nearest pixel outside its object.
+
+    Exact Euclidean distances in float32 (OpenCV's ``DIST_MASK_PRECISE``, 3.5x
+    faster than `scipy.ndimage.distance_transform_edt`).
+    """
+    inside = (edge ^ (labels > 0)).view(np.uint8)
+    distance = cv2.distanceTransform(inside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return distance + (labels > 0)
 
 
 # --- public API ------------------------------------------------------------------

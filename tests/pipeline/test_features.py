@@ -3,6 +3,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage as ndi
 from skimage.draw import disk, ellipse
 from skimage.feature import graycomatrix, graycoprops
 from skimage.measure import regionprops
@@ -257,6 +258,37 @@ def test_object_sums_add_in_the_order_of_bincount():
     assert (
         sums[1, 0] == 0.0 and sums[0, 0] == features._sums(objects.lab, 3, weights)[0]
     )
+
+
+@pytest.mark.parametrize("size", [3, 5, 19])
+def test_square_opening_equals_scipy_grey_opening(size):
+    """OpenCV's opening gives scipy's values exactly, at the borders too (a plane
+    narrower than the square included)."""
+    from pipeline.measure import features
+
+    rng = np.random.default_rng(size)
+    for shape in [(40, 57), (12, 9)]:
+        plane = rng.gamma(2.0, 100.0, shape).astype(np.float32)
+        np.testing.assert_array_equal(
+            features._square_opening(plane, size),
+            ndi.grey_opening(plane, size=(size, size)),
+        )
+
+
+def test_distance_inside_equals_scipy_edt():
+    """Distances to the nearest pixel outside the own object, objects touching each
+    other and the image border: scipy's exact transform to float32 rounding."""
+    from pipeline.measure import features
+
+    labels = np.zeros((30, 40), np.int32)
+    labels[:12, :15] = 1  # at the corner
+    labels[:12, 15:31] = 2  # touching 1
+    labels[18:29, 5:36] = 3
+    edge = features._edge_mask(labels)
+    expected = ndi.distance_transform_edt(edge ^ (labels > 0)) + (labels > 0)
+    distance = features._distance_inside(labels, edge)
+    np.testing.assert_allclose(distance, expected, rtol=1e-6)
+    assert distance[labels == 0].max() == 0 and distance[edge].min() == 1
 
 
 def test_label_quantiles_and_mad_equal_a_sort_per_label():
