@@ -40,6 +40,7 @@ from pipeline.errors import InputError
 from pipeline.images.planes import (
     check_plane,
     estimate_nucleus_diameter,
+    fill_holes,
     pixel_noise_sd,
 )
 
@@ -97,7 +98,7 @@ def _nuclei_mask(
         )
     level = median + edge_fraction * (peak - median)
     level[0] = np.inf
-    return ndi.binary_fill_holes((signal > level[parts]) & (peak[parts] > high))
+    return fill_holes((signal > level[parts]) & (peak[parts] > high))
 
 
 def segment_nuclei(
@@ -265,7 +266,7 @@ def segment_cells(
     if smoothed.max() > smoothed.min():
         step = 2 if smoothed.size > 2**18 else 1  # a subsample sets the threshold
         threshold = float(threshold_li(smoothed[::step, ::step]))
-    foreground = ndi.binary_fill_holes((smoothed > threshold) | (nuclei > 0))
+    foreground = fill_holes((smoothed > threshold) | (nuclei > 0))
     return watershed(-smoothed, nuclei, mask=foreground).astype(np.int32)
 
 

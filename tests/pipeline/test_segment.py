@@ -23,6 +23,7 @@ from pipeline.images.planes import (
     _log_on_grid,
     check_plane,
     estimate_nucleus_diameter,
+    fill_holes,
     pixel_noise_sd,
 )
 from tests.conftest import make_field, shared_data
@@ -289,6 +290,28 @@ def test_check_plane_rejects_what_no_segmenter_can_use():
         check_plane(np.ones((3, 4), bool), "p")
     with pytest.raises(ValueError, match="NaN"):
         check_plane(np.full((3, 4), np.nan), "p")
+
+
+def test_fill_holes_equals_scipy():
+    """Holes are background not 4-connected to the border (one touching the outside
+    only diagonally is a hole); random masks as scipy."""
+    square = np.zeros((7, 7), bool)
+    square[1:6, 1:6] = True
+    square[1, 1] = False  # a notch, open to the outside
+    square[2, 2] = square[4, 4] = False  # holes; (2, 2) meets the notch diagonally
+    filled = fill_holes(square)
+    assert filled[2, 2] and filled[4, 4] and not filled[1, 1] and not filled[0, 0]
+    rng = np.random.default_rng(0)
+    for density in (0.3, 0.5, 0.7):
+        mask = rng.random((37, 53)) < density
+        np.testing.assert_array_equal(fill_holes(mask), ndi.binary_fill_holes(mask))
+
+
+def test_fill_holes_rejects():
+    with pytest.raises(ValueError, match="2-D boolean"):
+        fill_holes(np.ones((3, 4), np.uint8))
+    with pytest.raises(ValueError, match="2-D boolean"):
+        fill_holes(np.ones((2, 3, 4), bool))
 
 
 def test_segmenter_weights_sha256_names_the_weights(tmp_path):
