@@ -35,6 +35,10 @@ class StoreConnectionLost(RuntimeError):
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
+    # 16 KiB pages for new stores (existing ones keep theirs): a 1,280-d vector
+    # (5 KiB) fits one page instead of spilling over two; writes of vectors
+    # ~1.2x faster, reads unchanged (benchmarks/bench_sql_insert.py)
+    cursor.execute("PRAGMA page_size=16384")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")

@@ -1,3 +1,4 @@
+import sqlite3
 from functools import partial
 
 import numpy as np
@@ -444,11 +445,20 @@ def test_resolve_feature_set_aliases_name_the_latest_of_a_kind(sqlite_url):
         store.read_feature_set_config(engine, run_id, "resnet")
 
 
-def test_sqlite_store_uses_wal(sqlite_url):
+def test_sqlite_store_uses_wal_and_16k_pages(sqlite_url, tmp_path):
     engine = make_engine(sqlite_url)
     with engine.connect() as connection:
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        assert connection.execute(text("PRAGMA page_size")).scalar() == 16384
+    old = tmp_path / "old.db"  # a store begun with 4 KiB pages keeps them
+    connection = sqlite3.connect(old)
+    connection.execute("PRAGMA page_size=4096")
+    connection.execute("PRAGMA journal_mode=WAL")  # writes the file's header
+    connection.close()
+    with make_engine(f"sqlite:///{old}").connect() as connection:
+        assert connection.execute(text("PRAGMA page_size")).scalar() == 4096
+        assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
 
 
 def test_make_engine_rejects(tmp_path):
