@@ -42,6 +42,7 @@ from pipeline.images.planes import (
     estimate_nucleus_diameter,
     fill_holes,
     pixel_noise_sd,
+    square_opening,
 )
 
 DEFAULT_SEGMENTER = "unet"  # measured better than "classical" on DSB2018 and the demo
@@ -172,7 +173,7 @@ def segment_nuclei(
     smoothed = ndi.gaussian_filter(values, max(1.0, 0.05 * d))
     if background_diameters:
         width = max(3, int(round(background_diameters * d)))
-        background = ndi.uniform_filter(ndi.grey_opening(smoothed, size=width), width)
+        background = ndi.uniform_filter(square_opening(smoothed, width), width)
         signal = smoothed - background
     else:
         signal = smoothed - np.median(smoothed)

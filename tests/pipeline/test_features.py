@@ -260,21 +260,6 @@ def test_object_sums_add_in_the_order_of_bincount():
     )
 
 
-@pytest.mark.parametrize("size", [3, 5, 19])
-def test_square_opening_equals_scipy_grey_opening(size):
-    """OpenCV's opening gives scipy's values exactly, at the borders too (a plane
-    narrower than the square included)."""
-    from pipeline.measure import features
-
-    rng = np.random.default_rng(size)
-    for shape in [(40, 57), (12, 9)]:
-        plane = rng.gamma(2.0, 100.0, shape).astype(np.float32)
-        np.testing.assert_array_equal(
-            features._square_opening(plane, size),
-            ndi.grey_opening(plane, size=(size, size)),
-        )
-
-
 def test_distance_inside_equals_scipy_edt():
     """Distances to the nearest pixel outside the own object, objects touching each
     other and the image border: scipy's exact transform to float32 rounding."""

@@ -25,6 +25,7 @@ from pipeline.images.planes import (
     estimate_nucleus_diameter,
     fill_holes,
     pixel_noise_sd,
+    square_opening,
 )
 from tests.conftest import make_field, shared_data
 
@@ -290,6 +291,33 @@ def test_check_plane_rejects_what_no_segmenter_can_use():
         check_plane(np.ones((3, 4), bool), "p")
     with pytest.raises(ValueError, match="NaN"):
         check_plane(np.full((3, 4), np.nan), "p")
+
+
+def test_square_opening_equals_scipy_grey_opening():
+    """OpenCV's erosion and dilation give scipy's values exactly: odd and even
+    squares, the borders, planes narrower than the square, float32 and integers."""
+    rng = np.random.default_rng(0)
+    for shape in [(40, 57), (12, 9), (3, 30)]:
+        plane = rng.gamma(2.0, 100.0, shape).astype(np.float32)
+        for size in [1, 2, 3, 4, 5, 10, 19]:
+            opened = square_opening(plane, size)
+            assert opened.dtype == np.float32
+            np.testing.assert_array_equal(
+                opened, ndi.grey_opening(plane, size=(size, size))
+            )
+    counts = rng.integers(0, 4000, (20, 25)).astype(np.uint16)
+    np.testing.assert_array_equal(
+        square_opening(counts, 4), ndi.grey_opening(counts, size=(4, 4))
+    )
+
+
+def test_square_opening_rejects():
+    with pytest.raises(ValueError, match="2-D numeric"):
+        square_opening(np.ones((2, 3, 4)), 3)
+    with pytest.raises(ValueError, match="2-D numeric"):
+        square_opening(np.ones((3, 4), bool), 3)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        square_opening(np.ones((3, 4)), 0)
 
 
 def test_fill_holes_equals_scipy():
