@@ -878,12 +878,14 @@ def _neighbors(
 def _distance_inside(labels: np.ndarray, edge: np.ndarray) -> np.ndarray:
     """Distance of each object pixel to the nearest pixel outside its object.
 
-    Exact Euclidean distances in float32 (OpenCV's ``DIST_MASK_PRECISE``, 3.5x
-    faster than `scipy.ndimage.distance_transform_edt`).
+    The values of `scipy.ndimage.distance_transform_edt`, 3x faster: OpenCV's
+    exact transform (``DIST_MASK_PRECISE``) gives float32 distances whose last bit
+    varies from call to call; their squares are rounded to the integers they are
+    (exact below ~2,000 px) and their roots taken in float64, as scipy does.
     """
     inside = (edge ^ (labels > 0)).view(np.uint8)
     distance = cv2.distanceTransform(inside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    return distance + (labels > 0)
+    return np.sqrt(np.rint(np.square(distance, dtype=np.float64))) + (labels > 0)
 
 
 # --- public API ------------------------------------------------------------------

@@ -262,7 +262,7 @@ def test_object_sums_add_in_the_order_of_bincount():
 
 def test_distance_inside_equals_scipy_edt():
     """Distances to the nearest pixel outside the own object, objects touching each
-    other and the image border: scipy's exact transform to float32 rounding."""
+    other and the image border: scipy's values to the last bit, call after call."""
     from pipeline.measure import features
 
     labels = np.zeros((30, 40), np.int32)
@@ -271,8 +271,9 @@ def test_distance_inside_equals_scipy_edt():
     labels[18:29, 5:36] = 3
     edge = features._edge_mask(labels)
     expected = ndi.distance_transform_edt(edge ^ (labels > 0)) + (labels > 0)
-    distance = features._distance_inside(labels, edge)
-    np.testing.assert_allclose(distance, expected, rtol=1e-6)
+    for _ in range(5):  # OpenCV's float32 distances vary in their last bit
+        distance = features._distance_inside(labels, edge)
+        np.testing.assert_array_equal(distance, expected)
     assert distance[labels == 0].max() == 0 and distance[edge].min() == 1
 
 
