@@ -163,6 +163,26 @@ def test_quantize_and_glcm_reject():
         glcm(np.ones((4, 4), int), np.zeros((4, 4), int), 1, 8, 1)
 
 
+@pytest.mark.parametrize("levels", [2, 8, 256])
+def test_object_grey_levels_are_quantize_at_object_pixels(levels):
+    """Texture quantizes only the objects' pixels: `quantize`'s levels there, 0
+    elsewhere; no objects give all zeros."""
+    from pipeline.measure import features
+
+    rng = np.random.default_rng(levels)
+    planes = rng.gamma(2.0, 100.0, (2, 30, 40)).astype(np.float32)
+    labels = np.zeros((30, 40), np.int32)
+    labels[3:12, 5:20], labels[15:28, 22:39] = 1, 2
+    grey = features._object_grey_levels(planes, features._objects(labels, 2), levels)
+    inside = labels > 0
+    for plane, levels_of_plane in zip(planes, grey, strict=True):
+        expected = quantize(plane, inside, levels)
+        np.testing.assert_array_equal(levels_of_plane[inside], expected[inside])
+        assert not levels_of_plane[~inside].any()
+    empty = features._objects(np.zeros((30, 40), np.int32), 0)
+    assert not features._object_grey_levels(planes, empty, levels).any()
+
+
 def test_measure_cells_zero_and_one_cell():
     image = np.zeros((1, 16, 16), np.uint16)
     labels = np.zeros((16, 16), np.int32)
