@@ -26,6 +26,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import cv2
 import dask
 import numpy as np
 import pandas as pd
@@ -77,7 +78,6 @@ _VERSIONED = (
     "pandas",
     "scikit-image",
     "scipy",
-    "opencv-python-headless",
     "sqlalchemy",
     "dask",
     "distributed",
@@ -129,6 +129,7 @@ def package_versions() -> dict[str, str]:
             versions[name] = version(name)
         except PackageNotFoundError:
             versions[name] = "not installed"
+    versions["opencv"] = cv2.__version__  # the one imported, whichever wheel holds it
     return versions
 
 

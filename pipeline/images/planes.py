@@ -13,7 +13,8 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-# one thread: fields run in parallel, one per Dask worker and core (features too)
+# One OpenCV thread in the whole process (importing PhenoScreen sets it): fields run
+# in parallel, one per Dask worker and core, and features use OpenCV too.
 cv2.setNumThreads(1)
 _LOG_SIGMAS = 2.0 ** np.arange(0, 5.01, 1 / 3)  # 1 .. 32 px
 _MIN_DIAMETER, _MAX_DIAMETER = 4.0, 400.0
@@ -70,6 +71,8 @@ def square_opening(plane: np.ndarray, size: int) -> np.ndarray:
     values = np.ascontiguousarray(
         plane, np.float32 if plane.dtype == np.float32 else np.float64
     )
+    if values.size == 0:  # OpenCV refuses empty images
+        return values.copy()
     square = np.ones((size, size), np.uint8)
     low, high = size // 2, size - 1 - size // 2  # scipy's anchors for even sizes
     eroded = cv2.erode(values, square, anchor=(low, low))
@@ -147,8 +150,8 @@ def _log_on_grid(plane: np.ndarray, sigma: float, step: int) -> np.ndarray:
     """Scale-normalized negative LoG of `plane`, only at every `step`-th row and column.
 
     The values of ``-sigma**2 * ndi.gaussian_laplace(plane, sigma)[::step, ::step]``
-    to float32 rounding, from OpenCV's separable filter (5x faster; the same
-    kernels and reflected border).
+    to float32 rounding (float32 out), from OpenCV's separable filter (5x faster;
+    the same kernels and reflected border).
     """
     smooth, second = _gaussian_kernel(sigma, 0), _gaussian_kernel(sigma, 2)
     laplace = sum(

@@ -653,7 +653,8 @@ def glcm(
     Raises
     ------
     ValueError
-        If `grey` is not (C, Y, X) matching `labels`, or `scale` < 1.
+        If `grey` is not (C, Y, X) matching `labels`, holds values outside
+        0..levels-1, or `scale` < 1.
     """
     if grey.ndim != 3 or grey.shape[1:] != labels.shape:
         raise ValueError(
@@ -661,6 +662,16 @@ def glcm(
         )
     if scale < 1:
         raise ValueError(f"texture scale {scale} must be >= 1 px.")
+    if grey.dtype.kind not in "ui" or (
+        grey.size
+        and ((grey.dtype.kind == "i" and grey.min() < 0) or grey.max() >= levels)
+    ):
+        raise ValueError(
+            f"grey must hold integer levels 0..{levels - 1} (see quantize); it has "
+            f"dtype {grey.dtype}"
+            + (f", range {grey.min()}..{grey.max()}" if grey.size else "")
+            + "."
+        )
     out = np.zeros((grey.shape[0], n, 4, levels, levels))
     height, width = labels.shape
     flat = labels.ravel()
@@ -683,7 +694,7 @@ def glcm(
         a, b = a[same], b[same]
         base = (flat[a] - 1).astype(code_type) * code_type.type(levels * levels)
         for c, plane in enumerate(planes):
-            code = base + plane[a] * code_type.type(levels) + plane[b]
+            code = base + plane[a].astype(code_type) * code_type.type(levels) + plane[b]
             counts = np.bincount(code, minlength=n * levels * levels)
             out[c, :, d] = counts.reshape(n, levels, levels)
     out = out + out.swapaxes(-1, -2)
@@ -909,10 +920,16 @@ def _distance_inside(labels: np.ndarray, edge: np.ndarray) -> np.ndarray:
     The values of `scipy.ndimage.distance_transform_edt`, 3x faster: OpenCV's
     exact transform (``DIST_MASK_PRECISE``) gives float32 distances whose last bit
     varies from call to call; their squares are rounded to the integers they are
-    (exact below ~2,000 px) and their roots taken in float64, as scipy does.
+    and their roots taken in float64, as scipy does. Rounding is exact while
+    distances stay below 1,024 px (squares off by < 0.13); beyond, scipy's
+    transform is used.
     """
     inside = (edge ^ (labels > 0)).view(np.uint8)
+    if not inside.any():  # OpenCV returns nothing for empty images
+        return (labels > 0).astype(np.float64)
     distance = cv2.distanceTransform(inside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    if distance.max() >= 1024:
+        return ndi.distance_transform_edt(inside) + (labels > 0)
     return np.sqrt(np.rint(np.square(distance, dtype=np.float64))) + (labels > 0)
 
 

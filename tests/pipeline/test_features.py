@@ -161,6 +161,36 @@ def test_quantize_and_glcm_reject():
         glcm(np.ones((4, 4), int), np.zeros((1, 4, 4), int), 1, 8, 0)
     with pytest.raises(ValueError, match=r"\(C, Y, X\)"):
         glcm(np.ones((4, 4), int), np.zeros((4, 4), int), 1, 8, 1)
+    for grey in (np.full((1, 4, 4), 8), np.full((1, 4, 4), -1), np.ones((1, 4, 4))):
+        with pytest.raises(ValueError, match="integer levels 0..7"):
+            glcm(np.ones((4, 4), int), grey, 1, 8, 1)
+
+
+@pytest.mark.parametrize(
+    ("levels", "n"), [(2, 32), (2, 33), (16, 128), (16, 129), (17, 114), (256, 2)]
+)
+def test_glcm_counts_every_pair_once(levels, n):
+    """Counts against a pixel-by-pixel reference, with object counts at the edges
+    of the narrow code types (n x levels^2 = 128 / 132, 32,768 / 33,024)."""
+    rng = np.random.default_rng(n)
+    labels = rng.integers(1, n + 1, (24, 30)) * (rng.random((24, 30)) < 0.9)
+    labels[0, : min(n, 30)] = np.arange(1, min(n, 30) + 1)
+    grey = rng.integers(0, levels, (2, 24, 30))
+    p = glcm(labels, grey, n, levels, 2)
+    expected = np.zeros((2, n, 4, levels, levels))
+    for d, (dy, dx) in enumerate([(0, 2), (2, 2), (2, 0), (2, -2)]):
+        for y, x in np.argwhere(labels > 0):
+            yy, xx = y + dy, x + dx
+            if 0 <= yy < 24 and 0 <= xx < 30 and labels[yy, xx] == labels[y, x]:
+                for c in range(2):
+                    expected[
+                        c, labels[y, x] - 1, d, grey[c, y, x], grey[c, yy, xx]
+                    ] += 1
+    expected = expected + expected.swapaxes(-1, -2)
+    total = expected.sum(axis=(-2, -1), keepdims=True)
+    np.testing.assert_array_equal(
+        p, np.divide(expected, total, out=np.zeros_like(expected), where=total > 0)
+    )
 
 
 @pytest.mark.parametrize("levels", [2, 8, 256])
@@ -194,6 +224,14 @@ def test_measure_cells_zero_and_one_cell():
     assert len(table) == 1
     assert features["Nuclei_AreaShape_Area"].iloc[0] == 25
     assert np.isnan(features["Nuclei_Neighbors_FirstClosestDistance"].iloc[0])
+
+
+def test_measure_cells_on_a_one_pixel_high_image():
+    image = np.ones((1, 1, 16), np.float32)
+    labels = np.zeros((1, 16), np.int32)
+    labels[0, 2:6], labels[0, 9:14] = 1, 2
+    _, features = measure_cells(image, labels, labels, channel_names=["DNA"])
+    assert features["Nuclei_AreaShape_Area"].tolist() == [4, 5]
 
 
 def test_measure_cells_one_pixel_and_line_objects():
@@ -285,16 +323,27 @@ def test_distance_inside_equals_scipy_edt():
     other and the image border: scipy's values to the last bit, call after call."""
     from pipeline.measure import features
 
-    labels = np.zeros((30, 40), np.int32)
-    labels[:12, :15] = 1  # at the corner
-    labels[:12, 15:31] = 2  # touching 1
-    labels[18:29, 5:36] = 3
+    noise = ndi.gaussian_filter(np.random.default_rng(0).normal(size=(60, 80)), 3)
+    labels, _ = ndi.label(noise > 0)  # blobs: distances such as sqrt(2), sqrt(5)
+    labels[:20, :25] = labels.max() + 1  # at the corner, touching others
     edge = features._edge_mask(labels)
     expected = ndi.distance_transform_edt(edge ^ (labels > 0)) + (labels > 0)
+    assert (expected != np.round(expected)).any()
     for _ in range(5):  # OpenCV's float32 distances vary in their last bit
         distance = features._distance_inside(labels, edge)
         np.testing.assert_array_equal(distance, expected)
     assert distance[labels == 0].max() == 0 and distance[edge].min() == 1
+    big = np.ones((2100, 2100), np.int32)  # distances past 1,024 px: scipy's
+    edge = features._edge_mask(big)
+    np.testing.assert_array_equal(
+        features._distance_inside(big, edge),
+        ndi.distance_transform_edt(edge ^ (big > 0)) + 1,
+    )
+    lines = np.zeros((1, 9), np.int32)  # objects all edge; an empty image
+    lines[0, 2:5] = 1
+    assert features._distance_inside(lines, features._edge_mask(lines)).max() == 1
+    empty = np.zeros((0, 4), np.int32)
+    assert features._distance_inside(empty, features._edge_mask(empty)).shape == (0, 4)
 
 
 def test_label_quantiles_and_mad_equal_a_sort_per_label():

@@ -1,5 +1,6 @@
 import shutil
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -73,6 +74,7 @@ def test_run_experiment_then_rerun_skips_everything(demo_plate, db_url):
         assert run.status == "complete"
         assert "[input.channels]" in run.config_toml and 'DNA = "w1"' in run.config_toml
         assert run.versions["numpy"] and run.timings["fields_per_s"] >= 0
+        assert run.versions["opencv"] == cv2.__version__
 
 
 def test_run_records_and_skips_a_corrupt_field(plate_copy, sqlite_url):

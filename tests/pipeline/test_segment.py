@@ -305,10 +305,18 @@ def test_square_opening_equals_scipy_grey_opening():
             np.testing.assert_array_equal(
                 opened, ndi.grey_opening(plane, size=(size, size))
             )
+    assert square_opening(np.ones((0, 5), np.float32), 3).shape == (0, 5)
     counts = rng.integers(0, 4000, (20, 25)).astype(np.uint16)
     np.testing.assert_array_equal(
         square_opening(counts, 4), ndi.grey_opening(counts, size=(4, 4))
     )
+
+
+def test_opencv_runs_one_thread_once_phenoscreen_is_imported():
+    """Fields run in parallel, one per worker and core: no nested OpenCV threads."""
+    import cv2
+
+    assert cv2.getNumThreads() == 1
 
 
 def test_square_opening_rejects():
