@@ -12,9 +12,29 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _cpu() -> dict[str, Any]:
+    """The CPU's model name and bfloat16 flags (AMX tiles, AVX-512 BF16), Linux only."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"cpu": platform.processor()}
+    fields = dict(
+        line.split(":", 1) for line in info.split("\n\n")[0].splitlines() if ":" in line
+    )
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = fields.get("flags", "").split()
+    return {
+        "cpu": fields.get("model name", platform.processor()),
+        "cpu_bfloat16_flags": sorted(
+            f for f in flags if f.startswith(("amx", "avx512_bf16"))
+        ),
+    }
+
+
 def machine() -> dict[str, Any]:
     """Return what the figures were measured on."""
     return {
+        **_cpu(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -15,7 +15,9 @@ intensity, texture at scale 3, CSV export); its per-field time is the difference
 of a run over all image sets and a run over the first one (start-up removed).
 PhenoScreen runs `segment_field` + `measure_cells` on the same files, for each
 segmenter (``--segmenters classical,unet``: the learned U-Net also on one core, one
-torch thread) and each of the two feature sets below.
+torch thread; ``unet-bfloat16`` is the U-Net with ``segment.precision = "bfloat16"``,
+fast on CPUs with AMX tiles, whose flags the machine facts record) and each of the two
+feature sets below.
 
 Also reported: nuclei counts per field against CellProfiler's (this run, and the
 CellProfiler masks shipped with the data: 5 NF1 fields, the pediatric and JUMP
@@ -93,7 +95,7 @@ _ONE_CORE = {
 OURS = """
 import json, sys, time
 import numpy as np, tifffile
-from benchmarks.bench_vs_cellprofiler import measure_config
+from benchmarks.bench_vs_cellprofiler import measure_config, segment_options
 from pipeline.measure.features import measure_cells
 from pipeline.cells.segment import segment_field
 options = measure_config(json.loads(sys.argv[3]))
@@ -102,7 +104,7 @@ for dna, cell in json.loads(sys.argv[1]):
     start = time.perf_counter()
     image = np.stack([tifffile.imread(dna), tifffile.imread(cell)])
     read = time.perf_counter()
-    nuclei, cells = segment_field(image[0], image[1], method=sys.argv[2])
+    nuclei, cells = segment_field(image[0], image[1], **segment_options(sys.argv[2]))
     seg = time.perf_counter()
     table, features = measure_cells(image, nuclei, cells, channel_names=["DNA", "CELL"],
                                     options=options)
@@ -117,6 +119,12 @@ print(json.dumps(rows))
 def one_core(command: list[str]) -> list[str]:
     """Pin a command to core 0 when taskset exists."""
     return ["taskset", "-c", "0", *command] if shutil.which("taskset") else command
+
+
+def segment_options(segmenter: str) -> dict[str, str]:
+    """`segment_field` options of a ``--segmenters`` entry (``unet-bfloat16``: in bfloat16)."""
+    method, _, precision = segmenter.partition("-")
+    return {"method": method} | ({"precision": precision} if precision else {})
 
 
 def outline_count(outlines: np.ndarray) -> int:
@@ -134,8 +142,10 @@ def shipped_masks(segmenters: list[str]) -> list[dict]:
 
     def ours(plane: np.ndarray) -> dict[str, int]:
         return {
-            f"phenoscreen_{method}": int(segment_field(plane, method=method)[0].max())
-            for method in segmenters
+            f"phenoscreen_{name}": int(
+                segment_field(plane, **segment_options(name))[0].max()
+            )
+            for name in segmenters
         }
 
     for mask in sorted((nf1 / "Plate_2_masks").glob("*_MaskNuclei.tiff")):

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from pipeline.config import UNET_PRECISION
+from pipeline.config import UNET_PRECISION, UNET_PRECISIONS
 from pipeline.errors import InputError
 from pipeline.images.planes import (
     check_plane,
@@ -426,20 +426,34 @@ def labels_for_spec(
     )
 
 
-def uses_bfloat16(device: str | torch.device) -> bool:
+def uses_bfloat16(device: str | torch.device, precision: str | None = None) -> bool:
     """Whether the U-Net runs in bfloat16 autocast on `device`.
 
-    CUDA only (`pipeline.config.UNET_PRECISION`). On CPUs, bfloat16 is fast on
-    some (AMX tiles: about 2.4x) and slow or emulated on others, so choosing it per
-    CPU would let a run resumed on another machine, or spread over mixed Dask
-    workers, mix precisions silently; every CPU runs float32.
+    By default on CUDA only (`pipeline.config.UNET_PRECISION`). On CPUs, bfloat16 is
+    fast on some (AMX tiles: about 2.4x) and slow or emulated on others, so it is
+    never chosen per CPU, which would let a run resumed on another machine, or spread
+    over mixed Dask workers, mix precisions silently; it is the run's choice
+    (``segment.precision``).
+
+    Parameters
+    ----------
+    device : str or torch.device
+    precision : {"float32", "bfloat16"}, optional
+        None: the device's default.
 
     Raises
     ------
     RuntimeError
         If `device` is not a device name.
+    ValueError
+        If `precision` is not one of `pipeline.config.UNET_PRECISIONS`.
     """
-    return UNET_PRECISION.get(torch.device(device).type) == "bfloat16"
+    kind = torch.device(device).type
+    if precision is not None and precision not in UNET_PRECISIONS:
+        raise ValueError(
+            f"precision {precision!r} is unknown; choose one of {UNET_PRECISIONS}."
+        )
+    return (precision or UNET_PRECISION.get(kind)) == "bfloat16"
 
 
 def _window(size: int, ramp: int) -> np.ndarray:
@@ -519,6 +533,7 @@ def predict_maps(
     overlap_px: int = 64,
     flips: bool = False,
     device: str | torch.device = "cpu",
+    precision: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Foreground and distance probabilities of a normalized image, tile by tile.
 
@@ -536,6 +551,8 @@ def predict_maps(
     flips : bool
         Average the four horizontal/vertical flips (4x slower).
     device : str or torch.device
+    precision : {"float32", "bfloat16"}, optional
+        The network's arithmetic (`uses_bfloat16`); None: the device's default.
 
     Returns
     -------
@@ -560,7 +577,7 @@ def predict_maps(
         _window(tile_x, overlap_px if big_x > tile_x else 0),
     )
     kind = torch.device(device).type
-    use_amp = uses_bfloat16(device)
+    use_amp = uses_bfloat16(device, precision)
     for y in _tile_starts(big_y, tile_y, tile_y - overlap_px):
         for x in _tile_starts(big_x, tile_x, tile_x - overlap_px):
             crop = torch.from_numpy(
@@ -601,6 +618,7 @@ def predict_field_maps(
     tile_px: int = 1024,
     flips: bool = False,
     device: str | torch.device = "cpu",
+    precision: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Foreground and distance maps of a raw plane, at the network's scale.
 
@@ -616,7 +634,7 @@ def predict_field_maps(
     plane : ndarray of shape (Y, X), float32
     diameter : float
         Typical nucleus diameter in `plane`, pixels (> 0).
-    tile_px, flips, device
+    tile_px, flips, device, precision
         See `predict_maps`.
 
     Returns
@@ -645,6 +663,7 @@ def predict_field_maps(
         tile_px=tile_px,
         flips=flips,
         device=device,
+        precision=precision,
     )
 
 
@@ -891,6 +910,7 @@ def segment_nuclei_unet(
     flips: bool = False,
     refine: bool = True,
     device: str | torch.device = "cpu",
+    precision: str | None = None,
 ) -> np.ndarray:
     """Segment nuclei with the learned U-Net (the ``unet`` segmenter).
 
@@ -915,6 +935,8 @@ def segment_nuclei_unet(
         When the diameter was estimated and the nuclei found have a median diameter
         more than 1.25x off it, segment once more at the found diameter.
     device : str or torch.device
+    precision : {"float32", "bfloat16"}, optional
+        The network's arithmetic; None: the device's default (`uses_bfloat16`).
 
     Returns
     -------
@@ -926,26 +948,25 @@ def segment_nuclei_unet(
     InputError
         If the weights are missing or corrupt.
     ValueError
-        If `plane` is not a finite numeric 2-D array.
+        If `plane` is not a finite numeric 2-D array, or `precision` is unknown.
     """
     values = check_plane(plane, "nuclei plane")
+    uses_bfloat16(device, precision)  # an unknown precision fails on any plane
     if model is None or spec is None:
         model, spec, _ = cached_segmenter(None if weights is None else str(weights))
         model = model.to(device)
     if values.size == 0 or values.max() <= values.min():
         return np.zeros(values.shape, np.int32)
+    predict = {"tile_px": tile_px, "flips": flips, "device": device,
+               "precision": precision}  # fmt: skip
     diameter = nucleus_diameter_px or estimate_nucleus_diameter(values)
-    labels = _segment_at(
-        model, spec, values, diameter, tile_px=tile_px, flips=flips, device=device
-    )
+    labels = _segment_at(model, spec, values, diameter, **predict)
     labels = drop_faint_objects(labels, values)
     if nucleus_diameter_px is None and refine and labels.max() >= _MIN_NUCLEI_TO_REFINE:
         # the estimate was off when the nuclei found are much bigger or smaller
         found = median_diameter(labels)
         if abs(np.log(found / diameter)) > np.log(_REFINE_RATIO):
-            labels = _segment_at(
-                model, spec, values, found, tile_px=tile_px, flips=flips, device=device
-            )
+            labels = _segment_at(model, spec, values, found, **predict)
             labels = drop_faint_objects(labels, values)
     return labels
 

@@ -23,6 +23,7 @@ from pipeline.config import (
     EMBED_POOLS,
     EMBED_SCALINGS,
     EMBED_STRATEGIES,
+    UNET_PRECISIONS,
     EmbedConfig,
     InputConfig,
     RunConfig,
@@ -163,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument(
         "--segmenter-weights",
         help="weights file of the unet segmenter (from train-segmenter; default: shipped)",
+    )
+    segment.add_argument(
+        "--segmenter-precision",
+        choices=UNET_PRECISIONS,
+        help="arithmetic of the unet segmenter (default: float32 on CPU, bfloat16 on "
+        "CUDA); bfloat16 is ~2.4x faster on CPUs with AMX tiles",
     )
 
     train_seg = sub.add_parser(
@@ -834,6 +841,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             "method": args.method,
             "nucleus_diameter_px": args.nucleus_diameter,
             "weights": args.segmenter_weights,
+            "precision": args.segmenter_precision,
         },
     )
     for row in table.itertuples(index=False):

@@ -662,7 +662,9 @@ def run_experiment(
     """
     t_start = time.perf_counter()
     check_store(db_url)  # store problems first; it is created after validation
-    check_segmenter(config.segment.method, config.segment.weights)
+    check_segmenter(
+        config.segment.method, config.segment.weights, config.segment.precision
+    )
     if config.segment.device == "cuda" and not config.execution.scheduler:
         import torch  # noqa: PLC0415 - loaded by the unet check above anyway
 
@@ -863,7 +865,11 @@ def segment_files(
         repeats (outputs would overwrite each other); nothing is written then.
     """
     options = dict(segment or {})
-    check_segmenter(options.get("method", DEFAULT_SEGMENTER), options.get("weights"))
+    check_segmenter(
+        options.get("method", DEFAULT_SEGMENTER),
+        options.get("weights"),
+        options.get("precision"),
+    )
     if cytoplasm is not None and len(cytoplasm) != len(images):
         raise InputError(
             f"{len(images)} images but {len(cytoplasm)} cytoplasm files; give one "

@@ -35,7 +35,7 @@ from skimage.segmentation import (
     watershed,
 )
 
-from pipeline.config import SEGMENTERS
+from pipeline.config import SEGMENTERS, UNET_PRECISIONS
 from pipeline.errors import InputError
 from pipeline.images.planes import (
     check_plane,
@@ -319,6 +319,7 @@ def _unet_nuclei(
     nucleus_diameter_px: float | None,
     weights: str | None = None,
     device: str = "cpu",
+    precision: str | None = None,
 ) -> np.ndarray:
     import torch  # noqa: PLC0415 - loads torch
 
@@ -330,7 +331,7 @@ def _unet_nuclei(
             'driver and CUDA_VISIBLE_DEVICES on every worker), or set device = "cpu".'
         )
     return segment_nuclei_unet(
-        plane, nucleus_diameter_px, weights=weights, device=device
+        plane, nucleus_diameter_px, weights=weights, device=device, precision=precision
     )
 
 
@@ -341,7 +342,9 @@ _LEARNED: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
-def check_segmenter(method: str, weights: str | None = None) -> None:
+def check_segmenter(
+    method: str, weights: str | None = None, precision: str | None = None
+) -> None:
     """Raise InputError unless `method` can run: known, installed, weights readable.
 
     Parameters
@@ -351,6 +354,9 @@ def check_segmenter(method: str, weights: str | None = None) -> None:
     weights : str, optional
         Weights file of the ``unet`` segmenter (its shipped weights when None);
         refused for the other segmenters.
+    precision : str, optional
+        Arithmetic of the ``unet`` segmenter, one of
+        `pipeline.config.UNET_PRECISIONS`; refused for the other segmenters.
     """
     if method not in SEGMENTERS:
         raise InputError(
@@ -360,6 +366,12 @@ def check_segmenter(method: str, weights: str | None = None) -> None:
         raise InputError(
             f"segment.weights ({weights}) applies to the 'unet' segmenter only, "
             f'not {method!r}; remove it or choose method = "unet".'
+        )
+    if precision is not None and (method != "unet" or precision not in UNET_PRECISIONS):
+        raise InputError(
+            f"segment precision {precision!r} applies to the 'unet' segmenter only "
+            f"and must be one of {UNET_PRECISIONS} (method is {method!r}); remove it "
+            'or choose method = "unet".'
         )
     if method == "unet":
         from models.segmenter import cached_segmenter  # noqa: PLC0415 - loads torch
@@ -402,6 +414,7 @@ def segment_field(
     ring_width_px: float | None = None,
     weights: str | None = None,
     device: str = "cpu",
+    precision: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Segment the nuclei and cells of one field.
 
@@ -426,6 +439,9 @@ exclude_border_nuclei
         Weights file of the ``unet`` segmenter; its shipped weights when None.
     device : {"cpu", "cuda"}
         Where the ``unet`` segmenter runs (bfloat16 on CUDA; `pipeline.config.UNET_PRECISION`).
+    precision : {"float32", "bfloat16"}, optional
+        The ``unet`` segmenter's arithmetic; None: the device's default
+        (`models.segmenter.uses_bfloat16`).
 
     Returns
     -------
@@ -439,7 +455,7 @@ exclude_border_nuclei
     ValueError
         If a plane is not a finite numeric 2-D array or the shapes differ.
     """
-    check_segmenter(method, weights)
+    check_segmenter(method, weights, precision)
     if method == "classical":
         nuclei = segment_nuclei(
             nuclei_plane,
@@ -454,7 +470,11 @@ exclude_border_nuclei
         )
     else:
         plane = check_plane(nuclei_plane, "nuclei plane")
-        extra = {"weights": weights, "device": device} if method == "unet" else {}
+        extra = (
+            {"weights": weights, "device": device, "precision": precision}
+            if method == "unet"
+            else {}
+        )
         nuclei = _LEARNED[method](plane, nucleus_diameter_px, **extra)
         if exclude_border_nuclei:
             nuclei = relabel_sequential(clear_border(nuclei))[0].astype(np.int32)

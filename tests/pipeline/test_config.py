@@ -204,6 +204,28 @@ def test_segment_device_is_checked_and_keys_only_gpu_runs():
     assert analysis_key(lean) != analysis_key(default)  # fewer features
     with pytest.raises(InputError, match="segment.device = 'tpu' is unknown"):
         with_overrides(default, segment={"device": "tpu"})
+
+
+def test_segment_precision_is_checked_and_keys_only_non_default_arithmetic():
+    from pipeline.config import analysis_key
+
+    default = RunConfig()
+    assert default.segment.precision is None
+    cpu_float32 = with_overrides(default, segment={"precision": "float32"})
+    assert analysis_key(cpu_float32) == analysis_key(default) == "fb1bbfe4f3a54f59"
+    cpu_bfloat16 = with_overrides(default, segment={"precision": "bfloat16"})
+    assert analysis_key(cpu_bfloat16) != analysis_key(default)  # its cells differ
+    gpu = with_overrides(default, segment={"device": "cuda"})
+    gpu_bfloat16 = with_overrides(gpu, segment={"precision": "bfloat16"})
+    gpu_float32 = with_overrides(gpu, segment={"precision": "float32"})
+    assert analysis_key(gpu_bfloat16) == analysis_key(gpu)
+    assert len({analysis_key(c) for c in (gpu, gpu_float32, cpu_bfloat16)}) == 3
+    with pytest.raises(InputError, match="segment.precision = 'float16' is unknown"):
+        with_overrides(default, segment={"precision": "float16"})
+    with pytest.raises(InputError, match='for method = "unet" only'):
+        with_overrides(
+            default, segment={"precision": "bfloat16", "method": "classical"}
+        )
     with pytest.raises(InputError, match='runs the "unet" segmenter only'):
         with_overrides(default, segment={"device": "cuda", "method": "classical"})
 
