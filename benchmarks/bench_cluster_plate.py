@@ -17,9 +17,11 @@ project the time of a 384-well x 9-field plate on N cores (``fields / (fields/s 
 worker x N)``, writes included); the run's own per-step times are printed too.
 
     python benchmarks/bench_cluster_plate.py [--plate-format 96] [--fields-per-well 1]
-        [--workers 1 2]
+        [--workers 1 2] [--precision float32|bfloat16]
 
-Another plate than 96 x 1 saves to ``cluster_plate_<format>x<fields>.json``.
+Another plate than 96 x 1 saves to ``cluster_plate_<format>x<fields>.json``;
+``--precision`` (the U-Net's ``segment.precision``, every run of the benchmark) adds
+``_<precision>`` to the name.
 
 Needs a PostgreSQL server (``$PHENOSCREEN_TEST_PG_URL``, default the test one).
 """
@@ -47,7 +49,7 @@ from bench_sql_insert import fresh_pg_database  # noqa: E402
 
 from db.session import make_engine  # noqa: E402
 from db.store import resolve_run  # noqa: E402
-from pipeline.config import config_from_dict  # noqa: E402
+from pipeline.config import UNET_PRECISIONS, config_from_dict  # noqa: E402
 from pipeline.images.demo import CHANNELS_5, write_demo_plate  # noqa: E402
 from pipeline.run import run_experiment  # noqa: E402
 from pipeline.views.export import read_well_profiles  # noqa: E402
@@ -99,9 +101,12 @@ def well_profiles(url: str) -> pd.DataFrame:
     return table.sort_values(["Metadata_Plate", "Metadata_Well"]).reset_index(drop=True)
 
 
-def run(images: Path, platemap: Path, url: str, **execution: object):
+def run(
+    images: Path, platemap: Path, url: str, precision: str | None, **execution: object
+):
     config = config_from_dict(
         {"input": {"layout": "imagexpress", "channels": CHANNELS_5},
+         "segment": {"precision": precision} if precision else {},
          "execution": execution}
     )  # fmt: skip
     start = time.perf_counter()
@@ -110,7 +115,7 @@ def run(images: Path, platemap: Path, url: str, **execution: object):
 
 
 def on_cluster(
-    images: Path, platemap: Path, n_workers: int
+    images: Path, platemap: Path, n_workers: int, precision: str | None
 ) -> tuple[dict, pd.DataFrame, object]:
     """Run on a fresh scheduler + `n_workers` worker processes into a fresh PG db."""
     from distributed import Client  # noqa: PLC0415
@@ -128,7 +133,7 @@ def on_cluster(
         try:
             with Client(address, timeout=60) as client:
                 client.wait_for_workers(n_workers, timeout=120)
-                summary, wall = run(images, platemap, url, scheduler=address)
+                summary, wall = run(images, platemap, url, precision, scheduler=address)
                 rss = sorted(round(v) for v in client.run(peak_rss_mib).values())
             profiles = well_profiles(url)
         finally:
@@ -146,6 +151,7 @@ def main() -> None:
     parser.add_argument("--cells-per-field", type=int, default=200)
     parser.add_argument("--nucleus-diameter", type=float, default=20.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--precision", choices=UNET_PRECISIONS)
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,13 +165,13 @@ def main() -> None:
         print(f"plate generated in {time.perf_counter() - start:.0f} s")
         local_url = f"sqlite:///{tmp}/local.db"
         summary, wall = run(demo["images"], demo["platemap"], local_url,
-                            n_workers=2, processes=True)  # fmt: skip
+                            args.precision, n_workers=2, processes=True)  # fmt: skip
         reference = well_profiles(local_url)
         local = {"setup": "local LocalCluster, 2 workers, SQLite", "workers": 2,
                  "wall_s": wall}  # fmt: skip
         for n_workers in args.workers:
             figures, profiles, cluster_summary = on_cluster(
-                demo["images"], demo["platemap"], n_workers
+                demo["images"], demo["platemap"], n_workers, args.precision
             )
             features = [c for c in reference.columns if not c.startswith("Metadata_")]
             ours = profiles[features].to_numpy(float)
@@ -207,11 +213,13 @@ def main() -> None:
     default_plate = (args.plate_format, args.fields_per_well) == (96, 1)
     save(
         "cluster_plate" + ("" if default_plate else
-                           f"_{args.plate_format}x{args.fields_per_well}"),
+                           f"_{args.plate_format}x{args.fields_per_well}")
+        + (f"_{args.precision}" if args.precision else ""),
         {"command": shlex.join(["python", *sys.argv]),
          "plate": f"{args.plate_format} wells x {args.fields_per_well} field(s) x 5 "
                   f"channels x {args.field_size} px, ~{args.cells_per_field} nuclei "
                   f"of {args.nucleus_diameter:g} px per field",
+         "unet_precision": args.precision or "the device's default (CPU: float32)",
          "local_run_timings_s": timings, "rows": rows},
     )  # fmt: skip
 

@@ -284,8 +284,9 @@ def drop_faint_objects(
     values = plane.astype(np.float64, copy=False)
     background = float(np.median(values[labels == 0]))
     noise = pixel_noise_sd(values)
-    means = np.asarray(ndi.mean(values, labels, index=np.arange(1, n + 1)))
-    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    flat = labels.ravel()  # sums and counts as ndi.mean takes them, in one pass each
+    areas = np.bincount(flat, minlength=n + 1)[1:]
+    means = np.bincount(flat, weights=values.ravel(), minlength=n + 1)[1:] / areas
     contrast = means - background
     faint = (contrast <= min_snr * noise) | (contrast * np.sqrt(areas) <= min_z * noise)
     faint = np.concatenate([[False], faint])
