@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _cpu() -> dict[str, Any]:
-    """The CPU's model name and bfloat16 flags (AMX tiles, AVX-512 BF16), Linux only."""
+    """The CPU's model name and bfloat16 flags (AMX tiles, AVX-512 BF16; Linux only)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return {"cpu": platform.processor()}
+        return {"cpu": platform.processor(), "cpu_bfloat16_flags": []}
     fields = dict(
         line.split(":", 1) for line in info.split("\n\n")[0].splitlines() if ":" in line
     )
@@ -31,9 +32,25 @@ def _cpu() -> dict[str, Any]:
     }
 
 
+def _commit() -> str:
+    """The checkout's commit (``-dirty`` with uncommitted changes), or "unknown"."""
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=RESULTS.parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return done.stdout.strip()
+
+
 def machine() -> dict[str, Any]:
-    """Return what the figures were measured on."""
+    """Return what the figures were measured on, and the code's commit."""
     return {
+        "commit": _commit(),
         **_cpu(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),

@@ -49,7 +49,7 @@ from skimage.io import imread
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks._common import save  # noqa: E402
-from pipeline.cells.segment import segment_field  # noqa: E402
+from pipeline.cells.segment import check_segmenter, segment_field  # noqa: E402
 from pipeline.config import MeasureConfig  # noqa: E402
 from pipeline.measure.features import feature_names  # noqa: E402
 
@@ -233,6 +233,8 @@ def main() -> None:
     parser.add_argument("--segmenters", default="classical,unet")
     args = parser.parse_args()
     segmenters = args.segmenters.split(",")
+    for name in segmenters:  # a misspelt entry stops here, not after CellProfiler ran
+        check_segmenter(**segment_options(name))
     if not FOVS.is_dir():
         sys.exit(f"{FOVS} is absent: this benchmark needs ../shared/data.")
     if not Path(args.cellprofiler).exists():

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from pipeline.config import UNET_PRECISION, UNET_PRECISIONS
+from pipeline.config import check_unet_precision, unet_precision
 from pipeline.errors import InputError
 from pipeline.images.planes import (
     check_plane,
@@ -284,7 +284,7 @@ def drop_faint_objects(
     values = plane.astype(np.float64, copy=False)
     background = float(np.median(values[labels == 0]))
     noise = pixel_noise_sd(values)
-    flat = labels.ravel()  # sums and counts as ndi.mean takes them, in one pass each
+    flat = labels.ravel().astype(np.intp, copy=False)  # as ndi.mean counts and sums
     areas = np.bincount(flat, minlength=n + 1)[1:]
     means = np.bincount(flat, weights=values.ravel(), minlength=n + 1)[1:] / areas
     contrast = means - background
@@ -431,30 +431,30 @@ def uses_bfloat16(device: str | torch.device, precision: str | None = None) -> b
     """Whether the U-Net runs in bfloat16 autocast on `device`.
 
     By default on CUDA only (`pipeline.config.UNET_PRECISION`). On CPUs, bfloat16 is
-    fast on some (AMX tiles: about 2.4x) and slow or emulated on others, so it is
-    never chosen per CPU, which would let a run resumed on another machine, or spread
-    over mixed Dask workers, mix precisions silently; it is the run's choice
-    (``segment.precision``).
+    fast on some (AMX tiles) and slow or emulated on others, so it is never chosen
+    per CPU, which would let a run resumed on another machine, or spread over mixed
+    Dask workers, mix precisions silently; it is the run's choice
+    (``segment.precision``, `pipeline.config.unet_precision`).
 
     Parameters
     ----------
     device : str or torch.device
+        Where the network runs (``cpu``, ``cuda``, ``cuda:1``).
     precision : {"float32", "bfloat16"}, optional
         None: the device's default.
+
+    Returns
+    -------
+    bool
 
     Raises
     ------
     RuntimeError
         If `device` is not a device name.
-    ValueError
-        If `precision` is not one of `pipeline.config.UNET_PRECISIONS`.
+    InputError
+        If `precision` is unknown.
     """
-    kind = torch.device(device).type
-    if precision is not None and precision not in UNET_PRECISIONS:
-        raise ValueError(
-            f"precision {precision!r} is unknown; choose one of {UNET_PRECISIONS}."
-        )
-    return (precision or UNET_PRECISION.get(kind)) == "bfloat16"
+    return unet_precision(torch.device(device).type, precision) == "bfloat16"
 
 
 def _window(size: int, ramp: int) -> np.ndarray:
@@ -562,7 +562,8 @@ def predict_maps(
     Raises
     ------
     ValueError
-        If the tile is not larger than twice the overlap, or not a multiple.
+        If the tile is not larger than twice the overlap, or not a multiple, or
+        `precision` is unknown (an `InputError`).
     """
     height, width = image.shape
     pad_y, pad_x = (-height) % multiple, (-width) % multiple
@@ -646,7 +647,7 @@ def predict_field_maps(
     Raises
     ------
     ValueError
-        If `diameter` is not positive.
+        If `diameter` is not positive, or as `predict_maps`.
     """
     if not diameter > 0:
         raise ValueError(f"diameter {diameter} must be > 0.")
@@ -949,10 +950,11 @@ def segment_nuclei_unet(
     InputError
         If the weights are missing or corrupt.
     ValueError
-        If `plane` is not a finite numeric 2-D array, or `precision` is unknown.
+        If `plane` is not a finite numeric 2-D array, or `precision` is unknown
+        (an `InputError`).
     """
     values = check_plane(plane, "nuclei plane")
-    uses_bfloat16(device, precision)  # an unknown precision fails on any plane
+    check_unet_precision("unet", precision)  # on any plane, with or without nuclei
     if model is None or spec is None:
         model, spec, _ = cached_segmenter(None if weights is None else str(weights))
         model = model.to(device)

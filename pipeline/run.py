@@ -44,12 +44,13 @@ from pipeline.cells.segment import (
     segmenter_weights_sha256,
 )
 from pipeline.config import (
-    UNET_PRECISION,
     IlluminationConfig,
     MeasureConfig,
     RunConfig,
+    SegmentConfig,
     analysis_key,
     dump_config,
+    unet_precision,
 )
 from pipeline.errors import InputError, PipelineError, collect_input_errors
 from pipeline.images.illumination import downsample, illumination_function
@@ -118,12 +119,16 @@ class PreparedRun:
     channel_indexes: list[int | None]
 
 
-def package_versions() -> dict[str, str]:
-    """Return the versions of Python and the packages that shape results."""
+def package_versions(segment: SegmentConfig) -> dict[str, str]:
+    """Return the versions of Python and the packages that shape results.
+
+    With the ``unet`` segmenter, also ``unet_precision``: its device and arithmetic
+    (`pipeline.config.unet_precision`), such as ``cpu float32``.
+    """
     versions = {"python": platform.python_version()}
-    versions["unet_precision"] = ", ".join(
-        f"{device} {dtype}" for device, dtype in UNET_PRECISION.items()
-    )
+    if segment.method == "unet":
+        precision = unet_precision(segment.device, segment.precision)
+        versions["unet_precision"] = f"{segment.device} {precision}"
     for name in _VERSIONED:
         try:
             versions[name] = version(name)
@@ -705,7 +710,7 @@ def run_experiment(
             segmenter=f"unet {weights_sha[:16]}"
             if weights_sha
             else config.segment.method,
-            versions=package_versions(),
+            versions=package_versions(config.segment),
         )
         feature_set_id = store.ensure_feature_set(
             engine,

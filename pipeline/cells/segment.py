@@ -35,7 +35,7 @@ from skimage.segmentation import (
     watershed,
 )
 
-from pipeline.config import SEGMENTERS, UNET_PRECISIONS
+from pipeline.config import SEGMENTERS, check_unet_precision
 from pipeline.errors import InputError
 from pipeline.images.planes import (
     check_plane,
@@ -354,9 +354,15 @@ def check_segmenter(
     weights : str, optional
         Weights file of the ``unet`` segmenter (its shipped weights when None);
         refused for the other segmenters.
-    precision : str, optional
-        Arithmetic of the ``unet`` segmenter, one of
-        `pipeline.config.UNET_PRECISIONS`; refused for the other segmenters.
+    precision : {"float32", "bfloat16"}, optional
+        Arithmetic of the ``unet`` segmenter; refused for the other segmenters.
+
+    Raises
+    ------
+    InputError
+        If `method` is unknown or not installed, its weights are missing or
+        corrupt, or `weights` or `precision` are given for another segmenter or
+        `precision` is unknown.
     """
     if method not in SEGMENTERS:
         raise InputError(
@@ -367,12 +373,7 @@ def check_segmenter(
             f"segment.weights ({weights}) applies to the 'unet' segmenter only, "
             f'not {method!r}; remove it or choose method = "unet".'
         )
-    if precision is not None and (method != "unet" or precision not in UNET_PRECISIONS):
-        raise InputError(
-            f"segment precision {precision!r} applies to the 'unet' segmenter only "
-            f"and must be one of {UNET_PRECISIONS} (method is {method!r}); remove it "
-            'or choose method = "unet".'
-        )
+    check_unet_precision(method, precision)
     if method == "unet":
         from models.segmenter import cached_segmenter  # noqa: PLC0415 - loads torch
 
@@ -438,7 +439,8 @@ exclude_border_nuclei
     weights : str, optional
         Weights file of the ``unet`` segmenter; its shipped weights when None.
     device : {"cpu", "cuda"}
-        Where the ``unet`` segmenter runs (bfloat16 on CUDA; `pipeline.config.UNET_PRECISION`).
+        Where the ``unet`` segmenter runs (by default in bfloat16 on CUDA;
+        `pipeline.config.UNET_PRECISION`).
     precision : {"float32", "bfloat16"}, optional
         The ``unet`` segmenter's arithmetic; None: the device's default
         (`models.segmenter.uses_bfloat16`).
@@ -451,7 +453,8 @@ exclude_border_nuclei
     Raises
     ------
     InputError
-        If `method` is unknown or its package or weights are missing.
+        As `check_segmenter`: `method` unknown, its package or weights missing,
+        `weights` or `precision` given for another segmenter, `precision` unknown.
     ValueError
         If a plane is not a finite numeric 2-D array or the shapes differ.
     """

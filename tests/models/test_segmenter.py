@@ -171,26 +171,55 @@ def test_bfloat16_is_the_cuda_default_unless_the_run_chooses():
     assert uses_bfloat16("cpu", "bfloat16") and not uses_bfloat16("cuda", "float32")
     with pytest.raises(RuntimeError):
         uses_bfloat16("no-such-device")
-    with pytest.raises(ValueError, match="precision 'float16' is unknown"):
+    with pytest.raises(InputError, match="segment.precision = 'float16' is unknown"):
         uses_bfloat16("cpu", "float16")
-    with pytest.raises(ValueError, match="precision 'half' is unknown"):
+    with pytest.raises(InputError, match="segment.precision = 'half' is unknown"):
         segment_nuclei_unet(np.zeros((16, 16)), precision="half")  # even on no nuclei
+
+
+def test_the_runs_precision_reaches_the_network_on_every_path(monkeypatch, tmp_path):
+    from dataclasses import asdict
+
+    import models.segmenter as segmenter
+    from pipeline.cli import main
+    from pipeline.config import SegmentConfig
+    from pipeline.run import segment_image
+
+    plane = np.zeros((96, 96), np.uint16)
+    for y, x in [(30, 30), (30, 66), (66, 48)]:
+        plane[disk((y, x), 10, shape=plane.shape)] = 1000
+    asked = []
+
+    def spy(device, precision=None):
+        asked.append((str(device), precision))
+        return uses_bfloat16(device, precision)
+
+    monkeypatch.setattr(segmenter, "uses_bfloat16", spy)
+    segment_field(plane, method="unet", precision="bfloat16")
+    assert asked[-1] == ("cpu", "bfloat16")
+    options = asdict(SegmentConfig(precision="bfloat16"))  # as Dask workers get it
+    segment_image(plane[None], channel_names=["DNA"], nuclei_channel="DNA",
+                  cytoplasm_channel=None, segment=options)  # fmt: skip
+    assert asked[-1] == ("cpu", "bfloat16")
+    tifffile.imwrite(tmp_path / "f.tif", plane)
+    assert main(["segment", str(tmp_path / "f.tif"), "--out-dir", str(tmp_path / "o"),
+                 "--segmenter-precision", "bfloat16"]) == 0  # fmt: skip
+    assert asked[-1] == ("cpu", "bfloat16")
+    segment_field(plane, method="unet")
+    assert asked[-1] == ("cpu", None)
+    model, spec, _ = load_segmenter()  # and bfloat16 arithmetic is really used
+    image = normalize_intensity(plane.astype(np.float32))
+    exact, fast = (
+        predict_maps(model, image, multiple=spec.multiple, precision=precision)[0]
+        for precision in ("float32", "bfloat16")
+    )
+    assert 0 < np.abs(fast - exact).max() < 0.1
 
 
 def test_bfloat16_on_the_cpu_segments_a_real_field_like_float32():
     data = shared_data("fields/cellpainting_fovs_cytodataframe")
     path = data / "JUMP_plate_BR00117006/images/orig/r01c01f01p01-ch5sk1fk1fl1.tiff"
     plane = tifffile.imread(path)[:540, :540]
-    model, spec, _ = load_segmenter()
-    image = normalize_intensity(plane.astype(np.float32))
-    maps = {
-        precision: predict_maps(
-            model, image, multiple=spec.multiple, precision=precision
-        )[0]
-        for precision in ("float32", "bfloat16")
-    }
-    change = np.abs(maps["bfloat16"] - maps["float32"])
-    assert 0 < change.max() < 0.1  # bfloat16 arithmetic was used, and stays close
     exact = segment_nuclei_unet(plane)
     fast = segment_nuclei_unet(plane, precision="bfloat16")
     assert exact.max() > 30 and abs(int(fast.max()) - int(exact.max())) <= 2
@@ -369,25 +398,13 @@ def test_unet_segmenter_through_segment_field_and_cli(tmp_path):
     assert main(["segment", str(tmp_path / "f.tif"), "--out-dir", str(tmp_path / "b"),
                  "--segmenter-precision", "bfloat16"]) == 0  # fmt: skip
     assert tifffile.imread(tmp_path / "b" / "f_nuclei.tif").max() == 3
-    assert (
-        main(
-            [
-                "segment",
-                str(tmp_path / "f.tif"),
-                "--out-dir",
-                str(tmp_path / "c"),
-                "--segmenter",
-                "classical",
-                "--segmenter-precision",
-                "bfloat16",
-            ]
-        )
-        == 2
-    )
+    refused = ["segment", str(tmp_path / "f.tif"), "--out-dir", str(tmp_path / "c"),
+               "--segmenter", "classical", "--segmenter-precision", "bfloat16"]  # fmt: skip
+    assert main(refused) == 2
     assert not (tmp_path / "c").exists()  # refused before anything is written
-    with pytest.raises(InputError, match="'unet' segmenter only"):
+    with pytest.raises(InputError, match='segment.precision is for method = "unet"'):
         segment_field(plane, method="classical", precision="bfloat16")
-    with pytest.raises(InputError, match="must be one of"):
+    with pytest.raises(InputError, match="segment.precision = 'fp8' is unknown"):
         check_segmenter("unet", precision="fp8")
 
 

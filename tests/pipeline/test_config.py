@@ -204,9 +204,11 @@ def test_segment_device_is_checked_and_keys_only_gpu_runs():
     assert analysis_key(lean) != analysis_key(default)  # fewer features
     with pytest.raises(InputError, match="segment.device = 'tpu' is unknown"):
         with_overrides(default, segment={"device": "tpu"})
+    with pytest.raises(InputError, match='runs the "unet" segmenter only'):
+        with_overrides(default, segment={"device": "cuda", "method": "classical"})
 
 
-def test_segment_precision_is_checked_and_keys_only_non_default_arithmetic():
+def test_segment_precision_is_checked_and_keys_only_non_default_arithmetic(tmp_path):
     from pipeline.config import analysis_key
 
     default = RunConfig()
@@ -226,8 +228,13 @@ def test_segment_precision_is_checked_and_keys_only_non_default_arithmetic():
         with_overrides(
             default, segment={"precision": "bfloat16", "method": "classical"}
         )
-    with pytest.raises(InputError, match='runs the "unet" segmenter only'):
-        with_overrides(default, segment={"device": "cuda", "method": "classical"})
+    with pytest.raises(InputError, match="segment.method = 'otsu' is unknown"):
+        with_overrides(default, segment={"precision": "bfloat16", "method": "otsu"})
+    path = tmp_path / "run.toml"  # the choice survives the saved config
+    path.write_text(dump_config(cpu_bfloat16))
+    assert 'precision = "bfloat16"' in path.read_text()
+    assert load_config(path) == cpu_bfloat16
+    assert analysis_key(load_config(path)) == analysis_key(cpu_bfloat16)
 
 
 def test_a_cuda_segmenter_without_a_gpu_names_the_fix():

@@ -75,6 +75,19 @@ def test_run_experiment_then_rerun_skips_everything(demo_plate, db_url):
         assert "[input.channels]" in run.config_toml and 'DNA = "w1"' in run.config_toml
         assert run.versions["numpy"] and run.timings["fields_per_s"] >= 0
         assert run.versions["opencv"] == cv2.__version__
+        assert run.versions["unet_precision"] == "cpu float32"
+
+
+def test_provenance_records_the_unet_precision_the_run_uses():
+    from pipeline.config import SegmentConfig
+    from pipeline.run import package_versions
+
+    assert package_versions(SegmentConfig())["unet_precision"] == "cpu float32"
+    chosen = SegmentConfig(precision="bfloat16")
+    assert package_versions(chosen)["unet_precision"] == "cpu bfloat16"
+    gpu = SegmentConfig(device="cuda")
+    assert package_versions(gpu)["unet_precision"] == "cuda bfloat16"
+    assert "unet_precision" not in package_versions(SegmentConfig(method="classical"))
 
 
 def test_run_records_and_skips_a_corrupt_field(plate_copy, sqlite_url):
