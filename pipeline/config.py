@@ -69,12 +69,19 @@ def unet_precision(device: str, precision: str | None = None) -> str:
 def check_unet_precision(method: str, precision: str | None) -> None:
     """Raise InputError unless `precision` is None or a known one for ``unet``.
 
+    Parameters
+    ----------
+    method : str
+        The segmenter (``segment.method``).
+    precision : {"float32", "bfloat16"}, optional
+        ``segment.precision``.
+
     Raises
     ------
     InputError
         If `precision` is unknown, or given for another segmenter than ``unet``.
     """
-    unet_precision("cpu", precision)
+    unet_precision("cpu", precision)  # raises for an unknown precision
     if precision is not None and method != "unet":
         raise InputError(
             f'segment.precision is for method = "unet" only (method is {method!r}); '
