@@ -454,11 +454,17 @@ exclude_border_nuclei
     ------
     InputError
         As `check_segmenter`: `method` unknown, its package or weights missing,
-        `weights` or `precision` given for another segmenter, `precision` unknown.
+        `weights` or `precision` given for another segmenter, `precision` unknown;
+        or a `device` other than the CPU for another segmenter than ``unet``.
     ValueError
         If a plane is not a finite numeric 2-D array or the shapes differ.
     """
     check_segmenter(method, weights, precision)
+    if device != "cpu" and method != "unet":
+        raise InputError(
+            f'device {device!r} runs the "unet" segmenter only (method is {method!r}); '
+            'use device = "cpu" or method = "unet".'
+        )
     if method == "classical":
         nuclei = segment_nuclei(
             nuclei_plane,

@@ -404,6 +404,8 @@ def test_unet_segmenter_through_segment_field_and_cli(tmp_path):
     assert not (tmp_path / "c").exists()  # refused before anything is written
     with pytest.raises(InputError, match='segment.precision is for method = "unet"'):
         segment_field(plane, method="classical", precision="bfloat16")
+    with pytest.raises(InputError, match="device 'cuda' runs the \"unet\" segmenter"):
+        segment_field(plane, method="classical", device="cuda")  # not ignored
     with pytest.raises(InputError, match="segment.precision = 'fp8' is unknown"):
         check_segmenter("unet", precision="fp8")
 
