@@ -10,7 +10,7 @@ FN), pooled over images; per image-size group too. Each worker process uses one
 torch thread.
 
 ``--bfloat16`` also scores the U-Net in bfloat16 (``segment.precision``; fast on CPUs
-with AMX tiles, emulated elsewhere).
+with AMX tiles).
 
 Run: ``python benchmarks/bench_segmentation_dsb.py [--workers 2] [--weights FILE]
 [--flips] [--bfloat16]``

@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._common import save  # noqa: E402
 from pipeline.cells.segment import check_segmenter, segment_field  # noqa: E402
 from pipeline.config import MeasureConfig  # noqa: E402
+from pipeline.errors import InputError  # noqa: E402
 from pipeline.measure.features import feature_names  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -234,7 +235,10 @@ def main() -> None:
     args = parser.parse_args()
     segmenters = args.segmenters.split(",")
     for name in segmenters:  # a misspelt entry stops here, not after CellProfiler ran
-        check_segmenter(**segment_options(name))
+        try:
+            check_segmenter(**segment_options(name))
+        except InputError as exc:
+            sys.exit(f"--segmenters {name}: {exc}")
     if not FOVS.is_dir():
         sys.exit(f"{FOVS} is absent: this benchmark needs ../shared/data.")
     if not Path(args.cellprofiler).exists():

@@ -395,9 +395,6 @@ def test_unet_segmenter_through_segment_field_and_cli(tmp_path):
     missing = str(tmp_path / "no.pt")
     assert main(["segment", str(tmp_path / "f.tif"), "--out-dir", str(tmp_path / "o"),
                  "--segmenter", "unet", "--segmenter-weights", missing]) == 2  # fmt: skip
-    assert main(["segment", str(tmp_path / "f.tif"), "--out-dir", str(tmp_path / "b"),
-                 "--segmenter-precision", "bfloat16"]) == 0  # fmt: skip
-    assert tifffile.imread(tmp_path / "b" / "f_nuclei.tif").max() == 3
     refused = ["segment", str(tmp_path / "f.tif"), "--out-dir", str(tmp_path / "c"),
                "--segmenter", "classical", "--segmenter-precision", "bfloat16"]  # fmt: skip
     assert main(refused) == 2
