@@ -49,7 +49,7 @@ from bench_sql_insert import fresh_pg_database  # noqa: E402
 
 from db.session import make_engine  # noqa: E402
 from db.store import resolve_run  # noqa: E402
-from pipeline.config import UNET_PRECISIONS, config_from_dict  # noqa: E402
+from pipeline.config import PRECISIONS, config_from_dict  # noqa: E402
 from pipeline.images.demo import CHANNELS_5, write_demo_plate  # noqa: E402
 from pipeline.run import run_experiment  # noqa: E402
 from pipeline.views.export import read_well_profiles  # noqa: E402
@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--cells-per-field", type=int, default=200)
     parser.add_argument("--nucleus-diameter", type=float, default=20.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--precision", choices=UNET_PRECISIONS)
+    parser.add_argument("--precision", choices=PRECISIONS)
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,7 +19,8 @@ what made CNN profiles match or beat CellProfiler features in the literature
 
 Crops are streamed field by field from a run (`pipeline.cells.stored.iter_field_crops`),
 embedded in batches by a DataLoader under ``torch.inference_mode`` (CUDA with
-bfloat16 autocast, pinned memory and channels_last when present; CPU otherwise)
+bfloat16 autocast, pinned memory and channels_last when present; CPU otherwise, in
+float32 unless ``embed.precision = "bfloat16"``)
 and written to the store a field or a group of fields per transaction
 (`db.store.FieldBatches`), as a feature set that
 records the model, the weights' source and hash and the recipe. A rerun skips
@@ -56,7 +57,12 @@ from tqdm.auto import tqdm
 from db import store
 from models.backbones import OFFLINE_NORMALIZATION, create_backbone, load_checkpoint
 from pipeline.cells.stored import FieldCrops, iter_field_crops
-from pipeline.config import EMBED_POOLS, EMBED_STRATEGIES, EmbedConfig
+from pipeline.config import (
+    EMBED_POOLS,
+    EMBED_STRATEGIES,
+    EmbedConfig,
+    network_precision,
+)
 from pipeline.errors import InputError
 from pipeline.views.export import COMBINED_KIND, aggregate_run
 
@@ -449,6 +455,7 @@ def embed_array(
     *,
     batch_size: int,
     device: torch.device,
+    precision: str | None = None,
 ) -> np.ndarray:
     """Embed normalized crops in batches through a DataLoader.
 
@@ -460,6 +467,11 @@ def embed_array(
     crops : ndarray of shape (N, C, S, S), float32
     masks : ndarray of shape (N, S, S), bool, optional
         Each crop's own-cell mask (for ``pool = "cell"``).
+    batch_size : int
+    device : torch.device
+    precision : {"float32", "bfloat16"}, optional
+        The network's arithmetic (bfloat16 autocast); None: the device's default
+        (`pipeline.config.network_precision`).
 
     Returns
     -------
@@ -468,12 +480,17 @@ def embed_array(
     Raises
     ------
     ValueError
-        If `masks` do not match the crops.
+        If `masks` do not match the crops, or `precision` is unknown (an
+        `InputError`).
     """
     if masks is not None and masks.shape != (len(crops), *crops.shape[2:]):
         raise ValueError(
             f"masks {masks.shape} must be (N, S, S) for crops {crops.shape}."
         )
+    bfloat16 = (
+        network_precision(device.type, precision, setting="embed.precision")
+        == "bfloat16"
+    )
     if not len(crops):
         return np.zeros((0, 0), dtype=np.float32)
     if isinstance(embedder, nn.Module):
@@ -490,7 +507,7 @@ def embed_array(
                 memory_format=torch.channels_last
             )
             mask = [m.to(device, non_blocking=cuda) for m in mask]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bfloat16):
                 out.append(embedder(batch, *mask).float().cpu())
     return torch.cat(out).numpy()
 
@@ -505,6 +522,7 @@ def _embed_and_write(
     width: int,
     batch_size: int,
     device: torch.device,
+    precision: str | None,
 ) -> int:
     """Embed fields' crops together; queue their writes, grouped by `batches`.
 
@@ -518,6 +536,7 @@ def _embed_and_write(
         np.concatenate([field.masks for field, _ in fields]) if with_masks else None,
         batch_size=batch_size,
         device=device,
+        precision=precision,
     )
     offsets = np.cumsum([0] + [len(crops) for _, crops in fields])
     for (field, _), lo, hi in zip(fields, offsets[:-1], offsets[1:], strict=True):
@@ -642,6 +661,7 @@ def embed_with_backoff(
     *,
     batch_size: int,
     device: torch.device,
+    precision: str | None = None,
 ) -> tuple[np.ndarray, int]:
     """`embed_array`, halving the batch and going on when the GPU runs out of memory.
 
@@ -659,8 +679,9 @@ def embed_with_backoff(
     while True:
         try:
             return embed_array(
-                embedder, crops, masks, batch_size=batch_size, device=device
-            ), batch_size
+                embedder, crops, masks, batch_size=batch_size, device=device,
+                precision=precision,
+            ), batch_size  # fmt: skip
         except torch.cuda.OutOfMemoryError:
             if batch_size == 1:
                 raise
@@ -803,7 +824,7 @@ def embed_run(
             if pending:
                 batch_size = _embed_and_write(
                     writes, batches, run_id, embedder, pending, feature_set_id, width,
-                    batch_size, target,
+                    batch_size, target, cfg.precision,
                 )  # fmt: skip
                 n_cells += sum(len(c) for _, c in pending)
                 n_fields += len(pending)
@@ -834,9 +855,13 @@ def recipe_digest(recipe: dict[str, Any], weights: str) -> str:
 
     Everything but the batch size (which changes nothing) and the weights' source
     and hash count, so another crop size, percentile or checkpoint makes another
-    feature set instead of resuming the old one.
+    feature set instead of resuming the old one. An unset ``precision`` (the
+    device's default) is left out, so recipes from before the option keep their
+    digest.
     """
     payload = {k: v for k, v in recipe.items() if k not in ("batch_size", "enabled")}
+    if payload.get("precision") is None:
+        payload.pop("precision", None)
     text = json.dumps(payload | {"weights": weights}, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:6]
 

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from pipeline.config import check_unet_precision, unet_precision
+from pipeline.config import check_unet_precision, network_precision
 from pipeline.errors import InputError
 from pipeline.images.planes import (
     check_plane,
@@ -430,11 +430,11 @@ def labels_for_spec(
 def uses_bfloat16(device: str | torch.device, precision: str | None = None) -> bool:
     """Whether the U-Net runs in bfloat16 autocast on `device`.
 
-    By default on CUDA only (`pipeline.config.UNET_PRECISION`). On CPUs, bfloat16 is
+    By default on CUDA only (`pipeline.config.DEVICE_PRECISION`). On CPUs, bfloat16 is
     fast on some (AMX tiles) and slow or emulated on others, so it is never chosen
     per CPU, which would let a run resumed on another machine, or spread over mixed
     Dask workers, mix precisions silently; it is the run's choice
-    (``segment.precision``, `pipeline.config.unet_precision`).
+    (``segment.precision``, `pipeline.config.network_precision`).
 
     Parameters
     ----------
@@ -454,7 +454,7 @@ def uses_bfloat16(device: str | torch.device, precision: str | None = None) -> b
     InputError
         If `precision` is unknown.
     """
-    return unet_precision(torch.device(device).type, precision) == "bfloat16"
+    return network_precision(torch.device(device).type, precision) == "bfloat16"
 
 
 def _window(size: int, ramp: int) -> np.ndarray:

@@ -4,8 +4,8 @@ Field names of `SegmentConfig` match the keyword arguments of
 `pipeline.cells.segment.segment_field`, so ``segment_field(plane, **asdict(config.segment))``
 works (a test checks this); `MeasureConfig` is passed whole to
 `pipeline.measure.features.measure_cells`. Also the facts every stage shares:
-`PLATE_FORMATS`, the `SEGMENTERS` and how the U-Net runs on each device
-(`UNET_PRECISION`).
+`PLATE_FORMATS`, the `SEGMENTERS` and how the networks (the U-Net, the embedding
+CNN) run on each device (`DEVICE_PRECISION`, `network_precision`).
 """
 
 from __future__ import annotations
@@ -27,40 +27,44 @@ PLATE_FORMATS: dict[int, tuple[int, int]] = {96: (8, 12), 384: (16, 24), 1536: (
 #: Nuclei segmenters (`pipeline.cells.segment` implements each).
 SEGMENTERS = ("classical", "unet", "cellpose", "stardist")
 
-#: How the learned segmenter runs on each kind of device unless ``segment.precision``
-#: says otherwise (recorded with every run): bfloat16 autocast on CUDA, float32 on
-#: every CPU (`models.segmenter.uses_bfloat16`).
-UNET_PRECISION = {"cuda": "bfloat16", "cpu": "float32"}
-#: The arithmetic ``segment.precision`` may choose for the learned segmenter.
-UNET_PRECISIONS = ("float32", "bfloat16")
+#: How the networks (the U-Net segmenter, the embedding CNN) run on each kind of
+#: device unless ``segment.precision`` / ``embed.precision`` say otherwise: bfloat16
+#: autocast on CUDA, float32 on every CPU (`network_precision`).
+DEVICE_PRECISION = {"cuda": "bfloat16", "cpu": "float32"}
+#: The arithmetic ``segment.precision`` and ``embed.precision`` may choose.
+PRECISIONS = ("float32", "bfloat16")
 
 
-def unet_precision(device: str, precision: str | None = None) -> str:
-    """Return the learned segmenter's arithmetic on a device: `precision` or its default.
+def network_precision(
+    device: str, precision: str | None = None, *, setting: str = "segment.precision"
+) -> str:
+    """Return a network's arithmetic on a device: `precision`, or the device's default.
 
     Parameters
     ----------
     device : str
         A device type (``cpu``, ``cuda``); others default to float32.
     precision : {"float32", "bfloat16"}, optional
-        ``segment.precision``; None: the device's default (`UNET_PRECISION`).
+        The run's choice; None: the device's default (`DEVICE_PRECISION`).
+    setting : str
+        The setting `precision` came from, named in the error.
 
     Returns
     -------
     str
-        One of `UNET_PRECISIONS`.
+        One of `PRECISIONS`.
 
     Raises
     ------
     InputError
-        If `precision` is not one of `UNET_PRECISIONS`.
+        If `precision` is not one of `PRECISIONS`.
     """
     if precision is None:
-        return UNET_PRECISION.get(device, "float32")
-    if precision not in UNET_PRECISIONS:
+        return DEVICE_PRECISION.get(device, "float32")
+    if precision not in PRECISIONS:
         raise InputError(
-            f"segment.precision = {precision!r} is unknown; choose "
-            f"{' or '.join(map(repr, UNET_PRECISIONS))}, or remove it (the device's "
+            f"{setting} = {precision!r} is unknown; choose "
+            f"{' or '.join(map(repr, PRECISIONS))}, or remove it (the device's "
             "default: float32 on CPU, bfloat16 on CUDA)."
         )
     return precision
@@ -81,7 +85,7 @@ def check_unet_precision(method: str, precision: str | None) -> None:
     InputError
         If `precision` is unknown, or given for another segmenter than ``unet``.
     """
-    unet_precision("cpu", precision)  # raises for an unknown precision
+    network_precision("cpu", precision)  # raises for an unknown precision
     if precision is not None and method != "unet":
         raise InputError(
             f'segment.precision is for method = "unet" only (method is {method!r}); '
@@ -176,7 +180,7 @@ class SegmentConfig:
     """Options of `pipeline.cells.segment.segment_field` (same names).
 
     ``device = "cuda"`` runs the U-Net on the GPU in bfloat16
-    (`UNET_PRECISION`); its cells differ slightly from float32 on
+    (`DEVICE_PRECISION`); its cells differ slightly from float32 on
     the CPU, so the device is part of the run's analysis key. ``precision``
     overrides the device's arithmetic: ``"bfloat16"`` on a CPU with AMX tiles
     segments 1.4-1.7x faster (CPUs without bfloat16 instructions emulate it) with
@@ -384,6 +388,11 @@ class EmbedConfig:
     batch_size : int
     max_control_fields : int
         Negative-control fields per plate used to fit the ``plate`` scaling.
+    precision : {"float32", "bfloat16"} or None
+        The network's arithmetic; None: the device's default (`network_precision`:
+        float32 on CPU, bfloat16 on CUDA). ``"bfloat16"`` on a CPU with AMX tiles
+        embeds faster; set, it is part of the feature set's digest, so its vectors
+        never mix with another precision's.
     """
 
     enabled: bool = False
@@ -400,8 +409,10 @@ class EmbedConfig:
     aggregate: str = "median"
     batch_size: int = 32
     max_control_fields: int = 20
+    precision: str | None = None
 
     def __post_init__(self) -> None:
+        network_precision("cpu", self.precision, setting="embed.precision")
         for name in ("crop_size", "input_size"):  # TOML has no None: 0 stands for it
             if getattr(self, name) == 0:
                 object.__setattr__(self, name, None)
@@ -785,7 +796,7 @@ def analysis_key(config: RunConfig, weights_sha256: str | None = None) -> str:
         payload["input"].pop(key)
     segment = payload["segment"]
     device, precision = segment["device"], segment["precision"]
-    if unet_precision(device, precision) == unet_precision(device):
+    if network_precision(device, precision) == network_precision(device):
         segment.pop("precision")  # the device's default: keys from before the option
     if segment["device"] == "cpu":  # keys of runs from before the option
         segment.pop("device")

@@ -50,7 +50,7 @@ from pipeline.config import (
     SegmentConfig,
     analysis_key,
     dump_config,
-    unet_precision,
+    network_precision,
 )
 from pipeline.errors import InputError, PipelineError, collect_input_errors
 from pipeline.images.illumination import downsample, illumination_function
@@ -123,11 +123,11 @@ def package_versions(segment: SegmentConfig) -> dict[str, str]:
     """Return the versions of Python and the packages that shape results.
 
     With the ``unet`` segmenter, also ``unet_precision``: its device and arithmetic
-    (`pipeline.config.unet_precision`), such as ``cpu float32``.
+    (`pipeline.config.network_precision`), such as ``cpu float32``.
     """
     versions = {"python": platform.python_version()}
     if segment.method == "unet":
-        precision = unet_precision(segment.device, segment.precision)
+        precision = network_precision(segment.device, segment.precision)
         versions["unet_precision"] = f"{segment.device} {precision}"
     for name in _VERSIONED:
         try:

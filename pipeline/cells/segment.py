@@ -440,7 +440,7 @@ exclude_border_nuclei
         Weights file of the ``unet`` segmenter; its shipped weights when None.
     device : {"cpu", "cuda"}
         Where the ``unet`` segmenter runs (by default in bfloat16 on CUDA;
-        `pipeline.config.UNET_PRECISION`).
+        `pipeline.config.DEVICE_PRECISION`).
     precision : {"float32", "bfloat16"}, optional
         The ``unet`` segmenter's arithmetic; None: the device's default
         (`models.segmenter.uses_bfloat16`).

@@ -1,14 +1,16 @@
 import re
 import threading
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from sqlalchemy import select
 
 from db import store
-from db.session import make_engine
+from db.schema import FeatureSet
+from db.session import make_engine, session_scope
 from models.backbones import create_backbone
 from models.embed import (
     CellEmbedder,
@@ -22,6 +24,7 @@ from models.embed import (
     minmax_crops,
     normalize_crops,
     prefetch,
+    recipe_digest,
     scale_crops,
 )
 from pipeline.cli import main
@@ -270,6 +273,39 @@ def test_embed_command_takes_the_recipe_from_flags_and_config(
     assert code == 0
     out = capsys.readouterr().out
     assert "tf_efficientnet_lite0_stem_blocks.1_cell_native_crop_median" in out
+
+
+def test_embed_precision_is_the_runs_choice_and_its_own_feature_set(demo_run, capsys):
+    url, summary = demo_run
+    engine = make_engine(url, create=False)
+    exact = embed_run(engine, summary.run_id, FAST_RECIPE)["feature_set"]
+    flags = ["--crop-size", "32", "--input-size", "0", "--layer", "blocks.2",
+             "--batch-size", "128"]  # FAST_RECIPE  # fmt: skip
+    assert main(["embed", "--db", url, *flags, "--precision", "bfloat16"]) == 0
+    fast = re.search(rf"{re.escape(FAST_NAME)}_[0-9a-f]{{6}}", capsys.readouterr().out)
+    assert fast and fast[0] != exact  # never mixed with the float32 vectors
+    with session_scope(engine) as session:  # the recipe stored with the vectors
+        config = session.scalar(
+            select(FeatureSet.config).where(FeatureSet.name == fast[0])
+        )
+    assert config["precision"] == "bfloat16"
+    (_, _, a), (_, _, b) = (
+        next(store.iter_plate_cells(engine, summary.run_id, name))
+        for name in (exact, fast[0])
+    )
+    a, b = a.to_numpy(float), b.to_numpy(float)
+    change = np.linalg.norm(b - a, axis=1) / np.linalg.norm(a, axis=1)
+    assert 0 < np.median(change) < 0.05  # bfloat16 arithmetic, close to float32
+    applied = asdict(replace(EmbedConfig(), enabled=True)) | {"crop_size": 40}
+    assert recipe_digest(applied, "package:x") == "b80f68"  # as before the option
+    bfloat16 = applied | {"precision": "bfloat16"}
+    assert recipe_digest(bfloat16, "package:x") != "b80f68"
+    with pytest.raises(InputError, match="embed.precision = 'half' is unknown"):
+        EmbedConfig(precision="half")
+    crops = np.zeros((2, 3, 16, 16), np.float32)
+    with pytest.raises(InputError, match="embed.precision = 'fp8' is unknown"):
+        embed_array(lambda x: x, crops, batch_size=2, device=torch.device("cpu"),
+                    precision="fp8")  # fmt: skip
 
 
 def test_embed_run_rejects_unknown_model_and_layer(demo_run, capsys):

@@ -230,10 +230,12 @@ def test_segment_precision_is_checked_and_keys_only_non_default_arithmetic(tmp_p
         )
     with pytest.raises(InputError, match="segment.method = 'otsu' is unknown"):
         with_overrides(default, segment={"precision": "bfloat16", "method": "otsu"})
-    path = tmp_path / "run.toml"  # the choice survives the saved config
-    path.write_text(dump_config(cpu_bfloat16))
-    assert 'precision = "bfloat16"' in path.read_text()
-    assert load_config(path) == cpu_bfloat16
+    both = with_overrides(cpu_bfloat16, embed={"precision": "bfloat16"})
+    assert analysis_key(both) == analysis_key(cpu_bfloat16)  # embeddings: no cells
+    path = tmp_path / "run.toml"  # the choices survive the saved config
+    path.write_text(dump_config(both))
+    assert path.read_text().count('precision = "bfloat16"') == 2
+    assert load_config(path) == both
     assert analysis_key(load_config(path)) == analysis_key(cpu_bfloat16)
 
 

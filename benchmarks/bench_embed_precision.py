@@ -1,0 +1,162 @@
+"""The embedding CNN in bfloat16 on the CPU against float32: speed and what changes.
+
+A 3-plate demo experiment (`pipeline.images.demo`, seed 0, with its truth) is
+analysed once, then embedded twice with the default recipe
+(`pipeline.config.EmbedConfig`), first in float32 (the CPU's default), then with
+``precision = "bfloat16"``. Reported:
+
+- the embed step's cells/s for each (`models.embed.embed_run`, end to end), and the
+  forward pass alone on the same random crops, alternating float32 / bfloat16
+  twice (these machines are shared);
+- how far the vectors move: per cell, ``|v_bf16 - v_fp32| / |v_fp32|`` (median,
+  95th percentile, maximum); per well, the Pearson correlation of the normalized
+  profiles of the two feature sets (median, minimum);
+- the hits each feature set calls, and those of its ``combined`` set, against the
+  demo's truth (as `bench_demo_feature_sets.py`).
+
+bfloat16 is fast on CPUs with AMX tiles; the machine facts record the CPU's flags.
+
+Run: ``python benchmarks/bench_embed_precision.py``
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import run_demo, save  # noqa: E402
+from bench_demo_feature_sets import recovery  # noqa: E402
+
+from db import store  # noqa: E402
+from db.session import make_engine  # noqa: E402
+from models.backbones import create_backbone  # noqa: E402
+from models.embed import CellEmbedder, embed_run  # noqa: E402
+from pipeline.config import EmbedConfig  # noqa: E402
+from pipeline.views.export import read_profiles  # noqa: E402
+
+PRECISIONS = ("float32", "bfloat16")
+
+
+def forward_rate(model: torch.nn.Module, bfloat16: bool, *, n: int = 1024) -> float:
+    """Crops/s of the forward pass alone on `n` distinct random 3-channel crops."""
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randn(n, 3, 56, 56, generator=generator)
+    masks = torch.rand(n, 56, 56, generator=generator) < 0.3
+    batch = EmbedConfig().batch_size
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, bfloat16):
+        model(data[:batch].contiguous(memory_format=torch.channels_last), masks[:batch])
+        start = time.perf_counter()
+        for lo in range(0, n, batch):
+            crops = data[lo : lo + batch].contiguous(memory_format=torch.channels_last)
+            model(crops, masks[lo : lo + batch])
+    return n / (time.perf_counter() - start)
+
+
+def cell_vectors(engine, run_id: int, name: str) -> np.ndarray:
+    """Every cell's vector of a feature set, plate by plate in the store's order."""
+    return np.concatenate(
+        [v.to_numpy(float) for _, _, v in store.iter_plate_cells(engine, run_id, name)]
+    )
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        url, demo = run_demo(Path(tmp) / "screen", n_plates=3, seed=0)
+        truth = json.loads(demo["truth"].read_text())
+        engine = make_engine(url, create=False)
+        run_id, experiment_id = store.resolve_run(engine)
+        embedded, results = {}, {}
+        for precision in PRECISIONS:
+            summary = embed_run(engine, run_id, EmbedConfig(precision=precision))
+            embedded[precision] = summary
+            results[precision] = {
+                "feature_set": summary["feature_set"],
+                "cells": summary["n_cells"],
+                "seconds": round(summary["seconds"], 1),
+                "cells_per_s": round(summary["cells_per_s"], 1),
+                "deep": recovery(url, summary["feature_set"], truth),
+                "combined": recovery(url, summary["combined_feature_set"], truth),
+            }
+            print(precision, results[precision], flush=True)
+        exact, fast = (
+            cell_vectors(engine, run_id, embedded[p]["feature_set"]) for p in PRECISIONS
+        )
+        change = np.linalg.norm(fast - exact, axis=1) / np.linalg.norm(exact, axis=1)
+        profiles = [
+            read_profiles(engine, run_id, experiment_id,
+                          feature_set=embedded[p]["feature_set"])[1]
+            .set_index(["Metadata_Plate", "Metadata_Well"])
+            for p in PRECISIONS
+        ]  # fmt: skip
+        features = [  # feature k of each set, by its number (normalizing may drop some)
+            {c.rsplit("_", 1)[1]: c for c in table.columns
+             if c.startswith(embedded[p]["feature_set"] + "_")}
+            for table, p in zip(profiles, PRECISIONS, strict=True)
+        ]  # fmt: skip
+        common = sorted(set(features[0]) & set(features[1]))
+        a, b = (
+            table.loc[profiles[0].index, [names[k] for k in common]].to_numpy(float)
+            for table, names in zip(profiles, features, strict=True)
+        )
+        keep = np.isfinite(a).all(0) & np.isfinite(b).all(0)
+        well_r = np.array(
+            [np.corrcoef(x[keep], y[keep])[0, 1] for x, y in zip(a, b, strict=True)]
+        )
+        backbone, _ = create_backbone(in_chans=3)
+        recipe = EmbedConfig()
+        model = CellEmbedder(
+            backbone, strategy=recipe.strategy, layer=recipe.layer,
+            input_size=recipe.input_size, pool=recipe.pool,
+        ).eval().to(memory_format=torch.channels_last)  # fmt: skip
+        rates = {p: [] for p in PRECISIONS}
+        for _ in range(2):
+            for precision in PRECISIONS:
+                rates[precision].append(
+                    round(forward_rate(model, precision == "bfloat16"), 1)
+                )
+    figures = {
+        "command": "python benchmarks/bench_embed_precision.py",
+        "threads": torch.get_num_threads(),
+        "recipe": "the default EmbedConfig (rgb, blocks.3, cell pooling, 64 px)",
+        "results": results,
+        "end_to_end_speedup": round(
+            results["bfloat16"]["cells_per_s"] / results["float32"]["cells_per_s"], 2
+        ),
+        "forward_crops_per_s": rates,
+        "forward_speedup": round(
+            np.mean(rates["bfloat16"]) / np.mean(rates["float32"]), 2
+        ),
+        "cell_vector_relative_change": {
+            "median": round(float(np.median(change)), 4),
+            "p95": round(float(np.percentile(change, 95)), 4),
+            "max": round(float(change.max()), 4),
+        },
+        "well_profile_correlation": {
+            "median": round(float(np.median(well_r)), 4),
+            "min": round(float(well_r.min()), 4),
+            "wells": len(well_r),
+            "features": int(keep.sum()),
+        },
+        "same_hits": results["float32"]["deep"]["hits"]
+        == results["bfloat16"]["deep"]["hits"]
+        and results["float32"]["combined"]["hits"]
+        == results["bfloat16"]["combined"]["hits"],
+    }
+    for key in ("end_to_end_speedup", "forward_crops_per_s", "forward_speedup",
+                "cell_vector_relative_change", "well_profile_correlation",
+                "same_hits"):  # fmt: skip
+        print(f"{key}: {figures[key]}")
+    save("embed_precision", figures)
+
+
+if __name__ == "__main__":
+    main()
