@@ -20,7 +20,7 @@ what made CNN profiles match or beat CellProfiler features in the literature
 Crops are streamed field by field from a run (`pipeline.cells.stored.iter_field_crops`),
 embedded in batches by a DataLoader under ``torch.inference_mode`` (CUDA with
 bfloat16 autocast, pinned memory and channels_last when present; CPU otherwise, in
-float32 unless ``embed.precision = "bfloat16"``)
+float32; ``embed.precision`` chooses the arithmetic on either)
 and written to the store a field or a group of fields per transaction
 (`db.store.FieldBatches`), as a feature set that
 records the model, the weights' source and hash and the recipe. A rerun skips
@@ -468,7 +468,9 @@ def embed_array(
     masks : ndarray of shape (N, S, S), bool, optional
         Each crop's own-cell mask (for ``pool = "cell"``).
     batch_size : int
+        Crops per forward pass.
     device : torch.device
+        Where the network runs (it must already be there).
     precision : {"float32", "bfloat16"}, optional
         The network's arithmetic (bfloat16 autocast); None: the device's default
         (`pipeline.config.network_precision`).
@@ -479,9 +481,10 @@ def embed_array(
 
     Raises
     ------
+    InputError
+        If `precision` is unknown.
     ValueError
-        If `masks` do not match the crops, or `precision` is unknown (an
-        `InputError`).
+        If `masks` do not match the crops.
     """
     if masks is not None and masks.shape != (len(crops), *crops.shape[2:]):
         raise ValueError(
@@ -665,6 +668,11 @@ def embed_with_backoff(
 ) -> tuple[np.ndarray, int]:
     """`embed_array`, halving the batch and going on when the GPU runs out of memory.
 
+    Parameters
+    ----------
+    embedder, crops, masks, batch_size, device, precision
+        See `embed_array`; `batch_size` is the first one tried.
+
     Returns
     -------
     vectors : ndarray of shape (N, D), float32
@@ -781,7 +789,11 @@ def embed_run(
     embedder, info = build_embedder(cfg, n_channels)
     cfg = info["config"]
     size = cfg.crop_size or first.crops.shape[-1]
-    applied = asdict(replace(cfg, enabled=True)) | {"crop_size": size}
+    precision = network_precision(target.type, cfg.precision, setting="embed.precision")
+    applied = asdict(replace(cfg, enabled=True)) | {
+        "crop_size": size,
+        "precision": precision,  # the arithmetic used here, recorded and digested
+    }
     name = f"{info['name']}_{recipe_digest(applied, info['weights'])}"
     embedder = embedder.to(target).to(memory_format=torch.channels_last)
     width = embedder.width(n_channels, size)
@@ -824,7 +836,7 @@ def embed_run(
             if pending:
                 batch_size = _embed_and_write(
                     writes, batches, run_id, embedder, pending, feature_set_id, width,
-                    batch_size, target, cfg.precision,
+                    batch_size, target, precision,
                 )  # fmt: skip
                 n_cells += sum(len(c) for _, c in pending)
                 n_fields += len(pending)
@@ -855,12 +867,13 @@ def recipe_digest(recipe: dict[str, Any], weights: str) -> str:
 
     Everything but the batch size (which changes nothing) and the weights' source
     and hash count, so another crop size, percentile or checkpoint makes another
-    feature set instead of resuming the old one. An unset ``precision`` (the
-    device's default) is left out, so recipes from before the option keep their
-    digest.
+    feature set instead of resuming the old one. ``precision`` counts unless it is
+    float32 (or unset), so float32 recipes keep the digest they had before the
+    option, and bfloat16 vectors (CUDA's default, or chosen on a CPU) never resume
+    or mix with float32 ones.
     """
     payload = {k: v for k, v in recipe.items() if k not in ("batch_size", "enabled")}
-    if payload.get("precision") is None:
+    if payload.get("precision") in (None, "float32"):
         payload.pop("precision", None)
     text = json.dumps(payload | {"weights": weights}, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:6]

@@ -65,7 +65,7 @@ def network_precision(
         raise InputError(
             f"{setting} = {precision!r} is unknown; choose "
             f"{' or '.join(map(repr, PRECISIONS))}, or remove it (the device's "
-            "default: float32 on CPU, bfloat16 on CUDA)."
+            f"default: {', '.join(f'{v} on {k}' for k, v in DEVICE_PRECISION.items())})."
         )
     return precision
 
@@ -391,8 +391,9 @@ class EmbedConfig:
     precision : {"float32", "bfloat16"} or None
         The network's arithmetic; None: the device's default (`network_precision`:
         float32 on CPU, bfloat16 on CUDA). ``"bfloat16"`` on a CPU with AMX tiles
-        embeds faster; set, it is part of the feature set's digest, so its vectors
-        never mix with another precision's.
+        embeds faster. The arithmetic used is recorded with the feature set, and
+        bfloat16 is part of its digest, so bfloat16 and float32 vectors never mix
+        in one feature set.
     """
 
     enabled: bool = False
@@ -412,7 +413,6 @@ class EmbedConfig:
     precision: str | None = None
 
     def __post_init__(self) -> None:
-        network_precision("cpu", self.precision, setting="embed.precision")
         for name in ("crop_size", "input_size"):  # TOML has no None: 0 stands for it
             if getattr(self, name) == 0:
                 object.__setattr__(self, name, None)
@@ -433,6 +433,10 @@ class EmbedConfig:
                 f"embed.layer = {self.layer!r} must be 'pooled' or 'blocks.K' "
                 "(K = 0, 1, ...: a stage of the network)."
             )
+        try:
+            network_precision("cpu", self.precision, setting="embed.precision")
+        except InputError as error:
+            problems.extend(error.problems)
         if len(self.percentiles) != 2 or not (
             0 <= self.percentiles[0] < self.percentiles[1] <= 100
         ):

@@ -30,6 +30,7 @@ from models.embed import (
 from pipeline.cli import main
 from pipeline.errors import InputError
 from pipeline.views.export import iter_cell_tables, read_profiles, read_well_profiles
+from tests.conftest import copy_store
 
 
 def test_fit_channel_ranges_and_normalize():
@@ -275,8 +276,11 @@ def test_embed_command_takes_the_recipe_from_flags_and_config(
     assert "tf_efficientnet_lite0_stem_blocks.1_cell_native_crop_median" in out
 
 
-def test_embed_precision_is_the_runs_choice_and_its_own_feature_set(demo_run, capsys):
-    url, summary = demo_run
+def test_embed_precision_is_the_runs_choice_and_its_own_feature_set(
+    demo_run, tmp_path, capsys
+):
+    shared, summary = demo_run
+    url = copy_store(shared, tmp_path)  # the shared store's "deep" stays as it was
     engine = make_engine(url, create=False)
     exact = embed_run(engine, summary.run_id, FAST_RECIPE)["feature_set"]
     flags = ["--crop-size", "32", "--input-size", "0", "--layer", "blocks.2",
@@ -284,11 +288,10 @@ def test_embed_precision_is_the_runs_choice_and_its_own_feature_set(demo_run, ca
     assert main(["embed", "--db", url, *flags, "--precision", "bfloat16"]) == 0
     fast = re.search(rf"{re.escape(FAST_NAME)}_[0-9a-f]{{6}}", capsys.readouterr().out)
     assert fast and fast[0] != exact  # never mixed with the float32 vectors
-    with session_scope(engine) as session:  # the recipe stored with the vectors
-        config = session.scalar(
-            select(FeatureSet.config).where(FeatureSet.name == fast[0])
-        )
-    assert config["precision"] == "bfloat16"
+    with session_scope(engine) as session:  # the arithmetic stored with the vectors
+        stored = dict(session.execute(select(FeatureSet.name, FeatureSet.config)).all())
+    assert stored[fast[0]]["precision"] == "bfloat16"
+    assert stored[exact]["precision"] == "float32"  # the CPU's default, recorded
     (_, _, a), (_, _, b) = (
         next(store.iter_plate_cells(engine, summary.run_id, name))
         for name in (exact, fast[0])
@@ -298,7 +301,9 @@ def test_embed_precision_is_the_runs_choice_and_its_own_feature_set(demo_run, ca
     assert 0 < np.median(change) < 0.05  # bfloat16 arithmetic, close to float32
     applied = asdict(replace(EmbedConfig(), enabled=True)) | {"crop_size": 40}
     assert recipe_digest(applied, "package:x") == "b80f68"  # as before the option
-    bfloat16 = applied | {"precision": "bfloat16"}
+    float32 = applied | {"precision": "float32"}  # as embed_run records it on a CPU
+    assert recipe_digest(float32, "package:x") == "b80f68"
+    bfloat16 = applied | {"precision": "bfloat16"}  # chosen, or CUDA's default
     assert recipe_digest(bfloat16, "package:x") != "b80f68"
     with pytest.raises(InputError, match="embed.precision = 'half' is unknown"):
         EmbedConfig(precision="half")
