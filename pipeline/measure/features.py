@@ -776,9 +776,12 @@ def _texture(
 ) -> np.ndarray:
     """Haralick features averaged over 4 directions; shape (C, n, 13)."""
     per_direction = haralick(glcm(labels, grey, n, levels, scale))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # objects without pairs
-        return np.nanmean(per_direction, axis=2)
+    # np.nanmean's arithmetic, without its warning for objects without pairs
+    # (silencing it with warnings.catch_warnings is not thread-safe on Dask threads)
+    found = ~np.isnan(per_direction)
+    total = np.where(found, per_direction, 0.0).sum(axis=2)
+    with np.errstate(invalid="ignore"):  # 0 / 0 -> NaN; errstate is per thread
+        return total / found.sum(axis=2, dtype=np.intp)
 
 
 # --- Radial distribution, granularity, neighbours --------------------------------
