@@ -27,7 +27,6 @@ import hashlib
 import logging
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import balanced_accuracy_score
+from sklearn.metrics import recall_score
 from sqlalchemy import Engine
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -377,9 +376,9 @@ def _evaluate(
             truth.append(labels.cpu())
             predicted.append(logits.argmax(1).cpu())
     y, pred = torch.cat(truth).numpy(), torch.cat(predicted).numpy()
-    with warnings.catch_warnings():  # predictions of classes absent from y
-        warnings.simplefilter("ignore", UserWarning)
-        balanced = balanced_accuracy_score(y, pred)
+    # balanced_accuracy_score's value, without its warning for predictions of
+    # classes absent from y (warnings.catch_warnings is not thread-safe)
+    balanced = recall_score(y, pred, labels=np.unique(y), average="macro")
     return loss_sum / len(y), float((pred == y).mean()), float(balanced)
 
 

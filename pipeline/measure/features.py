@@ -20,7 +20,6 @@ openings of growing size), Neighbors, and nucleus/cell ratios.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -776,12 +775,35 @@ def _texture(
 ) -> np.ndarray:
     """Haralick features averaged over 4 directions; shape (C, n, 13)."""
     per_direction = haralick(glcm(labels, grey, n, levels, scale))
-    # np.nanmean's arithmetic, without its warning for objects without pairs
-    # (silencing it with warnings.catch_warnings is not thread-safe on Dask threads)
-    found = ~np.isnan(per_direction)
-    total = np.where(found, per_direction, 0.0).sum(axis=2)
-    with np.errstate(invalid="ignore"):  # 0 / 0 -> NaN; errstate is per thread
-        return total / found.sum(axis=2, dtype=np.intp)
+    return _nan_mean_std(per_direction, axis=2)[0]  # NaN: an object without pairs
+
+
+def _nan_mean_std(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """`np.nanmean` and `np.nanstd` over `axis`, with their arithmetic but no warning.
+
+    numpy warns on a slice without values ("Mean of empty slice"), and silencing
+    that with `warnings.catch_warnings` is not thread-safe (Dask measures fields on
+    threads); `np.errstate` is per thread.
+
+    Parameters
+    ----------
+    values : ndarray of float64, NaN where missing
+    axis : int
+
+    Returns
+    -------
+    mean, std : ndarray
+        `values`' shape without `axis`; NaN where a slice has no value. Bit-identical
+        to ``np.nanmean(values, axis)`` and ``np.nanstd(values, axis)``.
+    """
+    found = ~np.isnan(values)
+    count = found.sum(axis=axis, dtype=np.intp, keepdims=True)
+    filled = np.where(found, values, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0 -> NaN
+        mean = filled.sum(axis=axis, keepdims=True) / count
+        deviation = np.where(found, filled - mean, 0.0)
+        std = np.sqrt((deviation * deviation).sum(axis=axis, keepdims=True) / count)
+    return mean.squeeze(axis), std.squeeze(axis)
 
 
 # --- Radial distribution, granularity, neighbours --------------------------------
@@ -821,9 +843,9 @@ def _radial(
         frac = _safe_div(ring_sum, ring_sum.sum(1, keepdims=True))
         wedge_sum = np.bincount(wedge_code, val, minlength=n * bins * _RADIAL_WEDGES)
         wedge_mean = _safe_div(wedge_sum, wedge_pixels).reshape(n, bins, _RADIAL_WEDGES)
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore", RuntimeWarning)  # empty rings
-            cv = np.nanstd(wedge_mean, axis=2) / np.nanmean(wedge_mean, axis=2)
+        mean, std = _nan_mean_std(wedge_mean, axis=2)  # NaN: an empty ring
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cv = std / mean
         out[:, c, 0] = frac
         out[:, c, 1] = _safe_div(frac, pixel_frac)
         out[:, c, 2] = cv

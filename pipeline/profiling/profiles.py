@@ -9,7 +9,6 @@ DMSO in robust standard deviations of the DMSO wells' own distances); hit callin
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -131,6 +130,38 @@ def aggregate_cells(
     return profiles.reset_index()
 
 
+def _by_column(reduce, values: np.ndarray) -> np.ndarray:
+    """`reduce` (``np.nanmedian`` or ``np.nanmean``) of each column of `values`.
+
+    Equal to ``reduce(values, axis=0)``, NaN for a column without a value, but
+    without numpy's warning for such columns: silencing it with
+    `warnings.catch_warnings` is not thread-safe (the dashboard runs on threads).
+
+    Parameters
+    ----------
+    reduce : callable
+        A NaN-ignoring reduction taking ``axis=0``.
+    values : ndarray of shape (N, F)
+
+    Returns
+    -------
+    ndarray of shape (F,)
+
+    Raises
+    ------
+    ValueError
+        If `values` is not 2-D.
+    """
+    if values.ndim != 2:
+        raise ValueError(f"values has shape {values.shape}; expected (N, F).")
+    measured = ~np.isnan(values).all(axis=0)
+    if not len(values):
+        return np.full(values.shape[1], np.nan)
+    # the empty columns are filled rather than left out: the other columns' sums then
+    # run in numpy's order for the whole array (a narrower one can change the order)
+    return np.where(measured, reduce(np.where(measured, values, 0.0), axis=0), np.nan)
+
+
 def _spread(
     from_centre: np.ndarray,
     from_mean: np.ndarray,
@@ -167,7 +198,7 @@ def _spread(
                             where=dof > 0))  # fmt: skip
     if method != "robust_z":
         return std
-    scale = np.nanmedian(np.abs(from_centre), axis=0) * MAD_SCALE
+    scale = _by_column(np.nanmedian, np.abs(from_centre)) * MAD_SCALE
     return np.where(scale > min_spread, scale, std)
 
 
@@ -249,37 +280,36 @@ def normalize_to_controls(
     centre = np.full_like(values, np.nan)
     from_mean = np.full_like(values, np.nan)
     spread = np.full_like(values, np.nan)
-    with warnings.catch_warnings():  # all-NaN features: NaN spread, dropped below
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for plate in pd.unique(plates):
-            rows = plates == plate
-            controls = values[rows & is_control]
-            n_usable = int(np.isfinite(controls).any(axis=1).sum())
-            if n_usable < MIN_CONTROLS:
-                fix = (
-                    f"Add DMSO wells to the plate map (Metadata_Role = {control_role})"
-                    if control_role
-                    else "The plate has too few wells with cells to scale"
-                )
-                raise ValueError(
-                    f"at least {MIN_CONTROLS} {reference} (with cells) per "
-                    f"plate are needed, as profiles are scaled to them; you have "
-                    f"{n_usable} on plate {plate!r}. {fix}, or leave the plate out."
-                )
-            centre[rows] = average(controls, axis=0)
-            from_mean[rows & is_control] = controls - np.nanmean(controls, axis=0)
-        groups = (  # plates without a value (None / NaN) share one spread
-            pd.factorize(profiles[spread_by], use_na_sentinel=False)[0]
-            if spread_by
-            else np.zeros(len(profiles), int)
-        )
-        for group in np.unique(groups):
-            rows = groups == group
-            in_group = rows & is_control
-            spread[rows] = _spread(
-                values[in_group] - centre[in_group], from_mean[in_group],
-                plates[in_group], method, min_spread,
-            )  # fmt: skip
+    for plate in pd.unique(plates):
+        rows = plates == plate
+        controls = values[rows & is_control]
+        n_usable = int(np.isfinite(controls).any(axis=1).sum())
+        if n_usable < MIN_CONTROLS:
+            fix = (
+                f"Add DMSO wells to the plate map (Metadata_Role = {control_role})"
+                if control_role
+                else "The plate has too few wells with cells to scale"
+            )
+            raise ValueError(
+                f"at least {MIN_CONTROLS} {reference} (with cells) per "
+                f"plate are needed, as profiles are scaled to them; you have "
+                f"{n_usable} on plate {plate!r}. {fix}, or leave the plate out."
+            )
+        # a feature none of the plate's controls measured: NaN, dropped below
+        centre[rows] = _by_column(average, controls)
+        from_mean[rows & is_control] = controls - _by_column(np.nanmean, controls)
+    groups = (  # plates without a value (None / NaN) share one spread
+        pd.factorize(profiles[spread_by], use_na_sentinel=False)[0]
+        if spread_by
+        else np.zeros(len(profiles), int)
+    )
+    for group in np.unique(groups):
+        rows = groups == group
+        in_group = rows & is_control
+        spread[rows] = _spread(
+            values[in_group] - centre[in_group], from_mean[in_group],
+            plates[in_group], method, min_spread,
+        )  # fmt: skip
     # a feature no control of some plate measured has no centre there: dropped
     kept = (spread > min_spread).all(axis=0) & np.isfinite(centre).all(axis=0)
     if features and not kept.any():

@@ -349,3 +349,30 @@ def test_fine_tuning_on_real_bbbc021_crops_beats_chance():
     result = fine_tune(minmax_crops(crops[:, :, 2:-2, 2:-2]), labels, is_val, config)
     chance = pd.Series(labels[is_val]).value_counts(normalize=True).max()
     assert result.log["val_accuracy"].max() > chance + 0.1
+
+
+def test_evaluate_balanced_accuracy_ignores_absent_classes_without_warning():
+    """Predictions of classes that y lacks count as misses: the value equals
+    sklearn's `balanced_accuracy_score`, with no warning (no thread-unsafe
+    `warnings.catch_warnings` needed)."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    crops = torch.randn(64, 3)
+    labels = torch.arange(64) % 2  # classes 0 and 1 only; the model has four
+    model = torch.nn.Linear(3, 4)
+    loader = DataLoader(TensorDataset(crops, labels), batch_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, accuracy, balanced = train._evaluate(model, loader, torch.device("cpu"))
+    with torch.no_grad():
+        predicted = model(crops).argmax(1).numpy()
+    assert set(predicted) - {0, 1}, "the test needs predictions of absent classes"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        expected = balanced_accuracy_score(labels.numpy(), predicted)
+    assert balanced == expected
+    assert accuracy == (predicted == labels.numpy()).mean() and loss > 0

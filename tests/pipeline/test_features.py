@@ -385,3 +385,35 @@ def test_without_cytoplasm_the_other_features_are_unchanged():
     assert set(short.columns) == set(full.columns[~full.columns.str.startswith(
         "Cytoplasm_")])  # fmt: skip
     pd.testing.assert_frame_equal(short, full[short.columns])
+
+
+def test_nan_mean_std_equal_numpy_to_the_bit_without_warnings():
+    """The per-thread-safe averages used by texture and radial distribution equal
+    `np.nanmean` / `np.nanstd` exactly, including all-NaN slices, and warn nothing."""
+    import warnings
+
+    from pipeline.measure import features
+
+    rng = np.random.default_rng(3)
+    for shape, axis in [((40, 5, 8), 2), ((2, 30, 4, 13), 2), ((7, 3), 0), ((0, 4), 1)]:
+        values = rng.normal(size=shape) * 10 ** rng.uniform(-3, 6, size=shape)
+        values[rng.random(shape) < 0.4] = np.nan
+        if values.size:  # index 0 of another axis: whole slices without a value
+            values[(slice(None),) * (axis == 0) + (0,)] = np.nan
+        with warnings.catch_warnings():  # numpy's own warn on the empty slices
+            warnings.simplefilter("ignore", RuntimeWarning)
+            expected = np.nanmean(values, axis=axis), np.nanstd(values, axis=axis)
+        assert np.isnan(expected[0]).any() == bool(values.size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            found = features._nan_mean_std(values, axis)
+        for got, want in zip(found, expected, strict=True):
+            assert got.shape == want.shape
+            np.testing.assert_array_equal(got, want)  # NaN where NaN, bit for bit
+
+
+def test_nan_mean_std_rejects_a_missing_axis():
+    from pipeline.measure import features
+
+    with pytest.raises(np.exceptions.AxisError):
+        features._nan_mean_std(np.zeros((2, 3)), axis=2)

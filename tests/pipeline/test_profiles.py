@@ -526,3 +526,38 @@ def test_weight_blocks_gives_each_block_the_same_share_and_rejects():
     assert weight_blocks([small])[0] is small
     with pytest.raises(ValueError, match="at least one feature"):
         weight_blocks([small, large.iloc[:, :0]])
+
+
+@pytest.mark.parametrize("method", ["robust_z", "z"])
+def test_a_feature_a_plate_never_measured_warns_nothing(method):
+    """Without a thread-unsafe `warnings.catch_warnings`, numpy's all-NaN warnings
+    are avoided; the feature is dropped and the others are what they were."""
+    import warnings
+
+    profiles = make_profiles()
+    unmeasured = profiles.copy()
+    unmeasured.loc[unmeasured["Metadata_Plate"] == "P1", "f3"] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        normalized = normalize_to_controls(unmeasured, method=method)
+    expected = normalize_to_controls(profiles.drop(columns="f3"), method=method)
+    pd.testing.assert_frame_equal(normalized, expected, check_exact=True)
+
+
+def test_by_column_equals_numpy_to_the_bit():
+    import warnings
+
+    from pipeline.profiling.profiles import _by_column
+
+    rng = np.random.default_rng(5)
+    values = rng.normal(size=(37, 9)) * 10 ** rng.uniform(-3, 6, size=(37, 9))
+    values[rng.random(values.shape) < 0.3] = np.nan
+    values[:, [2, 7]] = np.nan
+    for reduce in (np.nanmedian, np.nanmean):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            expected = reduce(values, axis=0)
+        np.testing.assert_array_equal(_by_column(reduce, values), expected)
+        assert np.isnan(_by_column(reduce, values[:0])).all()
+    with pytest.raises(ValueError, match="expected"):
+        _by_column(np.nanmean, np.zeros(3))
