@@ -636,3 +636,52 @@ def test_field_batches_rejects_bad_limits():
         store.FieldBatches(max_cells=0)
     with pytest.raises(ValueError, match="every_s -1"):
         store.FieldBatches(every_s=-1)
+
+
+def test_copy_rows_round_trips_every_column_type(db_url):
+    """Bulk inserts (binary COPY with the server's column types on PostgreSQL,
+    executemany on SQLite) store numbers and vectors bit for bit."""
+    from sqlalchemy import (
+        REAL,
+        BigInteger,
+        Column,
+        Float,
+        Integer,
+        LargeBinary,
+        MetaData,
+        SmallInteger,
+        Table,
+        create_engine,
+    )
+
+    table = Table(
+        "copy_probe", MetaData(),
+        Column("a", Integer, primary_key=True), Column("b", BigInteger),
+        Column("c", SmallInteger), Column("d", Float), Column("e", REAL),
+        Column("v", LargeBinary),
+    )  # fmt: skip
+    engine = create_engine(db_url)
+    table.create(engine)
+    rng = np.random.default_rng(0)
+    n = 3000
+    columns = {
+        "a": np.arange(n) - 5, "b": rng.integers(-(2**62), 2**62, n),
+        "c": rng.integers(-(2**15), 2**15, n), "d": rng.normal(size=n) * 1e300,
+        "e": rng.normal(size=n).astype(np.float32),
+        "v": rng.normal(size=(n, 1280)).astype("<f4"),
+    }  # fmt: skip
+    columns["d"][:2] = [np.nan, np.inf]  # SQLite keeps NaN as NULL
+    with engine.begin() as connection:
+        writers._copy_rows(
+            connection, table, list(columns),
+            zip(*[c.tolist() for c in list(columns.values())[:5]],
+                [v.tobytes() for v in columns["v"]], strict=True),
+        )  # fmt: skip
+        stored = connection.execute(select(table).order_by(table.c.a)).all()
+    engine.dispose()
+    assert len(stored) == n
+    for k, name in enumerate("abcde"):
+        got = np.array([row[k] for row in stored], columns[name].dtype)
+        np.testing.assert_array_equal(got, columns[name])
+    vectors = np.stack([np.frombuffer(row[5], "<f4") for row in stored])
+    np.testing.assert_array_equal(vectors, columns["v"])
