@@ -7,6 +7,13 @@ one transaction per group of fields holding the `db.store.FieldBatches` cell cap
 vectors, result row); and, as a reference, one ORM object per row, one commit per
 field.
 
+For the batched writes it also counts the bytes the store wrote per cell
+(`bytes_written`) and measures the disk's sequential write bandwidth
+(`disk_write_bytes_per_s`, in the temporary folder where the SQLite stores live);
+their ratio is the cells/s the disk allows once the page cache is full (a short
+run can beat it: the operating system takes writes into memory first). PostgreSQL's
+data directory may lie on another disk; here both are on the machine's one disk.
+
     python benchmarks/bench_sql_insert.py [--fields 120] [--cells 500] [--features 60 1280]
 """
 
@@ -18,11 +25,12 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -124,8 +132,68 @@ def bench_bulk(url: str, n_fields: int, n_cells: int, n_features: int) -> float:
     return n_fields * n_cells / elapsed
 
 
-def bench_batched(url: str, n_fields: int, n_cells: int, n_features: int) -> float:
-    """Fields committed in batches of `FieldBatches().max_cells` cells, as runs do."""
+def disk_write_bytes_per_s(folder: str, total_mib: int = 512) -> float:
+    """Sequential write bandwidth of `folder`'s disk: 8 MiB blocks, then ``fsync``."""
+    block = np.random.default_rng(0).bytes(8 << 20)  # incompressible
+    path = Path(folder) / "disk_probe.bin"
+    start = time.perf_counter()
+    with open(path, "wb") as out:
+        for _ in range(total_mib // 8):
+            out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
+    elapsed = time.perf_counter() - start
+    path.unlink()
+    return (total_mib << 20) / elapsed
+
+
+def bytes_written(engine: Engine) -> Callable[[], int | None]:
+    """Start counting the bytes the store writes; call the result for the count.
+
+    SQLite: this process's writes towards the disk (``write_bytes`` of
+    ``/proc/self/io``: WAL frames and the checkpoints that copy them into the
+    database). PostgreSQL: the WAL it generated plus the database's growth (its
+    pages reach the disk at checkpoints). None where it cannot be read.
+    """
+    if engine.dialect.name == "postgresql":
+        query = text(
+            "SELECT pg_current_wal_lsn(), pg_database_size(current_database())"
+        )
+        with engine.connect() as connection:
+            lsn, size = connection.execute(query).one()
+
+        def count() -> int:
+            with engine.connect() as connection:
+                return int(
+                    connection.execute(
+                        text(
+                            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), :lsn) "
+                            "+ pg_database_size(current_database()) - :size"
+                        ),
+                        {"lsn": lsn, "size": size},
+                    ).scalar()
+                )
+
+        return count
+    io = Path("/proc/self/io")
+    if not io.exists():
+        return lambda: None
+
+    def process_writes() -> int:
+        return int(dict(line.split(": ") for line in io.read_text().splitlines())
+                   ["write_bytes"])  # fmt: skip
+
+    before = process_writes()
+    return lambda: process_writes() - before
+
+
+def bench_batched(
+    url: str, n_fields: int, n_cells: int, n_features: int
+) -> tuple[float, float | None]:
+    """Fields committed in batches of `FieldBatches().max_cells` cells, as runs do.
+
+    Returns cells/s and the bytes written per cell (`bytes_written`).
+    """
     engine, run_id, fs, field_ids = setup(url, n_fields, n_features)
     rng = np.random.default_rng(0)
     fields = [
@@ -137,14 +205,18 @@ def bench_batched(url: str, n_fields: int, n_cells: int, n_features: int) -> flo
         )
     ]  # fmt: skip
     per_batch = max(store.FieldBatches().max_cells // max(n_cells, 1), 1)
+    written = bytes_written(engine)
     start = time.perf_counter()
     for i in range(0, n_fields, per_batch):
         store.write_fields_cells(
             engine, run_id=run_id, feature_set_id=fs, fields=fields[i : i + per_batch]
         )
     elapsed = time.perf_counter() - start
+    engine.dispose()  # SQLite's last connection checkpoints its WAL as it closes
+    n_bytes = written()
     engine.dispose()
-    return n_fields * n_cells / elapsed
+    n = n_fields * n_cells
+    return n / elapsed, (None if n_bytes is None else n_bytes / n)
 
 
 def bench_orm_rows(url: str, n_fields: int, n_cells: int, n_features: int) -> float:
@@ -192,6 +264,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        disk = disk_write_bytes_per_s(tmp)
+        print(f"disk: {disk / 1e6:.0f} MB/s written and synced ({tmp})")
         for backend in ["sqlite"] + ([] if args.no_postgres else ["postgresql"]):
             for n_features in args.features:
                 for method, bench in (
@@ -212,9 +286,12 @@ def main() -> None:
                         else args.fields
                     )
                     try:
-                        cells_per_s = bench(url, n_fields, args.cells, n_features)
+                        result = bench(url, n_fields, args.cells, n_features)
                     finally:
                         drop()
+                    cells_per_s, per_cell = (
+                        result if isinstance(result, tuple) else (result, None)
+                    )
                     rows.append(
                         {
                             "backend": backend,
@@ -225,6 +302,11 @@ def main() -> None:
                             "cells_per_s": round(cells_per_s),
                         }
                     )
+                    if per_cell is not None:  # what the disk allows at that size
+                        rows[-1] |= {
+                            "bytes_written_per_cell": round(per_cell),
+                            "disk_bound_cells_per_s": round(disk / per_cell),
+                        }
                     print(rows[-1])
     table = pd.DataFrame(rows)
     wide = table.pivot_table(
@@ -233,7 +315,14 @@ def main() -> None:
     wide["bulk_vs_orm_rows"] = (wide["bulk"] / wide["orm_rows"]).round(1)
     wide["batched_vs_bulk"] = (wide["batched"] / wide["bulk"]).round(2)
     print(wide.to_string())
-    save("sql_insert", {"rows": rows, "summary": wide.reset_index().to_dict("records")})
+    save(
+        "sql_insert",
+        {
+            "disk_write_mb_per_s": round(disk / 1e6),
+            "rows": rows,
+            "summary": wide.reset_index().to_dict("records"),
+        },
+    )
 
 
 if __name__ == "__main__":
