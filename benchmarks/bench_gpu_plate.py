@@ -8,16 +8,18 @@ about 200 nuclei of 20 px, as a JUMP Cell Painting field) and measures, side by 
   (``segment.device = "cuda"``: bfloat16) and on the CPU, seconds per field;
 - measurement: `pipeline.measure.features.measure_cells` (CPU), seconds per field;
 - embedding: the default recipe's `models.embed.CellEmbedder` (each channel as RGB,
-  ``blocks[3]``, 64 px) through `models.embed.embed_array` (bfloat16 autocast,
-  pinned memory, channels_last on CUDA), crops per second;
-- fine-tuning: forward + backward + AdamW steps of `models.train.Classifier` at the
-  default batch size (bfloat16 autocast on CUDA), crops per second.
+  ``blocks[3]``, 64 px, cell pooling) as `models.embed.embed_run` runs it
+  (`models.backbones.on_device`, `models.embed.embed_with_backoff`: bfloat16
+  autocast, pinned memory and channels_last on CUDA), crops per second at the
+  default batch (`pipeline.config.EmbedConfig.batch_size`) and at 256;
+- fine-tuning: epochs of `models.train.fine_tune` with the default recipe
+  (`fine_tune_seconds_per_cell`), cells per second per epoch, frozen and unfrozen.
 
 It then projects the time of a 384-well x 9-field plate (3,456 fields, about 690,000
 cells) on a machine of `--cores` CPU cores and one GPU: segmentation on the GPU (one
 queue; without a GPU, spread over the cores), measurement spread over the cores,
-embedding every cell, and the default fine-tuning (`models.train.TrainConfig`: up
-to 16,000 cells x 8 epochs).
+embedding every cell at the default batch, and the default fine-tuning
+(`models.train.TrainConfig`: 16,000 cells, every epoch run).
 
     python benchmarks/bench_gpu_plate.py [--fields 6] [--cores 16]
 """
@@ -32,15 +34,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from timm.utils import ModelEmaV3
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import save  # noqa: E402
 
-from models.embed import build_embedder, embed_array  # noqa: E402
-from models.train import Classifier, TrainConfig  # noqa: E402
+from models.backbones import on_device  # noqa: E402
+from models.embed import build_embedder, embed_with_backoff  # noqa: E402
+from models.train import TrainConfig, fine_tune  # noqa: E402
 from pipeline.cells.crops import crop_cells  # noqa: E402
 from pipeline.cells.segment import segment_field  # noqa: E402
 from pipeline.config import EmbedConfig  # noqa: E402
@@ -70,35 +72,25 @@ def timed(function, *args, **kwargs):
     return result, time.perf_counter() - start
 
 
-def training_rate(
-    embedder, n_features: int, crops: torch.Tensor, masks: torch.Tensor, device
-) -> float:
-    """Crops/s of fine-tuning steps (forward, backward, AdamW, the weights' moving
-    average) at the default batch."""
-    config = TrainConfig()
-    model = Classifier(embedder, n_features, n_classes=16).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
-    ema = ModelEmaV3(model, decay=0.99)
-    labels = torch.randint(0, 16, (len(crops),), device=device)
-    cuda = device.type == "cuda"
-    batch = config.batch_size
-    steps = max(len(crops) // batch, 1)
+def fine_tune_seconds_per_cell(
+    data: np.ndarray, masks: np.ndarray, device: torch.device
+) -> dict[str, float]:
+    """Seconds per cell of an epoch of `models.train.fine_tune`, frozen and unfrozen.
 
-    def run(n_steps: int) -> None:
-        for step in range(n_steps):
-            rows = slice((step % steps) * batch, (step % steps + 1) * batch)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = torch.nn.functional.cross_entropy(
-                    model(crops[rows], masks[rows]), labels[rows]
-                )
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            ema.update(model)
-
-    run(2)  # warm-up
-    _, seconds = timed(run, steps)
-    return steps * batch / seconds
+    The product's own loop and default recipe (augmentation, bfloat16 autocast on
+    CUDA, the weights' moving average, validation; random labels of 16 classes):
+    two epochs of each phase, of which the second is kept (the first pays warm-up).
+    An epoch's seconds (training and validation) are divided by all its cells.
+    """
+    config = replace(TrainConfig(), epochs=4, warmup_epochs=2, patience=4)
+    rng = np.random.default_rng(0)
+    labels = np.array([f"class_{k % 16}" for k in range(len(data))])
+    is_val = rng.random(len(data)) < config.val_fraction
+    log = fine_tune(data, labels, is_val, config, masks=masks, device=str(device)).log
+    return {
+        phase: float(log.loc[log["phase"] == phase, "seconds"].iloc[-1]) / len(data)
+        for phase in ("frozen", "unfrozen")
+    }
 
 
 def main() -> None:
@@ -112,7 +104,11 @@ def main() -> None:
           "no CUDA device: every figure below is from the CPU")  # fmt: skip
     fields = real_size_fields(args.fields)
     names = list(CHANNELS_5)
-    figures: dict[str, object] = {"device": str(device), "fields": args.fields}
+    figures: dict[str, object] = {
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),  # embedding and fine-tuning on CPU
+        "fields": args.fields,
+    }
     seconds = {"segment_cpu": 0.0, "segment_device": 0.0, "measure": 0.0}
     crops, masks, n_cells = [], [], 0
     segment_field(fields[0][0], fields[0][1], device="cpu")  # loads the U-Net
@@ -143,23 +139,20 @@ def main() -> None:
     data = (data / np.percentile(data, 99.9, axis=(0, 2, 3), keepdims=True)).astype(
         np.float32
     )  # a plate-like scaling; the rate does not depend on it
-    embedder, info = build_embedder(EmbedConfig(), len(names))
-    embedder = embedder.to(device)
-    embed_array(
-        embedder, data[:256], data_masks[:256], batch_size=256, device=device
-    )  # warm-up
-    _, t_embed = timed(
-        embed_array, embedder, data, data_masks, batch_size=256, device=device
-    )
-    embed_rate = len(data) / t_embed
-    pooled, _ = build_embedder(replace(EmbedConfig(), layer="pooled"), len(names))
-    n_features = pooled(
-        torch.from_numpy(data[:2]), torch.from_numpy(data_masks[:2])
-    ).shape[1]
-    train_rate = training_rate(
-        pooled.to(device), n_features, torch.from_numpy(data).to(device),
-        torch.from_numpy(data_masks).to(device), device,
-    )  # fmt: skip
+    recipe = EmbedConfig()  # as `models.embed.embed_run` runs it
+    embedder, info = build_embedder(recipe, len(names))
+    embedder = on_device(embedder, device)
+    embed_rates = {}
+    for batch in (recipe.batch_size, 256):  # the default, and a larger one for GPUs
+        warm = data[: 2 * batch], data_masks[: 2 * batch]
+        embed_with_backoff(embedder, *warm, batch_size=batch, device=device)
+        (_, used), t_embed = timed(
+            embed_with_backoff, embedder, data, data_masks, batch_size=batch,
+            device=device,
+        )  # fmt: skip
+        embed_rates[f"batch_{used}"] = len(data) / t_embed
+    embed_rate = embed_rates[f"batch_{recipe.batch_size}"]
+    train_seconds = fine_tune_seconds_per_cell(data, data_masks, device)
     train = TrainConfig()
     plate_cells = cells_per_field * FIELDS_PER_PLATE
     queues = 1 if cuda else args.cores  # one GPU, or the U-Net on every core
@@ -170,7 +163,12 @@ def main() -> None:
         / args.cores
         / 3600,
         "embed_h": plate_cells / embed_rate / 3600,
-        "fine_tune_h": train.max_cells * train.epochs / train_rate / 3600,
+        "fine_tune_h": train.max_cells
+        * (
+            train.warmup_epochs * train_seconds["frozen"]
+            + (train.epochs - train.warmup_epochs) * train_seconds["unfrozen"]
+        )
+        / 3600,
     }
     plate["total_h"] = (
         max(plate["segment_h"], plate["measure_on_cores_h"])
@@ -179,16 +177,20 @@ def main() -> None:
     figures |= {
         "cells_per_field": round(cells_per_field, 1),
         "seconds_per_field": {k: round(v, 3) for k, v in per_field.items()},
-        "embed_crops_per_s": round(embed_rate),
-        "fine_tune_crops_per_s": round(train_rate),
+        "embed_crops_per_s": {k: round(v) for k, v in embed_rates.items()},
+        "fine_tune_cells_per_s_per_epoch": {
+            phase: round(1 / v, 1) for phase, v in train_seconds.items()
+        },
         "embedder": info["name"],
         f"plate_384x9_on_{args.cores}_cores_and_{'1 GPU' if cuda else 'no GPU'}": {
             k: round(v, 2) for k, v in plate.items()
         },
         "note": "segmentation and measurement overlap (the GPU's queue and the CPU "
         "workers), so the total takes the slower of the two, then embedding and "
-        "fine-tuning; without a GPU the segmentation also shares the cores, so the "
-        "total is optimistic",
+        "fine-tuning (every epoch of the default recipe: early stopping can end "
+        "sooner); embedding at the default batch; without a GPU the segmentation "
+        "also shares the cores (optimistic), and embedding and fine-tuning run at "
+        "this machine's torch_threads, not on all the cores",
     }
     for key, value in figures.items():
         print(f"{key}: {value}")

@@ -260,6 +260,30 @@ def create_backbone(
     return model.eval(), info
 
 
+def on_device(module: nn.Module, device: str | torch.device) -> nn.Module:
+    """Move `module` to `device` in channels-last layout, as the pipeline runs it.
+
+    Embedding and fine-tuning run their networks so, and
+    `benchmarks/bench_gpu_plate.py` measures them so.
+
+    Parameters
+    ----------
+    module : nn.Module
+    device : str or torch.device
+
+    Returns
+    -------
+    nn.Module
+        The same module, its 4-D weights channels-last.
+
+    Raises
+    ------
+    RuntimeError
+        If `device` is not a device torch knows (or not present).
+    """
+    return module.to(device).to(memory_format=torch.channels_last)
+
+
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Load a fine-tuned checkpoint's backbone (`models.train.save_checkpoint`).
 

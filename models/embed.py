@@ -55,7 +55,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from db import store
-from models.backbones import OFFLINE_NORMALIZATION, create_backbone, load_checkpoint
+from models.backbones import (
+    OFFLINE_NORMALIZATION,
+    create_backbone,
+    load_checkpoint,
+    on_device,
+)
 from pipeline.cells.stored import FieldCrops, iter_field_crops
 from pipeline.config import (
     EMBED_POOLS,
@@ -795,7 +800,7 @@ def embed_run(
         "precision": precision,  # the arithmetic used here, recorded and digested
     }
     name = f"{info['name']}_{recipe_digest(applied, info['weights'])}"
-    embedder = embedder.to(target).to(memory_format=torch.channels_last)
+    embedder = on_device(embedder, target)
     width = embedder.width(n_channels, size)
     feature_set_id = store.ensure_feature_set(
         engine,

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from db import store
-from models.backbones import DEFAULT_MODEL, create_backbone
+from models.backbones import DEFAULT_MODEL, create_backbone, on_device
 from models.embed import CellEmbedder, plate_channel_ranges, scale_crops
 from pipeline.cells.stored import iter_field_crops
 from pipeline.config import (
@@ -491,7 +491,7 @@ def fine_tune(
         input_size=config.input_size, pool=config.pool,
     )  # fmt: skip
     model = Classifier(embedder, embedder.width(crops.shape[1]), len(classes))
-    model = model.to(target).to(memory_format=torch.channels_last)
+    model = on_device(model, target)
     head = list(model.head.parameters())
     optimizer = torch.optim.AdamW(
         [

@@ -10,6 +10,7 @@ from models.backbones import (
     convert_lukemelas_efficientnet,
     create_backbone,
     offline_state_dict,
+    on_device,
 )
 from pipeline.errors import InputError
 
@@ -79,3 +80,15 @@ def test_convert_rejects_foreign_keys():
         convert_lukemelas_efficientnet(
             {"_blocks.3._bn1.weight": torch.zeros(1)}, ["blocks.0.0"]
         )
+
+
+def test_on_device_is_channels_last_with_the_same_outputs_and_rejects():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+    x = torch.randn(2, 3, 9, 9)
+    expected = net(x)
+    moved = on_device(net, "cpu")
+    assert moved[0].weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(moved(x), expected)
+    with pytest.raises(RuntimeError):
+        on_device(net, "no_such_device")
