@@ -190,6 +190,11 @@ def _allocate_cell_ids(connection: Connection, n: int) -> list[int]:
         sequence = connection.scalar(
             text("SELECT pg_get_serial_sequence('cell', 'id')")
         )
+        if sequence is None:
+            raise ValueError(
+                "the store's cell.id column draws from no sequence of its own; the "
+                "store was not created by PhenoScreen. Use a new database."
+            )
         return connection.scalar(
             text(
                 "SELECT array_agg(nextval(CAST(:sequence AS regclass))) "

@@ -279,7 +279,8 @@ def on_device(module: nn.Module, device: str | torch.device) -> nn.Module:
     Raises
     ------
     RuntimeError
-        If `device` is not a device torch knows (or not present).
+        If `device` is not a device torch knows (an AssertionError for CUDA on a
+        build of torch without it).
     """
     return module.to(device).to(memory_format=torch.channels_last)
 

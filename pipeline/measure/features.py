@@ -792,9 +792,10 @@ def _nan_mean_std(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray
 
     Returns
     -------
-    mean, std : ndarray
+    mean, std : ndarray of float64
         `values`' shape without `axis`; NaN where a slice has no value. Bit-identical
-        to ``np.nanmean(values, axis)`` and ``np.nanstd(values, axis)``.
+        to ``np.nanmean(values, axis)`` and ``np.nanstd(values, axis)`` for float64
+        `values`, as the callers pass (numpy keeps float32 results float32).
     """
     found = ~np.isnan(values)
     count = found.sum(axis=axis, dtype=np.intp, keepdims=True)

@@ -280,36 +280,39 @@ def normalize_to_controls(
     centre = np.full_like(values, np.nan)
     from_mean = np.full_like(values, np.nan)
     spread = np.full_like(values, np.nan)
-    for plate in pd.unique(plates):
-        rows = plates == plate
-        controls = values[rows & is_control]
-        n_usable = int(np.isfinite(controls).any(axis=1).sum())
-        if n_usable < MIN_CONTROLS:
-            fix = (
-                f"Add DMSO wells to the plate map (Metadata_Role = {control_role})"
-                if control_role
-                else "The plate has too few wells with cells to scale"
-            )
-            raise ValueError(
-                f"at least {MIN_CONTROLS} {reference} (with cells) per "
-                f"plate are needed, as profiles are scaled to them; you have "
-                f"{n_usable} on plate {plate!r}. {fix}, or leave the plate out."
-            )
-        # a feature none of the plate's controls measured: NaN, dropped below
-        centre[rows] = _by_column(average, controls)
-        from_mean[rows & is_control] = controls - _by_column(np.nanmean, controls)
-    groups = (  # plates without a value (None / NaN) share one spread
-        pd.factorize(profiles[spread_by], use_na_sentinel=False)[0]
-        if spread_by
-        else np.zeros(len(profiles), int)
-    )
-    for group in np.unique(groups):
-        rows = groups == group
-        in_group = rows & is_control
-        spread[rows] = _spread(
-            values[in_group] - centre[in_group], from_mean[in_group],
-            plates[in_group], method, min_spread,
-        )  # fmt: skip
+    # an infinite control value gives NaN centres and spreads, without numpy's
+    # warning (np.errstate is per thread; warnings.catch_warnings is not)
+    with np.errstate(invalid="ignore"):
+        for plate in pd.unique(plates):
+            rows = plates == plate
+            controls = values[rows & is_control]
+            n_usable = int(np.isfinite(controls).any(axis=1).sum())
+            if n_usable < MIN_CONTROLS:
+                fix = (
+                    f"Add DMSO wells to the plate map (Metadata_Role = {control_role})"
+                    if control_role
+                    else "The plate has too few wells with cells to scale"
+                )
+                raise ValueError(
+                    f"at least {MIN_CONTROLS} {reference} (with cells) per "
+                    f"plate are needed, as profiles are scaled to them; you have "
+                    f"{n_usable} on plate {plate!r}. {fix}, or leave the plate out."
+                )
+            # a feature none of the plate's controls measured: NaN, dropped below
+            centre[rows] = _by_column(average, controls)
+            from_mean[rows & is_control] = controls - _by_column(np.nanmean, controls)
+        groups = (  # plates without a value (None / NaN) share one spread
+            pd.factorize(profiles[spread_by], use_na_sentinel=False)[0]
+            if spread_by
+            else np.zeros(len(profiles), int)
+        )
+        for group in np.unique(groups):
+            rows = groups == group
+            in_group = rows & is_control
+            spread[rows] = _spread(
+                values[in_group] - centre[in_group], from_mean[in_group],
+                plates[in_group], method, min_spread,
+            )  # fmt: skip
     # a feature no control of some plate measured has no centre there: dropped
     kept = (spread > min_spread).all(axis=0) & np.isfinite(centre).all(axis=0)
     if features and not kept.any():

@@ -685,3 +685,18 @@ def test_copy_rows_round_trips_every_column_type(db_url):
         np.testing.assert_array_equal(got, columns[name])
     vectors = np.stack([np.frombuffer(row[5], "<f4") for row in stored])
     np.testing.assert_array_equal(vectors, columns["v"])
+
+
+def test_cell_ids_without_their_sequence_are_refused_clearly(postgres_url):
+    """A PostgreSQL store whose cell ids draw from no sequence of their own (not
+    made by PhenoScreen) gets a clear error, and nothing is written."""
+    engine = make_engine(postgres_url)
+    experiment_id, fields = register(engine)
+    run_id, fs = open_run(engine, experiment_id)
+    with engine.begin() as connection:
+        connection.execute(text("ALTER SEQUENCE cell_id_seq OWNED BY NONE"))
+    batch = field_batch(fields["field_id"][:1], [3])
+    with pytest.raises(ValueError, match="no sequence of its own"):
+        store.write_fields_cells(engine, run_id=run_id, feature_set_id=fs, fields=batch)
+    assert store.completed_field_ids(engine, run_id) == set()
+    engine.dispose()

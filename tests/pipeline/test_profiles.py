@@ -561,3 +561,20 @@ def test_by_column_equals_numpy_to_the_bit():
         assert np.isnan(_by_column(reduce, values[:0])).all()
     with pytest.raises(ValueError, match="expected"):
         _by_column(np.nanmean, np.zeros(3))
+
+
+@pytest.mark.parametrize("method", ["robust_z", "z"])
+def test_an_infinite_control_value_warns_nothing(method):
+    import warnings
+
+    profiles = make_profiles()
+    infinite = profiles.copy()
+    control = infinite.index[infinite["Metadata_Role"] == "negative_control"][0]
+    infinite.loc[control, "f5"] = np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        normalized = normalize_to_controls(infinite, method=method)
+    expected = normalize_to_controls(profiles.drop(columns="f5"), method=method)
+    pd.testing.assert_frame_equal(
+        normalized.drop(columns="f5", errors="ignore"), expected, check_exact=True
+    )
