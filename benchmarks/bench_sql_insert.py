@@ -11,9 +11,11 @@ For the batched writes it also counts the bytes the store wrote per cell
 (`bytes_written`) and measures the disk's sequential write bandwidth
 (`disk_write_bytes_per_s`, the median of three probes in the temporary folder
 where the SQLite stores live);
-their ratio is the cells/s the disk allows once the page cache is full (a short
-run can beat it: the operating system takes writes into memory first). PostgreSQL's
-data directory may lie on another disk; here both are on the machine's one disk.
+their ratio bounds the cells/s the disk allows once the page cache is full (a
+short run can beat it: the operating system takes writes into memory first; and
+the probe writes sequentially, while checkpoints write scattered pages, so the
+bound is optimistic). PostgreSQL's data directory may lie on another disk; here
+both are on the machine's one disk. On a tmpfs (memory) no bound is given.
 
     python benchmarks/bench_sql_insert.py [--fields 120] [--cells 500] [--features 60 1280]
 """
@@ -151,10 +153,12 @@ def disk_write_bytes_per_s(folder: str, total_mib: int = 512) -> float:
 def bytes_written(engine: Engine) -> Callable[[], int | None]:
     """Start counting the bytes the store writes; call the result for the count.
 
-    SQLite: this process's writes towards the disk (``write_bytes`` of
-    ``/proc/self/io``: WAL frames and the checkpoints that copy them into the
-    database). PostgreSQL: the WAL it generated plus the database's growth (its
-    pages reach the disk at checkpoints). None where it cannot be read.
+    SQLite: this process's writes towards the disk (``write_bytes`` less
+    ``cancelled_write_bytes`` of ``/proc/self/io``: WAL frames and the checkpoints
+    that copy them into the database; 0 on a tmpfs, which is memory). PostgreSQL:
+    the server's WAL (the whole cluster's: other sessions and autovacuum count too)
+    plus the database's growth (its pages reach the disk at checkpoints). None where
+    it cannot be read.
     """
     if engine.dialect.name == "postgresql":
         query = text(
@@ -181,8 +185,8 @@ def bytes_written(engine: Engine) -> Callable[[], int | None]:
         return lambda: None
 
     def process_writes() -> int:
-        return int(dict(line.split(": ") for line in io.read_text().splitlines())
-                   ["write_bytes"])  # fmt: skip
+        counts = dict(line.split(": ") for line in io.read_text().splitlines())
+        return int(counts["write_bytes"]) - int(counts["cancelled_write_bytes"])
 
     before = process_writes()
     return lambda: process_writes() - before
@@ -304,7 +308,7 @@ def main() -> None:
                             "cells_per_s": round(cells_per_s),
                         }
                     )
-                    if per_cell is not None:  # what the disk allows at that size
+                    if per_cell:  # what the disk allows at that size (0: tmpfs)
                         rows[-1] |= {
                             "bytes_written_per_cell": round(per_cell),
                             "disk_bound_cells_per_s": round(disk / per_cell),
