@@ -44,7 +44,7 @@ from db import store  # noqa: E402
 from db.session import make_engine  # noqa: E402
 from models.backbones import create_backbone  # noqa: E402
 from models.embed import CellEmbedder, embed_run  # noqa: E402
-from pipeline.config import EmbedConfig  # noqa: E402
+from pipeline.config import EmbedConfig, embed_batch_size  # noqa: E402
 from pipeline.views.export import read_profiles  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16")
@@ -55,7 +55,7 @@ def forward_rate(model: torch.nn.Module, bfloat16: bool, *, n: int = 1024) -> fl
     generator = torch.Generator().manual_seed(0)
     data = torch.randn(n, 3, 56, 56, generator=generator)
     masks = torch.rand(n, 56, 56, generator=generator) < 0.3
-    batch = EmbedConfig().batch_size
+    batch = embed_batch_size("cpu", EmbedConfig().batch_size)  # as embed_run
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, bfloat16):
         model(data[:batch].contiguous(memory_format=torch.channels_last), masks[:batch])
         start = time.perf_counter()

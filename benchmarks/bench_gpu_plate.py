@@ -11,7 +11,7 @@ about 200 nuclei of 20 px, as a JUMP Cell Painting field) and measures, side by 
   ``blocks[3]``, 64 px, cell pooling) as `models.embed.embed_run` runs it
   (`models.backbones.on_device`, `models.embed.embed_with_backoff`: channels-last;
   on CUDA bfloat16 autocast and pinned memory), crops per second at the default
-  batch (`pipeline.config.EmbedConfig.batch_size`) and at 256;
+  batch (`pipeline.config.embed_batch_size`: 8 on a CPU, 32 on CUDA) and at 256;
 - fine-tuning: epochs of `models.train.fine_tune` with the default recipe
   (`fine_tune_seconds_per_cell`), cells per second per epoch, frozen and unfrozen.
 
@@ -45,7 +45,7 @@ from models.embed import build_embedder, embed_with_backoff  # noqa: E402
 from models.train import TrainConfig, fine_tune  # noqa: E402
 from pipeline.cells.crops import crop_cells  # noqa: E402
 from pipeline.cells.segment import segment_field  # noqa: E402
-from pipeline.config import EmbedConfig  # noqa: E402
+from pipeline.config import EmbedConfig, embed_batch_size  # noqa: E402
 from pipeline.images.demo import CHANNELS_5, cell_params, render_field, vignetting  # noqa: E402
 from pipeline.measure.features import measure_cells  # noqa: E402
 
@@ -146,7 +146,8 @@ def main() -> None:
     embedder, info = build_embedder(recipe, len(names))
     embedder = on_device(embedder, device)
     embed_rates = {}
-    for batch in (recipe.batch_size, 256):  # the default, and a larger one for GPUs
+    default = embed_batch_size(device.type, recipe.batch_size)
+    for batch in (default, 256):  # the device's default, and a large one for GPUs
         warm = data[: 2 * batch], data_masks[: 2 * batch]
         embed_with_backoff(embedder, *warm, batch_size=batch, device=device)
         (_, used), t_embed = timed(
@@ -157,7 +158,7 @@ def main() -> None:
             "crops_per_s": round(len(data) / t_embed),
             "batch_used": used,  # smaller when the GPU ran out of memory
         }
-    embed_rate = embed_rates[f"batch_{recipe.batch_size}"]["crops_per_s"]
+    embed_rate = embed_rates[f"batch_{default}"]["crops_per_s"]
     train_seconds = fine_tune_seconds_per_cell(data, data_masks, device)
     train = TrainConfig()
     plate_cells = cells_per_field * FIELDS_PER_PLATE

@@ -66,6 +66,7 @@ from pipeline.config import (
     EMBED_POOLS,
     EMBED_STRATEGIES,
     EmbedConfig,
+    embed_batch_size,
     network_precision,
 )
 from pipeline.errors import InputError
@@ -795,9 +796,11 @@ def embed_run(
     cfg = info["config"]
     size = cfg.crop_size or first.crops.shape[-1]
     precision = network_precision(target.type, cfg.precision, setting="embed.precision")
+    batch_size = embed_batch_size(target.type, cfg.batch_size)
     applied = asdict(replace(cfg, enabled=True)) | {
         "crop_size": size,
         "precision": precision,  # the arithmetic used here, recorded and digested
+        "batch_size": batch_size,  # recorded, not digested: it changes no vector
     }
     name = f"{info['name']}_{recipe_digest(applied, info['weights'])}"
     embedder = on_device(embedder, target)
@@ -820,7 +823,6 @@ def embed_run(
     )
     start = time.perf_counter()
     n_cells = n_fields = 0
-    batch_size = cfg.batch_size
     todo = set(fields.loc[fields["n_cells"] > 0, "field_id"]) - done
     scaled = (
         (field, scale_crops(field.crops, cfg.scaling, ranges.get(field.plate)))

@@ -252,7 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument(
         "--aggregate", choices=list(AGGREGATIONS), help="cells -> wells (median)"
     )
-    embed.add_argument("--batch-size", type=int)
+    embed.add_argument(
+        "--batch-size",
+        type=int,
+        help="crops per forward pass (default 8 on CPU, 32 on CUDA)",
+    )
     embed.add_argument(
         "--device", choices=["cpu", "cuda"], help="default: cuda if present"
     )

@@ -33,6 +33,11 @@ SEGMENTERS = ("classical", "unet", "cellpose", "stardist")
 DEVICE_PRECISION = {"cuda": "bfloat16", "cpu": "float32"}
 #: The arithmetic ``segment.precision`` and ``embed.precision`` may choose.
 PRECISIONS = ("float32", "bfloat16")
+#: Crops per forward pass of the embedding CNN unless ``embed.batch_size`` says
+#: otherwise (`embed_batch_size`). On a CPU small batches keep the activations in
+#: the caches: with the default recipe, 5 channels, batch 8 embedded 1.7x as many
+#: crops/s as 32 (`benchmarks/bench_embed_batch.py`); CUDA keeps the batch it had.
+DEVICE_EMBED_BATCH = {"cuda": 32, "cpu": 8}
 
 
 def network_precision(
@@ -68,6 +73,35 @@ def network_precision(
             f"default: {', '.join(f'{v} on {k}' for k, v in DEVICE_PRECISION.items())})."
         )
     return precision
+
+
+def embed_batch_size(device: str, batch_size: int | None = None) -> int:
+    """Return the embedding's crops per forward pass: `batch_size`, or the device's.
+
+    The vectors do not depend on it (the same bits on a CPU,
+    `benchmarks/bench_embed_batch.py`), only the speed and the memory do.
+
+    Parameters
+    ----------
+    device : str
+        A device type (``cpu``, ``cuda``); others get the CPU's default.
+    batch_size : int, optional
+        The run's choice (``embed.batch_size``); None: `DEVICE_EMBED_BATCH`.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ValueError
+        If `batch_size` is given and < 1.
+    """
+    if batch_size is None:
+        return DEVICE_EMBED_BATCH.get(device, DEVICE_EMBED_BATCH["cpu"])
+    if batch_size < 1:
+        raise ValueError(f"embed.batch_size = {batch_size} must be >= 1.")
+    return batch_size
 
 
 def check_unet_precision(method: str, precision: str | None) -> None:
@@ -385,7 +419,10 @@ class EmbedConfig:
         With ``plate`` scaling: low and high percentiles of control-cell pixels.
     aggregate : {"median", "mean"}
         How a well's cells are aggregated into its profile.
-    batch_size : int
+    batch_size : int or None
+        Crops per forward pass; None (0 in TOML): the device's default
+        (`embed_batch_size`: 8 on a CPU, 32 on CUDA). The vectors do not depend on
+        it.
     max_control_fields : int
         Negative-control fields per plate used to fit the ``plate`` scaling.
     precision : {"float32", "bfloat16"} or None
@@ -408,12 +445,12 @@ class EmbedConfig:
     scaling: str = "plate"
     percentiles: tuple[float, float] = (1.0, 99.9)
     aggregate: str = "median"
-    batch_size: int = 32
+    batch_size: int | None = None
     max_control_fields: int = 20
     precision: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("crop_size", "input_size"):  # TOML has no None: 0 stands for it
+        for name in ("crop_size", "input_size", "batch_size"):  # 0: None (not TOML)
             if getattr(self, name) == 0:
                 object.__setattr__(self, name, None)
         problems = []
@@ -449,7 +486,8 @@ class EmbedConfig:
         for name in ("crop_size", "input_size"):
             if getattr(self, name) is not None:
                 _check_range("embed", name, getattr(self, name), 8, 1024)
-        _check_range("embed", "batch_size", self.batch_size, 1, 65536)
+        if self.batch_size is not None:
+            _check_range("embed", "batch_size", self.batch_size, 1, 65536)
         _check_range("embed", "max_control_fields", self.max_control_fields, 1, 10**6)
 
 

@@ -393,3 +393,29 @@ def test_prefetch_yields_in_order_and_raises_producer_errors():
     early.close()  # the consumer gives up: the producer stops too
     assert len(produced) < 10
     assert not [t for t in threading.enumerate() if t.name == "phenoscreen-prefetch"]
+
+
+def test_embed_batch_is_the_devices_by_default_and_changes_no_vector(
+    demo_run, tmp_path
+):
+    """Without ``batch_size`` a CPU embeds 8 crops per pass (recorded with the
+    feature set); the vectors are the same bits as with 128 per pass."""
+    shared, summary = demo_run
+    vectors, configs = {}, {}
+    for batch in (None, 128):
+        folder = tmp_path / str(batch)
+        folder.mkdir()
+        engine = make_engine(copy_store(shared, folder), create=False)
+        recipe = replace(FAST_RECIPE, batch_size=batch)
+        name = embed_run(engine, summary.run_id, recipe, device="cpu")["feature_set"]
+        with session_scope(engine) as session:
+            configs[batch] = session.scalar(
+                select(FeatureSet.config).where(FeatureSet.name == name)
+            )
+        vectors[batch] = np.concatenate([
+            v.to_numpy() for _, _, v in store.iter_plate_cells(engine, summary.run_id, name)
+        ])  # fmt: skip
+        engine.dispose()
+    assert configs[None]["batch_size"] == 8 and configs[128]["batch_size"] == 128
+    assert vectors[None].shape == (summary.n_cells, 120)
+    np.testing.assert_array_equal(vectors[None], vectors[128])

@@ -268,3 +268,27 @@ def test_a_local_cuda_run_without_a_gpu_is_refused_before_anything_is_written(
         run_experiment(demo_plate["images"], demo_plate["platemap"], config=config,
                        db_url=f"sqlite:///{tmp_path}/s.db")  # fmt: skip
     assert not (tmp_path / "s.db").exists()
+
+
+def test_embed_batch_size_is_the_devices_unless_set(tmp_path):
+    from pipeline.config import EmbedConfig, embed_batch_size
+
+    assert EmbedConfig().batch_size is None
+    assert embed_batch_size("cpu") == 8 and embed_batch_size("cuda") == 32
+    assert embed_batch_size("mps") == 8 and embed_batch_size("cuda", 5) == 5
+    with pytest.raises(ValueError, match="must be >= 1"):
+        embed_batch_size("cpu", 0)
+    assert EmbedConfig(batch_size=0).batch_size is None  # TOML's "the default"
+    with pytest.raises(InputError, match="embed.batch_size = -2"):
+        EmbedConfig(batch_size=-2)
+    path = tmp_path / "run.toml"
+    for text, expected in (
+        ("", None),
+        ("batch_size = 16\n", 16),
+        ("batch_size = 0\n", None),
+    ):
+        path.write_text("[embed]\n" + text)
+        config = load_config(path)
+        assert config.embed.batch_size == expected
+        path.write_text(dump_config(config))
+        assert load_config(path).embed.batch_size == expected
