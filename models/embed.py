@@ -800,7 +800,7 @@ def embed_run(
     applied = asdict(replace(cfg, enabled=True)) | {
         "crop_size": size,
         "precision": precision,  # the arithmetic used here, recorded and digested
-        "batch_size": batch_size,  # recorded, not digested: it changes no vector
+        "batch_size": batch_size,  # recorded (as first embedded), not digested
     }
     name = f"{info['name']}_{recipe_digest(applied, info['weights'])}"
     embedder = on_device(embedder, target)

@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument(
         "--batch-size",
         type=int,
-        help="crops per forward pass (default 8 on CPU, 32 on CUDA)",
+        help="crops per forward pass (default or 0: 8 on CPU, 32 on CUDA)",
     )
     embed.add_argument(
         "--device", choices=["cpu", "cuda"], help="default: cuda if present"

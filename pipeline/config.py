@@ -35,8 +35,9 @@ DEVICE_PRECISION = {"cuda": "bfloat16", "cpu": "float32"}
 PRECISIONS = ("float32", "bfloat16")
 #: Crops per forward pass of the embedding CNN unless ``embed.batch_size`` says
 #: otherwise (`embed_batch_size`). On a CPU small batches keep the activations in
-#: the caches: with the default recipe, 5 channels, batch 8 embedded 1.7x as many
-#: crops/s as 32 (`benchmarks/bench_embed_batch.py`); CUDA keeps the batch it had.
+#: the caches: with the default recipe, 5 channels, batch 8 ran the forward pass
+#: 1.37x as fast as 32 (`benchmarks/bench_embed_batch.py`); CUDA keeps the batch it
+#: had.
 DEVICE_EMBED_BATCH = {"cuda": 32, "cpu": 8}
 
 
@@ -78,8 +79,9 @@ def network_precision(
 def embed_batch_size(device: str, batch_size: int | None = None) -> int:
     """Return the embedding's crops per forward pass: `batch_size`, or the device's.
 
-    The vectors do not depend on it (the same bits on a CPU,
-    `benchmarks/bench_embed_batch.py`), only the speed and the memory do.
+    On a CPU the vectors are the same bits at any batch
+    (`benchmarks/bench_embed_batch.py`), only the speed and the memory change; on
+    CUDA that is not guaranteed (kernels are chosen per shape).
 
     Parameters
     ----------
@@ -421,8 +423,8 @@ class EmbedConfig:
         How a well's cells are aggregated into its profile.
     batch_size : int or None
         Crops per forward pass; None (0 in TOML): the device's default
-        (`embed_batch_size`: 8 on a CPU, 32 on CUDA). The vectors do not depend on
-        it.
+        (`embed_batch_size`: 8 on a CPU, 32 on CUDA). On a CPU the vectors are the
+        same bits at any batch; on CUDA that is not guaranteed.
     max_control_fields : int
         Negative-control fields per plate used to fit the ``plate`` scaling.
     precision : {"float32", "bfloat16"} or None
@@ -450,7 +452,8 @@ class EmbedConfig:
     precision: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("crop_size", "input_size", "batch_size"):  # 0: None (not TOML)
+        # TOML has no None: 0 stands for it
+        for name in ("crop_size", "input_size", "batch_size"):
             if getattr(self, name) == 0:
                 object.__setattr__(self, name, None)
         problems = []

@@ -396,24 +396,40 @@ def test_prefetch_yields_in_order_and_raises_producer_errors():
 
 
 def test_embed_batch_is_the_devices_by_default_and_changes_no_vector(
-    demo_run, tmp_path
+    demo_run, tmp_path, monkeypatch
 ):
     """Without ``batch_size`` a CPU embeds 8 crops per pass (recorded with the
     feature set); the vectors are the same bits as with 128 per pass."""
+    from models import embed
+
     shared, summary = demo_run
+    real, used = embed.embed_with_backoff, []
+
+    def spy(*args, **kwargs):
+        used.append(kwargs["batch_size"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embed, "embed_with_backoff", spy)
     vectors, configs = {}, {}
     for batch in (None, 128):
         folder = tmp_path / str(batch)
         folder.mkdir()
         engine = make_engine(copy_store(shared, folder), create=False)
-        recipe = replace(FAST_RECIPE, batch_size=batch)
-        name = embed_run(engine, summary.run_id, recipe, device="cpu")["feature_set"]
+        # a crop size no other test embeds into the shared store: a fresh feature set
+        recipe = replace(FAST_RECIPE, crop_size=28, batch_size=batch)
+        used.clear()
+        result = embed_run(engine, summary.run_id, recipe, device="cpu")
+        assert result["n_cells"] == summary.n_cells  # embedded here, not resumed
+        assert set(used) == {8 if batch is None else 128}
         with session_scope(engine) as session:
             configs[batch] = session.scalar(
-                select(FeatureSet.config).where(FeatureSet.name == name)
+                select(FeatureSet.config).where(
+                    FeatureSet.name == result["feature_set"]
+                )
             )
         vectors[batch] = np.concatenate([
-            v.to_numpy() for _, _, v in store.iter_plate_cells(engine, summary.run_id, name)
+            v.to_numpy() for _, _, v in store.iter_plate_cells(
+                engine, summary.run_id, result["feature_set"])
         ])  # fmt: skip
         engine.dispose()
     assert configs[None]["batch_size"] == 8 and configs[128]["batch_size"] == 128
