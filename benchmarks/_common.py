@@ -73,14 +73,20 @@ def save(name: str, figures: dict[str, Any]) -> Path:
 def run_demo(out: Path, **plate: Any) -> tuple[str, dict[str, Path]]:
     """Write a demo experiment (`pipeline.images.demo.write_demo_plate` with `plate`) into
     `out` and run it into ``out/store.db`` as the demo command does (cytoplasm
-    Actin); return the store URL and the demo's paths."""
+    Actin; the 5-channel set with ``n_channels=5``); return the store URL and the
+    demo's paths."""
     from pipeline.config import config_from_dict  # noqa: PLC0415 - after sys.path
-    from pipeline.images.demo import CHANNELS, write_demo_plate  # noqa: PLC0415
+    from pipeline.images.demo import (  # noqa: PLC0415
+        CHANNELS,
+        CHANNELS_5,
+        write_demo_plate,
+    )
     from pipeline.run import run_experiment  # noqa: PLC0415
 
     demo = write_demo_plate(out, **plate)
     url = f"sqlite:///{out}/store.db"
-    config = {"input": {"layout": "imagexpress", "channels": CHANNELS,
+    channels = CHANNELS_5 if plate.get("n_channels") == 5 else CHANNELS
+    config = {"input": {"layout": "imagexpress", "channels": channels,
                         "nuclei_channel": "DNA", "cytoplasm_channel": "Actin"}}  # fmt: skip
     run_experiment(
         demo["images"], demo["platemap"], config=config_from_dict(config), db_url=url

@@ -33,16 +33,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import save  # noqa: E402
+from _common import run_demo, save  # noqa: E402
 from bench_embed_precision import cell_vectors, copy_store  # noqa: E402
 
 from db import store  # noqa: E402
 from db.session import make_engine  # noqa: E402
 from models.backbones import on_device  # noqa: E402
 from models.embed import build_embedder, embed_array, embed_run  # noqa: E402
-from pipeline.config import EmbedConfig, config_from_dict, embed_batch_size  # noqa: E402
-from pipeline.images.demo import CHANNELS_5, write_demo_plate  # noqa: E402
-from pipeline.run import run_experiment  # noqa: E402
+from pipeline.config import EmbedConfig, embed_batch_size  # noqa: E402
 
 BATCHES = (4, 8, 16, 32)
 RECIPES = {  # name: (channels, EmbedConfig changes)
@@ -104,15 +102,9 @@ def forward_sweep(rounds: int = 3, n: int = 512) -> dict:
 
 def end_to_end(folder: Path) -> dict:
     """`embed_run` cells/s at 32 per pass and at the CPU's default, alternating."""
-    demo = write_demo_plate(folder / "demo", n_plates=1, n_channels=5)
-    analysed = folder / "analysed.db"
-    config = config_from_dict(
-        {"input": {"layout": "imagexpress", "channels": CHANNELS_5,
-                   "nuclei_channel": "DNA", "cytoplasm_channel": "Actin"}}
-    )  # fmt: skip
-    run_experiment(demo["images"], demo["platemap"], config=config,
-                   db_url=f"sqlite:///{analysed}")  # fmt: skip
-    run_id, _ = store.resolve_run(make_engine(f"sqlite:///{analysed}", create=False))
+    url, _ = run_demo(folder / "demo", n_plates=1, n_channels=5)
+    analysed = Path(url.removeprefix("sqlite:///"))
+    run_id, _ = store.resolve_run(make_engine(url, create=False))
     default = embed_batch_size("cpu")
     warm = copy_store(analysed, folder / "warm_up.db")  # the first run pays start-up
     embed_run(make_engine(warm, create=False), run_id, EmbedConfig(), device="cpu")

@@ -154,9 +154,9 @@ def _by_column(reduce, values: np.ndarray) -> np.ndarray:
     """
     if values.ndim != 2:
         raise ValueError(f"values has shape {values.shape}; expected (N, F).")
-    measured = ~np.isnan(values).all(axis=0)
     if not len(values):
         return np.full(values.shape[1], np.nan)
+    measured = ~np.isnan(values).all(axis=0)
     # the empty columns are filled rather than left out: the other columns' sums then
     # run in numpy's order for the whole array (a narrower one can change the order)
     return np.where(measured, reduce(np.where(measured, values, 0.0), axis=0), np.nan)
@@ -280,7 +280,7 @@ def normalize_to_controls(
     centre = np.full_like(values, np.nan)
     from_mean = np.full_like(values, np.nan)
     spread = np.full_like(values, np.nan)
-    # an infinite control value gives NaN centres and spreads, without numpy's
+    # an infinite control value can give NaN centres and spreads, without numpy's
     # warning (np.errstate is per thread; warnings.catch_warnings is not)
     with np.errstate(invalid="ignore"):
         for plate in pd.unique(plates):
