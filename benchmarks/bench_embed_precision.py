@@ -55,7 +55,9 @@ def forward_rate(model: torch.nn.Module, bfloat16: bool, *, n: int = 1024) -> fl
     generator = torch.Generator().manual_seed(0)
     data = torch.randn(n, 3, 56, 56, generator=generator)
     masks = torch.rand(n, 56, 56, generator=generator) < 0.3
-    batch = embed_batch_size("cpu", EmbedConfig().batch_size)  # as embed_run
+    batch = embed_batch_size(
+        "cpu", EmbedConfig().batch_size, pixels_per_crop=model.pixels_per_crop(3, 56)
+    )  # as embed_run
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, bfloat16):
         model(data[:batch].contiguous(memory_format=torch.channels_last), masks[:batch])
         start = time.perf_counter()

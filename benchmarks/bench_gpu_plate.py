@@ -11,7 +11,8 @@ about 200 nuclei of 20 px, as a JUMP Cell Painting field) and measures, side by 
   ``blocks[3]``, 64 px, cell pooling) as `models.embed.embed_run` runs it
   (`models.backbones.on_device`, `models.embed.embed_with_backoff`: channels-last;
   on CUDA bfloat16 autocast and pinned memory), crops per second at the default
-  batch (`pipeline.config.embed_batch_size`: 8 on a CPU, 32 on CUDA) and at 256;
+  batch (`pipeline.config.embed_batch_size`: 32 on CUDA, 8 on a CPU for this
+  recipe with 5 channels) and at 256;
 - fine-tuning: epochs of `models.train.fine_tune` with the default recipe
   (`fine_tune_seconds_per_cell`), cells per second per epoch, frozen and unfrozen.
 
@@ -146,7 +147,10 @@ def main() -> None:
     embedder, info = build_embedder(recipe, len(names))
     embedder = on_device(embedder, device)
     embed_rates = {}
-    default = embed_batch_size(device.type, recipe.batch_size)
+    default = embed_batch_size(
+        device.type, recipe.batch_size,
+        pixels_per_crop=embedder.pixels_per_crop(len(names), data.shape[-1]),
+    )  # fmt: skip
     for batch in (default, 256):  # the device's default, and a large one for GPUs
         warm = data[: 2 * batch], data_masks[: 2 * batch]
         embed_with_backoff(embedder, *warm, batch_size=batch, device=device)

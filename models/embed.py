@@ -360,6 +360,15 @@ class CellEmbedder(nn.Module):
             return maps.mean(dim=(-2, -1))
         return mask_pool(maps, masks)
 
+    def pixels_per_crop(self, n_channels: int, side: int) -> int:
+        """Return the network input pixels of one crop of `n_channels` x `side` px.
+
+        ``rgb`` passes each channel as one image, ``stem`` the crop as one, at
+        `input_size` (or `side` when None).
+        """
+        images = n_channels if self.strategy == "rgb" else 1
+        return images * (self.input_size or side) ** 2
+
     def width(self, n_channels: int, side: int = 32) -> int:
         """Return the vector length for crops of `n_channels` channels."""
         was_training = self.training
@@ -764,7 +773,8 @@ def embed_run(
     -------
     dict
         ``feature_set``, ``combined_feature_set`` (None without classical
-        features), ``n_fields``, ``n_cells``, ``seconds``, ``cells_per_s``.
+        features), ``n_fields``, ``n_cells``, ``seconds``, ``cells_per_s``,
+        ``batch_size`` (crops per forward pass).
 
     Raises
     ------
@@ -796,7 +806,10 @@ def embed_run(
     cfg = info["config"]
     size = cfg.crop_size or first.crops.shape[-1]
     precision = network_precision(target.type, cfg.precision, setting="embed.precision")
-    batch_size = embed_batch_size(target.type, cfg.batch_size)
+    batch_size = embed_batch_size(
+        target.type, cfg.batch_size,
+        pixels_per_crop=embedder.pixels_per_crop(n_channels, size),
+    )  # fmt: skip
     applied = asdict(replace(cfg, enabled=True)) | {
         "crop_size": size,
         "precision": precision,  # the arithmetic used here, recorded and digested
@@ -866,6 +879,7 @@ def embed_run(
         "n_cells": n_cells,
         "seconds": seconds,
         "cells_per_s": n_cells / seconds if seconds > 0 else 0.0,
+        "batch_size": batch_size,
     }
 
 

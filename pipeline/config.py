@@ -33,12 +33,16 @@ SEGMENTERS = ("classical", "unet", "cellpose", "stardist")
 DEVICE_PRECISION = {"cuda": "bfloat16", "cpu": "float32"}
 #: The arithmetic ``segment.precision`` and ``embed.precision`` may choose.
 PRECISIONS = ("float32", "bfloat16")
-#: Crops per forward pass of the embedding CNN unless ``embed.batch_size`` says
-#: otherwise (`embed_batch_size`). On a CPU small batches keep the activations in
-#: the caches: with the default recipe, 5 channels, batch 8 ran the forward pass
-#: 1.37x as fast as 32 (`benchmarks/bench_embed_batch.py`); CUDA keeps the batch it
-#: had.
-DEVICE_EMBED_BATCH = {"cuda": 32, "cpu": 8}
+#: Crops per forward pass of the embedding CNN on CUDA unless ``embed.batch_size``
+#: says otherwise (`embed_batch_size`).
+CUDA_EMBED_BATCH = 32
+#: Network input pixels per forward pass on a CPU (images x side x side) unless
+#: ``embed.batch_size`` says otherwise: 40 images of 64 px, which keeps the
+#: activations in the caches. That is 8 crops for the default recipe with 5 channels
+#: (each channel is one image), 13 with 3, 40 with the ``stem`` strategy (one image
+#: per crop) and 4 at 96 px with 5 channels, near the fastest batch of each recipe
+#: (`benchmarks/bench_embed_batch.py`).
+CPU_EMBED_PIXELS = 40 * 64 * 64
 
 
 def network_precision(
@@ -76,19 +80,25 @@ def network_precision(
     return precision
 
 
-def embed_batch_size(device: str, batch_size: int | None = None) -> int:
+def embed_batch_size(
+    device: str, batch_size: int | None = None, *, pixels_per_crop: int
+) -> int:
     """Return the embedding's crops per forward pass: `batch_size`, or the device's.
 
-    On a CPU the vectors are the same bits at any batch
-    (`benchmarks/bench_embed_batch.py`), only the speed and the memory change; on
-    CUDA that is not guaranteed (kernels are chosen per shape).
+    CUDA takes `CUDA_EMBED_BATCH` crops; a CPU (and any other device) as many as
+    fill `CPU_EMBED_PIXELS` input pixels, at least one. On a CPU the vectors are
+    the same bits at any batch (`benchmarks/bench_embed_batch.py`), only the speed
+    and the memory change; on CUDA that is not guaranteed (kernels are chosen per
+    shape).
 
     Parameters
     ----------
     device : str
-        A device type (``cpu``, ``cuda``); others get the CPU's default.
+        A device type (``cpu``, ``cuda``).
     batch_size : int, optional
-        The run's choice (``embed.batch_size``); None: `DEVICE_EMBED_BATCH`.
+        The run's choice (``embed.batch_size``); None: the device's default.
+    pixels_per_crop : int
+        Network input pixels one crop takes (`models.embed.CellEmbedder.pixels_per_crop`).
 
     Returns
     -------
@@ -97,13 +107,17 @@ def embed_batch_size(device: str, batch_size: int | None = None) -> int:
     Raises
     ------
     ValueError
-        If `batch_size` is given and < 1.
+        If `batch_size` is given and < 1, or `pixels_per_crop` < 1.
     """
-    if batch_size is None:
-        return DEVICE_EMBED_BATCH.get(device, DEVICE_EMBED_BATCH["cpu"])
-    if batch_size < 1:
-        raise ValueError(f"embed.batch_size = {batch_size} must be >= 1.")
-    return batch_size
+    if pixels_per_crop < 1:
+        raise ValueError(f"pixels_per_crop {pixels_per_crop} must be >= 1.")
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ValueError(f"embed.batch_size = {batch_size} must be >= 1.")
+        return batch_size
+    if device == "cuda":
+        return CUDA_EMBED_BATCH
+    return max(1, round(CPU_EMBED_PIXELS / pixels_per_crop))
 
 
 def check_unet_precision(method: str, precision: str | None) -> None:
@@ -423,9 +437,10 @@ class EmbedConfig:
         How a well's cells are aggregated into its profile.
     batch_size : int or None
         Crops per forward pass; None (0 in TOML): the device's default
-        (`embed_batch_size`: 8 on a CPU, 32 on CUDA; the ``stem`` strategy, one
-        pass per crop rather than per channel, is faster at 32 on a CPU). On a CPU
-        the vectors are the same bits at any batch; on CUDA that is not guaranteed.
+        (`embed_batch_size`: 32 on CUDA; on a CPU as many as make 40 images of
+        64 px, e.g. 8 crops for this recipe with 5 channels, 40 with ``stem``). On
+        a CPU the vectors are the same bits at any batch; on CUDA that is not
+        guaranteed.
     max_control_fields : int
         Negative-control fields per plate used to fit the ``plate`` scaling.
     precision : {"float32", "bfloat16"} or None

@@ -124,6 +124,10 @@ def test_cell_embedder_layers_strategies_and_sizes():
         vectors[:, 192:384], maps.mean((-2, -1)).numpy(), rtol=1e-4, atol=1e-4
     )
     assert embed_array(pooled, crops[:0], batch_size=2, device=cpu).shape[0] == 0
+    # network input pixels per crop: stem one image at its own side, rgb one per
+    # channel at input_size
+    assert pooled.pixels_per_crop(3, 32) == 32 * 32
+    assert per_channel.pixels_per_crop(3, 32) == 3 * 64 * 64
     with pytest.raises(ValueError, match="strategy"):
         CellEmbedder(rgb, strategy="mean", layer="pooled", input_size=None, pool="crop")
     with pytest.raises(ValueError, match="pool 'box'"):
@@ -398,8 +402,9 @@ def test_prefetch_yields_in_order_and_raises_producer_errors():
 def test_embed_batch_is_the_devices_by_default_and_changes_no_vector(
     demo_run, tmp_path, monkeypatch
 ):
-    """Without ``batch_size`` a CPU embeds 8 crops per pass (recorded with the
-    feature set); the vectors are the same bits as with 128 per pass."""
+    """Without ``batch_size`` a CPU embeds as many crops per pass as make 40 images
+    of 64 px (recorded with the feature set and returned); the vectors are the
+    same bits as with 128 per pass."""
     from models import embed
 
     shared, summary = demo_run
@@ -420,7 +425,9 @@ def test_embed_batch_is_the_devices_by_default_and_changes_no_vector(
         used.clear()
         result = embed_run(engine, summary.run_id, recipe, device="cpu")
         assert result["n_cells"] == summary.n_cells  # embedded here, not resumed
-        assert set(used) == {8 if batch is None else 128}
+        default = 70  # 40 * 64 * 64 pixels / (3 channels, each one 28 px image)
+        assert set(used) == {default if batch is None else 128}
+        assert result["batch_size"] == (default if batch is None else 128)
         with session_scope(engine) as session:
             configs[batch] = session.scalar(
                 select(FeatureSet.config).where(
@@ -432,6 +439,6 @@ def test_embed_batch_is_the_devices_by_default_and_changes_no_vector(
                 engine, summary.run_id, result["feature_set"])
         ])  # fmt: skip
         engine.dispose()
-    assert configs[None]["batch_size"] == 8 and configs[128]["batch_size"] == 128
+    assert configs[None]["batch_size"] == default and configs[128]["batch_size"] == 128
     assert vectors[None].shape == (summary.n_cells, 120)
     np.testing.assert_array_equal(vectors[None], vectors[128])

@@ -274,10 +274,19 @@ def test_embed_batch_size_is_the_devices_unless_set(tmp_path):
     from pipeline.config import EmbedConfig, embed_batch_size
 
     assert EmbedConfig().batch_size is None
-    assert embed_batch_size("cpu") == 8 and embed_batch_size("cuda") == 32
-    assert embed_batch_size("mps") == 8 and embed_batch_size("cuda", 5) == 5
+    five, three, stem = 5 * 64 * 64, 3 * 64 * 64, 64 * 64  # default recipe; stem
+    assert embed_batch_size("cpu", pixels_per_crop=five) == 8
+    assert embed_batch_size("cpu", pixels_per_crop=three) == 13
+    assert embed_batch_size("cpu", pixels_per_crop=stem) == 40
+    assert embed_batch_size("cpu", pixels_per_crop=5 * 96 * 96) == 4
+    assert embed_batch_size("cpu", pixels_per_crop=10**6) == 1  # at least one
+    assert embed_batch_size("cuda", pixels_per_crop=stem) == 32
+    assert embed_batch_size("mps", pixels_per_crop=five) == 8
+    assert embed_batch_size("cuda", 5, pixels_per_crop=five) == 5
     with pytest.raises(ValueError, match="must be >= 1"):
-        embed_batch_size("cpu", 0)
+        embed_batch_size("cpu", 0, pixels_per_crop=five)
+    with pytest.raises(ValueError, match="pixels_per_crop 0 must be >= 1"):
+        embed_batch_size("cpu", pixels_per_crop=0)
     assert EmbedConfig(batch_size=0).batch_size is None  # TOML's "the default"
     with pytest.raises(InputError, match="embed.batch_size = -2"):
         EmbedConfig(batch_size=-2)
