@@ -886,7 +886,8 @@ def embed_run(
 def recipe_digest(recipe: dict[str, Any], weights: str) -> str:
     """Return 6 hex digits identifying what changes the vectors of a recipe.
 
-    Everything but the batch size (which changes nothing) and the weights' source
+    Everything but the batch size (which changes the vectors by float rounding at
+    most, `pipeline.config.embed_batch_size`) and the weights' source
     and hash count, so another crop size, percentile or checkpoint makes another
     feature set instead of resuming the old one. ``precision`` counts unless it is
     float32 (or unset), so float32 recipes keep the digest they had before the

@@ -86,10 +86,12 @@ def embed_batch_size(
     """Return the embedding's crops per forward pass: `batch_size`, or the device's.
 
     CUDA takes `CUDA_EMBED_BATCH` crops; a CPU (and any other device) as many as
-    fill `CPU_EMBED_PIXELS` input pixels, at least one. On a CPU the vectors are
-    the same bits at any batch (`benchmarks/bench_embed_batch.py`), only the speed
-    and the memory change; on CUDA that is not guaranteed (kernels are chosen per
-    shape).
+    fill `CPU_EMBED_PIXELS` input pixels, at least one. Only the speed and the
+    memory change, and the vectors by float rounding at most: on a CPU every pass
+    of two or more images gives the same bits, but a pass of a single image (a
+    field's last crop with ``stem`` or one channel) runs another oneDNN kernel,
+    about 1e-5 apart (`benchmarks/bench_embed_batch.py`); on CUDA kernels are
+    chosen per shape.
 
     Parameters
     ----------
@@ -438,9 +440,8 @@ class EmbedConfig:
     batch_size : int or None
         Crops per forward pass; None (0 in TOML): the device's default
         (`embed_batch_size`: 32 on CUDA; on a CPU as many as make 40 images of
-        64 px, e.g. 8 crops for this recipe with 5 channels, 40 with ``stem``). On
-        a CPU the vectors are the same bits at any batch; on CUDA that is not
-        guaranteed.
+        64 px, e.g. 8 crops for this recipe with 5 channels, 40 with ``stem``). The
+        batch changes the vectors by float rounding at most (`embed_batch_size`).
     max_control_fields : int
         Negative-control fields per plate used to fit the ``plate`` scaling.
     precision : {"float32", "bfloat16"} or None
