@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument(
         "--batch-size",
         type=int,
-        help="crops per forward pass (default or 0: 8 on CPU, 32 on CUDA)",
+        help="crops per forward pass (default or 0: 32 on CUDA; on CPU 40 images of "
+        "64 px, e.g. 8 crops of 5 channels)",
     )
     embed.add_argument(
         "--device", choices=["cpu", "cuda"], help="default: cuda if present"
