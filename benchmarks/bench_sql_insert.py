@@ -5,7 +5,9 @@ as `phenoscreen run` commits a fast stream of fields (`db.store.write_fields_cel
 one transaction per group of fields holding the `db.store.FieldBatches` cell cap,
 20,000); ``bulk``, one field per transaction (`db.store.write_field_cells`: cells,
 vectors, result row); and, as a reference, one ORM object per row, one commit per
-field.
+field. On PostgreSQL also ``batched_old_keys``: batched into a store given the
+per-cell foreign keys that stores made before 2026-12-06 have
+(`db.schema.OLD_CELL_FOREIGN_KEYS`), which the server checks row by row.
 
 For the batched writes it also counts the bytes the store wrote per cell
 (`bytes_written`) and measures the disk's sequential write bandwidth
@@ -29,6 +31,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import save  # noqa: E402
 
 from db import store  # noqa: E402
-from db.schema import Cell, CellVector  # noqa: E402
+from db.schema import OLD_CELL_FOREIGN_KEYS, Cell, CellVector  # noqa: E402
 from db.session import make_engine  # noqa: E402
 from pipeline.images.platemap import with_well_positions  # noqa: E402
 
@@ -51,8 +54,17 @@ PG_URL = os.environ.get(
 )
 
 
-def setup(url: str, n_fields: int, n_features: int) -> tuple:
+def setup(url: str, n_fields: int, n_features: int, *, old_keys: bool = False) -> tuple:
+    """A store with one run of `n_fields` fields; `old_keys`: with the per-cell
+    foreign keys of stores made before 2026-12-06 (PostgreSQL only)."""
     engine = make_engine(url)
+    if old_keys:
+        with engine.begin() as connection:
+            for table, column, parent in OLD_CELL_FOREIGN_KEYS:
+                connection.execute(text(
+                    f"ALTER TABLE {table} ADD FOREIGN KEY ({column}) REFERENCES "
+                    f"{parent} (id) ON DELETE CASCADE"
+                ))  # fmt: skip
     wells = pd.DataFrame(
         {
             "Metadata_Plate": "P1",
@@ -193,13 +205,13 @@ def bytes_written(engine: Engine) -> Callable[[], int | None]:
 
 
 def bench_batched(
-    url: str, n_fields: int, n_cells: int, n_features: int
+    url: str, n_fields: int, n_cells: int, n_features: int, *, old_keys: bool = False
 ) -> tuple[float, float | None]:
     """Fields committed in batches of `FieldBatches().max_cells` cells, as runs do.
 
     Returns cells/s and the bytes written per cell (`bytes_written`).
     """
-    engine, run_id, fs, field_ids = setup(url, n_fields, n_features)
+    engine, run_id, fs, field_ids = setup(url, n_fields, n_features, old_keys=old_keys)
     rng = np.random.default_rng(0)
     fields = [
         {"field_id": field_id, "cells": cells, "features": features, "qc": {},
@@ -278,6 +290,11 @@ def main() -> None:
                     ("batched", bench_batched),
                     ("bulk", bench_bulk),
                     ("orm_rows", bench_orm_rows),
+                    *(
+                        [("batched_old_keys", partial(bench_batched, old_keys=True))]
+                        if backend == "postgresql"
+                        else []
+                    ),
                 ):
                     if backend == "sqlite":
                         url, drop = (
@@ -320,6 +337,10 @@ def main() -> None:
     )
     wide["bulk_vs_orm_rows"] = (wide["bulk"] / wide["orm_rows"]).round(1)
     wide["batched_vs_bulk"] = (wide["batched"] / wide["bulk"]).round(2)
+    if "batched_old_keys" in wide:
+        wide["batched_vs_old_keys"] = (
+            wide["batched"] / wide["batched_old_keys"]
+        ).round(2)
     print(wide.to_string())
     save(
         "sql_insert",

@@ -4,7 +4,9 @@ experiment -> plate -> well (plate-map metadata) -> field (image files);
 run (config, status, timings) -> field_result (per-field status, QC and flags),
 illumination_function (per plate and channel) and
 cell (objects found in a field) -> cell_vector (one float32 vector per cell and
-feature_set: classical features or a CNN embedding); well_profile holds imported
+feature_set: classical features or a CNN embedding; these two per-cell tables have
+no foreign keys, for write speed: their writers check the parents per
+transaction); well_profile holds imported
 per-well profiles (CellProfiler/pycytominer tables) that come without cells;
 field_mask keeps each field's nucleus and cell labels (for outlines and galleries);
 well_aggregate caches per-well profiles aggregated from cells and table_cache the
@@ -198,16 +200,35 @@ class FeatureSet(Base):
     weights: Mapped[str | None] = mapped_column(Text)
 
 
+#: The per-cell tables' foreign keys (table, column, parent table) in stores made
+#: before 2026-12-06, which keep them (`Cell`); new stores have none.
+OLD_CELL_FOREIGN_KEYS = (
+    ("cell", "run_id", "run"),
+    ("cell", "field_id", "field"),
+    ("cell_vector", "cell_id", "cell"),
+    ("cell_vector", "feature_set_id", "feature_set"),
+)
+
+
 class Cell(Base):
-    """One object (nucleus and its cell) of a field in a run."""
+    """One object (nucleus and its cell) of a field in a run.
+
+    ``run_id`` and ``field_id`` carry no foreign key, nor do `CellVector`'s ids: a
+    foreign key is checked row by row, and these two tables get a row per cell.
+    Without the four checks PostgreSQL bulk-inserts cells with 60 features about
+    3.6x as fast (`benchmarks/bench_sql_insert.py`). Their only writers,
+    `db.writers.write_fields_cells` and `db.writers.write_fields_vectors`, check
+    the run, fields and feature set once per transaction instead, and
+    `db.writers._clear_fields` deletes a field's vectors with its cells. Stores
+    made before 2026-12-06 keep their foreign keys, which changes nothing but the
+    speed.
+    """
 
     __tablename__ = "cell"
     __table_args__ = (UniqueConstraint("run_id", "field_id", "object_number"),)
     id: Mapped[int] = mapped_column(primary_key=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"))
-    field_id: Mapped[int] = mapped_column(
-        ForeignKey("field.id", ondelete="CASCADE"), index=True
-    )
+    run_id: Mapped[int]
+    field_id: Mapped[int] = mapped_column(index=True)
     object_number: Mapped[int]
     centroid_y: Mapped[float]
     centroid_x: Mapped[float]
@@ -219,15 +240,14 @@ class Cell(Base):
 
 
 class CellVector(Base):
-    """float32 little-endian bytes of one cell's vector in one feature set."""
+    """float32 little-endian bytes of one cell's vector in one feature set.
+
+    No foreign keys, for speed (see `Cell`).
+    """
 
     __tablename__ = "cell_vector"
-    cell_id: Mapped[int] = mapped_column(
-        ForeignKey("cell.id", ondelete="CASCADE"), primary_key=True
-    )
-    feature_set_id: Mapped[int] = mapped_column(
-        ForeignKey("feature_set.id", ondelete="CASCADE"), primary_key=True
-    )
+    cell_id: Mapped[int] = mapped_column(primary_key=True)
+    feature_set_id: Mapped[int] = mapped_column(primary_key=True)
     values: Mapped[bytes] = mapped_column(LargeBinary)
 
 

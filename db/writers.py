@@ -34,6 +34,8 @@ from db.schema import (
     MAP_COLUMNS,
     Cell,
     CellVector,
+    FeatureSet,
+    Field,
     FieldMask,
     FieldResult,
     IlluminationFunction,
@@ -114,14 +116,51 @@ def _drop_aggregates(session: Any, run_id: int) -> None:
 
 
 def _clear_fields(session: Any, run_id: int, field_ids: Sequence[int]) -> None:
-    """Delete the fields' results, masks and cells (their vectors cascade)."""
+    """Delete the fields' results, masks, cells and their cells' vectors.
+
+    The vectors are deleted here: `CellVector` has no foreign key to cascade along.
+    """
     for start in range(0, len(field_ids), _IN_LIST):
         chunk = list(field_ids[start : start + _IN_LIST])
+        of_fields = select(Cell.id).where(
+            Cell.run_id == run_id, Cell.field_id.in_(chunk)
+        )
+        session.execute(delete(CellVector).where(CellVector.cell_id.in_(of_fields)))
         for table in (FieldResult, FieldMask, Cell):
             session.execute(
                 delete(table).where(table.run_id == run_id, table.field_id.in_(chunk))
             )
     _drop_aggregates(session, run_id)
+
+
+def _check_parents(
+    session: Any, *, run_id: int, feature_set_id: int, field_ids: Sequence[int] = ()
+) -> None:
+    """Raise ValueError unless the run, its feature set and the fields are stored.
+
+    Once per transaction, for the per-cell tables, which have no foreign keys (see
+    `db.schema.Cell`).
+    """
+    if session.get(Run, run_id) is None:
+        raise ValueError(f"run {run_id} is not in the store; start the run first.")
+    owner = session.scalar(
+        select(FeatureSet.run_id).where(FeatureSet.id == feature_set_id)
+    )
+    if owner != run_id:
+        whose = "not in the store" if owner is None else f"of run {owner}"
+        raise ValueError(
+            f"feature set {feature_set_id} is not one of run {run_id}'s ({whose})."
+        )
+    found: set[int] = set()
+    for start in range(0, len(field_ids), _IN_LIST):
+        chunk = list(field_ids[start : start + _IN_LIST])
+        found.update(session.scalars(select(Field.id).where(Field.id.in_(chunk))))
+    missing = sorted(set(field_ids) - found)
+    if missing:
+        raise ValueError(
+            f"fields {missing[:5]} are not in the store; register the plate's fields "
+            "before writing their cells."
+        )
 
 
 def encode_masks(nuclei: np.ndarray, cells: np.ndarray) -> dict[str, Any]:
@@ -277,7 +316,8 @@ def write_field_cells(
     Raises
     ------
     ValueError
-        If `cells` and `features` differ in length or `cells` lacks columns.
+        If `cells` and `features` differ in length, `cells` lacks columns, or
+        the run, the feature set (of the run) or the field is not in the store.
     """
     write_fields_cells(
         engine,
@@ -319,7 +359,8 @@ def write_fields_cells(
     ValueError
         If a field's `cells` and `features` differ in length, its `cells` lacks
         columns, its `features` are not 2-D or have another width than the others',
-        or a field appears twice.
+        a field appears twice, or the run, the feature set (of the run) or a field
+        is not in the store.
     """
     ids = [int(f["field_id"]) for f in fields]
     if len(set(ids)) != len(ids):
@@ -354,6 +395,9 @@ def write_fields_cells(
         columns = [cells[c].to_numpy().tolist() for c in CELL_COLUMNS]  # Python scalars
     with session_scope(engine) as session:
         _clear_fields(session, run_id, ids)  # also takes SQLite's write lock
+        _check_parents(
+            session, run_id=run_id, feature_set_id=feature_set_id, field_ids=ids
+        )
         if n_cells:
             connection = session.connection()
             cell_ids = _allocate_cell_ids(connection, n_cells)
@@ -703,8 +747,9 @@ def write_fields_vectors(
     ------
     ValueError
         If a field appears twice, its lengths differ, its vectors are not 2-D or
-        have another width than the others', or its object numbers are not its
-        stored cells (the run's cells and the vectors would not line up).
+        have another width than the others', its object numbers are not its
+        stored cells (the run's cells and the vectors would not line up), or the
+        run or the feature set (of the run) is not in the store.
     """
     ids = [int(f["field_id"]) for f in fields]
     if len(set(ids)) != len(ids):
@@ -719,6 +764,7 @@ def write_fields_vectors(
     if not ids:
         return
     with session_scope(engine) as session:
+        _check_parents(session, run_id=run_id, feature_set_id=feature_set_id)
         stored: dict[int, dict[int, int]] = {i: {} for i in ids}
         for start in range(0, len(ids), _IN_LIST):
             chunk = ids[start : start + _IN_LIST]

@@ -4,10 +4,18 @@ from functools import partial
 import numpy as np
 import pandas as pd
 import pytest
+import sqlalchemy
 from sqlalchemy import func, select, text
 
 from db import store, writers
-from db.schema import Cell, CellVector, Experiment, FieldResult, Well
+from db.schema import (
+    OLD_CELL_FOREIGN_KEYS,
+    Cell,
+    CellVector,
+    Experiment,
+    FieldResult,
+    Well,
+)
 from db.session import make_engine, session_scope
 from pipeline.images.platemap import with_well_positions
 
@@ -205,6 +213,82 @@ def test_write_field_cells_rejects_mismatched_rows(sqlite_url):
             qc={},
             seconds={},
         )
+
+
+@pytest.mark.parametrize("old_store", [False, True], ids=["new", "with old keys"])
+def test_cell_writes_check_their_parents_and_clear_vectors_without_keys(
+    db_url, old_store
+):
+    """The per-cell tables have no foreign keys: the writers refuse an unknown run,
+    feature set or field (writing nothing) and delete a rewritten field's vectors
+    of every feature set themselves. A PostgreSQL store made with the old foreign
+    keys behaves the same."""
+    engine = make_engine(db_url)
+    if old_store and engine.dialect.name != "postgresql":
+        pytest.skip("SQLite cannot add foreign keys to a table")
+    experiment_id, fields = register(engine)
+    if old_store:
+        with engine.begin() as connection:
+            for table, column, parent in OLD_CELL_FOREIGN_KEYS:
+                connection.execute(text(
+                    f"ALTER TABLE {table} ADD FOREIGN KEY ({column}) REFERENCES "
+                    f"{parent} (id) ON DELETE CASCADE"
+                ))  # fmt: skip
+    keys = {
+        t: sqlalchemy.inspect(engine).get_foreign_keys(t)
+        for t in ("cell", "cell_vector")
+    }
+    assert all(bool(v) == old_store for v in keys.values())
+    run_id, fs = open_run(engine, experiment_id)
+    other_run, _ = store.open_run(
+        engine, experiment_id=experiment_id, analysis_key="k2", config_toml="",
+        segmenter="otsu_expand", versions={},
+    )  # fmt: skip
+    ids = [int(i) for i in fields["field_id"]]
+    batch = field_batch(ids[:2], [3, 2])
+    for kwargs, message in (
+        ({"run_id": 999, "feature_set_id": fs}, "run 999 is not in the store"),
+        ({"run_id": run_id, "feature_set_id": 999}, "999 is not one of run .*not in"),
+        ({"run_id": other_run, "feature_set_id": fs}, f"of run {run_id}\\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            store.write_fields_cells(engine, fields=batch, **kwargs)
+    with pytest.raises(ValueError, match="fields \\[999\\] are not in the store"):
+        store.write_fields_cells(
+            engine, run_id=run_id, feature_set_id=fs,
+            fields=[batch[0], batch[1] | {"field_id": 999}],
+        )  # fmt: skip
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Cell)) == 0
+        assert session.scalar(select(func.count()).select_from(FieldResult)) == 0
+    store.write_fields_cells(engine, run_id=run_id, feature_set_id=fs, fields=batch)
+    deep = store.ensure_feature_set(
+        engine, run_id=run_id, name="deep", kind="embedding",
+        feature_names=["d0"], config={},
+    )  # fmt: skip
+    vectors = [{"field_id": f["field_id"], "object_numbers": np.arange(1, n + 1),
+                "vectors": np.ones((n, 1), np.float32)}
+               for f, n in zip(batch, (3, 2), strict=True)]  # fmt: skip
+    with pytest.raises(ValueError, match=f"999 is not one of run {run_id}'s"):
+        store.write_fields_vectors(
+            engine, run_id=run_id, feature_set_id=999, fields=vectors
+        )
+    store.write_fields_vectors(
+        engine, run_id=run_id, feature_set_id=deep, fields=vectors
+    )
+    store.write_fields_cells(  # a rerun of field 1 with one cell, then field 2 fails
+        engine, run_id=run_id, feature_set_id=fs, fields=field_batch(ids[:1], [1])
+    )
+    store.write_field_failure(engine, run_id=run_id, field_id=ids[1], error="x")
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Cell)) == 1
+        orphans = (
+            select(func.count())
+            .select_from(CellVector)
+            .where(CellVector.cell_id.not_in(select(Cell.id)))
+        )
+        assert session.scalar(orphans) == 0
+        assert session.scalar(select(func.count()).select_from(CellVector)) == 1
 
 
 def field_batch(field_ids, sizes, start=0.0):
