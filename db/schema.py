@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    DDL,
     JSON,
     DateTime,
     Float,
@@ -31,6 +32,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -216,12 +218,12 @@ class Cell(Base):
     ``run_id`` and ``field_id`` carry no foreign key, nor do `CellVector`'s ids: a
     foreign key is checked row by row, and these two tables get a row per cell.
     Without the four checks PostgreSQL bulk-inserts cells with 60 features about
-    3.6x as fast (`benchmarks/bench_sql_insert.py`). Their only writers,
+    3.5x as fast (`benchmarks/bench_sql_insert.py`). Their only writers,
     `db.writers.write_fields_cells` and `db.writers.write_fields_vectors`, check
-    the run, fields and feature set once per transaction instead, and
-    `db.writers._clear_fields` deletes a field's vectors with its cells. Stores
-    made before 2026-12-06 keep their foreign keys, which changes nothing but the
-    speed.
+    the run, fields and feature set once per transaction instead, and deleting a
+    run, field, cell or feature set still deletes its cells and vectors
+    (`CELL_CASCADES`). Stores made before 2026-12-06 keep their foreign keys,
+    which changes nothing but the speed.
     """
 
     __tablename__ = "cell"
@@ -249,6 +251,40 @@ class CellVector(Base):
     cell_id: Mapped[int] = mapped_column(primary_key=True)
     feature_set_id: Mapped[int] = mapped_column(primary_key=True)
     values: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+#: What deleting a row of a parent table deletes in the per-cell tables, as the
+#: foreign keys' cascades did: (parent, child, child column). Triggers on the
+#: parents, which fire on their (rare) deletes, never on the per-cell inserts.
+CELL_CASCADES = (
+    ("run", "cell", "run_id"),
+    ("field", "cell", "field_id"),
+    ("cell", "cell_vector", "cell_id"),
+    ("feature_set", "cell_vector", "feature_set_id"),
+)
+for _parent, _child, _column in CELL_CASCADES:
+    _name = f"cascade_{_parent}_to_{_child}"
+    for _ddl, _dialect in (
+        (
+            f"CREATE TRIGGER {_name} AFTER DELETE ON {_parent} FOR EACH ROW "
+            f"BEGIN DELETE FROM {_child} WHERE {_column} = OLD.id; END",
+            "sqlite",
+        ),
+        (  # one set-based delete per statement, from its transition table
+            f"CREATE FUNCTION {_name}() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            f"BEGIN DELETE FROM {_child} WHERE {_column} IN (SELECT id FROM gone); "
+            "RETURN NULL; END $$",
+            "postgresql",
+        ),
+        (
+            f"CREATE TRIGGER {_name} AFTER DELETE ON {_parent} REFERENCING OLD "
+            f"TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION {_name}()",
+            "postgresql",
+        ),
+    ):
+        event.listen(
+            Base.metadata, "after_create", DDL(_ddl).execute_if(dialect=_dialect)
+        )
 
 
 class WellProfile(Base):

@@ -116,16 +116,10 @@ def _drop_aggregates(session: Any, run_id: int) -> None:
 
 
 def _clear_fields(session: Any, run_id: int, field_ids: Sequence[int]) -> None:
-    """Delete the fields' results, masks, cells and their cells' vectors.
-
-    The vectors are deleted here: `CellVector` has no foreign key to cascade along.
-    """
+    """Delete the fields' results, masks and cells (their vectors go with them:
+    `db.schema.CELL_CASCADES`)."""
     for start in range(0, len(field_ids), _IN_LIST):
         chunk = list(field_ids[start : start + _IN_LIST])
-        of_fields = select(Cell.id).where(
-            Cell.run_id == run_id, Cell.field_id.in_(chunk)
-        )
-        session.execute(delete(CellVector).where(CellVector.cell_id.in_(of_fields)))
         for table in (FieldResult, FieldMask, Cell):
             session.execute(
                 delete(table).where(table.run_id == run_id, table.field_id.in_(chunk))

@@ -216,13 +216,12 @@ def test_write_field_cells_rejects_mismatched_rows(sqlite_url):
 
 
 @pytest.mark.parametrize("old_store", [False, True], ids=["new", "with old keys"])
-def test_cell_writes_check_their_parents_and_clear_vectors_without_keys(
-    db_url, old_store
-):
+def test_cell_tables_without_keys_check_parents_and_cascade_deletes(db_url, old_store):
     """The per-cell tables have no foreign keys: the writers refuse an unknown run,
-    feature set or field (writing nothing) and delete a rewritten field's vectors
-    of every feature set themselves. A PostgreSQL store made with the old foreign
-    keys behaves the same."""
+    feature set or field (writing nothing), and deleting a cell (a rerun field's),
+    field, feature set or run deletes its cells and their vectors of every feature
+    set, as the keys' cascades did. A PostgreSQL store made with the old
+    foreign keys behaves the same."""
     engine = make_engine(db_url)
     if old_store and engine.dialect.name != "postgresql":
         pytest.skip("SQLite cannot add foreign keys to a table")
@@ -289,6 +288,30 @@ def test_cell_writes_check_their_parents_and_clear_vectors_without_keys(
         )
         assert session.scalar(orphans) == 0
         assert session.scalar(select(func.count()).select_from(CellVector)) == 1
+    one = {"field_id": ids[0], "object_numbers": np.array([1]),
+           "vectors": np.ones((1, 1), np.float32)}  # fmt: skip
+    store.write_fields_vectors(engine, run_id=run_id, feature_set_id=deep, fields=[one])
+
+    def counts():
+        with session_scope(engine) as session:
+            return [session.scalar(select(func.count()).select_from(t))
+                    for t in (Cell, CellVector)]  # fmt: skip
+
+    def delete_from(table, row_id):
+        with engine.begin() as connection:
+            connection.execute(text(f"DELETE FROM {table} WHERE id = {row_id}"))
+
+    assert counts() == [1, 2]
+    delete_from("feature_set", deep)
+    assert counts() == [1, 1]
+    store.write_fields_cells(
+        engine, run_id=run_id, feature_set_id=fs, fields=field_batch(ids[2:], [2])
+    )
+    assert counts() == [3, 3]
+    delete_from("field", ids[0])
+    assert counts() == [2, 2]
+    delete_from("run", run_id)
+    assert counts() == [0, 0]
 
 
 def field_batch(field_ids, sizes, start=0.0):
