@@ -195,7 +195,9 @@ def estimate_nucleus_diameter(plane: np.ndarray) -> float:
         if min(values.shape) // factor < 8:
             responses.append(-np.inf)
             continue
-        small = cache.setdefault(factor, _block_mean(values, factor))
+        if factor not in cache:  # two sigmas share factor 2
+            cache[factor] = _block_mean(values, factor)
+        small = cache[factor]
         step = 2 if small.size > 2**18 else 1  # a subsample sets the percentile
         response = _log_on_grid(small, sigma / factor, step)
         responses.append(float(np.percentile(response, 99.5)))

@@ -215,16 +215,21 @@ def test_write_field_cells_rejects_mismatched_rows(sqlite_url):
         )
 
 
-@pytest.mark.parametrize("old_store", [False, True], ids=["new", "with old keys"])
-def test_cell_tables_without_keys_check_parents_and_cascade_deletes(db_url, old_store):
+def test_cell_tables_without_keys_check_parents_and_cascade_deletes(db_url):
     """The per-cell tables have no foreign keys: the writers refuse an unknown run,
     feature set or field (writing nothing), and deleting a cell (a rerun field's),
     field, feature set or run deletes its cells and their vectors of every feature
-    set, as the keys' cascades did. A PostgreSQL store made with the old
-    foreign keys behaves the same."""
-    engine = make_engine(db_url)
-    if old_store and engine.dialect.name != "postgresql":
-        pytest.skip("SQLite cannot add foreign keys to a table")
+    set, as the keys' cascades did."""
+    check_cell_tables(make_engine(db_url), old_store=False)
+
+
+def test_a_store_with_the_old_cell_keys_behaves_the_same(postgres_url):
+    """A store made before 2026-12-06, with the per-cell foreign keys (PostgreSQL:
+    SQLite cannot add keys to a table)."""
+    check_cell_tables(make_engine(postgres_url), old_store=True)
+
+
+def check_cell_tables(engine, *, old_store):
     experiment_id, fields = register(engine)
     if old_store:
         with engine.begin() as connection:
