@@ -60,11 +60,8 @@ def setup(url: str, n_fields: int, n_features: int, *, old_keys: bool = False) -
     engine = make_engine(url)
     if old_keys:
         with engine.begin() as connection:
-            for table, column, parent in OLD_CELL_FOREIGN_KEYS:
-                connection.execute(text(
-                    f"ALTER TABLE {table} ADD FOREIGN KEY ({column}) REFERENCES "
-                    f"{parent} (id) ON DELETE CASCADE"
-                ))  # fmt: skip
+            for statement in OLD_CELL_FOREIGN_KEYS:
+                connection.execute(text(statement))
     wells = pd.DataFrame(
         {
             "Metadata_Plate": "P1",

@@ -202,13 +202,18 @@ class FeatureSet(Base):
     weights: Mapped[str | None] = mapped_column(Text)
 
 
-#: The per-cell tables' foreign keys (table, column, parent table) in stores made
-#: before 2026-12-06, which keep them (`Cell`); new stores have none.
-OLD_CELL_FOREIGN_KEYS = (
-    ("cell", "run_id", "run"),
-    ("cell", "field_id", "field"),
-    ("cell_vector", "cell_id", "cell"),
-    ("cell_vector", "feature_set_id", "feature_set"),
+#: The per-cell tables' foreign keys in stores made before 2026-12-06, which keep
+#: them (`Cell`); new stores have none. As PostgreSQL statements that add them to a
+#: new store (for tests and benchmarks of old stores).
+OLD_CELL_FOREIGN_KEYS = tuple(
+    f"ALTER TABLE {table} ADD FOREIGN KEY ({column}) REFERENCES {parent} (id) "
+    "ON DELETE CASCADE"
+    for table, column, parent in (
+        ("cell", "run_id", "run"),
+        ("cell", "field_id", "field"),
+        ("cell_vector", "cell_id", "cell"),
+        ("cell_vector", "feature_set_id", "feature_set"),
+    )
 )
 
 

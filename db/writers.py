@@ -116,8 +116,10 @@ def _drop_aggregates(session: Any, run_id: int) -> None:
 
 
 def _clear_fields(session: Any, run_id: int, field_ids: Sequence[int]) -> None:
-    """Delete the fields' results, masks and cells (their vectors go with them:
-    `db.schema.CELL_CASCADES`)."""
+    """Delete the fields' results, masks and cells, and so their cells' vectors.
+
+    The vectors go by the triggers of `db.schema.CELL_CASCADES`.
+    """
     for start in range(0, len(field_ids), _IN_LIST):
         chunk = list(field_ids[start : start + _IN_LIST])
         for table in (FieldResult, FieldMask, Cell):

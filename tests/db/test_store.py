@@ -233,11 +233,8 @@ def check_cell_tables(engine, *, old_store):
     experiment_id, fields = register(engine)
     if old_store:
         with engine.begin() as connection:
-            for table, column, parent in OLD_CELL_FOREIGN_KEYS:
-                connection.execute(text(
-                    f"ALTER TABLE {table} ADD FOREIGN KEY ({column}) REFERENCES "
-                    f"{parent} (id) ON DELETE CASCADE"
-                ))  # fmt: skip
+            for statement in OLD_CELL_FOREIGN_KEYS:
+                connection.execute(text(statement))
     keys = {
         t: sqlalchemy.inspect(engine).get_foreign_keys(t)
         for t in ("cell", "cell_vector")
