@@ -18,8 +18,9 @@ Two measurements, one run:
   old after a discarded warm-up run, each on a fresh copy of the store; cells/s of
   each, and whether each pair's first two stores hold the same vectors (and how
   many cells and by how much they differ: a forward pass of a single image, as
-  ``stem`` makes for a field's last crop when a field holds one crop more than a
-  multiple of the batch, runs another oneDNN kernel and gives other bits).
+  ``stem`` makes for the last crop of a group of fields that holds one crop more
+  than a multiple of the batch, runs another oneDNN kernel and gives other bits).
+  The bits depend on the thread count too: these checks ran with 2 threads.
 
 Run: ``python benchmarks/bench_embed_batch.py``
 """

@@ -8,7 +8,9 @@ analysed store. Reported:
 
 - the embed step's cells/s of each run (`models.embed.embed_run`, end to end), and
   the forward pass alone on the same random crops, alternating float32 / bfloat16
-  twice (these machines are shared: ratios come in pairs run side by side);
+  twice (these machines are shared: ratios come in pairs run side by side), at
+  `embed_run`'s CPU batch for 3-channel crops (`pipeline.config.embed_batch_size`:
+  8 before 2026-12-06, 13 since, so older results timed smaller passes);
 - how far the vectors of the first pair move: per cell, ``|v_bf16 - v_fp32| / |v_fp32|`` (median,
   95th percentile, maximum); per well, the Pearson correlation of the normalized
   profiles of the two feature sets (median, minimum);

@@ -5,9 +5,9 @@ as `phenoscreen run` commits a fast stream of fields (`db.store.write_fields_cel
 one transaction per group of fields holding the `db.store.FieldBatches` cell cap,
 20,000); ``bulk``, one field per transaction (`db.store.write_field_cells`: cells,
 vectors, result row); and, as a reference, one ORM object per row, one commit per
-field. On PostgreSQL also ``batched_old_keys``: batched into a store given the
-per-cell foreign keys that stores made before 2026-12-06 have
-(`db.schema.OLD_CELL_FOREIGN_KEYS`), which the server checks row by row.
+field. Also ``batched_old_keys``, in the same run: batched into a store with the
+per-cell tables of stores made before 2026-12-06
+(`db.schema.make_old_cell_tables`: four foreign keys, checked row by row).
 
 For the batched writes it also counts the bytes the store wrote per cell
 (`bytes_written`) and measures the disk's sequential write bandwidth
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import save  # noqa: E402
 
 from db import store  # noqa: E402
-from db.schema import OLD_CELL_FOREIGN_KEYS, Cell, CellVector  # noqa: E402
+from db.schema import Cell, CellVector, make_old_cell_tables  # noqa: E402
 from db.session import make_engine  # noqa: E402
 from pipeline.images.platemap import with_well_positions  # noqa: E402
 
@@ -56,12 +56,11 @@ PG_URL = os.environ.get(
 
 def setup(url: str, n_fields: int, n_features: int, *, old_keys: bool = False) -> tuple:
     """A store with one run of `n_fields` fields; `old_keys`: with the per-cell
-    foreign keys of stores made before 2026-12-06 (PostgreSQL only)."""
+    tables of stores made before 2026-12-06 (`db.schema.make_old_cell_tables`)."""
     engine = make_engine(url)
     if old_keys:
         with engine.begin() as connection:
-            for statement in OLD_CELL_FOREIGN_KEYS:
-                connection.execute(text(statement))
+            make_old_cell_tables(connection)
     wells = pd.DataFrame(
         {
             "Metadata_Plate": "P1",
@@ -287,11 +286,7 @@ def main() -> None:
                     ("batched", bench_batched),
                     ("bulk", bench_bulk),
                     ("orm_rows", bench_orm_rows),
-                    *(
-                        [("batched_old_keys", partial(bench_batched, old_keys=True))]
-                        if backend == "postgresql"
-                        else []
-                    ),
+                    ("batched_old_keys", partial(bench_batched, old_keys=True)),
                 ):
                     if backend == "sqlite":
                         url, drop = (
@@ -334,10 +329,7 @@ def main() -> None:
     )
     wide["bulk_vs_orm_rows"] = (wide["bulk"] / wide["orm_rows"]).round(1)
     wide["batched_vs_bulk"] = (wide["batched"] / wide["bulk"]).round(2)
-    if "batched_old_keys" in wide:
-        wide["batched_vs_old_keys"] = (
-            wide["batched"] / wide["batched_old_keys"]
-        ).round(2)
+    wide["batched_vs_old_keys"] = (wide["batched"] / wide["batched_old_keys"]).round(2)
     print(wide.to_string())
     save(
         "sql_insert",

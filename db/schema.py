@@ -23,9 +23,11 @@ from typing import Any
 from sqlalchemy import (
     DDL,
     JSON,
+    Connection,
     DateTime,
     Float,
     ForeignKey,
+    ForeignKeyConstraint,
     Integer,
     LargeBinary,
     MetaData,
@@ -33,6 +35,9 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     event,
+    func,
+    select,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -202,33 +207,20 @@ class FeatureSet(Base):
     weights: Mapped[str | None] = mapped_column(Text)
 
 
-#: The per-cell tables' foreign keys in stores made before 2026-12-06, which keep
-#: them (`Cell`); new stores have none. As PostgreSQL statements that add them to a
-#: new store (for tests and benchmarks of old stores).
-OLD_CELL_FOREIGN_KEYS = tuple(
-    f"ALTER TABLE {table} ADD FOREIGN KEY ({column}) REFERENCES {parent} (id) "
-    "ON DELETE CASCADE"
-    for table, column, parent in (
-        ("cell", "run_id", "run"),
-        ("cell", "field_id", "field"),
-        ("cell_vector", "cell_id", "cell"),
-        ("cell_vector", "feature_set_id", "feature_set"),
-    )
-)
-
-
 class Cell(Base):
     """One object (nucleus and its cell) of a field in a run.
 
     ``run_id`` and ``field_id`` carry no foreign key, nor do `CellVector`'s ids: a
     foreign key is checked row by row, and these two tables get a row per cell.
-    Without the four checks PostgreSQL bulk-inserts cells with 60 features about
-    3.5x as fast (`benchmarks/bench_sql_insert.py`). Their only writers,
+    Without the four checks PostgreSQL bulk-inserts cells with 60 features
+    3.5-3.8x as fast (`benchmarks/bench_sql_insert.py`). Their only writers,
     `db.writers.write_fields_cells` and `db.writers.write_fields_vectors`, check
-    the run, fields and feature set once per transaction instead, and deleting a
-    run, field, cell or feature set still deletes its cells and vectors
-    (`CELL_CASCADES`). Stores made before 2026-12-06 keep their foreign keys,
-    which changes nothing but the speed.
+    the run, fields and feature set once per transaction instead (and on
+    PostgreSQL lock them against deletion until it commits, as the keys did), and
+    deleting a run, field, cell or feature set still deletes its cells and
+    vectors (`CELL_CASCADES`). Stores made before 2026-12-06 keep their foreign
+    keys, and no triggers (`make_old_cell_tables`), which changes nothing but the
+    speed.
     """
 
     __tablename__ = "cell"
@@ -267,29 +259,86 @@ CELL_CASCADES = (
     ("cell", "cell_vector", "cell_id"),
     ("feature_set", "cell_vector", "feature_set_id"),
 )
-for _parent, _child, _column in CELL_CASCADES:
-    _name = f"cascade_{_parent}_to_{_child}"
-    for _ddl, _dialect in (
+
+
+def _cascade_ddl(parent: str, child: str, column: str) -> list[tuple[str, str]]:
+    """(statement, dialect) pairs that create one `CELL_CASCADES` trigger.
+
+    Row-level on SQLite; on PostgreSQL (11 or later) one set-based delete per
+    statement, from its transition table. Replaces a trigger of the same name.
+    """
+    name = f"cascade_{parent}_to_{child}"
+    return [
+        (f"DROP TRIGGER IF EXISTS {name}", "sqlite"),
         (
-            f"CREATE TRIGGER {_name} AFTER DELETE ON {_parent} FOR EACH ROW "
-            f"BEGIN DELETE FROM {_child} WHERE {_column} = OLD.id; END",
+            f"CREATE TRIGGER {name} AFTER DELETE ON {parent} FOR EACH ROW "
+            f"BEGIN DELETE FROM {child} WHERE {column} = OLD.id; END",
             "sqlite",
         ),
-        (  # one set-based delete per statement, from its transition table
-            f"CREATE FUNCTION {_name}() RETURNS trigger LANGUAGE plpgsql AS $$ "
-            f"BEGIN DELETE FROM {_child} WHERE {_column} IN (SELECT id FROM gone); "
-            "RETURN NULL; END $$",
-            "postgresql",
-        ),
         (
-            f"CREATE TRIGGER {_name} AFTER DELETE ON {_parent} REFERENCING OLD "
-            f"TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION {_name}()",
+            f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql "
+            f"AS $$ BEGIN DELETE FROM {child} WHERE {column} IN "
+            "(SELECT id FROM gone); RETURN NULL; END $$",
             "postgresql",
         ),
-    ):
-        event.listen(
-            Base.metadata, "after_create", DDL(_ddl).execute_if(dialect=_dialect)
+        (f"DROP TRIGGER IF EXISTS {name} ON {parent}", "postgresql"),
+        (
+            f"CREATE TRIGGER {name} AFTER DELETE ON {parent} REFERENCING OLD "
+            f"TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION {name}()",
+            "postgresql",
+        ),
+    ]
+
+
+def _listen_for_cascades() -> None:
+    """Create the `CELL_CASCADES` triggers with every store's tables."""
+    for cascade in CELL_CASCADES:
+        for statement, dialect in _cascade_ddl(*cascade):
+            event.listen(
+                Base.metadata,
+                "after_create",
+                DDL(statement).execute_if(dialect=dialect),
+            )
+
+
+_listen_for_cascades()
+
+
+def make_old_cell_tables(connection: Connection) -> None:
+    """Give an empty store the per-cell tables of stores made before 2026-12-06.
+
+    `Cell` and `CellVector` with their four foreign keys (``ON DELETE CASCADE``)
+    and without the `CELL_CASCADES` triggers, so that tests and benchmarks can
+    check such stores.
+
+    Raises
+    ------
+    ValueError
+        If the store's ``cell`` table already holds rows.
+    """
+    if connection.scalar(select(func.count()).select_from(Cell)):
+        raise ValueError("the store holds cells; give an empty store the old tables.")
+    postgresql = connection.dialect.name == "postgresql"
+    for parent, child, _ in CELL_CASCADES:
+        on = f" ON {parent}" if postgresql else ""
+        connection.execute(
+            text(f"DROP TRIGGER IF EXISTS cascade_{parent}_to_{child}{on}")
         )
+    for table in (CellVector.__table__, Cell.__table__):
+        table.drop(connection)
+    old = MetaData(naming_convention=_NAMING)
+    for table in Base.metadata.sorted_tables:
+        table.to_metadata(old)
+    for table, column, parent in (
+        ("cell", "run_id", "run"),
+        ("cell", "field_id", "field"),
+        ("cell_vector", "cell_id", "cell"),
+        ("cell_vector", "feature_set_id", "feature_set"),
+    ):
+        old.tables[table].append_constraint(
+            ForeignKeyConstraint([column], [f"{parent}.id"], ondelete="CASCADE")
+        )
+    old.create_all(connection, tables=[old.tables["cell"], old.tables["cell_vector"]])
 
 
 class WellProfile(Base):

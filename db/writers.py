@@ -118,7 +118,8 @@ def _drop_aggregates(session: Any, run_id: int) -> None:
 def _clear_fields(session: Any, run_id: int, field_ids: Sequence[int]) -> None:
     """Delete the fields' results, masks and cells, and so their cells' vectors.
 
-    The vectors go by the triggers of `db.schema.CELL_CASCADES`.
+    The vectors go by the triggers of `db.schema.CELL_CASCADES` (in stores made
+    before 2026-12-06, by their foreign keys' cascades).
     """
     for start in range(0, len(field_ids), _IN_LIST):
         chunk = list(field_ids[start : start + _IN_LIST])
@@ -135,12 +136,21 @@ def _check_parents(
     """Raise ValueError unless the run, its feature set and the fields are stored.
 
     Once per transaction, for the per-cell tables, which have no foreign keys (see
-    `db.schema.Cell`).
+    `db.schema.Cell`). On PostgreSQL the rows found are locked as foreign-key
+    checks lock them (``FOR KEY SHARE``): deleting them waits for this transaction,
+    then deletes what it wrote (`db.schema.CELL_CASCADES`).
     """
-    if session.get(Run, run_id) is None:
+    run = session.scalar(
+        select(Run.id)
+        .where(Run.id == run_id)
+        .with_for_update(read=True, key_share=True)
+    )
+    if run is None:
         raise ValueError(f"run {run_id} is not in the store; start the run first.")
     owner = session.scalar(
-        select(FeatureSet.run_id).where(FeatureSet.id == feature_set_id)
+        select(FeatureSet.run_id)
+        .where(FeatureSet.id == feature_set_id)
+        .with_for_update(read=True, key_share=True)
     )
     if owner != run_id:
         whose = "not in the store" if owner is None else f"of run {owner}"
@@ -150,7 +160,13 @@ def _check_parents(
     found: set[int] = set()
     for start in range(0, len(field_ids), _IN_LIST):
         chunk = list(field_ids[start : start + _IN_LIST])
-        found.update(session.scalars(select(Field.id).where(Field.id.in_(chunk))))
+        found.update(
+            session.scalars(
+                select(Field.id)
+                .where(Field.id.in_(chunk))
+                .with_for_update(read=True, key_share=True)
+            )
+        )
     missing = sorted(set(field_ids) - found)
     if missing:
         raise ValueError(
@@ -760,15 +776,18 @@ def write_fields_vectors(
     if not ids:
         return
     with session_scope(engine) as session:
+        # a write first: SQLite's write lock, so no rerun replaces the cells read next
+        _drop_aggregates(session, run_id)
         _check_parents(session, run_id=run_id, feature_set_id=feature_set_id)
         stored: dict[int, dict[int, int]] = {i: {} for i in ids}
         for start in range(0, len(ids), _IN_LIST):
             chunk = ids[start : start + _IN_LIST]
-            for field_id, number, cell_id in session.execute(
-                select(Cell.field_id, Cell.object_number, Cell.id).where(
-                    Cell.run_id == run_id, Cell.field_id.in_(chunk)
-                )
-            ):
+            cells = (  # PostgreSQL: locked as a key would lock them
+                select(Cell.field_id, Cell.object_number, Cell.id)
+                .where(Cell.run_id == run_id, Cell.field_id.in_(chunk))
+                .with_for_update(read=True, key_share=True)
+            )
+            for field_id, number, cell_id in session.execute(cells):
                 stored[field_id][number] = cell_id
         cell_ids: list[int] = []
         for field_id, field in zip(ids, fields, strict=True):
@@ -781,7 +800,6 @@ def write_fields_vectors(
                     "rerun the field."
                 )
             cell_ids += [stored[field_id][k] for k in numbers]
-        _drop_aggregates(session, run_id)
         for start in range(0, len(ids), _IN_LIST):
             of_fields = select(Cell.id).where(
                 Cell.run_id == run_id, Cell.field_id.in_(ids[start : start + _IN_LIST])

@@ -85,13 +85,14 @@ def embed_batch_size(
 ) -> int:
     """Return the embedding's crops per forward pass: `batch_size`, or the device's.
 
-    CUDA takes `CUDA_EMBED_BATCH` crops; a CPU (and any other device) as many as
-    fill `CPU_EMBED_PIXELS` input pixels, at least one. Only the speed and the
-    memory change, and the vectors by float rounding at most: on a CPU every pass
-    of two or more images gives the same bits, but a pass of a single image (a
-    field's last crop with ``stem`` or one channel) runs another oneDNN kernel,
-    about 1e-5 apart (`benchmarks/bench_embed_batch.py`); on CUDA kernels are
-    chosen per shape.
+    CUDA takes `CUDA_EMBED_BATCH` crops; a CPU (and any other device) about as
+    many as fill `CPU_EMBED_PIXELS` input pixels (rounded), at least one. Only the
+    speed and the memory change, and the vectors by float rounding at most (about
+    1e-5): oneDNN and CUDA pick their kernels by the pass's shape and the thread
+    count. With 2 CPU threads, every pass of two or more images gave the same bits
+    (`benchmarks/bench_embed_batch.py`) and a single-image pass (the last crop of
+    a group of fields, with ``stem`` or one channel) other bits; with one thread,
+    passes of up to 15 images did too.
 
     Parameters
     ----------
@@ -112,7 +113,10 @@ def embed_batch_size(
         If `batch_size` is given and < 1, or `pixels_per_crop` < 1.
     """
     if pixels_per_crop < 1:
-        raise ValueError(f"pixels_per_crop {pixels_per_crop} must be >= 1.")
+        raise ValueError(
+            f"pixels_per_crop {pixels_per_crop} must be >= 1: the network input "
+            "pixels of one crop (images x side x side)."
+        )
     if batch_size is not None:
         if batch_size < 1:
             raise ValueError(f"embed.batch_size = {batch_size} must be >= 1.")

@@ -1,4 +1,6 @@
 import sqlite3
+import threading
+import time
 from functools import partial
 
 import numpy as np
@@ -9,12 +11,12 @@ from sqlalchemy import func, select, text
 
 from db import store, writers
 from db.schema import (
-    OLD_CELL_FOREIGN_KEYS,
     Cell,
     CellVector,
     Experiment,
     FieldResult,
     Well,
+    make_old_cell_tables,
 )
 from db.session import make_engine, session_scope
 from pipeline.images.platemap import with_well_positions
@@ -215,31 +217,21 @@ def test_write_field_cells_rejects_mismatched_rows(sqlite_url):
         )
 
 
-def test_cell_tables_without_keys_check_parents_and_cascade_deletes(db_url):
+@pytest.mark.parametrize("old_store", [False, True], ids=["new", "made before"])
+def test_cell_tables_without_keys_check_parents_and_cascade_deletes(db_url, old_store):
     """The per-cell tables have no foreign keys: the writers refuse an unknown run,
     feature set or field (writing nothing), and deleting a cell (a rerun field's),
     field, feature set or run deletes its cells and their vectors of every feature
-    set, as the keys' cascades did."""
-    check_cell_tables(make_engine(db_url), old_store=False)
-
-
-def test_a_store_with_the_old_cell_keys_behaves_the_same(postgres_url):
-    """A store made before 2026-12-06, with the per-cell foreign keys (PostgreSQL:
-    SQLite cannot add keys to a table)."""
-    check_cell_tables(make_engine(postgres_url), old_store=True)
-
-
-def check_cell_tables(engine, *, old_store):
-    experiment_id, fields = register(engine)
+    set, as the keys' cascades did. A store made before 2026-12-06 (the keys, no
+    triggers) behaves the same."""
+    engine = make_engine(db_url)
     if old_store:
         with engine.begin() as connection:
-            for statement in OLD_CELL_FOREIGN_KEYS:
-                connection.execute(text(statement))
-    keys = {
-        t: sqlalchemy.inspect(engine).get_foreign_keys(t)
-        for t in ("cell", "cell_vector")
-    }
-    assert all(bool(v) == old_store for v in keys.values())
+            make_old_cell_tables(connection)
+    inspector = sqlalchemy.inspect(engine)
+    for table in ("cell", "cell_vector"):
+        assert bool(inspector.get_foreign_keys(table)) == old_store
+    experiment_id, fields = register(engine)
     run_id, fs = open_run(engine, experiment_id)
     other_run, _ = store.open_run(
         engine, experiment_id=experiment_id, analysis_key="k2", config_toml="",
@@ -263,6 +255,8 @@ def check_cell_tables(engine, *, old_store):
         assert session.scalar(select(func.count()).select_from(Cell)) == 0
         assert session.scalar(select(func.count()).select_from(FieldResult)) == 0
     store.write_fields_cells(engine, run_id=run_id, feature_set_id=fs, fields=batch)
+    with pytest.raises(ValueError, match="holds cells"), engine.begin() as connection:
+        make_old_cell_tables(connection)
     deep = store.ensure_feature_set(
         engine, run_id=run_id, name="deep", kind="embedding",
         feature_names=["d0"], config={},
@@ -314,6 +308,56 @@ def check_cell_tables(engine, *, old_store):
     assert counts() == [2, 2]
     delete_from("run", run_id)
     assert counts() == [0, 0]
+
+
+def test_a_field_rerun_while_its_vectors_are_written_waits_and_removes_them(
+    db_url, monkeypatch
+):
+    """Without foreign keys, vectors being written must still not outlive their
+    cells: a rerun of the field that starts meanwhile waits for the vectors' commit
+    (PostgreSQL: the cells are locked as a key would lock them; SQLite: the write
+    lock is taken before the cells are read) and then deletes them with its old
+    cells."""
+    engine = make_engine(db_url)
+    experiment_id, fields = register(engine)
+    run_id, fs = open_run(engine, experiment_id)
+    field_id = int(fields["field_id"].iloc[0])
+    store.write_fields_cells(
+        engine, run_id=run_id, feature_set_id=fs, fields=field_batch([field_id], [3])
+    )
+    deep = store.ensure_feature_set(
+        engine, run_id=run_id, name="deep", kind="embedding",
+        feature_names=["d0"], config={},
+    )  # fmt: skip
+    real_copy, reruns = writers._copy_rows, []
+
+    def copy_during_a_rerun(connection, table, columns, rows):
+        if table.name == "cell_vector" and not reruns:  # the vectors, not the rerun's
+            rerun = threading.Thread(target=store.write_fields_cells, kwargs={
+                "engine": engine, "run_id": run_id, "feature_set_id": fs,
+                "fields": field_batch([field_id], [2])})  # fmt: skip
+            reruns.append(rerun)
+            rerun.start()
+            time.sleep(1.0)  # the rerun would commit now if nothing held it back
+        return real_copy(connection, table, columns, rows)
+
+    monkeypatch.setattr(writers, "_copy_rows", copy_during_a_rerun)
+    store.write_fields_vectors(
+        engine, run_id=run_id, feature_set_id=deep,
+        fields=[{"field_id": field_id, "object_numbers": np.arange(1, 4),
+                 "vectors": np.ones((3, 1), np.float32)}],
+    )  # fmt: skip
+    reruns[0].join(timeout=60)
+    assert not reruns[0].is_alive()
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Cell)) == 2
+        orphans = (
+            select(func.count())
+            .select_from(CellVector)
+            .where(CellVector.cell_id.not_in(select(Cell.id)))
+        )
+        assert session.scalar(orphans) == 0
+    assert store.embedded_field_ids(engine, run_id, deep) == set()  # embed it again
 
 
 def field_batch(field_ids, sizes, start=0.0):

@@ -403,8 +403,9 @@ def test_embed_batch_is_the_devices_by_default_and_changes_no_vector(
     demo_run, tmp_path, monkeypatch
 ):
     """Without ``batch_size`` a CPU embeds as many crops per pass as make 40 images
-    of 64 px (recorded with the feature set and returned); the vectors are the
-    same bits as with 128 per pass."""
+    of 64 px (recorded with the feature set and returned); the vectors are those
+    of 128 per pass to float rounding (the same bits with 2 threads, not with 1:
+    oneDNN picks kernels by shape and thread count)."""
     from models import embed
 
     shared, summary = demo_run
@@ -441,4 +442,4 @@ def test_embed_batch_is_the_devices_by_default_and_changes_no_vector(
         engine.dispose()
     assert configs[None]["batch_size"] == default and configs[128]["batch_size"] == 128
     assert vectors[None].shape == (summary.n_cells, 120)
-    np.testing.assert_array_equal(vectors[None], vectors[128])
+    np.testing.assert_allclose(vectors[None], vectors[128], rtol=1e-4, atol=1e-4)
