@@ -217,6 +217,21 @@ def test_write_field_cells_rejects_mismatched_rows(sqlite_url):
         )
 
 
+def cell_counts(engine):
+    """Cells, vectors and vectors without a cell in the store."""
+    orphans = (
+        select(func.count())
+        .select_from(CellVector)
+        .where(CellVector.cell_id.not_in(select(Cell.id)))
+    )
+    with session_scope(engine) as session:
+        return tuple(
+            session.scalar(query)
+            for query in (select(func.count()).select_from(Cell),
+                          select(func.count()).select_from(CellVector), orphans)
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("old_store", [False, True], ids=["new", "made before"])
 def test_cell_tables_without_keys_check_parents_and_cascade_deletes(db_url, old_store):
     """The per-cell tables have no foreign keys: the writers refuse an unknown run,
@@ -275,39 +290,26 @@ def test_cell_tables_without_keys_check_parents_and_cascade_deletes(db_url, old_
         engine, run_id=run_id, feature_set_id=fs, fields=field_batch(ids[:1], [1])
     )
     store.write_field_failure(engine, run_id=run_id, field_id=ids[1], error="x")
-    with session_scope(engine) as session:
-        assert session.scalar(select(func.count()).select_from(Cell)) == 1
-        orphans = (
-            select(func.count())
-            .select_from(CellVector)
-            .where(CellVector.cell_id.not_in(select(Cell.id)))
-        )
-        assert session.scalar(orphans) == 0
-        assert session.scalar(select(func.count()).select_from(CellVector)) == 1
+    assert cell_counts(engine) == (1, 1, 0)
     one = {"field_id": ids[0], "object_numbers": np.array([1]),
            "vectors": np.ones((1, 1), np.float32)}  # fmt: skip
     store.write_fields_vectors(engine, run_id=run_id, feature_set_id=deep, fields=[one])
-
-    def counts():
-        with session_scope(engine) as session:
-            return [session.scalar(select(func.count()).select_from(t))
-                    for t in (Cell, CellVector)]  # fmt: skip
 
     def delete_from(table, row_id):
         with engine.begin() as connection:
             connection.execute(text(f"DELETE FROM {table} WHERE id = {row_id}"))
 
-    assert counts() == [1, 2]
+    assert cell_counts(engine)[:2] == (1, 2)
     delete_from("feature_set", deep)
-    assert counts() == [1, 1]
+    assert cell_counts(engine)[:2] == (1, 1)
     store.write_fields_cells(
         engine, run_id=run_id, feature_set_id=fs, fields=field_batch(ids[2:], [2])
     )
-    assert counts() == [3, 3]
+    assert cell_counts(engine)[:2] == (3, 3)
     delete_from("field", ids[0])
-    assert counts() == [2, 2]
+    assert cell_counts(engine)[:2] == (2, 2)
     delete_from("run", run_id)
-    assert counts() == [0, 0]
+    assert cell_counts(engine) == (0, 0, 0)
 
 
 def test_a_field_rerun_while_its_vectors_are_written_waits_and_removes_them(
@@ -349,14 +351,7 @@ def test_a_field_rerun_while_its_vectors_are_written_waits_and_removes_them(
     )  # fmt: skip
     reruns[0].join(timeout=60)
     assert not reruns[0].is_alive()
-    with session_scope(engine) as session:
-        assert session.scalar(select(func.count()).select_from(Cell)) == 2
-        orphans = (
-            select(func.count())
-            .select_from(CellVector)
-            .where(CellVector.cell_id.not_in(select(Cell.id)))
-        )
-        assert session.scalar(orphans) == 0
+    assert cell_counts(engine) == (2, 2, 0)  # the rerun's cells and their features
     assert store.embedded_field_ids(engine, run_id, deep) == set()  # embed it again
 
 
