@@ -314,16 +314,22 @@ def make_old_cell_tables(connection: Connection) -> None:
     Raises
     ------
     ValueError
-        If the store's ``cell`` table already holds rows.
+        If the store's ``cell`` or ``cell_vector`` table already holds rows.
     """
-    if connection.scalar(select(func.count()).select_from(Cell)):
-        raise ValueError("the store holds cells; give an empty store the old tables.")
+    for table in (Cell, CellVector):
+        if connection.scalar(select(func.count()).select_from(table)):
+            raise ValueError(
+                f"the store's {table.__tablename__} table holds rows; give an empty "
+                "store the old tables."
+            )
     postgresql = connection.dialect.name == "postgresql"
     for parent, child, _ in CELL_CASCADES:
-        on = f" ON {parent}" if postgresql else ""
-        connection.execute(
-            text(f"DROP TRIGGER IF EXISTS cascade_{parent}_to_{child}{on}")
-        )
+        name = f"cascade_{parent}_to_{child}"
+        if postgresql:
+            connection.execute(text(f"DROP TRIGGER IF EXISTS {name} ON {parent}"))
+            connection.execute(text(f"DROP FUNCTION IF EXISTS {name}()"))
+        else:
+            connection.execute(text(f"DROP TRIGGER IF EXISTS {name}"))
     for table in (CellVector.__table__, Cell.__table__):
         table.drop(connection)
     old = MetaData(naming_convention=_NAMING)

@@ -119,15 +119,17 @@ def _clear_fields(session: Any, run_id: int, field_ids: Sequence[int]) -> None:
     """Delete the fields' results, masks and cells, and so their cells' vectors.
 
     The vectors go by the triggers of `db.schema.CELL_CASCADES` (in stores made
-    before 2026-12-06, by their foreign keys' cascades).
+    before 2026-12-06, by their foreign keys' cascades). The run's cached aggregates
+    are dropped first: every writer locks them before cells, so that a field rerun
+    and a vector write of the same run wait for each other instead of deadlocking.
     """
+    _drop_aggregates(session, run_id)
     for start in range(0, len(field_ids), _IN_LIST):
         chunk = list(field_ids[start : start + _IN_LIST])
         for table in (FieldResult, FieldMask, Cell):
             session.execute(
                 delete(table).where(table.run_id == run_id, table.field_id.in_(chunk))
             )
-    _drop_aggregates(session, run_id)
 
 
 def _check_parents(
@@ -796,8 +798,9 @@ def write_fields_vectors(
             if missing or len(stored[field_id]) != len(numbers):
                 raise ValueError(
                     f"field {field_id}: {len(numbers)} objects to embed but "
-                    f"{len(stored[field_id])} stored cells (missing {missing[:5]}); "
-                    "rerun the field."
+                    f"{len(stored[field_id])} stored cells (missing {missing[:5]}): "
+                    "the field was segmented again since its crops were read; embed "
+                    "the run again."
                 )
             cell_ids += [stored[field_id][k] for k in numbers]
         for start in range(0, len(ids), _IN_LIST):

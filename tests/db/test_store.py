@@ -16,6 +16,7 @@ from db.schema import (
     Experiment,
     FieldResult,
     Well,
+    WellAggregate,
     make_old_cell_tables,
 )
 from db.session import make_engine, session_scope
@@ -270,7 +271,10 @@ def test_cell_tables_without_keys_check_parents_and_cascade_deletes(db_url, old_
         assert session.scalar(select(func.count()).select_from(Cell)) == 0
         assert session.scalar(select(func.count()).select_from(FieldResult)) == 0
     store.write_fields_cells(engine, run_id=run_id, feature_set_id=fs, fields=batch)
-    with pytest.raises(ValueError, match="holds cells"), engine.begin() as connection:
+    with (
+        pytest.raises(ValueError, match="cell table holds rows"),
+        engine.begin() as connection,
+    ):
         make_old_cell_tables(connection)
     deep = store.ensure_feature_set(
         engine, run_id=run_id, name="deep", kind="embedding",
@@ -312,14 +316,37 @@ def test_cell_tables_without_keys_check_parents_and_cascade_deletes(db_url, old_
     assert cell_counts(engine) == (0, 0, 0)
 
 
+def wait_until_blocked(engine, thread):
+    """Return once `thread`'s transaction waits for a lock (PostgreSQL: seen in
+    pg_stat_activity, within 20 s; SQLite: after 1 s); fail if it ended instead."""
+    deadline = time.monotonic() + (20 if engine.dialect.name == "postgresql" else 1)
+    while time.monotonic() < deadline and thread.is_alive():
+        if engine.dialect.name == "postgresql":
+            with engine.connect() as connection:
+                waiting = connection.scalar(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                    "'Lock' AND datname = current_database()"
+                ))  # fmt: skip
+            if waiting:
+                return
+        time.sleep(0.05)
+    assert thread.is_alive(), "the rerun did not wait for the vectors' transaction"
+
+
+@pytest.mark.parametrize(
+    ("hook", "cached_aggregate"),
+    [("_copy_rows", False), ("_check_parents", True)],
+    ids=["while copying", "before reading the cells"],
+)
 def test_a_field_rerun_while_its_vectors_are_written_waits_and_removes_them(
-    db_url, monkeypatch
+    db_url, monkeypatch, hook, cached_aggregate
 ):
     """Without foreign keys, vectors being written must still not outlive their
     cells: a rerun of the field that starts meanwhile waits for the vectors' commit
-    (PostgreSQL: the cells are locked as a key would lock them; SQLite: the write
-    lock is taken before the cells are read) and then deletes them with its old
-    cells."""
+    and then deletes them with its old cells. While copying: PostgreSQL locks the
+    cells as a key would. Before the cells are read, with an aggregate cached:
+    SQLite's write lock is already taken, and both writers lock the aggregates
+    before the cells (the other order deadlocked on PostgreSQL)."""
     engine = make_engine(db_url)
     experiment_id, fields = register(engine)
     run_id, fs = open_run(engine, experiment_id)
@@ -331,26 +358,39 @@ def test_a_field_rerun_while_its_vectors_are_written_waits_and_removes_them(
         engine, run_id=run_id, name="deep", kind="embedding",
         feature_names=["d0"], config={},
     )  # fmt: skip
-    real_copy, reruns = writers._copy_rows, []
+    if cached_aggregate:
+        with session_scope(engine) as session:
+            session.add(WellAggregate(
+                run_id=run_id, feature_set_id=fs, include_flagged=False,
+                well_id=int(store.read_wells(engine, experiment_id)["well_id"].iloc[0]),
+                cell_count=3, values=b"",
+            ))  # fmt: skip
+    real, reruns, errors = getattr(writers, hook), [], []
 
-    def copy_during_a_rerun(connection, table, columns, rows):
-        if table.name == "cell_vector" and not reruns:  # the vectors, not the rerun's
-            rerun = threading.Thread(target=store.write_fields_cells, kwargs={
-                "engine": engine, "run_id": run_id, "feature_set_id": fs,
-                "fields": field_batch([field_id], [2])})  # fmt: skip
-            reruns.append(rerun)
-            rerun.start()
-            time.sleep(1.0)  # the rerun would commit now if nothing held it back
-        return real_copy(connection, table, columns, rows)
+    def rerun_field():
+        try:
+            store.write_fields_cells(engine, run_id=run_id, feature_set_id=fs,
+                                     fields=field_batch([field_id], [2]))  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
 
-    monkeypatch.setattr(writers, "_copy_rows", copy_during_a_rerun)
+    def during_a_rerun(*args, **kwargs):
+        result = real(*args, **kwargs)  # a parent check or the rerun's own copies
+        vectors = hook == "_copy_rows" and args[1].name == "cell_vector"
+        if not reruns and (vectors or not kwargs.get("field_ids", ())):
+            reruns.append(threading.Thread(target=rerun_field))
+            reruns[0].start()
+            wait_until_blocked(engine, reruns[0])
+        return result
+
+    monkeypatch.setattr(writers, hook, during_a_rerun)
     store.write_fields_vectors(
         engine, run_id=run_id, feature_set_id=deep,
         fields=[{"field_id": field_id, "object_numbers": np.arange(1, 4),
                  "vectors": np.ones((3, 1), np.float32)}],
     )  # fmt: skip
     reruns[0].join(timeout=60)
-    assert not reruns[0].is_alive()
+    assert not reruns[0].is_alive() and not errors
     assert cell_counts(engine) == (2, 2, 0)  # the rerun's cells and their features
     assert store.embedded_field_ids(engine, run_id, deep) == set()  # embed it again
 
