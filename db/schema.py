@@ -261,13 +261,18 @@ CELL_CASCADES = (
 )
 
 
+def _trigger_name(parent: str, child: str) -> str:
+    """Name of the `CELL_CASCADES` trigger (and PostgreSQL function) of a pair."""
+    return f"cascade_{parent}_to_{child}"
+
+
 def _cascade_ddl(parent: str, child: str, column: str) -> list[tuple[str, str]]:
     """(statement, dialect) pairs that create one `CELL_CASCADES` trigger.
 
     Row-level on SQLite; on PostgreSQL (11 or later) one set-based delete per
     statement, from its transition table. Replaces a trigger of the same name.
     """
-    name = f"cascade_{parent}_to_{child}"
+    name = _trigger_name(parent, child)
     return [
         (f"DROP TRIGGER IF EXISTS {name}", "sqlite"),
         (
@@ -324,7 +329,7 @@ def make_old_cell_tables(connection: Connection) -> None:
             )
     postgresql = connection.dialect.name == "postgresql"
     for parent, child, _ in CELL_CASCADES:
-        name = f"cascade_{parent}_to_{child}"
+        name = _trigger_name(parent, child)
         if postgresql:
             connection.execute(text(f"DROP TRIGGER IF EXISTS {name} ON {parent}"))
             connection.execute(text(f"DROP FUNCTION IF EXISTS {name}()"))
@@ -335,13 +340,8 @@ def make_old_cell_tables(connection: Connection) -> None:
     old = MetaData(naming_convention=_NAMING)
     for table in Base.metadata.sorted_tables:
         table.to_metadata(old)
-    for table, column, parent in (
-        ("cell", "run_id", "run"),
-        ("cell", "field_id", "field"),
-        ("cell_vector", "cell_id", "cell"),
-        ("cell_vector", "feature_set_id", "feature_set"),
-    ):
-        old.tables[table].append_constraint(
+    for parent, child, column in CELL_CASCADES:  # the keys the triggers replace
+        old.tables[child].append_constraint(
             ForeignKeyConstraint([column], [f"{parent}.id"], ondelete="CASCADE")
         )
     old.create_all(connection, tables=[old.tables["cell"], old.tables["cell_vector"]])
