@@ -8,6 +8,16 @@ vectors, result row); and, as a reference, one ORM object per row, one commit pe
 field. Also ``batched_old_keys``, in the same run: batched into a store with the
 per-cell tables of stores made before 2026-12-06
 (`db.schema.make_old_cell_tables`: four foreign keys, checked row by row).
+On PostgreSQL, ``batched_pglz`` too: batched with the vectors compressed by the
+server's default, pglz, instead of LZ4 (`db.session`: values over ~2 KiB are
+compressed as they are stored).
+
+The vectors are ``dense`` (normal numbers, as classical features: nothing to
+compress) and, for the batched writes, ``rectified`` as a CNN's pooled features
+are: ``max(z - t, 0)`` of normal ``z`` with ``t`` set to make ``--zeros`` of them
+zero (0.69: `tf_efficientnet_lite0`'s pooled features of the BBBC021 crops in
+../shared/data are 69 % zeros). Each batched store is then read back
+(``read_cells_per_s``: `db.readers.iter_field_vectors`, every vector).
 
 For the batched writes it also counts the bytes the store wrote per cell
 (`bytes_written`) and measures the disk's sequential write bandwidth
@@ -19,12 +29,14 @@ the probe writes sequentially, while checkpoints write scattered pages, so the
 bound is optimistic). PostgreSQL's data directory may lie on another disk; here
 both are on the machine's one disk. On a tmpfs (memory) no bound is given.
 
-    python benchmarks/bench_sql_insert.py [--fields 120] [--cells 500] [--features 60 1280]
+    python benchmarks/bench_sql_insert.py [--fields 120] [--cells 500] \
+        [--features 60 1280] [--zeros 0.69]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import tempfile
@@ -36,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.stats import norm
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
 
@@ -45,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import save  # noqa: E402
 
 from db import store  # noqa: E402
+from db.readers import iter_field_vectors  # noqa: E402
 from db.schema import Cell, CellVector, make_old_cell_tables  # noqa: E402
 from db.session import make_engine  # noqa: E402
 from pipeline.images.platemap import with_well_positions  # noqa: E402
@@ -54,13 +68,29 @@ PG_URL = os.environ.get(
 )
 
 
-def setup(url: str, n_fields: int, n_features: int, *, old_keys: bool = False) -> tuple:
+def setup(
+    url: str,
+    n_fields: int,
+    n_features: int,
+    *,
+    old_keys: bool = False,
+    compression: str | None = None,
+) -> tuple:
     """A store with one run of `n_fields` fields; `old_keys`: with the per-cell
-    tables of stores made before 2026-12-06 (`db.schema.make_old_cell_tables`)."""
+    tables of stores made before 2026-12-06 (`db.schema.make_old_cell_tables`);
+    `compression`: the vectors' own PostgreSQL compression (not the session's)."""
     engine = make_engine(url)
     if old_keys:
         with engine.begin() as connection:
             make_old_cell_tables(connection)
+    if compression:
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    'ALTER TABLE cell_vector ALTER COLUMN "values" '
+                    f"SET COMPRESSION {compression}"
+                )
+            )
     wells = pd.DataFrame(
         {
             "Metadata_Plate": "P1",
@@ -106,7 +136,11 @@ def setup(url: str, n_fields: int, n_features: int, *, old_keys: bool = False) -
     return engine, run_id, fs, [int(f) for f in fields["field_id"]]
 
 
-def make_cells(n_cells: int, n_features: int, rng: np.random.Generator) -> tuple:
+def make_cells(
+    n_cells: int, n_features: int, rng: np.random.Generator, zeros: float = 0.0
+) -> tuple:
+    """Cells and their (n_cells, n_features) float32 vectors: normal numbers, or
+    with `zeros` > 0 rectified, ``max(z - t, 0)`` with `zeros` of them 0."""
     cells = pd.DataFrame(
         {
             "object_number": np.arange(1, n_cells + 1),
@@ -119,13 +153,18 @@ def make_cells(n_cells: int, n_features: int, rng: np.random.Generator) -> tuple
             "area_px": rng.integers(100, 400, n_cells),
         }
     )
-    return cells, rng.normal(size=(n_cells, n_features)).astype(np.float32)
+    values = rng.normal(size=(n_cells, n_features))
+    if zeros:
+        values = np.maximum(values - norm.ppf(zeros), 0)
+    return cells, values.astype(np.float32)
 
 
-def bench_bulk(url: str, n_fields: int, n_cells: int, n_features: int) -> float:
+def bench_bulk(
+    url: str, n_fields: int, n_cells: int, n_features: int, zeros: float = 0.0
+) -> dict[str, float]:
     engine, run_id, fs, field_ids = setup(url, n_fields, n_features)
     rng = np.random.default_rng(0)
-    batches = [make_cells(n_cells, n_features, rng) for _ in field_ids]
+    batches = [make_cells(n_cells, n_features, rng, zeros) for _ in field_ids]
     start = time.perf_counter()
     for field_id, (cells, features) in zip(field_ids, batches, strict=True):
         store.write_field_cells(
@@ -140,7 +179,7 @@ def bench_bulk(url: str, n_fields: int, n_cells: int, n_features: int) -> float:
         )
     elapsed = time.perf_counter() - start
     engine.dispose()
-    return n_fields * n_cells / elapsed
+    return {"cells_per_s": n_fields * n_cells / elapsed}
 
 
 def disk_write_bytes_per_s(folder: str, total_mib: int = 512) -> float:
@@ -201,19 +240,29 @@ def bytes_written(engine: Engine) -> Callable[[], int | None]:
 
 
 def bench_batched(
-    url: str, n_fields: int, n_cells: int, n_features: int, *, old_keys: bool = False
-) -> tuple[float, float | None]:
+    url: str,
+    n_fields: int,
+    n_cells: int,
+    n_features: int,
+    zeros: float = 0.0,
+    *,
+    old_keys: bool = False,
+    compression: str | None = None,
+) -> dict[str, float]:
     """Fields committed in batches of `FieldBatches().max_cells` cells, as runs do.
 
-    Returns cells/s and the bytes written per cell (`bytes_written`).
+    Returns ``cells_per_s``, ``read_cells_per_s`` (reading every vector back) and
+    ``bytes_per_cell`` (written; `bytes_written`), None where unknown.
     """
-    engine, run_id, fs, field_ids = setup(url, n_fields, n_features, old_keys=old_keys)
+    engine, run_id, fs, field_ids = setup(
+        url, n_fields, n_features, old_keys=old_keys, compression=compression
+    )
     rng = np.random.default_rng(0)
     fields = [
         {"field_id": field_id, "cells": cells, "features": features, "qc": {},
          "seconds": {}}
         for field_id, (cells, features) in zip(
-            field_ids, (make_cells(n_cells, n_features, rng) for _ in field_ids),
+            field_ids, (make_cells(n_cells, n_features, rng, zeros) for _ in field_ids),
             strict=True,
         )
     ]  # fmt: skip
@@ -227,16 +276,26 @@ def bench_batched(
     elapsed = time.perf_counter() - start
     engine.dispose()  # SQLite's last connection checkpoints its WAL as it closes
     n_bytes = written()
+    start = time.perf_counter()
+    read = sum(len(v) for _, _, v in iter_field_vectors(engine, run_id, "f"))
+    read_s = time.perf_counter() - start
     engine.dispose()
     n = n_fields * n_cells
-    return n / elapsed, (None if n_bytes is None else n_bytes / n)
+    assert read == n, (read, n)
+    return {
+        "cells_per_s": n / elapsed,
+        "read_cells_per_s": n / read_s,
+        "bytes_per_cell": None if n_bytes is None else n_bytes / n,
+    }
 
 
-def bench_orm_rows(url: str, n_fields: int, n_cells: int, n_features: int) -> float:
+def bench_orm_rows(
+    url: str, n_fields: int, n_cells: int, n_features: int, zeros: float = 0.0
+) -> dict[str, float]:
     """Reference: one ORM object per cell and per vector, one commit per field."""
     engine, run_id, fs, field_ids = setup(url, n_fields, n_features)
     rng = np.random.default_rng(0)
-    batches = [make_cells(n_cells, n_features, rng) for _ in field_ids]
+    batches = [make_cells(n_cells, n_features, rng, zeros) for _ in field_ids]
     start = time.perf_counter()
     for field_id, (cells, features) in zip(field_ids, batches, strict=True):
         with Session(engine) as session, session.begin():
@@ -252,7 +311,7 @@ def bench_orm_rows(url: str, n_fields: int, n_cells: int, n_features: int) -> fl
             )
     elapsed = time.perf_counter() - start
     engine.dispose()
-    return n_fields * n_cells / elapsed
+    return {"cells_per_s": n_fields * n_cells / elapsed}
 
 
 def fresh_pg_database() -> tuple[str, callable]:
@@ -268,11 +327,26 @@ def fresh_pg_database() -> tuple[str, callable]:
     return PG_URL.rsplit("/", 1)[0] + f"/{name}", drop
 
 
+METHODS = {
+    "batched": bench_batched,
+    "bulk": bench_bulk,
+    "orm_rows": bench_orm_rows,
+    "batched_old_keys": partial(bench_batched, old_keys=True),
+    "batched_pglz": partial(bench_batched, compression="pglz"),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fields", type=int, default=120)
     parser.add_argument("--cells", type=int, default=500)
     parser.add_argument("--features", type=int, nargs="+", default=[60, 1280])
+    parser.add_argument(
+        "--zeros",
+        type=float,
+        default=0.69,
+        help="fraction of zeros in the rectified vectors",
+    )
     parser.add_argument("--no-postgres", action="store_true")
     args = parser.parse_args()
     rows = []
@@ -281,13 +355,15 @@ def main() -> None:
         disk = float(np.median(probes)) * 1e6
         print(f"disk: {[round(p) for p in probes]} MB/s written and synced ({tmp})")
         for backend in ["sqlite"] + ([] if args.no_postgres else ["postgresql"]):
-            for n_features in args.features:
-                for method, bench in (
-                    ("batched", bench_batched),
-                    ("bulk", bench_bulk),
-                    ("orm_rows", bench_orm_rows),
-                    ("batched_old_keys", partial(bench_batched, old_keys=True)),
-                ):
+            for n_features, (vectors, zeros) in itertools.product(
+                args.features, (("dense", 0.0), ("rectified", args.zeros))
+            ):
+                for method in METHODS:
+                    if (
+                        vectors == "rectified"
+                        and method not in ("batched", "batched_pglz")
+                    ) or (backend == "sqlite" and method == "batched_pglz"):
+                        continue  # fmt: skip
                     if backend == "sqlite":
                         url, drop = (
                             f"sqlite:///{tmp}/{uuid.uuid4().hex}.db",
@@ -301,35 +377,40 @@ def main() -> None:
                         else args.fields
                     )
                     try:
-                        result = bench(url, n_fields, args.cells, n_features)
+                        result = METHODS[method](
+                            url, n_fields, args.cells, n_features, zeros
+                        )
                     finally:
                         drop()
-                    cells_per_s, per_cell = (
-                        result if isinstance(result, tuple) else (result, None)
-                    )
                     rows.append(
                         {
                             "backend": backend,
                             "features": n_features,
+                            "vectors": vectors,
                             "method": method,
                             "fields": n_fields,
                             "cells_per_field": args.cells,
-                            "cells_per_s": round(cells_per_s),
+                            "cells_per_s": round(result["cells_per_s"]),
                         }
                     )
-                    if per_cell:  # what the disk allows at that size (0: tmpfs)
-                        rows[-1] |= {
+                    if "read_cells_per_s" in result:
+                        rows[-1]["read_cells_per_s"] = round(result["read_cells_per_s"])
+                    if per_cell := result.get("bytes_per_cell"):  # 0: tmpfs
+                        rows[-1] |= {  # what the disk allows at that size
                             "bytes_written_per_cell": round(per_cell),
                             "disk_bound_cells_per_s": round(disk / per_cell),
                         }
                     print(rows[-1])
     table = pd.DataFrame(rows)
     wide = table.pivot_table(
-        index=["backend", "features"], columns="method", values="cells_per_s"
-    )
+        index=["backend", "features", "vectors"], columns="method",
+        values="cells_per_s",
+    )  # fmt: skip
     wide["bulk_vs_orm_rows"] = (wide["bulk"] / wide["orm_rows"]).round(1)
     wide["batched_vs_bulk"] = (wide["batched"] / wide["bulk"]).round(2)
     wide["batched_vs_old_keys"] = (wide["batched"] / wide["batched_old_keys"]).round(2)
+    if "batched_pglz" in wide:
+        wide["batched_vs_pglz"] = (wide["batched"] / wide["batched_pglz"]).round(2)
     print(wide.to_string())
     save(
         "sql_insert",

@@ -649,6 +649,43 @@ def test_sqlite_store_uses_wal_and_16k_pages(sqlite_url, tmp_path):
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
 
 
+def test_postgres_store_compresses_wide_vectors_with_lz4(postgres_url):
+    engine = make_engine(postgres_url)
+    with engine.connect() as connection:
+        has_lz4 = connection.execute(
+            text("SELECT 'lz4' = ANY(enumvals) FROM pg_settings "
+                 "WHERE name = 'default_toast_compression'")
+        ).scalar()  # fmt: skip
+        compression = connection.execute(text("SHOW default_toast_compression"))
+        assert compression.scalar() == ("lz4" if has_lz4 else "pglz")
+    experiment_id, fields = register(engine)
+    run_id, fs = open_run(engine, experiment_id)
+    field_id = int(fields["field_id"].iloc[0])
+    store.write_fields_cells(
+        engine, run_id=run_id, feature_set_id=fs, fields=field_batch([field_id], [3])
+    )
+    wide = store.ensure_feature_set(
+        engine, run_id=run_id, name="pooled", kind="embedding",
+        feature_names=[f"d{i}" for i in range(1280)], config={},
+    )  # fmt: skip
+    rng = np.random.default_rng(0)  # rectified, as pooled CNN features: compressible
+    vectors = np.maximum(rng.normal(size=(3, 1280)) - 0.5, 0).astype(np.float32)
+    store.write_fields_vectors(
+        engine, run_id=run_id, feature_set_id=wide,
+        fields=[{"field_id": field_id, "object_numbers": np.arange(1, 4),
+                 "vectors": vectors}],
+    )  # fmt: skip
+    with engine.connect() as connection:
+        stored = connection.execute(
+            text('SELECT pg_column_compression("values"), pg_column_size("values") '
+                 "FROM cell_vector WHERE feature_set_id = :fs"), {"fs": wide},
+        ).all()  # fmt: skip
+    assert {method for method, _ in stored} == {"lz4" if has_lz4 else "pglz"}
+    assert all(size < vectors[0].nbytes for _, size in stored)
+    (_, _, got), = store.iter_field_vectors(engine, run_id, "pooled")  # fmt: skip
+    np.testing.assert_array_equal(got, vectors)
+
+
 def test_make_engine_rejects(tmp_path):
     with pytest.raises(ValueError, match="not a database URL"):
         make_engine("phenoscreen.db")
