@@ -30,7 +30,7 @@ RECONNECT_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 class StoreConnectionLost(RuntimeError):
-    """The store stayed unreachable through every reconnection attempt."""
+    """The store stayed unreachable (locked, in conflict) through every attempt."""
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -255,6 +255,9 @@ def session_scope(engine: Engine) -> Iterator[Session]:
 
 #: PostgreSQL SQLSTATEs of a lost or refused connection and of a killed backend.
 _LOST_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+#: PostgreSQL SQLSTATEs of a transaction aborted in a conflict with another one
+#: (deadlock detected, serialization failure): it succeeds when run again.
+_CONFLICT_SQLSTATES = ("40P01", "40001")
 
 
 def transient_cause(exc: BaseException) -> str | None:
@@ -269,8 +272,10 @@ def transient_cause(exc: BaseException) -> str | None:
     -------
     ``"lost"`` for a dropped or refused connection (SQLAlchemy invalidated it, or
     PostgreSQL SQLSTATE class 08 or 57P01-57P03), ``"locked"`` for SQLite's
-    "database is locked", None for any other error (a full disk, a missing
-    table, a cancelled statement: running it again would not help).
+    "database is locked", ``"conflict"`` for a PostgreSQL transaction aborted by a
+    deadlock or a serialization failure (40P01, 40001), None for any other error
+    (a full disk, a missing table, a cancelled statement: running it again would
+    not help).
     """
     orig = getattr(exc, "orig", None) or exc
     if getattr(exc, "connection_invalidated", False):
@@ -278,9 +283,25 @@ def transient_cause(exc: BaseException) -> str | None:
     sqlstate = getattr(orig, "sqlstate", None) or ""
     if sqlstate.startswith(_LOST_SQLSTATES):
         return "lost"
+    if sqlstate in _CONFLICT_SQLSTATES:
+        return "conflict"
     if isinstance(orig, sqlite3.OperationalError) and "locked" in str(orig):
         return "locked"
     return None
+
+
+#: Per `transient_cause`: what went wrong for good, and what happened once.
+_PROBLEMS = {
+    "lost": "the database connection was lost; check that the database server is up",
+    "locked": "the database stayed locked by another program; close it",
+    "conflict": "the transaction kept being aborted in deadlocks with another "
+    "writer of this store; let that writer finish",
+}
+_EVENTS = {
+    "lost": "database connection lost",
+    "locked": "database locked",
+    "conflict": "transaction aborted in a conflict with another writer",
+}
 
 
 def retry_lost_connection(
@@ -289,9 +310,10 @@ def retry_lost_connection(
     """Run one unit of work (a whole transaction), again after a lost connection.
 
     A dropped database connection (the server restarted, a network blip, a killed
-    backend) or a SQLite database locked by another writer rolls the transaction
-    back, so the unit is simply run again on a fresh connection, after each of
-    `delays`. Any other error (`transient_cause` None) is raised at once.
+    backend), a SQLite database locked by another writer or a PostgreSQL deadlock
+    with another writer rolls the transaction back, so the unit is simply run
+    again on a fresh connection, after each of `delays`. Any other error
+    (`transient_cause` None) is raised at once.
 
     Parameters
     ----------
@@ -310,8 +332,8 @@ def retry_lost_connection(
     Raises
     ------
     StoreConnectionLost
-        If the connection is still lost (or the database still locked) after the
-        last attempt.
+        If the connection is still lost (the database still locked, the
+        transaction still aborted by conflicts) after the last attempt.
     """
     for attempt, delay in enumerate([*delays, None]):
         try:
@@ -321,20 +343,15 @@ def retry_lost_connection(
             if cause is None:
                 raise
             if delay is None:
-                problem = (
-                    "the database stayed locked by another program; close it"
-                    if cause == "locked"
-                    else "the database connection was lost; check that the "
-                    "database server is up"
-                )
+                problem = _PROBLEMS[cause]
                 raise StoreConnectionLost(
                     f"{what}: {problem} ({len(delays)} retries over "
                     f"{sum(delays):g} s failed: {getattr(exc, 'orig', exc)}), then "
                     "rerun: completed fields are kept and the run resumes."
                 ) from exc
             logger.warning(
-                "%s: database %s (%s); retrying in %g s (attempt %d of %d)",
-                what, "locked" if cause == "locked" else "connection lost",
-                getattr(exc, "orig", exc), delay, attempt + 2, len(delays) + 1,
+                "%s: %s (%s); retrying in %g s (attempt %d of %d)",
+                what, _EVENTS[cause], getattr(exc, "orig", exc), delay, attempt + 2,
+                len(delays) + 1,
             )  # fmt: skip
             time.sleep(delay)

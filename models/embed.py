@@ -41,6 +41,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
+from functools import partial
 from itertools import chain
 from queue import Queue
 from typing import Any, TypeVar
@@ -55,6 +56,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from db import store
+from db.session import retry_lost_connection
 from models.backbones import (
     OFFLINE_NORMALIZATION,
     create_backbone,
@@ -575,6 +577,7 @@ def _write_vectors(
     if fields:
         writes.submit(
             store.write_fields_vectors,
+            what=f"vectors of {len(fields)} field(s) ({fields[0]['field_id']}, ...)",
             run_id=run_id,
             feature_set_id=feature_set_id,
             fields=fields,
@@ -586,7 +589,9 @@ class _Writer:
 
     At most `depth` writes wait besides the one being written (each a group of
     about `db.store.FieldBatches`' 20,000 cells at most, 100 MB of 1,280-d
-    vectors); `close` waits for all and raises the first error.
+    vectors); `close` waits for all and raises the first error. Each write is one
+    transaction, run again after a lost connection or a deadlock
+    (`db.session.retry_lost_connection`).
     """
 
     def __init__(self, engine: Engine, depth: int = 4) -> None:
@@ -594,8 +599,11 @@ class _Writer:
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._pending: deque[Future] = deque()
 
-    def submit(self, write: Callable[..., None], **kwargs: object) -> None:
-        self._pending.append(self._pool.submit(write, self._engine, **kwargs))
+    def submit(
+        self, write: Callable[..., None], *, what: str, **kwargs: object
+    ) -> None:
+        work = partial(write, self._engine, **kwargs)
+        self._pending.append(self._pool.submit(retry_lost_connection, work, what=what))
         while len(self._pending) > self._depth:
             self._pending.popleft().result()
 

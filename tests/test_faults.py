@@ -14,7 +14,9 @@ import threading
 import time
 from functools import partial
 
+import numpy as np
 import pandas as pd
+import psycopg
 import pytest
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -29,7 +31,10 @@ from db.session import (
     session_scope,
     transient_cause,
 )
+from db.store import resolve_run
+from models.embed import embed_run
 from pipeline.run import run_experiment
+from tests.models.test_embed import FAST_RECIPE
 from tests.pipeline.test_run import demo_config
 from tests.test_cli import cell_table
 
@@ -70,6 +75,14 @@ def test_a_store_that_stays_away_is_a_clear_error_and_other_errors_are_not_retri
 
     with pytest.raises(StoreConnectionLost, match="stayed locked by another program"):
         retry_lost_connection(locked, what="field 7", delays=[0])
+
+    def deadlocked():
+        raise OperationalError(
+            "DELETE ...", {}, psycopg.errors.DeadlockDetected("deadlock detected")
+        )
+
+    with pytest.raises(StoreConnectionLost, match="aborted in deadlocks with another"):
+        retry_lost_connection(deadlocked, what="field 7", delays=[0])
     for error in (
         IntegrityError("INSERT ...", {}, Exception("duplicate key")),
         OperationalError("INSERT ...", {}, sqlite3.OperationalError("disk I/O error")),
@@ -87,6 +100,73 @@ def test_a_store_that_stays_away_is_a_clear_error_and_other_errors_are_not_retri
             retry_lost_connection(fails, what="field 7", delays=[0, 0])
         assert len(attempts) == 1  # not a lost connection: raised at once
     assert transient_cause(ValueError("x")) is None
+    assert transient_cause(psycopg.errors.SerializationFailure("x")) == "conflict"
+    assert transient_cause(psycopg.errors.QueryCanceled("x")) is None
+
+
+def test_a_deadlock_between_two_writers_is_retried(postgres_url):
+    """Two transactions lock two rows in opposite orders: PostgreSQL aborts one
+    (deadlock detected), which runs again and goes through."""
+    engine = make_engine(postgres_url)
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE pair (id int PRIMARY KEY, n int)"))
+        connection.execute(text("INSERT INTO pair VALUES (1, 0), (2, 0)"))
+    both_hold_one = threading.Barrier(2, timeout=30)
+    attempts, errors = [], []
+
+    def work(first, second):
+        attempts.append(first)
+        with engine.begin() as connection:
+            for row in (first, second):
+                connection.execute(
+                    text("UPDATE pair SET n = n + 1 WHERE id = :id"), {"id": row}
+                )
+                if row == first and attempts.count(first) == 1:
+                    both_hold_one.wait()  # the first attempts cross: a deadlock
+
+    def writer(first, second):
+        try:
+            retry_lost_connection(partial(work, first, second), what=f"writer {first}",
+                                  delays=[0.1, 0.1])  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=pair) for pair in ((1, 2), (2, 1))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert len(attempts) == 3  # one writer was aborted once and ran again
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT n FROM pair ORDER BY id")).all() == [
+            (2,), (2,)
+        ]  # fmt: skip
+    engine.dispose()
+
+
+def kill_a_waiting_writer(admin, table):
+    """Lock `table` until a transaction waits to write it (60 s at most), then kill
+    that transaction's connection and release the lock; whether one was killed."""
+    with admin.connect() as connection, connection.begin():
+        connection.execute(text(f"LOCK TABLE {table} IN EXCLUSIVE MODE"))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            # statistics are a snapshot per transaction unless cleared
+            connection.execute(text("SELECT pg_stat_clear_snapshot()"))
+            waiting = connection.execute(
+                text(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = "
+                    "current_database() AND wait_event_type = 'Lock' "
+                    "AND pid <> pg_backend_pid()"
+                )
+            ).scalar()
+            if waiting is not None:
+                return connection.execute(
+                    text("SELECT pg_terminate_backend(:pid)"), {"pid": waiting}
+                ).scalar()
+            time.sleep(0.02)
+    return False
 
 
 def fields_done(url):
@@ -133,22 +213,7 @@ def test_a_run_survives_its_database_connections_being_killed(
     def kill_a_writer():
         for after in (20, 50):
             wait_for_fields(postgres_url, after)
-            with admin.connect() as connection, connection.begin():
-                connection.execute(text("LOCK TABLE field_result IN EXCLUSIVE MODE"))
-                waiting = None
-                deadline = time.monotonic() + 60
-                while waiting is None and time.monotonic() < deadline:
-                    waiting = connection.execute(text(
-                        "SELECT pid FROM pg_stat_activity WHERE datname = "
-                        "current_database() AND wait_event_type = 'Lock' "
-                        "AND pid <> pg_backend_pid()"
-                    )).scalar()  # fmt: skip
-                    time.sleep(0.02)
-                if waiting is not None:  # a field's write, mid-transaction
-                    killed.append(connection.execute(
-                        text("SELECT pg_terminate_backend(:pid)"), {"pid": waiting}
-                    ).scalar())  # fmt: skip
-            # leaving the block releases the lock: the retried write goes through
+            killed.append(kill_a_waiting_writer(admin, "field_result"))
 
     killer = threading.Thread(target=kill_a_writer, daemon=True)
     killer.start()
@@ -160,6 +225,55 @@ def test_a_run_survives_its_database_connections_being_killed(
     # have raised; it finished with the same cells as the uninterrupted run
     assert killed == [True, True]
     pd.testing.assert_frame_equal(cell_table(postgres_url), reference)
+
+
+def embedded(url):
+    """Embed a stored run with the fast test recipe; its vectors per field, keyed by
+    plate, well and site: {key: (object numbers, vectors)}."""
+    engine = make_engine(url, create=False)
+    run_id, _ = resolve_run(engine)
+    name = embed_run(engine, run_id, FAST_RECIPE)["feature_set"]
+    fields = store.read_run_fields(engine, run_id)[2].set_index("field_id")
+    keys = ["Metadata_Plate", "Metadata_Well", "Metadata_Site"]
+    vectors = {
+        tuple(fields.loc[field_id, keys]): (numbers, values)
+        for field_id, numbers, values in store.iter_field_vectors(engine, run_id, name)
+    }
+    engine.dispose()
+    return vectors
+
+
+@pytest.mark.slow
+def test_an_embedding_survives_its_database_connections_being_killed(
+    demo_plate, postgres_url, tmp_path, monkeypatch
+):
+    """Twice, a write of the embedding's vectors is killed while it waits for a
+    lock; it is retried and the vectors equal those of an uninterrupted embedding."""
+    url = f"sqlite:///{tmp_path}/reference.db"
+    for db_url in (url, postgres_url):
+        run_experiment(demo_plate["images"], demo_plate["platemap"],
+                       config=demo_config(), db_url=db_url)  # fmt: skip
+    reference = embedded(url)
+    # each field its own write, so writes are still to come after the first kill
+    monkeypatch.setattr(store, "FieldBatches", partial(store.FieldBatches, max_cells=1))
+    admin = create_engine(postgres_url, poolclass=NullPool)
+    killed = []
+
+    def kill_a_writer():
+        for _ in range(2):
+            killed.append(kill_a_waiting_writer(admin, "cell_vector"))
+            time.sleep(0.2)  # released: the retried write and a few more go through
+
+    killer = threading.Thread(target=kill_a_writer, daemon=True)
+    killer.start()
+    got = embedded(postgres_url)
+    killer.join(timeout=60)
+    admin.dispose()
+    assert killed == [True, True]  # without the retry the embedding would have failed
+    assert got.keys() == reference.keys()
+    for key, (numbers, values) in reference.items():
+        np.testing.assert_array_equal(got[key][0], numbers)
+        np.testing.assert_allclose(got[key][1], values, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture
