@@ -38,10 +38,17 @@ from sqlalchemy import (
     func,
     select,
     text,
+    update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 6
+#: The schema version of new stores: 7 since 2026-12-06, when the per-cell tables
+#: lost their foreign keys (`Cell`), so that PhenoScreen versions before it, which
+#: would write them unchecked, refuse these stores.
+SCHEMA_VERSION = 7
+#: Versions this code opens: 6, stores made before, keep their keys and work as they
+#: did (`make_old_cell_tables`).
+OPENED_VERSIONS = (6, 7)
 
 _NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -313,8 +320,8 @@ def make_old_cell_tables(connection: Connection) -> None:
     """Give an empty store the per-cell tables of stores made before 2026-12-06.
 
     `Cell` and `CellVector` with their four foreign keys (``ON DELETE CASCADE``)
-    and without the `CELL_CASCADES` triggers, so that tests and benchmarks can
-    check such stores.
+    and without the `CELL_CASCADES` triggers, and schema version 6, so that tests
+    and benchmarks can check such stores.
 
     Raises
     ------
@@ -345,6 +352,7 @@ def make_old_cell_tables(connection: Connection) -> None:
             ForeignKeyConstraint([column], [f"{parent}.id"], ondelete="CASCADE")
         )
     old.create_all(connection, tables=[old.tables["cell"], old.tables["cell_vector"]])
+    connection.execute(update(SchemaInfo).values(version=6))
 
 
 class WellProfile(Base):

@@ -20,7 +20,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.schema import SCHEMA_VERSION, Base, SchemaInfo
+from db.schema import OPENED_VERSIONS, SCHEMA_VERSION, Base, SchemaInfo
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -216,7 +216,7 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
         installed; the SQLite path is a folder, under a file, or not writable; the
         database cannot be reached or is not a database file; it holds another
         program's tables (left untouched); the store has no schema and `create` is
-        False; or its schema version differs from this code's.
+        False; or its schema version is not one this code opens (`OPENED_VERSIONS`).
     """
     check_store(url, create=create)
     engine = _engine(url, create=create)
@@ -237,10 +237,15 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
                 f"db {url!r} has a schema_info table that is not PhenoScreen's "
                 f"({exc.orig}); use a new database file or an empty database."
             ) from exc
-        if version != SCHEMA_VERSION:
+        if version not in OPENED_VERSIONS:
+            fix = (
+                "it was made by a newer PhenoScreen: upgrade PhenoScreen"
+                if version > max(OPENED_VERSIONS)
+                else "use a new database file"
+            )
             raise ValueError(
-                f"db {url!r} has schema version {version} but this PhenoScreen expects "
-                f"{SCHEMA_VERSION}; use a new database file."
+                f"db {url!r} has schema version {version} but this PhenoScreen opens "
+                f"versions {', '.join(map(str, OPENED_VERSIONS))}; {fix}."
             )
     return engine
 

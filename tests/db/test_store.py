@@ -11,10 +11,12 @@ from sqlalchemy import func, select, text
 
 from db import store, writers
 from db.schema import (
+    SCHEMA_VERSION,
     Cell,
     CellVector,
     Experiment,
     FieldResult,
+    SchemaInfo,
     Well,
     WellAggregate,
     make_old_cell_tables,
@@ -684,6 +686,22 @@ def test_postgres_store_compresses_wide_vectors_with_lz4(postgres_url):
     assert all(size < vectors[0].nbytes for _, size in stored)
     (_, _, got), = store.iter_field_vectors(engine, run_id, "pooled")  # fmt: skip
     np.testing.assert_array_equal(got, vectors)
+
+
+def test_store_versions_are_opened_or_refused_with_the_fix(db_url):
+    engine = make_engine(db_url)  # a new store: no per-cell keys, version 7
+    with engine.begin() as connection:
+        assert connection.scalar(select(SchemaInfo.version)) == SCHEMA_VERSION == 7
+        make_old_cell_tables(connection)  # as a store made before: keys, version 6
+        assert connection.scalar(select(SchemaInfo.version)) == 6
+    make_engine(db_url).dispose()  # opened as before
+    for version, fix in ((5, "use a new database file"), (8, "upgrade PhenoScreen")):
+        with engine.begin() as connection:
+            connection.execute(sqlalchemy.update(SchemaInfo).values(version=version))
+        with pytest.raises(ValueError, match=f"schema version {version} .*opens "
+                           f"versions 6, 7; .*{fix}"):  # fmt: skip
+            make_engine(db_url)
+    engine.dispose()
 
 
 def test_make_engine_rejects(tmp_path):
