@@ -318,6 +318,24 @@ def test_cell_tables_without_keys_check_parents_and_cascade_deletes(db_url, old_
     assert cell_counts(engine) == (0, 0, 0)
 
 
+def field_and_embedding(url, width):
+    """A store whose first field has 3 cells, and an embedding feature set "deep" of
+    `width` features: (engine, experiment id, run id, classical feature set id,
+    field id, "deep" id)."""
+    engine = make_engine(url)
+    experiment_id, fields = register(engine)
+    run_id, fs = open_run(engine, experiment_id)
+    field_id = int(fields["field_id"].iloc[0])
+    store.write_fields_cells(
+        engine, run_id=run_id, feature_set_id=fs, fields=field_batch([field_id], [3])
+    )
+    deep = store.ensure_feature_set(
+        engine, run_id=run_id, name="deep", kind="embedding",
+        feature_names=[f"d{i}" for i in range(width)], config={},
+    )  # fmt: skip
+    return engine, experiment_id, run_id, fs, field_id, deep
+
+
 def wait_until_blocked(engine, thread):
     """Return once `thread`'s transaction waits for a lock (PostgreSQL: seen in
     pg_stat_activity, within 20 s; SQLite: after 1 s); fail if it ended instead."""
@@ -349,17 +367,7 @@ def test_a_field_rerun_while_its_vectors_are_written_waits_and_removes_them(
     cells as a key would. Before the cells are read, with an aggregate cached:
     SQLite's write lock is already taken, and both writers lock the aggregates
     before the cells (the other order deadlocked on PostgreSQL)."""
-    engine = make_engine(db_url)
-    experiment_id, fields = register(engine)
-    run_id, fs = open_run(engine, experiment_id)
-    field_id = int(fields["field_id"].iloc[0])
-    store.write_fields_cells(
-        engine, run_id=run_id, feature_set_id=fs, fields=field_batch([field_id], [3])
-    )
-    deep = store.ensure_feature_set(
-        engine, run_id=run_id, name="deep", kind="embedding",
-        feature_names=["d0"], config={},
-    )  # fmt: skip
+    engine, experiment_id, run_id, fs, field_id, deep = field_and_embedding(db_url, 1)
     if cached_aggregate:
         with session_scope(engine) as session:
             session.add(WellAggregate(
@@ -652,7 +660,7 @@ def test_sqlite_store_uses_wal_and_16k_pages(sqlite_url, tmp_path):
 
 
 def test_postgres_store_compresses_wide_vectors_with_lz4(postgres_url):
-    engine = make_engine(postgres_url)
+    engine, _, run_id, _, field_id, wide = field_and_embedding(postgres_url, 1280)
     with engine.connect() as connection:
         has_lz4 = connection.execute(
             text("SELECT 'lz4' = ANY(enumvals) FROM pg_settings "
@@ -660,16 +668,6 @@ def test_postgres_store_compresses_wide_vectors_with_lz4(postgres_url):
         ).scalar()  # fmt: skip
         compression = connection.execute(text("SHOW default_toast_compression"))
         assert compression.scalar() == ("lz4" if has_lz4 else "pglz")
-    experiment_id, fields = register(engine)
-    run_id, fs = open_run(engine, experiment_id)
-    field_id = int(fields["field_id"].iloc[0])
-    store.write_fields_cells(
-        engine, run_id=run_id, feature_set_id=fs, fields=field_batch([field_id], [3])
-    )
-    wide = store.ensure_feature_set(
-        engine, run_id=run_id, name="pooled", kind="embedding",
-        feature_names=[f"d{i}" for i in range(1280)], config={},
-    )  # fmt: skip
     rng = np.random.default_rng(0)  # rectified, as pooled CNN features: compressible
     vectors = np.maximum(rng.normal(size=(3, 1280)) - 0.5, 0).astype(np.float32)
     store.write_fields_vectors(
@@ -684,7 +682,7 @@ def test_postgres_store_compresses_wide_vectors_with_lz4(postgres_url):
         ).all()  # fmt: skip
     assert {method for method, _ in stored} == {"lz4" if has_lz4 else "pglz"}
     assert all(size < vectors[0].nbytes for _, size in stored)
-    (_, _, got), = store.iter_field_vectors(engine, run_id, "pooled")  # fmt: skip
+    (_, _, got), = store.iter_field_vectors(engine, run_id, "deep")  # fmt: skip
     np.testing.assert_array_equal(got, vectors)
 
 
