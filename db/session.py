@@ -11,7 +11,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, inspect, select
+from sqlalchemy import Engine, create_engine, event, inspect, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -57,13 +57,18 @@ _LZ4_TOAST = (
 def _postgres_session(dbapi_connection: Any, _record: Any) -> None:
     # Values over ~2 KiB (vectors of 500 floats or more, masks) are compressed as
     # they are stored; pooled CNN features are ~70 % zeros, which PostgreSQL's
-    # default pglz compresses ~5x slower than LZ4 (benchmarks/bench_sql_insert.py).
-    # Columns without a compression of their own, in stores old and new.
+    # default pglz compressed 6-7x slower than LZ4 (benchmarks/bench_sql_insert.py).
+    # Columns without a compression of their own, in stores old and new. Only
+    # speed depends on it: a server that refuses it is used as it is.
     autocommit = dbapi_connection.autocommit
     dbapi_connection.autocommit = True
-    with dbapi_connection.cursor() as cursor:
-        cursor.execute(_LZ4_TOAST)
-    dbapi_connection.autocommit = autocommit
+    try:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(_LZ4_TOAST)
+    except Exception as exc:  # noqa: BLE001 - any refusal leaves pglz, slower
+        logger.warning("PostgreSQL kept its TOAST compression (%s)", exc)
+    finally:
+        dbapi_connection.autocommit = autocommit
 
 
 def _sqlite_path(url: str, database: str, *, create: bool) -> None:
@@ -237,10 +242,16 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
                 f"db {url!r} has a schema_info table that is not PhenoScreen's "
                 f"({exc.orig}); use a new database file or an empty database."
             ) from exc
+        if version == 6 and create and not inspect(engine).get_foreign_keys("cell"):
+            # made between dropping the per-cell keys and raising the version to 7
+            # (2026-12-06): marked 7, so that older PhenoScreens refuse it too
+            with engine.begin() as connection:
+                connection.execute(update(SchemaInfo).values(version=SCHEMA_VERSION))
+            version = SCHEMA_VERSION
         if version not in OPENED_VERSIONS:
             fix = (
                 "it was made by a newer PhenoScreen: upgrade PhenoScreen"
-                if version > max(OPENED_VERSIONS)
+                if version is not None and version > max(OPENED_VERSIONS)
                 else "use a new database file"
             )
             raise ValueError(
@@ -275,12 +286,13 @@ def transient_cause(exc: BaseException) -> str | None:
 
     Returns
     -------
-    ``"lost"`` for a dropped or refused connection (SQLAlchemy invalidated it, or
-    PostgreSQL SQLSTATE class 08 or 57P01-57P03), ``"locked"`` for SQLite's
-    "database is locked", ``"conflict"`` for a PostgreSQL transaction aborted by a
-    deadlock or a serialization failure (40P01, 40001), None for any other error
-    (a full disk, a missing table, a cancelled statement: running it again would
-    not help).
+    str or None
+        ``"lost"`` for a dropped or refused connection (SQLAlchemy invalidated it, or
+        PostgreSQL SQLSTATE class 08 or 57P01-57P03), ``"locked"`` for SQLite's
+        "database is locked", ``"conflict"`` for a PostgreSQL transaction aborted by a
+        deadlock or a serialization failure (40P01, 40001), None for any other error
+        (a full disk, a missing table, a cancelled statement: running it again would
+        not help).
     """
     orig = getattr(exc, "orig", None) or exc
     if getattr(exc, "connection_invalidated", False):
@@ -299,8 +311,8 @@ def transient_cause(exc: BaseException) -> str | None:
 _PROBLEMS = {
     "lost": "the database connection was lost; check that the database server is up",
     "locked": "the database stayed locked by another program; close it",
-    "conflict": "the transaction kept being aborted in deadlocks with another "
-    "writer of this store; let that writer finish",
+    "conflict": "the transaction kept being aborted in conflicts (deadlocks, "
+    "serialization failures) with another writer of this store; let it finish",
 }
 _EVENTS = {
     "lost": "database connection lost",

@@ -602,6 +602,7 @@ class _Writer:
     def submit(
         self, write: Callable[..., None], *, what: str, **kwargs: object
     ) -> None:
+        """Queue ``write(engine, **kwargs)``; `what` names it in retries and errors."""
         work = partial(write, self._engine, **kwargs)
         self._pending.append(self._pool.submit(retry_lost_connection, work, what=what))
         while len(self._pending) > self._depth:

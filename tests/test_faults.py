@@ -81,7 +81,7 @@ def test_a_store_that_stays_away_is_a_clear_error_and_other_errors_are_not_retri
             "DELETE ...", {}, psycopg.errors.DeadlockDetected("deadlock detected")
         )
 
-    with pytest.raises(StoreConnectionLost, match="aborted in deadlocks with another"):
+    with pytest.raises(StoreConnectionLost, match="aborted in conflicts .deadlocks"):
         retry_lost_connection(deadlocked, what="field 7", delays=[0])
     for error in (
         IntegrityError("INSERT ...", {}, Exception("duplicate key")),
@@ -255,7 +255,7 @@ def test_an_embedding_survives_its_database_connections_being_killed(
         run_experiment(demo_plate["images"], demo_plate["platemap"],
                        config=demo_config(), db_url=db_url)  # fmt: skip
     reference = embedded(url)
-    # each field its own write, so writes are still to come after the first kill
+    # each field its own write: the first is queued soon after the model is loaded
     monkeypatch.setattr(store, "FieldBatches", partial(store.FieldBatches, max_cells=1))
     admin = create_engine(postgres_url, poolclass=NullPool)
     killed = []

@@ -666,8 +666,13 @@ def test_postgres_store_compresses_wide_vectors_with_lz4(postgres_url):
             text("SELECT 'lz4' = ANY(enumvals) FROM pg_settings "
                  "WHERE name = 'default_toast_compression'")
         ).scalar()  # fmt: skip
-        compression = connection.execute(text("SHOW default_toast_compression"))
-        assert compression.scalar() == ("lz4" if has_lz4 else "pglz")
+        compression = connection.execute(text(
+            "SELECT setting, source FROM pg_settings "
+            "WHERE name = 'default_toast_compression'"
+        )).one()  # fmt: skip
+        assert tuple(compression) == (
+            ("lz4", "session") if has_lz4 else ("pglz", "default")
+        )  # set by the store's connections, not by the server's configuration
     rng = np.random.default_rng(0)  # rectified, as pooled CNN features: compressible
     vectors = np.maximum(rng.normal(size=(3, 1280)) - 0.5, 0).astype(np.float32)
     store.write_fields_vectors(
@@ -688,17 +693,45 @@ def test_postgres_store_compresses_wide_vectors_with_lz4(postgres_url):
 
 def test_store_versions_are_opened_or_refused_with_the_fix(db_url):
     engine = make_engine(db_url)  # a new store: no per-cell keys, version 7
-    with engine.begin() as connection:
-        assert connection.scalar(select(SchemaInfo.version)) == SCHEMA_VERSION == 7
-        make_old_cell_tables(connection)  # as a store made before: keys, version 6
-        assert connection.scalar(select(SchemaInfo.version)) == 6
-    make_engine(db_url).dispose()  # opened as before
-    for version, fix in ((5, "use a new database file"), (8, "upgrade PhenoScreen")):
+
+    def version(value=None):
         with engine.begin() as connection:
-            connection.execute(sqlalchemy.update(SchemaInfo).values(version=version))
-        with pytest.raises(ValueError, match=f"schema version {version} .*opens "
+            if value is not None:
+                connection.execute(sqlalchemy.update(SchemaInfo).values(version=value))
+            return connection.scalar(select(SchemaInfo.version))
+
+    assert version() == SCHEMA_VERSION == 7
+    version(6)  # as made before the version was raised: no keys, marked 6
+    make_engine(db_url, create=False).dispose()  # opened, not written
+    assert version() == 6
+    make_engine(db_url).dispose()  # a writer's open marks it 7, as it is
+    assert version() == 7
+    with engine.begin() as connection:
+        make_old_cell_tables(connection)  # as a store made before: keys, version 6
+    assert version() == 6
+    make_engine(db_url).dispose()  # opened as before
+    assert version() == 6
+    for value, fix in ((5, "use a new database file"), (8, "upgrade PhenoScreen")):
+        version(value)
+        with pytest.raises(ValueError, match=f"schema version {value} .*opens "
                            f"versions 6, 7; .*{fix}"):  # fmt: skip
             make_engine(db_url)
+    with engine.begin() as connection:  # its making was interrupted: no version
+        connection.execute(sqlalchemy.delete(SchemaInfo))
+    with pytest.raises(ValueError, match="schema version None .*new database file"):
+        make_engine(db_url)
+    engine.dispose()
+
+
+def test_a_postgres_server_that_refuses_lz4_is_used_as_it_is(
+    postgres_url, monkeypatch, caplog
+):
+    monkeypatch.setattr("db.session._LZ4_TOAST", "SELECT 1 / 0")  # any refusal
+    engine = make_engine(postgres_url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT 1")).scalar() == 1
+        assert connection.connection.driver_connection.autocommit is False
+    assert "kept its TOAST compression (division by zero)" in caplog.text
     engine.dispose()
 
 
