@@ -145,11 +145,13 @@ def test_a_deadlock_between_two_writers_is_retried(postgres_url):
     engine.dispose()
 
 
-def kill_a_waiting_writer(admin, table):
-    """Lock `table` until a transaction waits to write it (60 s at most), then kill
-    that transaction's connection and release the lock; whether one was killed."""
+def kill_a_waiting_transaction(admin, table, mode="EXCLUSIVE"):
+    """Lock `table` until a transaction waits for it (60 s at most), then kill that
+    transaction's connection and release the lock; whether one was killed.
+
+    The ``EXCLUSIVE`` mode stops writers only, ``ACCESS EXCLUSIVE`` readers too."""
     with admin.connect() as connection, connection.begin():
-        connection.execute(text(f"LOCK TABLE {table} IN EXCLUSIVE MODE"))
+        connection.execute(text(f"LOCK TABLE {table} IN {mode} MODE"))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             # statistics are a snapshot per transaction unless cleared
@@ -213,7 +215,7 @@ def test_a_run_survives_its_database_connections_being_killed(
     def kill_a_writer():
         for after in (20, 50):
             wait_for_fields(postgres_url, after)
-            killed.append(kill_a_waiting_writer(admin, "field_result"))
+            killed.append(kill_a_waiting_transaction(admin, "field_result"))
 
     killer = threading.Thread(target=kill_a_writer, daemon=True)
     killer.start()
@@ -247,9 +249,9 @@ def embedded(url):
 def test_an_embedding_survives_its_database_connections_being_killed(
     demo_plate, postgres_url, tmp_path, monkeypatch
 ):
-    """A write of the embedding's vectors is killed while it waits for a lock, and
-    its first retry too; it goes through at the second, and the vectors equal those
-    of an uninterrupted embedding."""
+    """A read of the crops' masks is killed while it waits for a lock, then a write
+    of the embedding's vectors and its first retry; each is run again, and the
+    vectors equal those of an uninterrupted embedding."""
     url = f"sqlite:///{tmp_path}/reference.db"
     for db_url in (url, postgres_url):
         run_experiment(demo_plate["images"], demo_plate["platemap"],
@@ -260,16 +262,19 @@ def test_an_embedding_survives_its_database_connections_being_killed(
     admin = create_engine(postgres_url, poolclass=NullPool)
     killed = []
 
-    def kill_a_writer():
+    def kill_a_reader_and_a_writer():
+        killed.append(
+            kill_a_waiting_transaction(admin, "field_mask", "ACCESS EXCLUSIVE")
+        )
         for _ in range(2):  # locked again at once: the retry (0.5 s later) waits
-            killed.append(kill_a_waiting_writer(admin, "cell_vector"))
+            killed.append(kill_a_waiting_transaction(admin, "cell_vector"))
 
-    killer = threading.Thread(target=kill_a_writer, daemon=True)
+    killer = threading.Thread(target=kill_a_reader_and_a_writer, daemon=True)
     killer.start()
     got = embedded(postgres_url)
     killer.join(timeout=60)
     admin.dispose()
-    assert killed == [True, True]  # without the retry the embedding would have failed
+    assert killed == [True, True, True]  # without the retries the embedding fails
     assert got.keys() == reference.keys()
     for key, (numbers, values) in reference.items():
         np.testing.assert_array_equal(got[key][0], numbers)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import pandas as pd
 from sqlalchemy import Engine
 
 from db import store
+from db.session import retry_lost_connection
 from pipeline.cells.crops import crop_cells, default_crop_size
 from pipeline.config import config_from_dict
 from pipeline.images.io import compile_pattern, load_field, resolve_under
@@ -120,7 +122,8 @@ def iter_field_crops(
     Each field is read again and corrected with the run's stored illumination
     functions; crops are centred on the stored nucleus centroids. With
     `with_masks` each crop also gets its own cell's mask from the field's stored
-    labels.
+    labels. The cells and masks are read a group of fields at a time, each read
+    again after a lost connection (`db.session.retry_lost_connection`).
 
     Parameters
     ----------
@@ -158,9 +161,16 @@ def iter_field_crops(
     for i, row in enumerate(fields.itertuples(index=False)):
         if i % CELL_QUERY_FIELDS == 0:  # one query per group of fields
             group = fields["field_id"].iloc[i : i + CELL_QUERY_FIELDS]
-            cells = store.read_field_cells(engine, run_id, group)
+            named = f"{len(group)} field(s) ({group.iloc[0]}, ...)"
+            cells = retry_lost_connection(
+                partial(store.read_field_cells, engine, run_id, group),
+                what=f"cells of {named}",
+            )
             if with_masks:
-                labels = store.read_field_masks(engine, run_id, group)
+                labels = retry_lost_connection(
+                    partial(store.read_field_masks, engine, run_id, group),
+                    what=f"masks of {named}",
+                )
         image = reader.read(row)
         stored = cells[int(row.field_id)]
         numbers = stored["object_number"].to_numpy()
