@@ -302,18 +302,23 @@ def _cascade_ddl(parent: str, child: str, column: str) -> list[tuple[str, str]]:
     ]
 
 
-def _listen_for_cascades() -> None:
-    """Create the `CELL_CASCADES` triggers with every store's tables."""
+def create_cell_cascades(connection: Connection) -> None:
+    """Create (or replace) the `CELL_CASCADES` triggers in `connection`'s store.
+
+    Runs with every store's tables (`Base.metadata`'s ``after_create``) and when a
+    store made without them is opened (`db.session.make_engine`).
+    """
     for cascade in CELL_CASCADES:
         for statement, dialect in _cascade_ddl(*cascade):
-            event.listen(
-                Base.metadata,
-                "after_create",
-                DDL(statement).execute_if(dialect=dialect),
-            )
+            if connection.dialect.name == dialect:
+                connection.execute(DDL(statement))
 
 
-_listen_for_cascades()
+event.listen(
+    Base.metadata,
+    "after_create",
+    lambda _metadata, connection, **kw: create_cell_cascades(connection),
+)
 
 
 def make_old_cell_tables(connection: Connection) -> None:

@@ -11,6 +11,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
 from sqlalchemy import Engine, create_engine, event, inspect, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
@@ -20,7 +21,13 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.schema import OPENED_VERSIONS, SCHEMA_VERSION, Base, SchemaInfo
+from db.schema import (
+    OPENED_VERSIONS,
+    SCHEMA_VERSION,
+    Base,
+    SchemaInfo,
+    create_cell_cascades,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -242,10 +249,18 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
                 f"db {url!r} has a schema_info table that is not PhenoScreen's "
                 f"({exc.orig}); use a new database file or an empty database."
             ) from exc
-        if version == 6 and create and not inspect(engine).get_foreign_keys("cell"):
+        tables = inspect(engine)
+        if (
+            version == 6
+            and create
+            and tables.has_table("cell")
+            and not tables.get_foreign_keys("cell")
+        ):
             # made between dropping the per-cell keys and raising the version to 7
-            # (2026-12-06): marked 7, so that older PhenoScreens refuse it too
+            # (2026-12-06), some before the triggers that replace the keys' cascades
+            # came: given the triggers and marked 7, so older PhenoScreens refuse it
             with engine.begin() as connection:
+                create_cell_cascades(connection)
                 connection.execute(update(SchemaInfo).values(version=SCHEMA_VERSION))
             version = SCHEMA_VERSION
         if version not in OPENED_VERSIONS:
@@ -287,8 +302,9 @@ def transient_cause(exc: BaseException) -> str | None:
     Returns
     -------
     str or None
-        ``"lost"`` for a dropped or refused connection (SQLAlchemy invalidated it, or
-        PostgreSQL SQLSTATE class 08 or 57P01-57P03), ``"locked"`` for SQLite's
+        ``"lost"`` for a dropped or refused connection (SQLAlchemy invalidated it,
+        PostgreSQL SQLSTATE class 08 or 57P01-57P03, or psycopg's operational error
+        without a SQLSTATE: the connection failed), ``"locked"`` for SQLite's
         "database is locked", ``"conflict"`` for a PostgreSQL transaction aborted by a
         deadlock or a serialization failure (40P01, 40001), None for any other error
         (a full disk, a missing table, a cancelled statement: running it again would
@@ -300,6 +316,8 @@ def transient_cause(exc: BaseException) -> str | None:
     sqlstate = getattr(orig, "sqlstate", None) or ""
     if sqlstate.startswith(_LOST_SQLSTATES):
         return "lost"
+    if isinstance(orig, psycopg.OperationalError) and not sqlstate:
+        return "lost"  # refused or broken before the server said why (a restart)
     if sqlstate in _CONFLICT_SQLSTATES:
         return "conflict"
     if isinstance(orig, sqlite3.OperationalError) and "locked" in str(orig):
@@ -322,7 +340,11 @@ _EVENTS = {
 
 
 def retry_lost_connection(
-    work: Callable[[], T], *, what: str, delays: Sequence[float] = RECONNECT_DELAYS_S
+    work: Callable[[], T],
+    *,
+    what: str,
+    delays: Sequence[float] = RECONNECT_DELAYS_S,
+    then: str = "rerun: completed fields are kept and the run resumes",
 ) -> T:
     """Run one unit of work (a whole transaction), again after a lost connection.
 
@@ -341,6 +363,8 @@ def retry_lost_connection(
         Named in the log and the error, e.g. ``"field 12"``.
     delays : sequence of float
         Seconds to wait before each new attempt (exponential back-off).
+    then : str
+        What the user does after the last attempt failed, in the error.
 
     Returns
     -------
@@ -364,7 +388,7 @@ def retry_lost_connection(
                 raise StoreConnectionLost(
                     f"{what}: {problem} ({len(delays)} retries over "
                     f"{sum(delays):g} s failed: {getattr(exc, 'orig', exc)}), then "
-                    "rerun: completed fields are kept and the run resumes."
+                    f"{then}."
                 ) from exc
             logger.warning(
                 "%s: %s (%s); retrying in %g s (attempt %d of %d)",

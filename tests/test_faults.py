@@ -104,6 +104,27 @@ def test_a_store_that_stays_away_is_a_clear_error_and_other_errors_are_not_retri
     assert transient_cause(psycopg.errors.QueryCanceled("x")) is None
 
 
+def test_a_refused_connection_is_retried_like_a_lost_one():
+    """psycopg gives a refused connection (a server restarting) no SQLSTATE."""
+    closed = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x")
+    attempts = []
+
+    def work():
+        attempts.append(1)
+        if len(attempts) == 1:
+            with closed.connect():
+                pass
+        return "written"
+
+    assert retry_lost_connection(work, what="field 7", delays=[0]) == "written"
+    assert len(attempts) == 2
+    with pytest.raises(OperationalError) as refused:
+        closed.connect()
+    assert transient_cause(refused.value) == "lost"
+    with pytest.raises(StoreConnectionLost, match="(?s)connection was lost.*then try"):
+        retry_lost_connection(closed.connect, what="cells", delays=[0], then="try")
+
+
 def test_a_deadlock_between_two_writers_is_retried(postgres_url):
     """Two transactions lock two rows in opposite orders: PostgreSQL aborts one
     (deadlock detected), which runs again and goes through."""

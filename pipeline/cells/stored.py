@@ -26,6 +26,8 @@ from pipeline.images.io import compile_pattern, load_field, resolve_under
 
 #: Fields whose stored cells `iter_field_crops` reads in one query.
 CELL_QUERY_FIELDS = 256
+#: What to do when the store stays away while crops are read.
+_THEN = "try again: an embedding or a training resumes where it stopped"
 
 
 @dataclass(frozen=True)
@@ -162,12 +164,13 @@ def iter_field_crops(
         if i % CELL_QUERY_FIELDS == 0:  # one query per group of fields
             group = fields["field_id"].iloc[i : i + CELL_QUERY_FIELDS]
             named = f"{len(group)} field(s) ({group.iloc[0]}, ...)"
-            cells = retry_lost_connection(
+            retried = partial(retry_lost_connection, then=_THEN)
+            cells = retried(
                 partial(store.read_field_cells, engine, run_id, group),
                 what=f"cells of {named}",
             )
             if with_masks:
-                labels = retry_lost_connection(
+                labels = retried(
                     partial(store.read_field_masks, engine, run_id, group),
                     what=f"masks of {named}",
                 )

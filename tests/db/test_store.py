@@ -11,6 +11,7 @@ from sqlalchemy import func, select, text
 
 from db import store, writers
 from db.schema import (
+    CELL_CASCADES,
     SCHEMA_VERSION,
     Cell,
     CellVector,
@@ -700,12 +701,28 @@ def test_store_versions_are_opened_or_refused_with_the_fix(db_url):
                 connection.execute(sqlalchemy.update(SchemaInfo).values(version=value))
             return connection.scalar(select(SchemaInfo.version))
 
+    def triggers():
+        query = (
+            "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'cascade%'"
+            if engine.dialect.name == "postgresql"
+            else "SELECT count(*) FROM sqlite_master WHERE type = 'trigger'"
+        )
+        with engine.connect() as connection:
+            return connection.execute(text(query)).scalar()
+
     assert version() == SCHEMA_VERSION == 7
-    version(6)  # as made before the version was raised: no keys, marked 6
+    assert triggers() == len(CELL_CASCADES)
+    with engine.begin() as connection:  # as made before the version was raised (and,
+        make_old_cell_tables(connection)  # for a while, before the triggers came):
+        for table in (CellVector.__table__, Cell.__table__):  # no keys, no triggers
+            table.drop(connection)
+        for table in (Cell.__table__, CellVector.__table__):
+            table.create(connection)
+    assert version() == 6 and triggers() == 0
     make_engine(db_url, create=False).dispose()  # opened, not written
     assert version() == 6
-    make_engine(db_url).dispose()  # a writer's open marks it 7, as it is
-    assert version() == 7
+    make_engine(db_url).dispose()  # a writer's open marks it 7, as it is, with triggers
+    assert version() == 7 and triggers() == len(CELL_CASCADES)
     with engine.begin() as connection:
         make_old_cell_tables(connection)  # as a store made before: keys, version 6
     assert version() == 6
