@@ -375,7 +375,7 @@ def main() -> None:
                         vectors == "rectified"
                         and method not in ("batched", "batched_pglz")
                     ) or (backend == "sqlite" and method == "batched_pglz"):
-                        continue  # fmt: skip
+                        continue
                     if backend == "sqlite":
                         url, drop = (
                             f"sqlite:///{tmp}/{uuid.uuid4().hex}.db",

@@ -164,15 +164,16 @@ def iter_field_crops(
         if i % CELL_QUERY_FIELDS == 0:  # one query per group of fields
             group = fields["field_id"].iloc[i : i + CELL_QUERY_FIELDS]
             named = f"{len(group)} field(s) ({group.iloc[0]}, ...)"
-            retried = partial(retry_lost_connection, then=_THEN)
-            cells = retried(
+            cells = retry_lost_connection(
                 partial(store.read_field_cells, engine, run_id, group),
                 what=f"cells of {named}",
+                then=_THEN,
             )
             if with_masks:
-                labels = retried(
+                labels = retry_lost_connection(
                     partial(store.read_field_masks, engine, run_id, group),
                     what=f"masks of {named}",
+                    then=_THEN,
                 )
         image = reader.read(row)
         stored = cells[int(row.field_id)]
