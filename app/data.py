@@ -11,7 +11,13 @@ import pandas as pd
 import streamlit as st
 from sqlalchemy import Engine
 
-from db.session import make_engine
+from db.session import (
+    StoreConnectionLost,
+    make_engine,
+    shown_url,
+    store_problem,
+    transient_cause,
+)
 from db.store import (
     FEATURE_SET_ALIASES,
     count_flagged_fields,
@@ -45,6 +51,35 @@ DEFAULT_DB_URL = "sqlite:///phenoscreen.db"
 def db_url() -> str:
     """Return the store URL the dashboard was started with."""
     return os.environ.get("PHENOSCREEN_DB_URL", DEFAULT_DB_URL)
+
+
+def unreachable_store_message(exc: BaseException, url: str) -> str | None:
+    """Return what the dashboard says when the store cannot be read, else None.
+
+    Parameters
+    ----------
+    exc : BaseException
+        An error raised while a view loaded data: a `db.session.StoreConnectionLost`
+        (the gallery's crop reads are retried first) or a database error.
+    url : str
+        The store's URL.
+
+    Returns
+    -------
+    str or None
+        The message, naming the store, the problem and the fix, for a lost or
+        refused connection, a locked database or repeated conflicts
+        (`db.session.transient_cause`); None for any other error, which the view
+        raises as it is.
+    """
+    error = exc.__cause__ if isinstance(exc, StoreConnectionLost) else exc
+    cause = transient_cause(error) if error is not None else None
+    if cause is None:
+        return None
+    return (
+        f"Cannot read the store {shown_url(url)}: {store_problem(cause)} "
+        f"({getattr(error, 'orig', error)}). Reload the page to try again."
+    )
 
 
 @st.cache_resource

@@ -12,6 +12,7 @@ import streamlit as st
 
 from app import data
 from app.glossary import GLOSSARY
+from db.session import shown_url
 from pipeline.images.platemap import PLATE_FORMATS, parse_well
 from pipeline.views.export import escape_formulas
 from pipeline.views.gallery import composite, display_limits, draw_outlines
@@ -38,12 +39,13 @@ def pick_run() -> int | None:
     try:
         runs = data.load_runs(url)
     except ValueError as exc:
-        st.error(f"Cannot open the store {url}: {exc}")
+        st.error(f"Cannot open the store {shown_url(url)}: {exc}")
         return None
     complete = runs[runs["status"] == "complete"] if not runs.empty else runs
     if complete.empty:
         st.info(
-            f"No complete run in {url} yet. Run `phenoscreen run` or `phenoscreen demo`."
+            f"No complete run in {shown_url(url)} yet. "
+            "Run `phenoscreen run` or `phenoscreen demo`."
         )
         return None
     labels = {

@@ -125,10 +125,18 @@ def _check_tables(url: str, tables: list[str]) -> None:
     if tables and "schema_info" not in tables:
         shown = ", ".join(sorted(tables)[:5])
         raise ValueError(
-            f"db {url!r} holds {len(tables)} tables of another program ({shown}) and "
+            f"db {shown_url(url)!r} holds {len(tables)} tables of another program ({shown}) and "
             "no PhenoScreen store; nothing was added to it. Use a new database file "
             "or an empty database."
         )
+
+
+def shown_url(url: str) -> str:
+    """Return `url` as messages show it: a password in it masked (``***``)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
 
 
 def _engine(url: str, *, create: bool) -> Engine:
@@ -153,7 +161,7 @@ def _engine(url: str, *, create: bool) -> Engine:
         return engine
     except (ImportError, NoSuchModuleError) as exc:
         raise ValueError(
-            f"db URL {url!r}: no driver for {parsed.drivername!r} is installed "
+            f"db URL {shown_url(url)!r}: no driver for {parsed.drivername!r} is installed "
             f"({exc}); PhenoScreen stores run on sqlite:///PATH.db or "
             "postgresql+psycopg://USER@HOST:PORT/DB."
         ) from exc
@@ -178,7 +186,7 @@ def _tables(url: str, engine: Engine) -> list[str]:
                 tables = inspector.get_table_names()  # ours: the default schema
         except DBAPIError as exc:
             raise ValueError(
-                f"db {url!r} cannot be opened as a database ({exc.orig}); check the "
+                f"db {shown_url(url)!r} cannot be opened as a database ({exc.orig}); check the "
                 "URL and that the server runs."
             ) from exc
     _check_tables(url, tables)
@@ -202,7 +210,9 @@ def check_store(url: str, *, create: bool = True) -> None:
     finally:
         engine.dispose()
     if not create and "schema_info" not in tables:
-        raise ValueError(f"db {url!r} holds no PhenoScreen store; run a plate first.")
+        raise ValueError(
+            f"db {shown_url(url)!r} holds no PhenoScreen store; run a plate first."
+        )
 
 
 def make_engine(url: str, *, create: bool = True) -> Engine:
@@ -246,7 +256,7 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
                 version = session.scalar(select(SchemaInfo.version))
         except DBAPIError as exc:
             raise ValueError(
-                f"db {url!r} has a schema_info table that is not PhenoScreen's "
+                f"db {shown_url(url)!r} has a schema_info table that is not PhenoScreen's "
                 f"({exc.orig}); use a new database file or an empty database."
             ) from exc
         tables = inspect(engine)
@@ -270,7 +280,7 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
                 else "use a new database file"
             )
             raise ValueError(
-                f"db {url!r} has schema version {version} but this PhenoScreen opens "
+                f"db {shown_url(url)!r} has schema version {version} but this PhenoScreen opens "
                 f"versions {', '.join(map(str, OPENED_VERSIONS))}; {fix}."
             )
     return engine
@@ -339,6 +349,17 @@ _EVENTS = {
 }
 
 
+def store_problem(cause: str) -> str:
+    """Return what went wrong for good, per `transient_cause`, and what to check.
+
+    Raises
+    ------
+    KeyError
+        If `cause` is not one `transient_cause` returns.
+    """
+    return _PROBLEMS[cause]
+
+
 def retry_lost_connection(
     work: Callable[[], T],
     *,
@@ -384,7 +405,7 @@ def retry_lost_connection(
             if cause is None:
                 raise
             if delay is None:
-                problem = _PROBLEMS[cause]
+                problem = store_problem(cause)
                 raise StoreConnectionLost(
                     f"{what}: {problem} ({len(delays)} retries over "
                     f"{sum(delays):g} s failed: {getattr(exc, 'orig', exc)}), then "

@@ -118,14 +118,19 @@ def test_a_bad_sqlite_path_is_refused(tmp_path, make, message, capsys):
     [
         ("mysql://user@localhost/screens", "no driver for 'mysql' is installed"),
         (
-            "postgresql+psycopg://postgres@127.0.0.1:1/x",
-            "cannot be opened as a database",
+            "postgresql+psycopg://postgres:secret@127.0.0.1:1/x",
+            "db 'postgresql+psycopg://postgres:***@127.0.0.1:1/x' cannot be opened as "
+            "a database",
+        ),
+        (
+            "postgresql+nodriver://postgres:secret@127.0.0.1:1/x",
+            "db URL 'postgresql+nodriver://postgres:***@127.0.0.1:1/x': no driver",
         ),
         ("not a url", "is not a database URL"),
     ],
 )
 def test_a_store_that_cannot_be_opened_exits_2_with_the_fix(url, message, capsys):
-    expect(["status", "--db", url], 2, message, capsys)
+    expect(["status", "--db", url], 2, message, capsys)  # the password masked
 
 
 def test_a_missing_store_is_not_created_by_reading_commands(tmp_path, capsys):

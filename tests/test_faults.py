@@ -34,6 +34,7 @@ from db.session import (
 from db.store import resolve_run
 from models.embed import embed_run
 from pipeline.run import run_experiment
+from tests.conftest import free_port
 from tests.models.test_embed import FAST_RECIPE
 from tests.pipeline.test_run import demo_config
 from tests.test_cli import cell_table
@@ -356,14 +357,6 @@ def start_run(command, started):
     )  # its own group: stop()
     started.append(run)
     return run
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -3,16 +3,17 @@
 import streamlit as st
 
 from app import data
+from db.session import shown_url
 
 st.header("Runs")
 url = data.db_url()
 try:
     runs = data.load_runs(url)
 except ValueError as exc:
-    st.error(f"Cannot open the store {url}: {exc}")
+    st.error(f"Cannot open the store {shown_url(url)}: {exc}")
 else:
     if runs.empty:
-        st.info(f"No run in {url} yet.")
+        st.info(f"No run in {shown_url(url)} yet.")
     else:
         st.dataframe(runs, hide_index=True)
         st.subheader("Provenance")

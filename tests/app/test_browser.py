@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -23,7 +22,7 @@ from db.session import make_engine
 from db.store import resolve_run, write_phenotype_map
 from pipeline.cli import dashboard_command
 from pipeline.views.export import phenotype_map_table, read_profiles, sample_cells
-from tests.conftest import copy_store
+from tests.conftest import copy_store, free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = [
@@ -45,12 +44,6 @@ def _needs_browser():
     if os.environ.get("CI"):
         pytest.fail(f"{reason} under CI; .ci/run installs them")
     pytest.skip(reason)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _wait_healthy(port: int, process: subprocess.Popen, timeout: float = 90) -> None:
@@ -80,7 +73,7 @@ def dashboard(demo_run, tmp_path):
         read_profiles(engine, run_id, experiment_id)[1], cells=cells
     )
     write_phenotype_map(engine, run_id, points)
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         dashboard_command(host="127.0.0.1", port=port),
         env=os.environ | {"PHENOSCREEN_DB_URL": url},

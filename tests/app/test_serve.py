@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 from pipeline.cli import main
-from tests.app.test_browser import _free_port, _wait_healthy
+from tests.app.test_browser import _wait_healthy
+from tests.conftest import free_port
 from tests.pipeline.test_hit_designs import make_screen
 
 
@@ -15,7 +16,7 @@ def test_killing_the_dashboard_by_its_pid_stops_the_server(tmp_path):
     make_screen().to_csv(path, index=False)
     url = f"sqlite:///{tmp_path}/s.db"
     assert main(["import-profiles", str(path), "--db", url]) == 0
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "dashboard", "--db", url,
          "--port", str(port)],

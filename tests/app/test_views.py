@@ -1,6 +1,9 @@
 """Every dashboard view renders on an empty store and on a store with a run."""
 
+import contextlib
 import os
+import socket
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +11,11 @@ import pandas as pd
 import plotly.io
 import pytest
 import streamlit as st
+from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.exc import OperationalError
 from streamlit.testing.v1 import AppTest
 
+from app.data import unreachable_store_message
 from app.glossary import EC50_FLAGS, GLOSSARY
 from app.widgets import (
     CONTROL_GREY,
@@ -18,13 +24,18 @@ from app.widgets import (
     dose_response_figure,
     well_summary,
 )
-from db.session import make_engine
+from db.session import (
+    StoreConnectionLost,
+    make_engine,
+    retry_lost_connection,
+    store_problem,
+)
 from db.store import read_run_provenance, resolve_run, write_phenotype_map
 from pipeline.calls.doseresponse import FLAGS
 from pipeline.calls.hits import HIT_COLUMNS, MIN_SIMILARITY
 from pipeline.config import HitsConfig
 from pipeline.views.export import phenotype_map_table, read_profiles, sample_cells
-from tests.conftest import SHARED_DATA, copy_store
+from tests.conftest import SHARED_DATA, copy_store, free_port
 
 APP = Path(__file__).resolve().parents[2] / "app"
 VIEWS = [
@@ -340,6 +351,97 @@ def test_app_entry_navigates_to_hits_then_warms_the_runs_caches(
     assert app.header[0].value == "Hits"
     assert app.session_state["warmed"] == (app.session_state["run_id"], "classical")
     assert "feature_set" not in app.session_state  # one feature set: no selector
+
+
+class Relay:
+    """A local port relayed to a TCP server until `stop`, as a server that goes down.
+
+    Every connection made through it is cut by `stop`, and new ones are refused.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # stopped
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(
+                    target=self._pipe, args=(source, sink), daemon=True
+                ).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:  # cut by stop
+            pass
+
+    def stop(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        self.listener.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def test_app_says_so_when_the_database_server_goes_down(postgres_url, monkeypatch):
+    server = make_url(postgres_url)
+    make_engine(postgres_url).dispose()  # an empty store
+    relay = Relay(server.host, server.port)
+    url = server.set(port=relay.port, password="secret").render_as_string(False)
+    monkeypatch.setenv("PHENOSCREEN_DB_URL", url)
+    st.cache_data.clear()
+    app = AppTest.from_file(str(APP / "streamlit_app.py"), default_timeout=60).run()
+    assert not app.exception and "No complete run" in app.info[0].value
+    relay.stop()  # the server goes down while the dashboard is open
+    st.cache_data.clear()  # as after the runs' 30 s cache
+    app.run()
+    assert not app.exception
+    [message] = [m.value for m in app.error]
+    assert message.startswith(
+        "Cannot read the store postgresql+psycopg://postgres:***@"
+    )
+    assert "the database connection was lost; check that the database server is up" in (
+        message
+    )
+    assert "Reload the page" in message and "secret" not in message
+
+
+def test_unreachable_store_message_after_the_retries_and_for_other_errors(tmp_path):
+    closed = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test"
+
+    def connect():
+        with create_engine(closed).connect():
+            pass
+
+    with pytest.raises(StoreConnectionLost) as lost:  # as the gallery's crop reads
+        retry_lost_connection(connect, what="reading crops", delays=[])
+    message = unreachable_store_message(lost.value, closed)
+    assert "the database connection was lost" in message
+    assert "Connection refused" in message or "connection failed" in message
+    sqlite = f"sqlite:///{tmp_path}/s.db"
+    # no such table: not the server's fault
+    with (
+        pytest.raises(OperationalError) as missing,
+        create_engine(sqlite).connect() as c,
+    ):
+        c.execute(text("SELECT * FROM cell"))
+    assert unreachable_store_message(missing.value, sqlite) is None
+    assert unreachable_store_message(ValueError("a bug"), sqlite) is None
+    with pytest.raises(KeyError):
+        store_problem("slow")
 
 
 def test_warm_up_fills_the_caches_the_views_read_first(demo_store, monkeypatch):
