@@ -6,7 +6,8 @@ into a temporary folder pair and given to ``phenoscreen train-segmenter``'s trai
 function (which holds out a fifth of it for checkpoint selection); the "report" half
 is never seen and scores the result in ``bench_segmenter_dsb.py``.
 
-Run: ``python benchmarks/train_default_segmenter.py [--epochs 40] [--out FILE]``;
+Run: ``python benchmarks/train_default_segmenter.py [--epochs 40] [--out FILE]
+[--widths 16,32,64,128,256]``;
 ``--recalibrate`` instead chooses the post-processing of the shipped weights again
 on their own held-out images (`models.train_segmenter.recalibrate_segmenter`).
 """
@@ -38,6 +39,10 @@ def main() -> None:
     )
     parser.add_argument("--lr", type=float, default=SegmenterTrainConfig.lr)
     parser.add_argument("--init", help="start from these weights (a second stage)")
+    parser.add_argument(
+        "--widths", default=",".join(map(str, SegmenterTrainConfig.widths)),
+        help="U-Net channels per level, finest first, comma-separated",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS)
     parser.add_argument(
         "--recalibrate", action="store_true",
@@ -48,9 +53,11 @@ def main() -> None:
         sys.exit(f"{DATA} is absent: training needs ../shared/data.")
     meta = dsb_split()
     tune = meta[meta["split"] == "tune"]
+    widths = tuple(int(w) for w in args.widths.split(","))
     config = SegmenterTrainConfig(
-        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, lr=args.lr
-    )
+        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, lr=args.lr,
+        widths=widths,
+    )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         images, masks = Path(tmp, "images"), Path(tmp, "masks")
         images.mkdir()
@@ -73,9 +80,12 @@ def main() -> None:
     command = (
         f"python benchmarks/train_default_segmenter.py --epochs {args.epochs} "
         f"--steps-per-epoch {args.steps_per_epoch} --lr {args.lr} --out {args.out}"
+        f" --widths {args.widths}"
     )
     save(
-        "train_default_segmenter_" + ("stage2" if args.init else "stage1"),
+        "train_default_segmenter_"
+        + ("stage2" if args.init else "stage1")
+        + ("" if widths == SegmenterTrainConfig.widths else f"_w{args.widths}"),
         {
             "command": command + (f" --init {args.init}" if args.init else ""),
             "training_images": len(tune),
