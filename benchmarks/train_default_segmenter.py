@@ -85,7 +85,11 @@ def main() -> None:
     save(
         "train_default_segmenter_"
         + ("stage2" if args.init else "stage1")
-        + ("" if widths == SegmenterTrainConfig.widths else f"_w{args.widths}"),
+        + (
+            ""
+            if widths == SegmenterTrainConfig.widths
+            else "_w" + "-".join(map(str, widths))
+        ),
         {
             "command": command + (f" --init {args.init}" if args.init else ""),
             "training_images": len(tune),
