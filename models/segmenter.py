@@ -21,7 +21,6 @@ Weights are a plain dictionary of tensors and settings loaded with
 from __future__ import annotations
 
 import copy
-import ctypes
 import hashlib
 import json
 from collections.abc import Sequence
@@ -799,47 +798,14 @@ def load_segmenter(path: str | Path | None = None) -> tuple[NucleiUNet, UNetSpec
     return model, spec, info
 
 
-#: glibc's `mallopt` parameters (malloc.h) and the largest trim threshold it takes.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _LARGEST_INT = -1, -4, 2**31 - 1
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc serve large blocks from its heap and keep memory freed for reuse.
-
-    glibc maps every block over 32 MiB fresh from the kernel and returns it when
-    freed, so each U-Net pass page-faults and zero-fills its largest feature maps
-    again (those of the finest level once a field or tile exceeds 512 px at network
-    scale): ~0.13 of a 768 px pass's 0.42 s on one core. Served from the heap
-    and kept, the maps of one pass are reused by the next. Peak memory stays the
-    same; memory freed stays with the process (its resident size stays near its
-    peak). Process-wide; applied when the network is first loaded for inference
-    (`cached_segmenter`).
-
-    Returns
-    -------
-    bool
-        True where applied (glibc: Linux), False where the C library has no
-        `mallopt` (macOS, Windows), which then is left as it is.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError, TypeError):  # not glibc; Windows: no CDLL(None)
-        return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, _LARGEST_INT)
-    )
-
-
 @lru_cache(maxsize=4)
 def cached_segmenter(path: str | None = None) -> tuple[nn.Module, UNetSpec, dict]:
     """`load_segmenter` for inference, once per path and process.
 
     The network is shared and has its batch norms folded into the convolutions
-    (`fold_batch_norms`): it cannot be trained. Large blocks of memory are kept
-    for the next pass (`keep_freed_memory`).
+    (`fold_batch_norms`): it cannot be trained.
     """
     model, spec, info = load_segmenter(path)
-    keep_freed_memory()
     return fold_batch_norms(model), spec, info
 
 

@@ -1,7 +1,4 @@
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +13,6 @@ from models.segmenter import (
     UNetSpec,
     drop_faint_objects,
     fold_batch_norms,
-    keep_freed_memory,
     label_targets,
     labels_for_spec,
     labels_from_maps,
@@ -34,8 +30,6 @@ from pipeline.cells.segeval import average_precision, match_counts
 from pipeline.cells.segment import check_segmenter, segment_field
 from pipeline.errors import InputError
 from tests.conftest import shared_data
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _touching_discs(shape=(64, 80)):
@@ -345,38 +339,6 @@ def test_weights_saved_with_a_seed_threshold_load_with_the_default_seed_height(
     del payload["spec"]["seed_height"]
     torch.save(payload, path)  # as train-segmenter wrote them before h-maxima seeds
     assert load_segmenter(path)[1].seed_height == UNetSpec().seed_height
-
-
-_RETAINED_AFTER_FREE = """
-import re, sys
-import numpy as np
-from models.segmenter import cached_segmenter
-if sys.argv[1] == "load":
-    cached_segmenter(None)
-def rss_mib():
-    status = open("/proc/self/status").read()
-    return int(re.search(r"VmRSS:\\s+(\\d+)", status).group(1)) // 1024
-before = rss_mib()
-block = np.ones(256 * 2**20 // 8)  # 256 MiB, written
-del block
-print(rss_mib() - before)
-"""
-
-
-@pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only"
-)
-def test_loading_the_unet_keeps_large_freed_blocks_for_the_next_pass():
-    def retained_mib(mode):
-        done = subprocess.run(
-            [sys.executable, "-c", _RETAINED_AFTER_FREE, mode],
-            capture_output=True, text=True, check=True, cwd=ROOT,
-        )  # fmt: skip
-        return int(done.stdout.split()[-1])
-
-    assert retained_mib("none") < 32  # glibc's default: unmapped when freed
-    assert retained_mib("load") > 200  # kept on the heap for the next pass
-    assert keep_freed_memory()  # glibc here
 
 
 def test_shipped_weights_are_small_and_documented():
