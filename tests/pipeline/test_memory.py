@@ -41,4 +41,3 @@ def test_segmenting_a_field_keeps_large_freed_blocks_for_the_next_one():
     assert retained_mib("none") < 32  # glibc's default: unmapped when freed
     assert retained_mib("segment") > 200  # kept on the heap for the next field
     assert keep_freed_memory() is True  # glibc here; once per process
-
