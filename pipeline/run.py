@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import dask
 import numpy as np
 import pandas as pd
 from distributed import Client, LocalCluster, as_completed
@@ -435,13 +434,7 @@ def dask_client(
         finally:
             client_log.setLevel(level)
         return
-    # Dask sets MALLOC_TRIM_THRESHOLD_ in its workers, which also freezes glibc's
-    # mmap threshold: every array over 128 KiB is then mmapped and page-faulted
-    # afresh (measured 1.6x slower per field). A 32 MiB mmap threshold undoes that.
-    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
-    environ.setdefault("MALLOC_MMAP_THRESHOLD_", 32 * 2**20)
     with (
-        dask.config.set({"distributed.nanny.pre-spawn-environ": environ}),
         LocalCluster(
             n_workers=n_workers,
             threads_per_worker=1,
