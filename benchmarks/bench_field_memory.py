@@ -3,13 +3,15 @@
 glibc maps blocks over its threshold (at most 32 MiB) fresh from the kernel and
 trims its heap's free top, so a process segmenting field after field page-faults
 and zero-fills its large arrays again for each field; `keep_freed_memory` (applied
-by `segment_field`) keeps them. Each round runs, in fresh processes on one core
-(``taskset -c 0``, one thread), `segment_field` + `measure_cells` (default
+in a run's Dask workers) keeps them. Each round runs, in fresh processes on one
+core (``taskset -c 0``, one thread), `segment_field` + `measure_cells` (default
 features) of the two 1080 px fields of ``bench_vs_cellprofiler.py`` (JUMP and
-pediatric, DNA + cell stain) with the setting and without it (`segment_field`'s
-reference patched to a no-op), for each segmenter, alternating. Reported per
+pediatric, DNA + cell stain) with the setting and without it, for each segmenter,
+alternating. Reported per
 segmenter: median seconds per field over ``--repeats`` passes after a warm-up
-pass, per round, and the speed-up of the medians.
+pass, per round, and the speed-up of the medians; the U-Net's pass over a 768 px
+tile alone (median of 3 after a warm-up); each process's peak and final resident
+size (after the timed passes; the U-Net's from after its tile passes).
 
     python benchmarks/bench_field_memory.py [--rounds 3] [--repeats 3]
 """
@@ -31,26 +33,43 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._common import save  # noqa: E402
 
 ONE_FIELD_SET = """
-import json, sys, time
+import json, re, sys, time
 import numpy as np, tifffile
-import pipeline.cells.segment as segment
 from benchmarks.bench_vs_cellprofiler import FIELDS, measure_config
+from pipeline.cells.segment import segment_field
 from pipeline.measure.features import measure_cells
+from pipeline.memory import keep_freed_memory
 method, keep, repeats = sys.argv[1], sys.argv[2] == "on", int(sys.argv[3])
-if not keep:
-    segment.keep_freed_memory = lambda: False
+if keep:
+    keep_freed_memory()
 options = measure_config({})
 images = [np.stack([tifffile.imread(a), tifffile.imread(b)]) for a, b in FIELDS.values()]
 def one(image):
     start = time.perf_counter()
-    nuclei, cells = segment.segment_field(image[0], image[1], method=method)
+    nuclei, cells = segment_field(image[0], image[1], method=method)
     segmented = time.perf_counter()
     measure_cells(image, nuclei, cells, channel_names=["DNA", "CELL"], options=options)
     return segmented - start, time.perf_counter() - segmented
 for image in images:
     one(image)
 steps = np.median([np.mean([one(i) for i in images], axis=0) for _ in range(repeats)], 0)
-print(json.dumps({"segment_s": float(steps[0]), "measure_s": float(steps[1])}))
+figures = {"segment_s": float(steps[0]), "measure_s": float(steps[1])}
+if method == "unet":  # the network alone, one 768 px tile
+    import torch
+    from models.segmenter import cached_segmenter
+    model = cached_segmenter(None)[0]
+    tile = torch.rand(1, 1, 768, 768).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        passes = []
+        for _ in range(4):
+            start = time.perf_counter()
+            model(tile)
+            passes.append(time.perf_counter() - start)
+    figures["unet_768px_pass_s"] = float(np.median(passes[1:]))
+status = open("/proc/self/status").read()
+figures["peak_rss_mib"] = int(re.search(r"VmHWM:\\s+(\\d+)", status).group(1)) // 1024
+figures["final_rss_mib"] = int(re.search(r"VmRSS:\\s+(\\d+)", status).group(1)) // 1024
+print(json.dumps(figures))
 """
 
 
@@ -82,13 +101,17 @@ def main() -> None:
                 "without": run_once(method, False, args.repeats),
                 "with": run_once(method, True, args.repeats),
             })  # fmt: skip
-        totals = {
-            side: float(np.median([r[side]["total_s"] for r in rounds]))
+        medians = {
+            side: {
+                key: float(np.median([r[side][key] for r in rounds]))
+                for key in rounds[0][side]
+            }
             for side in ("without", "with")
         }
+        totals = {side: medians[side]["total_s"] for side in medians}
         results[method] = {
             "rounds": rounds,
-            "median_total_s": totals,
+            "medians": medians,
             "speedup": round(totals["without"] / totals["with"], 3),
         }
         print(
@@ -97,6 +120,17 @@ def main() -> None:
             "rounds: " + ", ".join(
                 f"{r['without']['total_s']:.3f}/{r['with']['total_s']:.3f}"
                 for r in rounds
+            )
+            + "; peak / final resident MiB "
+            + ", ".join(
+                f"{side} {medians[side]['peak_rss_mib']:.0f} / "
+                f"{medians[side]['final_rss_mib']:.0f}"
+                for side in medians
+            )
+            + (
+                f"; U-Net 768 px pass {medians['without']['unet_768px_pass_s']:.3f} s "
+                f"without, {medians['with']['unet_768px_pass_s']:.3f} s with"
+                if method == "unet" else ""
             )
         )  # fmt: skip
     save("field_memory", {

@@ -13,7 +13,9 @@ CellProfiler runs the peer pipeline ../shared/peers/cellprofiler/nuc_cell_csv.cp
 (nuclei by Otsu + shape declumping, cells by propagation, size/shape with Zernike,
 intensity, texture at scale 3, CSV export); its per-field time is the difference
 of a run over all image sets and a run over the first one (start-up removed).
-PhenoScreen runs `segment_field` + `measure_cells` on the same files, for each
+PhenoScreen runs `segment_field` + `measure_cells` on the same files (in a process
+that keeps freed memory, `pipeline.memory.keep_freed_memory`, as a run's workers
+do), for each
 segmenter (``--segmenters classical,unet``: the learned U-Net also on one core, one
 torch thread; ``unet-bfloat16`` is the U-Net with ``segment.precision = "bfloat16"``,
 fast on CPUs with AMX tiles, whose flags the machine facts record) and each of the two
@@ -99,6 +101,8 @@ import numpy as np, tifffile
 from benchmarks.bench_vs_cellprofiler import measure_config, segment_options
 from pipeline.measure.features import measure_cells
 from pipeline.cells.segment import segment_field
+from pipeline.memory import keep_freed_memory
+keep_freed_memory()  # as in a run's Dask workers
 options = measure_config(json.loads(sys.argv[3]))
 rows = []
 for dna, cell in json.loads(sys.argv[1]):

@@ -54,6 +54,13 @@ def main() -> None:
     meta = dsb_split()
     tune = meta[meta["split"] == "tune"]
     widths = tuple(int(w) for w in args.widths.split(","))
+    if widths != SegmenterTrainConfig.widths and (
+        args.out == DEFAULT_WEIGHTS or args.recalibrate
+    ):
+        parser.error(
+            "--widths other than the shipped network's trains a new network: give "
+            "--out FILE (not the shipped weights), without --recalibrate."
+        )
     config = SegmenterTrainConfig(
         epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, lr=args.lr,
         widths=widths,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -132,21 +133,42 @@ def _check_tables(url: str, tables: list[str]) -> None:
 
 
 def shown_url(url: str) -> str:
-    """Return `url` as messages show it: a password in it masked (``***``)."""
+    """Return `url` as messages show it, its password masked.
+
+    Parameters
+    ----------
+    url : str
+        A database URL, parseable or not.
+
+    Returns
+    -------
+    str
+        The URL with ``***`` for the password after the user name and for a
+        ``password`` query parameter (libpq takes both); an unparseable URL gets
+        the same masking by pattern.
+    """
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # e.g. a port that is not a number
+        return _PASSWORD_IN_URL.sub(r"\1***@", url)
+    if "password" in parsed.query:
+        parsed = parsed.update_query_dict({"password": "***"})
+    shown = parsed.render_as_string(hide_password=True)
+    return shown.replace("password=%2A%2A%2A", "password=***")
+
+
+#: ``scheme://user:password@``: the password of a URL, where it cannot be parsed.
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@]*:)[^@/]*@")
 
 
 def _engine(url: str, *, create: bool) -> Engine:
     """Check `url` (`_sqlite_path` for SQLite) and create its engine; no writes."""
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port not a number
         raise ValueError(
-            f"db URL {url!r} is not a database URL; use sqlite:///PATH.db or "
-            "postgresql+psycopg://USER@HOST:PORT/DB."
+            f"db URL {shown_url(url)!r} is not a database URL ({exc}); use "
+            "sqlite:///PATH.db or postgresql+psycopg://USER@HOST:PORT/DB."
         ) from exc
     try:
         if parsed.get_backend_name() == "sqlite":
@@ -296,6 +318,8 @@ def session_scope(engine: Engine) -> Iterator[Session]:
 
 #: PostgreSQL SQLSTATEs of a lost or refused connection and of a killed backend.
 _LOST_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+#: The start of PostgreSQL's refusals while it starts up, shuts down or recovers.
+_NOT_YET = "the database system is"
 #: PostgreSQL SQLSTATEs of a transaction aborted in a conflict with another one
 #: (deadlock detected, serialization failure): it succeeds when run again.
 _CONFLICT_SQLSTATES = ("40P01", "40001")
@@ -314,11 +338,12 @@ def transient_cause(exc: BaseException) -> str | None:
     str or None
         ``"lost"`` for a dropped or refused connection (SQLAlchemy invalidated it,
         PostgreSQL SQLSTATE class 08 or 57P01-57P03, or psycopg's operational error
-        without a SQLSTATE: the connection failed), ``"locked"`` for SQLite's
-        "database is locked", ``"conflict"`` for a PostgreSQL transaction aborted by a
-        deadlock or a serialization failure (40P01, 40001), None for any other error
-        (a full disk, a missing table, a cancelled statement: running it again would
-        not help).
+        without a SQLSTATE: the connection failed, or the server refused it while
+        starting up or shutting down), ``"locked"`` for SQLite's "database is
+        locked", ``"conflict"`` for a PostgreSQL transaction aborted by a deadlock
+        or a serialization failure (40P01, 40001), None for any other error (a full
+        disk, a missing table, a cancelled statement, a wrong password or database
+        name at connect: running it again would not help).
     """
     orig = getattr(exc, "orig", None) or exc
     if getattr(exc, "connection_invalidated", False):
@@ -327,7 +352,11 @@ def transient_cause(exc: BaseException) -> str | None:
     if sqlstate.startswith(_LOST_SQLSTATES):
         return "lost"
     if isinstance(orig, psycopg.OperationalError) and not sqlstate:
-        return "lost"  # refused or broken before the server said why (a restart)
+        # refused or broken before the server said why (a restart), or refused by
+        # the server while it starts or stops; not its other refusals at connect
+        # (a wrong password, no such database), which running again cannot mend
+        text = str(orig)
+        return "lost" if "FATAL:" not in text or _NOT_YET in text else None
     if sqlstate in _CONFLICT_SQLSTATES:
         return "conflict"
     if isinstance(orig, sqlite3.OperationalError) and "locked" in str(orig):
@@ -351,6 +380,15 @@ _EVENTS = {
 
 def store_problem(cause: str) -> str:
     """Return what went wrong for good, per `transient_cause`, and what to check.
+
+    Parameters
+    ----------
+    cause : {"lost", "locked", "conflict"}
+
+    Returns
+    -------
+    str
+        For a message: the problem and what to check.
 
     Raises
     ------

@@ -20,21 +20,26 @@ def keep_freed_memory() -> bool:
     finest level once a field or tile exceeds 512 px at network scale; ~0.13 of a
     768 px pass's 0.42 s on one core), and the megabyte-sized images, labels and
     maps of segmentation and measurement. Served from the heap and kept, one
-    field's blocks are reused by the next. Peak memory stays the same; memory
-    freed stays with the process (its resident size stays near its peak).
-    Process-wide, once per process; `pipeline.cells.segment.segment_field` applies
-    it.
+    field's blocks are reused by the next. Peak memory grows a little (fragments);
+    memory freed stays with the process, whose resident size stays near its peak.
+    In threads other than the main one (a Dask worker runs its tasks in one)
+    blocks over 64 MiB are still mapped afresh: glibc's per-thread arenas.
+    Process-wide, once per process; a run applies it in every Dask worker
+    (`pipeline.run.KeepFreedMemory`), ``phenoscreen segment`` before its first
+    image.
 
     Returns
     -------
     bool
         True where applied (glibc: Linux), False where the C library has no
-        `mallopt` (macOS, Windows), which is then left as it is.
+        `mallopt` (macOS, Windows) or refuses (musl's does nothing), which is then
+        left as it is.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError, TypeError):  # not glibc; Windows: no CDLL(None)
         return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(
         mallopt(_M_TRIM_THRESHOLD, _LARGEST_INT)
     )

@@ -29,7 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pandas as pd
-from distributed import Client, LocalCluster, as_completed
+from distributed import Client, LocalCluster, WorkerPlugin, as_completed
 from distributed.client import ClosedClientError
 from sqlalchemy import Engine
 from tqdm.auto import tqdm
@@ -68,6 +68,7 @@ from pipeline.images.platemap import (
 )
 from pipeline.images.qc import flag_fields, measure_field_qc
 from pipeline.measure.features import FEATURE_SET_NAME, feature_names, measure_cells
+from pipeline.memory import keep_freed_memory
 from pipeline.views.export import aggregate_run
 
 logger = logging.getLogger(__name__)
@@ -400,11 +401,27 @@ def progress_line(done: int, total: int, elapsed_s: float) -> str:
     )
 
 
+class KeepFreedMemory(WorkerPlugin):
+    """Apply `pipeline.memory.keep_freed_memory` in every worker, as it starts.
+
+    Registered with a run's client, it reaches the workers there and those that
+    join later (a restarted or added worker) before they run a field.
+    """
+
+    name = "phenoscreen-keep-freed-memory"
+
+    def setup(self, worker: Any) -> None:
+        """Set the worker process's C library to keep freed memory."""
+        keep_freed_memory()
+
+
 @contextmanager
 def dask_client(
     scheduler: str | None, *, n_workers: int, processes: bool
 ) -> Iterator[Client]:
     """Connect to `scheduler`, or start a LocalCluster of single-threaded workers.
+
+    Every worker keeps the memory it frees for the next field (`KeepFreedMemory`).
 
     Raises
     ------
@@ -424,6 +441,7 @@ def dask_client(
         level = client_log.level
         try:
             with client:
+                client.register_plugin(KeepFreedMemory())
                 try:
                     yield client
                 except PipelineError:  # e.g. the scheduler went away: closing the
@@ -444,6 +462,7 @@ def dask_client(
         ) as cluster,
         Client(cluster) as client,
     ):
+        client.register_plugin(KeepFreedMemory())
         try:
             yield client
         finally:  # workers slow to stop are killed: routine, not a warning
@@ -884,6 +903,7 @@ def segment_files(
     if problems:
         raise InputError(problems)
     out_dir.mkdir(parents=True, exist_ok=True)
+    keep_freed_memory()  # each image's large arrays reused by the next
     rows = []
     for k, path in enumerate(tqdm(images, unit="image", disable=None)):
         if cytoplasm is not None:

@@ -126,6 +126,28 @@ def test_a_refused_connection_is_retried_like_a_lost_one():
         retry_lost_connection(closed.connect, what="cells", delays=[0], then="try")
 
 
+def test_a_connection_the_server_refuses_for_good_is_not_retried(postgres_url):
+    """A wrong database name (or password) gets no SQLSTATE from psycopg at
+    connect either, but the server's FATAL refusal is not worth retrying; its
+    refusals while starting or stopping are."""
+    wrong = create_engine(postgres_url.rsplit("/", 1)[0] + "/no_such_database")
+    attempts = []
+
+    def work():
+        attempts.append(1)
+        with wrong.connect():
+            pass
+
+    with pytest.raises(OperationalError, match="does not exist"):
+        retry_lost_connection(work, what="field 7", delays=[0, 0])
+    assert len(attempts) == 1
+    starting = psycopg.OperationalError(
+        'connection failed: connection to server at "127.0.0.1", port 5432 failed: '
+        "FATAL:  the database system is starting up"
+    )
+    assert transient_cause(starting) == "lost"
+
+
 def test_a_deadlock_between_two_writers_is_retried(postgres_url):
     """Two transactions lock two rows in opposite orders: PostgreSQL aborts one
     (deadlock detected), which runs again and goes through."""

@@ -44,7 +44,6 @@ from pipeline.images.planes import (
     pixel_noise_sd,
     square_opening,
 )
-from pipeline.memory import keep_freed_memory
 
 DEFAULT_SEGMENTER = "unet"  # measured better than "classical" on DSB2018 and the demo
 
@@ -459,14 +458,8 @@ exclude_border_nuclei
         or a `device` other than the CPU for another segmenter than ``unet``.
     ValueError
         If a plane is not a finite numeric 2-D array or the shapes differ.
-
-    Notes
-    -----
-    The first call sets how this process's C library keeps freed memory
-    (`pipeline.memory.keep_freed_memory`).
     """
     check_segmenter(method, weights, precision)
-    keep_freed_memory()  # each field's large arrays reused by the next
     if device != "cpu" and method != "unet":
         raise InputError(
             f'device {device!r} runs the "unet" segmenter only (method is {method!r}); '

@@ -372,7 +372,12 @@ class Relay:
                 client, _ = self.listener.accept()
             except OSError:  # stopped
                 return
-            upstream = socket.create_connection(self.target)
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+            except OSError:  # the server does not answer: neither does the relay
+                client.close()
+                continue
+            upstream.settimeout(None)
             self.sockets += [client, upstream]
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(
@@ -384,6 +389,7 @@ class Relay:
         try:
             while data := source.recv(65536):
                 sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)  # the other side hung up: pass it on
         except OSError:  # cut by stop
             pass
 
@@ -396,11 +402,23 @@ class Relay:
             sock.close()
 
 
-def test_app_says_so_when_the_database_server_goes_down(postgres_url, monkeypatch):
+@pytest.fixture
+def relay(postgres_url):
+    """The PostgreSQL server of `postgres_url` behind a `Relay`; stopped after."""
     server = make_url(postgres_url)
-    make_engine(postgres_url).dispose()  # an empty store
     relay = Relay(server.host, server.port)
-    url = server.set(port=relay.port, password="secret").render_as_string(False)
+    yield relay
+    with contextlib.suppress(OSError):  # the test may have stopped it
+        relay.stop()
+
+
+def test_app_says_so_when_the_database_server_goes_down(
+    postgres_url, relay, monkeypatch
+):
+    make_engine(postgres_url).dispose()  # an empty store
+    server = make_url(postgres_url)
+    password = server.password or "secret"  # trust auth takes any
+    url = server.set(port=relay.port, password=password).render_as_string(False)
     monkeypatch.setenv("PHENOSCREEN_DB_URL", url)
     st.cache_data.clear()
     app = AppTest.from_file(str(APP / "streamlit_app.py"), default_timeout=60).run()
@@ -410,13 +428,12 @@ def test_app_says_so_when_the_database_server_goes_down(postgres_url, monkeypatc
     app.run()
     assert not app.exception
     [message] = [m.value for m in app.error]
-    assert message.startswith(
-        "Cannot read the store postgresql+psycopg://postgres:***@"
-    )
+    shown = f"{server.drivername}://{server.username}:***@127.0.0.1:{relay.port}/"
+    assert message.startswith(f"Cannot read the store {shown}")
     assert "the database connection was lost; check that the database server is up" in (
         message
     )
-    assert "Reload the page" in message and "secret" not in message
+    assert "Reload the page" in message and str(password) not in message
 
 
 def test_unreachable_store_message_after_the_retries_and_for_other_errors(tmp_path):
