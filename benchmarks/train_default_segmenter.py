@@ -55,7 +55,7 @@ def main() -> None:
     tune = meta[meta["split"] == "tune"]
     widths = tuple(int(w) for w in args.widths.split(","))
     if widths != SegmenterTrainConfig.widths and (
-        args.out == DEFAULT_WEIGHTS or args.recalibrate
+        args.out.resolve() == DEFAULT_WEIGHTS.resolve() or args.recalibrate
     ):
         parser.error(
             "--widths other than the shipped network's trains a new network: give "

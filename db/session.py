@@ -143,22 +143,24 @@ def shown_url(url: str) -> str:
     Returns
     -------
     str
-        The URL with ``***`` for the password after the user name and for a
-        ``password`` query parameter (libpq takes both); an unparseable URL gets
+        The URL with ``***`` for the password after the user name and for
+        ``password`` and ``sslpassword`` query parameters; an unparseable URL gets
         the same masking by pattern.
     """
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):  # e.g. a port that is not a number
-        return _PASSWORD_IN_URL.sub(r"\1***@", url)
-    if "password" in parsed.query:
-        parsed = parsed.update_query_dict({"password": "***"})
-    shown = parsed.render_as_string(hide_password=True)
-    return shown.replace("password=%2A%2A%2A", "password=***")
+        shown = _PASSWORD_IN_URL.sub(r"\1***@", url)
+    else:  # rendered only to mask: rendering re-quotes paths
+        shown = url if parsed.password is None else parsed.render_as_string()
+    return _PASSWORD_PARAMETER.sub(r"\1***", shown)
 
 
-#: ``scheme://user:password@``: the password of a URL, where it cannot be parsed.
-_PASSWORD_IN_URL = re.compile(r"(://[^:/@]*:)[^@/]*@")
+#: ``user:password@`` of a URL that cannot be parsed (not ``scheme://``), up to
+#: its last ``@``.
+_PASSWORD_IN_URL = re.compile(r"([^\s:/@]+:)(?!//)\S*@")
+#: A ``password=`` or ``sslpassword=`` query parameter (libpq takes both).
+_PASSWORD_PARAMETER = re.compile(r"(?i)(\b(?:ssl)?password=)[^&\s]*")
 
 
 def _engine(url: str, *, create: bool) -> Engine:
@@ -318,8 +320,14 @@ def session_scope(engine: Engine) -> Iterator[Session]:
 
 #: PostgreSQL SQLSTATEs of a lost or refused connection and of a killed backend.
 _LOST_SQLSTATES = ("08", "57P01", "57P02", "57P03")
-#: The start of PostgreSQL's refusals while it starts up, shuts down or recovers.
-_NOT_YET = "the database system is"
+#: PostgreSQL's refusals at connect that running again cannot mend (psycopg gives
+#: them no SQLSTATE): a wrong password, user or database, an access rule.
+_REFUSED_FOR_GOOD = (
+    "authentication failed",
+    "does not exist",
+    "no pg_hba.conf entry",
+    "not permitted to log in",
+)
 #: PostgreSQL SQLSTATEs of a transaction aborted in a conflict with another one
 #: (deadlock detected, serialization failure): it succeeds when run again.
 _CONFLICT_SQLSTATES = ("40P01", "40001")
@@ -339,11 +347,12 @@ def transient_cause(exc: BaseException) -> str | None:
         ``"lost"`` for a dropped or refused connection (SQLAlchemy invalidated it,
         PostgreSQL SQLSTATE class 08 or 57P01-57P03, or psycopg's operational error
         without a SQLSTATE: the connection failed, or the server refused it while
-        starting up or shutting down), ``"locked"`` for SQLite's "database is
-        locked", ``"conflict"`` for a PostgreSQL transaction aborted by a deadlock
-        or a serialization failure (40P01, 40001), None for any other error (a full
-        disk, a missing table, a cancelled statement, a wrong password or database
-        name at connect: running it again would not help).
+        starting up or with too many clients), ``"locked"`` for SQLite's "database
+        is locked", ``"conflict"`` for a PostgreSQL transaction aborted by a
+        deadlock or a serialization failure (40P01, 40001), None for any other
+        error (a full disk, a missing table, a cancelled statement, a wrong
+        password, user or database name at connect: running it again would not
+        help).
     """
     orig = getattr(exc, "orig", None) or exc
     if getattr(exc, "connection_invalidated", False):
@@ -353,10 +362,10 @@ def transient_cause(exc: BaseException) -> str | None:
         return "lost"
     if isinstance(orig, psycopg.OperationalError) and not sqlstate:
         # refused or broken before the server said why (a restart), or refused by
-        # the server while it starts or stops; not its other refusals at connect
-        # (a wrong password, no such database), which running again cannot mend
+        # the server (starting up, too many clients); not for a wrong password or
+        # database name, which running again cannot mend
         text = str(orig)
-        return "lost" if "FATAL:" not in text or _NOT_YET in text else None
+        return None if any(s in text for s in _REFUSED_FOR_GOOD) else "lost"
     if sqlstate in _CONFLICT_SQLSTATES:
         return "conflict"
     if isinstance(orig, sqlite3.OperationalError) and "locked" in str(orig):

@@ -24,9 +24,10 @@ def keep_freed_memory() -> bool:
     memory freed stays with the process, whose resident size stays near its peak.
     In threads other than the main one (a Dask worker runs its tasks in one)
     blocks over 64 MiB are still mapped afresh: glibc's per-thread arenas.
-    Process-wide, once per process; a run applies it in every Dask worker
-    (`pipeline.run.KeepFreedMemory`), ``phenoscreen segment`` before its first
-    image.
+    Process-wide, once per process: a run's tasks apply it in each Dask worker
+    process they run in (`pipeline.run.process_field`, `pipeline.run.downsample_field`;
+    on an external cluster the worker keeps it after the run),
+    ``phenoscreen segment`` before its first image.
 
     Returns
     -------

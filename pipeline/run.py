@@ -29,7 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pandas as pd
-from distributed import Client, LocalCluster, WorkerPlugin, as_completed
+from distributed import Client, LocalCluster, as_completed
 from distributed.client import ClosedClientError
 from sqlalchemy import Engine
 from tqdm.auto import tqdm
@@ -257,7 +257,13 @@ def process_field(
         (the labels packed by `db.store.encode_masks`), ``qc`` (of the raw field)
         and ``seconds`` per step; or ``error`` (str naming the file)
         when the field's files cannot be read or are inconsistent.
+
+    Notes
+    -----
+    The worker process keeps memory it frees for the next field
+    (`pipeline.memory.keep_freed_memory`, set once per process).
     """
+    keep_freed_memory()
     start = time.perf_counter()
     try:
         raw, image = load_field(
@@ -301,7 +307,10 @@ def downsample_field(
     """Read a field and block-average it for the illumination function.
 
     Returns None when the field cannot be read (it fails later, with its message).
+    The worker process keeps memory it frees for the next field
+    (`pipeline.memory.keep_freed_memory`).
     """
+    keep_freed_memory()
     try:
         image = read_field(paths, channel_indexes=channel_indexes)
         return downsample(image, size_px)
@@ -401,27 +410,11 @@ def progress_line(done: int, total: int, elapsed_s: float) -> str:
     )
 
 
-class KeepFreedMemory(WorkerPlugin):
-    """Apply `pipeline.memory.keep_freed_memory` in every worker, as it starts.
-
-    Registered with a run's client, it reaches the workers there and those that
-    join later (a restarted or added worker) before they run a field.
-    """
-
-    name = "phenoscreen-keep-freed-memory"
-
-    def setup(self, worker: Any) -> None:
-        """Set the worker process's C library to keep freed memory."""
-        keep_freed_memory()
-
-
 @contextmanager
 def dask_client(
     scheduler: str | None, *, n_workers: int, processes: bool
 ) -> Iterator[Client]:
     """Connect to `scheduler`, or start a LocalCluster of single-threaded workers.
-
-    Every worker keeps the memory it frees for the next field (`KeepFreedMemory`).
 
     Raises
     ------
@@ -441,7 +434,6 @@ def dask_client(
         level = client_log.level
         try:
             with client:
-                client.register_plugin(KeepFreedMemory())
                 try:
                     yield client
                 except PipelineError:  # e.g. the scheduler went away: closing the
@@ -462,7 +454,6 @@ def dask_client(
         ) as cluster,
         Client(cluster) as client,
     ):
-        client.register_plugin(KeepFreedMemory())
         try:
             yield client
         finally:  # workers slow to stop are killed: routine, not a warning

@@ -128,8 +128,8 @@ def test_a_refused_connection_is_retried_like_a_lost_one():
 
 def test_a_connection_the_server_refuses_for_good_is_not_retried(postgres_url):
     """A wrong database name (or password) gets no SQLSTATE from psycopg at
-    connect either, but the server's FATAL refusal is not worth retrying; its
-    refusals while starting or stopping are."""
+    connect either, but is not worth retrying; the server's other refusals at
+    connect (starting up, too many clients) are."""
     wrong = create_engine(postgres_url.rsplit("/", 1)[0] + "/no_such_database")
     attempts = []
 
@@ -141,11 +141,11 @@ def test_a_connection_the_server_refuses_for_good_is_not_retried(postgres_url):
     with pytest.raises(OperationalError, match="does not exist"):
         retry_lost_connection(work, what="field 7", delays=[0, 0])
     assert len(attempts) == 1
-    starting = psycopg.OperationalError(
-        'connection failed: connection to server at "127.0.0.1", port 5432 failed: '
-        "FATAL:  the database system is starting up"
-    )
-    assert transient_cause(starting) == "lost"
+    failed = 'connection failed: connection to server at "h", port 5432 failed: '
+    for reason in ("the database system is starting up", "too many clients already"):
+        assert transient_cause(psycopg.OperationalError(f"{failed}FATAL:  {reason}"))
+    wrong_password = f'{failed}FATAL:  password authentication failed for user "u"'
+    assert transient_cause(psycopg.OperationalError(wrong_password)) is None
 
 
 def test_a_deadlock_between_two_writers_is_retried(postgres_url):

@@ -22,7 +22,7 @@ from db.schema import (
     WellAggregate,
     make_old_cell_tables,
 )
-from db.session import make_engine, session_scope
+from db.session import make_engine, session_scope, shown_url
 from pipeline.images.platemap import with_well_positions
 
 
@@ -991,3 +991,25 @@ def test_cell_ids_without_their_sequence_are_refused_clearly(postgres_url):
         store.write_fields_cells(engine, run_id=run_id, feature_set_id=fs, fields=batch)
     assert store.completed_field_ids(engine, run_id) == set()
     engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql+psycopg://u:pw@h:5432/db", "postgresql+psycopg://u:***@h:5432/db"),
+        ("postgresql+psycopg://u:p%40ss@h/db", "postgresql+psycopg://u:***@h/db"),
+        (
+            "postgresql+psycopg://u@h/db?password=pw&sslpassword=x",
+            "postgresql+psycopg://u@h/db?password=***&sslpassword=***",
+        ),
+        # not parseable: masked by pattern
+        ("postgresql+psycopg://u:pw@h:notaport/db", "postgresql+psycopg://u:***@h:notaport/db"),
+        ("postgresql+psycopg//u:pa/ss@h/db", "postgresql+psycopg//u:***@h/db"),
+        # no password: shown as given
+        ("sqlite:////tmp/my store:1@x.db", "sqlite:////tmp/my store:1@x.db"),
+        ("postgresql+psycopg://u@[::1]:5432/db", "postgresql+psycopg://u@[::1]:5432/db"),
+        ("not a url", "not a url"),
+    ],
+)  # fmt: skip
+def test_shown_url_masks_every_password(url, shown):
+    assert shown_url(url) == shown
