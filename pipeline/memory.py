@@ -25,9 +25,10 @@ def keep_freed_memory() -> bool:
     In threads other than the main one (a Dask worker runs its tasks in one)
     blocks over 64 MiB are still mapped afresh: glibc's per-thread arenas.
     Process-wide, once per process: a run's tasks apply it in each Dask worker
-    process they run in (`pipeline.run.process_field`, `pipeline.run.downsample_field`;
-    on an external cluster the worker keeps it after the run),
-    ``phenoscreen segment`` before its first image.
+    process they run in (`pipeline.run.process_field`,
+    `pipeline.run.downsample_field`; in the run's own process with thread workers;
+    on an external cluster the worker keeps it after the run), ``phenoscreen
+    segment`` before its first image.
 
     Returns
     -------
