@@ -126,9 +126,9 @@ def _check_tables(url: str, tables: list[str]) -> None:
     if tables and "schema_info" not in tables:
         shown = ", ".join(sorted(tables)[:5])
         raise ValueError(
-            f"db {shown_url(url)!r} holds {len(tables)} tables of another program ({shown}) and "
-            "no PhenoScreen store; nothing was added to it. Use a new database file "
-            "or an empty database."
+            f"db {shown_url(url)!r} holds {len(tables)} tables of another program "
+            f"({shown}) and no PhenoScreen store; nothing was added to it. Use a new "
+            "database file or an empty database."
         )
 
 
@@ -185,8 +185,8 @@ def _engine(url: str, *, create: bool) -> Engine:
         return engine
     except (ImportError, NoSuchModuleError) as exc:
         raise ValueError(
-            f"db URL {shown_url(url)!r}: no driver for {parsed.drivername!r} is installed "
-            f"({exc}); PhenoScreen stores run on sqlite:///PATH.db or "
+            f"db URL {shown_url(url)!r}: no driver for {parsed.drivername!r} is "
+            f"installed ({exc}); PhenoScreen stores run on sqlite:///PATH.db or "
             "postgresql+psycopg://USER@HOST:PORT/DB."
         ) from exc
 
@@ -210,8 +210,8 @@ def _tables(url: str, engine: Engine) -> list[str]:
                 tables = inspector.get_table_names()  # ours: the default schema
         except DBAPIError as exc:
             raise ValueError(
-                f"db {shown_url(url)!r} cannot be opened as a database ({exc.orig}); check the "
-                "URL and that the server runs."
+                f"db {shown_url(url)!r} cannot be opened as a database ({exc.orig}); "
+                "check the URL and that the server runs."
             ) from exc
     _check_tables(url, tables)
     return tables
@@ -280,8 +280,9 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
                 version = session.scalar(select(SchemaInfo.version))
         except DBAPIError as exc:
             raise ValueError(
-                f"db {shown_url(url)!r} has a schema_info table that is not PhenoScreen's "
-                f"({exc.orig}); use a new database file or an empty database."
+                f"db {shown_url(url)!r} has a schema_info table that is not "
+                f"PhenoScreen's ({exc.orig}); use a new database file or an empty "
+                "database."
             ) from exc
         tables = inspect(engine)
         if (
@@ -304,8 +305,9 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
                 else "use a new database file"
             )
             raise ValueError(
-                f"db {shown_url(url)!r} has schema version {version} but this PhenoScreen opens "
-                f"versions {', '.join(map(str, OPENED_VERSIONS))}; {fix}."
+                f"db {shown_url(url)!r} has schema version {version} but this "
+                f"PhenoScreen opens versions {', '.join(map(str, OPENED_VERSIONS))}; "
+                f"{fix}."
             )
     return engine
 

@@ -13,9 +13,8 @@ from pipeline.run import dask_client, downsample_field
 
 ROOT = Path(__file__).resolve().parents[2]
 RETAINED_AFTER_FREE = """
-import re, sys
+import sys
 from pathlib import Path
-import numpy as np
 from pipeline.config import MeasureConfig
 from pipeline.memory import keep_freed_memory
 from pipeline.run import downsample_field, process_field, segment_files
@@ -31,13 +30,8 @@ elif mode == "downsample_field":
 elif mode == "segment_files":
     segment_files([Path(field)], Path(field).parent / "masks",
                   segment={"method": "classical"})
-def rss_mib():
-    status = open("/proc/self/status").read()
-    return int(re.search(r"VmRSS:\\s+(\\d+)", status).group(1)) // 1024
-before = rss_mib()
-block = np.ones(256 * 2**20 // 8)  # 256 MiB, written
-del block
-print(rss_mib() - before)
+from tests.pipeline.test_memory import retained_mib
+print(retained_mib())
 """
 glibc_only = pytest.mark.skipif(
     platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only"
