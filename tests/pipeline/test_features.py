@@ -346,6 +346,43 @@ def test_distance_inside_equals_scipy_edt():
     assert features._distance_inside(empty, features._edge_mask(empty)).shape == (0, 4)
 
 
+def test_hull_area_and_feret_equal_qhull_and_pdist():
+    """OpenCV's hull against scipy's Qhull and all pairwise distances, on blobs
+    touching each other and the border, a line, a diagonal, a single pixel and an
+    absent object."""
+    from scipy.spatial import ConvexHull, QhullError
+    from scipy.spatial.distance import pdist
+
+    from pipeline.measure import features
+
+    noise = ndi.gaussian_filter(np.random.default_rng(1).normal(size=(90, 120)), 3)
+    labels, n = ndi.label(noise > 0.02)
+    labels[85, 2:30] = n + 1  # a line
+    labels[np.arange(60, 70), np.arange(100, 110)] = n + 2  # a diagonal
+    labels[2, 118] = n + 3  # one pixel
+    labels[labels == 3] = 0  # an absent object: NaN
+    n = int(labels.max())
+    objects = features._objects(labels, n)
+    hull_area, feret = features._hull_features(objects, n)
+    edge = features._edge_mask(labels)
+    for k in range(1, n + 1):
+        points = np.argwhere(edge & (labels == k)).astype(float)
+        if k == 3:
+            assert not len(points)
+            assert np.isnan(hull_area[k - 1]) and np.isnan(feret[k - 1])
+            continue
+        extent = np.ptp(points, axis=0)
+        try:
+            area = ConvexHull(points).volume
+        except QhullError:  # a line of pixels: Qhull refuses it
+            area = 0.0
+        assert hull_area[k - 1] == pytest.approx(area + extent.sum() + 1, abs=1e-9)
+        assert feret[k - 1] == (pdist(points).max() if len(points) > 1 else 0.0)
+    assert feret[n - 3] == pytest.approx(27) and hull_area[n - 3] == 28
+    assert feret[n - 2] == pytest.approx(9 * np.sqrt(2)) and hull_area[n - 2] == 19
+    assert feret[n - 1] == 0 and hull_area[n - 1] == 1
+
+
 def test_label_quantiles_and_mad_equal_a_sort_per_label():
     """Quantiles and median absolute deviations equal those of sorting each label's
     values, with ties, even and odd counts, one-pixel labels and an absent label."""
