@@ -12,6 +12,8 @@ Each PostgreSQL method writes into a new database, after a checkpoint. On
 PostgreSQL, ``batched_pglz`` too: batched with the vectors compressed by the
 server's default, pglz, instead of LZ4 (`db.session`: values over ~2 KiB are
 compressed as they are stored).
+And ``field_blob``, the bound of a packed layout: each field's vectors as one
+float32 blob in a scratch table, no cell rows (`bench_field_blob`).
 
 The vectors are ``dense`` (normal numbers, as classical features: nothing to
 compress) and, for the batched writes, ``rectified`` as a CNN's pooled features
@@ -31,7 +33,7 @@ bound is optimistic). PostgreSQL's data directory may lie on another disk; here
 both are on the machine's one disk. On a tmpfs (memory) no bound is given.
 
     python benchmarks/bench_sql_insert.py [--fields 120] [--cells 500] \
-        [--features 60 1280] [--zeros 0.69]
+        [--features 60 1280] [--zeros 0.69] [--no-postgres] [--methods ...]
 """
 
 from __future__ import annotations
@@ -50,7 +52,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy.stats import norm
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import (
+    Column,
+    Engine,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Table,
+    create_engine,
+    text,
+)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -316,6 +327,51 @@ def bench_orm_rows(
     return {"cells_per_s": n_fields * n_cells / elapsed}
 
 
+def bench_field_blob(
+    url: str, n_fields: int, n_cells: int, n_features: int, zeros: float = 0.0
+) -> dict[str, float]:
+    """Bound of a packed layout: each field's vectors as one blob, nothing else.
+
+    The (n_cells, n_features) float32 bytes of a field in one row of a scratch table
+    ``field_blob`` (field id, bytes) of the same store, committed in the batches of
+    `bench_batched`: no cell rows, no row per vector. What a store holding one
+    packed vector blob per field would reach at best.
+    """
+    engine, _, _, field_ids = setup(url, n_fields, n_features)
+    table = Table(
+        "field_blob",
+        MetaData(),
+        Column("field_id", Integer, primary_key=True),
+        Column("values", LargeBinary),
+    )
+    table.create(engine)
+    rng = np.random.default_rng(0)
+    rows = [
+        {"field_id": field_id, "values": make_cells(n_cells, n_features, rng, zeros)[1]}
+        for field_id in field_ids
+    ]
+    per_batch = max(store.FieldBatches().max_cells // max(n_cells, 1), 1)
+    written = bytes_written(engine)
+    start = time.perf_counter()
+    for i in range(0, n_fields, per_batch):
+        with engine.begin() as connection:
+            connection.execute(
+                table.insert(),
+                [
+                    r | {"values": r["values"].tobytes()}
+                    for r in rows[i : i + per_batch]
+                ],
+            )
+    elapsed = time.perf_counter() - start
+    engine.dispose()
+    n_bytes = written()
+    n = n_fields * n_cells
+    return {
+        "cells_per_s": n / elapsed,
+        "bytes_per_cell": None if n_bytes is None else n_bytes / n,
+    }
+
+
 def fresh_pg_database() -> tuple[str, callable]:
     """A new database and the function that drops it.
 
@@ -345,6 +401,7 @@ METHODS = {
     "orm_rows": bench_orm_rows,
     "batched_old_keys": partial(bench_batched, old_keys=True),
     "batched_pglz": partial(bench_batched, compression="pglz"),
+    "field_blob": bench_field_blob,
 }
 
 
@@ -360,6 +417,9 @@ def main() -> None:
         help="fraction of zeros in the rectified vectors",
     )
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), default=list(METHODS)
+    )
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -372,9 +432,13 @@ def main() -> None:
             ):
                 for method in METHODS:
                     if (
-                        vectors == "rectified"
-                        and method not in ("batched", "batched_pglz")
-                    ) or (backend == "sqlite" and method == "batched_pglz"):
+                        (method not in args.methods)
+                        or (
+                            vectors == "rectified"
+                            and method not in ("batched", "batched_pglz", "field_blob")
+                        )
+                        or (backend == "sqlite" and method == "batched_pglz")
+                    ):
                         continue
                     if backend == "sqlite":
                         url, drop = (
@@ -418,15 +482,21 @@ def main() -> None:
         index=["backend", "features", "vectors"], columns="method",
         values="cells_per_s",
     )  # fmt: skip
-    wide["bulk_vs_orm_rows"] = (wide["bulk"] / wide["orm_rows"]).round(1)
-    wide["batched_vs_bulk"] = (wide["batched"] / wide["bulk"]).round(2)
-    wide["batched_vs_old_keys"] = (wide["batched"] / wide["batched_old_keys"]).round(2)
-    if "batched_pglz" in wide:
-        wide["batched_vs_pglz"] = (wide["batched"] / wide["batched_pglz"]).round(2)
+    for ratio, (a, b) in {
+        "bulk_vs_orm_rows": ("bulk", "orm_rows"),
+        "batched_vs_bulk": ("batched", "bulk"),
+        "batched_vs_old_keys": ("batched", "batched_old_keys"),
+        "batched_vs_pglz": ("batched", "batched_pglz"),
+        "field_blob_vs_batched": ("field_blob", "batched"),
+    }.items():
+        if a in wide and b in wide:
+            wide[ratio] = (wide[a] / wide[b]).round(2)
     print(wide.to_string())
+    subset = args.methods != list(METHODS)  # the full record stays as it is
     save(
-        "sql_insert",
+        "sql_insert_" + "-".join(args.methods) if subset else "sql_insert",
         {
+            "methods": args.methods,
             "disk_write_mb_per_s": round(disk / 1e6),  # the median of three
             "disk_write_mb_per_s_probes": [round(p) for p in probes],
             "rows": rows,
