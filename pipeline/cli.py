@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--segmenter-precision",
         choices=PRECISIONS,
         help="arithmetic of the unet segmenter on the CPU (default: float32); "
-        "bfloat16 segments 1.4-1.7x faster on CPUs with AMX tiles",
+        "bfloat16 segments 1.4-1.7x faster on CPUs with AMX tiles, 6x slower on "
+        "CPUs without bfloat16 instructions",
     )
 
     train_seg = sub.add_parser(

@@ -51,6 +51,7 @@ from pipeline.config import (
     dump_config,
     network_precision,
 )
+from pipeline.cpu import warn_if_emulated_bfloat16
 from pipeline.errors import InputError, PipelineError, collect_input_errors
 from pipeline.images.illumination import downsample, illumination_function
 from pipeline.images.io import (
@@ -673,6 +674,10 @@ def run_experiment(
     check_segmenter(
         config.segment.method, config.segment.weights, config.segment.precision
     )
+    if config.segment.method == "unet":
+        warn_if_emulated_bfloat16(
+            "segment.precision", config.segment.device, config.segment.precision
+        )
     if config.segment.device == "cuda" and not config.execution.scheduler:
         import torch  # noqa: PLC0415 - loaded by the unet check above anyway
 
@@ -878,6 +883,12 @@ def segment_files(
         options.get("weights"),
         options.get("precision"),
     )
+    if options.get("method", DEFAULT_SEGMENTER) == "unet":
+        warn_if_emulated_bfloat16(
+            "--segmenter-precision",
+            options.get("device", "cpu"),
+            options.get("precision"),
+        )
     if cytoplasm is not None and len(cytoplasm) != len(images):
         raise InputError(
             f"{len(images)} images but {len(cytoplasm)} cytoplasm files; give one "

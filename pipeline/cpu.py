@@ -1,0 +1,83 @@
+"""What this machine's CPU can do, for choices that depend on it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+#: CPU flags of native bfloat16 arithmetic: AVX-512 BF16 dot products, AMX tiles.
+BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str] | None:
+    """Return the first CPU's feature flags.
+
+    Parameters
+    ----------
+    cpuinfo : str or Path
+        Linux's CPU description.
+
+    Returns
+    -------
+    frozenset of str or None
+        The ``flags`` of the first processor; None where the file cannot be read
+        or has no flags (not Linux).
+    """
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    for line in text.split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return None
+
+
+def emulated_bfloat16_warning(
+    setting: str, device: str, precision: str | None, flags: frozenset[str] | None
+) -> str | None:
+    """Warn where a setting runs a network in bfloat16 on a CPU without it.
+
+    PyTorch then emulates the arithmetic: the U-Net segmented a 1,080 px field in
+    8.2 s instead of 1.4 s in float32 on an AVX2-only AMD EPYC (Zen 3), one core
+    (`benchmarks/bench_vs_cellprofiler.py`, 2026-12-06).
+
+    Parameters
+    ----------
+    setting : str
+        The setting named in the warning (``segment.precision``).
+    device : str
+        Where the network runs (``cpu``, ``cuda``).
+    precision : str or None
+        The setting's value; None: the device's default (float32 on CPUs).
+    flags : frozenset of str or None
+        `cpu_flags` of the machine; None (unknown): no warning.
+
+    Returns
+    -------
+    str or None
+        The warning, or None when there is nothing to warn of.
+    """
+    if device != "cpu" or precision != "bfloat16" or flags is None:
+        return None
+    if flags & set(BFLOAT16_FLAGS):
+        return None
+    return (
+        f'{setting} is "bfloat16" but this machine\'s CPU has no bfloat16 '
+        f"instructions ({' or '.join(BFLOAT16_FLAGS)}): PyTorch emulates them, which "
+        "made the U-Net 6x slower than in float32 on such a CPU. Leave "
+        f"{setting} out (float32 on CPUs) unless the machines that run it have them."
+    )
+
+
+def warn_if_emulated_bfloat16(
+    setting: str, device: str, precision: str | None
+) -> str | None:
+    """Log `emulated_bfloat16_warning` of this machine, if any, and return it."""
+    message = emulated_bfloat16_warning(setting, device, precision, cpu_flags())
+    if message:
+        logger.warning(message)
+    return message

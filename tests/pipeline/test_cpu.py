@@ -1,0 +1,106 @@
+"""CPU flags and the warning for bfloat16 networks on CPUs that emulate it."""
+
+import logging
+from pathlib import Path
+
+import pytest
+import tifffile
+
+from pipeline import cpu
+from pipeline.cpu import cpu_flags, emulated_bfloat16_warning
+from pipeline.run import segment_files
+from tests.conftest import make_field
+
+CPUINFO = """processor\t: 0
+model name\t: Some CPU
+flags\t\t: fpu sse2 avx2 avx512f
+
+processor\t: 1
+flags\t\t: fpu avx512_bf16
+"""
+
+
+def test_cpu_flags_of_the_first_processor(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(CPUINFO)
+    assert cpu_flags(path) == {"fpu", "sse2", "avx2", "avx512f"}
+    path.write_text("processor\t: 0\nmodel name\t: no flags here\n")
+    assert cpu_flags(path) is None
+    assert cpu_flags(tmp_path / "missing") is None
+    if Path("/proc/cpuinfo").exists():  # Linux: every x86 or ARM CPU has some
+        assert cpu_flags() is None or len(cpu_flags()) > 0
+
+
+@pytest.mark.parametrize(
+    ("device", "precision", "flags", "warns"),
+    [
+        ("cpu", "bfloat16", frozenset({"avx2", "avx512f"}), True),
+        ("cpu", "bfloat16", frozenset(), True),
+        ("cpu", "bfloat16", frozenset({"avx512_bf16"}), False),
+        ("cpu", "bfloat16", frozenset({"amx_bf16", "amx_tile"}), False),
+        ("cpu", "bfloat16", None, False),  # unknown CPU: no guess
+        ("cpu", "float32", frozenset({"avx2"}), False),
+        ("cpu", None, frozenset({"avx2"}), False),  # float32 on CPUs
+        ("cuda", "bfloat16", frozenset({"avx2"}), False),
+    ],
+)
+def test_emulated_bfloat16_warning(device, precision, flags, warns):
+    message = emulated_bfloat16_warning("segment.precision", device, precision, flags)
+    assert (message is not None) == warns
+    if warns:
+        assert message.startswith('segment.precision is "bfloat16"')
+        assert "avx512_bf16 or amx_bf16" in message and "float32" in message
+
+
+def test_segment_files_warns_of_emulated_bfloat16(tmp_path, monkeypatch, caplog):
+    image, _ = make_field(3, shape=(64, 64), n_channels=1)
+    path = tmp_path / "field.tif"
+    tifffile.imwrite(path, image[0])
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2"}))
+    with caplog.at_level(logging.WARNING, logger="pipeline.cpu"):
+        segment_files([path], tmp_path / "f32", segment={"precision": "float32"})
+        assert not caplog.records
+        table = segment_files(
+            [path], tmp_path / "bf16", segment={"precision": "bfloat16"}
+        )
+    assert table["n_nuclei"].iloc[0] == 3
+    assert [r.getMessage()[:40] for r in caplog.records] == [
+        '--segmenter-precision is "bfloat16" but '
+    ]
+
+
+def test_embed_run_warns_of_emulated_bfloat16(tmp_path, monkeypatch, caplog):
+    from db.session import make_engine
+    from models.embed import embed_run
+    from pipeline.config import EmbedConfig
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2"}))
+    with (
+        caplog.at_level(logging.WARNING, logger="pipeline.cpu"),
+        pytest.raises(ValueError, match="run 7 does not exist"),
+    ):
+        embed_run(engine, 7, EmbedConfig(precision="bfloat16"), device="cpu")
+    assert [r.getMessage()[:34] for r in caplog.records] == [
+        'embed.precision is "bfloat16" but '
+    ]
+
+
+def test_run_experiment_warns_of_emulated_bfloat16(tmp_path, monkeypatch, caplog):
+    from pipeline.config import config_from_dict
+    from pipeline.errors import InputError
+    from pipeline.run import run_experiment
+
+    config = config_from_dict({"segment": {"precision": "bfloat16"}})
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2"}))
+    with (
+        caplog.at_level(logging.WARNING, logger="pipeline.cpu"),
+        pytest.raises(InputError),  # no images: stops before any write
+    ):
+        run_experiment(
+            tmp_path / "missing", tmp_path / "platemap.csv", config=config,
+            db_url=f"sqlite:///{tmp_path / 'store.db'}",
+        )  # fmt: skip
+    assert [r.getMessage()[:36] for r in caplog.records] == [
+        'segment.precision is "bfloat16" but '
+    ]
