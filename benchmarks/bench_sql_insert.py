@@ -1,6 +1,6 @@
 """Cells/s of the store's bulk writes, SQLite and PostgreSQL, side by side.
 
-Writes N fields of C cells with F float32 features each three ways: ``batched``,
+Writes N fields of C cells with F float32 features each in several ways: ``batched``,
 as `phenoscreen run` commits a fast stream of fields (`db.store.write_fields_cells`,
 one transaction per group of fields holding the `db.store.FieldBatches` cell cap,
 20,000); ``bulk``, one field per transaction (`db.store.write_field_cells`: cells,
@@ -16,21 +16,21 @@ And ``field_blob``, the bound of a packed layout: each field's vectors as one
 float32 blob in a scratch table, no cell rows (`bench_field_blob`).
 
 The vectors are ``dense`` (normal numbers, as classical features: nothing to
-compress) and, for the batched writes, ``rectified`` as a CNN's pooled features
-are: ``max(z - t, 0)`` of normal ``z`` with ``t`` set to make ``--zeros`` of them
-zero (0.69: `tf_efficientnet_lite0`'s pooled features of the BBBC021 crops in
-../shared/data are 69 % zeros). Each batched store is then read back
-(``read_cells_per_s``: `db.readers.iter_field_vectors`, every vector).
+compress) and, for the batched writes and ``field_blob``, ``rectified`` as a CNN's
+pooled features are: ``max(z - t, 0)`` of normal ``z`` with ``t`` set to make
+``--zeros`` of them zero (0.69: `tf_efficientnet_lite0`'s pooled features of the
+BBBC021 crops in ../shared/data are 69 % zeros). Each batched store is then read
+back (``read_cells_per_s``: `db.readers.iter_field_vectors`, every vector).
 
-For the batched writes it also counts the bytes the store wrote per cell
-(`bytes_written`) and measures the disk's sequential write bandwidth
-(`disk_write_bytes_per_s`, the median of three probes in the temporary folder
-where the SQLite stores live);
-their ratio bounds the cells/s the disk allows once the page cache is full (a
-short run can beat it: the operating system takes writes into memory first; and
-the probe writes sequentially, while checkpoints write scattered pages, so the
-bound is optimistic). PostgreSQL's data directory may lie on another disk; here
-both are on the machine's one disk. On a tmpfs (memory) no bound is given.
+For the batched writes and ``field_blob`` it also counts the bytes the store wrote
+per cell (`bytes_written`) and measures the disk's sequential write bandwidth
+(`disk_write_bytes_per_s`, the median of three probes in the temporary folder where
+the SQLite stores live); their ratio bounds the cells/s the disk allows once the
+page cache is full (a short run can beat it: the operating system takes writes into
+memory first; and the probe writes sequentially, while checkpoints write scattered
+pages, so the bound is optimistic). PostgreSQL's data directory may lie on another
+disk; here both are on the machine's one disk. On a tmpfs (memory) no bound is
+given.
 
     python benchmarks/bench_sql_insert.py [--fields 120] [--cells 500] \
         [--features 60 1280] [--zeros 0.69] [--no-postgres] [--methods ...]
@@ -336,6 +336,9 @@ def bench_field_blob(
     ``field_blob`` (field id, bytes) of the same store, committed in the batches of
     `bench_batched`: no cell rows, no row per vector. What a store holding one
     packed vector blob per field would reach at best.
+
+    Returns ``cells_per_s`` and ``bytes_per_cell`` (written; `bytes_written`), None
+    where unknown.
     """
     engine, _, _, field_ids = setup(url, n_fields, n_features)
     table = Table(
@@ -477,26 +480,31 @@ def main() -> None:
                             "disk_bound_cells_per_s": round(disk / per_cell),
                         }
                     print(rows[-1])
+    if not rows:
+        sys.exit(
+            f"no measurement: --methods {' '.join(args.methods)} on these backends"
+        )
     table = pd.DataFrame(rows)
     wide = table.pivot_table(
         index=["backend", "features", "vectors"], columns="method",
         values="cells_per_s",
     )  # fmt: skip
-    for ratio, (a, b) in {
-        "bulk_vs_orm_rows": ("bulk", "orm_rows"),
-        "batched_vs_bulk": ("batched", "bulk"),
-        "batched_vs_old_keys": ("batched", "batched_old_keys"),
-        "batched_vs_pglz": ("batched", "batched_pglz"),
-        "field_blob_vs_batched": ("field_blob", "batched"),
+    for ratio, (a, b, digits) in {
+        "bulk_vs_orm_rows": ("bulk", "orm_rows", 1),
+        "batched_vs_bulk": ("batched", "bulk", 2),
+        "batched_vs_old_keys": ("batched", "batched_old_keys", 2),
+        "batched_vs_pglz": ("batched", "batched_pglz", 2),
+        "field_blob_vs_batched": ("field_blob", "batched", 2),
     }.items():
         if a in wide and b in wide:
-            wide[ratio] = (wide[a] / wide[b]).round(2)
+            wide[ratio] = (wide[a] / wide[b]).round(digits)
     print(wide.to_string())
-    subset = args.methods != list(METHODS)  # the full record stays as it is
+    methods = [m for m in METHODS if m in args.methods]
+    subset = methods != list(METHODS)  # the full record stays as it is
     save(
-        "sql_insert_" + "-".join(args.methods) if subset else "sql_insert",
+        "sql_insert_" + "-".join(methods) if subset else "sql_insert",
         {
-            "methods": args.methods,
+            "methods": methods,
             "disk_write_mb_per_s": round(disk / 1e6),  # the median of three
             "disk_write_mb_per_s_probes": [round(p) for p in probes],
             "rows": rows,

@@ -760,6 +760,11 @@ def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
             thread.join(timeout=0.1)
 
 
+def embed_device() -> str:
+    """Return the device `embed_run` uses by default: ``cuda`` if present, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def embed_run(
     engine: Engine,
     run_id: int | None = None,
@@ -794,8 +799,10 @@ def embed_run(
         If the run does not exist or has no negative-control cells on a plate.
     """
     cfg = config or EmbedConfig()
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    warn_if_emulated_bfloat16("embed.precision", target.type, cfg.precision)
+    target = torch.device(device or embed_device())
+    warn_if_emulated_bfloat16(
+        "embed.precision (--precision)", target.type, cfg.precision
+    )
     run_id, experiment_id = store.resolve_run(engine, run_id)
     fields = store.read_run_fields(engine, run_id)[2]
     wells = store.read_wells(engine, experiment_id)

@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--segmenter-precision",
         choices=PRECISIONS,
         help="arithmetic of the unet segmenter on the CPU (default: float32); "
-        "bfloat16 segments 1.4-1.7x faster on CPUs with AMX tiles, 6x slower on "
-        "CPUs without bfloat16 instructions",
+        "bfloat16 segments 1.4-1.7x faster on CPUs with AMX tiles; CPUs without "
+        "bfloat16 instructions emulate it (6x slower on an AVX2-only AMD EPYC)",
     )
 
     train_seg = sub.add_parser(
@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         help="the network's arithmetic (default: float32 on CPU, bfloat16 on CUDA); "
-        "bfloat16 embeds faster on CPUs with AMX tiles",
+        "bfloat16 embeds faster on CPUs with AMX tiles; CPUs without bfloat16 "
+        "instructions emulate it (slower)",
     )
     embed.add_argument(
         "--checkpoint",

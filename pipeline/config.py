@@ -239,10 +239,11 @@ class SegmentConfig:
     (`DEVICE_PRECISION`); its cells differ slightly from float32 on
     the CPU, so the device is part of the run's analysis key. ``precision``
     overrides the device's arithmetic: ``"bfloat16"`` on a CPU with AMX tiles
-    segments 1.4-1.7x faster (CPUs without bfloat16 instructions emulate it: 6x
-    slower, `pipeline.cpu.emulated_bfloat16_warning`) with
-    the same DSB2018 accuracy, ``"float32"`` on CUDA avoids bfloat16's rounding (cuDNN may
-    still use TF32); a precision other than the device's default is part of the key.
+    segments 1.4-1.7x faster with the same DSB2018 accuracy (CPUs without bfloat16
+    instructions emulate it: 6x slower on an AVX2-only AMD EPYC; the run warns,
+    `pipeline.cpu.emulated_bfloat16_warning`), ``"float32"`` on CUDA avoids
+    bfloat16's rounding (cuDNN may still use TF32); a precision other than the
+    device's default is part of the key.
     """
 
     method: str = "unet"  # = pipeline.cells.segment.DEFAULT_SEGMENTER

@@ -39,11 +39,12 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str] | None:
 def emulated_bfloat16_warning(
     setting: str, device: str, precision: str | None, flags: frozenset[str] | None
 ) -> str | None:
-    """Warn where a setting runs a network in bfloat16 on a CPU without it.
+    """Return the warning for bfloat16 on a CPU without bfloat16 instructions.
 
     PyTorch then emulates the arithmetic: the U-Net segmented a 1,080 px field in
     8.2 s instead of 1.4 s in float32 on an AVX2-only AMD EPYC (Zen 3), one core
-    (`benchmarks/bench_vs_cellprofiler.py`, 2026-12-06).
+    (`benchmarks/bench_vs_cellprofiler.py`, 2026-12-06). CPUs with AVX-512 but not
+    its BF16 extension were not measured.
 
     Parameters
     ----------
@@ -68,16 +69,20 @@ def emulated_bfloat16_warning(
     return (
         f'{setting} is "bfloat16" but this machine\'s CPU has no bfloat16 '
         f"instructions ({' or '.join(BFLOAT16_FLAGS)}): PyTorch emulates them, which "
-        "made the U-Net 6x slower than in float32 on such a CPU. Leave "
+        "made the segmentation U-Net 6x slower than in float32 on an AVX2-only "
+        "CPU. Leave "
         f"{setting} out (float32 on CPUs) unless the machines that run it have them."
     )
 
 
-def warn_if_emulated_bfloat16(
-    setting: str, device: str, precision: str | None
-) -> str | None:
-    """Log `emulated_bfloat16_warning` of this machine, if any, and return it."""
+def warn_if_emulated_bfloat16(setting: str, device: str, precision: str | None) -> None:
+    """Log `emulated_bfloat16_warning` for this machine's CPU (`cpu_flags`), if any.
+
+    Parameters
+    ----------
+    setting, device, precision : str
+        As `emulated_bfloat16_warning`; `precision` may be None.
+    """
     message = emulated_bfloat16_warning(setting, device, precision, cpu_flags())
     if message:
         logger.warning(message)
-    return message

@@ -674,7 +674,7 @@ def run_experiment(
     check_segmenter(
         config.segment.method, config.segment.weights, config.segment.precision
     )
-    if config.segment.method == "unet":
+    if not config.execution.scheduler:  # an external cluster's workers segment
         warn_if_emulated_bfloat16(
             "segment.precision", config.segment.device, config.segment.precision
         )
@@ -693,9 +693,15 @@ def run_experiment(
         images_dir, platemap_path, config=config, experiment_name=experiment_name
     )
     if config.embed.enabled:  # a wrong model or layer stops the run before writing
-        from models.embed import build_embedder  # noqa: PLC0415 - torch only when asked
+        from models.embed import (  # noqa: PLC0415 - torch only when asked
+            build_embedder,
+            embed_device,
+        )
 
         build_embedder(config.embed, len(prepared.channel_names))
+        warn_if_emulated_bfloat16(  # it embeds in this process, after the fields
+            "embed.precision", embed_device(), config.embed.precision
+        )
     exe = config.execution
     with dask_client(
         exe.scheduler, n_workers=exe.resolved_n_workers(), processes=exe.processes
@@ -883,12 +889,11 @@ def segment_files(
         options.get("weights"),
         options.get("precision"),
     )
-    if options.get("method", DEFAULT_SEGMENTER) == "unet":
-        warn_if_emulated_bfloat16(
-            "--segmenter-precision",
-            options.get("device", "cpu"),
-            options.get("precision"),
-        )
+    warn_if_emulated_bfloat16(
+        "precision (--segmenter-precision)",
+        options.get("device", "cpu"),
+        options.get("precision"),
+    )
     if cytoplasm is not None and len(cytoplasm) != len(images):
         raise InputError(
             f"{len(images)} images but {len(cytoplasm)} cytoplasm files; give one "

@@ -1,6 +1,7 @@
 """CPU flags and the warning for bfloat16 networks on CPUs that emulate it."""
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,15 @@ flags\t\t: fpu avx512_bf16
 """
 
 
+def _warnings(caplog):
+    """The beginnings of `pipeline.cpu`'s warnings, up to "this machine"."""
+    return [
+        r.getMessage().split("'s CPU")[0]
+        for r in caplog.records
+        if r.name == cpu.__name__
+    ]
+
+
 def test_cpu_flags_of_the_first_processor(tmp_path):
     path = tmp_path / "cpuinfo"
     path.write_text(CPUINFO)
@@ -27,7 +37,7 @@ def test_cpu_flags_of_the_first_processor(tmp_path):
     path.write_text("processor\t: 0\nmodel name\t: no flags here\n")
     assert cpu_flags(path) is None
     assert cpu_flags(tmp_path / "missing") is None
-    if Path("/proc/cpuinfo").exists():  # Linux: every x86 or ARM CPU has some
+    if Path("/proc/cpuinfo").exists():  # Linux; ARM CPUs list "Features": None
         assert cpu_flags() is None or len(cpu_flags()) > 0
 
 
@@ -59,13 +69,13 @@ def test_segment_files_warns_of_emulated_bfloat16(tmp_path, monkeypatch, caplog)
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2"}))
     with caplog.at_level(logging.WARNING, logger="pipeline.cpu"):
         segment_files([path], tmp_path / "f32", segment={"precision": "float32"})
-        assert not caplog.records
+        assert not _warnings(caplog)
         table = segment_files(
             [path], tmp_path / "bf16", segment={"precision": "bfloat16"}
         )
     assert table["n_nuclei"].iloc[0] == 3
-    assert [r.getMessage()[:40] for r in caplog.records] == [
-        '--segmenter-precision is "bfloat16" but '
+    assert _warnings(caplog) == [
+        'precision (--segmenter-precision) is "bfloat16" but this machine'
     ]
 
 
@@ -81,8 +91,8 @@ def test_embed_run_warns_of_emulated_bfloat16(tmp_path, monkeypatch, caplog):
         pytest.raises(ValueError, match="run 7 does not exist"),
     ):
         embed_run(engine, 7, EmbedConfig(precision="bfloat16"), device="cpu")
-    assert [r.getMessage()[:34] for r in caplog.records] == [
-        'embed.precision is "bfloat16" but '
+    assert _warnings(caplog) == [
+        'embed.precision (--precision) is "bfloat16" but this machine'
     ]
 
 
@@ -101,6 +111,33 @@ def test_run_experiment_warns_of_emulated_bfloat16(tmp_path, monkeypatch, caplog
             tmp_path / "missing", tmp_path / "platemap.csv", config=config,
             db_url=f"sqlite:///{tmp_path / 'store.db'}",
         )  # fmt: skip
-    assert [r.getMessage()[:36] for r in caplog.records] == [
-        'segment.precision is "bfloat16" but '
-    ]
+    assert _warnings(caplog) == ['segment.precision is "bfloat16" but this machine']
+
+
+def test_run_on_a_cluster_warns_of_the_embedding_only(
+    demo_plate, tmp_path, monkeypatch, caplog
+):
+    """With an external scheduler the workers' CPUs segment (not checked here); the
+    embedding runs in this process, so its precision is checked before any field."""
+    from pipeline.config import load_config
+    from pipeline.errors import InputError
+    from pipeline.run import run_experiment
+    from tests.conftest import free_port
+
+    config = load_config(demo_plate["config"])
+    config = replace(
+        config,
+        segment=replace(config.segment, precision="bfloat16"),
+        embed=replace(config.embed, enabled=True, precision="bfloat16"),
+        execution=replace(config.execution, scheduler=f"tcp://127.0.0.1:{free_port()}"),
+    )
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2"}))
+    with (
+        caplog.at_level(logging.WARNING, logger="pipeline.cpu"),
+        pytest.raises(InputError, match="scheduler"),  # nothing answers there
+    ):
+        run_experiment(
+            demo_plate["images"], demo_plate["platemap"], config=config,
+            db_url=f"sqlite:///{tmp_path / 'store.db'}",
+        )  # fmt: skip
+    assert _warnings(caplog) == ['embed.precision is "bfloat16" but this machine']
