@@ -71,7 +71,6 @@ from pipeline.config import (
     embed_batch_size,
     network_precision,
 )
-from pipeline.cpu import warn_if_emulated_bfloat16
 from pipeline.errors import InputError
 from pipeline.views.export import COMBINED_KIND, aggregate_run
 
@@ -800,9 +799,6 @@ def embed_run(
     """
     cfg = config or EmbedConfig()
     target = torch.device(device or embed_device())
-    warn_if_emulated_bfloat16(
-        "embed.precision (--precision)", target.type, cfg.precision
-    )
     run_id, experiment_id = store.resolve_run(engine, run_id)
     fields = store.read_run_fields(engine, run_id)[2]
     wells = store.read_wells(engine, experiment_id)

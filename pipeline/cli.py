@@ -31,6 +31,7 @@ from pipeline.config import (
     load_config,
     with_overrides,
 )
+from pipeline.cpu import warn_if_emulated_bfloat16
 from pipeline.errors import InputError, PipelineError
 from pipeline.images.io import LAYOUTS, parse_channels
 from pipeline.views.export import TABLES
@@ -866,7 +867,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     """Embed a run's cells into a new feature set."""
     from db.session import make_engine
-    from models.embed import embed_run
+    from models.embed import embed_device, embed_run
 
     recipe = load_config(args.config).embed if args.config else RunConfig().embed
     given = {
@@ -880,6 +881,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     recipe = replace(recipe, **{k: v for k, v in given.items() if v is not None})
     if args.input_size is not None:
         recipe = replace(recipe, input_size=args.input_size or None)
+    warn_if_emulated_bfloat16(
+        "embed.precision (--precision)", args.device or embed_device(), recipe.precision
+    )
     summary = embed_run(
         make_engine(_db_url(args), create=False), args.run, recipe, device=args.device
     )

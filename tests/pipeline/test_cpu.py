@@ -79,18 +79,15 @@ def test_segment_files_warns_of_emulated_bfloat16(tmp_path, monkeypatch, caplog)
     ]
 
 
-def test_embed_run_warns_of_emulated_bfloat16(tmp_path, monkeypatch, caplog):
-    from db.session import make_engine
-    from models.embed import embed_run
-    from pipeline.config import EmbedConfig
+def test_embed_command_warns_of_emulated_bfloat16(tmp_path, monkeypatch, caplog):
+    from pipeline.cli import main
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    url = f"sqlite:///{tmp_path / 'store.db'}"
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2"}))
-    with (
-        caplog.at_level(logging.WARNING, logger="pipeline.cpu"),
-        pytest.raises(ValueError, match="run 7 does not exist"),
-    ):
-        embed_run(engine, 7, EmbedConfig(precision="bfloat16"), device="cpu")
+    with caplog.at_level(logging.WARNING, logger="pipeline.cpu"):
+        code = main(["embed", "--db", url, "--run", "7", "--precision", "bfloat16",
+                     "--device", "cpu"])  # fmt: skip
+    assert code != 0  # no such store
     assert _warnings(caplog) == [
         'embed.precision (--precision) is "bfloat16" but this machine'
     ]
@@ -132,9 +129,10 @@ def test_run_on_a_cluster_warns_of_the_embedding_only(
         execution=replace(config.execution, scheduler=f"tcp://127.0.0.1:{free_port()}"),
     )
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr("models.embed.embed_device", lambda: "cpu")  # GPU or not
     with (
         caplog.at_level(logging.WARNING, logger="pipeline.cpu"),
-        pytest.raises(InputError, match="scheduler"),  # nothing answers there
+        pytest.raises(InputError, match="cannot reach the Dask scheduler"),
     ):
         run_experiment(
             demo_plate["images"], demo_plate["platemap"], config=config,
