@@ -15,14 +15,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _cpu() -> dict[str, Any]:
     """The CPU's model name and bfloat16 flags (AMX tiles, AVX-512 BF16; Linux only)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {"cpu": platform.processor(), "cpu_bfloat16_flags": []}
-    fields = dict(
-        line.split(":", 1) for line in info.split("\n\n")[0].splitlines() if ":" in line
-    )
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    from pipeline.cpu import cpu_fields  # noqa: PLC0415 - after sys.path
+
+    fields = cpu_fields() or {}
     flags = fields.get("flags", "").split()
     return {
         "cpu": fields.get("model name", platform.processor()),

@@ -11,6 +11,28 @@ logger = logging.getLogger(__name__)
 BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+def cpu_fields(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, str] | None:
+    """Return the first processor's fields of Linux's CPU description.
+
+    Parameters
+    ----------
+    cpuinfo : str or Path
+        Linux's CPU description.
+
+    Returns
+    -------
+    dict of str to str or None
+        ``model name``, ``flags``, ... with their values, stripped; None where the
+        file cannot be read (not Linux).
+    """
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    fields = (line.partition(":") for line in text.split("\n\n")[0].splitlines())
+    return {key.strip(): value.strip() for key, colon, value in fields if colon}
+
+
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str] | None:
     """Return the first CPU's feature flags.
 
@@ -22,18 +44,11 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str] | None:
     Returns
     -------
     frozenset of str or None
-        The ``flags`` of the first processor; None where the file cannot be read
-        or has no flags (not Linux).
+        The ``flags`` of the first processor (`cpu_fields`); None where the file
+        cannot be read or has no flags (not Linux; ARM lists ``Features``).
     """
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return None
-    for line in text.split("\n\n")[0].splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
-    return None
+    fields = cpu_fields(cpuinfo) or {}
+    return frozenset(fields["flags"].split()) if "flags" in fields else None
 
 
 def emulated_bfloat16_warning(
@@ -64,14 +79,14 @@ def emulated_bfloat16_warning(
     """
     if device != "cpu" or precision != "bfloat16" or flags is None:
         return None
-    if flags & set(BFLOAT16_FLAGS):
+    if not flags.isdisjoint(BFLOAT16_FLAGS):
         return None
     return (
         f'{setting} is "bfloat16" but this machine\'s CPU has no bfloat16 '
         f"instructions ({' or '.join(BFLOAT16_FLAGS)}): PyTorch emulates them, which "
-        "made the segmentation U-Net 6x slower than in float32 on an AVX2-only "
-        "CPU. Leave "
-        f"{setting} out (float32 on CPUs) unless the machines that run it have them."
+        "made the segmentation U-Net 6x slower than in float32 on an AVX2-only CPU. "
+        f"Leave {setting} out (float32 on CPUs) unless the machines that run it "
+        "have them."
     )
 
 

@@ -8,7 +8,7 @@ import pytest
 import tifffile
 
 from pipeline import cpu
-from pipeline.cpu import cpu_flags, emulated_bfloat16_warning
+from pipeline.cpu import cpu_fields, cpu_flags, emulated_bfloat16_warning
 from pipeline.run import segment_files
 from tests.conftest import make_field
 
@@ -34,6 +34,12 @@ def test_cpu_flags_of_the_first_processor(tmp_path):
     path = tmp_path / "cpuinfo"
     path.write_text(CPUINFO)
     assert cpu_flags(path) == {"fpu", "sse2", "avx2", "avx512f"}
+    assert cpu_fields(path) == {
+        "processor": "0",
+        "model name": "Some CPU",
+        "flags": "fpu sse2 avx2 avx512f",
+    }
+    assert cpu_fields(tmp_path / "missing") is None
     path.write_text("processor\t: 0\nmodel name\t: no flags here\n")
     assert cpu_flags(path) is None
     assert cpu_flags(tmp_path / "missing") is None
