@@ -34,18 +34,10 @@ def cpu_fields(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, str] | None:
 
 
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str] | None:
-    """Return the first CPU's feature flags.
+    """Return the ``flags`` field of `cpu_fields` (same `cpuinfo`) as a set.
 
-    Parameters
-    ----------
-    cpuinfo : str or Path
-        Linux's CPU description.
-
-    Returns
-    -------
-    frozenset of str or None
-        The ``flags`` of the first processor (`cpu_fields`); None where the file
-        cannot be read or has no flags (not Linux; ARM lists ``Features``).
+    None where the file cannot be read or has no flags (not Linux; ARM lists
+    ``Features``).
     """
     fields = cpu_fields(cpuinfo) or {}
     return frozenset(fields["flags"].split()) if "flags" in fields else None
