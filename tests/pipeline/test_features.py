@@ -177,19 +177,39 @@ def test_glcm_counts_every_pair_once(levels, n):
     labels[0, : min(n, 30)] = np.arange(1, min(n, 30) + 1)
     grey = rng.integers(0, levels, (2, 24, 30))
     p = glcm(labels, grey, n, levels, 2)
-    expected = np.zeros((2, n, 4, levels, levels))
-    for d, (dy, dx) in enumerate([(0, 2), (2, 2), (2, 0), (2, -2)]):
+    np.testing.assert_array_equal(p, _glcm_pixel_by_pixel(labels, grey, n, levels, 2))
+
+
+def _glcm_pixel_by_pixel(labels, grey, n, levels, scale):
+    height, width = labels.shape
+    expected = np.zeros((len(grey), n, 4, levels, levels))
+    directions = [(0, scale), (scale, scale), (scale, 0), (scale, -scale)]
+    for d, (dy, dx) in enumerate(directions):
         for y, x in np.argwhere(labels > 0):
             yy, xx = y + dy, x + dx
-            if 0 <= yy < 24 and 0 <= xx < 30 and labels[yy, xx] == labels[y, x]:
-                for c in range(2):
+            if 0 <= yy < height and 0 <= xx < width and labels[yy, xx] == labels[y, x]:
+                for c in range(len(grey)):
                     expected[
                         c, labels[y, x] - 1, d, grey[c, y, x], grey[c, yy, xx]
                     ] += 1
     expected = expected + expected.swapaxes(-1, -2)
     total = expected.sum(axis=(-2, -1), keepdims=True)
+    return np.divide(expected, total, out=np.zeros_like(expected), where=total > 0)
+
+
+@pytest.mark.parametrize("scale", [1, 2, 6, 7, 8, 9])
+def test_glcm_pairs_do_not_wrap_around_rows(scale):
+    """Objects touching both the left and the right border: pixels at the end of a
+    row do not pair with the start of a later row; scales as wide or high as the
+    image give no pairs in those directions."""
+    labels = np.zeros((8, 7), np.int32)
+    labels[1:4] = 1  # full rows
+    labels[5, 0], labels[5, 6], labels[6, 6], labels[7, 0] = 2, 2, 2, 2
+    labels[6, 0:3] = 3
+    grey = np.random.default_rng(scale).integers(0, 4, (2, 8, 7))
     np.testing.assert_array_equal(
-        p, np.divide(expected, total, out=np.zeros_like(expected), where=total > 0)
+        glcm(labels, grey, 3, 4, scale),
+        _glcm_pixel_by_pixel(labels, grey, 3, 4, scale),
     )
 
 
