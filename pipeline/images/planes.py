@@ -109,14 +109,18 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 
 def _block_mean(plane: np.ndarray, factor: int) -> np.ndarray:
+    """Means of `factor` x `factor` blocks of a float32 plane (partial blocks dropped).
+
+    OpenCV's area resize: numpy's block means to float32 rounding, 10x faster.
+    """
     if factor == 1:
         return plane
-    height = plane.shape[0] // factor * factor
-    width = plane.shape[1] // factor * factor
-    blocks = plane[:height, :width].reshape(
-        height // factor, factor, width // factor, factor
+    height, width = plane.shape[0] // factor, plane.shape[1] // factor
+    return cv2.resize(
+        plane[: height * factor, : width * factor],
+        (width, height),
+        interpolation=cv2.INTER_AREA,
     )
-    return blocks.mean(axis=(1, 3))
 
 
 def _first_strong_peak(curve: np.ndarray, strength: float = 0.5) -> int:

@@ -20,6 +20,7 @@ from pipeline.cells.segment import (
 from pipeline.config import SegmentConfig
 from pipeline.errors import InputError
 from pipeline.images.planes import (
+    _block_mean,
     _log_on_grid,
     check_plane,
     estimate_nucleus_diameter,
@@ -101,6 +102,23 @@ def test_log_on_grid_is_the_subsampled_laplacian_of_gaussian(step):
     np.testing.assert_allclose(
         _log_on_grid(plane, 2.5, step), expected, rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("factor", [1, 2, 3, 16])
+def test_block_mean_is_numpys_block_mean(factor):
+    """Means of whole blocks (the partial last row and column of blocks dropped),
+    numpy's to float32 rounding."""
+    plane = np.random.default_rng(factor).random((101, 67)).astype(np.float32) * 4e4
+    height, width = 101 // factor, 67 // factor
+    expected = (
+        plane[: height * factor, : width * factor]
+        .astype(np.float64)
+        .reshape(height, factor, width, factor)
+        .mean(axis=(1, 3))
+    )
+    means = _block_mean(plane, factor)
+    assert means.dtype == np.float32 and means.shape == (height, width)
+    np.testing.assert_allclose(means, expected, rtol=1e-6)
 
 
 def test_estimate_nucleus_diameter_constant_plane():
