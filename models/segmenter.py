@@ -34,7 +34,6 @@ import torch
 from scipy import ndimage as ndi
 from skimage.morphology import h_maxima
 from skimage.segmentation import find_boundaries, relabel_sequential, watershed
-from skimage.transform import resize
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -45,6 +44,7 @@ from pipeline.images.planes import (
     check_plane,
     estimate_nucleus_diameter,
     pixel_noise_sd,
+    resize_linear,
 )
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -359,8 +359,8 @@ def labels_from_maps(
             ((ys + 0.5) * shape[0] / foreground.shape[0]).astype(int),
             ((xs + 0.5) * shape[1] / foreground.shape[1]).astype(int),
         ] = seeds[ys, xs]
-        mask = resize(foreground, shape, order=1, preserve_range=True) > fg_threshold
-        distance = resize(distance, shape, order=1, preserve_range=True)
+        mask = resize_linear(foreground, shape) > fg_threshold
+        distance = resize_linear(distance, shape)
         seeds = markers * mask
     labels = watershed(-distance, seeds, mask=mask) if n_seeds else seeds
     orphans, _ = ndi.label(mask & (labels == 0))
@@ -655,9 +655,7 @@ def predict_field_maps(
     shape = tuple(max(1, round(n * scale)) for n in plane.shape)
     image = normalize_intensity(plane)
     if shape != plane.shape:
-        image = resize(
-            image, shape, order=1, anti_aliasing=scale < 1, preserve_range=True
-        )
+        image = resize_linear(image, shape)
     return predict_maps(
         model,
         image.astype(np.float32),

@@ -8,6 +8,7 @@ import tifffile
 from scipy import ndimage as ndi
 from skimage.draw import disk
 from skimage.io import imread
+from skimage.transform import resize
 
 from pipeline.cells.segeval import average_precision, match_counts
 from pipeline.cells.segment import (
@@ -26,6 +27,7 @@ from pipeline.images.planes import (
     estimate_nucleus_diameter,
     fill_holes,
     pixel_noise_sd,
+    resize_linear,
     square_opening,
 )
 from tests.conftest import make_field, shared_data
@@ -119,6 +121,35 @@ def test_block_mean_is_numpys_block_mean(factor):
     means = _block_mean(plane, factor)
     assert means.dtype == np.float32 and means.shape == (height, width)
     np.testing.assert_allclose(means, expected, rtol=1e-6)
+
+
+def test_resize_linear_is_scikit_images_resize():
+    """skimage.transform.resize(order=1, preserve_range=True) to float32 rounding:
+    growing, shrinking (anti-aliased) and both at once, from and to one pixel."""
+    rng = np.random.default_rng(0)
+    shapes = [((1, 1), (5, 3)), ((7, 1), (1, 4)), ((40, 30), (40, 30))]
+    shapes += [(tuple(rng.integers(1, 60, 2)), tuple(rng.integers(1, 90, 2)))
+               for _ in range(60)]  # fmt: skip
+    for old, new in shapes:
+        plane = (rng.random(old) * 3000).astype(np.float32)
+        resized = resize_linear(plane, new)
+        assert resized.dtype == np.float32 and resized.shape == new
+        expected = resize(plane, new, order=1, preserve_range=True)
+        np.testing.assert_allclose(resized, expected, rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("plane", "shape", "match"),
+    [
+        (np.zeros((4, 4, 2)), (2, 2), "expected a non-empty"),
+        (np.zeros((0, 4)), (2, 2), "expected a non-empty"),
+        (np.zeros((4, 4)), (0, 2), "two positive sizes"),
+        (np.zeros((4, 4)), (2,), "two positive sizes"),
+    ],
+)
+def test_resize_linear_rejects(plane, shape, match):
+    with pytest.raises(ValueError, match=match):
+        resize_linear(plane, shape)
 
 
 def test_estimate_nucleus_diameter_constant_plane():
