@@ -405,7 +405,8 @@ def test_hull_area_and_feret_equal_qhull_and_pdist():
 
 def test_label_quantiles_and_mad_equal_a_sort_per_label():
     """Quantiles and median absolute deviations equal those of sorting each label's
-    values, with ties, even and odd counts, one-pixel labels and an absent label."""
+    float32 values, with ties, negative values and zeros, even and odd counts,
+    one-pixel labels and an absent label."""
     from pipeline.measure import features
 
     rng = np.random.default_rng(3)
@@ -413,13 +414,14 @@ def test_label_quantiles_and_mad_equal_a_sort_per_label():
         n = int(rng.integers(2, 12))
         labels = rng.integers(1, n, int(rng.integers(1, 300)))  # label n is absent
         values = (
-            rng.integers(0, 6, len(labels)).astype(float)  # many ties
+            rng.integers(-3, 3, len(labels)).astype(np.float32)  # many ties
             if trial % 2
-            else rng.normal(size=len(labels))
+            else rng.normal(size=len(labels)).astype(np.float32)
         )
+        values[: trial % 3] = -0.0  # a negative zero among zeros and negatives
         quantiles, mad = features._label_quantiles(values, labels, n, (0, 0.5, 1))
         for k in range(1, n + 1):
-            own = np.sort(values[labels == k])
+            own = np.sort(values[labels == k]).astype(np.float64)
             if not len(own):
                 assert np.isnan(mad[k - 1]) and np.isnan(quantiles[k - 1]).all()
                 continue
