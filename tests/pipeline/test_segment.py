@@ -323,6 +323,20 @@ def test_pixel_noise_sd_measures_noise_below_a_grey_level(sd, rel):
     assert pixel_noise_sd(plane) == pytest.approx(sd, rel=rel)
 
 
+def test_pixel_noise_sd_counts_integers_as_sorting_does(monkeypatch):
+    """Integer-valued planes are counted (`_integer_mad`): the same float as the
+    sorted computation, which planes with a wider range of differences use."""
+    from pipeline.images import planes
+
+    rng = np.random.default_rng(5)
+    cases = [rng.integers(0, 3, (9, 14)), rng.integers(0, 65535, (20, 7))]
+    cases += [rng.poisson(rng.uniform(0.1, 50), (int(h), int(w))).astype(np.uint8)
+              for h, w in rng.integers(2, 30, (40, 2))]  # fmt: skip
+    counted = [pixel_noise_sd(plane) for plane in cases]
+    monkeypatch.setattr(planes, "_MAX_COUNTED_RANGE", 0)  # every plane sorted
+    assert [pixel_noise_sd(plane) for plane in cases] == counted
+
+
 @pytest.mark.parametrize("method", ["classical", "unet"])
 def test_an_empty_8_bit_field_has_no_nuclei(method):
     # noise of a third of a grey level used to be measured as 0: thousands of
