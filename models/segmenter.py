@@ -374,17 +374,54 @@ def labels_from_maps(
 def _h_maxima_in(values: np.ndarray, mask: np.ndarray, height: float) -> np.ndarray:
     """`skimage.morphology.h_maxima` of `values` inside `mask`, zero outside.
 
-    Computed object by object on their bounding boxes (objects are separated by
-    zeros, so the result is the same): ~3x faster on fields that nuclei cover
-    sparsely.
+    Each object (4-connected) gets the h-maxima of its bounding box padded with
+    zeros, the other objects zeroed: ~3x faster than over the whole plane on
+    fields that nuclei cover sparsely (where objects touching diagonally would
+    join). The boxes are packed into one mosaic (`_shelf_pack`) and transformed at
+    once, 1.4x faster than one call per box on the bench fields: between boxes
+    lies a gap lower than any box's values minus `height`, across which the
+    reconstruction carries nothing.
     """
     objects, _ = ndi.label(mask)
+    boxes = ndi.find_objects(objects)
     peaks = np.zeros(mask.shape, bool)
-    for k, box in enumerate(ndi.find_objects(objects), 1):
-        own = objects[box] == k
-        crop = np.pad(np.where(own, values[box], 0), 1)  # a zero border, as outside
-        peaks[box] |= h_maxima(crop, height)[1:-1, 1:-1].astype(bool) & own
+    if not boxes:
+        return peaks
+    crops = [
+        np.pad(np.where(objects[box] == k, values[box], 0), 1)  # zeros, as outside
+        for k, box in enumerate(boxes, 1)
+    ]
+    corners, shape = _shelf_pack([crop.shape for crop in crops])
+    gap = min(0.0, float(values[mask].min())) - 2 * height - 1
+    mosaic = np.full(shape, gap, values.dtype)
+    for crop, (y, x) in zip(crops, corners, strict=True):
+        mosaic[y : y + crop.shape[0], x : x + crop.shape[1]] = crop
+    found = h_maxima(mosaic, height).astype(bool)
+    for k, (box, crop, (y, x)) in enumerate(zip(boxes, crops, corners, strict=True), 1):
+        if height > np.ptp(crop):  # h_maxima finds none in such a box alone
+            continue
+        inside = found[y + 1 : y + crop.shape[0] - 1, x + 1 : x + crop.shape[1] - 1]
+        peaks[box] |= inside & (objects[box] == k)
     return peaks
+
+
+def _shelf_pack(shapes: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], tuple]:
+    """Place rectangles in rows (shelves), tallest first, one pixel apart.
+
+    Returns each rectangle's top-left corner (y, x) and the mosaic's shape; rows
+    are about as wide as the mosaic is high.
+    """
+    heights, widths = np.array(shapes).T
+    width = max(int(widths.max()), int(np.sqrt(((heights + 1) * (widths + 1)).sum())))
+    corners: list[tuple[int, int]] = [(0, 0)] * len(shapes)
+    y = x = shelf = 0
+    for i in np.argsort(-heights, kind="stable"):
+        if x + widths[i] > width:  # a new shelf
+            y, x, shelf = y + shelf + 1, 0, 0
+        corners[i] = (y, x)
+        x += widths[i] + 1
+        shelf = max(shelf, heights[i])
+    return corners, (y + shelf, width)
 
 
 def labels_for_spec(

@@ -114,19 +114,57 @@ def test_seeds_need_a_dip_of_seed_height_between_touching_nuclei():
     assert labels_from_maps(foreground, distance, smooth_px=1.0).max() == 2
 
 
-def test_h_maxima_object_by_object_equal_those_of_the_whole_map():
+@pytest.mark.parametrize("seed", range(6))
+def test_h_maxima_in_a_mosaic_equal_those_object_by_object(seed):
+    """Packed into one mosaic, each object's h-maxima are those of its own box
+    padded with zeros: blobs touching (diagonally too) and at the border, blobs
+    lower than the height, heights below and above their relief, no objects."""
     from scipy import ndimage as ndi
     from skimage.morphology import h_maxima
 
     from models.segmenter import _h_maxima_in
 
-    rng = np.random.default_rng(0)
-    values = ndi.gaussian_filter(rng.random((120, 150)), 3).astype(np.float32)
-    values = (values - values.min()) / np.ptp(values)
-    mask = values > 0.45  # many blobs, some touching the image border
-    whole = h_maxima(np.where(mask, values, 0), 0.05).astype(bool) & mask
-    assert whole.any()
-    np.testing.assert_array_equal(_h_maxima_in(values, mask, 0.05), whole)
+    rng = np.random.default_rng(seed)
+    shape = tuple(rng.integers(20, 150, 2))
+    values = ndi.gaussian_filter(rng.random(shape), rng.uniform(1, 4))
+    values = ((values - values.min()) / np.ptp(values)).astype(np.float32)
+    mask = values > rng.uniform(0.3, 0.7)
+    objects, _ = ndi.label(mask)
+    for height in (0.02, 0.05, 0.2, 0.5):
+        expected = np.zeros(shape, bool)
+        for k, box in enumerate(ndi.find_objects(objects), 1):
+            own = objects[box] == k
+            alone = np.pad(np.where(own, values[box], 0), 1)
+            expected[box] |= h_maxima(alone, height)[1:-1, 1:-1].astype(bool) & own
+        assert expected.any()
+        np.testing.assert_array_equal(_h_maxima_in(values, mask, height), expected)
+    assert not _h_maxima_in(values, np.zeros(shape, bool), 0.05).any()
+
+
+def test_h_maxima_in_a_mosaic_do_not_leak_between_boxes():
+    """An object whose peak is a hair above the height keeps the maxima it has
+    alone (float32 rounding near 0.5) beside a tall one: the gap between boxes
+    carries nothing from one to the other (a zero gap would drop a maximum)."""
+    from models.segmenter import _h_maxima_in
+
+    plane = np.zeros((5, 12), np.float32)
+    plane[2, 1:4] = [np.float32(0.50000006), 0.1, np.float32(0.49999997)]
+    plane[1:4, 8:11] = 1.0
+    expected = np.zeros(plane.shape, bool)
+    expected[2, [1, 3]] = True  # h_maxima of the small object alone
+    expected[1:4, 8:11] = True
+    np.testing.assert_array_equal(_h_maxima_in(plane, plane > 0, 0.5), expected)
+
+
+def test_shelf_pack_places_rectangles_apart_inside_the_mosaic():
+    from models.segmenter import _shelf_pack
+
+    shapes = [tuple(s) for s in np.random.default_rng(1).integers(1, 30, (50, 2))]
+    corners, (height, width) = _shelf_pack(shapes + [(3, 90)])
+    taken = np.zeros((height + 1, width + 1), int)
+    for (y, x), (h, w) in zip(corners, shapes + [(3, 90)], strict=True):
+        taken[y : y + h + 1, x : x + w + 1] += 1  # with the gap below and right
+    assert taken.max() == 1 and taken[:height, :width].sum() >= 0.5 * height * width
 
 
 def test_labels_for_spec_scales_maps_to_the_plane_and_area_by_the_diameter():
