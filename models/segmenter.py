@@ -372,7 +372,7 @@ def labels_from_maps(
 
 
 def _h_maxima_in(values: np.ndarray, mask: np.ndarray, height: float) -> np.ndarray:
-    """`skimage.morphology.h_maxima` of `values` inside `mask`, zero outside.
+    """`skimage.morphology.h_maxima` of float `values` inside `mask`, zero outside.
 
     Each object (4-connected) gets the h-maxima of its bounding box padded with
     zeros, the other objects zeroed: ~3x faster than over the whole plane on
@@ -392,7 +392,8 @@ def _h_maxima_in(values: np.ndarray, mask: np.ndarray, height: float) -> np.ndar
         for k, box in enumerate(boxes, 1)
     ]
     corners, shape = _shelf_pack([crop.shape for crop in crops])
-    gap = min(0.0, float(values[mask].min())) - 2 * height - 1
+    lowest = min(0.0, float(values[mask].min()))
+    gap = 3 * lowest - 2 * height - 1  # below lowest - height - h_maxima's resolution
     mosaic = np.full(shape, gap, values.dtype)
     for crop, (y, x) in zip(crops, corners, strict=True):
         mosaic[y : y + crop.shape[0], x : x + crop.shape[1]] = crop

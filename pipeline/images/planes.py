@@ -133,7 +133,8 @@ def resize_linear(plane: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
     ``skimage.transform.resize(plane, shape, order=1, preserve_range=True)`` to
     float32 rounding (its Gaussian anti-aliasing, mirrored borders and clipping
-    to the plane's range), as two sparse products: 3x faster.
+    to the plane's range), one axis after the other in float64: 1.3-1.8x faster
+    than scikit-image's spline zoom on 1,080 px planes.
 
     Parameters
     ----------

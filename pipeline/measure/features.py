@@ -775,8 +775,9 @@ def haralick(p: np.ndarray) -> np.ndarray:
     hx = entropy(px, (-1,))
     hy = entropy(py, (-1,))
     pxpy = px[..., :, None] * py[..., None, :]
-    hxy1 = -(p * np.log2(pxpy + _EPS)).sum((-2, -1))
-    hxy2 = entropy(pxpy, (-2, -1))
+    log_pxpy = np.log2(pxpy + _EPS)  # shared: entropy(pxpy) to the last bit
+    hxy1 = -(p * log_pxpy).sum((-2, -1))
+    hxy2 = -(pxpy * log_pxpy).sum((-2, -1))
     with np.errstate(divide="ignore", invalid="ignore"):
         correlation = ((p * ii * jj).sum((-2, -1)) - mux * muy) / (sdx * sdy)
         info1 = (ent - hxy1) / np.maximum(hx, hy)
