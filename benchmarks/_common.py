@@ -27,12 +27,12 @@ def _cpu() -> dict[str, Any]:
     }
 
 
-def _commit() -> str:
-    """The checkout's commit (``-dirty`` with uncommitted changes), or "unknown"."""
+def commit(checkout: Path = RESULTS.parent) -> str:
+    """A checkout's commit (``-dirty`` with uncommitted changes), or "unknown"."""
     try:
         done = subprocess.run(
             ["git", "describe", "--always", "--dirty"],
-            cwd=RESULTS.parent,
+            cwd=checkout,
             capture_output=True,
             text=True,
             check=True,
@@ -45,7 +45,7 @@ def _commit() -> str:
 def machine() -> dict[str, Any]:
     """Return what the figures were measured on, and the code's commit."""
     return {
-        "commit": _commit(),
+        "commit": commit(),
         **_cpu(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),

@@ -25,6 +25,13 @@ Also reported: nuclei counts per field against CellProfiler's (this run, and the
 CellProfiler masks shipped with the data: 5 NF1 fields, the pediatric and JUMP
 fields).
 
+This machine's speed drifts by 10-20 % within minutes, so the run repeats in
+``--rounds`` (default 3): each round times CellProfiler, then every PhenoScreen
+configuration; a ratio is taken within each round and the medians are reported.
+``--baseline DIR`` also times another PhenoScreen checkout (made with ``git worktree
+add DIR <commit>``; the default features, each segmenter) in the same rounds, so a
+code change is measured side by side with the code before it.
+
 Needs CellProfiler 5: ``bash ../shared/peers/cellprofiler/install_cellprofiler5.sh
 /tmp/cp5``. Run: ``python benchmarks/bench_vs_cellprofiler.py --cellprofiler
 /tmp/cp5/bin/cellprofiler``
@@ -50,7 +57,7 @@ from skimage.io import imread
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks._common import save  # noqa: E402
+from benchmarks._common import commit, save  # noqa: E402
 from pipeline.cells.segment import check_segmenter, segment_field  # noqa: E402
 from pipeline.config import MeasureConfig  # noqa: E402
 from pipeline.errors import InputError  # noqa: E402
@@ -190,36 +197,56 @@ def run_ours(
     method: str,
     options: dict,
     env: dict[str, str],
-    cp_per_field: float,
+    checkout: Path = ROOT,
 ) -> dict:
-    """Segment and measure the fields in a fresh one-core process; its figures."""
+    """Segment and measure the fields in a fresh one-core process; its figures.
+
+    `checkout` is the PhenoScreen whose code runs (this one by default).
+    """
     start = time.perf_counter()
     done = subprocess.run(
         one_core([sys.executable, "-c", OURS, json.dumps(pairs), method,
                   json.dumps(options)]),
-        env=env | {"PYTHONPATH": str(ROOT)},
+        env=env | {"PYTHONPATH": str(checkout)},
         capture_output=True,
         text=True,
     )  # fmt: skip
     if done.returncode:
-        sys.exit(f"PhenoScreen failed:\n{done.stderr[-3000:]}")
+        sys.exit(f"PhenoScreen ({checkout}) failed:\n{done.stderr[-3000:]}")
     wall = time.perf_counter() - start
     rows = pd.DataFrame(json.loads(done.stdout.strip().splitlines()[-1]))
     warm = rows.iloc[1:] if len(rows) > 1 else rows  # the first pays imports
-    per_field = float(warm["total_s"].mean())
     return {
         "wall_all_s": round(wall, 2),
-        "per_field_s": round(per_field, 3),
+        "per_field_s": round(float(warm["total_s"].mean()), 3),
         "per_field_steps_s": {
             c: round(float(warm[c].mean()), 3)
             for c in ("read_s", "segment_s", "measure_s")
         },
-        "measure_options": options,
-        "features_per_cell": len(
-            feature_names(["DNA", "CELL"], measure_config(options))
-        ),
         "nuclei_per_field": rows["n_nuclei"].tolist(),
-        "speedup_per_field": round(cp_per_field / per_field, 2),
+    }
+
+
+def over_rounds(runs: list[dict], cp_per_field: list[float]) -> dict:
+    """One configuration's figures over the rounds: medians, and each round's.
+
+    ``speedup_per_field`` is the median of the rounds' ratios (CellProfiler's
+    per-field time in that round over ours).
+    """
+    times = [run["per_field_s"] for run in runs]
+    ratios = [cp / ours for cp, ours in zip(cp_per_field, times, strict=True)]
+    steps = {
+        step: round(float(np.median([run["per_field_steps_s"][step] for run in runs])), 3)
+        for step in runs[0]["per_field_steps_s"]
+    }  # fmt: skip
+    return {
+        "wall_all_s": [run["wall_all_s"] for run in runs],
+        "per_field_s": round(float(np.median(times)), 3),
+        "per_field_s_rounds": times,
+        "per_field_steps_s": steps,
+        "nuclei_per_field": runs[0]["nuclei_per_field"],
+        "speedup_per_field": round(float(np.median(ratios)), 2),
+        "speedup_per_field_rounds": [round(r, 2) for r in ratios],
     }
 
 
@@ -236,7 +263,18 @@ def main() -> None:
     parser.add_argument("--cellprofiler", default="/tmp/cp5/bin/cellprofiler")
     parser.add_argument("--copies", type=int, default=3, help="copies of each field")
     parser.add_argument("--segmenters", default="classical,unet")
+    parser.add_argument("--rounds", type=int, default=3, help="repeats, interleaved")
+    parser.add_argument(
+        "--baseline", type=Path, help="another PhenoScreen checkout to time alongside"
+    )
     args = parser.parse_args()
+    if args.rounds < 1:
+        sys.exit(f"--rounds {args.rounds}: give at least 1.")
+    if args.baseline and not (args.baseline / "pipeline/measure/features.py").is_file():
+        sys.exit(
+            f"--baseline {args.baseline} is not a PhenoScreen checkout; make one "
+            "with: git worktree add DIR <commit>"
+        )
     segmenters = args.segmenters.split(",")
     for name in segmenters:  # a misspelt entry stops here, not after CellProfiler ran
         try:
@@ -281,26 +319,68 @@ def main() -> None:
             sys.exit(f"CellProfiler failed:\n{done.stderr[-3000:]}")
         return time.perf_counter() - start
 
-    print(f"CellProfiler 5 on {n_sets} fields (1080x1080, DNA + CELL), one core ...")
-    cp_all = cellprofiler(work / "cp_all", first_only=False)
-    cp_one = cellprofiler(work / "cp_one", first_only=True)
-    cp_per_field = (cp_all - cp_one) / (n_sets - 1)
+    configurations = [
+        (
+            method if measure == "default" else f"{method}_{measure}",
+            method,
+            options,
+            ROOT,
+        )
+        for method in segmenters
+        for measure, options in MEASURES.items()
+    ]
+    if args.baseline:
+        configurations += [(f"baseline_{method}", method, {}, args.baseline)
+                           for method in segmenters]  # fmt: skip
+    cp_rounds: list[dict] = []
+    runs: dict[str, list[dict]] = {name: [] for name, *_ in configurations}
+    for round_ in range(1, args.rounds + 1):
+        print(f"round {round_}/{args.rounds}: CellProfiler 5 on {n_sets} fields "
+              "(1080x1080, DNA + CELL), one core ...")  # fmt: skip
+        cp_all = cellprofiler(work / "cp_all", first_only=False)
+        cp_one = cellprofiler(work / "cp_one", first_only=True)
+        cp_rounds.append({"all": cp_all, "one": cp_one,
+                          "per_field": (cp_all - cp_one) / (n_sets - 1)})  # fmt: skip
+        for name, method, options, checkout in configurations:
+            print(f"round {round_}/{args.rounds}: PhenoScreen {name}, one core ...")
+            runs[name].append(run_ours(pairs, method, options, env, checkout))
+    cp_per_field = [r["per_field"] for r in cp_rounds]
     nuclei_csv = pd.read_csv(work / "cp_all" / "Nuclei.csv")
     cp_counts = nuclei_csv.groupby("ImageNumber").size().tolist()
     ours = {}
-    for method in segmenters:
-        for measure, options in MEASURES.items():
-            name = method if measure == "default" else f"{method}_{measure}"
-            print(f"PhenoScreen ({method} segmenter, {measure} features), one core ...")
-            ours[name] = run_ours(pairs, method, options, env, cp_per_field)
+    for name, method, options, _ in configurations:
+        ours[name] = over_rounds(runs[name], cp_per_field) | {
+            "measure_options": options,
+            "features_per_cell": len(
+                feature_names(["DNA", "CELL"], measure_config(options))
+            ),
+        }
+        if args.baseline and not name.startswith("baseline_") and not options:
+            before = [run["per_field_s"] for run in runs[f"baseline_{method}"]]
+            now = [run["per_field_s"] for run in runs[name]]
+            ours[name]["speedup_vs_baseline_rounds"] = [
+                round(b / n, 3) for b, n in zip(before, now, strict=True)
+            ]
+            ours[name]["speedup_vs_baseline"] = round(
+                float(np.median(ours[name]["speedup_vs_baseline_rounds"])), 3
+            )
     figures = {
-        "command": f"python benchmarks/bench_vs_cellprofiler.py --segmenters {args.segmenters}",
+        "command": "python benchmarks/bench_vs_cellprofiler.py --segmenters "
+        f"{args.segmenters} --rounds {args.rounds}"
+        + (f" --baseline {args.baseline}" if args.baseline else ""),
         "fields": n_sets,
         "field_size": "1080x1080 uint16, 2 channels",
+        "rounds": args.rounds,
+        "baseline": (
+            {"checkout": str(args.baseline), "commit": commit(args.baseline)}
+            if args.baseline
+            else None
+        ),
         "cellprofiler": {
-            "wall_all_s": round(cp_all, 2),
-            "wall_first_only_s": round(cp_one, 2),
-            "per_field_s": round(cp_per_field, 3),
+            "wall_all_s": [round(r["all"], 2) for r in cp_rounds],
+            "wall_first_only_s": [round(r["one"], 2) for r in cp_rounds],
+            "per_field_s": round(float(np.median(cp_per_field)), 3),
+            "per_field_s_rounds": [round(t, 3) for t in cp_per_field],
             "features_per_cell": cellprofiler_features(work / "cp_all"),
             "nuclei_per_field": cp_counts,
         },
@@ -310,16 +390,23 @@ def main() -> None:
     shutil.rmtree(work)
     cp = figures["cellprofiler"]
     print(
-        f"CellProfiler: {cp['per_field_s']:.2f} s/field, {cp['features_per_cell']} "
-        f"features/cell (wall {cp['wall_all_s']:.1f} s for {n_sets}, "
-        f"{cp['wall_first_only_s']:.1f} s for 1), nuclei per field {cp_counts}"
+        f"CellProfiler: {cp['per_field_s']:.2f} s/field (median; rounds "
+        f"{cp['per_field_s_rounds']}), {cp['features_per_cell']} features/cell, "
+        f"nuclei per field {cp_counts}"
     )
-    for method, mine in ours.items():
+    for name, mine in ours.items():
         print(
-            f"PhenoScreen {method}: {mine['per_field_s']:.2f} s/field "
-            f"({mine['speedup_per_field']:.1f}x faster), {mine['features_per_cell']} "
+            f"PhenoScreen {name}: {mine['per_field_s']:.2f} s/field "
+            f"({mine['speedup_per_field']:.2f}x faster; rounds "
+            f"{mine['speedup_per_field_rounds']}), {mine['features_per_cell']} "
             f"features/cell, steps {mine['per_field_steps_s']}, "
             f"nuclei per field {mine['nuclei_per_field']}"
+            + (
+                f", {mine['speedup_vs_baseline']:.3f}x the baseline's speed (rounds "
+                f"{mine['speedup_vs_baseline_rounds']})"
+                if "speedup_vs_baseline" in mine
+                else ""
+            )
         )
     for row in figures["shipped_cellprofiler_masks"]:
         print(f"  nuclei, shipped CellProfiler masks vs ours: {row}")
