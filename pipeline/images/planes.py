@@ -309,8 +309,8 @@ def pixel_noise_sd(plane: np.ndarray) -> float:
         return 0.0
     diff = np.diff(plane.astype(np.float64, copy=False), axis=1).ravel()
     integer = np.array_equal(diff, np.round(diff))
-    low = diff.min()
-    if integer and diff.max() - low < _MAX_COUNTED_RANGE:
+    low, high = diff.min(), diff.max()
+    if integer and high - low < _MAX_COUNTED_RANGE and max(-low, high) < 2**52:
         return 1.4826 * _integer_mad(diff, int(low)) / np.sqrt(2)
     centre = float(np.median(diff))
     deviation = np.abs(diff - (round(centre) if integer else centre))
@@ -321,7 +321,8 @@ def pixel_noise_sd(plane: np.ndarray) -> float:
     return 1.4826 * mad / np.sqrt(2)
 
 
-_MAX_COUNTED_RANGE = 2**20  # integer differences spanning more are sorted instead
+_MAX_COUNTED_RANGE = 2**20  # integer differences spanning more are sorted instead,
+# as are those beyond 2**52 (not all integers there are floats)
 
 
 def _median_of_counts(counts: np.ndarray, low: int = 0) -> float:

@@ -197,11 +197,19 @@ _SIGN = np.uint32(0x80000000)
 
 
 def _sortable_bits(values: np.ndarray) -> np.ndarray:
-    """Map float32 values to uint32 keys in the same order (an involution's half).
+    """Map float32 values to uint32 keys in the same order (a bijection).
 
-    Non-negative floats get their sign bit set, negative ones all bits flipped.
+    Non-negative floats get their sign bit set, negative ones all bits flipped;
+    -0.0 sorts just before 0.0.
+
+    Raises
+    ------
+    TypeError
+        If `values` are not float32 (a cast would round them).
     """
-    bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
+    if values.dtype != np.float32:
+        raise TypeError(f"values must be float32, not {values.dtype}.")
+    bits = np.ascontiguousarray(values).view(np.uint32)
     return np.where(bits >= _SIGN, ~bits, bits | _SIGN)
 
 

@@ -119,7 +119,7 @@ def test_h_maxima_in_a_mosaic_equal_those_object_by_object(seed):
     """Packed into one mosaic, each object's h-maxima are those of its own box
     padded with zeros: blobs touching (diagonally too) and at the border, blobs
     lower than the height, heights below and above their relief, values in the
-    millions, no objects."""
+    millions and below zero, no objects."""
     from scipy import ndimage as ndi
     from skimage.morphology import h_maxima
 
@@ -130,17 +130,19 @@ def test_h_maxima_in_a_mosaic_equal_those_object_by_object(seed):
     values = ndi.gaussian_filter(rng.random(shape), rng.uniform(1, 4))
     values = (values - values.min()) / np.ptp(values)
     mask = values > rng.uniform(0.3, 0.7)
-    scale, offset = (1.0, 0.0) if seed % 2 else (1e6, 2e6)  # large values
+    scale, offset = [(1.0, 0.0), (1e6, 2e6), (1.0, -0.6)][seed % 3]
     values = (values * scale + offset).astype(np.float32)
     objects, _ = ndi.label(mask)
+    found = 0
     for height in np.array([0.02, 0.05, 0.2, 0.5]) * scale:
         expected = np.zeros(shape, bool)
         for k, box in enumerate(ndi.find_objects(objects), 1):
             own = objects[box] == k
             alone = np.pad(np.where(own, values[box], 0), 1)
             expected[box] |= h_maxima(alone, height)[1:-1, 1:-1].astype(bool) & own
-        assert expected.any()
+        found += int(expected.sum())
         np.testing.assert_array_equal(_h_maxima_in(values, mask, height), expected)
+    assert found
     assert not _h_maxima_in(values, np.zeros(shape, bool), 0.05).any()
 
 
@@ -166,6 +168,7 @@ def test_shelf_pack_places_rectangles_apart_inside_the_mosaic():
     corners, (height, width) = _shelf_pack(shapes + [(3, 90)])
     taken = np.zeros((height + 1, width + 1), int)
     for (y, x), (h, w) in zip(corners, shapes + [(3, 90)], strict=True):
+        assert y + h <= height and x + w <= width
         taken[y : y + h + 1, x : x + w + 1] += 1  # with the gap below and right
     assert taken.max() == 1 and taken[:height, :width].sum() >= 0.5 * height * width
 

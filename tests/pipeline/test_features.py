@@ -431,6 +431,13 @@ def test_label_quantiles_and_mad_equal_a_sort_per_label():
             assert mad[k - 1] == deviations[(len(own) - 1) // 2]
 
 
+def test_label_quantiles_reject_values_a_cast_would_round():
+    from pipeline.measure import features
+
+    with pytest.raises(TypeError, match="float32, not float64"):
+        features._label_quantiles(np.array([0.1, 0.2]), np.array([1, 1]), 1, (0.5,))
+
+
 def test_without_cytoplasm_the_other_features_are_unchanged():
     image, nuclei, cells = _two_cells()
     options = MeasureConfig(texture_scales=(3,), granularity_scales=2)

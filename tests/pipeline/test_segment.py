@@ -332,6 +332,7 @@ def test_pixel_noise_sd_counts_integers_as_sorting_does(monkeypatch):
     cases = [rng.integers(0, 3, (9, 14)), rng.integers(0, 65535, (20, 7))]
     cases += [rng.poisson(rng.uniform(0.1, 50), (int(h), int(w))).astype(np.uint8)
               for h, w in rng.integers(2, 30, (40, 2))]  # fmt: skip
+    cases.append(np.array([[0, 1e19, 2e19]]))  # equal steps past 2**52: sorted
     counted = [pixel_noise_sd(plane) for plane in cases]
     monkeypatch.setattr(planes, "_MAX_COUNTED_RANGE", 0)  # every plane sorted
     assert [pixel_noise_sd(plane) for plane in cases] == counted
