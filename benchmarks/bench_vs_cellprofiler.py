@@ -30,7 +30,9 @@ This machine's speed drifts by 10-20 % within minutes, so the run repeats in
 configuration; a ratio is taken within each round and the medians are reported.
 ``--baseline DIR`` also times another PhenoScreen checkout (made with ``git worktree
 add DIR <commit>``; the default features, each segmenter) in the same rounds, so a
-code change is measured side by side with the code before it.
+code change is measured side by side with the code before it; its own
+``bench_vs_cellprofiler.measure_config`` / ``segment_options`` and
+``pipeline.memory.keep_freed_memory`` run there (c00f1d2 has them).
 
 Needs CellProfiler 5: ``bash ../shared/peers/cellprofiler/install_cellprofiler5.sh
 /tmp/cp5``. Run: ``python benchmarks/bench_vs_cellprofiler.py --cellprofiler
@@ -358,15 +360,12 @@ def main() -> None:
         if args.baseline and not name.startswith("baseline_") and not options:
             before = [run["per_field_s"] for run in runs[f"baseline_{method}"]]
             now = [run["per_field_s"] for run in runs[name]]
-            ours[name]["speedup_vs_baseline_rounds"] = [
-                round(b / n, 3) for b, n in zip(before, now, strict=True)
-            ]
-            ours[name]["speedup_vs_baseline"] = round(
-                float(np.median(ours[name]["speedup_vs_baseline_rounds"])), 3
-            )
+            ratios = [b / n for b, n in zip(before, now, strict=True)]
+            ours[name]["speedup_vs_baseline_rounds"] = [round(r, 3) for r in ratios]
+            ours[name]["speedup_vs_baseline"] = round(float(np.median(ratios)), 3)
     figures = {
         "command": "python benchmarks/bench_vs_cellprofiler.py --segmenters "
-        f"{args.segmenters} --rounds {args.rounds}"
+        f"{args.segmenters} --copies {args.copies} --rounds {args.rounds}"
         + (f" --baseline {args.baseline}" if args.baseline else ""),
         "fields": n_sets,
         "field_size": "1080x1080 uint16, 2 channels",

@@ -378,9 +378,9 @@ def _h_maxima_in(values: np.ndarray, mask: np.ndarray, height: float) -> np.ndar
     zeros, the other objects zeroed: ~3x faster than over the whole plane on
     fields that nuclei cover sparsely (where objects touching diagonally would
     join). The boxes are packed into one mosaic (`_shelf_pack`) and transformed at
-    once, 1.4x faster than one call per box on the bench fields: between boxes
-    lies a gap lower than any box's values minus `height`, across which the
-    reconstruction carries nothing.
+    once, 1.4x faster than one call per box on the bench fields: each box is
+    enclosed by its zero padding, whose seeds are -`height`, and between boxes lies
+    a lower gap, across which the reconstruction carries nothing.
     """
     objects, _ = ndi.label(mask)
     boxes = ndi.find_objects(objects)
@@ -392,8 +392,7 @@ def _h_maxima_in(values: np.ndarray, mask: np.ndarray, height: float) -> np.ndar
         for k, box in enumerate(boxes, 1)
     ]
     corners, shape = _shelf_pack([crop.shape for crop in crops])
-    lowest = min(0.0, float(values[mask].min()))
-    gap = 3 * lowest - 2 * height - 1  # below lowest - height - h_maxima's resolution
+    gap = -2 * height - 1  # below the zero padding's seed, -height: carries nothing
     mosaic = np.full(shape, gap, values.dtype)
     for crop, (y, x) in zip(crops, corners, strict=True):
         mosaic[y : y + crop.shape[0], x : x + crop.shape[1]] = crop

@@ -243,12 +243,18 @@ def _label_quantiles(
     quantiles : ndarray of shape (n, q)
     mad : ndarray of shape (n,)
         float64; NaN for labels without pixels.
+
+    Raises
+    ------
+    TypeError
+        If `values` are not float32.
     """
+    bits = _sortable_bits(values)  # checks the dtype, even of no values
     out = np.full((n, len(quantiles)), np.nan)
     mad = np.full(n, np.nan)
     if not len(values):
         return out, mad
-    keys = labels.astype(np.uint64) << np.uint64(32) | _sortable_bits(values)
+    keys = labels.astype(np.uint64) << np.uint64(32) | bits
     keys.sort()
     val = _float_from_sortable_bits(keys.astype(np.uint32)).astype(np.float64)
     counts = np.bincount(labels, minlength=n + 1)[1 : n + 1]
